@@ -1,0 +1,13 @@
+//! Bitbucket Cloud identity-governance connector: the library behind the
+//! `bitbucket-operator` binary. One module per concern:
+//!
+//! - [`bitbucket`]: the Bitbucket Cloud REST client (auth, pagination, rate
+//!   limits, typed errors).
+//! - [`simulator`]: a Bitbucket Cloud API simulator on loopback, for tests,
+//!   benchmarks and `sync --demo`.
+//! - [`model`]: the access model (resources, entitlements, grants).
+
+pub mod bitbucket;
+pub mod model;
+pub mod simulator;
+pub mod telemetry;

@@ -1,0 +1,2 @@
+//! Bitbucket Cloud simulator.
+pub mod cli;
