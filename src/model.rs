@@ -142,12 +142,7 @@ pub fn project_id(workspace_uuid: &str, project_uuid: &str, project_key: &str) -
 }
 
 /// `{workspaceUUID}:{projectUUID}:{projectKey}:{repoUUID}`
-pub fn repository_id(
-    workspace_uuid: &str,
-    project_uuid: &str,
-    project_key: &str,
-    repo_uuid: &str,
-) -> String {
+pub fn repository_id(workspace_uuid: &str, project_uuid: &str, project_key: &str, repo_uuid: &str) -> String {
     format!("{workspace_uuid}:{project_uuid}:{project_key}:{repo_uuid}")
 }
 
