@@ -9,5 +9,7 @@
 
 pub mod bitbucket;
 pub mod model;
+pub mod settings;
+pub mod sync;
 pub mod simulator;
 pub mod telemetry;

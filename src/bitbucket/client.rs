@@ -113,7 +113,8 @@ pub struct Client {
 struct Inner {
     http: reqwest::Client,
     config: ClientConfig,
-    auth: RwLock<Arc<Auth>>,
+    /// Shared by scoped clones, so a credential swap reaches all of them.
+    auth: Arc<RwLock<Arc<Auth>>>,
     requests: AtomicU64,
     by_class: Mutex<BTreeMap<(EndpointClass, u16), u64>>,
     observer: Option<RequestObserver>,
@@ -166,12 +167,28 @@ impl Client {
             inner: Arc::new(Inner {
                 http,
                 config,
-                auth: RwLock::new(auth),
+                auth: Arc::new(RwLock::new(auth)),
                 requests: AtomicU64::new(0),
                 by_class: Mutex::new(BTreeMap::new()),
                 observer,
             }),
         })
+    }
+
+    /// A client sharing this one's connection pool, credentials and limiter,
+    /// with its own request counters: one per sync run, so concurrent runs
+    /// each report the requests they made.
+    pub fn scoped(&self) -> Client {
+        Client {
+            inner: Arc::new(Inner {
+                http: self.inner.http.clone(),
+                config: self.inner.config.clone(),
+                auth: Arc::clone(&self.inner.auth),
+                requests: AtomicU64::new(0),
+                by_class: Mutex::new(BTreeMap::new()),
+                observer: self.inner.observer.clone(),
+            }),
+        }
     }
 
     pub fn config(&self) -> &ClientConfig {
