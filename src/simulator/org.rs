@@ -1,0 +1,658 @@
+//! The generated organisation: the simulator's ground truth.
+//!
+//! Everything the HTTP API serves is derived from an [`Organisation`]; writes
+//! (permissions-config PUT/DELETE, 1.0 group membership) mutate it. Generation
+//! is deterministic for a seed and the sizes in [`SimConfig`].
+
+use std::collections::{BTreeSet, HashSet};
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use super::SimConfig;
+
+/// The whole simulated Bitbucket Cloud estate.
+#[derive(Debug, Clone, Serialize)]
+pub struct Organisation {
+    pub users: Vec<User>,
+    pub workspaces: Vec<Workspace>,
+}
+
+/// An Atlassian account.
+#[derive(Debug, Clone, Serialize)]
+pub struct User {
+    /// `{8-4-4-4-12}` with braces.
+    pub uuid: String,
+    /// `557058:xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
+    pub account_id: String,
+    pub nickname: String,
+    pub display_name: String,
+    pub email: String,
+    pub active: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Workspace {
+    pub uuid: String,
+    pub slug: String,
+    pub name: String,
+    pub is_private: bool,
+    pub members: Vec<Member>,
+    pub groups: Vec<Group>,
+    pub projects: Vec<Project>,
+    pub repositories: Vec<Repository>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Member {
+    pub user_uuid: String,
+    pub owner: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Group {
+    pub slug: String,
+    pub name: String,
+    /// The 1.0 default permission: `read`, `write`, `admin` or `None`.
+    pub permission: Option<String>,
+    /// User UUIDs.
+    pub members: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Project {
+    pub uuid: String,
+    pub key: String,
+    pub name: String,
+    pub user_permissions: Vec<Permission>,
+    pub group_permissions: Vec<Permission>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Repository {
+    pub uuid: String,
+    pub slug: String,
+    pub name: String,
+    pub project_key: String,
+    pub is_private: bool,
+    pub user_permissions: Vec<Permission>,
+    pub group_permissions: Vec<Permission>,
+}
+
+/// An explicit grant from a permissions-config listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Permission {
+    /// A user UUID (user permissions) or a group slug (group permissions).
+    pub principal: String,
+    /// `read`, `write`, `create-repo` (projects only), `admin` or `none`.
+    pub permission: String,
+}
+
+const FIRST: &[&str] = &[
+    "Ada",
+    "Alan",
+    "Grace",
+    "Linus",
+    "Margaret",
+    "Dennis",
+    "Ken",
+    "Barbara",
+    "Edsger",
+    "Frances",
+    "John",
+    "Radia",
+    "Tim",
+    "Katherine",
+    "Donald",
+    "Leslie",
+    "Niklaus",
+    "Hedy",
+    "Guido",
+    "Sophie",
+    "Anita",
+    "Bjarne",
+    "Carol",
+    "Dorothy",
+    "Evelyn",
+    "Fran",
+    "Gordon",
+    "Hal",
+    "Ivan",
+    "Jean",
+];
+const LAST: &[&str] = &[
+    "Lovelace",
+    "Turing",
+    "Hopper",
+    "Torvalds",
+    "Hamilton",
+    "Ritchie",
+    "Thompson",
+    "Liskov",
+    "Dijkstra",
+    "Allen",
+    "McCarthy",
+    "Perlman",
+    "Berners-Lee",
+    "Johnson",
+    "Knuth",
+    "Lamport",
+    "Wirth",
+    "Lamarr",
+    "van Rossum",
+    "Wilson",
+    "Borg",
+    "Stroustrup",
+    "Shaw",
+    "Vaughan",
+    "Boole",
+    "Moore",
+    "Abelson",
+    "Sutherland",
+    "Sammet",
+    "Bartik",
+];
+const WORKSPACES: &[&str] = &[
+    "acme",
+    "globex",
+    "initech",
+    "umbrella",
+    "hooli",
+    "stark",
+    "wayne",
+    "tyrell",
+    "cyberdyne",
+    "soylent",
+    "wonka",
+    "aperture",
+];
+const GROUPS: &[&str] = &[
+    "Developers",
+    "Administrators",
+    "QA",
+    "Release Managers",
+    "Security",
+    "Contractors",
+    "SRE",
+    "Data Science",
+    "Designers",
+    "Support",
+    "Auditors",
+    "Interns",
+];
+const PROJECTS: &[&str] = &[
+    "Platform",
+    "Mobile",
+    "Web",
+    "Data",
+    "Infrastructure",
+    "Security",
+    "Payments",
+    "Search",
+    "Identity",
+    "Analytics",
+    "Tooling",
+    "Documentation",
+];
+const REPOS: &[&str] = &[
+    "api-gateway",
+    "billing-service",
+    "web-frontend",
+    "ios-app",
+    "android-app",
+    "terraform",
+    "helm-charts",
+    "auth-service",
+    "search-indexer",
+    "data-pipeline",
+    "design-system",
+    "docs",
+    "cli",
+    "notifications",
+    "ledger",
+    "scheduler",
+];
+const PROJECT_PERMS: &[&str] = &["read", "write", "create-repo", "admin"];
+const REPO_PERMS: &[&str] = &["read", "write", "admin"];
+const GROUP_DEFAULTS: &[Option<&str>] = &[Some("read"), Some("write"), Some("admin"), None];
+
+/// Formats 16 random bytes as a braced UUID (version 4 layout).
+pub(crate) fn random_uuid(rng: &mut impl Rng) -> String {
+    let mut b: [u8; 16] = rng.random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{{{}-{}-{}-{}-{}}}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+fn slugify(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        if c.is_ascii_alphanumeric() {
+            out.push(c.to_ascii_lowercase());
+        } else if !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    out.trim_matches('-').to_string()
+}
+
+/// The name and a numeric suffix for the `i`-th item drawn from `words`.
+fn nth_name(words: &[&str], i: usize) -> (String, String) {
+    let word = words[i % words.len()];
+    let round = i / words.len();
+    if round == 0 {
+        (word.to_string(), String::new())
+    } else {
+        (format!("{word} {}", round + 1), format!("{}", round + 1))
+    }
+}
+
+impl Organisation {
+    /// Generates an organisation. Deterministic for `config.seed` and the
+    /// sizes; latency, limits and faults do not affect it.
+    pub fn generate(config: &SimConfig) -> Organisation {
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+        let n_ws = config.workspaces.max(1);
+        let n_users = config.users.max(1);
+
+        // Users. Index 0 is the admin whose API token the simulator accepts.
+        let mut users = Vec::with_capacity(n_users);
+        for i in 0..n_users {
+            let uuid = random_uuid(&mut rng);
+            let account_id = format!("557058:{}", uuid.trim_matches(|c| c == '{' || c == '}'));
+            let (display_name, nickname, email, active) = if i == 0 {
+                (
+                    "Sim Admin".to_string(),
+                    "sim-admin".to_string(),
+                    "admin@sim.example.com".to_string(),
+                    true,
+                )
+            } else {
+                let f = FIRST[rng.random_range(0..FIRST.len())];
+                let l = LAST[rng.random_range(0..LAST.len())];
+                let nick = format!("{}{}{}", f.to_lowercase(), slugify(l).replace('-', ""), i);
+                (
+                    format!("{f} {l}"),
+                    nick.clone(),
+                    format!("{nick}@example.com"),
+                    rng.random_bool(0.95),
+                )
+            };
+            users.push(User {
+                uuid,
+                account_id,
+                nickname,
+                display_name,
+                email,
+                active,
+            });
+        }
+
+        // About 2% of the non-admin users are former members: they belong to
+        // no workspace but still hold a few explicit permissions.
+        let n_former = if n_users > 10 {
+            (n_users / 50).max(1)
+        } else {
+            0
+        };
+        let former: Vec<usize> = (n_users - n_former..n_users).collect();
+        let regular: Vec<usize> = (1..n_users - n_former).collect();
+
+        let mut workspaces: Vec<Workspace> = (0..n_ws)
+            .map(|w| {
+                let (name, suffix) = nth_name(WORKSPACES, w);
+                let base = WORKSPACES[w % WORKSPACES.len()];
+                let slug = if suffix.is_empty() {
+                    base.to_string()
+                } else {
+                    format!("{base}-{suffix}")
+                };
+                let mut title = name.clone();
+                title.replace_range(0..1, &name[0..1].to_uppercase());
+                Workspace {
+                    uuid: random_uuid(&mut rng),
+                    slug,
+                    name: format!("{title} Inc"),
+                    is_private: w % 4 != 3,
+                    members: vec![Member {
+                        user_uuid: users[0].uuid.clone(),
+                        owner: true,
+                    }],
+                    groups: Vec::new(),
+                    projects: Vec::new(),
+                    repositories: Vec::new(),
+                }
+            })
+            .collect();
+
+        // Memberships: every regular user has a home workspace; 20% are also
+        // members of a second one.
+        let mut member_idx: Vec<Vec<usize>> = vec![vec![0]; n_ws];
+        for (k, &u) in regular.iter().enumerate() {
+            let home = k % n_ws;
+            member_idx[home].push(u);
+            if n_ws > 1 && rng.random_bool(0.2) {
+                let other = (home + rng.random_range(1..n_ws)) % n_ws;
+                member_idx[other].push(u);
+            }
+        }
+        for (w, ws) in workspaces.iter_mut().enumerate() {
+            let mut idx = member_idx[w].clone();
+            idx.sort_unstable();
+            idx.dedup();
+            member_idx[w] = idx;
+            let n_owners = 1 + member_idx[w].len() / 200;
+            for (pos, &u) in member_idx[w].iter().enumerate().skip(1) {
+                // A couple of other owners per workspace (the first active members).
+                let owner = pos <= n_owners.min(2) && users[u].active;
+                ws.members.push(Member {
+                    user_uuid: users[u].uuid.clone(),
+                    owner,
+                });
+            }
+        }
+
+        // Groups.
+        for g in 0..config.groups {
+            let w = g % n_ws;
+            let k = g / n_ws;
+            let (name, _) = nth_name(GROUPS, k);
+            let slug = slugify(&name);
+            let members_pool = &member_idx[w];
+            let want = rng.random_range(2..=30usize).min(members_pool.len());
+            let mut set = BTreeSet::new();
+            for _ in 0..want {
+                set.insert(members_pool[rng.random_range(0..members_pool.len())]);
+            }
+            let mut members: Vec<usize> = set.into_iter().collect();
+            members.shuffle(&mut rng);
+            workspaces[w].groups.push(Group {
+                slug,
+                name,
+                permission: GROUP_DEFAULTS[rng.random_range(0..GROUP_DEFAULTS.len())]
+                    .map(str::to_string),
+                members: members.iter().map(|&u| users[u].uuid.clone()).collect(),
+            });
+        }
+
+        // Projects.
+        for p in 0..config.projects {
+            let w = p % n_ws;
+            let k = p / n_ws;
+            let (name, suffix) = nth_name(PROJECTS, k);
+            let base = PROJECTS[k % PROJECTS.len()];
+            let key = format!(
+                "{}{}",
+                base.chars().take(4).collect::<String>().to_uppercase(),
+                suffix
+            );
+            let uuid = random_uuid(&mut rng);
+            let (user_permissions, group_permissions) = grants(
+                &mut rng,
+                PROJECT_PERMS,
+                &member_idx[w],
+                &former,
+                &users,
+                &workspaces[w].groups,
+                0.0,
+            );
+            workspaces[w].projects.push(Project {
+                uuid,
+                key,
+                name,
+                user_permissions,
+                group_permissions,
+            });
+        }
+        // Bitbucket gives every workspace a default project; the simulator adds
+        // one only where repositories would otherwise have no project.
+        for (w, ws) in workspaces.iter_mut().enumerate() {
+            let has_repos = w < config.repositories;
+            if has_repos && ws.projects.is_empty() {
+                let uuid = random_uuid(&mut rng);
+                ws.projects.push(Project {
+                    uuid,
+                    key: "DEFAULT".into(),
+                    name: "Default Project".into(),
+                    user_permissions: Vec::new(),
+                    group_permissions: Vec::new(),
+                });
+            }
+        }
+
+        // Repositories.
+        for r in 0..config.repositories {
+            let w = r % n_ws;
+            let k = r / n_ws;
+            let base = REPOS[k % REPOS.len()];
+            let round = k / REPOS.len();
+            let slug = if round == 0 {
+                base.to_string()
+            } else {
+                format!("{base}-{}", round + 1)
+            };
+            let n_proj = workspaces[w].projects.len();
+            let project_key = workspaces[w].projects[rng.random_range(0..n_proj)]
+                .key
+                .clone();
+            let (user_permissions, group_permissions) = grants(
+                &mut rng,
+                REPO_PERMS,
+                &member_idx[w],
+                &former,
+                &users,
+                &workspaces[w].groups,
+                0.15,
+            );
+            workspaces[w].repositories.push(Repository {
+                uuid: random_uuid(&mut rng),
+                name: slug.clone(),
+                slug,
+                project_key,
+                is_private: !rng.random_bool(0.1),
+                user_permissions,
+                group_permissions,
+            });
+        }
+
+        Organisation { users, workspaces }
+    }
+
+    /// Index of a user by UUID (linear; the server keeps its own maps).
+    pub fn user(&self, uuid: &str) -> Option<&User> {
+        self.users.iter().find(|u| u.uuid == uuid)
+    }
+
+    /// The workspace with this slug.
+    pub fn workspace(&self, slug: &str) -> Option<&Workspace> {
+        self.workspaces.iter().find(|w| w.slug == slug)
+    }
+}
+
+/// Random explicit grants for a project or repository.
+fn grants(
+    rng: &mut ChaCha8Rng,
+    levels: &[&str],
+    members: &[usize],
+    former: &[usize],
+    users: &[User],
+    groups: &[Group],
+    p_empty: f64,
+) -> (Vec<Permission>, Vec<Permission>) {
+    let mut user_perms = Vec::new();
+    let mut group_perms = Vec::new();
+    if rng.random_bool(p_empty) {
+        return (user_perms, group_perms);
+    }
+    let mut seen = HashSet::new();
+    // Skip the admin (index 0): workspace owners are never listed explicitly.
+    let pool: Vec<usize> = members.iter().copied().filter(|&u| u != 0).collect();
+    for _ in 0..rng.random_range(0..=3) {
+        if pool.is_empty() {
+            break;
+        }
+        let u = pool[rng.random_range(0..pool.len())];
+        if seen.insert(u) {
+            user_perms.push(Permission {
+                principal: users[u].uuid.clone(),
+                permission: pick_level(rng, levels),
+            });
+        }
+    }
+    if !former.is_empty() && rng.random_bool(0.05) {
+        let u = former[rng.random_range(0..former.len())];
+        if seen.insert(u) {
+            user_perms.push(Permission {
+                principal: users[u].uuid.clone(),
+                permission: pick_level(rng, levels),
+            });
+        }
+    }
+    let mut seen_groups = HashSet::new();
+    for _ in 0..rng.random_range(0..=2) {
+        if groups.is_empty() {
+            break;
+        }
+        let g = rng.random_range(0..groups.len());
+        if seen_groups.insert(g) {
+            group_perms.push(Permission {
+                principal: groups[g].slug.clone(),
+                permission: pick_level(rng, levels),
+            });
+        }
+    }
+    (user_perms, group_perms)
+}
+
+fn pick_level(rng: &mut ChaCha8Rng, levels: &[&str]) -> String {
+    if rng.random_bool(0.04) {
+        "none".into()
+    } else {
+        levels[rng.random_range(0..levels.len())].into()
+    }
+}
+
+/// Rank of a permission for the effective-permission maximum. Project
+/// `create-repo` counts as `write` on repositories; `none` is nothing.
+pub(crate) fn rank(permission: &str) -> u8 {
+    match permission {
+        "read" => 1,
+        "write" | "create-repo" => 2,
+        "admin" => 3,
+        _ => 0,
+    }
+}
+
+pub(crate) fn rank_name(rank: u8) -> &'static str {
+    match rank {
+        1 => "read",
+        2 => "write",
+        3 => "admin",
+        _ => "none",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deterministic_per_seed() {
+        let c = SimConfig::default();
+        let a = serde_json::to_string(&Organisation::generate(&c)).unwrap();
+        let b = serde_json::to_string(&Organisation::generate(&c)).unwrap();
+        assert_eq!(a, b);
+        let other = SimConfig {
+            seed: 2,
+            ..SimConfig::default()
+        };
+        let d = serde_json::to_string(&Organisation::generate(&other)).unwrap();
+        assert_ne!(a, d);
+    }
+
+    #[test]
+    fn sizes_are_totals_and_shape_is_realistic() {
+        let c = SimConfig::default();
+        let org = Organisation::generate(&c);
+        assert_eq!(org.users.len(), c.users);
+        assert_eq!(org.workspaces.len(), c.workspaces);
+        let groups: usize = org.workspaces.iter().map(|w| w.groups.len()).sum();
+        let projects: usize = org.workspaces.iter().map(|w| w.projects.len()).sum();
+        let repos: usize = org.workspaces.iter().map(|w| w.repositories.len()).sum();
+        assert_eq!(
+            (groups, projects, repos),
+            (c.groups, c.projects, c.repositories)
+        );
+        let admin = &org.users[0].uuid;
+        for ws in &org.workspaces {
+            assert!(ws.members.iter().any(|m| &m.user_uuid == admin && m.owner));
+            // Slugs and keys are unique within a workspace.
+            let slugs: HashSet<_> = ws.repositories.iter().map(|r| &r.slug).collect();
+            assert_eq!(slugs.len(), ws.repositories.len());
+            let keys: HashSet<_> = ws.projects.iter().map(|p| &p.key).collect();
+            assert_eq!(keys.len(), ws.projects.len());
+            for r in &ws.repositories {
+                assert!(ws.projects.iter().any(|p| p.key == r.project_key));
+            }
+        }
+        let uuids: HashSet<_> = org.users.iter().map(|u| &u.uuid).collect();
+        assert_eq!(uuids.len(), org.users.len());
+        assert!(uuids.iter().all(|u| u.starts_with('{') && u.len() == 38));
+    }
+
+    #[test]
+    fn scales_fast_with_inactive_former_and_none_grants() {
+        let c = SimConfig {
+            users: 10_000,
+            groups: 300,
+            projects: 500,
+            repositories: 5_000,
+            workspaces: 3,
+            ..SimConfig::default()
+        };
+        let t = std::time::Instant::now();
+        let org = Organisation::generate(&c);
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            t.elapsed()
+        );
+        let inactive = org.users.iter().filter(|u| !u.active).count();
+        assert!(inactive > 300 && inactive < 800, "{inactive}");
+        let members: HashSet<&str> = org
+            .workspaces
+            .iter()
+            .flat_map(|w| w.members.iter().map(|m| m.user_uuid.as_str()))
+            .collect();
+        let all_grants = || {
+            org.workspaces.iter().flat_map(|w| {
+                w.projects
+                    .iter()
+                    .flat_map(|p| p.user_permissions.iter())
+                    .chain(
+                        w.repositories
+                            .iter()
+                            .flat_map(|r| r.user_permissions.iter()),
+                    )
+            })
+        };
+        assert!(all_grants().any(|p| !members.contains(p.principal.as_str())));
+        assert!(all_grants().any(|p| p.permission == "none"));
+        assert!(
+            org.workspaces
+                .iter()
+                .flat_map(|w| &w.repositories)
+                .any(|r| r.user_permissions.is_empty() && r.group_permissions.is_empty())
+        );
+    }
+}
