@@ -10,6 +10,7 @@
 pub mod bitbucket;
 pub mod model;
 pub mod settings;
-pub mod sync;
 pub mod simulator;
+pub mod store;
+pub mod sync;
 pub mod telemetry;

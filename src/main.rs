@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use bitbucket_operator::{simulator, telemetry};
+use bitbucket_operator::{simulator, sync, telemetry};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -19,6 +19,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Sync Bitbucket into a SQLite file once (no cluster needed); `--demo`
+    /// syncs the built-in simulator.
+    Sync(sync::cli::SyncArgs),
     /// Serve a simulated Bitbucket Cloud API on loopback.
     Simulate(simulator::cli::SimulateArgs),
 }
@@ -26,8 +29,15 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format, "info");
+    // One-shot commands keep stderr for their own progress lines; services
+    // log at info.
+    let default_level = match cli.command {
+        Command::Sync(_) => "warn",
+        _ => "info",
+    };
+    telemetry::init(cli.log_format, default_level);
     let result = match cli.command {
+        Command::Sync(args) => sync::cli::run(args).await,
         Command::Simulate(args) => simulator::cli::run(args).await,
     };
     match result {

@@ -127,15 +127,23 @@ impl ConnectorSettings {
         let pair = |a: &str, b: &str| -> Result<Option<(String, String)>, SettingsError> {
             match (get(a), get(b)) {
                 (Some(x), Some(y)) => Ok(Some((x.to_owned(), y.to_owned()))),
-                (Some(_), None) => Err(SettingsError::KeyMissing { present: a.into(), missing: b.into() }),
-                (None, Some(_)) => Err(SettingsError::KeyMissing { present: b.into(), missing: a.into() }),
+                (Some(_), None) => Err(SettingsError::KeyMissing {
+                    present: a.into(),
+                    missing: b.into(),
+                }),
+                (None, Some(_)) => Err(SettingsError::KeyMissing {
+                    present: b.into(),
+                    missing: a.into(),
+                }),
                 (None, None) => Ok(None),
             }
         };
         let credentials = if let Some((username, token)) = pair(&keys.username, &keys.app_password)? {
             Credentials::ApiToken { username, token }
         } else if let Some(token) = get(&keys.token) {
-            Credentials::AccessToken { token: token.to_owned() }
+            Credentials::AccessToken {
+                token: token.to_owned(),
+            }
         } else if let Some((key, secret)) = pair(&keys.consumer_key, &keys.consumer_secret)? {
             Credentials::OAuthConsumer { key, secret }
         } else {
@@ -161,9 +169,17 @@ impl ConnectorSettings {
             })?,
             None => false,
         };
-        let platform = pair(&keys.client_id, &keys.client_secret)?
-            .map(|(client_id, client_secret)| PlatformCredentials { client_id, client_secret });
-        Ok(ConnectorSettings { credentials, workspaces, provisioning, platform })
+        let platform =
+            pair(&keys.client_id, &keys.client_secret)?.map(|(client_id, client_secret)| PlatformCredentials {
+                client_id,
+                client_secret,
+            });
+        Ok(ConnectorSettings {
+            credentials,
+            workspaces,
+            provisioning,
+            platform,
+        })
     }
 
     /// Reads the `keys` from the process environment.
@@ -256,7 +272,10 @@ mod tests {
         .unwrap();
         assert_eq!(
             settings.credentials,
-            Credentials::ApiToken { username: "ops@example.com".into(), token: "ATATT-secret".into() }
+            Credentials::ApiToken {
+                username: "ops@example.com".into(),
+                token: "ATATT-secret".into()
+            }
         );
         assert_eq!(settings.workspaces, vec!["acme", "acme-labs"]);
         assert!(settings.provisioning);
@@ -269,7 +288,10 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             err,
-            SettingsError::KeyMissing { present: "BATON_USERNAME".into(), missing: "BATON_APP_PASSWORD".into() }
+            SettingsError::KeyMissing {
+                present: "BATON_USERNAME".into(),
+                missing: "BATON_APP_PASSWORD".into()
+            }
         );
         assert_eq!(err.missing_key(), Some("BATON_APP_PASSWORD"));
     }
@@ -280,12 +302,25 @@ mod tests {
         let token = ConnectorSettings::from_map(&map(&[("BATON_TOKEN", "tok")]), &keys).unwrap();
         assert_eq!(token.credentials, Credentials::AccessToken { token: "tok".into() });
         let oauth = ConnectorSettings::from_map(
-            &map(&[("BATON_CONSUMER_KEY", "k"), ("BATON_CONSUMER_SECRET", "s"), ("BATON_USERNAME", "")]),
+            &map(&[
+                ("BATON_CONSUMER_KEY", "k"),
+                ("BATON_CONSUMER_SECRET", "s"),
+                ("BATON_USERNAME", ""),
+            ]),
             &keys,
         )
         .unwrap();
-        assert_eq!(oauth.credentials, Credentials::OAuthConsumer { key: "k".into(), secret: "s".into() });
-        assert!(matches!(ConnectorSettings::from_map(&map(&[]), &keys), Err(SettingsError::NoCredentials { .. })));
+        assert_eq!(
+            oauth.credentials,
+            Credentials::OAuthConsumer {
+                key: "k".into(),
+                secret: "s".into()
+            }
+        );
+        assert!(matches!(
+            ConnectorSettings::from_map(&map(&[]), &keys),
+            Err(SettingsError::NoCredentials { .. })
+        ));
         let bad = ConnectorSettings::from_map(&map(&[("BATON_TOKEN", "t"), ("BATON_PROVISIONING", "maybe")]), &keys);
         assert!(matches!(bad, Err(SettingsError::Invalid { .. })));
         let bad = ConnectorSettings::from_map(&map(&[("BATON_TOKEN", "t"), ("BATON_WORKSPACES", "Bad Slug")]), &keys);
@@ -294,7 +329,10 @@ mod tests {
 
     #[test]
     fn overridden_key_names() {
-        let keys = SecretKeys { token: "BB_TOKEN".into(), ..SecretKeys::default() };
+        let keys = SecretKeys {
+            token: "BB_TOKEN".into(),
+            ..SecretKeys::default()
+        };
         let settings = ConnectorSettings::from_map(&map(&[("BB_TOKEN", "tok")]), &keys).unwrap();
         assert_eq!(settings.credentials, Credentials::AccessToken { token: "tok".into() });
     }
@@ -311,7 +349,10 @@ mod tests {
 
     #[test]
     fn platform_secret_is_redacted() {
-        let p = PlatformCredentials { client_id: "id".into(), client_secret: "topsecret".into() };
+        let p = PlatformCredentials {
+            client_id: "id".into(),
+            client_secret: "topsecret".into(),
+        };
         assert!(!format!("{p:?}").contains("topsecret"));
     }
 }

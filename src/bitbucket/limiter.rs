@@ -57,10 +57,26 @@ struct State {
     in_flight_permits: usize,
 }
 
-/// Held while a request is in flight; dropping it frees the slot.
+/// Held while a request is in flight. Dropping it frees the in-flight slot
+/// and moves the request's entry in the log from its start to its end: the
+/// server saw the request somewhere in between, so counting from the end keeps
+/// the client's window behind the server's, whatever the network delay.
 #[derive(Debug)]
 pub struct Permit {
+    limiter: Arc<Limiter>,
+    started: Instant,
     _in_flight: OwnedSemaphorePermit,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut state = self.limiter.lock();
+        if let Some(index) = state.log.iter().position(|&t| t == self.started) {
+            state.log.remove(index);
+            // Every entry is at or before now, so the log stays ordered.
+            state.log.push_back(Instant::now());
+        }
+    }
 }
 
 impl Limiter {
@@ -115,7 +131,7 @@ impl Limiter {
 
     /// Waits for an in-flight slot and for room in the window, then records
     /// the request.
-    pub async fn acquire(&self) -> Permit {
+    pub async fn acquire(self: &Arc<Self>) -> Permit {
         let in_flight = Arc::clone(&self.in_flight)
             .acquire_owned()
             .await
@@ -127,7 +143,11 @@ impl Limiter {
                 match state.next_slot(now) {
                     None => {
                         state.log.push_back(now);
-                        return Permit { _in_flight: in_flight };
+                        return Permit {
+                            limiter: Arc::clone(self),
+                            started: now,
+                            _in_flight: in_flight,
+                        };
                     }
                     Some(at) => at,
                 }
@@ -206,6 +226,7 @@ mod tests {
             window: Duration::from_secs(10),
             max_in_flight: 100,
         });
+        let limiter = Arc::new(limiter);
         let start = Instant::now();
         let mut starts = Vec::new();
         for _ in 0..12 {
@@ -220,6 +241,21 @@ mod tests {
         assert_eq!(starts[4], Duration::ZERO);
         assert_eq!(starts[5], Duration::from_secs(10));
         assert_eq!(starts[10], Duration::from_secs(20));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn window_counts_from_the_end_of_a_request() {
+        let limiter = Arc::new(Limiter::new(Limits {
+            max_requests: 1,
+            window: Duration::from_secs(10),
+            max_in_flight: 10,
+        }));
+        let start = Instant::now();
+        let permit = limiter.acquire().await;
+        tokio::time::sleep(Duration::from_secs(3)).await; // a slow response
+        drop(permit);
+        let _next = limiter.acquire().await;
+        assert_eq!(Instant::now() - start, Duration::from_secs(13));
     }
 
     #[tokio::test(start_paused = true)]
@@ -246,7 +282,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn pause_holds_back_every_caller() {
-        let limiter = Limiter::new(Limits::default());
+        let limiter = Arc::new(Limiter::new(Limits::default()));
         let start = Instant::now();
         limiter.pause_until(start + Duration::from_secs(7));
         let _permit = limiter.acquire().await;
@@ -275,6 +311,7 @@ mod tests {
             max_in_flight: 1,
             ..Limits::default()
         });
+        let limiter = Arc::new(limiter);
         limiter.reconfigure(Limits {
             max_in_flight: 3,
             ..Limits::default()

@@ -300,11 +300,7 @@ impl Organisation {
 
         // About 2% of the non-admin users are former members: they belong to
         // no workspace but still hold a few explicit permissions.
-        let n_former = if n_users > 10 {
-            (n_users / 50).max(1)
-        } else {
-            0
-        };
+        let n_former = if n_users > 10 { (n_users / 50).max(1) } else { 0 };
         let former: Vec<usize> = (n_users - n_former..n_users).collect();
         let regular: Vec<usize> = (1..n_users - n_former).collect();
 
@@ -379,8 +375,7 @@ impl Organisation {
             workspaces[w].groups.push(Group {
                 slug,
                 name,
-                permission: GROUP_DEFAULTS[rng.random_range(0..GROUP_DEFAULTS.len())]
-                    .map(str::to_string),
+                permission: GROUP_DEFAULTS[rng.random_range(0..GROUP_DEFAULTS.len())].map(str::to_string),
                 members: members.iter().map(|&u| users[u].uuid.clone()).collect(),
             });
         }
@@ -391,11 +386,7 @@ impl Organisation {
             let k = p / n_ws;
             let (name, suffix) = nth_name(PROJECTS, k);
             let base = PROJECTS[k % PROJECTS.len()];
-            let key = format!(
-                "{}{}",
-                base.chars().take(4).collect::<String>().to_uppercase(),
-                suffix
-            );
+            let key = format!("{}{}", base.chars().take(4).collect::<String>().to_uppercase(), suffix);
             let uuid = random_uuid(&mut rng);
             let (user_permissions, group_permissions) = grants(
                 &mut rng,
@@ -442,9 +433,7 @@ impl Organisation {
                 format!("{base}-{}", round + 1)
             };
             let n_proj = workspaces[w].projects.len();
-            let project_key = workspaces[w].projects[rng.random_range(0..n_proj)]
-                .key
-                .clone();
+            let project_key = workspaces[w].projects[rng.random_range(0..n_proj)].key.clone();
             let (user_permissions, group_permissions) = grants(
                 &mut rng,
                 REPO_PERMS,
@@ -589,10 +578,7 @@ mod tests {
         let groups: usize = org.workspaces.iter().map(|w| w.groups.len()).sum();
         let projects: usize = org.workspaces.iter().map(|w| w.projects.len()).sum();
         let repos: usize = org.workspaces.iter().map(|w| w.repositories.len()).sum();
-        assert_eq!(
-            (groups, projects, repos),
-            (c.groups, c.projects, c.repositories)
-        );
+        assert_eq!((groups, projects, repos), (c.groups, c.projects, c.repositories));
         let admin = &org.users[0].uuid;
         for ws in &org.workspaces {
             assert!(ws.members.iter().any(|m| &m.user_uuid == admin && m.owner));
@@ -622,11 +608,7 @@ mod tests {
         };
         let t = std::time::Instant::now();
         let org = Organisation::generate(&c);
-        assert!(
-            t.elapsed() < std::time::Duration::from_secs(5),
-            "{:?}",
-            t.elapsed()
-        );
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "{:?}", t.elapsed());
         let inactive = org.users.iter().filter(|u| !u.active).count();
         assert!(inactive > 300 && inactive < 800, "{inactive}");
         let members: HashSet<&str> = org
@@ -639,11 +621,7 @@ mod tests {
                 w.projects
                     .iter()
                     .flat_map(|p| p.user_permissions.iter())
-                    .chain(
-                        w.repositories
-                            .iter()
-                            .flat_map(|r| r.user_permissions.iter()),
-                    )
+                    .chain(w.repositories.iter().flat_map(|r| r.user_permissions.iter()))
             })
         };
         assert!(all_grants().any(|p| !members.contains(p.principal.as_str())));

@@ -212,10 +212,7 @@ impl OrgState {
                 }
             };
             add_users(&repo.user_permissions);
-            let project = idx
-                .projects
-                .get(&repo.project_key)
-                .map(|&p| &wsp.projects[p]);
+            let project = idx.projects.get(&repo.project_key).map(|&p| &wsp.projects[p]);
             if let Some(p) = project {
                 add_users(&p.user_permissions);
             }
@@ -302,10 +299,7 @@ impl App {
     }
 
     fn effective(&self, st: &OrgState, w: usize) -> Effective {
-        let mut cache = self
-            .effective_cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut cache = self.effective_cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((g, v)) = cache.get(&w)
             && *g == st.generation
         {
@@ -372,9 +366,7 @@ impl Route {
             Route::ProjectPerms(..) => "project-permissions",
             Route::Repos(_) | Route::Repo(..) => "repositories",
             Route::RepoPerms(..) => "repository-permissions",
-            Route::Groups10(_) | Route::Group10Members(..) | Route::Group10Member(..) => {
-                "groups-1.0"
-            }
+            Route::Groups10(_) | Route::Group10Members(..) | Route::Group10Member(..) => "groups-1.0",
         }
     }
 
@@ -391,31 +383,19 @@ impl Route {
             ["2.0", "user"] => Route::User,
             ["2.0", "users", id] => Route::UserById(o(id)),
             ["2.0", "user", "workspaces"] => Route::UserWorkspaces,
-            ["2.0", "user", "workspaces", ws, "permission"] => {
-                Route::UserWorkspacePermission(o(ws))
-            }
+            ["2.0", "user", "workspaces", ws, "permission"] => Route::UserWorkspacePermission(o(ws)),
             ["2.0", "workspaces"] => Route::WorkspacesRetired,
             ["2.0", "workspaces", ws] => Route::Workspace(o(ws)),
             ["2.0", "workspaces", ws, "members"] => Route::Members(o(ws)),
             ["2.0", "workspaces", ws, "members", m] => Route::Member(o(ws), o(m)),
             ["2.0", "workspaces", ws, "permissions"] => Route::WsPermissions(o(ws)),
-            ["2.0", "workspaces", ws, "permissions", "repositories"] => {
-                Route::EffectiveRepos(o(ws), None)
-            }
-            ["2.0", "workspaces", ws, "permissions", "repositories", r] => {
-                Route::EffectiveRepos(o(ws), Some(o(r)))
-            }
+            ["2.0", "workspaces", ws, "permissions", "repositories"] => Route::EffectiveRepos(o(ws), None),
+            ["2.0", "workspaces", ws, "permissions", "repositories", r] => Route::EffectiveRepos(o(ws), Some(o(r))),
             ["2.0", "workspaces", ws, "projects"] => Route::Projects(o(ws)),
             ["2.0", "workspaces", ws, "projects", k] => Route::Project(o(ws), o(k)),
-            [
-                "2.0" | "1.0",
-                "workspaces",
-                ws,
-                "projects",
-                k,
-                "permissions-config",
-                kd,
-            ] => Route::ProjectPerms(o(ws), o(k), kind(kd)?, None),
+            ["2.0" | "1.0", "workspaces", ws, "projects", k, "permissions-config", kd] => {
+                Route::ProjectPerms(o(ws), o(k), kind(kd)?, None)
+            }
             [
                 "2.0" | "1.0",
                 "workspaces",
@@ -428,9 +408,7 @@ impl Route {
             ] => Route::ProjectPerms(o(ws), o(k), kind(kd)?, Some(o(id))),
             ["2.0", "repositories", ws] => Route::Repos(o(ws)),
             ["2.0", "repositories", ws, r] => Route::Repo(o(ws), o(r)),
-            ["2.0", "repositories", ws, r, "permissions-config", kd] => {
-                Route::RepoPerms(o(ws), o(r), kind(kd)?, None)
-            }
+            ["2.0", "repositories", ws, r, "permissions-config", kd] => Route::RepoPerms(o(ws), o(r), kind(kd)?, None),
             ["2.0", "repositories", ws, r, "permissions-config", kd, id] => {
                 Route::RepoPerms(o(ws), o(r), kind(kd)?, Some(o(id)))
             }
@@ -498,10 +476,7 @@ pub async fn handle(State(app): State<Arc<App>>, req: Request) -> Response {
     let response = {
         let fail_rate = f64::from_bits(app.fail_rate_bits.load(Ordering::Relaxed));
         if let Some(status) = fault_for(app.seed, n, fail_rate) {
-            app.stats
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .injected_faults += 1;
+            app.stats.lock().unwrap_or_else(|e| e.into_inner()).injected_faults += 1;
             let msg = match status {
                 500 => "Something went wrong",
                 502 => "Bad gateway",
@@ -514,8 +489,7 @@ pub async fn handle(State(app): State<Arc<App>>, req: Request) -> Response {
                 let e = ApiError::new(405, "Method not allowed");
                 json_response(405, &e.body())
             } else {
-                let form: Vec<(String, String)> =
-                    url::form_urlencoded::parse(&body).into_owned().collect();
+                let form: Vec<(String, String)> = url::form_urlencoded::parse(&body).into_owned().collect();
                 let (status, v) = app.auth.token_endpoint(authorization.as_deref(), &form);
                 json_response(status, &v)
             }
@@ -530,18 +504,12 @@ pub async fn handle(State(app): State<Arc<App>>, req: Request) -> Response {
                     r
                 }
                 Ok((principal, key)) => {
-                    let limited = app
-                        .limiter
-                        .as_ref()
-                        .and_then(|l| l.check(&key, Instant::now()).err());
+                    let limited = app.limiter.as_ref().and_then(|l| l.check(&key, Instant::now()).err());
                     if let Some(wait) = limited {
-                        let e =
-                            ApiError::new(429, "Rate limit for this resource has been exceeded.");
+                        let e = ApiError::new(429, "Rate limit for this resource has been exceeded.");
                         let mut r = json_response(429, &e.body());
-                        r.headers_mut().insert(
-                            header::RETRY_AFTER,
-                            HeaderValue::from(retry_after_secs(wait)),
-                        );
+                        r.headers_mut()
+                            .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(wait)));
                         r
                     } else {
                         let ctx = Ctx {
@@ -755,10 +723,7 @@ impl App {
     fn project_json(&self, st: &OrgState, w: usize, p: usize) -> Value {
         let ws = &st.org.workspaces[w];
         let pr = &ws.projects[p];
-        let public_repos = ws
-            .repositories
-            .iter()
-            .any(|r| r.project_key == pr.key && !r.is_private);
+        let public_repos = ws.repositories.iter().any(|r| r.project_key == pr.key && !r.is_private);
         let mut v = self.project_short(st, w, p);
         let o = v.as_object_mut().expect("object");
         o.insert(
@@ -793,15 +758,8 @@ impl App {
     fn repo_json(&self, st: &OrgState, w: usize, r: usize) -> Value {
         let ws = &st.org.workspaces[w];
         let repo = &ws.repositories[r];
-        let p = st.ws[w]
-            .projects
-            .get(&repo.project_key)
-            .copied()
-            .unwrap_or(0);
-        let b = format!(
-            "{}/2.0/repositories/{}/{}",
-            self.base_url, ws.slug, repo.slug
-        );
+        let p = st.ws[w].projects.get(&repo.project_key).copied().unwrap_or(0);
+        let b = format!("{}/2.0/repositories/{}/{}", self.base_url, ws.slug, repo.slug);
         json!({
             "type": "repository",
             "uuid": repo.uuid,
@@ -943,10 +901,7 @@ fn require(ctx: &Ctx, allowed: &[Method]) -> Result<(), ApiError> {
     if allowed.contains(&ctx.method) {
         Ok(())
     } else {
-        Err(ApiError::new(
-            405,
-            &format!("Method {} not allowed", ctx.method),
-        ))
+        Err(ApiError::new(405, &format!("Method {} not allowed", ctx.method)))
     }
 }
 
@@ -969,11 +924,7 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
                 return ok(app.pseudo_user.clone());
             }
             let st = app.read();
-            let admin = st
-                .user_by_uuid
-                .get(&app.auth.creds.admin_uuid)
-                .copied()
-                .unwrap_or(0);
+            let admin = st.user_by_uuid.get(&app.auth.creds.admin_uuid).copied().unwrap_or(0);
             let mut v = app.user_json(&st, admin, false);
             v["created_on"] = json!(timestamp(&st.org.users[admin].uuid, 0));
             v["has_2fa_enabled"] = json!(true);
@@ -1011,14 +962,12 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
             };
             let mut order: Vec<usize> = (0..st.org.workspaces.len()).collect();
             match param(&ctx.query, "sort") {
-                None | Some("slug") => order
-                    .sort_by(|a, b| st.org.workspaces[*a].slug.cmp(&st.org.workspaces[*b].slug)),
-                Some("-slug") => order
-                    .sort_by(|a, b| st.org.workspaces[*b].slug.cmp(&st.org.workspaces[*a].slug)),
+                None | Some("slug") => {
+                    order.sort_by(|a, b| st.org.workspaces[*a].slug.cmp(&st.org.workspaces[*b].slug))
+                }
+                Some("-slug") => order.sort_by(|a, b| st.org.workspaces[*b].slug.cmp(&st.org.workspaces[*a].slug)),
                 Some(other) => {
-                    return Err(ApiError::bad_request(&format!(
-                        "Invalid sort field: {other}"
-                    )));
+                    return Err(ApiError::bad_request(&format!("Invalid sort field: {other}")));
                 }
             }
             if let Some(f) = filter {
@@ -1063,11 +1012,7 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
                     "workspace": app.workspace_full(&st, w),
                 }));
             }
-            let admin = st
-                .user_by_uuid
-                .get(&app.auth.creds.admin_uuid)
-                .copied()
-                .unwrap_or(0);
+            let admin = st.user_by_uuid.get(&app.auth.creds.admin_uuid).copied().unwrap_or(0);
             let mut v = app.membership_json(&st, w, admin, true);
             v["workspace"] = app.workspace_full(&st, w);
             Ok((200, v, vec!["user.email"]))
@@ -1083,12 +1028,7 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
             let st = app.read();
             let w = ws_or_404(&st, ws)?;
             let order = &st.ws[w].member_order;
-            let v = app.list(
-                ctx,
-                order.len(),
-                |i| app.membership_json(&st, w, order[i], false),
-                None,
-            )?;
+            let v = app.list(ctx, order.len(), |i| app.membership_json(&st, w, order[i], false), None)?;
             Ok((200, v, vec!["values.user.email"]))
         }
         Route::Member(ws, m) => {
@@ -1099,11 +1039,7 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
                 .user(m, false)
                 .filter(|u| st.ws[w].members.contains_key(u))
                 .ok_or_else(|| ApiError::not_found(&format!("{m} is not a member of {ws}")))?;
-            Ok((
-                200,
-                app.membership_json(&st, w, u, false),
-                vec!["user.email"],
-            ))
+            Ok((200, app.membership_json(&st, w, u, false), vec!["user.email"]))
         }
         Route::WsPermissions(ws) => {
             require(ctx, &[Method::GET])?;
@@ -1111,12 +1047,7 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
             let st = app.read();
             let w = ws_or_404(&st, ws)?;
             let order = &st.ws[w].member_order;
-            let v = app.list(
-                ctx,
-                order.len(),
-                |i| app.membership_json(&st, w, order[i], true),
-                None,
-            )?;
+            let v = app.list(ctx, order.len(), |i| app.membership_json(&st, w, order[i], true), None)?;
             Ok((200, v, vec!["values.user.email"]))
         }
         Route::EffectiveRepos(ws, repo) => {
@@ -1128,9 +1059,9 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
             let entries: Vec<(usize, usize, u8)> = match repo {
                 None => all.to_vec(),
                 Some(slug) => {
-                    let r = st.repo(w, slug).ok_or_else(|| {
-                        ApiError::not_found(&format!("Repository {ws}/{slug} not found"))
-                    })?;
+                    let r = st
+                        .repo(w, slug)
+                        .ok_or_else(|| ApiError::not_found(&format!("Repository {ws}/{slug} not found")))?;
                     all.iter().copied().filter(|e| e.0 == r).collect()
                 }
             };
@@ -1227,28 +1158,19 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
                         .map_err(|_| ApiError::bad_request("Invalid JSON body"))?;
                 }
                 if !st.ws[w].members.contains_key(&u) {
-                    return Err(ApiError::not_found(&format!(
-                        "{m} is not a member of workspace {ws}"
-                    )));
+                    return Err(ApiError::not_found(&format!("{m} is not a member of workspace {ws}")));
                 }
                 if is_member {
-                    return Err(ApiError::new(
-                        409,
-                        &format!("{m} is already a member of group {g}"),
-                    ));
+                    return Err(ApiError::new(409, &format!("{m} is already a member of group {g}")));
                 }
                 st.org.workspaces[w].groups[gi].members.push(uuid);
                 st.generation += 1;
                 ok(app.member10_json(&st, u))
             } else {
                 if !is_member {
-                    return Err(ApiError::not_found(&format!(
-                        "{m} is not a member of group {g}"
-                    )));
+                    return Err(ApiError::not_found(&format!("{m} is not a member of group {g}")));
                 }
-                st.org.workspaces[w].groups[gi]
-                    .members
-                    .retain(|x| *x != uuid);
+                st.org.workspaces[w].groups[gi].members.retain(|x| *x != uuid);
                 st.generation += 1;
                 Ok((204, Value::Null, Vec::new()))
             }
@@ -1274,12 +1196,7 @@ fn ws10_or_404(st: &OrgState, ws: &str) -> Result<usize, ApiError> {
 fn project_or_404(st: &OrgState, w: usize, key: &str) -> Result<usize, ApiError> {
     let by_key = st.ws[w].projects.get(key).copied();
     by_key
-        .or_else(|| {
-            st.org.workspaces[w]
-                .projects
-                .iter()
-                .position(|p| p.uuid == key)
-        })
+        .or_else(|| st.org.workspaces[w].projects.iter().position(|p| p.uuid == key))
         .ok_or_else(|| ApiError::not_found(&format!("Project {key} not found")))
 }
 
@@ -1296,14 +1213,7 @@ enum Target<'a> {
     Repo(&'a str),
 }
 
-fn permissions_config(
-    app: &App,
-    ctx: &Ctx,
-    ws: &str,
-    target: Target,
-    kind: Kind,
-    id: Option<&str>,
-) -> Reply {
+fn permissions_config(app: &App, ctx: &Ctx, ws: &str, target: Target, kind: Kind, id: Option<&str>) -> Reply {
     let writing = ctx.method == Method::PUT || ctx.method == Method::DELETE;
     if id.is_some() {
         require(ctx, &[Method::GET, Method::PUT, Method::DELETE])?;
@@ -1357,14 +1267,12 @@ fn permissions_config(
             Kind::Users => {
                 let u = st.user_by_uuid.get(&perm.principal).copied().unwrap_or(0);
                 v["user"] = app.user_json(st, u, false);
-                v["links"] =
-                    json!({"self": link(format!("{base}/users/{}", enc(&perm.principal)))});
+                v["links"] = json!({"self": link(format!("{base}/users/{}", enc(&perm.principal)))});
             }
             Kind::Groups => {
                 let g = st.ws[w].groups.get(&perm.principal).copied().unwrap_or(0);
                 v["group"] = app.group_json(st, w, g);
-                v["links"] =
-                    json!({"self": link(format!("{base}/groups/{}", enc(&perm.principal)))});
+                v["links"] = json!({"self": link(format!("{base}/groups/{}", enc(&perm.principal)))});
             }
         }
         if is_project {
@@ -1386,9 +1294,7 @@ fn permissions_config(
 
     let Some(id) = id else {
         if param(&ctx.query, "q").is_some() {
-            return Err(ApiError::bad_request(
-                "This endpoint does not support BBQL filtering",
-            ));
+            return Err(ApiError::bad_request("This endpoint does not support BBQL filtering"));
         }
         let list = perms(&st);
         let url = app.self_url(ctx);
@@ -1473,13 +1379,7 @@ fn permissions_config(
     Ok((204, Value::Null, Vec::new()))
 }
 
-fn perms_mut(
-    st: &mut OrgState,
-    w: usize,
-    t: usize,
-    is_project: bool,
-    kind: Kind,
-) -> &mut Vec<Permission> {
+fn perms_mut(st: &mut OrgState, w: usize, t: usize, is_project: bool, kind: Kind) -> &mut Vec<Permission> {
     let wsp = &mut st.org.workspaces[w];
     match (is_project, kind) {
         (true, Kind::Users) => &mut wsp.projects[t].user_permissions,
@@ -1496,18 +1396,11 @@ fn validate_permission_body(body: &[u8], allowed: &[&str]) -> Result<String, Api
         e.fields = Some(json!({ field: [msg] }));
         e
     };
-    let v: Value = serde_json::from_slice(body).map_err(|_| {
-        invalid(
-            "permission",
-            "The request body must be a JSON object".into(),
-        )
-    })?;
-    let obj = v.as_object().ok_or_else(|| {
-        invalid(
-            "permission",
-            "The request body must be a JSON object".into(),
-        )
-    })?;
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|_| invalid("permission", "The request body must be a JSON object".into()))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| invalid("permission", "The request body must be a JSON object".into()))?;
     if let Some(extra) = obj.keys().find(|k| k.as_str() != "permission") {
         return Err(invalid(extra, format!("Unexpected property '{extra}'")));
     }
@@ -1538,11 +1431,7 @@ mod tests {
     #[test]
     fn routes() {
         let p = |s: &str| {
-            let segs: Vec<String> = s
-                .split('/')
-                .filter(|x| !x.is_empty())
-                .map(str::to_string)
-                .collect();
+            let segs: Vec<String> = s.split('/').filter(|x| !x.is_empty()).map(str::to_string).collect();
             Route::parse(&segs).map(|r| r.class())
         };
         assert_eq!(p("/2.0/user"), Some("user"));

@@ -25,6 +25,7 @@
 //! workspace's member list is kept and flagged (`unknown_principal`): it is
 //! exactly what an access review wants to see.
 
+pub mod cli;
 mod run;
 mod syncers;
 
@@ -121,7 +122,11 @@ pub struct SyncEngine {
 impl SyncEngine {
     pub fn new(client: Client, workspaces: Vec<String>) -> Self {
         let concurrency = (client.config().limits.max_in_flight * 2).max(1);
-        SyncEngine { client, workspaces, concurrency }
+        SyncEngine {
+            client,
+            workspaces,
+            concurrency,
+        }
     }
 
     pub fn client(&self) -> &Client {
@@ -171,7 +176,11 @@ impl SyncEngine {
 
     /// Runs one syncer over the scope's workspaces.
     pub async fn sync(&self, kind: SyncKind, scope: &SyncScope) -> Result<SyncBatch, SyncError> {
-        let ctx = syncers::Context { client: &self.client, scope, concurrency: self.concurrency };
+        let ctx = syncers::Context {
+            client: &self.client,
+            scope,
+            concurrency: self.concurrency,
+        };
         let mut batch = match kind {
             SyncKind::Accounts => syncers::accounts(&ctx).await?,
             SyncKind::Workspaces => syncers::workspaces(&ctx).await?,
@@ -189,7 +198,10 @@ impl SyncEngine {
     /// The same engine with a client that counts its own requests (see
     /// [`Client::scoped`]).
     pub fn scoped(&self) -> SyncEngine {
-        SyncEngine { client: self.client.scoped(), ..self.clone() }
+        SyncEngine {
+            client: self.client.scoped(),
+            ..self.clone()
+        }
     }
 }
 
@@ -204,7 +216,10 @@ pub struct SyncScope {
 impl SyncScope {
     pub fn new(workspaces: Vec<Workspace>) -> Self {
         let members = workspaces.iter().map(|w| (w.uuid.clone(), OnceCell::new())).collect();
-        SyncScope { workspaces, members: Arc::new(members) }
+        SyncScope {
+            workspaces,
+            members: Arc::new(members),
+        }
     }
 
     /// The workspace's members, fetched at most once per scope.
@@ -220,6 +235,11 @@ impl SyncScope {
     }
 
     async fn member_ids(&self, client: &Client, workspace: &Workspace) -> Result<HashSet<String>, ApiError> {
-        Ok(self.members(client, workspace).await?.iter().map(|u| u.uuid.clone()).collect())
+        Ok(self
+            .members(client, workspace)
+            .await?
+            .iter()
+            .map(|u| u.uuid.clone())
+            .collect())
     }
 }

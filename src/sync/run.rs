@@ -74,7 +74,14 @@ pub async fn run_into_store(
                 generation,
             };
             span.in_scope(|| {
-                tracing::info!(resources, entitlements, grants, requests, generation, "sync run committed");
+                tracing::info!(
+                    resources,
+                    entitlements,
+                    grants,
+                    requests,
+                    generation,
+                    "sync run committed"
+                );
             });
             Ok(report)
         }

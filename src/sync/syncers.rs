@@ -51,7 +51,10 @@ pub(super) async fn accounts(ctx: &Context<'_>) -> Result<SyncBatch, ApiError> {
             });
         }
     }
-    Ok(SyncBatch { resources: users.into_values().collect(), ..SyncBatch::default() })
+    Ok(SyncBatch {
+        resources: users.into_values().collect(),
+        ..SyncBatch::default()
+    })
 }
 
 /// Workspaces with `member` and `owner` grants.
@@ -66,14 +69,28 @@ pub(super) async fn workspaces(ctx: &Context<'_>) -> Result<SyncBatch, ApiError>
             parent_id: None,
             profile: json!({ "slug": workspace.slug, "name": name }),
         });
-        let member = Entitlement::new(ResourceType::Workspace, &workspace.uuid, "member", format!("{name} member"));
-        let owner = Entitlement::new(ResourceType::Workspace, &workspace.uuid, "owner", format!("{name} owner"));
+        let member = Entitlement::new(
+            ResourceType::Workspace,
+            &workspace.uuid,
+            "member",
+            format!("{name} member"),
+        );
+        let owner = Entitlement::new(
+            ResourceType::Workspace,
+            &workspace.uuid,
+            "owner",
+            format!("{name} owner"),
+        );
         let members = ctx.scope.members(ctx.client, workspace).await?;
         let member_ids: HashSet<&str> = members.iter().map(|u| u.uuid.as_str()).collect();
         for user in members.iter().filter(|u| !u.uuid.is_empty()) {
             batch.grants.push(Grant::new(&member, ResourceType::User, &user.uuid));
         }
-        let owners: Vec<_> = ctx.client.workspace_permissions(&workspace.slug, true).try_concat().await?;
+        let owners: Vec<_> = ctx
+            .client
+            .workspace_permissions(&workspace.slug, true)
+            .try_concat()
+            .await?;
         for owner_entry in owners {
             // The filter is server-side; check again in case it was ignored.
             if owner_entry.permission.as_deref().is_some_and(|p| p != "owner") || owner_entry.user.uuid.is_empty() {
@@ -162,18 +179,17 @@ pub(super) async fn repositories(ctx: &Context<'_>) -> Result<SyncBatch, ApiErro
     for workspace in &ctx.scope.workspaces {
         let members = ctx.scope.member_ids(ctx.client, workspace).await?;
         let repositories: Vec<Repository> = ctx.client.repositories(&workspace.slug).try_concat().await?;
-        let fetched: Vec<(Repository, Vec<UserPermission>, Vec<GroupPermission>)> =
-            futures::stream::iter(repositories)
-                .map(|repository| async move {
-                    let slug = repository.slug().to_owned();
-                    let users = ctx.client.repository_user_permissions(&workspace.slug, &slug);
-                    let groups = ctx.client.repository_group_permissions(&workspace.slug, &slug);
-                    let (users, groups) = futures::try_join!(users.try_concat(), groups.try_concat())?;
-                    Ok::<_, ApiError>((repository, users, groups))
-                })
-                .buffer_unordered(ctx.concurrency)
-                .try_collect()
-                .await?;
+        let fetched: Vec<(Repository, Vec<UserPermission>, Vec<GroupPermission>)> = futures::stream::iter(repositories)
+            .map(|repository| async move {
+                let slug = repository.slug().to_owned();
+                let users = ctx.client.repository_user_permissions(&workspace.slug, &slug);
+                let groups = ctx.client.repository_group_permissions(&workspace.slug, &slug);
+                let (users, groups) = futures::try_join!(users.try_concat(), groups.try_concat())?;
+                Ok::<_, ApiError>((repository, users, groups))
+            })
+            .buffer_unordered(ctx.concurrency)
+            .try_collect()
+            .await?;
         for (repository, users, groups) in fetched {
             if repository.uuid.is_empty() {
                 continue;
@@ -217,7 +233,12 @@ fn permission_entitlements(
 ) -> BTreeMap<&'static str, Entitlement> {
     levels
         .iter()
-        .map(|&level| (level, Entitlement::new(resource_type, id, level, format!("{name} {level}"))))
+        .map(|&level| {
+            (
+                level,
+                Entitlement::new(resource_type, id, level, format!("{name} {level}")),
+            )
+        })
         .collect()
 }
 
@@ -250,6 +271,8 @@ fn add_permission_grants(
             continue;
         }
         let principal = group_id(&workspace.uuid, &entry.group.slug);
-        batch.grants.push(Grant::new(entitlement, ResourceType::UserGroup, &principal));
+        batch
+            .grants
+            .push(Grant::new(entitlement, ResourceType::UserGroup, &principal));
     }
 }
