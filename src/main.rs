@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use bitbucket_operator::{simulator, telemetry};
+use bitbucket_operator::{access, simulator, telemetry};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -21,6 +21,8 @@ struct Cli {
 enum Command {
     /// Serve a simulated Bitbucket Cloud API on loopback.
     Simulate(simulator::cli::SimulateArgs),
+    /// Effective access from a store file: who can reach a repository, what a user can reach.
+    Access(access::cli::AccessArgs),
 }
 
 #[tokio::main]
@@ -29,6 +31,7 @@ async fn main() -> ExitCode {
     telemetry::init(cli.log_format, "info");
     let result = match cli.command {
         Command::Simulate(args) => simulator::cli::run(args).await,
+        Command::Access(args) => access::cli::run(args),
     };
     match result {
         Ok(code) => code,
