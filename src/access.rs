@@ -437,9 +437,24 @@ pub fn who_can(
             }
         }
     }
+    // Few users: look each up; many: one pass over all accounts.
+    let all_users: HashMap<String, Resource> = if paths.by_key.len() > 64 {
+        store
+            .resources(connector, Some(ResourceType::User))?
+            .into_iter()
+            .map(|r| (r.id.clone(), r))
+            .collect()
+    } else {
+        HashMap::new()
+    };
     let mut out = Vec::with_capacity(paths.by_key.len());
     for (user_id, (set, unknown)) in paths.by_key {
-        let user = match store.resource(connector, &user_id)? {
+        let found = match all_users.get(&user_id) {
+            Some(r) => Some(r.clone()),
+            None if all_users.is_empty() => store.resource(connector, &user_id)?,
+            None => None,
+        };
+        let user = match found {
             Some(r) if r.resource_type == ResourceType::User => user_ref(&r),
             _ => unknown_user(&user_id),
         };
@@ -650,4 +665,56 @@ pub fn access_of(store: &Store, connector: &str, user: &str) -> Result<UserAcces
         projects: finish(projects, &project_index, &project_name),
         repositories: finish(repos, &repo_index, &repo_name),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permissions_rank_and_create_repo_is_write_on_repositories() {
+        use Permission::*;
+        assert!(Read < Write && Write < CreateRepo && CreateRepo < Admin);
+        assert_eq!(CreateRepo.on_repository(), Write);
+        assert_eq!(Admin.on_repository(), Admin);
+        for p in [Read, Write, CreateRepo, Admin] {
+            assert_eq!(Permission::parse(p.as_str()), Some(p));
+        }
+        assert_eq!(Permission::parse("member"), None);
+        assert_eq!(serde_json::to_value(CreateRepo).unwrap(), "create-repo");
+    }
+
+    #[test]
+    fn rank_takes_the_highest_path_and_lists_all() {
+        let set: HashSet<AccessPath> = [
+            ("direct", Permission::Read),
+            ("group devs", Permission::Admin),
+            ("project P", Permission::Write),
+        ]
+        .into_iter()
+        .map(|(v, p)| AccessPath {
+            via: v.into(),
+            permission: p,
+        })
+        .collect();
+        let (best, via) = rank(set);
+        assert_eq!(best, Permission::Admin);
+        let names: Vec<_> = via.iter().map(|p| p.via.as_str()).collect();
+        assert_eq!(names, ["group devs", "project P", "direct"]);
+    }
+
+    #[test]
+    fn tables_align_columns() {
+        let t = cli::table(
+            &["A", "LONGER"],
+            &[
+                vec!["wide cell".into(), "x".into()],
+                vec!["é".into(), "y".into()],
+            ],
+        );
+        let lines: Vec<_> = t.lines().collect();
+        assert_eq!(lines[0], "A          LONGER");
+        assert_eq!(lines[1], "wide cell  x");
+        assert_eq!(lines[2], "é          y");
+    }
 }

@@ -617,74 +617,7 @@ impl Store {
         requests: u64,
     ) -> Result<Generation, StoreError> {
         let keep = self.history();
-        self.write(|tx| {
-            let (connector, kind, started_at) = running_run(tx, run)?;
-            let valid = validate_batch(kind, batch)?;
-            let now = now_ms();
-            tx.execute(
-                "INSERT INTO generations (connector, kind, run_id, committed_at) VALUES (?1, ?2, ?3, ?4)",
-                params![connector, kind.as_str(), run, now],
-            )?;
-            let generation = tx.last_insert_rowid();
-            {
-                let mut stmt = tx.prepare_cached(
-                    "INSERT INTO resources (generation, id, display_name, parent_id, profile) VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?;
-                for r in &valid.resources {
-                    let profile = serde_json::to_string(&r.profile)
-                        .map_err(|e| StoreError::Corrupt(format!("resource {}: profile: {e}", r.id)))?;
-                    stmt.execute(params![generation, r.id, r.display_name, r.parent_id, profile])?;
-                }
-                let mut stmt = tx.prepare_cached(
-                    "INSERT INTO entitlements (generation, id, resource_id, slug, display_name) VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?;
-                for e in &valid.entitlements {
-                    stmt.execute(params![generation, e.id, e.resource_id, e.slug, e.display_name])?;
-                }
-            }
-            let slugs: HashMap<&str, (&str, &str)> = valid
-                .entitlements
-                .iter()
-                .map(|e| (e.id.as_str(), (e.resource_id.as_str(), e.slug.as_str())))
-                .collect();
-            insert_grants(tx, generation, &valid.grants, &slugs)?;
-            let counts = Counts {
-                resources: valid.resources.len() as u64,
-                entitlements: valid.entitlements.len() as u64,
-                grants: valid.grants.len() as u64,
-            };
-            tx.execute(
-                "UPDATE generations SET resources = ?2, entitlements = ?3, grants = ?4 WHERE id = ?1",
-                params![
-                    generation,
-                    to_i64(valid.resources.len()),
-                    to_i64(valid.entitlements.len()),
-                    to_i64(valid.grants.len())
-                ],
-            )?;
-            tx.execute(
-                "INSERT INTO current (connector, kind, generation) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (connector, kind) DO UPDATE SET generation = excluded.generation",
-                params![connector, kind.as_str(), generation],
-            )?;
-            tx.execute(
-                "UPDATE runs SET status = 'ok', finished_at = ?2, requests = ?3, resources = ?4,
-                   entitlements = ?5, grants = ?6, generation = ?7, error = NULL WHERE id = ?1",
-                params![
-                    run,
-                    now.max(started_at),
-                    requests as i64,
-                    counts.resources as i64,
-                    counts.entitlements as i64,
-                    counts.grants as i64,
-                    generation
-                ],
-            )?;
-            prune_generations(tx, &connector, kind, keep)?;
-            prune_runs(tx, &connector, kind)?;
-            tracing::debug!(run, connector, %kind, generation, ?counts, "generation committed");
-            Ok(generation)
-        })
+        self.write(|tx| commit_tx(tx, run, batch, requests, keep))
     }
 
     /// Marks a running run failed with `error`. Data is untouched: the
@@ -932,13 +865,35 @@ impl Store {
 
     /// The newest `limit` runs of `connector`, all kinds, newest first.
     pub fn runs(&self, connector: &str, limit: usize) -> Result<Vec<SyncRun>, StoreError> {
+        self.runs_filtered(connector, None, limit)
+    }
+
+    /// The newest `limit` runs of one `(connector, kind)`, newest first
+    /// (status reporting: last start/end, duration, requests, last error).
+    pub fn runs_of_kind(
+        &self,
+        connector: &str,
+        kind: SyncKind,
+        limit: usize,
+    ) -> Result<Vec<SyncRun>, StoreError> {
+        self.runs_filtered(connector, Some(kind), limit)
+    }
+
+    fn runs_filtered(
+        &self,
+        connector: &str,
+        kind: Option<SyncKind>,
+        limit: usize,
+    ) -> Result<Vec<SyncRun>, StoreError> {
         self.read(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT id, connector, kind, status, started_at, finished_at, error, requests,
                         resources, entitlements, grants, generation
-                 FROM runs WHERE connector = ?1 ORDER BY id DESC LIMIT ?2",
+                 FROM runs WHERE connector = ?1 AND (?3 IS NULL OR kind = ?3)
+                 ORDER BY id DESC LIMIT ?2",
             )?;
-            let rows = stmt.query_map(params![connector, to_i64(limit)], |r| {
+            let kind = kind.map(SyncKind::as_str);
+            let rows = stmt.query_map(params![connector, to_i64(limit), kind], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, String>(1)?,
@@ -1086,6 +1041,94 @@ impl Store {
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
     }
+}
+
+/// The body of [`Store::commit_run`], inside its transaction.
+fn commit_tx(
+    tx: &Connection,
+    run: RunId,
+    batch: &SyncBatch,
+    requests: u64,
+    keep: usize,
+) -> Result<Generation, StoreError> {
+    let (connector, kind, started_at) = running_run(tx, run)?;
+    let valid = validate_batch(kind, batch)?;
+    let now = now_ms();
+    tx.execute(
+        "INSERT INTO generations (connector, kind, run_id, committed_at) VALUES (?1, ?2, ?3, ?4)",
+        params![connector, kind.as_str(), run, now],
+    )?;
+    let generation = tx.last_insert_rowid();
+    {
+        let mut stmt = tx.prepare_cached(
+                "INSERT INTO resources (generation, id, display_name, parent_id, profile) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+        for r in &valid.resources {
+            let profile = serde_json::to_string(&r.profile)
+                .map_err(|e| StoreError::Corrupt(format!("resource {}: profile: {e}", r.id)))?;
+            stmt.execute(params![
+                generation,
+                r.id,
+                r.display_name,
+                r.parent_id,
+                profile
+            ])?;
+        }
+        let mut stmt = tx.prepare_cached(
+                "INSERT INTO entitlements (generation, id, resource_id, slug, display_name) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+        for e in &valid.entitlements {
+            stmt.execute(params![
+                generation,
+                e.id,
+                e.resource_id,
+                e.slug,
+                e.display_name
+            ])?;
+        }
+    }
+    let slugs: HashMap<&str, (&str, &str)> = valid
+        .entitlements
+        .iter()
+        .map(|e| (e.id.as_str(), (e.resource_id.as_str(), e.slug.as_str())))
+        .collect();
+    insert_grants(tx, generation, &valid.grants, &slugs)?;
+    let counts = Counts {
+        resources: valid.resources.len() as u64,
+        entitlements: valid.entitlements.len() as u64,
+        grants: valid.grants.len() as u64,
+    };
+    tx.execute(
+        "UPDATE generations SET resources = ?2, entitlements = ?3, grants = ?4 WHERE id = ?1",
+        params![
+            generation,
+            to_i64(valid.resources.len()),
+            to_i64(valid.entitlements.len()),
+            to_i64(valid.grants.len())
+        ],
+    )?;
+    tx.execute(
+        "INSERT INTO current (connector, kind, generation) VALUES (?1, ?2, ?3)
+             ON CONFLICT (connector, kind) DO UPDATE SET generation = excluded.generation",
+        params![connector, kind.as_str(), generation],
+    )?;
+    tx.execute(
+        "UPDATE runs SET status = 'ok', finished_at = ?2, requests = ?3, resources = ?4,
+               entitlements = ?5, grants = ?6, generation = ?7, error = NULL WHERE id = ?1",
+        params![
+            run,
+            now.max(started_at),
+            requests as i64,
+            counts.resources as i64,
+            counts.entitlements as i64,
+            counts.grants as i64,
+            generation
+        ],
+    )?;
+    prune_generations(tx, &connector, kind, keep)?;
+    prune_runs(tx, &connector, kind)?;
+    tracing::debug!(run, connector, %kind, generation, ?counts, "generation committed");
+    Ok(generation)
 }
 
 /// The kind whose generations hold resources of `t`.
@@ -1468,4 +1511,158 @@ pub fn format_timestamp(ms: i64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Grant, repository_id};
+    use serde_json::json;
+
+    fn batch(tag: &str, n: usize) -> SyncBatch {
+        let mut b = SyncBatch::default();
+        for i in 0..n {
+            let id = repository_id("{w}", "{p}", "P", &format!("{{r{i}}}"));
+            b.resources.push(Resource {
+                resource_type: ResourceType::Repository,
+                id: id.clone(),
+                display_name: format!("{tag}{i}"),
+                parent_id: Some("{w}".into()),
+                profile: json!({ "tag": tag }),
+            });
+            let e = Entitlement::new(ResourceType::Repository, &id, "read", "read".into());
+            b.grants
+                .push(Grant::new(&e, ResourceType::User, &format!("{{u-{tag}}}")));
+            b.entitlements.push(e);
+        }
+        b
+    }
+
+    #[test]
+    fn store_is_send_sync_and_clones_share_data() {
+        fn assert_send_sync<T: Send + Sync + Clone + 'static>() {}
+        assert_send_sync::<Store>();
+        let a = Store::open_in_memory().unwrap();
+        let b = a.clone().with_history(2);
+        let run = a.start_run("c", SyncKind::Repositories).unwrap();
+        a.commit_run(run, &batch("x", 1), 0).unwrap();
+        assert_eq!(b.counts("c", SyncKind::Repositories).unwrap().resources, 1);
+        assert_eq!(a.history(), 2);
+    }
+
+    #[test]
+    fn a_commit_interrupted_after_writing_everything_leaves_no_trace() {
+        let store = Store::open_in_memory().unwrap().with_history(1);
+        let run = store.start_run("c", SyncKind::Repositories).unwrap();
+        let first = batch("first", 3);
+        let g1 = store.commit_run(run, &first, 1).unwrap();
+        let run = store.start_run("c", SyncKind::Repositories).unwrap();
+        // The whole commit (insert, switch, prune of g1) runs, then the
+        // transaction dies before COMMIT.
+        let err = store
+            .write(|tx| {
+                commit_tx(tx, run, &batch("second", 5), 2, 1)?;
+                Err::<(), _>(StoreError::Corrupt("injected crash".into()))
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("injected crash"));
+        assert_eq!(
+            store
+                .current_generation("c", SyncKind::Repositories)
+                .unwrap(),
+            Some(g1)
+        );
+        assert_eq!(store.batch("c", SyncKind::Repositories).unwrap(), first);
+        assert_eq!(
+            store
+                .generations("c", SyncKind::Repositories)
+                .unwrap()
+                .len(),
+            1
+        );
+        let runs = store.runs("c", 1).unwrap();
+        assert_eq!((runs[0].id, runs[0].status), (run, RunStatus::Running));
+        // The run can still commit.
+        let g2 = store.commit_run(run, &batch("second", 5), 2).unwrap();
+        assert!(g2 > g1);
+        assert_eq!(
+            store
+                .generations("c", SyncKind::Repositories)
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn repeated_ids_in_a_batch_are_stored_once_last_wins() {
+        let store = Store::open_in_memory().unwrap();
+        let mut b = batch("x", 2);
+        let mut again = b.resources[0].clone();
+        again.display_name = "renamed".into();
+        b.resources.push(again);
+        b.grants.push(b.grants[1].clone());
+        let run = store.start_run("c", SyncKind::Repositories).unwrap();
+        store.commit_run(run, &b, 0).unwrap();
+        let stored = store.batch("c", SyncKind::Repositories).unwrap();
+        assert_eq!(stored.resources.len(), 2);
+        assert_eq!(stored.grants.len(), 2);
+        assert!(stored.resources.iter().any(|r| r.display_name == "renamed"));
+        let c = store.counts("c", SyncKind::Repositories).unwrap();
+        assert_eq!((c.resources, c.entitlements, c.grants), (2, 2, 2));
+    }
+
+    #[test]
+    fn run_history_is_bounded_but_keeps_runs_of_kept_generations() {
+        let store = Store::open_in_memory().unwrap();
+        let run = store.start_run("c", SyncKind::Groups).unwrap();
+        store.commit_run(run, &SyncBatch::default(), 0).unwrap();
+        for i in 0..(RUN_HISTORY + 10) {
+            let r = store.start_run("c", SyncKind::Groups).unwrap();
+            store.fail_run(r, &format!("failure {i}"), 0).unwrap();
+        }
+        let runs = store.runs_of_kind("c", SyncKind::Groups, 1000).unwrap();
+        assert_eq!(runs.len(), RUN_HISTORY + 1);
+        assert_eq!(runs.last().unwrap().id, run);
+        assert!(
+            store
+                .runs_of_kind("c", SyncKind::Projects, 10)
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        drop(Store::open(&path).unwrap());
+        {
+            let c = Connection::open(&path).unwrap();
+            let (app, version): (i64, i64) = (
+                c.pragma_query_value(None, "application_id", |r| r.get(0))
+                    .unwrap(),
+                c.pragma_query_value(None, "user_version", |r| r.get(0))
+                    .unwrap(),
+            );
+            assert_eq!((app, version), (APPLICATION_ID, SCHEMA_VERSION));
+            c.pragma_update(None, "user_version", 99).unwrap();
+        }
+        let err = Store::open(&path).unwrap_err();
+        assert!(matches!(err, StoreError::TooNew { found: 99, .. }), "{err}");
+        assert!(err.to_string().contains("upgrade"), "{err}");
+    }
+
+    #[test]
+    fn timestamps_format_as_rfc3339() {
+        assert_eq!(format_timestamp(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            format_timestamp(1_700_000_000_123),
+            "2023-11-14T22:13:20.123Z"
+        );
+        assert_eq!(
+            format_timestamp(951_782_400_000),
+            "2000-02-29T00:00:00.000Z"
+        );
+    }
 }

@@ -286,8 +286,9 @@ fn failed_and_abandoned_runs_leave_the_previous_generation_whole() {
         sorted(good.clone())
     );
 
-    // A commit that fails half-way (a grant of an entitlement outside the
-    // batch, found after many rows were written) changes nothing.
+    // A refused commit (a grant of an entitlement outside the batch) changes
+    // nothing. (A commit dying after writing everything is covered by the
+    // store's unit tests.)
     let mut bad = repo_batch("bad", 30);
     bad.grants.push(Grant {
         id: "dangling".into(),
@@ -546,6 +547,23 @@ fn reader_in_another_connection_sees_whole_generations_while_the_writer_commits(
         assert_eq!(tags.len(), 1, "a read mixed two generations");
         assert!(b.resources.len() == 50 || b.resources.len() == 2000);
         assert_eq!(b.grants.len(), b.resources.len() * 3);
+        if reads == 1 {
+            // A second process reads the file mid-sync too.
+            let out = cli(&[
+                "--db",
+                path.to_str().unwrap(),
+                "--json",
+                "who-can",
+                "acme/r0",
+            ]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(doc["access"].as_array().unwrap().len(), 3);
+        }
         reads += 1;
     }
     w.join().unwrap();
