@@ -6,7 +6,10 @@
 //! - [`simulator`]: a Bitbucket Cloud API simulator on loopback, for tests,
 //!   benchmarks and `sync --demo`.
 //! - [`model`]: the access model (resources, entitlements, grants).
+//! - [`store`]: the embedded SQLite store (generations of synced data, sync runs).
+//! - [`access`]: effective access (who can reach a repository, what a user can reach).
 
+pub mod access;
 pub mod bitbucket;
 pub mod model;
 pub mod settings;

@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use bitbucket_operator::{simulator, sync, telemetry};
+use bitbucket_operator::{access, simulator, sync, telemetry};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -24,6 +24,8 @@ enum Command {
     Sync(sync::cli::SyncArgs),
     /// Serve a simulated Bitbucket Cloud API on loopback.
     Simulate(simulator::cli::SimulateArgs),
+    /// Effective access from a store file: who can reach a repository, what a user can reach.
+    Access(access::cli::AccessArgs),
 }
 
 #[tokio::main]
@@ -32,13 +34,14 @@ async fn main() -> ExitCode {
     // One-shot commands keep stderr for their own progress lines; services
     // log at info.
     let default_level = match cli.command {
-        Command::Sync(_) => "warn",
+        Command::Sync(_) | Command::Access(_) => "warn",
         _ => "info",
     };
     telemetry::init(cli.log_format, default_level);
     let result = match cli.command {
         Command::Sync(args) => sync::cli::run(args).await,
         Command::Simulate(args) => simulator::cli::run(args).await,
+        Command::Access(args) => access::cli::run(args),
     };
     match result {
         Ok(code) => code,

@@ -209,7 +209,10 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<ExitCode> {
         if args.demo
             && let Some(repository) = example_repository(&store, &args.connector)
         {
-            println!("\nTry: bitbucket-operator access --db {} who-can {repository}", args.db.display());
+            println!(
+                "\nTry: bitbucket-operator access --db {} who-can {repository}",
+                args.db.display()
+            );
         }
     }
     let first_error = outcomes.values().find_map(|o| o.as_ref().err());
@@ -218,8 +221,15 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<ExitCode> {
 
 /// A repository full name from the store, for the demo's hint.
 fn example_repository(store: &Store, connector: &str) -> Option<String> {
-    let repositories = store.resources(connector, Some(crate::model::ResourceType::Repository)).ok()?;
-    repositories.first()?.profile.get("full_name")?.as_str().map(str::to_owned)
+    let repositories = store
+        .resources(connector, Some(crate::model::ResourceType::Repository))
+        .ok()?;
+    repositories
+        .first()?
+        .profile
+        .get("full_name")?
+        .as_str()
+        .map(str::to_owned)
 }
 
 /// Credentials from `--secret-file`, else from flags and `BATON_*` variables.
