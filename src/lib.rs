@@ -6,8 +6,11 @@
 //! - [`simulator`]: a Bitbucket Cloud API simulator on loopback, for tests,
 //!   benchmarks and `sync --demo`.
 //! - [`model`]: the access model (resources, entitlements, grants).
+//! - [`crd`]: the custom resources (`BitbucketConnector`,
+//!   `BitbucketAccessGrant`) and their condition helpers.
 
 pub mod bitbucket;
+pub mod crd;
 pub mod model;
 pub mod simulator;
 pub mod telemetry;

@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use bitbucket_operator::{simulator, telemetry};
+use bitbucket_operator::{crd, simulator, telemetry};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -21,6 +21,9 @@ struct Cli {
 enum Command {
     /// Serve a simulated Bitbucket Cloud API on loopback.
     Simulate(simulator::cli::SimulateArgs),
+    /// Print the CustomResourceDefinitions as multi-document YAML (or write
+    /// them into crds/ and the chart with --write).
+    Crd(crd::cli::CrdArgs),
 }
 
 #[tokio::main]
@@ -29,6 +32,7 @@ async fn main() -> ExitCode {
     telemetry::init(cli.log_format, "info");
     let result = match cli.command {
         Command::Simulate(args) => simulator::cli::run(args).await,
+        Command::Crd(args) => crd::cli::run(args),
     };
     match result {
         Ok(code) => code,
