@@ -396,3 +396,44 @@ fn access_grant_crd_schema() {
         assert!(status["properties"][f].is_object(), "status.{f}");
     }
 }
+
+/// Formats the API server recognises; others (schemars' `uint32`) draw
+/// "unrecognized format" warnings on every install.
+fn assert_known_formats(path: &str, v: &Value) {
+    match v {
+        Value::Object(map) => {
+            if let Some(Value::String(f)) = map.get("format") {
+                assert!(
+                    [
+                        "int32",
+                        "int64",
+                        "double",
+                        "float",
+                        "date-time",
+                        "date",
+                        "byte"
+                    ]
+                    .contains(&f.as_str()),
+                    "{path}: unsupported format {f}"
+                );
+            }
+            for (k, child) in map {
+                assert_known_formats(&format!("{path}.{k}"), child);
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|i| assert_known_formats(path, i)),
+        _ => {}
+    }
+}
+
+#[test]
+fn schemas_use_only_formats_kubernetes_knows() {
+    assert_known_formats(
+        "BitbucketConnector",
+        schema(&crd_json::<BitbucketConnector>()),
+    );
+    assert_known_formats(
+        "BitbucketAccessGrant",
+        schema(&crd_json::<BitbucketAccessGrant>()),
+    );
+}

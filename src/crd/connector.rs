@@ -300,11 +300,11 @@ pub struct RateLimit {
     /// Requests per rolling hour for this credential (Bitbucket Cloud's limit
     /// is 1,000). Default 1000.
     #[serde(default = "default_requests_per_hour")]
-    #[schemars(range(min = 1, max = 100000))]
+    #[schemars(extend("format" = "int32", "minimum" = 1, "maximum" = 100000))]
     pub requests_per_hour: u32,
     /// Requests in flight at once for this connector. Default 4.
     #[serde(default = "default_max_in_flight")]
-    #[schemars(range(min = 1, max = 64))]
+    #[schemars(extend("format" = "int32", "minimum" = 1, "maximum" = 64))]
     pub max_in_flight: u32,
 }
 
