@@ -736,3 +736,18 @@ def grant(status=None, spec=None):
 def test_access_grant_health(obj, expected, tmp_path):
     status, msg = run_health(GRANT_LUA, obj, tmp_path)
     assert status == expected, msg
+
+
+def test_readme_documents_every_value():
+    readme = (CHART / "README.md").read_text()
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def keys(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and v and k not in ("podSecurityContext", "securityContext", "resources"):
+                yield from keys(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}"
+
+    missing = [k for k in keys(defaults) if f"`{k}`" not in readme]
+    assert missing == [], f"README values table misses {missing}"
