@@ -27,6 +27,13 @@ pub const VERSION: &str = "v1alpha1";
 /// Annotation (Flux convention) whose new value triggers an immediate full sync.
 pub const RECONCILE_REQUESTED_AT_ANNOTATION: &str = "reconcile.fluxcd.io/requestedAt";
 
+/// Finalizer on BitbucketConnector: the operator stops its loops and removes
+/// its data from the store before the resource goes.
+pub const CONNECTOR_FINALIZER: &str = "connectors.dev/connector-cleanup";
+/// Finalizer on BitbucketAccessGrant: the operator revokes the permission (and
+/// restores the previous one) before the resource goes.
+pub const GRANT_FINALIZER: &str = "connectors.dev/grant-revoke";
+
 /// Go-style duration as accepted by the API server's CEL `duration()`:
 /// one or more `<number><unit>` groups, units `ns`, `us`, `µs`, `ms`, `s`, `m`, `h`.
 pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
