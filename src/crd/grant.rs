@@ -99,6 +99,25 @@ pub struct BitbucketAccessGrantSpec {
     pub expires_at: Option<Time>,
 }
 
+impl BitbucketAccessGrantSpec {
+    /// When the permission must be revoked, given when it was granted:
+    /// `expiresAt`, else `grantedAt + duration`, else never (`None`).
+    pub fn expiry(&self, granted_at: &Time) -> anyhow::Result<Option<Time>> {
+        if let Some(at) = &self.expires_at {
+            return Ok(Some(at.clone()));
+        }
+        let Some(d) = self.duration.as_deref() else {
+            return Ok(None);
+        };
+        let d = crate::crd::parse_duration(d)?;
+        let at = granted_at
+            .0
+            .checked_add(d)
+            .map_err(|e| anyhow::anyhow!("grant expiry out of range: {e}"))?;
+        Ok(Some(Time(at)))
+    }
+}
+
 /// Reference to a BitbucketConnector in the same namespace.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]
@@ -240,6 +259,21 @@ mod tests {
         assert!(g.spec.duration.is_some());
         assert!(g.spec.expires_at.is_none());
         assert!(crate::crd::parse_duration(g.spec.duration.as_deref().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn expiry_comes_from_expires_at_or_duration() {
+        let text = include_str!("../../examples/accessgrant.yaml");
+        let mut g: BitbucketAccessGrant = serde_yaml::from_str(text).unwrap();
+        let granted = Time(k8s_openapi::jiff::Timestamp::from_second(1_000_000).unwrap());
+        g.spec.duration = Some("8h".into());
+        let at = g.spec.expiry(&granted).unwrap().unwrap();
+        assert_eq!(at.0.as_second(), 1_000_000 + 8 * 3600);
+        g.spec.duration = None;
+        assert_eq!(g.spec.expiry(&granted).unwrap(), None);
+        let fixed = Time(k8s_openapi::jiff::Timestamp::from_second(2_000_000).unwrap());
+        g.spec.expires_at = Some(fixed.clone());
+        assert_eq!(g.spec.expiry(&granted).unwrap(), Some(fixed));
     }
 
     #[test]

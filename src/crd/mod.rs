@@ -27,6 +27,13 @@ pub const VERSION: &str = "v1alpha1";
 /// Annotation (Flux convention) whose new value triggers an immediate full sync.
 pub const RECONCILE_REQUESTED_AT_ANNOTATION: &str = "reconcile.fluxcd.io/requestedAt";
 
+/// Finalizer on BitbucketConnector: the operator stops its loops and removes
+/// its data from the store before the resource goes.
+pub const CONNECTOR_FINALIZER: &str = "connectors.dev/connector-cleanup";
+/// Finalizer on BitbucketAccessGrant: the operator revokes the permission (and
+/// restores the previous one) before the resource goes.
+pub const GRANT_FINALIZER: &str = "connectors.dev/grant-revoke";
+
 /// Go-style duration as accepted by the API server's CEL `duration()`:
 /// one or more `<number><unit>` groups, units `ns`, `us`, `µs`, `ms`, `s`, `m`, `h`.
 pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
@@ -141,9 +148,42 @@ pub fn parse_duration(s: &str) -> anyhow::Result<std::time::Duration> {
 }
 
 /// Both CRDs, in the order `crd` prints them (alphabetical by file name in
-/// `crds/`, so that `cat crds/*.yaml` equals the output).
+/// `crds/`, so that `cat crds/*.yaml` equals the output), with descriptions
+/// reflowed for `kubectl explain`.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![BitbucketAccessGrant::crd(), BitbucketConnector::crd()]
+    vec![
+        tidy_descriptions(BitbucketAccessGrant::crd()),
+        tidy_descriptions(BitbucketConnector::crd()),
+    ]
+}
+
+/// Doc comments are hard-wrapped; `kubectl explain` wraps text itself. Joins
+/// the lines of each paragraph (paragraphs stay separated by a blank line).
+fn tidy_descriptions(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn walk(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, child) in map.iter_mut() {
+                    match child {
+                        serde_json::Value::String(s) if k == "description" => *s = reflow(s),
+                        _ => walk(child),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    fn reflow(s: &str) -> String {
+        s.split("\n\n")
+            .map(|p| p.split_whitespace().collect::<Vec<_>>().join(" "))
+            .filter(|p| !p.is_empty())
+            .collect::<Vec<_>>()
+            .join("\n\n")
+    }
+    let mut v = serde_json::to_value(&crd).expect("a CRD serialises");
+    walk(&mut v);
+    serde_json::from_value(v).expect("a CRD deserialises")
 }
 
 /// One CRD as a YAML document starting with `---`.
@@ -212,6 +252,22 @@ mod tests {
         assert!(parse_duration("1 hour").is_err());
         let re = DURATION_PATTERN;
         assert!(re.starts_with('^') && re.ends_with('$'));
+    }
+
+    #[test]
+    fn crd_descriptions_are_reflowed_paragraphs() {
+        let yaml = all_crds_yaml().unwrap();
+        let v: Vec<serde_json::Value> = yaml
+            .split("---\n")
+            .filter(|d| !d.trim().is_empty())
+            .map(|d| serde_yaml::from_str(d).unwrap())
+            .collect();
+        let spec = &v[1]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        let d = spec["properties"]["secretRef"]["description"]
+            .as_str()
+            .unwrap();
+        assert!(!d.contains('\n'), "{d:?}");
+        assert!(d.contains("same namespace"));
     }
 
     #[test]

@@ -176,6 +176,8 @@ def test_chart_connector_omits_provisioning_when_null():
     spec = one(objs, "BitbucketConnector")["spec"]
     assert "provisioning" not in spec and "workspaces" not in spec
     assert spec["secretRef"]["name"] == "bitbucket-credentials"
+    spec = one(render({"connector": {"create": True, "provisioning": False}}), "BitbucketConnector")["spec"]
+    assert spec["provisioning"] is False
 
 
 def test_chart_connector_outside_watched_namespaces_is_refused():
@@ -387,6 +389,38 @@ def test_crds_can_be_left_out_or_not_kept():
     assert not by_kind(render({"crds": {"install": False}}), "CustomResourceDefinition")
     for c in by_kind(render({"crds": {"keep": False}}), "CustomResourceDefinition"):
         assert "helm.sh/resource-policy" not in c["metadata"].get("annotations", {})
+
+
+def _structural_problems(node, path="$"):
+    """Kubernetes refuses non-structural CRD schemas: every node has a type
+    (unless it preserves unknown fields or is int-or-string), objects declare
+    properties or additionalProperties, and no oneOf/anyOf/allOf carry types."""
+    problems = []
+    if not (node.get("x-kubernetes-preserve-unknown-fields") or node.get("x-kubernetes-int-or-string")):
+        if "type" not in node:
+            problems.append(f"{path}: no type")
+    if node.get("type") == "object" and "properties" not in node and "additionalProperties" not in node \
+            and not node.get("x-kubernetes-preserve-unknown-fields") and path.count(".") > 1:
+        problems.append(f"{path}: object without properties")
+    for key in ("oneOf", "anyOf", "allOf", "not", "$ref"):
+        if key in node:
+            problems.append(f"{path}: {key}")
+    for name, sub in node.get("properties", {}).items():
+        problems += _structural_problems(sub, f"{path}.{name}")
+    if isinstance(node.get("items"), dict):
+        problems += _structural_problems(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        problems += _structural_problems(node["additionalProperties"], f"{path}{{}}")
+    return problems
+
+
+@pytest.mark.parametrize("kind", sorted(CRD_KINDS))
+def test_crd_schemas_are_structural(kind):
+    crd = chartlib.crd_for(kind)
+    version = crd["spec"]["versions"][0]
+    assert _structural_problems(version["schema"]["openAPIV3Schema"]) == []
+    # The rendered CRD is itself a valid CustomResourceDefinition object.
+    kubernetes_validate.validate(crd, K8S_VERSION, strict=True)
 
 
 def test_chart_crd_copy_matches_crds_dir():
@@ -736,3 +770,18 @@ def grant(status=None, spec=None):
 def test_access_grant_health(obj, expected, tmp_path):
     status, msg = run_health(GRANT_LUA, obj, tmp_path)
     assert status == expected, msg
+
+
+def test_readme_documents_every_value():
+    readme = (CHART / "README.md").read_text()
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def keys(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and v and k not in ("podSecurityContext", "securityContext", "resources"):
+                yield from keys(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}"
+
+    missing = [k for k in keys(defaults) if f"`{k}`" not in readme]
+    assert missing == [], f"README values table misses {missing}"
