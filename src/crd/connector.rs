@@ -6,6 +6,7 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
+use crate::model::SyncKind;
 
 /// Default Secret key names: those of baton-bitbucket, so its Secret works unchanged.
 pub mod secret_key {
@@ -387,23 +388,23 @@ pub struct ResourceStatuses {
 
 impl ResourceStatuses {
     /// The status slot of one resource type.
-    pub fn get_mut(&mut self, t: ResourceType) -> &mut Option<ResourceSyncStatus> {
+    pub fn get_mut(&mut self, t: SyncKind) -> &mut Option<ResourceSyncStatus> {
         match t {
-            ResourceType::Accounts => &mut self.accounts,
-            ResourceType::Workspaces => &mut self.workspaces,
-            ResourceType::Groups => &mut self.groups,
-            ResourceType::Projects => &mut self.projects,
-            ResourceType::Repositories => &mut self.repositories,
+            SyncKind::Accounts => &mut self.accounts,
+            SyncKind::Workspaces => &mut self.workspaces,
+            SyncKind::Groups => &mut self.groups,
+            SyncKind::Projects => &mut self.projects,
+            SyncKind::Repositories => &mut self.repositories,
         }
     }
     /// The status of one resource type.
-    pub fn get(&self, t: ResourceType) -> Option<&ResourceSyncStatus> {
+    pub fn get(&self, t: SyncKind) -> Option<&ResourceSyncStatus> {
         match t {
-            ResourceType::Accounts => self.accounts.as_ref(),
-            ResourceType::Workspaces => self.workspaces.as_ref(),
-            ResourceType::Groups => self.groups.as_ref(),
-            ResourceType::Projects => self.projects.as_ref(),
-            ResourceType::Repositories => self.repositories.as_ref(),
+            SyncKind::Accounts => self.accounts.as_ref(),
+            SyncKind::Workspaces => self.workspaces.as_ref(),
+            SyncKind::Groups => self.groups.as_ref(),
+            SyncKind::Projects => self.projects.as_ref(),
+            SyncKind::Repositories => self.repositories.as_ref(),
         }
     }
 }
@@ -454,43 +455,6 @@ pub struct CredentialStatus {
     pub next_rotation: Option<Time>,
 }
 
-/// The five resource types, each synced by its own loop.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ResourceType {
-    Accounts,
-    Workspaces,
-    Groups,
-    Projects,
-    Repositories,
-}
-
-impl ResourceType {
-    /// Every type, in sync order.
-    pub const ALL: [ResourceType; 5] = [
-        ResourceType::Accounts,
-        ResourceType::Workspaces,
-        ResourceType::Groups,
-        ResourceType::Projects,
-        ResourceType::Repositories,
-    ];
-    /// The name used in spec.resources and status.resources.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ResourceType::Accounts => "accounts",
-            ResourceType::Workspaces => "workspaces",
-            ResourceType::Groups => "groups",
-            ResourceType::Projects => "projects",
-            ResourceType::Repositories => "repositories",
-        }
-    }
-}
-
-impl std::fmt::Display for ResourceType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 impl BitbucketConnectorSpec {
     /// The Secret key names in effect.
     pub fn secret_keys(&self) -> SecretKeys {
@@ -498,19 +462,19 @@ impl BitbucketConnectorSpec {
     }
 
     /// The per-type settings given in the spec, if any.
-    pub fn resource_loop(&self, t: ResourceType) -> Option<&ResourceLoop> {
+    pub fn resource_loop(&self, t: SyncKind) -> Option<&ResourceLoop> {
         let r = self.resources.as_ref()?;
         match t {
-            ResourceType::Accounts => r.accounts.as_ref(),
-            ResourceType::Workspaces => r.workspaces.as_ref(),
-            ResourceType::Groups => r.groups.as_ref(),
-            ResourceType::Projects => r.projects.as_ref(),
-            ResourceType::Repositories => r.repositories.as_ref(),
+            SyncKind::Accounts => r.accounts.as_ref(),
+            SyncKind::Workspaces => r.workspaces.as_ref(),
+            SyncKind::Groups => r.groups.as_ref(),
+            SyncKind::Projects => r.projects.as_ref(),
+            SyncKind::Repositories => r.repositories.as_ref(),
         }
     }
 
     /// Whether the loop of `t` runs (default true).
-    pub fn is_enabled(&self, t: ResourceType) -> bool {
+    pub fn is_enabled(&self, t: SyncKind) -> bool {
         self.resource_loop(t).is_none_or(|l| l.enabled)
     }
 
@@ -520,7 +484,7 @@ impl BitbucketConnectorSpec {
     }
 
     /// The interval of `t`: its override, else spec.interval, else 1h.
-    pub fn interval_for(&self, t: ResourceType) -> anyhow::Result<Duration> {
+    pub fn interval_for(&self, t: SyncKind) -> anyhow::Result<Duration> {
         match self.resource_loop(t).and_then(|l| l.interval.as_deref()) {
             Some(s) => super::parse_duration(s),
             None => self.default_interval(),
@@ -544,7 +508,7 @@ mod tests {
         assert_eq!(c.spec.secret_ref.name, "bitbucket-credentials");
         assert!(!c.spec.suspend);
         assert!(c.spec.default_interval().unwrap() >= Duration::from_secs(60));
-        for t in ResourceType::ALL {
+        for t in SyncKind::ALL {
             c.spec.interval_for(t).unwrap();
         }
         assert_eq!(c.spec.secret_keys().username(), secret_key::USERNAME);
@@ -556,10 +520,10 @@ mod tests {
             serde_json::from_value(serde_json::json!({"secretRef": {"name": "s"}})).unwrap();
         assert_eq!(spec.interval.as_deref(), Some("1h"));
         assert_eq!(
-            spec.interval_for(ResourceType::Groups).unwrap(),
+            spec.interval_for(SyncKind::Groups).unwrap(),
             Duration::from_secs(3600)
         );
-        assert!(ResourceType::ALL.iter().all(|t| spec.is_enabled(*t)));
+        assert!(SyncKind::ALL.iter().all(|t| spec.is_enabled(*t)));
         assert_eq!(
             spec.rate_limit(),
             RateLimit {
@@ -579,15 +543,15 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(
-            spec.interval_for(ResourceType::Repositories).unwrap(),
+            spec.interval_for(SyncKind::Repositories).unwrap(),
             Duration::from_secs(7200)
         );
         assert_eq!(
-            spec.interval_for(ResourceType::Accounts).unwrap(),
+            spec.interval_for(SyncKind::Accounts).unwrap(),
             Duration::from_secs(1800)
         );
-        assert!(!spec.is_enabled(ResourceType::Groups));
-        assert!(spec.is_enabled(ResourceType::Repositories));
+        assert!(!spec.is_enabled(SyncKind::Groups));
+        assert!(spec.is_enabled(SyncKind::Repositories));
         assert_eq!(spec.secret_keys().username(), "USER");
         assert_eq!(spec.secret_keys().token(), "BATON_TOKEN");
     }
