@@ -8,12 +8,18 @@
 //! - [`model`]: the access model (resources, entitlements, grants).
 //! - [`store`]: the embedded SQLite store (generations of synced data, sync runs).
 //! - [`access`]: effective access (who can reach a repository, what a user can reach).
+//! - [`controller`]: the Kubernetes controller (`run`), sync loops and status.
+//! - [`metrics`], [`http`]: Prometheus metrics and the probe/metrics endpoints.
+//! - [`settings`], [`sync`]: baton-format Secrets, and the sync engine.
 //! - [`crd`]: the custom resources (`BitbucketConnector`,
 //!   `BitbucketAccessGrant`) and their condition helpers.
 
 pub mod access;
 pub mod bitbucket;
+pub mod controller;
 pub mod crd;
+pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod settings;
 pub mod simulator;

@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use bitbucket_operator::{access, crd, simulator, sync, telemetry};
+use bitbucket_operator::{access, controller, crd, simulator, sync, telemetry};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -19,6 +19,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the Kubernetes operator (reconciles BitbucketConnector resources).
+    Run(controller::RunArgs),
     /// Sync Bitbucket into a SQLite file once (no cluster needed); `--demo`
     /// syncs the built-in simulator.
     Sync(sync::cli::SyncArgs),
@@ -42,6 +44,7 @@ async fn main() -> ExitCode {
     };
     telemetry::init(cli.log_format, default_level);
     let result = match cli.command {
+        Command::Run(args) => controller::run(args).await,
         Command::Sync(args) => sync::cli::run(args).await,
         Command::Simulate(args) => simulator::cli::run(args).await,
         Command::Access(args) => access::cli::run(args),

@@ -1,0 +1,450 @@
+//! Sync loops: one tokio task per connector and resource type, each on its own
+//! interval, owned by a [`ConnectorRuntime`]. The reconciler starts, retunes
+//! and stops them; they never write Kubernetes status themselves. When a run
+//! starts or ends they ask for a reconcile of their connector, and the
+//! reconciler (the only status writer) reads the outcome from the store.
+//!
+//! - Credentials are swapped in the shared [`Client`] (hot reload): loops keep
+//!   running and the next request uses the new Secret.
+//! - A loop's first run after a restart is due at the end of its last
+//!   recorded run plus its interval, so restarts keep the cadence.
+//! - A failed run is retried with exponential backoff (capped by the interval);
+//!   the previous data stays in the store.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use kube::runtime::reflector::ObjectRef;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::status::LoopStatus;
+use crate::bitbucket::{Client, ClientConfig, Limits};
+use crate::crd::BitbucketConnector;
+use crate::metrics::Metrics;
+use crate::model::SyncKind;
+use crate::settings::ConnectorSettings;
+use crate::store::{RunStatus, Store};
+use crate::sync::{SyncEngine, SyncError, run_into_store};
+
+/// What the engine is built from; a change to `api_url` builds a new client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineSettings {
+    pub api_url: String,
+    pub workspaces: Vec<String>,
+    pub limits: Limits,
+}
+
+/// The last credential check.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    /// Workspace slugs, or why the check failed.
+    pub result: Result<Vec<String>, SyncError>,
+    /// Settings and credential fingerprint the check was made with.
+    pub checked: (EngineSettings, String),
+    pub at: Instant,
+}
+
+/// All connectors' runtimes.
+pub struct Manager {
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    runtimes: Mutex<HashMap<String, Arc<ConnectorRuntime>>>,
+    /// Reconcile triggers, one channel per controller (by namespace; `None`
+    /// watches every namespace).
+    triggers: Mutex<Vec<(Option<String>, mpsc::UnboundedSender<ObjectRef<BitbucketConnector>>)>>,
+}
+
+impl Manager {
+    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Manager { store, metrics, runtimes: Mutex::default(), triggers: Mutex::default() })
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Registers the trigger channel of a controller watching `namespace`.
+    pub fn register_trigger(
+        &self,
+        namespace: Option<String>,
+        sender: mpsc::UnboundedSender<ObjectRef<BitbucketConnector>>,
+    ) {
+        let mut triggers = lock(&self.triggers);
+        triggers.retain(|(_, s)| !s.is_closed());
+        triggers.push((namespace, sender));
+    }
+
+    fn request_reconcile(&self, target: &ObjectRef<BitbucketConnector>) {
+        for (namespace, sender) in lock(&self.triggers).iter() {
+            if namespace.is_none() || namespace.as_deref() == target.namespace.as_deref() {
+                let _ = sender.send(target.clone());
+            }
+        }
+    }
+
+    pub fn runtime(&self, key: &str) -> Option<Arc<ConnectorRuntime>> {
+        lock(&self.runtimes).get(key).cloned()
+    }
+
+    /// Creates the connector's runtime, or applies new settings to it. Returns
+    /// whether the credentials changed (hot reload; loops keep running).
+    pub fn configure(
+        self: &Arc<Self>,
+        target: ObjectRef<BitbucketConnector>,
+        settings: &ConnectorSettings,
+        engine: EngineSettings,
+    ) -> Result<(Arc<ConnectorRuntime>, bool), crate::bitbucket::Error> {
+        let key = runtime_key(&target);
+        let existing = self.runtime(&key);
+        let fingerprint = settings.credentials.fingerprint();
+        match existing {
+            None => {
+                let client = self.build_client(&engine, settings)?;
+                let runtime = Arc::new(ConnectorRuntime {
+                    key: key.clone(),
+                    target,
+                    manager: Arc::downgrade(self),
+                    engine: RwLock::new((engine.clone(), SyncEngine::new(client, engine.workspaces.clone()))),
+                    fingerprint: Mutex::new((fingerprint, Timestamp::now())),
+                    connection: Mutex::new(None),
+                    loops: Mutex::default(),
+                    running: Mutex::default(),
+                    last_config_error: Mutex::new(None),
+                });
+                lock(&self.runtimes).insert(key, Arc::clone(&runtime));
+                Ok((runtime, false))
+            }
+            Some(runtime) => {
+                let changed = {
+                    let mut current = lock(&runtime.fingerprint);
+                    let changed = current.0 != fingerprint;
+                    if changed {
+                        *current = (fingerprint, Timestamp::now());
+                    }
+                    changed
+                };
+                let mut guard = runtime.engine.write().unwrap_or_else(|e| e.into_inner());
+                if guard.0.api_url != engine.api_url {
+                    let client = self.build_client(&engine, settings)?;
+                    *guard = (engine.clone(), SyncEngine::new(client, engine.workspaces.clone()));
+                } else {
+                    let client = guard.1.client().clone();
+                    client.set_credentials(settings.credentials.clone());
+                    if guard.0 != engine {
+                        client.set_limits(engine.limits);
+                        *guard = (engine.clone(), SyncEngine::new(client, engine.workspaces.clone()));
+                    }
+                }
+                drop(guard);
+                Ok((runtime, changed))
+            }
+        }
+    }
+
+    fn build_client(
+        &self,
+        engine: &EngineSettings,
+        settings: &ConnectorSettings,
+    ) -> Result<Client, crate::bitbucket::Error> {
+        let mut config = ClientConfig::new(&engine.api_url)?;
+        config.limits = engine.limits;
+        Client::with_observer(config, settings.credentials.clone(), Some(self.metrics.request_observer()))
+    }
+
+    /// Stops the connector's loops and forgets it.
+    pub fn remove(&self, key: &str) {
+        if let Some(runtime) = lock(&self.runtimes).remove(key) {
+            runtime.stop_loops();
+        }
+    }
+
+    /// Stops every loop (lost leadership, shutdown).
+    pub fn stop_all(&self) {
+        let runtimes: Vec<_> = lock(&self.runtimes).drain().map(|(_, r)| r).collect();
+        for runtime in runtimes {
+            runtime.stop_loops();
+        }
+    }
+
+    /// Keys of connectors with a runtime, for tests and diagnostics.
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<_> = lock(&self.runtimes).keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+}
+
+/// The store key of a connector: `namespace/name`.
+pub fn runtime_key(target: &ObjectRef<BitbucketConnector>) -> String {
+    format!("{}/{}", target.namespace.as_deref().unwrap_or_default(), target.name)
+}
+
+struct LoopHandle {
+    interval: watch::Sender<Duration>,
+    trigger: Arc<Notify>,
+    task: JoinHandle<()>,
+}
+
+/// One connector: its client and engine, last credential check, and loops.
+pub struct ConnectorRuntime {
+    pub key: String,
+    target: ObjectRef<BitbucketConnector>,
+    manager: std::sync::Weak<Manager>,
+    engine: RwLock<(EngineSettings, SyncEngine)>,
+    /// Credential fingerprint and when it last changed.
+    fingerprint: Mutex<(String, Timestamp)>,
+    connection: Mutex<Option<Connection>>,
+    loops: Mutex<BTreeMap<SyncKind, LoopHandle>>,
+    running: Mutex<BTreeSet<SyncKind>>,
+    /// A configuration-class failure (credentials, scopes, workspace) seen by
+    /// a loop after the last credential check.
+    last_config_error: Mutex<Option<(SyncError, Instant)>>,
+}
+
+impl ConnectorRuntime {
+    pub fn engine(&self) -> SyncEngine {
+        self.engine.read().unwrap_or_else(|e| e.into_inner()).1.clone()
+    }
+
+    pub fn fingerprint(&self) -> (String, Timestamp) {
+        lock(&self.fingerprint).clone()
+    }
+
+    /// Whether the credential check must run again: never ran, settings or
+    /// credentials changed, it failed last time, or a loop has since been
+    /// refused for a configuration reason.
+    pub fn needs_connection_check(&self) -> bool {
+        let connection = lock(&self.connection);
+        let Some(connection) = connection.as_ref() else { return true };
+        let current = (self.engine.read().unwrap_or_else(|e| e.into_inner()).0.clone(), self.fingerprint().0);
+        if connection.checked != current || connection.result.is_err() {
+            return true;
+        }
+        lock(&self.last_config_error).as_ref().is_some_and(|(_, at)| *at > connection.at)
+    }
+
+    /// Checks the credentials and finds the workspaces (`GET /2.0/user`, then
+    /// workspace discovery).
+    pub async fn check_connection(&self) -> Connection {
+        let (settings, engine) = {
+            let guard = self.engine.read().unwrap_or_else(|e| e.into_inner());
+            (guard.0.clone(), guard.1.clone())
+        };
+        let fingerprint = self.fingerprint().0;
+        let result = engine
+            .connect()
+            .await
+            .map(|scope| scope.workspaces.iter().map(|w| w.slug.clone()).collect::<Vec<_>>());
+        let connection = Connection { result, checked: (settings, fingerprint), at: Instant::now() };
+        *lock(&self.connection) = Some(connection.clone());
+        if connection.result.is_ok() {
+            *lock(&self.last_config_error) = None;
+        }
+        connection
+    }
+
+    pub fn connection(&self) -> Option<Connection> {
+        lock(&self.connection).clone()
+    }
+
+    /// Starts, retunes or stops loops to match `desired` (`None`: disabled).
+    /// Only loops whose interval changed are touched. Returns the kinds that
+    /// were started now (their first run is already due or scheduled).
+    pub fn ensure_loops(self: &Arc<Self>, desired: &BTreeMap<SyncKind, Option<Duration>>) -> BTreeSet<SyncKind> {
+        let mut started = BTreeSet::new();
+        let mut loops = lock(&self.loops);
+        for (&kind, interval) in desired {
+            match (interval, loops.get(&kind)) {
+                (None, Some(_)) => {
+                    if let Some(handle) = loops.remove(&kind) {
+                        handle.task.abort();
+                        lock(&self.running).remove(&kind);
+                    }
+                }
+                (Some(interval), Some(handle)) => {
+                    if *handle.interval.borrow() != *interval {
+                        let _ = handle.interval.send(*interval);
+                    }
+                }
+                (Some(interval), None) => {
+                    let (tx, rx) = watch::channel(*interval);
+                    let trigger = Arc::new(Notify::new());
+                    let task = tokio::spawn(run_loop(Arc::clone(self), kind, rx, Arc::clone(&trigger)));
+                    loops.insert(kind, LoopHandle { interval: tx, trigger, task });
+                    started.insert(kind);
+                }
+                (None, None) => {}
+            }
+        }
+        started
+    }
+
+    /// Runs every loop now, except those in `skip` (just started).
+    pub fn trigger_all(&self, skip: &BTreeSet<SyncKind>) {
+        for (kind, handle) in lock(&self.loops).iter() {
+            if !skip.contains(kind) {
+                handle.trigger.notify_one();
+            }
+        }
+    }
+
+    pub fn stop_loops(&self) {
+        let mut loops = lock(&self.loops);
+        for (_, handle) in std::mem::take(&mut *loops) {
+            handle.task.abort();
+        }
+        lock(&self.running).clear();
+    }
+
+    /// Kinds with a loop.
+    pub fn loop_kinds(&self) -> BTreeSet<SyncKind> {
+        lock(&self.loops).keys().copied().collect()
+    }
+
+    /// Each loop's status, from the store's run history plus what runs now.
+    pub fn loop_statuses(&self, store: &Store, enabled: &BTreeMap<SyncKind, bool>) -> BTreeMap<SyncKind, LoopStatus> {
+        let running = lock(&self.running).clone();
+        loop_statuses(store, &self.key, enabled, &running)
+    }
+
+    fn notify(&self) {
+        if let Some(manager) = self.manager.upgrade() {
+            manager.request_reconcile(&self.target);
+        }
+    }
+}
+
+/// Loop statuses from the store alone (also used when no runtime exists, e.g.
+/// while suspended or before the Secret is usable).
+pub fn loop_statuses(
+    store: &Store,
+    key: &str,
+    enabled: &BTreeMap<SyncKind, bool>,
+    running: &BTreeSet<SyncKind>,
+) -> BTreeMap<SyncKind, LoopStatus> {
+    let ms = |ms: i64| Timestamp::from_millisecond(ms).ok();
+    enabled
+        .iter()
+        .map(|(&kind, &enabled)| {
+            let mut status = LoopStatus { enabled, running: running.contains(&kind), ..LoopStatus::default() };
+            if let Ok(Some(current)) = store
+                .generations(key, kind)
+                .map(|generations| generations.into_iter().find(|g| g.current))
+            {
+                status.count = current.counts.resources as i64;
+                status.last_success = ms(current.committed_at);
+            }
+            // The latest finished run describes the last attempt; a run still
+            // marked running without a live loop was interrupted.
+            if let Ok(runs) = store.runs_of_kind(key, kind, 2) {
+                let finished = runs.iter().find(|r| r.status != RunStatus::Running);
+                if let Some(run) = runs.first() {
+                    status.last_start = ms(run.started_at);
+                }
+                if let Some(run) = finished {
+                    status.last_end = run.finished_at.and_then(ms);
+                    status.duration_seconds = run.duration_ms.map(|d| d as f64 / 1000.0);
+                    status.requests = Some(run.requests as i64);
+                    if run.status == RunStatus::Failed {
+                        status.last_error = run.error.clone();
+                    }
+                }
+            }
+            (kind, status)
+        })
+        .collect()
+}
+
+async fn run_loop(runtime: Arc<ConnectorRuntime>, kind: SyncKind, mut interval: watch::Receiver<Duration>, trigger: Arc<Notify>) {
+    let store = match runtime.manager.upgrade() {
+        Some(manager) => Arc::clone(&manager.store),
+        None => return,
+    };
+    let metrics = runtime.manager.upgrade().map(|m| Arc::clone(&m.metrics));
+    // Keep the cadence across restarts: the first run is due one interval
+    // after the last recorded run ended.
+    let last_end = {
+        let store = Arc::clone(&store);
+        let key = runtime.key.clone();
+        tokio::task::spawn_blocking(move || store.runs_of_kind(&key, kind, 1))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .and_then(|runs| runs.first().and_then(|r| r.finished_at.or(Some(r.started_at))))
+    };
+    let mut last_end_instant = last_end.map(|ms| {
+        let age = Duration::from_millis((Timestamp::now().as_millisecond() - ms).max(0) as u64);
+        Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
+    });
+    let mut failures: u32 = 0;
+    loop {
+        let period = *interval.borrow_and_update();
+        let due = match (last_end_instant, failures) {
+            (None, _) => Instant::now(),
+            (Some(end), 0) => end + period,
+            (Some(end), n) => end + retry_backoff(n).min(period),
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(due) => {}
+            _ = trigger.notified() => {}
+            changed = interval.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+        }
+
+        lock(&runtime.running).insert(kind);
+        runtime.notify();
+        let engine = runtime.engine();
+        let clock = Instant::now();
+        let outcome = match engine.discover().await {
+            Ok(scope) => run_into_store(&engine, &store, &runtime.key, kind, &scope).await.map(|_| ()),
+            Err(err) => Err(err),
+        };
+        if let Some(metrics) = &metrics {
+            metrics.record_sync(kind, outcome.is_ok(), clock.elapsed().as_secs_f64());
+        }
+        match outcome {
+            Ok(()) => failures = 0,
+            Err(err) => {
+                failures = failures.saturating_add(1);
+                if err.is_configuration_error() {
+                    *lock(&runtime.last_config_error) = Some((err.clone(), Instant::now()));
+                }
+                tracing::warn!(connector = %runtime.key, kind = kind.as_str(), error = %err, "sync run failed");
+            }
+        }
+        last_end_instant = Some(Instant::now());
+        lock(&runtime.running).remove(&kind);
+        runtime.notify();
+    }
+}
+
+/// 10 s, 20 s, 40 s … with ±20% jitter, capped at 10 minutes.
+fn retry_backoff(failures: u32) -> Duration {
+    let base = Duration::from_secs(10).saturating_mul(1 << failures.saturating_sub(1).min(10));
+    let capped = base.min(Duration::from_secs(600));
+    capped.mul_f64(0.8 + rand::random::<f64>() * 0.4)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_then_caps() {
+        assert!(retry_backoff(1) >= Duration::from_secs(8) && retry_backoff(1) <= Duration::from_secs(12));
+        assert!(retry_backoff(3) >= Duration::from_secs(32));
+        assert!(retry_backoff(30) <= Duration::from_secs(720));
+    }
+}

@@ -1,0 +1,295 @@
+//! `bitbucket-operator run`: the Kubernetes controller.
+//!
+//! Structure (after `kube-rs/controller-rs`): a `Controller` per watched
+//! namespace (or one for all) reconciles `BitbucketConnector`s; it is fed by a
+//! watcher filtered on generation and annotation changes, so the operator's
+//! own status writes never trigger a reconcile. Secrets are watched by
+//! metadata only (their data never sits in the cache) and mapped to the
+//! connectors that reference them. Sync loops ask for reconciles through a
+//! channel when runs start and end.
+//!
+//! With `--leader-election`, a `Lease` (kube-lease-manager) decides which
+//! replica runs the controllers and loops; the other replicas serve probes and
+//! metrics and wait. Losing the lease stops the loops; SIGTERM stops them and
+//! releases the lease.
+
+pub mod connector;
+pub mod loops;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context as _;
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::core::PartialObjectMeta;
+use kube::runtime::utils::Predicate;
+use kube::runtime::{Controller, WatchStreamExt, predicates, watcher};
+use kube::{Client, ResourceExt};
+use tokio::sync::{mpsc, watch};
+
+use crate::crd::BitbucketConnector;
+use crate::http::{self, HttpState};
+use crate::metrics::Metrics;
+use crate::store::Store;
+use connector::Context;
+use loops::Manager;
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Address of the HTTP endpoints (/healthz, /readyz, /metrics).
+    #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    /// SQLite store file.
+    #[arg(long, env = "STORE_DB", default_value = "/var/lib/bitbucket-operator/store.db")]
+    pub db: PathBuf,
+    /// Run controllers only while holding the Lease (for several replicas).
+    #[arg(long, env = "LEADER_ELECTION", num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "LEASE_NAME", default_value = "bitbucket-operator")]
+    pub lease_name: String,
+    /// Namespace of the Lease (default: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// This replica's identity in the Lease (default: the pod name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Only watch these namespaces (comma-separated); default: all.
+    #[arg(long, env = "WATCH_NAMESPACES", value_delimiter = ',')]
+    pub watch_namespaces: Vec<String>,
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::try_default().await.context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
+    let store = {
+        let db = args.db.clone();
+        tokio::task::spawn_blocking(move || Store::open(&db))
+            .await?
+            .with_context(|| format!("opening the store {}", args.db.display()))?
+    };
+    let store = Arc::new(store);
+    let interrupted = store.fail_interrupted_runs(None)?;
+    if interrupted > 0 {
+        tracing::info!(interrupted, "marked runs interrupted by the last shutdown as failed");
+    }
+    let metrics = Arc::new(Metrics::default());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown requested");
+        let _ = shutdown_tx.send(true);
+    });
+    let operator = Operator::new(client, store, metrics, args.watch_namespaces.clone());
+    let ready = Arc::new(AtomicBool::new(false));
+    let http = tokio::spawn(http::serve(
+        args.http_addr,
+        HttpState { metrics: Arc::clone(&operator.metrics), ready: Arc::clone(&ready) },
+        wait_for(shutdown_rx.clone()),
+    ));
+    tokio::spawn(track_readiness(operator.client.clone(), args.watch_namespaces.clone(), ready));
+
+    if args.leader_election {
+        let namespace = args.lease_namespace.clone().unwrap_or_else(|| operator.client.default_namespace().to_owned());
+        let identity = args.identity.clone().unwrap_or_else(|| format!("bitbucket-operator-{}", std::process::id()));
+        operator.run_with_leader_election(&args.lease_name, &namespace, &identity, shutdown_rx).await?;
+    } else {
+        operator.run_controllers(wait_for(shutdown_rx)).await;
+    }
+    let _ = http.await;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The controllers and what they share; tests drive it against an API double.
+pub struct Operator {
+    pub client: Client,
+    pub manager: Arc<Manager>,
+    pub metrics: Arc<Metrics>,
+    namespaces: Vec<String>,
+}
+
+impl Operator {
+    pub fn new(client: Client, store: Arc<Store>, metrics: Arc<Metrics>, namespaces: Vec<String>) -> Self {
+        let manager = Manager::new(store, Arc::clone(&metrics));
+        Operator { client, manager, metrics, namespaces }
+    }
+
+    /// Runs the connector controllers until `shutdown`, then stops every loop.
+    pub async fn run_controllers(&self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) {
+        let shutdown = shutdown.shared();
+        let reporter = Reporter { controller: "bitbucket-operator".into(), instance: std::env::var("POD_NAME").ok() };
+        let ctx = Arc::new(Context::new(
+            self.client.clone(),
+            Arc::clone(&self.manager),
+            Recorder::new(self.client.clone(), reporter),
+            Arc::clone(&self.metrics),
+        ));
+        let scopes: Vec<Option<String>> =
+            if self.namespaces.is_empty() { vec![None] } else { self.namespaces.iter().cloned().map(Some).collect() };
+        let controllers = scopes.into_iter().map(|namespace| {
+            let (connectors, secrets): (Api<BitbucketConnector>, Api<PartialObjectMeta<Secret>>) = match &namespace {
+                Some(ns) => (Api::namespaced(self.client.clone(), ns), Api::namespaced(self.client.clone(), ns)),
+                None => (Api::all(self.client.clone()), Api::all(self.client.clone())),
+            };
+            let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<ObjectRef<BitbucketConnector>>();
+            self.manager.register_trigger(namespace.clone(), trigger_tx);
+            let (reader, writer) = reflector::store();
+            // Generation (spec, deletion) and annotation (Flux) changes only:
+            // status writes do not come back as reconciles.
+            let connector_changes = watcher(connectors, watcher::Config::default().any_semantic())
+                .default_backoff()
+                .reflect(writer)
+                .applied_objects()
+                .predicate_filter(
+                    (predicates::generation as fn(&BitbucketConnector) -> Option<u64>).combine(
+                        predicates::annotations as fn(&BitbucketConnector) -> Option<u64>,
+                    ),
+                    Default::default(),
+                );
+            let mapper_reader = reader.clone();
+            // Metadata only: Secret data never sits in this cache.
+            let secret_changes = watcher(secrets, watcher::Config::default()).default_backoff().touched_objects();
+            Controller::for_stream(connector_changes, reader)
+                .watches_stream(secret_changes, move |secret| {
+                    let namespace = secret.namespace();
+                    let name = secret.name_any();
+                    mapper_reader
+                        .state()
+                        .into_iter()
+                        .filter(|c| c.namespace() == namespace && c.spec.secret_ref.name == name)
+                        .map(|c| ObjectRef::from_obj(c.as_ref()))
+                        .collect::<Vec<_>>()
+                })
+                .reconcile_on(tokio_stream_from(trigger_rx))
+                .graceful_shutdown_on(shutdown.clone())
+                .run(connector::reconcile, connector::error_policy, Arc::clone(&ctx))
+                .for_each(|result| async move {
+                    if let Err(err) = result {
+                        tracing::debug!(error = %err, "controller event");
+                    }
+                })
+        });
+        futures::future::join_all(controllers).await;
+        self.manager.stop_all();
+    }
+
+    /// Waits for the Lease, runs the controllers while holding it, stops them
+    /// when it is lost, and releases it on shutdown.
+    pub async fn run_with_leader_election(
+        &self,
+        lease_name: &str,
+        namespace: &str,
+        identity: &str,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let manager = kube_lease_manager::LeaseManagerBuilder::new(self.client.clone(), lease_name)
+            .with_namespace(namespace)
+            .with_identity(identity)
+            .with_duration(15)
+            .with_grace(5)
+            .build()
+            .await
+            .context("setting up leader election")?;
+        let (mut leader, lease_task) = manager.watch().await;
+        tracing::info!(lease = lease_name, namespace, identity, "waiting for leadership");
+        while !*shutdown.borrow() {
+            tokio::select! {
+                changed = leader.changed() => { if changed.is_err() { break; } }
+                _ = shutdown.changed() => { break; }
+            }
+            if !*leader.borrow_and_update() {
+                continue;
+            }
+            tracing::info!(identity, "became leader: starting controllers");
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let mut lost = leader.clone();
+            let controllers = self.run_controllers(wait_for(stop_rx));
+            tokio::pin!(controllers);
+            tokio::select! {
+                _ = &mut controllers => {}
+                _ = async { while lost.changed().await.is_ok() { if !*lost.borrow() { break; } } } => {
+                    tracing::warn!(identity, "lost leadership: stopping controllers");
+                    let _ = stop_tx.send(true);
+                    controllers.await;
+                }
+                _ = shutdown.changed() => {
+                    let _ = stop_tx.send(true);
+                    controllers.await;
+                }
+            }
+        }
+        // Dropping the receiver makes the lease task release the Lease.
+        drop(leader);
+        match lease_task.await {
+            Ok(Ok(_)) => tracing::info!("lease released"),
+            Ok(Err(err)) => tracing::warn!(error = %err, "releasing the lease failed"),
+            Err(err) => tracing::warn!(error = %err, "lease task failed"),
+        }
+        Ok(())
+    }
+}
+
+/// Sets `ready` once the connector watch has listed every watched namespace.
+pub async fn track_readiness(client: Client, namespaces: Vec<String>, ready: Arc<AtomicBool>) {
+    let scopes: Vec<Api<PartialObjectMeta<BitbucketConnector>>> = if namespaces.is_empty() {
+        vec![Api::all(client)]
+    } else {
+        namespaces.iter().map(|ns| Api::namespaced(client.clone(), ns)).collect()
+    };
+    let total = scopes.len();
+    let mut streams = futures::stream::select_all(
+        scopes.into_iter().map(|api| watcher(api, watcher::Config::default()).default_backoff().boxed()),
+    );
+    let mut synced = 0;
+    while let Some(event) = streams.next().await {
+        if let Ok(watcher::Event::InitDone) = event {
+            synced += 1;
+            if synced >= total {
+                ready.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> + Send {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Resolves when the flag turns true (or its sender is gone).
+pub async fn wait_for(mut flag: watch::Receiver<bool>) {
+    while !*flag.borrow_and_update() {
+        if flag.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

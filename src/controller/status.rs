@@ -1,0 +1,415 @@
+//! Status of a `BitbucketConnector`, computed as a pure function of what the
+//! controller observed, so every rule is unit-tested without a cluster.
+//!
+//! Conditions follow the Kubernetes API conventions and kstatus:
+//! - `Connected`: credentials accepted and workspaces reachable (`Unknown`
+//!   while the first check runs).
+//! - `Syncing`: True while any resource loop runs.
+//! - `Ready`: connected and every enabled resource type has a current
+//!   successful sync (its latest run succeeded).
+//! - `Reconciling` / `Stalled`: present only while True. `Stalled` means
+//!   retrying will not help until someone changes something (a missing Secret,
+//!   rejected credentials, an unknown workspace); `Reconciling` means the
+//!   operator is still working towards Ready (first syncs, transient failures).
+//!
+//! `state` is the one word for people: `Suspended`, `Error`, `Syncing` (a loop
+//! runs), `Connected` (Ready), or `Pending`.
+
+use std::collections::BTreeMap;
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::crd::{
+    BitbucketConnectorSpec, BitbucketConnectorStatus, CredentialStatus, ResourceStatuses, ResourceSyncStatus,
+    condition_type as ct, connector_state as st, new_condition, reason, remove_condition, set_condition,
+};
+use crate::model::SyncKind;
+
+/// Where the connector stands, as the reconciler found it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Health {
+    Suspended,
+    /// The Secret is missing or unusable (`SecretNotFound`, `SecretKeyMissing`).
+    SecretProblem { reason: &'static str, message: String },
+    /// The first credential check has not finished.
+    Connecting,
+    /// The credential check failed; `stalled` when retrying cannot help.
+    ConnectFailed { reason: &'static str, message: String, stalled: bool },
+    /// Credentials accepted; these workspaces are synced.
+    Connected { workspaces: Vec<String> },
+}
+
+/// One resource loop as the status reports it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoopStatus {
+    pub enabled: bool,
+    pub running: bool,
+    /// Resources in the current snapshot.
+    pub count: i64,
+    pub last_start: Option<Timestamp>,
+    pub last_end: Option<Timestamp>,
+    pub duration_seconds: Option<f64>,
+    pub requests: Option<i64>,
+    /// The latest run failed with this message (the previous data is kept).
+    pub last_error: Option<String>,
+    pub last_success: Option<Timestamp>,
+}
+
+impl LoopStatus {
+    /// The latest run succeeded (and one has run).
+    fn current(&self) -> bool {
+        self.last_success.is_some() && self.last_error.is_none()
+    }
+}
+
+/// Everything the status is computed from.
+#[derive(Debug, Clone)]
+pub struct Observation<'a> {
+    pub generation: Option<i64>,
+    pub spec: &'a BitbucketConnectorSpec,
+    pub previous: Option<&'a BitbucketConnectorStatus>,
+    pub health: Health,
+    pub loops: BTreeMap<SyncKind, LoopStatus>,
+    pub fingerprint: Option<(String, Timestamp)>,
+    /// The Flux `reconcile.fluxcd.io/requestedAt` value handled in this pass.
+    pub handled_reconcile_at: Option<String>,
+}
+
+/// Computes the new status. Conditions whose status does not change keep
+/// their `lastTransitionTime`.
+pub fn compute(obs: &Observation<'_>) -> BitbucketConnectorStatus {
+    let previous = obs.previous.cloned().unwrap_or_default();
+    let mut conditions: Vec<Condition> = previous.conditions.clone();
+    let generation = obs.generation;
+    let set = |conditions: &mut Vec<Condition>, type_: &str, status: &str, reason: &str, message: String| {
+        let mut condition = new_condition(type_, status == "True", reason, message, generation);
+        condition.status = status.to_owned();
+        set_condition(conditions, condition);
+    };
+    let state;
+    let mut stalled: Option<(&str, String)> = None;
+    let mut reconciling: Option<(&str, String)> = None;
+
+    match &obs.health {
+        Health::Suspended => {
+            set(&mut conditions, ct::SYNCING, "False", reason::SUSPENDED, "Sync loops are stopped: spec.suspend is true".into());
+            set(&mut conditions, ct::READY, "False", reason::SUSPENDED, "Suspended".into());
+            state = st::SUSPENDED;
+        }
+        Health::SecretProblem { reason: why, message } => {
+            set(&mut conditions, ct::CONNECTED, "False", why, message.clone());
+            set(&mut conditions, ct::SYNCING, "False", why, "Sync loops are stopped until the Secret is usable".into());
+            set(&mut conditions, ct::READY, "False", why, message.clone());
+            stalled = Some((why, message.clone()));
+            state = st::ERROR;
+        }
+        Health::Connecting => {
+            set(&mut conditions, ct::CONNECTED, "Unknown", reason::PROGRESSING, "Checking the credentials with Bitbucket".into());
+            set(&mut conditions, ct::READY, "False", reason::PROGRESSING, "Checking the credentials with Bitbucket".into());
+            reconciling = Some((reason::PROGRESSING, "Checking the credentials with Bitbucket".into()));
+            state = st::PENDING;
+        }
+        Health::ConnectFailed { reason: why, message, stalled: is_stalled } => {
+            set(&mut conditions, ct::CONNECTED, "False", why, message.clone());
+            set(&mut conditions, ct::SYNCING, "False", why, "Sync loops are stopped until Bitbucket accepts the connection".into());
+            set(&mut conditions, ct::READY, "False", why, message.clone());
+            if *is_stalled {
+                stalled = Some((why, message.clone()));
+            } else {
+                reconciling = Some((why, format!("Retrying: {message}")));
+            }
+            state = st::ERROR;
+        }
+        Health::Connected { workspaces } => {
+            set(
+                &mut conditions,
+                ct::CONNECTED,
+                "True",
+                reason::CONNECTED,
+                format!("Credentials accepted; {} workspace(s) reachable: {}", workspaces.len(), workspaces.join(", ")),
+            );
+            let enabled: Vec<(SyncKind, &LoopStatus)> =
+                obs.loops.iter().filter(|(_, l)| l.enabled).map(|(k, l)| (*k, l)).collect();
+            let running: Vec<&str> = enabled.iter().filter(|(_, l)| l.running).map(|(k, _)| k.as_str()).collect();
+            if running.is_empty() {
+                set(&mut conditions, ct::SYNCING, "False", reason::IDLE, "No sync is running".into());
+            } else {
+                set(&mut conditions, ct::SYNCING, "True", reason::SYNC_IN_PROGRESS, format!("Syncing {}", running.join(", ")));
+            }
+            let failed: Vec<String> = enabled
+                .iter()
+                .filter_map(|(k, l)| l.last_error.as_ref().map(|e| format!("{k}: {e}")))
+                .collect();
+            let waiting: Vec<&str> =
+                enabled.iter().filter(|(_, l)| l.last_success.is_none()).map(|(k, _)| k.as_str()).collect();
+            let ready = enabled.iter().all(|(_, l)| l.current());
+            if ready {
+                set(&mut conditions, ct::READY, "True", reason::SYNC_SUCCEEDED, "Every enabled resource type is synced".into());
+            } else if !failed.is_empty() {
+                let message = format!("Last sync failed (previous data kept): {}", failed.join("; "));
+                set(&mut conditions, ct::READY, "False", reason::SYNC_FAILED, message.clone());
+                reconciling = Some((reason::SYNC_FAILED, message));
+            } else {
+                let message = format!("Waiting for the first sync of {}", waiting.join(", "));
+                set(&mut conditions, ct::READY, "False", reason::PROGRESSING, message.clone());
+                reconciling = Some((reason::PROGRESSING, message));
+            }
+            state = if !running.is_empty() {
+                st::SYNCING
+            } else if ready {
+                st::CONNECTED
+            } else if !failed.is_empty() {
+                st::ERROR
+            } else {
+                st::PENDING
+            };
+        }
+    }
+
+    match stalled {
+        Some((why, message)) => set(&mut conditions, ct::STALLED, "True", why, message),
+        None => {
+            remove_condition(&mut conditions, ct::STALLED);
+        }
+    }
+    match reconciling {
+        Some((why, message)) => set(&mut conditions, ct::RECONCILING, "True", why, message),
+        None => {
+            remove_condition(&mut conditions, ct::RECONCILING);
+        }
+    }
+    conditions.sort_by(|a, b| condition_order(&a.type_).cmp(&condition_order(&b.type_)));
+
+    let mut resources = previous.resources.clone().unwrap_or_default();
+    for (kind, l) in &obs.loops {
+        *resources.get_mut(*kind) = if l.enabled || l.last_end.is_some() { Some(resource_status(l)) } else { None };
+    }
+    let last_sync_time = obs
+        .loops
+        .values()
+        .filter_map(|l| l.last_success)
+        .max()
+        .map(Time)
+        .or(previous.last_sync_time.clone());
+    let credentials = match &obs.fingerprint {
+        Some((fingerprint, changed)) => Some(CredentialStatus {
+            fingerprint: Some(fingerprint.clone()),
+            last_changed: Some(Time(*changed)),
+            ..previous.credentials.clone().unwrap_or_default()
+        }),
+        None => previous.credentials.clone(),
+    };
+
+    BitbucketConnectorStatus {
+        observed_generation: obs.generation,
+        conditions,
+        state: Some(state.to_owned()),
+        last_sync_time,
+        resources: if is_empty(&resources) { None } else { Some(resources) },
+        credentials,
+        last_handled_reconcile_at: obs.handled_reconcile_at.clone().or(previous.last_handled_reconcile_at),
+    }
+}
+
+fn resource_status(l: &LoopStatus) -> ResourceSyncStatus {
+    ResourceSyncStatus {
+        count: l.count,
+        last_sync_start: l.last_start.map(Time),
+        last_sync_end: l.last_end.map(Time),
+        duration_seconds: l.duration_seconds,
+        requests: l.requests,
+        last_error: l.last_error.clone(),
+        last_success: l.last_success.map(Time),
+    }
+}
+
+fn is_empty(r: &ResourceStatuses) -> bool {
+    SyncKind::ALL.iter().all(|k| r.get(*k).is_none())
+}
+
+fn condition_order(type_: &str) -> usize {
+    [ct::READY, ct::CONNECTED, ct::SYNCING, ct::RECONCILING, ct::STALLED]
+        .iter()
+        .position(|t| *t == type_)
+        .unwrap_or(usize::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{SecretRef, find_condition};
+
+    fn spec() -> BitbucketConnectorSpec {
+        BitbucketConnectorSpec {
+            secret_ref: SecretRef { name: "s".into() },
+            secret_keys: None,
+            workspaces: None,
+            provisioning: None,
+            suspend: false,
+            interval: None,
+            resources: None,
+            rate_limit: None,
+            api_url: None,
+            credential_rotation: None,
+        }
+    }
+
+    fn synced(at: i64) -> LoopStatus {
+        let t = Timestamp::from_second(at).unwrap();
+        LoopStatus {
+            enabled: true,
+            count: 3,
+            last_start: Some(t),
+            last_end: Some(t),
+            last_success: Some(t),
+            ..LoopStatus::default()
+        }
+    }
+
+    fn obs(spec: &BitbucketConnectorSpec, health: Health, loops: BTreeMap<SyncKind, LoopStatus>) -> Observation<'_> {
+        Observation {
+            generation: Some(2),
+            spec,
+            previous: None,
+            health,
+            loops,
+            fingerprint: None,
+            handled_reconcile_at: None,
+        }
+    }
+
+    fn status_of<'a>(s: &'a BitbucketConnectorStatus, t: &str) -> Option<&'a str> {
+        find_condition(&s.conditions, t).map(|c| c.status.as_str())
+    }
+
+    fn connected() -> Health {
+        Health::Connected { workspaces: vec!["acme".into()] }
+    }
+
+    #[test]
+    fn all_synced_is_ready_and_connected_without_kstatus_conditions() {
+        let spec = spec();
+        let loops = SyncKind::ALL.iter().map(|&k| (k, synced(100))).collect();
+        let s = compute(&obs(&spec, connected(), loops));
+        assert_eq!(s.state.as_deref(), Some("Connected"));
+        assert_eq!(status_of(&s, "Ready"), Some("True"));
+        assert_eq!(status_of(&s, "Connected"), Some("True"));
+        assert_eq!(status_of(&s, "Syncing"), Some("False"));
+        assert_eq!(status_of(&s, "Reconciling"), None, "absent unless True");
+        assert_eq!(status_of(&s, "Stalled"), None, "absent unless True");
+        assert_eq!(s.observed_generation, Some(2));
+        assert!(s.conditions.iter().all(|c| c.observed_generation == Some(2)));
+        assert_eq!(s.resources.as_ref().unwrap().groups.as_ref().unwrap().count, 3);
+        assert_eq!(s.last_sync_time, Some(Time(Timestamp::from_second(100).unwrap())));
+    }
+
+    #[test]
+    fn a_running_loop_shows_syncing_and_first_syncs_are_reconciling() {
+        let spec = spec();
+        let mut loops: BTreeMap<_, _> = SyncKind::ALL.iter().map(|&k| (k, LoopStatus { enabled: true, ..Default::default() })).collect();
+        loops.get_mut(&SyncKind::Groups).unwrap().running = true;
+        let s = compute(&obs(&spec, connected(), loops));
+        assert_eq!(s.state.as_deref(), Some("Syncing"));
+        assert_eq!(status_of(&s, "Syncing"), Some("True"));
+        assert_eq!(status_of(&s, "Ready"), Some("False"));
+        assert_eq!(status_of(&s, "Reconciling"), Some("True"));
+        assert!(find_condition(&s.conditions, "Syncing").unwrap().message.contains("groups"));
+    }
+
+    #[test]
+    fn a_failed_run_is_not_ready_but_keeps_counts() {
+        let spec = spec();
+        let mut loops: BTreeMap<_, _> = SyncKind::ALL.iter().map(|&k| (k, synced(100))).collect();
+        loops.get_mut(&SyncKind::Repositories).unwrap().last_error = Some("Bitbucket unavailable".into());
+        let s = compute(&obs(&spec, connected(), loops));
+        let ready = find_condition(&s.conditions, "Ready").unwrap();
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "SyncFailed"));
+        assert!(ready.message.contains("repositories: Bitbucket unavailable"));
+        assert_eq!(s.state.as_deref(), Some("Error"));
+        assert_eq!(s.resources.as_ref().unwrap().repositories.as_ref().unwrap().count, 3, "previous data kept");
+    }
+
+    #[test]
+    fn disabled_types_do_not_block_ready() {
+        let spec = spec();
+        let mut loops: BTreeMap<_, _> = SyncKind::ALL.iter().map(|&k| (k, synced(100))).collect();
+        loops.insert(SyncKind::Repositories, LoopStatus { enabled: false, ..Default::default() });
+        let s = compute(&obs(&spec, connected(), loops));
+        assert_eq!(status_of(&s, "Ready"), Some("True"));
+        assert!(s.resources.as_ref().unwrap().repositories.is_none());
+    }
+
+    #[test]
+    fn secret_problems_and_rejected_credentials_stall() {
+        let spec = spec();
+        let s = compute(&obs(
+            &spec,
+            Health::SecretProblem { reason: reason::SECRET_NOT_FOUND, message: "Secret s not found".into() },
+            BTreeMap::new(),
+        ));
+        let stalled = find_condition(&s.conditions, "Stalled").unwrap();
+        assert_eq!((stalled.status.as_str(), stalled.reason.as_str()), ("True", "SecretNotFound"));
+        assert_eq!(status_of(&s, "Reconciling"), None);
+        assert_eq!(s.state.as_deref(), Some("Error"));
+
+        let s = compute(&obs(
+            &spec,
+            Health::ConnectFailed { reason: reason::INVALID_CREDENTIALS, message: "401: use the email".into(), stalled: true },
+            BTreeMap::new(),
+        ));
+        let connected = find_condition(&s.conditions, "Connected").unwrap();
+        assert_eq!((connected.status.as_str(), connected.reason.as_str()), ("False", "InvalidCredentials"));
+        assert!(connected.message.contains("email"));
+        assert_eq!(status_of(&s, "Stalled"), Some("True"));
+    }
+
+    #[test]
+    fn transient_failures_reconcile_instead_of_stalling() {
+        let spec = spec();
+        let s = compute(&obs(
+            &spec,
+            Health::ConnectFailed { reason: reason::BITBUCKET_UNAVAILABLE, message: "503".into(), stalled: false },
+            BTreeMap::new(),
+        ));
+        assert_eq!(status_of(&s, "Stalled"), None);
+        assert_eq!(status_of(&s, "Reconciling"), Some("True"));
+    }
+
+    #[test]
+    fn recovery_clears_stalled_and_transition_times_are_kept_when_unchanged() {
+        let spec = spec();
+        let failed = compute(&obs(
+            &spec,
+            Health::SecretProblem { reason: reason::SECRET_NOT_FOUND, message: "missing".into() },
+            BTreeMap::new(),
+        ));
+        let loops: BTreeMap<_, _> = SyncKind::ALL.iter().map(|&k| (k, synced(100))).collect();
+        let mut o = obs(&spec, connected(), loops);
+        o.previous = Some(&failed);
+        let recovered = compute(&o);
+        assert_eq!(status_of(&recovered, "Stalled"), None);
+        assert_eq!(status_of(&recovered, "Ready"), Some("True"));
+        // Same status again: lastTransitionTime must not move.
+        let mut again = o.clone();
+        again.previous = Some(&recovered);
+        let later = compute(&again);
+        assert_eq!(
+            find_condition(&later.conditions, "Ready").unwrap().last_transition_time,
+            find_condition(&recovered.conditions, "Ready").unwrap().last_transition_time
+        );
+    }
+
+    #[test]
+    fn suspended_and_fingerprint_and_flux_handled() {
+        let spec = spec();
+        let mut o = obs(&spec, Health::Suspended, BTreeMap::new());
+        o.fingerprint = Some(("abc123def456".into(), Timestamp::from_second(5).unwrap()));
+        o.handled_reconcile_at = Some("2026-11-29T00:00:00Z".into());
+        let s = compute(&o);
+        assert_eq!(s.state.as_deref(), Some("Suspended"));
+        assert_eq!(status_of(&s, "Ready"), Some("False"));
+        assert_eq!(s.credentials.as_ref().unwrap().fingerprint.as_deref(), Some("abc123def456"));
+        assert_eq!(s.last_handled_reconcile_at.as_deref(), Some("2026-11-29T00:00:00Z"));
+    }
+}

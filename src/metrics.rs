@@ -1,0 +1,168 @@
+//! Prometheus metrics, served on `/metrics`. Every label has a bounded set of
+//! values (reasons, endpoint classes, resource types, connectors), so series
+//! cannot grow with Bitbucket data.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::bitbucket::{EndpointClass, RequestObserver};
+use crate::model::SyncKind;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SyncLabels {
+    pub resource_type: &'static str,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabels {
+    pub resource_type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub endpoint: &'static str,
+    pub status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ObjectLabels {
+    pub namespace: String,
+    pub name: String,
+    pub resource_type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectorLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// The operator's metrics.
+pub struct Metrics {
+    registry: Registry,
+    pub reconciles: Family<ResultLabels, Counter>,
+    pub reconcile_errors: Family<ReasonLabels, Counter>,
+    pub reconcile_duration: Histogram,
+    pub sync_runs: Family<SyncLabels, Counter>,
+    pub sync_duration: Family<TypeLabels, Histogram>,
+    pub bitbucket_requests: Family<RequestLabels, Counter>,
+    pub objects: Family<ObjectLabels, Gauge>,
+    pub connector_ready: Family<ConnectorLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("bitbucket_operator");
+        let reconciles = Family::<ResultLabels, Counter>::default();
+        registry.register("reconciles", "Reconciles by result", reconciles.clone());
+        let reconcile_errors = Family::<ReasonLabels, Counter>::default();
+        registry.register("reconcile_errors", "Reconcile errors by reason", reconcile_errors.clone());
+        let reconcile_duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
+        registry.register("reconcile_duration_seconds", "Reconcile duration", reconcile_duration.clone());
+        let sync_runs = Family::<SyncLabels, Counter>::default();
+        registry.register("sync_runs", "Sync runs by resource type and outcome", sync_runs.clone());
+        let sync_duration = Family::<TypeLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.05, 2.0, 14))
+        });
+        registry.register("sync_duration_seconds", "Sync run duration by resource type", sync_duration.clone());
+        let bitbucket_requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "bitbucket_requests",
+            "Bitbucket API requests by endpoint class and status class",
+            bitbucket_requests.clone(),
+        );
+        let objects = Family::<ObjectLabels, Gauge>::default();
+        registry.register("objects", "Resources in the current snapshot by connector and type", objects.clone());
+        let connector_ready = Family::<ConnectorLabels, Gauge>::default();
+        registry.register("connector_ready", "1 when the connector is Ready, else 0", connector_ready.clone());
+        Metrics {
+            registry,
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            sync_runs,
+            sync_duration,
+            bitbucket_requests,
+            objects,
+            connector_ready,
+        }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String never fails");
+        out
+    }
+
+    /// A client hook that counts Bitbucket requests.
+    pub fn request_observer(self: &Arc<Self>) -> RequestObserver {
+        let metrics = Arc::clone(self);
+        Arc::new(move |class: EndpointClass, status: Option<u16>| {
+            let status_class = match status {
+                None => "error",
+                Some(200..=299) => "2xx",
+                Some(429) => "429",
+                Some(400..=499) => "4xx",
+                Some(500..=599) => "5xx",
+                Some(_) => "other",
+            };
+            metrics.bitbucket_requests.get_or_create(&RequestLabels { endpoint: class.as_str(), status_class }).inc();
+        })
+    }
+
+    pub fn record_sync(&self, kind: SyncKind, ok: bool, seconds: f64) {
+        let outcome = if ok { "success" } else { "failure" };
+        self.sync_runs.get_or_create(&SyncLabels { resource_type: kind.as_str(), outcome }).inc();
+        self.sync_duration.get_or_create(&TypeLabels { resource_type: kind.as_str() }).observe(seconds);
+    }
+
+    /// Drops the series of a deleted connector.
+    pub fn forget_connector(&self, namespace: &str, name: &str) {
+        self.connector_ready.remove(&ConnectorLabels { namespace: namespace.into(), name: name.into() });
+        for kind in SyncKind::ALL {
+            self.objects.remove(&ObjectLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+                resource_type: kind.as_str(),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_every_family() {
+        let metrics = Arc::new(Metrics::default());
+        metrics.reconciles.get_or_create(&ResultLabels { result: "ok" }).inc();
+        (metrics.request_observer())(EndpointClass::Members, Some(429));
+        metrics.record_sync(SyncKind::Groups, true, 0.2);
+        let text = metrics.encode();
+        assert!(text.contains("bitbucket_operator_reconciles_total{result=\"ok\"} 1"), "{text}");
+        assert!(text.contains("bitbucket_operator_bitbucket_requests_total{endpoint=\"members\",status_class=\"429\"} 1"));
+        assert!(text.contains("bitbucket_operator_sync_runs_total{resource_type=\"groups\",outcome=\"success\"} 1"));
+        assert!(text.contains("bitbucket_operator_sync_duration_seconds_bucket"));
+    }
+}
