@@ -152,9 +152,9 @@ pub fn apply_fields(value: Value, spec: &FieldSpec, hidden: &[&str]) -> Value {
     value
 }
 
-/// Whether pattern `p` (with `*`) names exactly the path `h`.
+/// Whether `p` names the hidden path `h` explicitly (`*` does not).
 fn path_matches(p: &[String], h: &[String]) -> bool {
-    p.len() == h.len() && p.iter().zip(h).all(|(a, b)| a == "*" || a == b)
+    p == h
 }
 
 fn project(value: &Value, paths: &[&Vec<String>]) -> Option<Value> {

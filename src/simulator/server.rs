@@ -770,7 +770,6 @@ impl App {
         o.insert("created_on".into(), json!(timestamp(&pr.uuid, 0)));
         o.insert("updated_on".into(), json!(timestamp(&pr.uuid, 10)));
         o.insert("owner".into(), self.team_json(st, w));
-        o.insert("workspace".into(), self.workspace_short(st, w));
         v
     }
 
