@@ -1774,8 +1774,24 @@ fn cli_prints_one_json_line_and_serves() {
             .status()
     });
     assert_eq!(status, 200);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    // SIGTERM shuts down gracefully with exit code 0.
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(term.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("simulate did not exit on SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(exit.code(), Some(0));
 
     for bad in [vec!["--fail-rate", "2"], vec!["--rate-limit", "lots"]] {
         let out = Command::new(env!("CARGO_BIN_EXE_bitbucket-operator"))
@@ -1837,4 +1853,227 @@ fn schema_validation_is_not_vacuous() {
         &json!({"type": "error", "error": {"message": "m", "fields": {"permission": ["bad"]}}})
     ));
     assert!(!err.is_valid(&json!({"type": "error", "error": {"message": "m", "other": 1}})));
+}
+
+// ---------------------------------------------------------------------------
+// Member filters, write preconditions and hostile input.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_filters_and_write_preconditions() {
+    let (h, api) = start(SimConfig::default()).await;
+    let c = h.credentials().clone();
+    let b = basic(&c);
+    let org = h.organisation();
+    let ws = &org.workspaces[0];
+    let slug = &ws.slug;
+    let m = ws.members.iter().find(|m| !m.owner).unwrap();
+    let user = org.user(&m.user_uuid).unwrap();
+    let members_url = format!("/2.0/workspaces/{slug}/members");
+
+    let q = format!("user.email IN (\"{}\", \"nobody@example.com\")", user.email);
+    let found = api
+        .walk(
+            &format!("{members_url}?q={}", enc(&q)),
+            &b,
+            "/workspaces/{workspace}/members",
+        )
+        .await;
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0]["user"]["uuid"], user.uuid.as_str());
+    assert!(
+        found[0]["user"].get("email").is_none(),
+        "filtering by email does not reveal it"
+    );
+    let by_account = api
+        .walk(
+            &format!(
+                "{members_url}?q={}",
+                enc(&format!("user.account_id=\"{}\"", user.account_id))
+            ),
+            &b,
+            "/workspaces/{workspace}/members",
+        )
+        .await;
+    assert_eq!(by_account.len(), 1);
+    let r = api
+        .get(
+            &format!("{members_url}?q={}", enc("user.display_name=\"x\"")),
+            &b,
+        )
+        .await;
+    assert_eq!(r.status, 400, "display_name is not filterable");
+    check("/workspaces/{workspace}/members", "get", 400, &r.json());
+    let many: Vec<String> = (0..91).map(|i| format!("\"u{i}@example.com\"")).collect();
+    let r = api
+        .get(
+            &format!(
+                "{members_url}?q={}",
+                enc(&format!("user.email IN ({})", many.join(",")))
+            ),
+            &b,
+        )
+        .await;
+    assert_eq!(r.status, 400, "more than 90 emails");
+
+    // Project user PUT: only non-owner workspace members.
+    let p = &ws.projects[0];
+    let base = format!(
+        "/2.0/workspaces/{slug}/projects/{}/permissions-config/users",
+        p.key
+    );
+    let owner = ws.members.iter().find(|m| m.owner).unwrap();
+    let r = api
+        .call(
+            Method::PUT,
+            &format!("{base}/{}", enc(&owner.user_uuid)),
+            &b,
+            Some(json!({"permission": "read"})),
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("owner")
+    );
+    let outsider = org
+        .users
+        .iter()
+        .find(|u| !ws.members.iter().any(|m| m.user_uuid == u.uuid))
+        .unwrap();
+    let r = api
+        .call(
+            Method::PUT,
+            &format!("{base}/{}", enc(&outsider.uuid)),
+            &b,
+            Some(json!({"permission": "read"})),
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a member")
+    );
+    let r = api
+        .call(
+            Method::PUT,
+            &format!("{base}/%7B00000000-0000-0000-0000-000000000000%7D"),
+            &b,
+            Some(json!({"permission": "read"})),
+        )
+        .await;
+    assert_eq!(r.status, 404, "unknown user");
+    // PUT is an upsert and later reads and the ground truth see it.
+    for level in ["read", "admin"] {
+        let r = api
+            .call(
+                Method::PUT,
+                &format!("{base}/{}", enc(&user.uuid)),
+                &b,
+                Some(json!({"permission": level})),
+            )
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    let truth = h.organisation();
+    let grants: Vec<_> = truth.workspaces[0].projects[0]
+        .user_permissions
+        .iter()
+        .filter(|g| g.principal == user.uuid)
+        .collect();
+    assert_eq!(grants.len(), 1);
+    assert_eq!(grants[0].permission, "admin");
+    let listed = api
+        .walk(
+            &format!("{base}?pagelen=100"),
+            &b,
+            "/workspaces/{workspace}/projects/{project_key}/permissions-config/users",
+        )
+        .await;
+    assert!(
+        listed
+            .iter()
+            .any(|g| g["user"]["uuid"] == user.uuid.as_str() && g["permission"] == "admin")
+    );
+    let s = h.stats();
+    assert!(
+        s.by_class["members"] >= 4 && s.by_class["project-permissions"] >= 5,
+        "{s:?}"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_gets_4xx_never_5xx() {
+    let (h, api) = start(SimConfig::default()).await;
+    let b = basic(h.credentials());
+    let slug = h.organisation().workspaces[0].slug.clone();
+    let key = h.organisation().workspaces[0].projects[0].key.clone();
+    for url in [
+        "/2.0/workspaces/%ZZ".to_string(),
+        "/2.0/workspaces/%7B".to_string(),
+        "/2.0/workspaces/%FF%FE/members".to_string(),
+        format!("/2.0/repositories/{slug}?pagelen=99999999999999999999999"),
+        format!("/2.0/repositories/{slug}?page=18446744073709551615"),
+        format!("/2.0/repositories/{slug}?page=-1"),
+        format!("/2.0/repositories/{slug}?q=%22"),
+        format!("/2.0/repositories/{slug}?q=a%20IN%20(%22x%22"),
+        format!("/2.0/repositories/{slug}?q=a%3E%22b%22"),
+        "/2.0/user/workspaces?administrator=maybe".to_string(),
+        format!("/2.0/workspaces/{slug}/projects/{key}/permissions-config/users?q=x%3D%22y%22"),
+        format!("/1.0/groups/{slug}/nope/members"),
+    ] {
+        let r = api.get(&url, &b).await;
+        let head: String = r.text.chars().take(300).collect();
+        assert!(r.status.is_client_error(), "{url}: {} {head}", r.status);
+    }
+    // A degenerate fields= spec is a no-op, not an error.
+    let r = api
+        .get(&format!("/2.0/repositories/{slug}?fields=,,,..,%2B,-"), &b)
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(r.json()["values"][0]["uuid"].is_string());
+    let put_url = format!(
+        "/2.0/workspaces/{slug}/projects/{key}/permissions-config/groups/{}",
+        h.organisation().workspaces[0].groups[0].slug
+    );
+    for body in [
+        "",
+        "null",
+        "[]",
+        "\"admin\"",
+        "{\"permission\": null}",
+        "{\"permission\": \"admin\"",
+        "\u{0}",
+    ] {
+        let r = api
+            .client
+            .put(format!("{}{put_url}", api.base))
+            .basic_auth(&h.credentials().email, Some(&h.credentials().api_token))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "body {body:?}");
+    }
+    // Wrong methods are 405, not crashes.
+    let r = api
+        .call(Method::POST, "/2.0/user", &b, Some(json!({})))
+        .await;
+    assert_eq!(r.status, 405);
+    let r = api
+        .call(
+            Method::DELETE,
+            &format!("/2.0/workspaces/{slug}/projects/{key}/permissions-config/users"),
+            &b,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 405);
+    assert_eq!(h.stats().by_status.keys().filter(|s| **s >= 500).count(), 0);
+    h.shutdown().await;
 }

@@ -154,7 +154,16 @@ impl Simulator {
         let creds = SimCredentials::generate(config.seed, &admin.email, &admin.uuid);
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let local = listener.local_addr()?;
-        let base_url = format!("http://{local}");
+        // A wildcard bind is reached through loopback by local clients;
+        // `next` links follow the request's Host header anyway.
+        let mut reachable = local;
+        if reachable.ip().is_unspecified() {
+            reachable.set_ip(match local {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let base_url = format!("http://{reachable}");
         let auth = auth::Auth::new(creds, config.oauth_token_ttl);
         let app = Arc::new(server::App::new(&config, base_url.clone(), org, auth));
         let router = axum::Router::new()

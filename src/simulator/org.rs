@@ -346,6 +346,7 @@ impl Organisation {
                 member_idx[other].push(u);
             }
         }
+        let mut grantable: Vec<Vec<usize>> = Vec::with_capacity(n_ws);
         for (w, ws) in workspaces.iter_mut().enumerate() {
             let mut idx = member_idx[w].clone();
             idx.sort_unstable();
@@ -360,6 +361,15 @@ impl Organisation {
                     owner,
                 });
             }
+            // Owners never hold explicit grants (they cannot be given any).
+            grantable.push(
+                ws.members
+                    .iter()
+                    .zip(&member_idx[w])
+                    .filter(|(m, _)| !m.owner)
+                    .map(|(_, &u)| u)
+                    .collect(),
+            );
         }
 
         // Groups.
@@ -400,7 +410,7 @@ impl Organisation {
             let (user_permissions, group_permissions) = grants(
                 &mut rng,
                 PROJECT_PERMS,
-                &member_idx[w],
+                &grantable[w],
                 &former,
                 &users,
                 &workspaces[w].groups,
@@ -448,7 +458,7 @@ impl Organisation {
             let (user_permissions, group_permissions) = grants(
                 &mut rng,
                 REPO_PERMS,
-                &member_idx[w],
+                &grantable[w],
                 &former,
                 &users,
                 &workspaces[w].groups,
@@ -495,8 +505,7 @@ fn grants(
         return (user_perms, group_perms);
     }
     let mut seen = HashSet::new();
-    // Skip the admin (index 0): workspace owners are never listed explicitly.
-    let pool: Vec<usize> = members.iter().copied().filter(|&u| u != 0).collect();
+    let pool = members;
     for _ in 0..rng.random_range(0..=3) {
         if pool.is_empty() {
             break;

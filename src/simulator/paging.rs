@@ -323,9 +323,14 @@ impl Bbql {
         Ok(Bbql { any_of })
     }
 
-    /// The first path segment of every clause (to reject unknown fields).
-    pub fn fields(&self) -> impl Iterator<Item = String> + '_ {
-        self.any_of.iter().flatten().map(|c| c.path.join("."))
+    /// Every clause as `(field path, number of values)`, to reject fields an
+    /// endpoint cannot filter on and over-long `IN` lists.
+    pub fn clauses(&self) -> Vec<(String, usize)> {
+        self.any_of
+            .iter()
+            .flatten()
+            .map(|c| (c.path.join("."), c.values.len()))
+            .collect()
     }
 
     pub fn matches(&self, item: &Value) -> bool {

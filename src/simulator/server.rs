@@ -444,6 +444,8 @@ impl Route {
 
 /// Per-request context.
 struct Ctx<'a> {
+    /// `http://host:port` as the client addressed us (for `next` links).
+    origin: String,
     method: Method,
     path: String,
     query: Query,
@@ -544,7 +546,19 @@ pub async fn handle(State(app): State<Arc<App>>, req: Request) -> Response {
                         );
                         r
                     } else {
+                        let origin = parts
+                            .headers
+                            .get(header::HOST)
+                            .and_then(|h| h.to_str().ok())
+                            .filter(|h| {
+                                !h.is_empty()
+                                    && h.chars()
+                                        .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
+                            })
+                            .map(|h| format!("http://{h}"))
+                            .unwrap_or_else(|| app.base_url.clone());
                         let ctx = Ctx {
+                            origin,
                             method: parts.method.clone(),
                             path: raw_path.clone(),
                             query,
@@ -897,7 +911,7 @@ impl App {
     }
 
     fn self_url(&self, ctx: &Ctx) -> String {
-        format!("{}{}", self.base_url, ctx.path)
+        format!("{}{}", ctx.origin, ctx.path)
     }
 
     /// Paginates `n` items rendered on demand; with `q=`, renders all, then
@@ -936,6 +950,33 @@ impl App {
             }
         }
     }
+}
+
+/// Member listings filter only on these fields; `user.email IN (…)` takes at
+/// most 90 addresses (API-CONTRACT 3a).
+fn check_member_query(ctx: &Ctx, extra: &[&str]) -> Result<(), ApiError> {
+    let Some(q) = param(&ctx.query, "q").filter(|q| !q.trim().is_empty()) else {
+        return Ok(());
+    };
+    let allowed = [
+        "user.email",
+        "user.uuid",
+        "user.account_id",
+        "user.nickname",
+    ];
+    for (field, n) in Bbql::parse(q)?.clauses() {
+        if !allowed.contains(&field.as_str()) && !extra.contains(&field.as_str()) {
+            return Err(ApiError::bad_request(&format!(
+                "'{field}' is not a filterable field"
+            )));
+        }
+        if field == "user.email" && n > 90 {
+            return Err(ApiError::bad_request(
+                "Too many email addresses: at most 90 can be queried at once",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn require(ctx: &Ctx, allowed: &[Method]) -> Result<(), ApiError> {
@@ -1081,6 +1122,7 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
             require(ctx, &[Method::GET])?;
             let st = app.read();
             let w = ws_or_404(&st, ws)?;
+            check_member_query(ctx, &[])?;
             let order = &st.ws[w].member_order;
             let v = app.list(
                 ctx,
@@ -1109,6 +1151,7 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
             deny_access_token(ctx)?;
             let st = app.read();
             let w = ws_or_404(&st, ws)?;
+            check_member_query(ctx, &["permission"])?;
             let order = &st.ws[w].member_order;
             let v = app.list(
                 ctx,
@@ -1290,6 +1333,34 @@ fn group_or_404(st: &OrgState, w: usize, g: &str) -> Result<usize, ApiError> {
         .ok_or_else(|| ApiError::not_found(&format!("Group {g} not found")))
 }
 
+/// A read guard for GETs, a write guard for PUT/DELETE.
+enum Guard<'a> {
+    Read(std::sync::RwLockReadGuard<'a, OrgState>),
+    Write(std::sync::RwLockWriteGuard<'a, OrgState>),
+}
+
+impl std::ops::Deref for Guard<'_> {
+    type Target = OrgState;
+    fn deref(&self) -> &OrgState {
+        match self {
+            Guard::Read(g) => g,
+            Guard::Write(g) => g,
+        }
+    }
+}
+
+impl Guard<'_> {
+    fn get_mut(&mut self) -> Result<&mut OrgState, ApiError> {
+        match self {
+            Guard::Write(g) => Ok(g),
+            Guard::Read(_) => Err(ApiError::new(
+                500,
+                "internal error: write under a read lock",
+            )),
+        }
+    }
+}
+
 enum Target<'a> {
     Project(&'a str),
     Repo(&'a str),
@@ -1316,7 +1387,11 @@ fn permissions_config(
         ));
     }
     let is_project = matches!(target, Target::Project(_));
-    let mut st = app.write();
+    let mut st = if writing {
+        Guard::Write(app.write())
+    } else {
+        Guard::Read(app.read())
+    };
     let w = ws_or_404(&st, ws)?;
     let (t, base) = match target {
         Target::Project(key) => {
@@ -1452,7 +1527,7 @@ fn permissions_config(
                 Some(false) => {}
             }
         }
-        let list = perms_mut(&mut st, w, t, is_project, kind);
+        let list = perms_mut(st.get_mut()?, w, t, is_project, kind);
         let perm = Permission {
             principal: principal.clone(),
             permission,
@@ -1461,14 +1536,14 @@ fn permissions_config(
             Some(p) => p.permission = perm.permission.clone(),
             None => list.push(perm.clone()),
         }
-        st.generation += 1;
+        st.get_mut()?.generation += 1;
         return ok(render(&st, &perm));
     }
 
     // DELETE
-    let list = perms_mut(&mut st, w, t, is_project, kind);
+    let list = perms_mut(st.get_mut()?, w, t, is_project, kind);
     list.retain(|p| p.principal != principal);
-    st.generation += 1;
+    st.get_mut()?.generation += 1;
     Ok((204, Value::Null, Vec::new()))
 }
 
