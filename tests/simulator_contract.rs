@@ -1551,6 +1551,35 @@ async fn paging_errors_fields_and_html_404() {
         "emails need +values.user.email"
     );
     assert!(star["values"][0].get("workspace").is_none());
+    // sort= on one field, `-` for descending.
+    let sorted = api
+        .walk(
+            &format!("/2.0/repositories/{slug}?sort=-slug&pagelen=4"),
+            &b,
+            "/repositories/{workspace}",
+        )
+        .await;
+    let slugs: Vec<&str> = sorted.iter().map(|r| r["slug"].as_str().unwrap()).collect();
+    let mut want = slugs.clone();
+    want.sort_unstable_by(|a, b| b.cmp(a));
+    assert_eq!(slugs, want);
+    // Ordered comparisons on permissions rank them (read < write < admin).
+    let strong = api
+        .walk(
+            &format!(
+                "/2.0/workspaces/{slug}/permissions/repositories?pagelen=50&q={}",
+                enc("permission>\"read\"")
+            ),
+            &b,
+            "/workspaces/{workspace}/permissions/repositories",
+        )
+        .await;
+    assert!(!strong.is_empty());
+    assert!(
+        strong
+            .iter()
+            .all(|p| p["permission"] == "write" || p["permission"] == "admin")
+    );
     let r = api
         .get(
             &format!("/2.0/repositories/{slug}?q={}", enc("project.key=")),
@@ -2021,7 +2050,7 @@ async fn hostile_input_gets_4xx_never_5xx() {
         format!("/2.0/repositories/{slug}?page=-1"),
         format!("/2.0/repositories/{slug}?q=%22"),
         format!("/2.0/repositories/{slug}?q=a%20IN%20(%22x%22"),
-        format!("/2.0/repositories/{slug}?q=a%3E%22b%22"),
+        format!("/2.0/repositories/{slug}?q=a%3E%3C%22b%22"),
         "/2.0/user/workspaces?administrator=maybe".to_string(),
         format!("/2.0/workspaces/{slug}/projects/{key}/permissions-config/users?q=x%3D%22y%22"),
         format!("/1.0/groups/{slug}/nope/members"),

@@ -14,7 +14,9 @@
 //!   `q=slug="…"`, `sort`), `/2.0/user/workspaces/{ws}/permission`.
 //! - `/2.0/workspaces` answers **410** with the CHANGE-2770 body.
 //! - `/2.0/workspaces/{ws}`, `/members[/{member}]` (emails only with
-//!   `fields=+values.user.email`), `/permissions` (`owner`|`member`),
+//!   `fields=+values.user.email`; `q` on `user.email` (at most 90 in an
+//!   `IN`), `user.uuid`, `user.account_id`, `user.nickname`, anything else is
+//!   400), `/permissions` (`owner`|`member`, also `q=permission="owner"`),
 //!   `/permissions/repositories[/{repo}]` (effective permissions, below),
 //!   `/projects[/{key}]`.
 //! - `/2.0/repositories/{ws}` (`q=project.key="K"`), `/2.0/repositories/{ws}/{repo}`.
@@ -31,7 +33,8 @@
 //! - Pagination (`pagelen` default 10, max [`SimConfig::max_pagelen`], `page`,
 //!   absolute `next`/`previous` that keep the other query parameters),
 //!   `fields=` partial responses (`a.b,c`, `*`, `+path`, `-path`), a BBQL
-//!   subset for `q=` (`=`, `!=`, `~`, `!~`, `IN`, `NOT IN`, `AND`, `OR`), and the
+//!   subset for `q=` (`=`, `!=`, `~`, `!~`, `>`, `>=`, `<`, `<=`, `IN`, `NOT IN`,
+//!   `AND`, `OR`), `sort=` (one field, `-` for descending), and the
 //!   2.0 error envelope.
 //! - Auth: Basic `email:api_token` (the admin, full rights); Bearer access
 //!   token (a pseudo-user: 403 on permissions-config, `/workspaces/{ws}/permissions*`
@@ -59,9 +62,10 @@
 //!   return it only on `/2.0/user`).
 //! - The access token may read every workspace (a real workspace access token
 //!   is bound to one) and is never an administrator in `/user/workspaces`.
-//! - `q=` supports only the operators listed; `permission>"read"` and other
-//!   ordered comparisons answer 400. `sort` is honoured only on
-//!   `/user/workspaces`; other listings keep generation order.
+//! - `q=` supports the operators listed plus `>`, `>=`, `<`, `<=` (which
+//!   rank permission names, then compare numbers, then strings); no
+//!   parentheses. `sort=` works on any field of any listing (Bitbucket limits
+//!   it per endpoint); `/user/workspaces` accepts only `slug`.
 //! - A page past the end answers 404 `Invalid page`.
 //! - GET of a single permissions-config entry without an explicit grant
 //!   answers 404. User PUTs for non-members and workspace owners answer 400

@@ -632,7 +632,7 @@ mod tests {
         let t = std::time::Instant::now();
         let org = Organisation::generate(&c);
         assert!(
-            t.elapsed() < std::time::Duration::from_secs(5),
+            t.elapsed() < std::time::Duration::from_secs(2),
             "{:?}",
             t.elapsed()
         );

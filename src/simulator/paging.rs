@@ -288,7 +288,8 @@ impl Bbql {
                 }
                 i += 1;
             }
-            if !["=", "!=", "~", "!~", "IN", "NOT IN"].contains(&op.as_str()) {
+            if !["=", "!=", "~", "!~", ">", ">=", "<", "<=", "IN", "NOT IN"].contains(&op.as_str())
+            {
                 return Err(ApiError::bad_request(&format!(
                     "Operator {op} is not supported by the simulator"
                 )));
@@ -366,10 +367,40 @@ fn clause_matches(c: &Clause, item: &Value) -> bool {
         "!=" => actual != v0,
         "~" => actual.to_lowercase().contains(&v0.to_lowercase()),
         "!~" => !actual.to_lowercase().contains(&v0.to_lowercase()),
+        ">" | ">=" | "<" | "<=" => {
+            let o = ordered(&actual, v0);
+            match c.op.as_str() {
+                ">" => o.is_gt(),
+                ">=" => o.is_ge(),
+                "<" => o.is_lt(),
+                _ => o.is_le(),
+            }
+        }
         "IN" => c.values.contains(&actual),
         "NOT IN" => !c.values.contains(&actual),
         _ => false,
     }
+}
+
+/// Ordered comparison: permission names by rank (`none < read < write <
+/// create-repo < admin`, `member < owner`), numbers numerically, otherwise
+/// strings (ISO timestamps order correctly as strings).
+fn ordered(a: &str, b: &str) -> std::cmp::Ordering {
+    let perm = |s: &str| match s {
+        "none" => Some(0),
+        "read" | "member" => Some(1),
+        "write" | "create-project" => Some(2),
+        "create-repo" => Some(3),
+        "admin" | "owner" => Some(4),
+        _ => None,
+    };
+    if let (Some(x), Some(y)) = (perm(a), perm(b)) {
+        return x.cmp(&y);
+    }
+    if let (Ok(x), Ok(y)) = (a.parse::<f64>(), b.parse::<f64>()) {
+        return x.total_cmp(&y);
+    }
+    a.cmp(b)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -544,13 +575,22 @@ mod tests {
                 .unwrap()
                 .matches(&item)
         );
+        let perm = json!({"permission": "write", "size": 5});
+        assert!(Bbql::parse(r#"permission>"read""#).unwrap().matches(&perm));
+        assert!(!Bbql::parse(r#"permission>"write""#).unwrap().matches(&perm));
+        assert!(
+            Bbql::parse(r#"permission>="write""#)
+                .unwrap()
+                .matches(&perm)
+        );
+        assert!(Bbql::parse("size < 10").unwrap().matches(&perm));
         for bad in [
             "",
             "slug",
             "slug=",
             r#"slug="x" AND"#,
             r#"slug="x"#,
-            "a > \"b\"",
+            "a >< \"b\"",
         ] {
             assert_eq!(Bbql::parse(bad).unwrap_err().status, 400, "{bad}");
         }

@@ -924,30 +924,69 @@ impl App {
         filter_view: Option<&dyn Fn(&Value) -> Value>,
     ) -> Result<Value, ApiError> {
         let url = self.self_url(ctx);
-        match param(&ctx.query, "q").filter(|q| !q.trim().is_empty()) {
-            Some(q) => {
-                let bbql = Bbql::parse(q)?;
-                let items: Vec<Value> = (0..n)
-                    .map(&render)
-                    .filter(|v| match filter_view {
-                        Some(f) => bbql.matches(&f(v)),
-                        None => bbql.matches(v),
-                    })
-                    .collect();
-                paginate(items, &ctx.query, &url, self.max_pagelen)
+        let q = param(&ctx.query, "q").filter(|q| !q.trim().is_empty());
+        let sort = param(&ctx.query, "sort").filter(|s| !s.trim().is_empty());
+        if q.is_some() || sort.is_some() {
+            let bbql = q.map(Bbql::parse).transpose()?;
+            let view = |v: &Value| match filter_view {
+                Some(f) => f(v),
+                None => v.clone(),
+            };
+            let mut items: Vec<(Value, Value)> = (0..n)
+                .map(&render)
+                .map(|v| (view(&v), v))
+                .filter(|(view, _)| bbql.as_ref().is_none_or(|b| b.matches(view)))
+                .collect();
+            if let Some(sort) = sort {
+                let (desc, field) = match sort.trim().strip_prefix('-') {
+                    Some(f) => (true, f),
+                    None => (false, sort.trim()),
+                };
+                items.sort_by(|a, b| {
+                    let o = compare_at(&a.0, &b.0, field);
+                    if desc { o.reverse() } else { o }
+                });
             }
-            None => {
-                // Validate paging on the count, then render only one page.
-                let placeholders: Vec<Value> = (0..n).map(|i| json!(i)).collect();
-                let mut page = paginate(placeholders, &ctx.query, &url, self.max_pagelen)?;
-                if let Some(values) = page.get_mut("values").and_then(Value::as_array_mut) {
-                    for v in values.iter_mut() {
-                        let i = v.as_u64().unwrap_or(0) as usize;
-                        *v = render(i);
-                    }
-                }
-                Ok(page)
+            let items = items.into_iter().map(|(_, v)| v).collect();
+            return paginate(items, &ctx.query, &url, self.max_pagelen);
+        }
+        // Validate paging on the count, then render only one page.
+        let placeholders: Vec<Value> = (0..n).map(|i| json!(i)).collect();
+        let mut page = paginate(placeholders, &ctx.query, &url, self.max_pagelen)?;
+        if let Some(values) = page.get_mut("values").and_then(Value::as_array_mut) {
+            for v in values.iter_mut() {
+                let i = v.as_u64().unwrap_or(0) as usize;
+                *v = render(i);
             }
+        }
+        Ok(page)
+    }
+}
+
+/// Orders two values by the dotted `field` (numbers numerically, strings
+/// lexically; absent values first).
+fn compare_at(a: &Value, b: &Value, field: &str) -> std::cmp::Ordering {
+    let get = |v: &Value| {
+        field
+            .split('.')
+            .try_fold(v, |cur, seg| cur.get(seg))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    match (get(a), get(b)) {
+        (Value::Number(x), Value::Number(y)) => x
+            .as_f64()
+            .unwrap_or(0.0)
+            .total_cmp(&y.as_f64().unwrap_or(0.0)),
+        (Value::Null, Value::Null) => std::cmp::Ordering::Equal,
+        (Value::Null, _) => std::cmp::Ordering::Less,
+        (_, Value::Null) => std::cmp::Ordering::Greater,
+        (x, y) => {
+            let s = |v: Value| match v {
+                Value::String(s) => s,
+                other => other.to_string(),
+            };
+            s(x).cmp(&s(y))
         }
     }
 }
@@ -1050,17 +1089,16 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
                 }
             };
             let mut order: Vec<usize> = (0..st.org.workspaces.len()).collect();
+            // Only `slug` can be sorted on (API-CONTRACT 3a); `list` sorts.
             match param(&ctx.query, "sort") {
-                None | Some("slug") => order
-                    .sort_by(|a, b| st.org.workspaces[*a].slug.cmp(&st.org.workspaces[*b].slug)),
-                Some("-slug") => order
-                    .sort_by(|a, b| st.org.workspaces[*b].slug.cmp(&st.org.workspaces[*a].slug)),
+                None | Some("slug") | Some("-slug") => {}
                 Some(other) => {
                     return Err(ApiError::bad_request(&format!(
                         "Invalid sort field: {other}"
                     )));
                 }
             }
+            order.sort_by(|a, b| st.org.workspaces[*a].slug.cmp(&st.org.workspaces[*b].slug));
             if let Some(f) = filter {
                 order.retain(|_| admin_flag == f);
             }
