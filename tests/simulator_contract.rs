@@ -291,6 +291,24 @@ fn coverage() -> &'static Mutex<Coverage> {
     COVERAGE.get_or_init(|| Mutex::new(Coverage::default()))
 }
 
+/// Validates an error body against the official `error` component (with
+/// the `fields` patch).
+fn check_error(body: &Value) {
+    static ERROR: OnceLock<jsonschema::Validator> = OnceLock::new();
+    let v = ERROR.get_or_init(|| {
+        let mut root = json!({"$ref": "#/components/schemas/error"});
+        root["components"] = json!({"schemas": spec().components.clone()});
+        jsonschema::validator_for(&root).expect("compile the error schema")
+    });
+    let errors: Vec<String> = v.iter_errors(body).map(|e| e.to_string()).collect();
+    assert!(
+        errors.is_empty(),
+        "error body {body} does not match the schema: {errors:?}"
+    );
+    assert_eq!(body["type"], "error");
+    assert!(body["error"]["message"].is_string());
+}
+
 /// Validates `body` against the official schema and the allow-list.
 fn check(path: &str, method: &str, status: u16, body: &Value) {
     let v = validator(path, method, status);
@@ -965,6 +983,7 @@ async fn every_served_2_0_endpoint_matches_the_official_schema() {
     // The retired /2.0/workspaces.
     let retired = api.get("/2.0/workspaces", &b).await;
     assert_eq!(retired.status, 410);
+    check_error(&retired.json());
     assert_eq!(
         retired.json(),
         json!({"type": "error", "error": {
@@ -1261,6 +1280,19 @@ async fn groups_1_0_bare_array_and_member_writes() {
         )
         .await;
     assert_eq!(r.status, 404);
+    // The repeatable ?group= filter.
+    let filtered = api
+        .get(
+            &format!(
+                "/1.0/groups?group={slug}/{}&group={slug}/nope&group=other/x",
+                group.slug
+            ),
+            &b,
+        )
+        .await
+        .json();
+    assert_eq!(filtered.as_array().map(Vec::len), Some(1), "{filtered}");
+    assert_eq!(filtered[0]["slug"], group.slug.as_str());
     // The 1.0 API needs the slug.
     assert_eq!(
         api.get(&format!("/1.0/groups/{}", enc(&ws.uuid)), &b)
@@ -1324,8 +1356,7 @@ async fn credential_rules_401_and_403() {
     ] {
         let r = api.get("/2.0/user", &cred).await;
         assert_eq!(r.status, 401);
-        assert_eq!(r.json()["type"], "error");
-        assert!(r.json()["error"]["message"].is_string());
+        check_error(&r.json());
     }
     let plain = api
         .get(
@@ -1622,6 +1653,7 @@ async fn rate_limit_answers_429_with_retry_after() {
     }
     let r = api.get("/2.0/user", &b).await;
     assert_eq!(r.status, 429);
+    check_error(&r.json());
     assert_eq!(
         r.json(),
         json!({"type": "error", "error": {"message": "Rate limit for this resource has been exceeded."}})
@@ -1663,7 +1695,7 @@ async fn injected_faults_and_runtime_fail_rate() {
         let r = api.get("/2.0/user", &b).await;
         assert!(r.status.is_server_error(), "{}", r.status);
         assert!([500, 502, 503].contains(&r.status.as_u16()));
-        assert_eq!(r.json()["type"], "error");
+        check_error(&r.json());
     }
     assert_eq!(h.stats().injected_faults, 10);
     h.set_fail_rate(0.0);

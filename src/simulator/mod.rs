@@ -24,7 +24,8 @@
 //!   `/2.0/workspaces/{ws}/projects/{key}/permissions-config/{users|groups}[/{id}]`
 //!   (also under `/1.0/workspaces/…`, as baton-bitbucket calls it) and
 //!   `/2.0/repositories/{ws}/{repo}/permissions-config/{users|groups}[/{id}]`.
-//! - 1.0 groups: `GET /1.0/groups/{ws}` (bare array), `GET
+//! - 1.0 groups: `GET /1.0/groups/{ws}` (bare array), `GET /1.0/groups?group={ws}/{slug}`
+//!   (repeatable; unknown entries skipped), `GET
 //!   /1.0/groups/{ws}/{group}/members`, `PUT|DELETE
 //!   /1.0/groups/{ws}/{group}/members/{user}` (409 when already a member).
 //! - `POST /site/oauth2/access_token` (client credentials and refresh token).
@@ -77,6 +78,17 @@
 //!   requests and the token endpoint are not rate limited.
 //! - Where the contract (`API-CONTRACT.md`) and the OpenAPI schema disagree
 //!   the contract wins; the contract test names every such difference.
+//!
+//! # Ground truth and credentials
+//!
+//! [`Organisation::generate`] is deterministic for the seed and sizes, and so
+//! are the credentials ([`SimCredentials`]); only OAuth access tokens are
+//! random. The admin (`users[0]`, the API-token user) owns every workspace;
+//! a few other members are owners; ~5% of accounts are inactive; ~2% of users
+//! belong to no workspace but keep explicit grants (former members); ~4% of
+//! explicit grants are `none`; ~15% of repositories have no explicit grants.
+//! [`SimulatorHandle::organisation`] returns the current state, writes
+//! included, so tests can compare a sync against it.
 //!
 //! # Running it
 //!

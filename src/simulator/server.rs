@@ -348,6 +348,8 @@ enum Route {
     Repo(String, String),
     RepoPerms(String, String, Kind, Option<String>),
     Groups10(String),
+    /// `GET /1.0/groups?group={ws}/{slug}` (repeatable).
+    Groups10Filter,
     Group10Members(String, String),
     Group10Member(String, String, String),
 }
@@ -372,9 +374,10 @@ impl Route {
             Route::ProjectPerms(..) => "project-permissions",
             Route::Repos(_) | Route::Repo(..) => "repositories",
             Route::RepoPerms(..) => "repository-permissions",
-            Route::Groups10(_) | Route::Group10Members(..) | Route::Group10Member(..) => {
-                "groups-1.0"
-            }
+            Route::Groups10(_)
+            | Route::Groups10Filter
+            | Route::Group10Members(..)
+            | Route::Group10Member(..) => "groups-1.0",
         }
     }
 
@@ -434,6 +437,7 @@ impl Route {
             ["2.0", "repositories", ws, r, "permissions-config", kd, id] => {
                 Route::RepoPerms(o(ws), o(r), kind(kd)?, Some(o(id)))
             }
+            ["1.0", "groups"] => Route::Groups10Filter,
             ["1.0", "groups", ws] => Route::Groups10(o(ws)),
             ["1.0", "groups", ws, g, "members"] => Route::Group10Members(o(ws), o(g)),
             ["1.0", "groups", ws, g, "members", m] => Route::Group10Member(o(ws), o(g), o(m)),
@@ -1265,6 +1269,31 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
         }
         Route::RepoPerms(ws, slug, kind, id) => {
             permissions_config(app, ctx, ws, Target::Repo(slug), *kind, id.as_deref())
+        }
+        Route::Groups10Filter => {
+            require(ctx, &[Method::GET])?;
+            deny_access_token(ctx)?;
+            let st = app.read();
+            let mut out = Vec::new();
+            for (k, v) in &ctx.query {
+                if k != "group" {
+                    continue;
+                }
+                let Some((ws, g)) = v.split_once('/') else {
+                    return Err(ApiError::bad_request(
+                        "group must be {workspace}/{group_slug}",
+                    ));
+                };
+                // Unknown workspaces or groups are skipped, like Bitbucket.
+                let found = st
+                    .workspace(ws)
+                    .filter(|_| !ws.starts_with('{'))
+                    .and_then(|w| st.ws[w].groups.get(g).map(|&gi| (w, gi)));
+                if let Some((w, gi)) = found {
+                    out.push(app.group10_json(&st, w, gi));
+                }
+            }
+            ok(Value::Array(out))
         }
         Route::Groups10(ws) => {
             require(ctx, &[Method::GET])?;
