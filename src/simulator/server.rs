@@ -1670,6 +1670,83 @@ mod tests {
     use super::*;
 
     #[test]
+    fn effective_permission_rule() {
+        use super::super::org::{Group, Member, Project, Repository, User, Workspace};
+        let user = |n: usize| User {
+            uuid: format!("{{u{n}}}"),
+            account_id: format!("557058:u{n}"),
+            nickname: format!("u{n}"),
+            display_name: format!("U {n}"),
+            email: format!("u{n}@x"),
+            active: true,
+        };
+        let grant = |p: &str, perm: &str| Permission {
+            principal: p.to_string(),
+            permission: perm.to_string(),
+        };
+        let org = Organisation {
+            users: (0..6).map(user).collect(),
+            workspaces: vec![Workspace {
+                uuid: "{w}".into(),
+                slug: "w".into(),
+                name: "W".into(),
+                is_private: true,
+                members: (0..5)
+                    .map(|n| Member {
+                        user_uuid: format!("{{u{n}}}"),
+                        owner: n == 0,
+                    })
+                    .collect(),
+                groups: vec![Group {
+                    slug: "devs".into(),
+                    name: "Devs".into(),
+                    permission: None,
+                    members: vec!["{u1}".into(), "{u2}".into()],
+                }],
+                projects: vec![Project {
+                    uuid: "{p}".into(),
+                    key: "P".into(),
+                    name: "P".into(),
+                    // create-repo counts as write on repositories.
+                    user_permissions: vec![grant("{u3}", "create-repo"), grant("{u4}", "none")],
+                    group_permissions: vec![grant("devs", "read")],
+                }],
+                repositories: vec![Repository {
+                    uuid: "{r}".into(),
+                    slug: "r".into(),
+                    name: "r".into(),
+                    project_key: "P".into(),
+                    is_private: true,
+                    // `none` on the repository does not cancel the group grant;
+                    // u5 is not a workspace member but keeps the grant.
+                    user_permissions: vec![
+                        grant("{u1}", "none"),
+                        grant("{u2}", "admin"),
+                        grant("{u5}", "read"),
+                    ],
+                    group_permissions: vec![grant("devs", "write")],
+                }],
+            }],
+        };
+        let st = OrgState::new(org);
+        let got: Vec<(usize, usize, &str)> = st
+            .effective(0)
+            .into_iter()
+            .map(|(r, u, rk)| (r, u, rank_name(rk)))
+            .collect();
+        // u0 (owner, no grants) and u4 (`none` only) are absent.
+        assert_eq!(
+            got,
+            vec![
+                (0, 1, "write"),
+                (0, 2, "admin"),
+                (0, 3, "write"),
+                (0, 5, "read")
+            ]
+        );
+    }
+
+    #[test]
     fn timestamps_are_iso8601() {
         let t = timestamp("{abc}", 0);
         assert_eq!(t.len(), "2020-01-01T00:00:00.000000+00:00".len(), "{t}");
