@@ -63,10 +63,10 @@
 //!   return it only on `/2.0/user`).
 //! - The access token may read every workspace (a real workspace access token
 //!   is bound to one) and is never an administrator in `/user/workspaces`.
-//! - `q=` supports the operators listed plus `>`, `>=`, `<`, `<=` (which
-//!   rank permission names, then compare numbers, then strings); no
-//!   parentheses. `sort=` works on any field of any listing (Bitbucket limits
-//!   it per endpoint); `/user/workspaces` accepts only `slug`.
+//! - `q=` has no parentheses; ordered comparisons rank permission names
+//!   (`read < write < create-repo < admin`, `member < owner`), then compare
+//!   numbers, then strings. `sort=` works on any field of any listing
+//!   (Bitbucket limits it per endpoint); `/user/workspaces` accepts only `slug`.
 //! - A page past the end answers 404 `Invalid page`.
 //! - GET of a single permissions-config entry without an explicit grant
 //!   answers 404. User PUTs for non-members and workspace owners answer 400
@@ -76,6 +76,11 @@
 //! - Rate limiting counts every authenticated request against one budget per
 //!   credential; no scaled limits or `X-RateLimit-*` headers. Unauthenticated
 //!   requests and the token endpoint are not rate limited.
+//! - Faults are decided before authentication, so any request (the token
+//!   endpoint included) can fail; a faulted request is not counted by the
+//!   rate limiter. `next`/`previous` links use the request's `Host` header.
+//! - `added_on`/`last_accessed` on `/workspaces/{ws}/permissions` are
+//!   synthesised from the user's UUID.
 //! - Where the contract (`API-CONTRACT.md`) and the OpenAPI schema disagree
 //!   the contract wins; the contract test names every such difference.
 //!
