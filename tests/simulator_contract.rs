@@ -1476,6 +1476,24 @@ async fn credential_rules_401_and_403() {
         "a new token works after revocation"
     );
 
+    // The refresh-token grant issues a working token.
+    let issued = oauth_token(&api, &c).await.json();
+    let refreshed = api
+        .client
+        .post(format!("{}/site/oauth2/access_token", api.base))
+        .basic_auth(&c.consumer_key, Some(&c.consumer_secret))
+        .form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", issued["refresh_token"].as_str().unwrap()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refreshed.status(), 200);
+    let refreshed: Value = refreshed.json().await.unwrap();
+    let rt = Cred::Bearer(refreshed["access_token"].as_str().unwrap().to_string());
+    assert_eq!(api.get("/2.0/user", &rt).await.status, 200);
+
     // Token endpoint errors.
     let bad_client = api
         .client
@@ -1680,6 +1698,32 @@ async fn rate_limit_answers_429_with_retry_after() {
     assert_eq!(s.total, 5);
     h.reset_stats();
     assert_eq!(h.stats().total, 0);
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_window_rolls() {
+    let (h, api) = start(SimConfig {
+        rate_limit: Some("2/400ms".parse::<RateLimit>().unwrap()),
+        ..SimConfig::default()
+    })
+    .await;
+    let b = basic(h.credentials());
+    assert_eq!(api.get("/2.0/user", &b).await.status, 200);
+    assert_eq!(api.get("/2.0/user", &b).await.status, 200);
+    let r = api.get("/2.0/user", &b).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(
+        r.headers.get("retry-after").unwrap(),
+        "1",
+        "rounded up to at least 1"
+    );
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(
+        api.get("/2.0/user", &b).await.status,
+        200,
+        "the window rolled on"
+    );
     h.shutdown().await;
 }
 
