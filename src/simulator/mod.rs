@@ -106,12 +106,12 @@
 //! "127.0.0.1:0".parse()?)`, then use [`SimulatorHandle::base_url`] and
 //! [`SimulatorHandle::credentials`].
 
-pub mod auth;
+mod auth;
 pub mod cli;
-pub mod limits;
-pub mod org;
-pub mod paging;
-pub mod server;
+mod limits;
+mod org;
+mod paging;
+mod server;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
