@@ -142,12 +142,7 @@ pub fn project_id(workspace_uuid: &str, project_uuid: &str, project_key: &str) -
 }
 
 /// `{workspaceUUID}:{projectUUID}:{projectKey}:{repoUUID}`
-pub fn repository_id(
-    workspace_uuid: &str,
-    project_uuid: &str,
-    project_key: &str,
-    repo_uuid: &str,
-) -> String {
+pub fn repository_id(workspace_uuid: &str, project_uuid: &str, project_key: &str, repo_uuid: &str) -> String {
     format!("{workspace_uuid}:{project_uuid}:{project_key}:{repo_uuid}")
 }
 
@@ -158,10 +153,7 @@ pub fn entitlement_id(resource_type: ResourceType, resource_id: &str, slug: &str
 
 /// `{entitlementId}:{principalType}:{principalId}`
 pub fn grant_id(entitlement_id: &str, principal_type: ResourceType, principal_id: &str) -> String {
-    format!(
-        "{entitlement_id}:{}:{principal_id}",
-        principal_type.as_str()
-    )
+    format!("{entitlement_id}:{}:{principal_id}", principal_type.as_str())
 }
 
 /// A thing access can be held on, or a principal (users).
@@ -189,12 +181,7 @@ pub struct Entitlement {
 }
 
 impl Entitlement {
-    pub fn new(
-        resource_type: ResourceType,
-        resource_id: &str,
-        slug: &str,
-        display_name: String,
-    ) -> Self {
+    pub fn new(resource_type: ResourceType, resource_id: &str, slug: &str, display_name: String) -> Self {
         Entitlement {
             id: entitlement_id(resource_type, resource_id, slug),
             resource_type,
@@ -218,11 +205,7 @@ pub struct Grant {
 }
 
 impl Grant {
-    pub fn new(
-        entitlement: &Entitlement,
-        principal_type: ResourceType,
-        principal_id: &str,
-    ) -> Self {
+    pub fn new(entitlement: &Entitlement, principal_type: ResourceType, principal_id: &str) -> Self {
         Grant {
             id: grant_id(&entitlement.id, principal_type, principal_id),
             entitlement_id: entitlement.id.clone(),

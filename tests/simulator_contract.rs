@@ -20,9 +20,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use bitbucket_operator::simulator::{
-    Organisation, RateLimit, SimConfig, SimCredentials, Simulator, SimulatorHandle,
-};
+use bitbucket_operator::simulator::{Organisation, RateLimit, SimConfig, SimCredentials, Simulator, SimulatorHandle};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -132,10 +130,7 @@ fn convert_nullable(v: &mut Value) {
 /// The response schema for `path` (an OpenAPI template), method and status.
 fn response_schema(path: &str, method: &str, status: u16) -> Value {
     let op = &spec().doc["paths"][path][method];
-    assert!(
-        op.is_object(),
-        "no operation {method} {path} in the OpenAPI doc"
-    );
+    assert!(op.is_object(), "no operation {method} {path} in the OpenAPI doc");
     let resp = &op["responses"][status.to_string()];
     let schema = &resp["content"]["application/json"]["schema"];
     assert!(
@@ -157,9 +152,7 @@ fn validator(path: &str, method: &str, status: u16) -> std::sync::Arc<jsonschema
     // `#/components/schemas/...` reference resolves in place.
     let mut root = json!({"allOf": [response_schema(path, method, status)]});
     root["components"] = json!({"schemas": spec().components.clone()});
-    let v = std::sync::Arc::new(
-        jsonschema::validator_for(&root).unwrap_or_else(|e| panic!("compile {key}: {e}")),
-    );
+    let v = std::sync::Arc::new(jsonschema::validator_for(&root).unwrap_or_else(|e| panic!("compile {key}: {e}")));
     cache.insert(key, v.clone());
     v
 }
@@ -189,12 +182,7 @@ fn extends(name: &str, base: &str) -> bool {
 
 /// Declared properties of a schema, merging `allOf`, with the component name
 /// that declares each; the discriminator (`type`) picks a derived component.
-fn declared(
-    schema: &Value,
-    instance: &Value,
-    out: &mut HashMap<String, Vec<(Value, String)>>,
-    owner: &str,
-) {
+fn declared(schema: &Value, instance: &Value, out: &mut HashMap<String, Vec<(Value, String)>>, owner: &str) {
     let (s, name) = resolve(schema);
     let mut owner = name.unwrap_or_else(|| owner.to_string());
     if let Some(t) = instance.get("type").and_then(Value::as_str)
@@ -209,9 +197,7 @@ fn declared(
     }
     if let Some(props) = s.get("properties").and_then(Value::as_object) {
         for (k, v) in props {
-            out.entry(k.clone())
-                .or_default()
-                .push((v.clone(), owner.clone()));
+            out.entry(k.clone()).or_default().push((v.clone(), owner.clone()));
         }
     }
     for part in ["allOf", "anyOf", "oneOf"] {
@@ -236,11 +222,7 @@ fn undeclared(schemas: &[(Value, String)], instance: &Value, out: &mut BTreeSet<
                     .get("properties")
                     .and_then(Value::as_object)
                     .is_none_or(|p| p.is_empty());
-                if no_props
-                    && r.get("allOf").is_none()
-                    && r.get("anyOf").is_none()
-                    && r.get("$ref").is_none()
-                {
+                if no_props && r.get("allOf").is_none() && r.get("anyOf").is_none() && r.get("$ref").is_none() {
                     // A free-form object (e.g. `data`, `fields`).
                     open_ended = true;
                 }
@@ -329,10 +311,7 @@ fn check(path: &str, method: &str, status: u16, body: &Value) {
         &mut extra,
     );
     let allowed: HashSet<&str> = CONTRACT_DIFFERENCES.iter().map(|(k, _)| *k).collect();
-    let unexpected: Vec<&String> = extra
-        .iter()
-        .filter(|k| !allowed.contains(k.as_str()))
-        .collect();
+    let unexpected: Vec<&String> = extra.iter().filter(|k| !allowed.contains(k.as_str())).collect();
     assert!(
         unexpected.is_empty(),
         "{method} {path} {status}: properties not in the official schema and not on CONTRACT_DIFFERENCES: {unexpected:?}"
@@ -432,11 +411,7 @@ impl Api {
             }
         }
         if let Some(size) = size {
-            assert_eq!(
-                out.len() as u64,
-                size,
-                "walking {url} must yield `size` values"
-            );
+            assert_eq!(out.len() as u64, size, "walking {url} must yield `size` values");
         }
         out
     }
@@ -459,8 +434,7 @@ async fn start(config: SimConfig) -> (SimulatorHandle, Api) {
 }
 
 async fn oauth_token(api: &Api, c: &SimCredentials) -> Resp {
-    let auth = base64::engine::general_purpose::STANDARD
-        .encode(format!("{}:{}", c.consumer_key, c.consumer_secret));
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", c.consumer_key, c.consumer_secret));
     let r = api
         .client
         .post(format!("{}/site/oauth2/access_token", api.base))
@@ -502,9 +476,7 @@ async fn every_served_2_0_endpoint_matches_the_official_schema() {
         .await;
     assert_eq!(u["account_id"], some_user.account_id.as_str());
 
-    let access = api
-        .walk("/2.0/user/workspaces?pagelen=1", &b, "/user/workspaces")
-        .await;
+    let access = api.walk("/2.0/user/workspaces?pagelen=1", &b, "/user/workspaces").await;
     assert_eq!(access.len(), org.workspaces.len());
     assert!(
         access
@@ -513,10 +485,7 @@ async fn every_served_2_0_endpoint_matches_the_official_schema() {
     );
     let filtered = api
         .get_ok(
-            &format!(
-                "/2.0/user/workspaces?q={}",
-                enc(&format!("slug=\"{slug}\""))
-            ),
+            &format!("/2.0/user/workspaces?q={}", enc(&format!("slug=\"{slug}\""))),
             &b,
             "/user/workspaces",
         )
@@ -524,11 +493,7 @@ async fn every_served_2_0_endpoint_matches_the_official_schema() {
     assert_eq!(filtered["values"].as_array().unwrap().len(), 1);
     assert_eq!(filtered["values"][0]["workspace"]["slug"], slug.as_str());
     let none = api
-        .get_ok(
-            "/2.0/user/workspaces?administrator=false",
-            &b,
-            "/user/workspaces",
-        )
+        .get_ok("/2.0/user/workspaces?administrator=false", &b, "/user/workspaces")
         .await;
     assert_eq!(none["values"], json!([]));
     let perm = api
@@ -542,11 +507,7 @@ async fn every_served_2_0_endpoint_matches_the_official_schema() {
 
     // Workspace by slug and by {uuid}.
     let w = api
-        .get_ok(
-            &format!("/2.0/workspaces/{slug}"),
-            &b,
-            "/workspaces/{workspace}",
-        )
+        .get_ok(&format!("/2.0/workspaces/{slug}"), &b, "/workspaces/{workspace}")
         .await;
     assert_eq!(w["uuid"], ws.uuid.as_str());
     let w2 = api
@@ -570,10 +531,7 @@ async fn every_served_2_0_endpoint_matches_the_official_schema() {
         )
         .await;
     assert_eq!(members.len(), ws.members.len());
-    let uuids: HashSet<&str> = members
-        .iter()
-        .map(|m| m["user"]["uuid"].as_str().unwrap())
-        .collect();
+    let uuids: HashSet<&str> = members.iter().map(|m| m["user"]["uuid"].as_str().unwrap()).collect();
     assert_eq!(uuids.len(), members.len(), "no duplicates across pages");
     assert!(
         members
@@ -614,18 +572,10 @@ async fn every_served_2_0_endpoint_matches_the_official_schema() {
         .find(|u| !ws.members.iter().any(|m| m.user_uuid == u.uuid))
         .expect("a non-member");
     let r = api
-        .get(
-            &format!("/2.0/workspaces/{slug}/members/{}", enc(&outsider.uuid)),
-            &b,
-        )
+        .get(&format!("/2.0/workspaces/{slug}/members/{}", enc(&outsider.uuid)), &b)
         .await;
     assert_eq!(r.status, 404);
-    check(
-        "/workspaces/{workspace}/members/{member}",
-        "get",
-        404,
-        &r.json(),
-    );
+    check("/workspaces/{workspace}/members/{member}", "get", 404, &r.json());
 
     // Workspace permissions with q=permission="owner".
     let perms = api
@@ -638,10 +588,7 @@ async fn every_served_2_0_endpoint_matches_the_official_schema() {
     assert_eq!(perms.len(), ws.members.len());
     let owners = api
         .walk(
-            &format!(
-                "/2.0/workspaces/{slug}/permissions?q={}",
-                enc("permission=\"owner\"")
-            ),
+            &format!("/2.0/workspaces/{slug}/permissions?q={}", enc("permission=\"owner\"")),
             &b,
             "/workspaces/{workspace}/permissions",
         )
@@ -659,10 +606,7 @@ async fn every_served_2_0_endpoint_matches_the_official_schema() {
     .await;
     let repo = &ws.repositories[0];
     api.walk(
-        &format!(
-            "/2.0/workspaces/{slug}/permissions/repositories/{}",
-            repo.slug
-        ),
+        &format!("/2.0/workspaces/{slug}/permissions/repositories/{}", repo.slug),
         &b,
         "/workspaces/{workspace}/permissions/repositories/{repo_slug}",
     )
@@ -686,16 +630,9 @@ async fn every_served_2_0_endpoint_matches_the_official_schema() {
         )
         .await;
     assert_eq!(p["uuid"], project.uuid.as_str());
-    let r = api
-        .get(&format!("/2.0/workspaces/{slug}/projects/NOPE"), &b)
-        .await;
+    let r = api.get(&format!("/2.0/workspaces/{slug}/projects/NOPE"), &b).await;
     assert_eq!(r.status, 404);
-    check(
-        "/workspaces/{workspace}/projects/{project_key}",
-        "get",
-        404,
-        &r.json(),
-    );
+    check("/workspaces/{workspace}/projects/{project_key}", "get", 404, &r.json());
 
     let repos = api
         .walk(
@@ -721,11 +658,7 @@ async fn every_served_2_0_endpoint_matches_the_official_schema() {
             "/repositories/{workspace}",
         )
         .await;
-    let expected = ws
-        .repositories
-        .iter()
-        .filter(|r| r.project_key == project.key)
-        .count();
+    let expected = ws.repositories.iter().filter(|r| r.project_key == project.key).count();
     assert_eq!(in_project.len(), expected);
     let one_repo = api
         .get_ok(
@@ -743,39 +676,20 @@ async fn every_served_2_0_endpoint_matches_the_official_schema() {
     .await;
     let r = api.get(&format!("/2.0/repositories/{slug}/nope"), &b).await;
     assert_eq!(r.status, 404);
-    check(
-        "/repositories/{workspace}/{repo_slug}",
-        "get",
-        404,
-        &r.json(),
-    );
+    check("/repositories/{workspace}/{repo_slug}", "get", 404, &r.json());
 
     // Project permissions-config: list, single, PUT, DELETE, errors.
-    let pbase = format!(
-        "/2.0/workspaces/{slug}/projects/{}/permissions-config",
-        project.key
-    );
+    let pbase = format!("/2.0/workspaces/{slug}/projects/{}/permissions-config", project.key);
     let pt = "/workspaces/{workspace}/projects/{project_key}/permissions-config";
     let users = api
-        .walk(
-            &format!("{pbase}/users?pagelen=1"),
-            &b,
-            &format!("{pt}/users"),
-        )
+        .walk(&format!("{pbase}/users?pagelen=1"), &b, &format!("{pt}/users"))
         .await;
     assert_eq!(users.len(), project.user_permissions.len());
-    api.walk(&format!("{pbase}/groups"), &b, &format!("{pt}/groups"))
-        .await;
+    api.walk(&format!("{pbase}/groups"), &b, &format!("{pt}/groups")).await;
     let target = ws
         .members
         .iter()
-        .find(|m| {
-            !m.owner
-                && !project
-                    .user_permissions
-                    .iter()
-                    .any(|p| p.principal == m.user_uuid)
-        })
+        .find(|m| !m.owner && !project.user_permissions.iter().any(|p| p.principal == m.user_uuid))
         .expect("a non-owner member without a grant");
     let target_user = org.user(&target.user_uuid).unwrap();
     let put = api
@@ -787,12 +701,7 @@ async fn every_served_2_0_endpoint_matches_the_official_schema() {
         )
         .await;
     assert_eq!(put.status, 200, "{}", put.text);
-    check(
-        &format!("{pt}/users/{{selected_user_id}}"),
-        "put",
-        200,
-        &put.json(),
-    );
+    check(&format!("{pt}/users/{{selected_user_id}}"), "put", 200, &put.json());
     assert_eq!(put.json()["permission"], "create-repo");
     assert_eq!(put.json()["user"]["uuid"], target_user.uuid.as_str());
     let single = api
@@ -820,12 +729,7 @@ async fn every_served_2_0_endpoint_matches_the_official_schema() {
         .await;
     assert_eq!(bad.status, 400);
     assert!(bad.json()["error"]["fields"]["permission"].is_array());
-    check(
-        &format!("{pt}/users/{{selected_user_id}}"),
-        "put",
-        400,
-        &bad.json(),
-    );
+    check(&format!("{pt}/users/{{selected_user_id}}"), "put", 400, &bad.json());
     let extra = api
         .call(
             Method::PUT,
@@ -845,12 +749,7 @@ async fn every_served_2_0_endpoint_matches_the_official_schema() {
         )
         .await;
     assert_eq!(gput.status, 200, "{}", gput.text);
-    check(
-        &format!("{pt}/groups/{{group_slug}}"),
-        "put",
-        200,
-        &gput.json(),
-    );
+    check(&format!("{pt}/groups/{{group_slug}}"), "put", 200, &gput.json());
     api.get_ok(
         &format!("{pbase}/groups/{}", group.slug),
         &b,
@@ -866,23 +765,11 @@ async fn every_served_2_0_endpoint_matches_the_official_schema() {
         )
         .await;
     assert_eq!(del.status, 204);
-    let gone = api
-        .get(&format!("{pbase}/users/{}", enc(&target_user.uuid)), &b)
-        .await;
+    let gone = api.get(&format!("{pbase}/users/{}", enc(&target_user.uuid)), &b).await;
     assert_eq!(gone.status, 404);
-    check(
-        &format!("{pt}/users/{{selected_user_id}}"),
-        "get",
-        404,
-        &gone.json(),
-    );
+    check(&format!("{pt}/users/{{selected_user_id}}"), "get", 404, &gone.json());
     let gdel = api
-        .call(
-            Method::DELETE,
-            &format!("{pbase}/groups/{}", group.slug),
-            &b,
-            None,
-        )
+        .call(Method::DELETE, &format!("{pbase}/groups/{}", group.slug), &b, None)
         .await;
     assert_eq!(gdel.status, 204);
     let unknown = api.get(&format!("{pbase}/groups/no-such-group"), &b).await;
@@ -891,12 +778,9 @@ async fn every_served_2_0_endpoint_matches_the_official_schema() {
     // Repository permissions-config.
     let rbase = format!("/2.0/repositories/{slug}/{}/permissions-config", repo.slug);
     let rt = "/repositories/{workspace}/{repo_slug}/permissions-config";
-    let rusers = api
-        .walk(&format!("{rbase}/users"), &b, &format!("{rt}/users"))
-        .await;
+    let rusers = api.walk(&format!("{rbase}/users"), &b, &format!("{rt}/users")).await;
     assert_eq!(rusers.len(), repo.user_permissions.len());
-    api.walk(&format!("{rbase}/groups"), &b, &format!("{rt}/groups"))
-        .await;
+    api.walk(&format!("{rbase}/groups"), &b, &format!("{rt}/groups")).await;
     let rput = api
         .call(
             Method::PUT,
@@ -906,12 +790,7 @@ async fn every_served_2_0_endpoint_matches_the_official_schema() {
         )
         .await;
     assert_eq!(rput.status, 200, "{}", rput.text);
-    check(
-        &format!("{rt}/users/{{selected_user_id}}"),
-        "put",
-        200,
-        &rput.json(),
-    );
+    check(&format!("{rt}/users/{{selected_user_id}}"), "put", 200, &rput.json());
     api.get_ok(
         &format!("{rbase}/users/{}", enc(&target_user.uuid)),
         &b,
@@ -926,16 +805,8 @@ async fn every_served_2_0_endpoint_matches_the_official_schema() {
             Some(json!({"permission": "create-repo"})),
         )
         .await;
-    assert_eq!(
-        rbad.status, 400,
-        "create-repo is not a repository permission"
-    );
-    check(
-        &format!("{rt}/users/{{selected_user_id}}"),
-        "put",
-        400,
-        &rbad.json(),
-    );
+    assert_eq!(rbad.status, 400, "create-repo is not a repository permission");
+    check(&format!("{rt}/users/{{selected_user_id}}"), "put", 400, &rbad.json());
     let rgput = api
         .call(
             Method::PUT,
@@ -945,12 +816,7 @@ async fn every_served_2_0_endpoint_matches_the_official_schema() {
         )
         .await;
     assert_eq!(rgput.status, 200);
-    check(
-        &format!("{rt}/groups/{{group_slug}}"),
-        "put",
-        200,
-        &rgput.json(),
-    );
+    check(&format!("{rt}/groups/{{group_slug}}"), "put", 200, &rgput.json());
     api.get_ok(
         &format!("{rbase}/groups/{}", group.slug),
         &b,
@@ -958,14 +824,9 @@ async fn every_served_2_0_endpoint_matches_the_official_schema() {
     )
     .await;
     assert_eq!(
-        api.call(
-            Method::DELETE,
-            &format!("{rbase}/groups/{}", group.slug),
-            &b,
-            None
-        )
-        .await
-        .status,
+        api.call(Method::DELETE, &format!("{rbase}/groups/{}", group.slug), &b, None)
+            .await
+            .status,
         204
     );
     assert_eq!(
@@ -1002,11 +863,7 @@ async fn every_served_2_0_endpoint_matches_the_official_schema() {
         eprintln!(
             "validated {} operations against the official schema:\n  {}",
             cov.operations.len(),
-            cov.operations
-                .iter()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("\n  ")
+            cov.operations.iter().cloned().collect::<Vec<_>>().join("\n  ")
         );
         eprintln!("contract differences seen: {:?}", cov.undeclared);
         let get_200: BTreeSet<&String> = cov
@@ -1014,11 +871,7 @@ async fn every_served_2_0_endpoint_matches_the_official_schema() {
             .iter()
             .filter(|o| o.starts_with("GET") && o.ends_with(" 200"))
             .collect();
-        assert_eq!(
-            get_200.len(),
-            22,
-            "every served 2.0 GET endpoint: {get_200:?}"
-        );
+        assert_eq!(get_200.len(), 22, "every served 2.0 GET endpoint: {get_200:?}");
         // Every allow-list entry is actually exercised (no stale entries).
         for (k, why) in CONTRACT_DIFFERENCES {
             assert!(
@@ -1047,25 +900,14 @@ fn expected_effective(org: &Organisation, w: usize) -> BTreeSet<(String, String,
     let ws = &org.workspaces[w];
     let mut out = BTreeSet::new();
     for repo in &ws.repositories {
-        let project = ws
-            .projects
-            .iter()
-            .find(|p| p.key == repo.project_key)
-            .unwrap();
+        let project = ws.projects.iter().find(|p| p.key == repo.project_key).unwrap();
         let mut best: HashMap<&str, u8> = HashMap::new();
-        let user_grants = repo
-            .user_permissions
-            .iter()
-            .chain(&project.user_permissions);
+        let user_grants = repo.user_permissions.iter().chain(&project.user_permissions);
         for g in user_grants {
             let e = best.entry(g.principal.as_str()).or_default();
             *e = (*e).max(rank(&g.permission));
         }
-        for g in repo
-            .group_permissions
-            .iter()
-            .chain(&project.group_permissions)
-        {
+        for g in repo.group_permissions.iter().chain(&project.group_permissions) {
             let group = ws.groups.iter().find(|x| x.slug == g.principal).unwrap();
             for m in &group.members {
                 let e = best.entry(m.as_str()).or_default();
@@ -1145,10 +987,7 @@ async fn effective_repository_permissions_follow_the_documented_rule() {
     assert_eq!(put.status, 200);
     let after = api
         .walk(
-            &format!(
-                "/2.0/workspaces/{slug}/permissions/repositories/{}",
-                repo.slug
-            ),
+            &format!("/2.0/workspaces/{slug}/permissions/repositories/{}", repo.slug),
             &b,
             "/workspaces/{workspace}/permissions/repositories/{repo_slug}",
         )
@@ -1214,10 +1053,7 @@ async fn groups_1_0_bare_array_and_member_writes() {
         .collect();
     for g in arr {
         for m in g["members"].as_array().unwrap() {
-            assert_eq!(
-                m["is_active"] == false,
-                inactive.contains(m["uuid"].as_str().unwrap())
-            );
+            assert_eq!(m["is_active"] == false, inactive.contains(m["uuid"].as_str().unwrap()));
         }
     }
 
@@ -1227,11 +1063,7 @@ async fn groups_1_0_bare_array_and_member_writes() {
         .iter()
         .find(|m| !group.members.contains(&m.user_uuid))
         .expect("a member outside the group");
-    let murl = format!(
-        "/1.0/groups/{slug}/{}/members/{}",
-        group.slug,
-        enc(&newcomer.user_uuid)
-    );
+    let murl = format!("/1.0/groups/{slug}/{}/members/{}", group.slug, enc(&newcomer.user_uuid));
     let put = api.call(Method::PUT, &murl, &b, Some(json!({}))).await;
     assert_eq!(put.status, 200, "{}", put.text);
     assert_eq!(put.json()["uuid"], newcomer.user_uuid.as_str());
@@ -1270,11 +1102,7 @@ async fn groups_1_0_bare_array_and_member_writes() {
     let r = api
         .call(
             Method::PUT,
-            &format!(
-                "/1.0/groups/{slug}/{}/members/{}",
-                group.slug,
-                enc(&outsider.uuid)
-            ),
+            &format!("/1.0/groups/{slug}/{}/members/{}", group.slug, enc(&outsider.uuid)),
             &b,
             Some(json!({})),
         )
@@ -1294,12 +1122,7 @@ async fn groups_1_0_bare_array_and_member_writes() {
     assert_eq!(filtered.as_array().map(Vec::len), Some(1), "{filtered}");
     assert_eq!(filtered[0]["slug"], group.slug.as_str());
     // The 1.0 API needs the slug.
-    assert_eq!(
-        api.get(&format!("/1.0/groups/{}", enc(&ws.uuid)), &b)
-            .await
-            .status,
-        404
-    );
+    assert_eq!(api.get(&format!("/1.0/groups/{}", enc(&ws.uuid)), &b).await.status, 404);
     // Bad JSON body is a 400, not a crash.
     let r = api
         .client
@@ -1314,10 +1137,7 @@ async fn groups_1_0_bare_array_and_member_writes() {
     let p = &ws.projects[0];
     let r = api
         .get(
-            &format!(
-                "/1.0/workspaces/{slug}/projects/{}/permissions-config/users",
-                p.key
-            ),
+            &format!("/1.0/workspaces/{slug}/projects/{}/permissions-config/users", p.key),
             &b,
         )
         .await;
@@ -1341,10 +1161,7 @@ async fn credential_rules_401_and_403() {
     let slug = &ws.slug;
     let p = &ws.projects[0];
     let m = ws.members.iter().find(|m| !m.owner).unwrap();
-    let perm_users = format!(
-        "/2.0/workspaces/{slug}/projects/{}/permissions-config/users",
-        p.key
-    );
+    let perm_users = format!("/2.0/workspaces/{slug}/projects/{}/permissions-config/users", p.key);
     let perm_user = format!("{perm_users}/{}", enc(&m.user_uuid));
 
     // Missing or wrong credentials: 401 JSON envelope.
@@ -1359,17 +1176,9 @@ async fn credential_rules_401_and_403() {
         check_error(&r.json());
     }
     let plain = api
-        .get(
-            "/2.0/user",
-            &Cred::Basic("sim-admin".into(), c.api_token.clone()),
-        )
+        .get("/2.0/user", &Cred::Basic("sim-admin".into(), c.api_token.clone()))
         .await;
-    assert!(
-        plain.json()["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("email")
-    );
+    assert!(plain.json()["error"]["message"].as_str().unwrap().contains("email"));
 
     // Access token: reads work, permission APIs are 403.
     let at = Cred::Bearer(c.access_token.clone());
@@ -1380,12 +1189,7 @@ async fn credential_rules_401_and_403() {
         c.admin_uuid.as_str(),
         "access tokens are their own pseudo-user"
     );
-    assert_eq!(
-        api.get(&format!("/2.0/repositories/{slug}"), &at)
-            .await
-            .status,
-        200
-    );
+    assert_eq!(api.get(&format!("/2.0/repositories/{slug}"), &at).await.status, 200);
     for url in [
         perm_users.clone(),
         format!(
@@ -1415,19 +1219,10 @@ async fn credential_rules_401_and_403() {
     assert!(t["scopes"].is_string() && t["refresh_token"].is_string());
     let oauth = Cred::Bearer(t["access_token"].as_str().unwrap().to_string());
     let me = api.get("/2.0/user", &oauth).await;
-    assert_eq!(
-        me.json()["uuid"],
-        c.admin_uuid.as_str(),
-        "OAuth acts as the admin"
-    );
+    assert_eq!(me.json()["uuid"], c.admin_uuid.as_str(), "OAuth acts as the admin");
     assert_eq!(api.get(&perm_users, &oauth).await.status, 200);
     let w = api
-        .call(
-            Method::PUT,
-            &perm_user,
-            &oauth,
-            Some(json!({"permission": "read"})),
-        )
+        .call(Method::PUT, &perm_user, &oauth, Some(json!({"permission": "read"})))
         .await;
     assert_eq!(w.status, 403);
     check(
@@ -1436,21 +1231,11 @@ async fn credential_rules_401_and_403() {
         403,
         &w.json(),
     );
+    assert_eq!(api.call(Method::DELETE, &perm_user, &oauth, None).await.status, 403);
     assert_eq!(
-        api.call(Method::DELETE, &perm_user, &oauth, None)
+        api.call(Method::PUT, &perm_user, &basic(&c), Some(json!({"permission": "read"})))
             .await
             .status,
-        403
-    );
-    assert_eq!(
-        api.call(
-            Method::PUT,
-            &perm_user,
-            &basic(&c),
-            Some(json!({"permission": "read"}))
-        )
-        .await
-        .status,
         200
     );
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -1531,9 +1316,7 @@ async fn paging_errors_fields_and_html_404() {
     .await;
     let b = basic(h.credentials());
     let slug = h.organisation().workspaces[0].slug.clone();
-    let r = api
-        .get(&format!("/2.0/workspaces/{slug}/members?pagelen=51"), &b)
-        .await;
+    let r = api.get(&format!("/2.0/workspaces/{slug}/members?pagelen=51"), &b).await;
     assert_eq!(r.status, 400);
     assert_eq!(
         r.json(),
@@ -1547,10 +1330,7 @@ async fn paging_errors_fields_and_html_404() {
         200
     );
 
-    let page = api
-        .get(&format!("/2.0/repositories/{slug}"), &b)
-        .await
-        .json();
+    let page = api.get(&format!("/2.0/repositories/{slug}"), &b).await.json();
     assert_eq!(page["pagelen"], 10);
     assert_eq!(page["values"].as_array().unwrap().len(), 10);
     let next = page["next"].as_str().unwrap();
@@ -1578,20 +1358,12 @@ async fn paging_errors_fields_and_html_404() {
     let page2 = api.get(next, &b).await.json();
     assert!(page2["values"][0]["slug"].is_string() && page2["values"][0].get("uuid").is_none());
     let no_links = api
-        .get(
-            &format!("/2.0/repositories/{slug}?fields=-values.links"),
-            &b,
-        )
+        .get(&format!("/2.0/repositories/{slug}?fields=-values.links"), &b)
         .await
         .json();
-    assert!(
-        no_links["values"][0].get("links").is_none() && no_links["values"][0].get("uuid").is_some()
-    );
+    assert!(no_links["values"][0].get("links").is_none() && no_links["values"][0].get("uuid").is_some());
     let star = api
-        .get(
-            &format!("/2.0/workspaces/{slug}/members?fields=values.user.*"),
-            &b,
-        )
+        .get(&format!("/2.0/workspaces/{slug}/members?fields=values.user.*"), &b)
         .await
         .json();
     assert!(star["values"][0]["user"]["uuid"].is_string());
@@ -1630,20 +1402,12 @@ async fn paging_errors_fields_and_html_404() {
             .all(|p| p["permission"] == "write" || p["permission"] == "admin")
     );
     let r = api
-        .get(
-            &format!("/2.0/repositories/{slug}?q={}", enc("project.key=")),
-            &b,
-        )
+        .get(&format!("/2.0/repositories/{slug}?q={}", enc("project.key=")), &b)
         .await;
     assert_eq!(r.status, 400);
 
     // Unknown routes: HTML 404, even without credentials.
-    for path in [
-        "/2.0/nope",
-        "/",
-        "/2.0/repositories/a/b/c/d/e/f",
-        "/1.0/users/x",
-    ] {
+    for path in ["/2.0/nope", "/", "/2.0/repositories/a/b/c/d/e/f", "/1.0/users/x"] {
         let r = api.get(path, &Cred::None).await;
         assert_eq!(r.status, 404, "{path}");
         let ct = r.headers.get("content-type").unwrap().to_str().unwrap();
@@ -1687,9 +1451,7 @@ async fn rate_limit_answers_429_with_retry_after() {
     assert!((1..=10).contains(&retry), "{retry}");
     // Per credential: the access token has its own budget.
     assert_eq!(
-        api.get("/2.0/user", &Cred::Bearer(c.access_token.clone()))
-            .await
-            .status,
+        api.get("/2.0/user", &Cred::Bearer(c.access_token.clone())).await.status,
         200
     );
     let s = h.stats();
@@ -1713,17 +1475,9 @@ async fn rate_limit_window_rolls() {
     assert_eq!(api.get("/2.0/user", &b).await.status, 200);
     let r = api.get("/2.0/user", &b).await;
     assert_eq!(r.status, 429);
-    assert_eq!(
-        r.headers.get("retry-after").unwrap(),
-        "1",
-        "rounded up to at least 1"
-    );
+    assert_eq!(r.headers.get("retry-after").unwrap(), "1", "rounded up to at least 1");
     tokio::time::sleep(Duration::from_millis(450)).await;
-    assert_eq!(
-        api.get("/2.0/user", &b).await.status,
-        200,
-        "the window rolled on"
-    );
+    assert_eq!(api.get("/2.0/user", &b).await.status, 200, "the window rolled on");
     h.shutdown().await;
 }
 
@@ -1805,11 +1559,7 @@ async fn large_organisations_serve_quickly() {
         ..SimConfig::default()
     })
     .await;
-    assert!(
-        t.elapsed() < Duration::from_secs(5),
-        "start took {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(5), "start took {:?}", t.elapsed());
     let b = basic(h.credentials());
     let slug = h.organisation().workspaces[0].slug.clone();
     let t = Instant::now();
@@ -1822,11 +1572,7 @@ async fn large_organisations_serve_quickly() {
         let r = api.get(&url, &b).await;
         assert_eq!(r.status, 200, "{url}: {}", r.text);
     }
-    assert!(
-        t.elapsed() < Duration::from_secs(5),
-        "pages took {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(5), "pages took {:?}", t.elapsed());
     h.shutdown().await;
 }
 
@@ -1835,15 +1581,7 @@ fn cli_prints_one_json_line_and_serves() {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     let mut child = Command::new(env!("CARGO_BIN_EXE_bitbucket-operator"))
-        .args([
-            "simulate",
-            "--listen",
-            "127.0.0.1:0",
-            "--seed",
-            "3",
-            "--users",
-            "25",
-        ])
+        .args(["simulate", "--listen", "127.0.0.1:0", "--seed", "3", "--users", "25"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -1856,13 +1594,7 @@ fn cli_prints_one_json_line_and_serves() {
     let api_url = v["api_url"].as_str().unwrap().to_string();
     assert_eq!(api_url, format!("http://{}", v["listen"].as_str().unwrap()));
     let c = &v["credentials"];
-    for k in [
-        "email",
-        "api_token",
-        "access_token",
-        "consumer_key",
-        "consumer_secret",
-    ] {
+    for k in ["email", "api_token", "access_token", "consumer_key", "consumer_secret"] {
         assert!(c[k].as_str().is_some_and(|s| !s.is_empty()), "{k}");
     }
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -1922,25 +1654,21 @@ fn schema_validation_is_not_vacuous() {
     );
     assert!(put.is_valid(&json!({"type": "project_user_permission", "permission": "admin"})));
     assert!(!put.is_valid(&json!({"type": "project_user_permission", "permission": "owner"})));
-    assert!(
-        !put.is_valid(&json!({"permission": "admin"})),
-        "type is required"
-    );
+    assert!(!put.is_valid(&json!({"permission": "admin"})), "type is required");
     let repos = validator("/repositories/{workspace}", "get", 200);
     assert!(repos.is_valid(&json!({"values": [{"type": "repository", "is_private": true}]})));
     // Through $ref into the item schema.
     assert!(!repos.is_valid(&json!({"values": [{"type": "repository", "is_private": "yes"}]})));
     // Through nested $refs (repository -> project -> links).
-    assert!(!repos.is_valid(&json!({"values": [{"type": "repository", "project": {"type": "project", "links": {"self": {"href": "x"}}}}]})));
+    assert!(!repos.is_valid(
+        &json!({"values": [{"type": "repository", "project": {"type": "project", "links": {"self": {"href": "x"}}}}]})
+    ));
     // The envelope is closed.
     assert!(!repos.is_valid(&json!({"values": [], "extra": 1})));
     // The strict pass names undeclared properties by schema.
     let mut extra = BTreeSet::new();
     undeclared(
-        &[(
-            response_schema("/repositories/{workspace}", "get", 200),
-            String::new(),
-        )],
+        &[(response_schema("/repositories/{workspace}", "get", 200), String::new())],
         &json!({"values": [{"type": "repository", "slug": "s", "owner": {"type": "team", "username": "u", "bogus": 1}}]}),
         &mut extra,
     );
@@ -1954,9 +1682,7 @@ fn schema_validation_is_not_vacuous() {
     assert_eq!(s, json!({"type": ["string", "null"]}));
     // The error patch admits `fields` but the error object stays closed.
     let err = validator("/workspaces/{workspace}/members", "get", 400);
-    assert!(err.is_valid(
-        &json!({"type": "error", "error": {"message": "m", "fields": {"permission": ["bad"]}}})
-    ));
+    assert!(err.is_valid(&json!({"type": "error", "error": {"message": "m", "fields": {"permission": ["bad"]}}})));
     assert!(!err.is_valid(&json!({"type": "error", "error": {"message": "m", "other": 1}})));
 }
 
@@ -2001,10 +1727,7 @@ async fn member_filters_and_write_preconditions() {
         .await;
     assert_eq!(by_account.len(), 1);
     let r = api
-        .get(
-            &format!("{members_url}?q={}", enc("user.display_name=\"x\"")),
-            &b,
-        )
+        .get(&format!("{members_url}?q={}", enc("user.display_name=\"x\"")), &b)
         .await;
     assert_eq!(r.status, 400, "display_name is not filterable");
     check("/workspaces/{workspace}/members", "get", 400, &r.json());
@@ -2022,10 +1745,7 @@ async fn member_filters_and_write_preconditions() {
 
     // Project user PUT: only non-owner workspace members.
     let p = &ws.projects[0];
-    let base = format!(
-        "/2.0/workspaces/{slug}/projects/{}/permissions-config/users",
-        p.key
-    );
+    let base = format!("/2.0/workspaces/{slug}/projects/{}/permissions-config/users", p.key);
     let owner = ws.members.iter().find(|m| m.owner).unwrap();
     let r = api
         .call(
@@ -2036,12 +1756,7 @@ async fn member_filters_and_write_preconditions() {
         )
         .await;
     assert_eq!(r.status, 400);
-    assert!(
-        r.json()["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("owner")
-    );
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("owner"));
     let outsider = org
         .users
         .iter()
@@ -2056,12 +1771,7 @@ async fn member_filters_and_write_preconditions() {
         )
         .await;
     assert_eq!(r.status, 400);
-    assert!(
-        r.json()["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("not a member")
-    );
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("not a member"));
     let r = api
         .call(
             Method::PUT,
@@ -2166,9 +1876,7 @@ async fn hostile_input_gets_4xx_never_5xx() {
         assert_eq!(r.status(), 400, "body {body:?}");
     }
     // Wrong methods are 405, not crashes.
-    let r = api
-        .call(Method::POST, "/2.0/user", &b, Some(json!({})))
-        .await;
+    let r = api.call(Method::POST, "/2.0/user", &b, Some(json!({}))).await;
     assert_eq!(r.status, 405);
     let r = api
         .call(

@@ -34,8 +34,7 @@ impl SimCredentials {
     pub(crate) fn generate(seed: u64, email: &str, admin_uuid: &str) -> SimCredentials {
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_c4ed);
         let mut token = |prefix: &str, len: usize| -> String {
-            const ALPHABET: &[u8] =
-                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+            const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
             let body: String = (0..len)
                 .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
                 .collect();
@@ -88,10 +87,7 @@ impl Auth {
 
     /// Authenticates a request from its `Authorization` header. Returns the
     /// principal and the rate-limit key (per user, token or consumer).
-    pub fn authenticate(
-        &self,
-        authorization: Option<&str>,
-    ) -> Result<(Principal, String), Unauthorized> {
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<(Principal, String), Unauthorized> {
         let header = authorization.ok_or(Unauthorized("Authentication required"))?;
         if let Some(b64) = strip_scheme(header, "Basic") {
             let (user, pass) = decode_basic(b64).ok_or(Unauthorized("Invalid credentials"))?;
@@ -112,10 +108,9 @@ impl Auth {
             }
             let tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
             return match tokens.get(token) {
-                Some(exp) if Instant::now() < *exp => Ok((
-                    Principal::OAuth,
-                    format!("consumer:{}", self.creds.consumer_key),
-                )),
+                Some(exp) if Instant::now() < *exp => {
+                    Ok((Principal::OAuth, format!("consumer:{}", self.creds.consumer_key)))
+                }
                 Some(_) => Err(Unauthorized("Access token expired.")),
                 None => Err(Unauthorized("Invalid access token")),
             };
@@ -124,16 +119,9 @@ impl Auth {
     }
 
     /// `POST /site/oauth2/access_token`. Returns (status, OAuth 2 body).
-    pub fn token_endpoint(
-        &self,
-        authorization: Option<&str>,
-        form: &[(String, String)],
-    ) -> (u16, Value) {
+    pub fn token_endpoint(&self, authorization: Option<&str>, form: &[(String, String)]) -> (u16, Value) {
         let oauth_err = |status: u16, error: &str, description: &str| {
-            (
-                status,
-                json!({"error": error, "error_description": description}),
-            )
+            (status, json!({"error": error, "error_description": description}))
         };
         let client = authorization
             .and_then(|h| strip_scheme(h, "Basic"))
@@ -143,8 +131,7 @@ impl Auth {
                 Some((get("client_id")?, get("client_secret")?))
             });
         match client {
-            Some((id, secret))
-                if id == self.creds.consumer_key && secret == self.creds.consumer_secret => {}
+            Some((id, secret)) if id == self.creds.consumer_key && secret == self.creds.consumer_secret => {}
             Some(_) => return oauth_err(401, "invalid_client", "Invalid OAuth client credentials"),
             None => {
                 return oauth_err(
@@ -154,10 +141,7 @@ impl Auth {
                 );
             }
         }
-        let grant = form
-            .iter()
-            .find(|(k, _)| k == "grant_type")
-            .map(|(_, v)| v.as_str());
+        let grant = form.iter().find(|(k, _)| k == "grant_type").map(|(_, v)| v.as_str());
         match grant {
             Some("client_credentials") => {}
             Some("refresh_token") => {
@@ -214,10 +198,7 @@ impl Auth {
 
     /// Every issued OAuth access token answers 401 from now on.
     pub fn revoke_oauth_tokens(&self) {
-        self.tokens
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        self.tokens.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }
 
@@ -259,16 +240,10 @@ mod tests {
         let at = auth.authenticate(Some(&format!("Bearer {}", creds.access_token)));
         assert_eq!(at.unwrap().0, Principal::AccessToken);
         let form = vec![("grant_type".to_string(), "client_credentials".to_string())];
-        let (status, body) = auth.token_endpoint(
-            Some(&basic(&creds.consumer_key, &creds.consumer_secret)),
-            &form,
-        );
+        let (status, body) = auth.token_endpoint(Some(&basic(&creds.consumer_key, &creds.consumer_secret)), &form);
         assert_eq!(status, 200);
         let bearer = format!("Bearer {}", body["access_token"].as_str().unwrap());
-        assert_eq!(
-            auth.authenticate(Some(&bearer)).unwrap().0,
-            Principal::OAuth
-        );
+        assert_eq!(auth.authenticate(Some(&bearer)).unwrap().0, Principal::OAuth);
         auth.revoke_oauth_tokens();
         assert!(auth.authenticate(Some(&bearer)).is_err());
         assert_eq!(auth.token_endpoint(Some(&basic("x", "y")), &form).0, 401);

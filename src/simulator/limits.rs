@@ -25,9 +25,7 @@ impl FromStr for RateLimit {
     /// Parses `N/WINDOW` where WINDOW is a number (default 1) followed by a
     /// unit `ms`, `s`, `m` or `h`: `1000/1h`, `50/10s`, `100/1m`, `10/h`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || {
-            format!("invalid rate limit {s:?}: expected N/WINDOW like 1000/1h, 50/10s or 100/1m")
-        };
+        let err = || format!("invalid rate limit {s:?}: expected N/WINDOW like 1000/1h, 50/10s or 100/1m");
         let (n, w) = s.trim().split_once('/').ok_or_else(err)?;
         let max_requests: u32 = n.trim().parse().map_err(|_| err())?;
         if max_requests == 0 {
@@ -50,14 +48,9 @@ impl FromStr for RateLimit {
         };
         let window = Duration::from_millis(num.checked_mul(unit_ms).ok_or_else(err)?);
         if window.is_zero() {
-            return Err(format!(
-                "invalid rate limit {s:?}: the window must be positive"
-            ));
+            return Err(format!("invalid rate limit {s:?}: the window must be positive"));
         }
-        Ok(RateLimit {
-            max_requests,
-            window,
-        })
+        Ok(RateLimit { max_requests, window })
     }
 }
 
@@ -145,9 +138,7 @@ mod tests {
         assert_eq!(p("100/1m").unwrap().window, Duration::from_secs(60));
         assert_eq!(p("5/h").unwrap().window, Duration::from_secs(3600));
         assert_eq!(p("5/250ms").unwrap().window, Duration::from_millis(250));
-        for bad in [
-            "", "1000", "x/1h", "10/1d", "0/1s", "10/0s", "10/s1", "-1/1s",
-        ] {
+        for bad in ["", "1000", "x/1h", "10/1d", "0/1s", "10/0s", "10/s1", "-1/1s"] {
             assert!(p(bad).is_err(), "{bad}");
         }
     }

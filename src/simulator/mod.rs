@@ -187,9 +187,7 @@ impl Simulator {
         let base_url = format!("http://{reachable}");
         let auth = auth::Auth::new(creds, config.oauth_token_ttl);
         let app = Arc::new(server::App::new(&config, base_url.clone(), org, auth));
-        let router = axum::Router::new()
-            .fallback(server::handle)
-            .with_state(app.clone());
+        let router = axum::Router::new().fallback(server::handle).with_state(app.clone());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let result = axum::serve(listener, router)
@@ -239,20 +237,11 @@ impl SimulatorHandle {
 
     /// A snapshot of the ground truth, including every write so far.
     pub fn organisation(&self) -> Organisation {
-        self.app
-            .state
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .org
-            .clone()
+        self.app.state.read().unwrap_or_else(|e| e.into_inner()).org.clone()
     }
 
     pub fn stats(&self) -> RequestStats {
-        self.app
-            .stats
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.app.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn reset_stats(&self) {
@@ -266,14 +255,8 @@ impl SimulatorHandle {
 
     /// Changes the fault-injection probability (clamped to `0.0..=1.0`).
     pub fn set_fail_rate(&self, rate: f64) {
-        let rate = if rate.is_nan() {
-            0.0
-        } else {
-            rate.clamp(0.0, 1.0)
-        };
-        self.app
-            .fail_rate_bits
-            .store(rate.to_bits(), Ordering::Relaxed);
+        let rate = if rate.is_nan() { 0.0 } else { rate.clamp(0.0, 1.0) };
+        self.app.fail_rate_bits.store(rate.to_bits(), Ordering::Relaxed);
     }
 
     /// Stops accepting connections and waits for in-flight requests.

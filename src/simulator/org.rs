@@ -302,11 +302,7 @@ impl Organisation {
 
         // About 2% of the non-admin users are former members: they belong to
         // no workspace but still hold a few explicit permissions.
-        let n_former = if n_users > 10 {
-            (n_users / 50).max(1)
-        } else {
-            0
-        };
+        let n_former = if n_users > 10 { (n_users / 50).max(1) } else { 0 };
         let former: Vec<usize> = (n_users - n_former..n_users).collect();
         let regular: Vec<usize> = (1..n_users - n_former).collect();
 
@@ -394,8 +390,7 @@ impl Organisation {
             workspaces[w].groups.push(Group {
                 slug,
                 name,
-                permission: GROUP_DEFAULTS[rng.random_range(0..GROUP_DEFAULTS.len())]
-                    .map(str::to_string),
+                permission: GROUP_DEFAULTS[rng.random_range(0..GROUP_DEFAULTS.len())].map(str::to_string),
                 members: members.iter().map(|&u| users[u].uuid.clone()).collect(),
             });
         }
@@ -407,11 +402,7 @@ impl Organisation {
             let k = p / n_ws;
             let (name, suffix) = nth_name(PROJECTS, k);
             let base = PROJECTS[k % PROJECTS.len()];
-            let key = format!(
-                "{}{}",
-                base.chars().take(4).collect::<String>().to_uppercase(),
-                suffix
-            );
+            let key = format!("{}{}", base.chars().take(4).collect::<String>().to_uppercase(), suffix);
             let uuid = random_uuid(&mut rng);
             let (user_permissions, group_permissions) = grants(
                 &mut rng,
@@ -465,9 +456,7 @@ impl Organisation {
                 format!("{base}-{}", round + 1)
             };
             let n_proj = workspaces[w].projects.len();
-            let project_key = workspaces[w].projects[rng.random_range(0..n_proj)]
-                .key
-                .clone();
+            let project_key = workspaces[w].projects[rng.random_range(0..n_proj)].key.clone();
             let (user_permissions, group_permissions) = grants(
                 &mut rng,
                 &Pool {
@@ -511,12 +500,7 @@ impl Organisation {
             .collect();
         if self.users.len() >= 10
             && self.users.iter().all(|u| u.active)
-            && let Some(u) = self
-                .users
-                .iter_mut()
-                .skip(1)
-                .rev()
-                .find(|u| !owners.contains(&u.uuid))
+            && let Some(u) = self.users.iter_mut().skip(1).rev().find(|u| !owners.contains(&u.uuid))
         {
             u.active = false;
         }
@@ -527,11 +511,7 @@ impl Organisation {
             ws.projects
                 .iter()
                 .flat_map(|p| p.user_permissions.iter())
-                .chain(
-                    ws.repositories
-                        .iter()
-                        .flat_map(|r| r.user_permissions.iter()),
-                )
+                .chain(ws.repositories.iter().flat_map(|r| r.user_permissions.iter()))
                 .map(|g| g.principal.clone())
                 .collect()
         };
@@ -735,10 +715,7 @@ mod tests {
         let groups: usize = org.workspaces.iter().map(|w| w.groups.len()).sum();
         let projects: usize = org.workspaces.iter().map(|w| w.projects.len()).sum();
         let repos: usize = org.workspaces.iter().map(|w| w.repositories.len()).sum();
-        assert_eq!(
-            (groups, projects, repos),
-            (c.groups, c.projects, c.repositories)
-        );
+        assert_eq!((groups, projects, repos), (c.groups, c.projects, c.repositories));
         let admin = &org.users[0].uuid;
         for ws in &org.workspaces {
             assert!(ws.members.iter().any(|m| &m.user_uuid == admin && m.owner));
@@ -773,14 +750,10 @@ mod tests {
             it.map(|g| g.permission.clone()).collect()
         };
         let pu = levels(Box::new(
-            ws.iter()
-                .flat_map(|w| &w.projects)
-                .flat_map(|p| &p.user_permissions),
+            ws.iter().flat_map(|w| &w.projects).flat_map(|p| &p.user_permissions),
         ));
         let pg = levels(Box::new(
-            ws.iter()
-                .flat_map(|w| &w.projects)
-                .flat_map(|p| &p.group_permissions),
+            ws.iter().flat_map(|w| &w.projects).flat_map(|p| &p.group_permissions),
         ));
         let ru = levels(Box::new(
             ws.iter()
@@ -793,10 +766,7 @@ mod tests {
                 .flat_map(|r| &r.group_permissions),
         ));
         for l in PROJECT_PERMS {
-            assert!(
-                pu.contains(*l) && pg.contains(*l),
-                "project level {l}: {pu:?} {pg:?}"
-            );
+            assert!(pu.contains(*l) && pg.contains(*l), "project level {l}: {pu:?} {pg:?}");
         }
         for l in REPO_PERMS {
             assert!(
@@ -880,11 +850,7 @@ mod tests {
         };
         let t = std::time::Instant::now();
         let org = Organisation::generate(&c);
-        assert!(
-            t.elapsed() < std::time::Duration::from_secs(2),
-            "{:?}",
-            t.elapsed()
-        );
+        assert!(t.elapsed() < std::time::Duration::from_secs(2), "{:?}", t.elapsed());
         let inactive = org.users.iter().filter(|u| !u.active).count();
         assert!(inactive > 300 && inactive < 800, "{inactive}");
         let members: HashSet<&str> = org
@@ -897,11 +863,7 @@ mod tests {
                 w.projects
                     .iter()
                     .flat_map(|p| p.user_permissions.iter())
-                    .chain(
-                        w.repositories
-                            .iter()
-                            .flat_map(|r| r.user_permissions.iter()),
-                    )
+                    .chain(w.repositories.iter().flat_map(|r| r.user_permissions.iter()))
             })
         };
         assert!(all_grants().any(|p| !members.contains(p.principal.as_str())));

@@ -9,10 +9,7 @@ use super::server::ApiError;
 pub type Query = Vec<(String, String)>;
 
 pub fn param<'a>(query: &'a Query, name: &str) -> Option<&'a str> {
-    query
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
+    query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
 /// Builds one page of the 2.0 envelope
@@ -20,12 +17,7 @@ pub fn param<'a>(query: &'a Query, name: &str) -> Option<&'a str> {
 ///
 /// `self_url` is the absolute URL of the request without its query string;
 /// `next`/`previous` keep every other query parameter and replace `page`.
-pub fn paginate(
-    items: Vec<Value>,
-    query: &Query,
-    self_url: &str,
-    max_pagelen: usize,
-) -> Result<Value, ApiError> {
+pub fn paginate(items: Vec<Value>, query: &Query, self_url: &str, max_pagelen: usize) -> Result<Value, ApiError> {
     let pagelen = match param(query, "pagelen") {
         None => 10usize.min(max_pagelen.max(1)),
         Some(s) => match s.trim().parse::<usize>() {
@@ -55,10 +47,7 @@ pub fn paginate(
         env.insert("next".into(), json!(page_url(self_url, query, page + 1)));
     }
     if page > 1 {
-        env.insert(
-            "previous".into(),
-            json!(page_url(self_url, query, page - 1)),
-        );
+        env.insert("previous".into(), json!(page_url(self_url, query, page - 1)));
     }
     env.insert("values".into(), Value::Array(values));
     Ok(Value::Object(env))
@@ -100,14 +89,13 @@ impl FieldSpec {
             if raw.trim().is_empty() {
                 continue;
             }
-            let (list, path) =
-                if let Some(p) = raw.strip_prefix('+').or_else(|| raw.strip_prefix(' ')) {
-                    (&mut out.add, p)
-                } else if let Some(p) = raw.strip_prefix('-') {
-                    (&mut out.remove, p)
-                } else {
-                    (&mut out.include, raw)
-                };
+            let (list, path) = if let Some(p) = raw.strip_prefix('+').or_else(|| raw.strip_prefix(' ')) {
+                (&mut out.add, p)
+            } else if let Some(p) = raw.strip_prefix('-') {
+                (&mut out.remove, p)
+            } else {
+                (&mut out.include, raw)
+            };
             let segs: Vec<String> = path
                 .trim()
                 .split('.')
@@ -133,11 +121,7 @@ pub fn apply_fields(value: Value, spec: &FieldSpec, hidden: &[&str]) -> Value {
     let mut value = value;
     for h in hidden {
         let hp: Vec<String> = h.split('.').map(str::to_string).collect();
-        let named = spec
-            .include
-            .iter()
-            .chain(spec.add.iter())
-            .any(|p| path_matches(p, &hp));
+        let named = spec.include.iter().chain(spec.add.iter()).any(|p| path_matches(p, &hp));
         if !named {
             remove_path(&mut value, &hp);
         }
@@ -162,9 +146,7 @@ fn project(value: &Value, paths: &[&Vec<String>]) -> Option<Value> {
         return Some(value.clone());
     }
     match value {
-        Value::Array(items) => Some(Value::Array(
-            items.iter().filter_map(|v| project(v, paths)).collect(),
-        )),
+        Value::Array(items) => Some(Value::Array(items.iter().filter_map(|v| project(v, paths)).collect())),
         Value::Object(map) => {
             let mut out = Map::new();
             for (k, v) in map {
@@ -288,8 +270,7 @@ impl Bbql {
                 }
                 i += 1;
             }
-            if !["=", "!=", "~", "!~", ">", ">=", "<", "<=", "IN", "NOT IN"].contains(&op.as_str())
-            {
+            if !["=", "!=", "~", "!~", ">", ">=", "<", "<=", "IN", "NOT IN"].contains(&op.as_str()) {
                 return Err(ApiError::bad_request(&format!(
                     "Operator {op} is not supported by the simulator"
                 )));
@@ -297,14 +278,11 @@ impl Bbql {
             if op == "==" {
                 op = "=".into();
             }
-            any_of
-                .last_mut()
-                .expect("any_of is never empty")
-                .push(Clause {
-                    path: field.split('.').map(str::to_string).collect(),
-                    op,
-                    values,
-                });
+            any_of.last_mut().expect("any_of is never empty").push(Clause {
+                path: field.split('.').map(str::to_string).collect(),
+                op,
+                values,
+            });
             match tokens.get(i) {
                 None => break,
                 Some(Tok::Word(w)) if w.eq_ignore_ascii_case("and") => i += 1,
@@ -471,10 +449,7 @@ mod tests {
     use super::*;
 
     fn q(pairs: &[(&str, &str)]) -> Query {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -506,12 +481,7 @@ mod tests {
             assert_eq!(err.status, 400);
             assert_eq!(err.message, "Invalid pagelen");
         }
-        assert_eq!(
-            paginate(items, &q(&[("page", "4")]), "u", 100)
-                .unwrap_err()
-                .status,
-            404
-        );
+        assert_eq!(paginate(items, &q(&[("page", "4")]), "u", 100).unwrap_err().status, 404);
     }
 
     #[test]
@@ -525,22 +495,11 @@ mod tests {
         let hidden = ["values.user.email"];
         let default = apply_fields(body.clone(), &FieldSpec::parse(""), &hidden);
         assert!(default["values"][0]["user"].get("email").is_none());
-        let plus = apply_fields(
-            body.clone(),
-            &FieldSpec::parse("+values.user.email"),
-            &hidden,
-        );
+        let plus = apply_fields(body.clone(), &FieldSpec::parse("+values.user.email"), &hidden);
         assert_eq!(plus["values"][0]["user"]["email"], "e");
         assert_eq!(plus["size"], 1);
-        let only = apply_fields(
-            body.clone(),
-            &FieldSpec::parse("values.user.uuid,next"),
-            &hidden,
-        );
-        assert_eq!(
-            only,
-            json!({"next": "n", "values": [{"user": {"uuid": "u"}}]})
-        );
+        let only = apply_fields(body.clone(), &FieldSpec::parse("values.user.uuid,next"), &hidden);
+        assert_eq!(only, json!({"next": "n", "values": [{"user": {"uuid": "u"}}]}));
         let minus = apply_fields(body.clone(), &FieldSpec::parse("-values.links"), &hidden);
         assert!(minus["values"][0].get("links").is_none());
         assert!(minus["values"][0]["user"].get("links").is_some());
@@ -555,43 +514,16 @@ mod tests {
         let item = json!({"slug": "acme", "project": {"key": "K"}, "user": {"email": "a@x"}});
         assert!(Bbql::parse(r#"slug="acme""#).unwrap().matches(&item));
         assert!(!Bbql::parse(r#"slug = "other""#).unwrap().matches(&item));
-        assert!(
-            Bbql::parse(r#"project.key="K" AND slug~"ac""#)
-                .unwrap()
-                .matches(&item)
-        );
-        assert!(
-            Bbql::parse(r#"slug="zz" OR project.key="K""#)
-                .unwrap()
-                .matches(&item)
-        );
-        assert!(
-            Bbql::parse(r#"user.email IN ("b@x", "a@x")"#)
-                .unwrap()
-                .matches(&item)
-        );
-        assert!(
-            !Bbql::parse(r#"user.email NOT IN ("a@x")"#)
-                .unwrap()
-                .matches(&item)
-        );
+        assert!(Bbql::parse(r#"project.key="K" AND slug~"ac""#).unwrap().matches(&item));
+        assert!(Bbql::parse(r#"slug="zz" OR project.key="K""#).unwrap().matches(&item));
+        assert!(Bbql::parse(r#"user.email IN ("b@x", "a@x")"#).unwrap().matches(&item));
+        assert!(!Bbql::parse(r#"user.email NOT IN ("a@x")"#).unwrap().matches(&item));
         let perm = json!({"permission": "write", "size": 5});
         assert!(Bbql::parse(r#"permission>"read""#).unwrap().matches(&perm));
         assert!(!Bbql::parse(r#"permission>"write""#).unwrap().matches(&perm));
-        assert!(
-            Bbql::parse(r#"permission>="write""#)
-                .unwrap()
-                .matches(&perm)
-        );
+        assert!(Bbql::parse(r#"permission>="write""#).unwrap().matches(&perm));
         assert!(Bbql::parse("size < 10").unwrap().matches(&perm));
-        for bad in [
-            "",
-            "slug",
-            "slug=",
-            r#"slug="x" AND"#,
-            r#"slug="x"#,
-            "a >< \"b\"",
-        ] {
+        for bad in ["", "slug", "slug=", r#"slug="x" AND"#, r#"slug="x"#, "a >< \"b\""] {
             assert_eq!(Bbql::parse(bad).unwrap_err().status, 400, "{bad}");
         }
     }

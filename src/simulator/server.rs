@@ -212,10 +212,7 @@ impl OrgState {
                 }
             };
             add_users(&repo.user_permissions);
-            let project = idx
-                .projects
-                .get(&repo.project_key)
-                .map(|&p| &wsp.projects[p]);
+            let project = idx.projects.get(&repo.project_key).map(|&p| &wsp.projects[p]);
             if let Some(p) = project {
                 add_users(&p.user_permissions);
             }
@@ -302,10 +299,7 @@ impl App {
     }
 
     fn effective(&self, st: &OrgState, w: usize) -> Effective {
-        let mut cache = self
-            .effective_cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut cache = self.effective_cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((g, v)) = cache.get(&w)
             && *g == st.generation
         {
@@ -374,10 +368,9 @@ impl Route {
             Route::ProjectPerms(..) => "project-permissions",
             Route::Repos(_) | Route::Repo(..) => "repositories",
             Route::RepoPerms(..) => "repository-permissions",
-            Route::Groups10(_)
-            | Route::Groups10Filter
-            | Route::Group10Members(..)
-            | Route::Group10Member(..) => "groups-1.0",
+            Route::Groups10(_) | Route::Groups10Filter | Route::Group10Members(..) | Route::Group10Member(..) => {
+                "groups-1.0"
+            }
         }
     }
 
@@ -394,31 +387,19 @@ impl Route {
             ["2.0", "user"] => Route::User,
             ["2.0", "users", id] => Route::UserById(o(id)),
             ["2.0", "user", "workspaces"] => Route::UserWorkspaces,
-            ["2.0", "user", "workspaces", ws, "permission"] => {
-                Route::UserWorkspacePermission(o(ws))
-            }
+            ["2.0", "user", "workspaces", ws, "permission"] => Route::UserWorkspacePermission(o(ws)),
             ["2.0", "workspaces"] => Route::WorkspacesRetired,
             ["2.0", "workspaces", ws] => Route::Workspace(o(ws)),
             ["2.0", "workspaces", ws, "members"] => Route::Members(o(ws)),
             ["2.0", "workspaces", ws, "members", m] => Route::Member(o(ws), o(m)),
             ["2.0", "workspaces", ws, "permissions"] => Route::WsPermissions(o(ws)),
-            ["2.0", "workspaces", ws, "permissions", "repositories"] => {
-                Route::EffectiveRepos(o(ws), None)
-            }
-            ["2.0", "workspaces", ws, "permissions", "repositories", r] => {
-                Route::EffectiveRepos(o(ws), Some(o(r)))
-            }
+            ["2.0", "workspaces", ws, "permissions", "repositories"] => Route::EffectiveRepos(o(ws), None),
+            ["2.0", "workspaces", ws, "permissions", "repositories", r] => Route::EffectiveRepos(o(ws), Some(o(r))),
             ["2.0", "workspaces", ws, "projects"] => Route::Projects(o(ws)),
             ["2.0", "workspaces", ws, "projects", k] => Route::Project(o(ws), o(k)),
-            [
-                "2.0" | "1.0",
-                "workspaces",
-                ws,
-                "projects",
-                k,
-                "permissions-config",
-                kd,
-            ] => Route::ProjectPerms(o(ws), o(k), kind(kd)?, None),
+            ["2.0" | "1.0", "workspaces", ws, "projects", k, "permissions-config", kd] => {
+                Route::ProjectPerms(o(ws), o(k), kind(kd)?, None)
+            }
             [
                 "2.0" | "1.0",
                 "workspaces",
@@ -431,9 +412,7 @@ impl Route {
             ] => Route::ProjectPerms(o(ws), o(k), kind(kd)?, Some(o(id))),
             ["2.0", "repositories", ws] => Route::Repos(o(ws)),
             ["2.0", "repositories", ws, r] => Route::Repo(o(ws), o(r)),
-            ["2.0", "repositories", ws, r, "permissions-config", kd] => {
-                Route::RepoPerms(o(ws), o(r), kind(kd)?, None)
-            }
+            ["2.0", "repositories", ws, r, "permissions-config", kd] => Route::RepoPerms(o(ws), o(r), kind(kd)?, None),
             ["2.0", "repositories", ws, r, "permissions-config", kd, id] => {
                 Route::RepoPerms(o(ws), o(r), kind(kd)?, Some(o(id)))
             }
@@ -504,10 +483,7 @@ pub async fn handle(State(app): State<Arc<App>>, req: Request) -> Response {
     let response = {
         let fail_rate = f64::from_bits(app.fail_rate_bits.load(Ordering::Relaxed));
         if let Some(status) = fault_for(app.seed, n, fail_rate) {
-            app.stats
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .injected_faults += 1;
+            app.stats.lock().unwrap_or_else(|e| e.into_inner()).injected_faults += 1;
             let msg = match status {
                 500 => "Something went wrong",
                 502 => "Bad gateway",
@@ -520,8 +496,7 @@ pub async fn handle(State(app): State<Arc<App>>, req: Request) -> Response {
                 let e = ApiError::new(405, "Method not allowed");
                 json_response(405, &e.body())
             } else {
-                let form: Vec<(String, String)> =
-                    url::form_urlencoded::parse(&body).into_owned().collect();
+                let form: Vec<(String, String)> = url::form_urlencoded::parse(&body).into_owned().collect();
                 let (status, v) = app.auth.token_endpoint(authorization.as_deref(), &form);
                 json_response(status, &v)
             }
@@ -536,18 +511,12 @@ pub async fn handle(State(app): State<Arc<App>>, req: Request) -> Response {
                     r
                 }
                 Ok((principal, key)) => {
-                    let limited = app
-                        .limiter
-                        .as_ref()
-                        .and_then(|l| l.check(&key, Instant::now()).err());
+                    let limited = app.limiter.as_ref().and_then(|l| l.check(&key, Instant::now()).err());
                     if let Some(wait) = limited {
-                        let e =
-                            ApiError::new(429, "Rate limit for this resource has been exceeded.");
+                        let e = ApiError::new(429, "Rate limit for this resource has been exceeded.");
                         let mut r = json_response(429, &e.body());
-                        r.headers_mut().insert(
-                            header::RETRY_AFTER,
-                            HeaderValue::from(retry_after_secs(wait)),
-                        );
+                        r.headers_mut()
+                            .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(wait)));
                         r
                     } else {
                         let origin = parts
@@ -555,9 +524,7 @@ pub async fn handle(State(app): State<Arc<App>>, req: Request) -> Response {
                             .get(header::HOST)
                             .and_then(|h| h.to_str().ok())
                             .filter(|h| {
-                                !h.is_empty()
-                                    && h.chars()
-                                        .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
+                                !h.is_empty() && h.chars().all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
                             })
                             .map(|h| format!("http://{h}"))
                             .unwrap_or_else(|| app.base_url.clone());
@@ -773,10 +740,7 @@ impl App {
     fn project_json(&self, st: &OrgState, w: usize, p: usize) -> Value {
         let ws = &st.org.workspaces[w];
         let pr = &ws.projects[p];
-        let public_repos = ws
-            .repositories
-            .iter()
-            .any(|r| r.project_key == pr.key && !r.is_private);
+        let public_repos = ws.repositories.iter().any(|r| r.project_key == pr.key && !r.is_private);
         let mut v = self.project_short(st, w, p);
         let o = v.as_object_mut().expect("object");
         o.insert(
@@ -810,15 +774,8 @@ impl App {
     fn repo_json(&self, st: &OrgState, w: usize, r: usize) -> Value {
         let ws = &st.org.workspaces[w];
         let repo = &ws.repositories[r];
-        let p = st.ws[w]
-            .projects
-            .get(&repo.project_key)
-            .copied()
-            .unwrap_or(0);
-        let b = format!(
-            "{}/2.0/repositories/{}/{}",
-            self.base_url, ws.slug, repo.slug
-        );
+        let p = st.ws[w].projects.get(&repo.project_key).copied().unwrap_or(0);
+        let b = format!("{}/2.0/repositories/{}/{}", self.base_url, ws.slug, repo.slug);
         json!({
             "type": "repository",
             "uuid": repo.uuid,
@@ -978,10 +935,7 @@ fn compare_at(a: &Value, b: &Value, field: &str) -> std::cmp::Ordering {
             .unwrap_or(Value::Null)
     };
     match (get(a), get(b)) {
-        (Value::Number(x), Value::Number(y)) => x
-            .as_f64()
-            .unwrap_or(0.0)
-            .total_cmp(&y.as_f64().unwrap_or(0.0)),
+        (Value::Number(x), Value::Number(y)) => x.as_f64().unwrap_or(0.0).total_cmp(&y.as_f64().unwrap_or(0.0)),
         (Value::Null, Value::Null) => std::cmp::Ordering::Equal,
         (Value::Null, _) => std::cmp::Ordering::Less,
         (_, Value::Null) => std::cmp::Ordering::Greater,
@@ -1001,17 +955,10 @@ fn check_member_query(ctx: &Ctx, extra: &[&str]) -> Result<(), ApiError> {
     let Some(q) = param(&ctx.query, "q").filter(|q| !q.trim().is_empty()) else {
         return Ok(());
     };
-    let allowed = [
-        "user.email",
-        "user.uuid",
-        "user.account_id",
-        "user.nickname",
-    ];
+    let allowed = ["user.email", "user.uuid", "user.account_id", "user.nickname"];
     for (field, n) in Bbql::parse(q)?.clauses() {
         if !allowed.contains(&field.as_str()) && !extra.contains(&field.as_str()) {
-            return Err(ApiError::bad_request(&format!(
-                "'{field}' is not a filterable field"
-            )));
+            return Err(ApiError::bad_request(&format!("'{field}' is not a filterable field")));
         }
         if field == "user.email" && n > 90 {
             return Err(ApiError::bad_request(
@@ -1026,10 +973,7 @@ fn require(ctx: &Ctx, allowed: &[Method]) -> Result<(), ApiError> {
     if allowed.contains(&ctx.method) {
         Ok(())
     } else {
-        Err(ApiError::new(
-            405,
-            &format!("Method {} not allowed", ctx.method),
-        ))
+        Err(ApiError::new(405, &format!("Method {} not allowed", ctx.method)))
     }
 }
 
@@ -1052,11 +996,7 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
                 return ok(app.pseudo_user.clone());
             }
             let st = app.read();
-            let admin = st
-                .user_by_uuid
-                .get(&app.auth.creds.admin_uuid)
-                .copied()
-                .unwrap_or(0);
+            let admin = st.user_by_uuid.get(&app.auth.creds.admin_uuid).copied().unwrap_or(0);
             let mut v = app.user_json(&st, admin, false);
             v["created_on"] = json!(timestamp(&st.org.users[admin].uuid, 0));
             v["has_2fa_enabled"] = json!(true);
@@ -1097,9 +1037,7 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
             match param(&ctx.query, "sort") {
                 None | Some("slug") | Some("-slug") => {}
                 Some(other) => {
-                    return Err(ApiError::bad_request(&format!(
-                        "Invalid sort field: {other}"
-                    )));
+                    return Err(ApiError::bad_request(&format!("Invalid sort field: {other}")));
                 }
             }
             order.sort_by(|a, b| st.org.workspaces[*a].slug.cmp(&st.org.workspaces[*b].slug));
@@ -1145,11 +1083,7 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
                     "workspace": app.workspace_full(&st, w),
                 }));
             }
-            let admin = st
-                .user_by_uuid
-                .get(&app.auth.creds.admin_uuid)
-                .copied()
-                .unwrap_or(0);
+            let admin = st.user_by_uuid.get(&app.auth.creds.admin_uuid).copied().unwrap_or(0);
             let mut v = app.membership_json(&st, w, admin, true);
             v["workspace"] = app.workspace_full(&st, w);
             Ok((200, v, vec!["user.email"]))
@@ -1166,12 +1100,7 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
             let w = ws_or_404(&st, ws)?;
             check_member_query(ctx, &[])?;
             let order = &st.ws[w].member_order;
-            let v = app.list(
-                ctx,
-                order.len(),
-                |i| app.membership_json(&st, w, order[i], false),
-                None,
-            )?;
+            let v = app.list(ctx, order.len(), |i| app.membership_json(&st, w, order[i], false), None)?;
             Ok((200, v, vec!["values.user.email"]))
         }
         Route::Member(ws, m) => {
@@ -1182,11 +1111,7 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
                 .user(m, false)
                 .filter(|u| st.ws[w].members.contains_key(u))
                 .ok_or_else(|| ApiError::not_found(&format!("{m} is not a member of {ws}")))?;
-            Ok((
-                200,
-                app.membership_json(&st, w, u, false),
-                vec!["user.email"],
-            ))
+            Ok((200, app.membership_json(&st, w, u, false), vec!["user.email"]))
         }
         Route::WsPermissions(ws) => {
             require(ctx, &[Method::GET])?;
@@ -1195,12 +1120,7 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
             let w = ws_or_404(&st, ws)?;
             check_member_query(ctx, &["permission"])?;
             let order = &st.ws[w].member_order;
-            let v = app.list(
-                ctx,
-                order.len(),
-                |i| app.membership_json(&st, w, order[i], true),
-                None,
-            )?;
+            let v = app.list(ctx, order.len(), |i| app.membership_json(&st, w, order[i], true), None)?;
             Ok((200, v, vec!["values.user.email"]))
         }
         Route::EffectiveRepos(ws, repo) => {
@@ -1212,9 +1132,9 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
             let entries: Vec<(usize, usize, u8)> = match repo {
                 None => all.to_vec(),
                 Some(slug) => {
-                    let r = st.repo(w, slug).ok_or_else(|| {
-                        ApiError::not_found(&format!("Repository {ws}/{slug} not found"))
-                    })?;
+                    let r = st
+                        .repo(w, slug)
+                        .ok_or_else(|| ApiError::not_found(&format!("Repository {ws}/{slug} not found")))?;
                     all.iter().copied().filter(|e| e.0 == r).collect()
                 }
             };
@@ -1280,9 +1200,7 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
                     continue;
                 }
                 let Some((ws, g)) = v.split_once('/') else {
-                    return Err(ApiError::bad_request(
-                        "group must be {workspace}/{group_slug}",
-                    ));
+                    return Err(ApiError::bad_request("group must be {workspace}/{group_slug}"));
                 };
                 // Unknown workspaces or groups are skipped, like Bitbucket.
                 let found = st
@@ -1336,28 +1254,19 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
                         .map_err(|_| ApiError::bad_request("Invalid JSON body"))?;
                 }
                 if !st.ws[w].members.contains_key(&u) {
-                    return Err(ApiError::not_found(&format!(
-                        "{m} is not a member of workspace {ws}"
-                    )));
+                    return Err(ApiError::not_found(&format!("{m} is not a member of workspace {ws}")));
                 }
                 if is_member {
-                    return Err(ApiError::new(
-                        409,
-                        &format!("{m} is already a member of group {g}"),
-                    ));
+                    return Err(ApiError::new(409, &format!("{m} is already a member of group {g}")));
                 }
                 st.org.workspaces[w].groups[gi].members.push(uuid);
                 st.generation += 1;
                 ok(app.member10_json(&st, u))
             } else {
                 if !is_member {
-                    return Err(ApiError::not_found(&format!(
-                        "{m} is not a member of group {g}"
-                    )));
+                    return Err(ApiError::not_found(&format!("{m} is not a member of group {g}")));
                 }
-                st.org.workspaces[w].groups[gi]
-                    .members
-                    .retain(|x| *x != uuid);
+                st.org.workspaces[w].groups[gi].members.retain(|x| *x != uuid);
                 st.generation += 1;
                 Ok((204, Value::Null, Vec::new()))
             }
@@ -1383,12 +1292,7 @@ fn ws10_or_404(st: &OrgState, ws: &str) -> Result<usize, ApiError> {
 fn project_or_404(st: &OrgState, w: usize, key: &str) -> Result<usize, ApiError> {
     let by_key = st.ws[w].projects.get(key).copied();
     by_key
-        .or_else(|| {
-            st.org.workspaces[w]
-                .projects
-                .iter()
-                .position(|p| p.uuid == key)
-        })
+        .or_else(|| st.org.workspaces[w].projects.iter().position(|p| p.uuid == key))
         .ok_or_else(|| ApiError::not_found(&format!("Project {key} not found")))
 }
 
@@ -1420,10 +1324,7 @@ impl Guard<'_> {
     fn get_mut(&mut self) -> Result<&mut OrgState, ApiError> {
         match self {
             Guard::Write(g) => Ok(g),
-            Guard::Read(_) => Err(ApiError::new(
-                500,
-                "internal error: write under a read lock",
-            )),
+            Guard::Read(_) => Err(ApiError::new(500, "internal error: write under a read lock")),
         }
     }
 }
@@ -1433,14 +1334,7 @@ enum Target<'a> {
     Repo(&'a str),
 }
 
-fn permissions_config(
-    app: &App,
-    ctx: &Ctx,
-    ws: &str,
-    target: Target,
-    kind: Kind,
-    id: Option<&str>,
-) -> Reply {
+fn permissions_config(app: &App, ctx: &Ctx, ws: &str, target: Target, kind: Kind, id: Option<&str>) -> Reply {
     let writing = ctx.method == Method::PUT || ctx.method == Method::DELETE;
     if id.is_some() {
         require(ctx, &[Method::GET, Method::PUT, Method::DELETE])?;
@@ -1498,14 +1392,12 @@ fn permissions_config(
             Kind::Users => {
                 let u = st.user_by_uuid.get(&perm.principal).copied().unwrap_or(0);
                 v["user"] = app.user_json(st, u, false);
-                v["links"] =
-                    json!({"self": link(format!("{base}/users/{}", enc(&perm.principal)))});
+                v["links"] = json!({"self": link(format!("{base}/users/{}", enc(&perm.principal)))});
             }
             Kind::Groups => {
                 let g = st.ws[w].groups.get(&perm.principal).copied().unwrap_or(0);
                 v["group"] = app.group_json(st, w, g);
-                v["links"] =
-                    json!({"self": link(format!("{base}/groups/{}", enc(&perm.principal)))});
+                v["links"] = json!({"self": link(format!("{base}/groups/{}", enc(&perm.principal)))});
             }
         }
         if is_project {
@@ -1527,9 +1419,7 @@ fn permissions_config(
 
     let Some(id) = id else {
         if param(&ctx.query, "q").is_some() {
-            return Err(ApiError::bad_request(
-                "This endpoint does not support BBQL filtering",
-            ));
+            return Err(ApiError::bad_request("This endpoint does not support BBQL filtering"));
         }
         let list = perms(&st);
         let url = app.self_url(ctx);
@@ -1614,13 +1504,7 @@ fn permissions_config(
     Ok((204, Value::Null, Vec::new()))
 }
 
-fn perms_mut(
-    st: &mut OrgState,
-    w: usize,
-    t: usize,
-    is_project: bool,
-    kind: Kind,
-) -> &mut Vec<Permission> {
+fn perms_mut(st: &mut OrgState, w: usize, t: usize, is_project: bool, kind: Kind) -> &mut Vec<Permission> {
     let wsp = &mut st.org.workspaces[w];
     match (is_project, kind) {
         (true, Kind::Users) => &mut wsp.projects[t].user_permissions,
@@ -1637,18 +1521,11 @@ fn validate_permission_body(body: &[u8], allowed: &[&str]) -> Result<String, Api
         e.fields = Some(json!({ field: [msg] }));
         e
     };
-    let v: Value = serde_json::from_slice(body).map_err(|_| {
-        invalid(
-            "permission",
-            "The request body must be a JSON object".into(),
-        )
-    })?;
-    let obj = v.as_object().ok_or_else(|| {
-        invalid(
-            "permission",
-            "The request body must be a JSON object".into(),
-        )
-    })?;
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|_| invalid("permission", "The request body must be a JSON object".into()))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| invalid("permission", "The request body must be a JSON object".into()))?;
     if let Some(extra) = obj.keys().find(|k| k.as_str() != "permission") {
         return Err(invalid(extra, format!("Unexpected property '{extra}'")));
     }
@@ -1719,11 +1596,7 @@ mod tests {
                     is_private: true,
                     // `none` on the repository does not cancel the group grant;
                     // u5 is not a workspace member but keeps the grant.
-                    user_permissions: vec![
-                        grant("{u1}", "none"),
-                        grant("{u2}", "admin"),
-                        grant("{u5}", "read"),
-                    ],
+                    user_permissions: vec![grant("{u1}", "none"), grant("{u2}", "admin"), grant("{u5}", "read")],
                     group_permissions: vec![grant("devs", "write")],
                 }],
             }],
@@ -1737,12 +1610,7 @@ mod tests {
         // u0 (owner, no grants) and u4 (`none` only) are absent.
         assert_eq!(
             got,
-            vec![
-                (0, 1, "write"),
-                (0, 2, "admin"),
-                (0, 3, "write"),
-                (0, 5, "read")
-            ]
+            vec![(0, 1, "write"), (0, 2, "admin"), (0, 3, "write"), (0, 5, "read")]
         );
     }
 
@@ -1756,11 +1624,7 @@ mod tests {
     #[test]
     fn routes() {
         let p = |s: &str| {
-            let segs: Vec<String> = s
-                .split('/')
-                .filter(|x| !x.is_empty())
-                .map(str::to_string)
-                .collect();
+            let segs: Vec<String> = s.split('/').filter(|x| !x.is_empty()).map(str::to_string).collect();
             Route::parse(&segs).map(|r| r.class())
         };
         assert_eq!(p("/2.0/user"), Some("user"));
