@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use bitbucket_operator::{simulator, telemetry};
+use bitbucket_operator::{access, crd, simulator, sync, telemetry};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -19,16 +19,33 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Sync Bitbucket into a SQLite file once (no cluster needed); `--demo`
+    /// syncs the built-in simulator.
+    Sync(sync::cli::SyncArgs),
     /// Serve a simulated Bitbucket Cloud API on loopback.
     Simulate(simulator::cli::SimulateArgs),
+    /// Effective access from a store file: who can reach a repository, what a user can reach.
+    Access(access::cli::AccessArgs),
+    /// Print the CustomResourceDefinitions as multi-document YAML (or write
+    /// them into crds/ and the chart with --write).
+    Crd(crd::cli::CrdArgs),
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format, "info");
+    // One-shot commands keep stderr for their own progress lines; services
+    // log at info.
+    let default_level = match cli.command {
+        Command::Sync(_) | Command::Access(_) | Command::Crd(_) => "warn",
+        _ => "info",
+    };
+    telemetry::init(cli.log_format, default_level);
     let result = match cli.command {
+        Command::Sync(args) => sync::cli::run(args).await,
         Command::Simulate(args) => simulator::cli::run(args).await,
+        Command::Access(args) => access::cli::run(args),
+        Command::Crd(args) => crd::cli::run(args),
     };
     match result {
         Ok(code) => code,

@@ -1,1 +1,21 @@
-//! Bitbucket Cloud REST client.
+//! Bitbucket Cloud REST client for what an identity-governance connector
+//! needs: reads for sync, permission writes for provisioning, built against
+//! `shared/bitbucket/API-CONTRACT.md` and Atlassian's OpenAPI document.
+//!
+//! - [`Credentials`]: API token (Basic, email + token), access token (Bearer)
+//!   or OAuth consumer (client credentials); secrets redacted in `Debug`.
+//! - [`Limiter`]: a rolling-window limiter plus in-flight cap, shared by every
+//!   client using the same credential.
+//! - [`Client`]: typed endpoints, paginated listings as streams of pages,
+//!   retries, and one typed [`Error`].
+
+mod client;
+mod credentials;
+mod error;
+mod limiter;
+pub mod models;
+
+pub use client::{Client, ClientConfig, DEFAULT_API_URL, DEFAULT_TOKEN_URL, MembershipChange, RequestObserver};
+pub use credentials::Credentials;
+pub use error::{EMAIL_HINT, EndpointClass, Error, ErrorKind};
+pub use limiter::{Limiter, Limits, Permit};

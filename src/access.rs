@@ -1,0 +1,672 @@
+//! Effective access, derived from the store's current data of one connector.
+//!
+//! Bitbucket grants permissions explicitly on repositories and projects, to
+//! users and to groups; workspace owners administer everything. A user's
+//! effective permission on a repository is the highest of:
+//!
+//! - a grant on the repository to the user (`direct`);
+//! - grants on the repository to groups the user is a member of (`group devs`);
+//! - a grant on the repository's project to the user (`project KEY`);
+//! - grants on the project to the user's groups (`project KEY via group devs`);
+//! - owning the repository's workspace (`workspace owner`, always `admin`).
+//!
+//! A project's `create-repo` counts as `write` on its repositories. Project
+//! permissions order `read < write < create-repo < admin`; repository
+//! permissions `read < write < admin`. Every path is reported (`via`), so a
+//! reviewer sees why a user has access, not only that they have it.
+//!
+//! Principals the sync could not match to a workspace member (a former member,
+//! a deleted account) are kept and flagged `unknown_principal`.
+
+pub mod cli;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Resource, ResourceType};
+use crate::store::{HeldGrant, Store, StoreError};
+
+/// A permission level, lowest first (the derived order is the ranking).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Permission {
+    Read,
+    Write,
+    CreateRepo,
+    Admin,
+}
+
+impl Permission {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::Read => "read",
+            Permission::Write => "write",
+            Permission::CreateRepo => "create-repo",
+            Permission::Admin => "admin",
+        }
+    }
+
+    /// Parses an entitlement slug (`read`, `write`, `create-repo`, `admin`).
+    pub fn parse(slug: &str) -> Option<Self> {
+        match slug {
+            "read" => Some(Permission::Read),
+            "write" => Some(Permission::Write),
+            "create-repo" => Some(Permission::CreateRepo),
+            "admin" => Some(Permission::Admin),
+            _ => None,
+        }
+    }
+
+    /// What this project permission means on the project's repositories
+    /// (`create-repo` is `write`).
+    pub fn on_repository(self) -> Self {
+        match self {
+            Permission::CreateRepo => Permission::Write,
+            p => p,
+        }
+    }
+}
+
+impl fmt::Display for Permission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One reason a principal holds access.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AccessPath {
+    /// `direct`, `group devs`, `project KEY`, `project KEY via group devs`, `workspace owner`.
+    pub via: String,
+    pub permission: Permission,
+}
+
+/// A user with access to one repository.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessEntry {
+    pub user_id: String,
+    pub nickname: Option<String>,
+    pub display_name: Option<String>,
+    pub account_id: Option<String>,
+    /// `active` / `inactive`, from the accounts sync.
+    pub status: Option<String>,
+    /// The effective (highest) permission.
+    pub permission: Permission,
+    /// Every path, highest permission first.
+    pub via: Vec<AccessPath>,
+    /// The user is not a known workspace member (see module docs).
+    pub unknown_principal: bool,
+}
+
+/// Who a user is, as far as the store knows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRef {
+    pub id: String,
+    pub nickname: Option<String>,
+    pub display_name: Option<String>,
+    pub account_id: Option<String>,
+    pub status: Option<String>,
+    pub unknown_principal: bool,
+}
+
+/// A workspace a user belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceAccess {
+    pub id: String,
+    pub slug: String,
+    pub name: String,
+    /// `member`, `owner`.
+    pub roles: Vec<String>,
+}
+
+/// A group a user is a member of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupAccess {
+    pub id: String,
+    pub slug: String,
+    pub name: String,
+    pub workspace: String,
+}
+
+/// Effective access to one project or repository.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceAccess {
+    pub id: String,
+    /// `workspace/KEY` for projects, `workspace/slug` for repositories.
+    pub name: String,
+    pub display_name: String,
+    pub permission: Permission,
+    pub via: Vec<AccessPath>,
+}
+
+/// Everything one user can reach.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserAccess {
+    pub user: UserRef,
+    pub workspaces: Vec<WorkspaceAccess>,
+    pub groups: Vec<GroupAccess>,
+    pub projects: Vec<ResourceAccess>,
+    pub repositories: Vec<ResourceAccess>,
+}
+
+/// Errors of access queries.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    #[error("repository {repository:?} not found in connector {connector:?}{hint}")]
+    UnknownRepository {
+        connector: String,
+        repository: String,
+        hint: String,
+    },
+    #[error("user {user:?} not found in connector {connector:?} (give a uuid, account id or nickname){hint}")]
+    UnknownUser {
+        connector: String,
+        user: String,
+        hint: String,
+    },
+    #[error("user {user:?} is ambiguous in connector {connector:?}: it matches {matches}")]
+    AmbiguousUser {
+        connector: String,
+        user: String,
+        matches: String,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn text(r: &Resource, key: &str) -> Option<String> {
+    r.profile.get(key).and_then(|v| v.as_str()).map(str::to_owned)
+}
+
+/// The last `:`-separated part of a group id `{ws}:{slug}`.
+fn id_suffix(id: &str) -> &str {
+    id.rsplit_once(':').map_or(id, |(_, s)| s)
+}
+
+/// A hint for "not found" errors: is the connector empty? which exist?
+fn connector_hint(store: &Store, connector: &str, kind: crate::model::SyncKind) -> Result<String, StoreError> {
+    if store.current_generation(connector, kind)?.is_some() {
+        return Ok(String::new());
+    }
+    let known = store.connectors()?;
+    Ok(if known.is_empty() {
+        format!(" (the store holds no synced {kind})")
+    } else {
+        format!(
+            " (connector {connector:?} has no synced {kind}; connectors in the store: {})",
+            known.join(", ")
+        )
+    })
+}
+
+/// Finds a repository by full name `workspace/slug` (any case) or by resource id.
+pub fn find_repository(store: &Store, connector: &str, repository: &str) -> Result<Resource, AccessError> {
+    if let Some(r) = store.resource(connector, repository)?
+        && r.resource_type == ResourceType::Repository
+    {
+        return Ok(r);
+    }
+    if let Some(r) = store
+        .find_resources(connector, ResourceType::Repository, "full_name", repository)?
+        .into_iter()
+        .next()
+    {
+        return Ok(r);
+    }
+    Err(AccessError::UnknownRepository {
+        connector: connector.to_owned(),
+        repository: repository.to_owned(),
+        hint: connector_hint(store, connector, crate::model::SyncKind::Repositories)?,
+    })
+}
+
+/// Finds a user by uuid (braces optional), account id or nickname. A uuid
+/// that only appears as a grant principal gives an unknown-principal user.
+pub fn find_user(store: &Store, connector: &str, user: &str) -> Result<UserRef, AccessError> {
+    let braced = if user.starts_with('{') {
+        user.to_owned()
+    } else {
+        format!("{{{user}}}")
+    };
+    for id in [user, braced.as_str()] {
+        if let Some(r) = store.resource(connector, id)?
+            && r.resource_type == ResourceType::User
+        {
+            return Ok(user_ref(&r));
+        }
+    }
+    for field in ["account_id", "nickname"] {
+        let found = store.find_resources(connector, ResourceType::User, field, user)?;
+        match found.len() {
+            0 => {}
+            1 => return Ok(user_ref(&found[0])),
+            _ => {
+                return Err(AccessError::AmbiguousUser {
+                    connector: connector.to_owned(),
+                    user: user.to_owned(),
+                    matches: found.iter().map(|r| r.id.as_str()).collect::<Vec<_>>().join(", "),
+                });
+            }
+        }
+    }
+    for id in [user, braced.as_str()] {
+        if store
+            .grants_held_by(connector, id)?
+            .iter()
+            .any(|g| g.grant.principal_type == ResourceType::User)
+        {
+            return Ok(unknown_user(id));
+        }
+    }
+    Err(AccessError::UnknownUser {
+        connector: connector.to_owned(),
+        user: user.to_owned(),
+        hint: connector_hint(store, connector, crate::model::SyncKind::Accounts)?,
+    })
+}
+
+fn user_ref(r: &Resource) -> UserRef {
+    UserRef {
+        id: r.id.clone(),
+        nickname: text(r, "nickname"),
+        display_name: Some(r.display_name.clone()),
+        account_id: text(r, "account_id"),
+        status: text(r, "status"),
+        unknown_principal: false,
+    }
+}
+
+fn unknown_user(id: &str) -> UserRef {
+    UserRef {
+        id: id.to_owned(),
+        nickname: None,
+        display_name: None,
+        account_id: None,
+        status: None,
+        unknown_principal: true,
+    }
+}
+
+/// Paths collected per key (user id or resource id).
+#[derive(Default)]
+struct Paths {
+    by_key: BTreeMap<String, (HashSet<AccessPath>, bool)>,
+}
+
+impl Paths {
+    fn add(&mut self, key: &str, via: String, permission: Permission, unknown: bool) {
+        let entry = self.by_key.entry(key.to_owned()).or_default();
+        entry.0.insert(AccessPath { via, permission });
+        entry.1 |= unknown;
+    }
+}
+
+/// Sorts paths highest first, then by name; returns the effective permission.
+fn rank(paths: HashSet<AccessPath>) -> (Permission, Vec<AccessPath>) {
+    let mut via: Vec<AccessPath> = paths.into_iter().collect();
+    via.sort_by(|a, b| b.permission.cmp(&a.permission).then_with(|| a.via.cmp(&b.via)));
+    (via[0].permission, via)
+}
+
+/// Caches group slugs and group memberships for one query.
+struct Groups<'a> {
+    store: &'a Store,
+    connector: &'a str,
+    members: HashMap<String, Vec<(String, bool)>>,
+    slugs: HashMap<String, String>,
+}
+
+impl<'a> Groups<'a> {
+    fn new(store: &'a Store, connector: &'a str) -> Self {
+        Groups {
+            store,
+            connector,
+            members: HashMap::new(),
+            slugs: HashMap::new(),
+        }
+    }
+
+    /// `(user id, unknown principal)` of each member.
+    fn members(&mut self, group: &str) -> Result<&[(String, bool)], StoreError> {
+        if !self.members.contains_key(group) {
+            let members = self
+                .store
+                .grants_on(self.connector, group)?
+                .into_iter()
+                .filter(|g| g.slug == "member" && g.grant.principal_type == ResourceType::User)
+                .map(|g| (g.grant.principal_id, g.grant.unknown_principal))
+                .collect();
+            self.members.insert(group.to_owned(), members);
+        }
+        Ok(&self.members[group])
+    }
+
+    fn slug(&mut self, group: &str) -> Result<String, StoreError> {
+        if let Some(s) = self.slugs.get(group) {
+            return Ok(s.clone());
+        }
+        let slug = self
+            .store
+            .resource(self.connector, group)?
+            .and_then(|r| text(&r, "slug"))
+            .unwrap_or_else(|| id_suffix(group).to_owned());
+        self.slugs.insert(group.to_owned(), slug.clone());
+        Ok(slug)
+    }
+}
+
+fn permission_of(g: &HeldGrant) -> Option<Permission> {
+    Permission::parse(&g.slug)
+}
+
+/// Every user with access to `repository` (full name `workspace/slug` or
+/// repository resource id), highest permission first, then by nickname.
+pub fn who_can(store: &Store, connector: &str, repository: &str) -> Result<Vec<AccessEntry>, AccessError> {
+    let repo = find_repository(store, connector, repository)?;
+    let mut paths = Paths::default();
+    let mut groups = Groups::new(store, connector);
+    // `prefix` names the project for project grants.
+    let mut add_grants = |grants: Vec<HeldGrant>, prefix: Option<&str>| -> Result<(), StoreError> {
+        for g in grants {
+            let Some(p) = permission_of(&g) else { continue };
+            let p = p.on_repository();
+            match g.grant.principal_type {
+                ResourceType::User => {
+                    let via = prefix.map_or_else(|| "direct".to_owned(), str::to_owned);
+                    paths.add(&g.grant.principal_id, via, p, g.grant.unknown_principal);
+                }
+                ResourceType::UserGroup => {
+                    let slug = groups.slug(&g.grant.principal_id)?;
+                    let via = match prefix {
+                        Some(project) => format!("{project} via group {slug}"),
+                        None => format!("group {slug}"),
+                    };
+                    for (user, unknown) in groups.members(&g.grant.principal_id)?.to_vec() {
+                        paths.add(&user, via.clone(), p, unknown);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    };
+    add_grants(store.grants_on(connector, &repo.id)?, None)?;
+    if let Some(project) = text(&repo, "project_id") {
+        let key = text(&repo, "project_key").unwrap_or_else(|| id_suffix(&project).to_owned());
+        add_grants(store.grants_on(connector, &project)?, Some(&format!("project {key}")))?;
+    }
+    if let Some(ws) = &repo.parent_id {
+        for g in store.grants_on(connector, ws)? {
+            if g.slug == "owner" && g.grant.principal_type == ResourceType::User {
+                paths.add(
+                    &g.grant.principal_id,
+                    "workspace owner".into(),
+                    Permission::Admin,
+                    g.grant.unknown_principal,
+                );
+            }
+        }
+    }
+    // Few users: look each up; many: one pass over all accounts.
+    let all_users: HashMap<String, Resource> = if paths.by_key.len() > 64 {
+        store
+            .resources(connector, Some(ResourceType::User))?
+            .into_iter()
+            .map(|r| (r.id.clone(), r))
+            .collect()
+    } else {
+        HashMap::new()
+    };
+    let mut out = Vec::with_capacity(paths.by_key.len());
+    for (user_id, (set, unknown)) in paths.by_key {
+        let found = match all_users.get(&user_id) {
+            Some(r) => Some(r.clone()),
+            None if all_users.is_empty() => store.resource(connector, &user_id)?,
+            None => None,
+        };
+        let user = match found {
+            Some(r) if r.resource_type == ResourceType::User => user_ref(&r),
+            _ => unknown_user(&user_id),
+        };
+        let (permission, via) = rank(set);
+        out.push(AccessEntry {
+            unknown_principal: unknown || user.unknown_principal,
+            user_id,
+            nickname: user.nickname,
+            display_name: user.display_name,
+            account_id: user.account_id,
+            status: user.status,
+            permission,
+            via,
+        });
+    }
+    out.sort_by(|a, b| {
+        b.permission
+            .cmp(&a.permission)
+            .then_with(|| a.nickname.is_none().cmp(&b.nickname.is_none()))
+            .then_with(|| a.nickname.cmp(&b.nickname))
+            .then_with(|| a.user_id.cmp(&b.user_id))
+    });
+    Ok(out)
+}
+
+/// Everything `user` (uuid, account id or nickname) can reach.
+pub fn access_of(store: &Store, connector: &str, user: &str) -> Result<UserAccess, AccessError> {
+    let user = find_user(store, connector, user)?;
+    let held = store.grants_held_by(connector, &user.id)?;
+    let mut groups = Groups::new(store, connector);
+
+    // Workspaces and groups.
+    let mut workspaces: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut group_ids = Vec::new();
+    for g in held.iter().filter(|g| g.grant.principal_type == ResourceType::User) {
+        match g.resource_type {
+            ResourceType::Workspace => workspaces
+                .entry(g.resource_id.clone())
+                .or_default()
+                .push(g.slug.clone()),
+            ResourceType::UserGroup if g.slug == "member" => group_ids.push(g.resource_id.clone()),
+            _ => {}
+        }
+    }
+    let owned: HashSet<String> = workspaces
+        .iter()
+        .filter(|(_, roles)| roles.iter().any(|r| r == "owner"))
+        .map(|(ws, _)| ws.clone())
+        .collect();
+
+    // Explicit project and repository grants: the user's, then each group's.
+    let mut explicit: Vec<(HeldGrant, Option<String>)> = held.into_iter().map(|g| (g, None)).collect();
+    for gid in &group_ids {
+        let slug = groups.slug(gid)?;
+        for g in store.grants_held_by(connector, gid)? {
+            explicit.push((g, Some(slug.clone())));
+        }
+    }
+
+    let projects_all = store.resources(connector, Some(ResourceType::Project))?;
+    let repos_all = store.resources(connector, Some(ResourceType::Repository))?;
+    let mut repos_by_project: HashMap<String, Vec<&Resource>> = HashMap::new();
+    for r in &repos_all {
+        if let Some(p) = text(r, "project_id") {
+            repos_by_project.entry(p).or_default().push(r);
+        }
+    }
+    let project_index: HashMap<&str, &Resource> = projects_all.iter().map(|p| (p.id.as_str(), p)).collect();
+    let repo_index: HashMap<&str, &Resource> = repos_all.iter().map(|r| (r.id.as_str(), r)).collect();
+    let key_of = |project_id: &str| -> String {
+        project_index
+            .get(project_id)
+            .and_then(|p| text(p, "key"))
+            .unwrap_or_else(|| id_suffix(project_id).to_owned())
+    };
+
+    let mut projects = Paths::default();
+    let mut repos = Paths::default();
+    for (g, group) in &explicit {
+        let Some(p) = permission_of(g) else { continue };
+        let via_group = group.as_ref().map(|s| format!("group {s}"));
+        match g.resource_type {
+            ResourceType::Project => {
+                projects.add(
+                    &g.resource_id,
+                    via_group.clone().unwrap_or_else(|| "direct".into()),
+                    p,
+                    false,
+                );
+                let key = key_of(&g.resource_id);
+                let via = match group {
+                    Some(s) => format!("project {key} via group {s}"),
+                    None => format!("project {key}"),
+                };
+                for r in repos_by_project.get(&g.resource_id).into_iter().flatten() {
+                    repos.add(&r.id, via.clone(), p.on_repository(), false);
+                }
+            }
+            ResourceType::Repository => {
+                repos.add(
+                    &g.resource_id,
+                    via_group.unwrap_or_else(|| "direct".into()),
+                    p.on_repository(),
+                    false,
+                );
+            }
+            _ => {}
+        }
+    }
+    for p in projects_all
+        .iter()
+        .filter(|p| p.parent_id.as_ref().is_some_and(|ws| owned.contains(ws)))
+    {
+        projects.add(&p.id, "workspace owner".into(), Permission::Admin, false);
+    }
+    for r in repos_all
+        .iter()
+        .filter(|r| r.parent_id.as_ref().is_some_and(|ws| owned.contains(ws)))
+    {
+        repos.add(&r.id, "workspace owner".into(), Permission::Admin, false);
+    }
+
+    let ws_resources = store.resources(connector, Some(ResourceType::Workspace))?;
+    let ws_slug = |id: &str| -> String {
+        ws_resources
+            .iter()
+            .find(|w| w.id == id)
+            .and_then(|w| text(w, "slug"))
+            .unwrap_or_else(|| id.to_owned())
+    };
+
+    let workspaces = workspaces
+        .into_iter()
+        .map(|(id, mut roles)| {
+            roles.sort();
+            roles.dedup();
+            let ws = ws_resources.iter().find(|w| w.id == id);
+            WorkspaceAccess {
+                slug: ws_slug(&id),
+                name: ws.map(|w| w.display_name.clone()).unwrap_or_default(),
+                id,
+                roles,
+            }
+        })
+        .collect();
+
+    let mut group_list = Vec::new();
+    for gid in group_ids {
+        let r = store.resource(connector, &gid)?;
+        let workspace = r
+            .as_ref()
+            .and_then(|r| text(r, "workspace_slug").or_else(|| r.parent_id.as_deref().map(&ws_slug)))
+            .unwrap_or_default();
+        group_list.push(GroupAccess {
+            slug: groups.slug(&gid)?,
+            name: r.map(|r| r.display_name).unwrap_or_default(),
+            workspace,
+            id: gid,
+        });
+    }
+    group_list.sort_by(|a, b| (&a.workspace, &a.slug).cmp(&(&b.workspace, &b.slug)));
+
+    let finish = |paths: Paths, all: &HashMap<&str, &Resource>, name_of: &dyn Fn(&Resource) -> String| {
+        let mut out: Vec<ResourceAccess> = paths
+            .by_key
+            .into_iter()
+            .map(|(id, (set, _))| {
+                let r = all.get(id.as_str()).copied();
+                let (permission, via) = rank(set);
+                ResourceAccess {
+                    name: r.map_or_else(|| id.clone(), name_of),
+                    display_name: r.map(|r| r.display_name.clone()).unwrap_or_default(),
+                    id,
+                    permission,
+                    via,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| b.permission.cmp(&a.permission).then_with(|| a.name.cmp(&b.name)));
+        out
+    };
+    let project_name = |p: &Resource| {
+        let ws = text(p, "workspace_slug").unwrap_or_else(|| p.parent_id.as_deref().map(&ws_slug).unwrap_or_default());
+        format!("{ws}/{}", text(p, "key").unwrap_or_else(|| id_suffix(&p.id).to_owned()))
+    };
+    let repo_name = |r: &Resource| text(r, "full_name").unwrap_or_else(|| r.id.clone());
+    Ok(UserAccess {
+        user,
+        workspaces,
+        groups: group_list,
+        projects: finish(projects, &project_index, &project_name),
+        repositories: finish(repos, &repo_index, &repo_name),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permissions_rank_and_create_repo_is_write_on_repositories() {
+        use Permission::*;
+        assert!(Read < Write && Write < CreateRepo && CreateRepo < Admin);
+        assert_eq!(CreateRepo.on_repository(), Write);
+        assert_eq!(Admin.on_repository(), Admin);
+        for p in [Read, Write, CreateRepo, Admin] {
+            assert_eq!(Permission::parse(p.as_str()), Some(p));
+        }
+        assert_eq!(Permission::parse("member"), None);
+        assert_eq!(serde_json::to_value(CreateRepo).unwrap(), "create-repo");
+    }
+
+    #[test]
+    fn rank_takes_the_highest_path_and_lists_all() {
+        let set: HashSet<AccessPath> = [
+            ("direct", Permission::Read),
+            ("group devs", Permission::Admin),
+            ("project P", Permission::Write),
+        ]
+        .into_iter()
+        .map(|(v, p)| AccessPath {
+            via: v.into(),
+            permission: p,
+        })
+        .collect();
+        let (best, via) = rank(set);
+        assert_eq!(best, Permission::Admin);
+        let names: Vec<_> = via.iter().map(|p| p.via.as_str()).collect();
+        assert_eq!(names, ["group devs", "project P", "direct"]);
+    }
+
+    #[test]
+    fn tables_align_columns() {
+        let t = cli::table(
+            &["A", "LONGER"],
+            &[vec!["wide cell".into(), "x".into()], vec!["é".into(), "y".into()]],
+        );
+        let lines: Vec<_> = t.lines().collect();
+        assert_eq!(lines[0], "A          LONGER");
+        assert_eq!(lines[1], "wide cell  x");
+        assert_eq!(lines[2], "é          y");
+    }
+}

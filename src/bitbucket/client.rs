@@ -1,0 +1,1120 @@
+//! The HTTP client: authentication, pacing, retries, pagination and the typed
+//! endpoints of the contract (`shared/bitbucket/API-CONTRACT.md`).
+//!
+//! Retry policy: 429 waits for `Retry-After` when given (and pauses every
+//! caller sharing the credential), else backs off exponentially with jitter;
+//! 5xx and transport failures back off up to `max_retries`; every other 4xx is
+//! final. An OAuth token is refreshed before it expires and once more after a
+//! 401. Every attempt takes a slot from the shared [`Limiter`], because
+//! Bitbucket counts every request.
+//!
+//! Never used, by design: `/2.0/workspaces` (retired, CHANGE-2770) and
+//! per-member `/2.0/users/{id}` calls (the membership listings carry the user).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use base64::Engine;
+use futures::Stream;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+use url::Url;
+
+use super::credentials::Credentials;
+use super::error::{EMAIL_HINT, EndpointClass, Error, ErrorKind};
+use super::limiter::{Limiter, Limits};
+use super::models::*;
+
+/// Bitbucket Cloud's API root (`/2.0` and `/1.0` live below it).
+pub const DEFAULT_API_URL: &str = "https://api.bitbucket.org";
+/// Where OAuth consumers exchange their key and secret for a token.
+pub const DEFAULT_TOKEN_URL: &str = "https://bitbucket.org/site/oauth2/access_token";
+
+/// Tunables; `ClientConfig::new` gives production defaults.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// API root, e.g. `https://api.bitbucket.org` or a simulator's base URL.
+    pub api_url: Url,
+    /// OAuth token endpoint. `None`: Bitbucket's for the default API root,
+    /// else `{api_url}/site/oauth2/access_token` (simulators, proxies).
+    pub token_url: Option<Url>,
+    pub limits: Limits,
+    pub request_timeout: Duration,
+    /// Retries for 5xx and transport failures.
+    pub max_retries: u32,
+    /// Retries for 429 answers.
+    pub max_rate_limit_retries: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// `pagelen` for listings; Bitbucket's maximum is 100.
+    pub page_len: u32,
+}
+
+impl ClientConfig {
+    pub fn new(api_url: &str) -> Result<Self, Error> {
+        let mut api_url = Url::parse(api_url)
+            .map_err(|e| Error::invalid(EndpointClass::User, format!("invalid API URL {api_url:?}: {e}")))?;
+        if !matches!(api_url.scheme(), "http" | "https") {
+            return Err(Error::invalid(EndpointClass::User, "the API URL must be http or https"));
+        }
+        // Treat the root as a directory so that joins keep any path prefix.
+        if !api_url.path().ends_with('/') {
+            let path = format!("{}/", api_url.path());
+            api_url.set_path(&path);
+        }
+        Ok(ClientConfig {
+            api_url,
+            token_url: None,
+            limits: Limits::default(),
+            request_timeout: Duration::from_secs(30),
+            max_retries: 4,
+            max_rate_limit_retries: 8,
+            backoff_base: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(30),
+            page_len: 100,
+        })
+    }
+
+    fn resolved_token_url(&self) -> Url {
+        if let Some(url) = &self.token_url {
+            return url.clone();
+        }
+        if self.api_url.as_str().trim_end_matches('/') == DEFAULT_API_URL {
+            Url::parse(DEFAULT_TOKEN_URL).expect("constant URL parses")
+        } else {
+            self.api_url.join("site/oauth2/access_token").expect("relative join")
+        }
+    }
+}
+
+/// Called once per HTTP attempt with the endpoint class and the status
+/// (`None` for a transport failure): the hook for metrics.
+pub type RequestObserver = Arc<dyn Fn(EndpointClass, Option<u16>) + Send + Sync>;
+
+/// Outcome of adding a user to a 1.0 group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MembershipChange {
+    Added,
+    /// Bitbucket answered 409: the user was already a member.
+    AlreadyMember,
+}
+
+/// A Bitbucket Cloud client. Cheap to clone; clones share credentials,
+/// limiter and counters.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    config: ClientConfig,
+    /// Shared by scoped clones, so a credential swap reaches all of them.
+    auth: Arc<RwLock<Arc<Auth>>>,
+    requests: AtomicU64,
+    by_class: Mutex<BTreeMap<(EndpointClass, u16), u64>>,
+    observer: Option<RequestObserver>,
+}
+
+struct Auth {
+    credentials: Credentials,
+    limiter: Arc<Limiter>,
+    /// Cached OAuth access token; a tokio mutex so that one refresh serves
+    /// every waiting request.
+    oauth: tokio::sync::Mutex<Option<CachedToken>>,
+}
+
+#[derive(Clone)]
+struct CachedToken {
+    token: String,
+    refresh_at: Instant,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("api_url", &self.inner.config.api_url.as_str())
+            .field("credentials", &self.auth().credentials)
+            .finish()
+    }
+}
+
+impl Client {
+    pub fn new(config: ClientConfig, credentials: Credentials) -> Result<Self, Error> {
+        Self::with_observer(config, credentials, None)
+    }
+
+    pub fn with_observer(
+        config: ClientConfig,
+        credentials: Credentials,
+        observer: Option<RequestObserver>,
+    ) -> Result<Self, Error> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("bitbucket-operator/", env!("CARGO_PKG_VERSION")))
+            .timeout(config.request_timeout)
+            .connect_timeout(Duration::from_secs(10))
+            // Never follow redirects: they could carry the Authorization
+            // header somewhere else.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| Error::invalid(EndpointClass::User, format!("cannot build the HTTP client: {e}")))?;
+        let auth = Arc::new(Auth::new(credentials, &config));
+        Ok(Client {
+            inner: Arc::new(Inner {
+                http,
+                config,
+                auth: Arc::new(RwLock::new(auth)),
+                requests: AtomicU64::new(0),
+                by_class: Mutex::new(BTreeMap::new()),
+                observer,
+            }),
+        })
+    }
+
+    /// A client sharing this one's connection pool, credentials and limiter,
+    /// with its own request counters: one per sync run, so concurrent runs
+    /// each report the requests they made.
+    pub fn scoped(&self) -> Client {
+        Client {
+            inner: Arc::new(Inner {
+                http: self.inner.http.clone(),
+                config: self.inner.config.clone(),
+                auth: Arc::clone(&self.inner.auth),
+                requests: AtomicU64::new(0),
+                by_class: Mutex::new(BTreeMap::new()),
+                observer: self.inner.observer.clone(),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// The credentials in use (secrets redacted in `Debug`).
+    pub fn credentials(&self) -> Credentials {
+        self.auth().credentials.clone()
+    }
+
+    /// Swaps credentials for the next request (hot reload after a Secret
+    /// change). Requests in flight finish with the old ones. No-op when
+    /// nothing changed, so an unchanged Secret keeps the cached OAuth token.
+    pub fn set_credentials(&self, credentials: Credentials) {
+        let mut auth = self.inner.auth.write().unwrap_or_else(|e| e.into_inner());
+        if auth.credentials != credentials {
+            *auth = Arc::new(Auth::new(credentials, &self.inner.config));
+        }
+    }
+
+    /// Applies new pacing settings to the shared limiter.
+    pub fn set_limits(&self, limits: Limits) {
+        self.auth().limiter.reconfigure(limits);
+    }
+
+    /// HTTP attempts made by this client (retries included).
+    pub fn request_count(&self) -> u64 {
+        self.inner.requests.load(Ordering::Relaxed)
+    }
+
+    /// Attempts by endpoint class and status (0 for transport failures).
+    pub fn request_breakdown(&self) -> BTreeMap<(EndpointClass, u16), u64> {
+        self.inner.by_class.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn auth(&self) -> Arc<Auth> {
+        Arc::clone(&self.inner.auth.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn url(&self, segments: &[&str], query: &[(&str, &str)]) -> Url {
+        let mut url = self.inner.config.api_url.clone();
+        {
+            let mut path = url.path_segments_mut().expect("http(s) URLs have paths");
+            path.pop_if_empty();
+            for segment in segments {
+                path.push(segment);
+            }
+        }
+        if !query.is_empty() {
+            let mut pairs = url.query_pairs_mut();
+            for (key, value) in query {
+                pairs.append_pair(key, value);
+            }
+        }
+        url
+    }
+
+    fn list_url(&self, segments: &[&str], query: &[(&str, &str)]) -> Url {
+        let page_len = self.inner.config.page_len.to_string();
+        let mut all: Vec<(&str, &str)> = vec![("pagelen", &page_len)];
+        all.extend_from_slice(query);
+        self.url(segments, &all)
+    }
+
+    // ---- transport -------------------------------------------------------
+
+    /// Sends one logical request with retries, returning the 2xx body.
+    async fn execute(
+        &self,
+        class: EndpointClass,
+        method: Method,
+        url: Url,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(StatusCode, bytes::Bytes), Error> {
+        let config = &self.inner.config;
+        let mut failures = 0u32;
+        let mut throttled = 0u32;
+        let mut refreshed_after_401 = false;
+        loop {
+            let auth = self.auth();
+            let authorization = auth.authorization(self).await?;
+            let permit = auth.limiter.acquire().await;
+            let mut request = self
+                .inner
+                .http
+                .request(method.clone(), url.clone())
+                .header(AUTHORIZATION, authorization);
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            self.inner.requests.fetch_add(1, Ordering::Relaxed);
+            let sent = request.send().await;
+            drop(permit);
+            let response = match sent {
+                Ok(response) => response,
+                Err(err) => {
+                    self.observe(class, None);
+                    let error = Error::new(class, ErrorKind::Transport, None, transport_message(&err));
+                    failures += 1;
+                    if failures > config.max_retries {
+                        return Err(error);
+                    }
+                    tracing::debug!(%class, attempt = failures, error = %error, "retrying after a transport failure");
+                    tokio::time::sleep(backoff(config, failures)).await;
+                    continue;
+                }
+            };
+            let status = response.status();
+            self.observe(class, Some(status.as_u16()));
+            if status.is_success() {
+                let bytes = response.bytes().await.map_err(|e| {
+                    Error::new(
+                        class,
+                        ErrorKind::Transport,
+                        Some(status.as_u16()),
+                        transport_message(&e),
+                    )
+                })?;
+                return Ok((status, bytes));
+            }
+            let retry_after = parse_retry_after(response.headers().get(RETRY_AFTER));
+            let content_type = response
+                .headers()
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            let body = response.bytes().await.unwrap_or_default();
+            let mut error = error_from_response(class, status, &content_type, &body);
+            error.retry_after = retry_after;
+
+            match status.as_u16() {
+                429 => {
+                    throttled += 1;
+                    if throttled > config.max_rate_limit_retries {
+                        return Err(error);
+                    }
+                    let wait = retry_after.unwrap_or_else(|| backoff(config, throttled));
+                    auth.limiter.pause_until(Instant::now() + wait);
+                    tracing::warn!(%class, wait_ms = wait.as_millis() as u64, "Bitbucket rate limit hit; waiting");
+                    tokio::time::sleep(wait).await;
+                }
+                500..=599 => {
+                    failures += 1;
+                    if failures > config.max_retries {
+                        return Err(error);
+                    }
+                    tracing::debug!(%class, status = status.as_u16(), attempt = failures, "retrying after a server error");
+                    tokio::time::sleep(backoff(config, failures)).await;
+                }
+                401 if matches!(auth.credentials, Credentials::OAuthConsumer { .. }) && !refreshed_after_401 => {
+                    // The cached token may have been revoked early: get a new
+                    // one and try once more.
+                    refreshed_after_401 = true;
+                    auth.invalidate_token().await;
+                }
+                401 => {
+                    if auth.credentials.username_is_not_email() {
+                        error.message = format!("{}. {EMAIL_HINT}", error.message.trim_end_matches('.'));
+                    }
+                    return Err(error);
+                }
+                _ => return Err(error),
+            }
+        }
+    }
+
+    fn observe(&self, class: EndpointClass, status: Option<u16>) {
+        *self
+            .inner
+            .by_class
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((class, status.unwrap_or(0)))
+            .or_default() += 1;
+        if let Some(observer) = &self.inner.observer {
+            observer(class, status);
+        }
+    }
+
+    async fn get_json<T: DeserializeOwned>(&self, class: EndpointClass, url: Url) -> Result<T, Error> {
+        let (status, body) = self.execute(class, Method::GET, url, None).await?;
+        decode(class, status, &body)
+    }
+
+    /// Streams a paginated listing page by page, following `next` exactly as
+    /// given until it is absent. A `next` on another origin is refused (it
+    /// would receive our credentials); a `next` seen twice ends with an error
+    /// instead of looping forever.
+    pub fn pages<T>(
+        &self,
+        class: EndpointClass,
+        first: Url,
+    ) -> impl Stream<Item = Result<Vec<T>, Error>> + Send + 'static
+    where
+        T: DeserializeOwned + Send + 'static,
+    {
+        let client = self.clone();
+        let origin = first.origin();
+        let state = (Some(first), HashSet::new());
+        futures::stream::try_unfold(state, move |(next, mut seen)| {
+            let client = client.clone();
+            let origin = origin.clone();
+            async move {
+                let Some(url) = next else { return Ok(None) };
+                if !seen.insert(url.to_string()) {
+                    return Err(Error::invalid(class, format!("pagination loops back to {url}")));
+                }
+                let page: Page<T> = client.get_json(class, url).await?;
+                let next = match page.next.as_deref().filter(|n| !n.is_empty()) {
+                    None => None,
+                    Some(next) => {
+                        let next = Url::parse(next)
+                            .map_err(|e| Error::invalid(class, format!("unusable next link {next:?}: {e}")))?;
+                        if next.origin() != origin {
+                            return Err(Error::invalid(
+                                class,
+                                format!(
+                                    "refusing to follow a next link to another origin: {}",
+                                    next.origin().ascii_serialization()
+                                ),
+                            ));
+                        }
+                        Some(next)
+                    }
+                };
+                Ok(Some((page.values, (next, seen))))
+            }
+        })
+    }
+
+    // ---- reads (sync) ------------------------------------------------------
+
+    /// `GET /2.0/user`: who the credential acts as.
+    pub async fn current_user(&self) -> Result<User, Error> {
+        self.get_json(EndpointClass::User, self.url(&["2.0", "user"], &[]))
+            .await
+    }
+
+    /// `GET /2.0/user/workspaces`, the replacement for the retired
+    /// `/2.0/workspaces`. `administrator`: only workspaces the caller
+    /// administers (or only those it does not).
+    pub fn user_workspaces(
+        &self,
+        administrator: Option<bool>,
+    ) -> impl Stream<Item = Result<Vec<WorkspaceAccess>, Error>> + Send + 'static {
+        let mut query = vec![(
+            "fields",
+            "next,values.administrator,values.workspace.uuid,values.workspace.slug,values.workspace.name",
+        )];
+        let flag;
+        if let Some(admin) = administrator {
+            flag = admin.to_string();
+            query.push(("administrator", &flag));
+        }
+        self.pages(
+            EndpointClass::UserWorkspaces,
+            self.list_url(&["2.0", "user", "workspaces"], &query),
+        )
+    }
+
+    /// `GET /2.0/user/workspaces/{ws}/permission`: the caller's own role.
+    pub async fn workspace_self_permission(&self, workspace: &str) -> Result<WorkspaceSelfPermission, Error> {
+        let url = self.url(&["2.0", "user", "workspaces", workspace, "permission"], &[]);
+        self.get_json(EndpointClass::UserWorkspaces, url).await
+    }
+
+    /// `GET /2.0/workspaces/{ws}`.
+    pub async fn workspace(&self, workspace: &str) -> Result<Workspace, Error> {
+        let url = self.url(
+            &["2.0", "workspaces", workspace],
+            &[("fields", "uuid,slug,name,is_private")],
+        );
+        self.get_json(EndpointClass::Workspace, url).await
+    }
+
+    /// `GET /2.0/workspaces/{ws}/members`, with emails (visible to admins).
+    pub fn workspace_members(
+        &self,
+        workspace: &str,
+    ) -> impl Stream<Item = Result<Vec<WorkspaceMembership>, Error>> + Send + 'static {
+        let url = self.list_url(
+            &["2.0", "workspaces", workspace, "members"],
+            &[(
+                "fields",
+                "-values.links,-values.workspace,-values.user.links,+values.user.email",
+            )],
+        );
+        self.pages(EndpointClass::Members, url)
+    }
+
+    /// `GET /2.0/workspaces/{ws}/permissions`, optionally owners only
+    /// (`q=permission="owner"`).
+    pub fn workspace_permissions(
+        &self,
+        workspace: &str,
+        owners_only: bool,
+    ) -> impl Stream<Item = Result<Vec<WorkspaceMembership>, Error>> + Send + 'static {
+        let mut query = vec![("fields", "-values.links,-values.workspace,-values.user.links")];
+        if owners_only {
+            query.push(("q", "permission=\"owner\""));
+        }
+        let url = self.list_url(&["2.0", "workspaces", workspace, "permissions"], &query);
+        self.pages(EndpointClass::WorkspacePermissions, url)
+    }
+
+    /// `GET /2.0/workspaces/{ws}/permissions/repositories[/{repo}]`: effective
+    /// access (direct and group grants merged), for cross-checks.
+    pub fn effective_repository_permissions(
+        &self,
+        workspace: &str,
+        repository: Option<&str>,
+    ) -> impl Stream<Item = Result<Vec<EffectiveRepositoryPermission>, Error>> + Send + 'static {
+        let mut segments = vec!["2.0", "workspaces", workspace, "permissions", "repositories"];
+        segments.extend(repository);
+        let url = self.list_url(
+            &segments,
+            &[("fields", "-values.links,-values.user.links,-values.repository.links")],
+        );
+        self.pages(EndpointClass::EffectiveRepositoryPermissions, url)
+    }
+
+    /// `GET /2.0/workspaces/{ws}/projects`.
+    pub fn projects(&self, workspace: &str) -> impl Stream<Item = Result<Vec<Project>, Error>> + Send + 'static {
+        let url = self.list_url(
+            &["2.0", "workspaces", workspace, "projects"],
+            &[("fields", "next,values.uuid,values.key,values.name,values.is_private")],
+        );
+        self.pages(EndpointClass::Projects, url)
+    }
+
+    /// `GET /2.0/workspaces/{ws}/projects/{key}`.
+    pub async fn project(&self, workspace: &str, key: &str) -> Result<Project, Error> {
+        let url = self.url(
+            &["2.0", "workspaces", workspace, "projects", key],
+            &[("fields", "uuid,key,name,is_private")],
+        );
+        self.get_json(EndpointClass::Projects, url).await
+    }
+
+    /// `GET /2.0/repositories/{ws}`: every repository, each with its project.
+    pub fn repositories(&self, workspace: &str) -> impl Stream<Item = Result<Vec<Repository>, Error>> + Send + 'static {
+        let url = self.list_url(
+            &["2.0", "repositories", workspace],
+            &[(
+                "fields",
+                "next,values.uuid,values.slug,values.full_name,values.name,values.is_private,values.project.uuid,values.project.key,values.project.name",
+            )],
+        );
+        self.pages(EndpointClass::Repositories, url)
+    }
+
+    /// `GET /2.0/repositories/{ws}/{repo}`.
+    pub async fn repository(&self, workspace: &str, slug: &str) -> Result<Repository, Error> {
+        let url = self.url(
+            &["2.0", "repositories", workspace, slug],
+            &[(
+                "fields",
+                "uuid,slug,full_name,name,is_private,project.uuid,project.key,project.name",
+            )],
+        );
+        self.get_json(EndpointClass::Repositories, url).await
+    }
+
+    /// Explicit user permissions on a project.
+    pub fn project_user_permissions(
+        &self,
+        workspace: &str,
+        key: &str,
+    ) -> impl Stream<Item = Result<Vec<UserPermission>, Error>> + Send + 'static {
+        let url = self.list_url(
+            &project_config(workspace, key, "users"),
+            &[("fields", PERMISSION_FIELDS_USER)],
+        );
+        self.pages(EndpointClass::ProjectPermissions, url)
+    }
+
+    /// Explicit group permissions on a project.
+    pub fn project_group_permissions(
+        &self,
+        workspace: &str,
+        key: &str,
+    ) -> impl Stream<Item = Result<Vec<GroupPermission>, Error>> + Send + 'static {
+        let url = self.list_url(
+            &project_config(workspace, key, "groups"),
+            &[("fields", PERMISSION_FIELDS_GROUP)],
+        );
+        self.pages(EndpointClass::ProjectPermissions, url)
+    }
+
+    /// One user's explicit permission on a project (`none` when there is none).
+    pub async fn project_user_permission(
+        &self,
+        workspace: &str,
+        key: &str,
+        user: &str,
+    ) -> Result<UserPermission, Error> {
+        let mut segments = project_config(workspace, key, "users");
+        segments.push(user);
+        self.get_json(EndpointClass::ProjectPermissions, self.url(&segments, &[]))
+            .await
+    }
+
+    /// One group's explicit permission on a project.
+    pub async fn project_group_permission(
+        &self,
+        workspace: &str,
+        key: &str,
+        group: &str,
+    ) -> Result<GroupPermission, Error> {
+        let mut segments = project_config(workspace, key, "groups");
+        segments.push(group);
+        self.get_json(EndpointClass::ProjectPermissions, self.url(&segments, &[]))
+            .await
+    }
+
+    /// Explicit user permissions on a repository.
+    pub fn repository_user_permissions(
+        &self,
+        workspace: &str,
+        slug: &str,
+    ) -> impl Stream<Item = Result<Vec<UserPermission>, Error>> + Send + 'static {
+        let url = self.list_url(
+            &repository_config(workspace, slug, "users"),
+            &[("fields", PERMISSION_FIELDS_USER)],
+        );
+        self.pages(EndpointClass::RepositoryPermissions, url)
+    }
+
+    /// Explicit group permissions on a repository.
+    pub fn repository_group_permissions(
+        &self,
+        workspace: &str,
+        slug: &str,
+    ) -> impl Stream<Item = Result<Vec<GroupPermission>, Error>> + Send + 'static {
+        let url = self.list_url(
+            &repository_config(workspace, slug, "groups"),
+            &[("fields", PERMISSION_FIELDS_GROUP)],
+        );
+        self.pages(EndpointClass::RepositoryPermissions, url)
+    }
+
+    /// One user's explicit permission on a repository.
+    pub async fn repository_user_permission(
+        &self,
+        workspace: &str,
+        slug: &str,
+        user: &str,
+    ) -> Result<UserPermission, Error> {
+        let mut segments = repository_config(workspace, slug, "users");
+        segments.push(user);
+        self.get_json(EndpointClass::RepositoryPermissions, self.url(&segments, &[]))
+            .await
+    }
+
+    /// One group's explicit permission on a repository.
+    pub async fn repository_group_permission(
+        &self,
+        workspace: &str,
+        slug: &str,
+        group: &str,
+    ) -> Result<GroupPermission, Error> {
+        let mut segments = repository_config(workspace, slug, "groups");
+        segments.push(group);
+        self.get_json(EndpointClass::RepositoryPermissions, self.url(&segments, &[]))
+            .await
+    }
+
+    /// `GET /1.0/groups/{ws}`: every group with its members, in one call (a
+    /// bare array). The 1.0 API needs the workspace slug, not its UUID.
+    pub async fn groups(&self, workspace_slug: &str) -> Result<Vec<Group>, Error> {
+        self.get_json(EndpointClass::Groups, self.url(&["1.0", "groups", workspace_slug], &[]))
+            .await
+    }
+
+    /// `GET /1.0/groups/{ws}/{slug}/members`.
+    pub async fn group_members(&self, workspace_slug: &str, group_slug: &str) -> Result<Vec<GroupMember>, Error> {
+        let url = self.url(&["1.0", "groups", workspace_slug, group_slug, "members"], &[]);
+        self.get_json(EndpointClass::Groups, url).await
+    }
+
+    // ---- writes (provisioning) ------------------------------------------
+
+    /// Grants or changes a user's explicit project permission (an upsert).
+    pub async fn set_project_user_permission(
+        &self,
+        workspace: &str,
+        key: &str,
+        user: &str,
+        permission: &str,
+    ) -> Result<UserPermission, Error> {
+        let mut segments = project_config(workspace, key, "users");
+        segments.push(user);
+        self.put_permission(EndpointClass::ProjectPermissions, &segments, permission)
+            .await
+    }
+
+    /// Removes a user's explicit project permission.
+    pub async fn delete_project_user_permission(&self, workspace: &str, key: &str, user: &str) -> Result<(), Error> {
+        let mut segments = project_config(workspace, key, "users");
+        segments.push(user);
+        self.delete(EndpointClass::ProjectPermissions, &segments).await
+    }
+
+    /// Grants or changes a group's explicit project permission.
+    pub async fn set_project_group_permission(
+        &self,
+        workspace: &str,
+        key: &str,
+        group: &str,
+        permission: &str,
+    ) -> Result<GroupPermission, Error> {
+        let mut segments = project_config(workspace, key, "groups");
+        segments.push(group);
+        self.put_permission(EndpointClass::ProjectPermissions, &segments, permission)
+            .await
+    }
+
+    /// Removes a group's explicit project permission.
+    pub async fn delete_project_group_permission(&self, workspace: &str, key: &str, group: &str) -> Result<(), Error> {
+        let mut segments = project_config(workspace, key, "groups");
+        segments.push(group);
+        self.delete(EndpointClass::ProjectPermissions, &segments).await
+    }
+
+    /// Grants or changes a user's explicit repository permission.
+    pub async fn set_repository_user_permission(
+        &self,
+        workspace: &str,
+        slug: &str,
+        user: &str,
+        permission: &str,
+    ) -> Result<UserPermission, Error> {
+        let mut segments = repository_config(workspace, slug, "users");
+        segments.push(user);
+        self.put_permission(EndpointClass::RepositoryPermissions, &segments, permission)
+            .await
+    }
+
+    /// Removes a user's explicit repository permission.
+    pub async fn delete_repository_user_permission(
+        &self,
+        workspace: &str,
+        slug: &str,
+        user: &str,
+    ) -> Result<(), Error> {
+        let mut segments = repository_config(workspace, slug, "users");
+        segments.push(user);
+        self.delete(EndpointClass::RepositoryPermissions, &segments).await
+    }
+
+    /// Grants or changes a group's explicit repository permission.
+    pub async fn set_repository_group_permission(
+        &self,
+        workspace: &str,
+        slug: &str,
+        group: &str,
+        permission: &str,
+    ) -> Result<GroupPermission, Error> {
+        let mut segments = repository_config(workspace, slug, "groups");
+        segments.push(group);
+        self.put_permission(EndpointClass::RepositoryPermissions, &segments, permission)
+            .await
+    }
+
+    /// Removes a group's explicit repository permission.
+    pub async fn delete_repository_group_permission(
+        &self,
+        workspace: &str,
+        slug: &str,
+        group: &str,
+    ) -> Result<(), Error> {
+        let mut segments = repository_config(workspace, slug, "groups");
+        segments.push(group);
+        self.delete(EndpointClass::RepositoryPermissions, &segments).await
+    }
+
+    /// `PUT /1.0/groups/{ws}/{slug}/members/{uuid}` with `{}`. A 409 (already a
+    /// member) is reported as [`MembershipChange::AlreadyMember`], not an error.
+    pub async fn add_group_member(
+        &self,
+        workspace_slug: &str,
+        group_slug: &str,
+        user_uuid: &str,
+    ) -> Result<MembershipChange, Error> {
+        let url = self.url(
+            &["1.0", "groups", workspace_slug, group_slug, "members", user_uuid],
+            &[],
+        );
+        match self
+            .execute(EndpointClass::Groups, Method::PUT, url, Some(&serde_json::json!({})))
+            .await
+        {
+            Ok(_) => Ok(MembershipChange::Added),
+            Err(err) if err.kind == ErrorKind::Conflict => Ok(MembershipChange::AlreadyMember),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// `DELETE /1.0/groups/{ws}/{slug}/members/{uuid}`.
+    pub async fn remove_group_member(
+        &self,
+        workspace_slug: &str,
+        group_slug: &str,
+        user_uuid: &str,
+    ) -> Result<(), Error> {
+        self.delete(
+            EndpointClass::Groups,
+            &["1.0", "groups", workspace_slug, group_slug, "members", user_uuid],
+        )
+        .await
+    }
+
+    async fn put_permission<T: DeserializeOwned>(
+        &self,
+        class: EndpointClass,
+        segments: &[&str],
+        permission: &str,
+    ) -> Result<T, Error> {
+        let body = serde_json::json!({ "permission": permission });
+        let (status, bytes) = self
+            .execute(class, Method::PUT, self.url(segments, &[]), Some(&body))
+            .await?;
+        decode(class, status, &bytes)
+    }
+
+    async fn delete(&self, class: EndpointClass, segments: &[&str]) -> Result<(), Error> {
+        self.execute(class, Method::DELETE, self.url(segments, &[]), None)
+            .await
+            .map(|_| ())
+    }
+
+    // ---- OAuth -------------------------------------------------------------
+
+    async fn fetch_oauth_token(&self, key: &str, secret: &str) -> Result<CachedToken, Error> {
+        let class = EndpointClass::OAuth;
+        let url = self.inner.config.resolved_token_url();
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("{key}:{secret}"));
+        let mut failures = 0;
+        let response = loop {
+            self.inner.requests.fetch_add(1, Ordering::Relaxed);
+            let sent = self
+                .inner
+                .http
+                .post(url.clone())
+                .header(AUTHORIZATION, format!("Basic {basic}"))
+                .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body("grant_type=client_credentials")
+                .send()
+                .await;
+            match sent {
+                Ok(response) if response.status().is_server_error() && failures < self.inner.config.max_retries => {
+                    self.observe(class, Some(response.status().as_u16()));
+                    failures += 1;
+                    tokio::time::sleep(backoff(&self.inner.config, failures)).await;
+                }
+                Ok(response) => {
+                    self.observe(class, Some(response.status().as_u16()));
+                    break response;
+                }
+                Err(err) => {
+                    self.observe(class, None);
+                    failures += 1;
+                    if failures > self.inner.config.max_retries {
+                        return Err(Error::new(class, ErrorKind::Transport, None, transport_message(&err)));
+                    }
+                    tokio::time::sleep(backoff(&self.inner.config, failures)).await;
+                }
+            }
+        };
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let body = response.bytes().await.unwrap_or_default();
+        if !status.is_success() {
+            let mut error = error_from_response(class, status, &content_type, &body);
+            error.message = format!("OAuth consumer token exchange failed: {}", error.message);
+            return Err(error);
+        }
+        let token: TokenResponse = decode(class, status, &body)?;
+        // Refresh at 90% of the lifetime, and at least a minute early.
+        let ttl = Duration::from_secs(token.expires_in.unwrap_or(3600));
+        let early = (ttl / 10).max(Duration::from_secs(60)).min(ttl / 2);
+        Ok(CachedToken {
+            token: token.access_token,
+            refresh_at: Instant::now() + ttl - early,
+        })
+    }
+}
+
+impl Auth {
+    fn new(credentials: Credentials, config: &ClientConfig) -> Self {
+        let identity = format!(
+            "{}|{}",
+            config.api_url.origin().ascii_serialization(),
+            credentials.rate_limit_identity()
+        );
+        Auth {
+            limiter: Limiter::shared(&identity, config.limits),
+            credentials,
+            oauth: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn authorization(&self, client: &Client) -> Result<HeaderValue, Error> {
+        let value = match &self.credentials {
+            Credentials::ApiToken { username, token } => {
+                format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(format!("{username}:{token}"))
+                )
+            }
+            Credentials::AccessToken { token } => format!("Bearer {token}"),
+            Credentials::OAuthConsumer { key, secret } => {
+                let mut cached = self.oauth.lock().await;
+                let fresh = cached.as_ref().filter(|t| Instant::now() < t.refresh_at).cloned();
+                let token = match fresh {
+                    Some(token) => token,
+                    None => {
+                        let token = client.fetch_oauth_token(key, secret).await?;
+                        *cached = Some(token.clone());
+                        token
+                    }
+                };
+                format!("Bearer {}", token.token)
+            }
+        };
+        let mut header = HeaderValue::from_str(&value).map_err(|_| {
+            Error::invalid(
+                EndpointClass::User,
+                "credentials contain characters not allowed in an HTTP header",
+            )
+        })?;
+        header.set_sensitive(true);
+        Ok(header)
+    }
+
+    async fn invalidate_token(&self) {
+        *self.oauth.lock().await = None;
+    }
+}
+
+const PERMISSION_FIELDS_USER: &str =
+    "next,values.permission,values.user.uuid,values.user.account_id,values.user.nickname,values.user.display_name";
+const PERMISSION_FIELDS_GROUP: &str =
+    "next,values.permission,values.group.slug,values.group.name,values.group.full_slug";
+
+fn project_config<'a>(workspace: &'a str, key: &'a str, kind: &'a str) -> Vec<&'a str> {
+    vec![
+        "2.0",
+        "workspaces",
+        workspace,
+        "projects",
+        key,
+        "permissions-config",
+        kind,
+    ]
+}
+
+fn repository_config<'a>(workspace: &'a str, slug: &'a str, kind: &'a str) -> Vec<&'a str> {
+    vec!["2.0", "repositories", workspace, slug, "permissions-config", kind]
+}
+
+fn decode<T: DeserializeOwned>(class: EndpointClass, status: StatusCode, body: &[u8]) -> Result<T, Error> {
+    serde_json::from_slice(body).map_err(|e| {
+        Error::new(
+            class,
+            ErrorKind::Decode,
+            Some(status.as_u16()),
+            format!("unexpected response body: {e}"),
+        )
+    })
+}
+
+/// Bitbucket's message from the JSON envelope; for anything else (an HTML 404
+/// page, an empty body) a plain description, never the raw body.
+fn error_from_response(class: EndpointClass, status: StatusCode, content_type: &str, body: &[u8]) -> Error {
+    let from_envelope = serde_json::from_slice::<ErrorEnvelope>(body).ok().and_then(|envelope| {
+        let message = envelope.error.message.filter(|m| !m.trim().is_empty())?;
+        Some(match envelope.error.detail.filter(|d| !d.trim().is_empty()) {
+            Some(detail) => format!("{message} ({detail})"),
+            None => message,
+        })
+    });
+    let message = from_envelope.unwrap_or_else(|| {
+        let reason = status.canonical_reason().unwrap_or("error");
+        if content_type.starts_with("text/html") {
+            format!("{reason} (non-JSON {content_type} body)")
+        } else {
+            reason.to_owned()
+        }
+    });
+    Error::new(
+        class,
+        Error::kind_for_status(status.as_u16()),
+        Some(status.as_u16()),
+        truncate(message, 500),
+    )
+}
+
+fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
+}
+
+fn transport_message(err: &reqwest::Error) -> String {
+    // reqwest's Display includes the URL, which holds no secret (credentials
+    // travel in headers only).
+    if err.is_timeout() {
+        format!("timed out: {err}")
+    } else {
+        err.to_string()
+    }
+}
+
+/// `Retry-After` in seconds (Bitbucket) or as an HTTP date; capped at an hour.
+fn parse_retry_after(value: Option<&HeaderValue>) -> Option<Duration> {
+    let text = value?.to_str().ok()?.trim();
+    let seconds = text.parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0)?;
+    Some(Duration::from_secs_f64(seconds.min(3600.0)))
+}
+
+/// Exponential backoff with jitter: a random wait in [d/2, d] where
+/// d = base * 2^(attempt-1), capped.
+fn backoff(config: &ClientConfig, attempt: u32) -> Duration {
+    let exp = config
+        .backoff_base
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+    let ceiling = exp.min(config.backoff_max);
+    let jitter: f64 = rand::random::<f64>() * 0.5 + 0.5;
+    ceiling.mul_f64(jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn html_404_gives_a_plain_message() {
+        let err = error_from_response(
+            EndpointClass::Repositories,
+            StatusCode::NOT_FOUND,
+            "text/html; charset=utf-8",
+            b"<!DOCTYPE html><html><body>Not found</body></html>",
+        );
+        assert_eq!(err.kind, ErrorKind::NotFound);
+        assert_eq!(err.status, Some(404));
+        assert!(!err.message.contains('<'), "{}", err.message);
+    }
+
+    #[test]
+    fn envelope_message_and_detail() {
+        let err = error_from_response(
+            EndpointClass::Members,
+            StatusCode::GONE,
+            "application/json",
+            br#"{"type":"error","error":{"message":"CHANGE-2770 - Functionality has been deprecated","detail":"Please read the changelog entry for more details."}}"#,
+        );
+        assert_eq!(err.kind, ErrorKind::Gone);
+        assert!(err.message.starts_with("CHANGE-2770"));
+        assert!(err.message.contains("changelog"));
+    }
+
+    #[test]
+    fn retry_after_parsing() {
+        assert_eq!(
+            parse_retry_after(Some(&HeaderValue::from_static("3"))),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(parse_retry_after(Some(&HeaderValue::from_static("junk"))), None);
+        assert_eq!(
+            parse_retry_after(Some(&HeaderValue::from_static("99999"))),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(parse_retry_after(None), None);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let config = ClientConfig::new("http://127.0.0.1:1").unwrap();
+        for attempt in 1..20 {
+            let wait = backoff(&config, attempt);
+            assert!(wait <= config.backoff_max);
+            let expected = config
+                .backoff_base
+                .saturating_mul(1 << (attempt - 1).min(16))
+                .min(config.backoff_max);
+            assert!(wait >= expected / 2, "attempt {attempt}: {wait:?} < {expected:?}/2");
+        }
+    }
+
+    #[test]
+    fn urls_encode_braced_uuids_and_keep_prefixes() {
+        let mut config = ClientConfig::new("http://proxy.local/bitbucket").unwrap();
+        config.page_len = 100;
+        let client = Client::new(config, Credentials::AccessToken { token: "t".into() }).unwrap();
+        let url = client.list_url(
+            &["2.0", "workspaces", "{abc}", "members"],
+            &[("q", "permission=\"owner\"")],
+        );
+        assert_eq!(
+            url.as_str(),
+            "http://proxy.local/bitbucket/2.0/workspaces/%7Babc%7D/members?pagelen=100&q=permission%3D%22owner%22"
+        );
+    }
+
+    #[test]
+    fn token_url_follows_api_url() {
+        let default = ClientConfig::new(DEFAULT_API_URL).unwrap();
+        assert_eq!(default.resolved_token_url().as_str(), DEFAULT_TOKEN_URL);
+        let sim = ClientConfig::new("http://127.0.0.1:7990").unwrap();
+        assert_eq!(
+            sim.resolved_token_url().as_str(),
+            "http://127.0.0.1:7990/site/oauth2/access_token"
+        );
+    }
+}

@@ -1,0 +1,324 @@
+//! Request pacing shared by every client that uses the same credential.
+//!
+//! Bitbucket counts requests per credential over a *rolling* hour (1,000 by
+//! default). A token bucket (GCRA, as in `governor`) would allow a full burst
+//! plus the refill within one window, nearly twice the limit, so this is an
+//! exact sliding log instead: at most `max_requests` start times inside any
+//! `window`. The log holds at most `max_requests` instants, a few KiB.
+//!
+//! The limiter also caps requests in flight and, after a 429, pauses every
+//! caller sharing it until `Retry-After` has passed, so one throttled request
+//! does not let its siblings keep hammering the API.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+/// Pacing settings for one credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Requests allowed in any rolling `window`.
+    pub max_requests: u32,
+    pub window: Duration,
+    /// Requests in flight at once.
+    pub max_in_flight: usize,
+}
+
+impl Default for Limits {
+    /// Bitbucket's documented default: 1,000 requests per rolling hour. Four
+    /// in flight keeps a sync quick without bursting.
+    fn default() -> Self {
+        Limits {
+            max_requests: 1000,
+            window: Duration::from_secs(3600),
+            max_in_flight: 4,
+        }
+    }
+}
+
+/// A sliding-window limiter plus an in-flight cap.
+#[derive(Debug)]
+pub struct Limiter {
+    state: Mutex<State>,
+    in_flight: Arc<Semaphore>,
+}
+
+#[derive(Debug)]
+struct State {
+    limits: Limits,
+    /// Start times of the requests in the current window, oldest first.
+    log: VecDeque<Instant>,
+    /// No request starts before this (set after a 429).
+    paused_until: Option<Instant>,
+    /// Permits handed to the semaphore so far, to resize it on reconfigure.
+    in_flight_permits: usize,
+}
+
+/// Held while a request is in flight. Dropping it frees the in-flight slot
+/// and moves the request's entry in the log from its start to its end: the
+/// server saw the request somewhere in between, so counting from the end keeps
+/// the client's window behind the server's, whatever the network delay.
+#[derive(Debug)]
+pub struct Permit {
+    limiter: Arc<Limiter>,
+    started: Instant,
+    _in_flight: OwnedSemaphorePermit,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut state = self.limiter.lock();
+        if let Some(index) = state.log.iter().position(|&t| t == self.started) {
+            state.log.remove(index);
+            // Every entry is at or before now, so the log stays ordered.
+            state.log.push_back(Instant::now());
+        }
+    }
+}
+
+impl Limiter {
+    pub fn new(limits: Limits) -> Self {
+        let limits = sanitize(limits);
+        Limiter {
+            in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
+            state: Mutex::new(State {
+                limits,
+                log: VecDeque::new(),
+                paused_until: None,
+                in_flight_permits: limits.max_in_flight,
+            }),
+        }
+    }
+
+    /// The limiter for `identity`, shared process-wide with every other client
+    /// that asks for the same identity. The latest `limits` win, so a changed
+    /// setting applies to everyone sharing the credential.
+    pub fn shared(identity: &str, limits: Limits) -> Arc<Limiter> {
+        static REGISTRY: LazyLock<Mutex<HashMap<String, Weak<Limiter>>>> = LazyLock::new(Default::default);
+        let mut registry = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+        registry.retain(|_, weak| weak.strong_count() > 0);
+        if let Some(existing) = registry.get(identity).and_then(Weak::upgrade) {
+            existing.reconfigure(limits);
+            return existing;
+        }
+        let limiter = Arc::new(Limiter::new(limits));
+        registry.insert(identity.to_owned(), Arc::downgrade(&limiter));
+        limiter
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.lock().limits
+    }
+
+    /// Applies new limits; requests already logged still count.
+    pub fn reconfigure(&self, limits: Limits) {
+        let limits = sanitize(limits);
+        let mut state = self.lock();
+        state.limits = limits;
+        if limits.max_in_flight > state.in_flight_permits {
+            self.in_flight
+                .add_permits(limits.max_in_flight - state.in_flight_permits);
+            state.in_flight_permits = limits.max_in_flight;
+        } else if limits.max_in_flight < state.in_flight_permits {
+            let surplus = state.in_flight_permits - limits.max_in_flight;
+            let forgotten = self.in_flight.forget_permits(surplus);
+            state.in_flight_permits -= forgotten;
+        }
+    }
+
+    /// Waits for an in-flight slot and for room in the window, then records
+    /// the request.
+    pub async fn acquire(self: &Arc<Self>) -> Permit {
+        let in_flight = Arc::clone(&self.in_flight)
+            .acquire_owned()
+            .await
+            .expect("the limiter's semaphore is never closed");
+        loop {
+            let wait_until = {
+                let mut state = self.lock();
+                let now = Instant::now();
+                match state.next_slot(now) {
+                    None => {
+                        state.log.push_back(now);
+                        return Permit {
+                            limiter: Arc::clone(self),
+                            started: now,
+                            _in_flight: in_flight,
+                        };
+                    }
+                    Some(at) => at,
+                }
+            };
+            tokio::time::sleep_until(wait_until).await;
+        }
+    }
+
+    /// Stops every caller from starting a request before `until` (after a 429).
+    pub fn pause_until(&self, until: Instant) {
+        let mut state = self.lock();
+        if state.paused_until.is_none_or(|current| current < until) {
+            state.paused_until = Some(until);
+        }
+    }
+
+    /// Requests recorded in the current window.
+    pub fn used_in_window(&self) -> usize {
+        let mut state = self.lock();
+        let now = Instant::now();
+        state.expire(now);
+        state.log.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl State {
+    fn expire(&mut self, now: Instant) {
+        while let Some(&oldest) = self.log.front() {
+            if now.saturating_duration_since(oldest) >= self.limits.window {
+                self.log.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// `None` if a request may start now, else when to look again.
+    fn next_slot(&mut self, now: Instant) -> Option<Instant> {
+        if let Some(until) = self.paused_until {
+            if now < until {
+                return Some(until);
+            }
+            self.paused_until = None;
+        }
+        self.expire(now);
+        if self.log.len() < self.limits.max_requests as usize {
+            return None;
+        }
+        // The window is full: the slot frees when the request that makes the
+        // log exceed the limit leaves the window.
+        let excess = self.log.len() - self.limits.max_requests as usize;
+        self.log.get(excess).map(|&t| t + self.limits.window)
+    }
+}
+
+fn sanitize(limits: Limits) -> Limits {
+    Limits {
+        max_requests: limits.max_requests.max(1),
+        window: limits.window.max(Duration::from_millis(1)),
+        max_in_flight: limits.max_in_flight.clamp(1, 1024),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn never_exceeds_the_rolling_window() {
+        let limiter = Limiter::new(Limits {
+            max_requests: 5,
+            window: Duration::from_secs(10),
+            max_in_flight: 100,
+        });
+        let limiter = Arc::new(limiter);
+        let start = Instant::now();
+        let mut starts = Vec::new();
+        for _ in 0..12 {
+            let _permit = limiter.acquire().await;
+            starts.push(Instant::now() - start);
+        }
+        // Any 10 s window holds at most 5 starts.
+        for (i, &t) in starts.iter().enumerate() {
+            let in_window = starts[i..].iter().filter(|&&s| s < t + Duration::from_secs(10)).count();
+            assert!(in_window <= 5, "window at {t:?} holds {in_window}");
+        }
+        assert_eq!(starts[4], Duration::ZERO);
+        assert_eq!(starts[5], Duration::from_secs(10));
+        assert_eq!(starts[10], Duration::from_secs(20));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn window_counts_from_the_end_of_a_request() {
+        let limiter = Arc::new(Limiter::new(Limits {
+            max_requests: 1,
+            window: Duration::from_secs(10),
+            max_in_flight: 10,
+        }));
+        let start = Instant::now();
+        let permit = limiter.acquire().await;
+        tokio::time::sleep(Duration::from_secs(3)).await; // a slow response
+        drop(permit);
+        let _next = limiter.acquire().await;
+        assert_eq!(Instant::now() - start, Duration::from_secs(13));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn caps_requests_in_flight() {
+        let limiter = Arc::new(Limiter::new(Limits {
+            max_requests: 1000,
+            window: Duration::from_secs(1),
+            max_in_flight: 2,
+        }));
+        let a = limiter.acquire().await;
+        let _b = limiter.acquire().await;
+        let third = tokio::spawn({
+            let limiter = Arc::clone(&limiter);
+            async move { limiter.acquire().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!third.is_finished(), "a third request started while two were in flight");
+        drop(a);
+        tokio::time::timeout(Duration::from_secs(1), third)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pause_holds_back_every_caller() {
+        let limiter = Arc::new(Limiter::new(Limits::default()));
+        let start = Instant::now();
+        limiter.pause_until(start + Duration::from_secs(7));
+        let _permit = limiter.acquire().await;
+        assert!(Instant::now() - start >= Duration::from_secs(7));
+    }
+
+    #[test]
+    fn shared_by_identity() {
+        let a = Limiter::shared("test-identity-a", Limits::default());
+        let b = Limiter::shared(
+            "test-identity-a",
+            Limits {
+                max_requests: 7,
+                ..Limits::default()
+            },
+        );
+        let c = Limiter::shared("test-identity-c", Limits::default());
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert_eq!(a.limits().max_requests, 7, "latest settings apply to every sharer");
+    }
+
+    #[tokio::test]
+    async fn reconfigure_resizes_in_flight() {
+        let limiter = Limiter::new(Limits {
+            max_in_flight: 1,
+            ..Limits::default()
+        });
+        let limiter = Arc::new(limiter);
+        limiter.reconfigure(Limits {
+            max_in_flight: 3,
+            ..Limits::default()
+        });
+        let _a = limiter.acquire().await;
+        let _b = limiter.acquire().await;
+        let _c = limiter.acquire().await;
+        assert_eq!(limiter.used_in_window(), 3);
+    }
+}

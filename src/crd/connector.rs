@@ -1,0 +1,558 @@
+//! `BitbucketConnector`: one Bitbucket Cloud credential (a Secret in the same
+//! namespace) whose workspaces the operator keeps in its inventory.
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+use crate::model::SyncKind;
+
+/// Default Secret key names: those of baton-bitbucket, so its Secret works unchanged.
+pub mod secret_key {
+    pub const USERNAME: &str = "BATON_USERNAME";
+    pub const APP_PASSWORD: &str = "BATON_APP_PASSWORD";
+    pub const TOKEN: &str = "BATON_TOKEN";
+    pub const CONSUMER_KEY: &str = "BATON_CONSUMER_KEY";
+    pub const CONSUMER_SECRET: &str = "BATON_CONSUMER_SECRET";
+    pub const WORKSPACES: &str = "BATON_WORKSPACES";
+    pub const PROVISIONING: &str = "BATON_PROVISIONING";
+    pub const CLIENT_ID: &str = "BATON_CLIENT_ID";
+    pub const CLIENT_SECRET: &str = "BATON_CLIENT_SECRET";
+}
+
+/// Default sync interval when `spec.interval` is not set.
+pub const DEFAULT_INTERVAL: &str = "1h";
+/// Default credential rotation interval (30 days).
+pub const DEFAULT_ROTATION_INTERVAL: &str = "720h";
+
+/// Values of `status.state`.
+pub mod connector_state {
+    pub const PENDING: &str = "Pending";
+    pub const SYNCING: &str = "Syncing";
+    pub const CONNECTED: &str = "Connected";
+    pub const ERROR: &str = "Error";
+    pub const SUSPENDED: &str = "Suspended";
+}
+
+fn default_interval() -> Option<String> {
+    Some(DEFAULT_INTERVAL.to_owned())
+}
+fn default_true() -> bool {
+    true
+}
+fn default_requests_per_hour() -> u32 {
+    1000
+}
+fn default_max_in_flight() -> u32 {
+    4
+}
+fn default_rotation_interval() -> String {
+    DEFAULT_ROTATION_INTERVAL.to_owned()
+}
+
+/// A connection to Bitbucket Cloud: the operator reads the credentials from a
+/// Secret in the same namespace and keeps an inventory of accounts,
+/// workspaces, groups, projects, repositories and every permission linking
+/// them, in its embedded store. Status reports progress (`Syncing`, then
+/// `Connected`) and health (`Ready`).
+// kube(printcolumn(...)) repeats `type_ = ...` by design.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "connectors.dev",
+    version = "v1alpha1",
+    kind = "BitbucketConnector",
+    namespaced,
+    shortname = "bbc",
+    category = "connectors",
+    status = "BitbucketConnectorStatus",
+    doc = "BitbucketConnector connects the operator to Bitbucket Cloud with the credentials of a Secret in the same namespace and keeps an inventory of who can access what.",
+    printcolumn(
+        name = "State",
+        type_ = "string",
+        json_path = ".status.state",
+        description = "Pending, Syncing, Connected, Error or Suspended"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Ready condition"
+    ),
+    printcolumn(
+        name = "Last Sync",
+        type_ = "date",
+        json_path = ".status.lastSyncTime",
+        description = "End of the last successful sync"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct BitbucketConnectorSpec {
+    /// The Secret holding the Bitbucket credentials (baton-bitbucket's format:
+    /// BATON_USERNAME, BATON_APP_PASSWORD, ...). It must be in the same
+    /// namespace as this resource: a connector can never read another
+    /// namespace's Secret. Changes to the Secret take effect without restart.
+    pub secret_ref: SecretRef,
+
+    /// Overrides of the key names read from the Secret. Unset keys use
+    /// baton-bitbucket's names (BATON_USERNAME, BATON_APP_PASSWORD, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_keys: Option<SecretKeys>,
+
+    /// Workspace slugs to inventory. Overrides the Secret's BATON_WORKSPACES.
+    /// When neither is set, every workspace the credential administers is
+    /// synced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 100),
+        inner(regex(pattern = r"^[a-z0-9][a-z0-9_.-]*$"), length(min = 1, max = 62))
+    )]
+    pub workspaces: Option<Vec<String>>,
+
+    /// Allow this connector to grant and revoke access
+    /// (BitbucketAccessGrant). Overrides the Secret's BATON_PROVISIONING;
+    /// when neither is set, provisioning is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provisioning: Option<bool>,
+
+    /// Stop every sync loop and provisioning action. Data already synced is
+    /// kept and still served. Set back to false to resume.
+    #[serde(default)]
+    pub suspend: bool,
+
+    /// Default interval between two syncs of a resource type, as a Go
+    /// duration (for example 30m, 1h, 2h30m). At least 1m. Default 1h.
+    #[serde(default = "default_interval", skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"), length(max = 32))]
+    #[x_kube(validation = kube::core::Rule::new("duration(self) >= duration('1m')").message("interval must be at least 1m"))]
+    pub interval: Option<String>,
+
+    /// Per-resource-type overrides: each type (accounts, workspaces, groups,
+    /// projects, repositories) syncs in its own loop, on its own interval,
+    /// and can be turned off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceLoops>,
+
+    /// Request pacing for this connector's credential. Bitbucket Cloud allows
+    /// 1,000 requests per hour per credential; connectors sharing a
+    /// credential share one budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+
+    /// Base URL of the Bitbucket Cloud API, for tests and proxies. Default
+    /// https://api.bitbucket.org.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://"), length(max = 2048))]
+    pub api_url: Option<String>,
+
+    /// Rotation of the identity-governance platform's client credentials
+    /// (BATON_CLIENT_ID / BATON_CLIENT_SECRET in the Secret). The operator
+    /// creates a new credential, writes it into the Secret, proves it works,
+    /// and only then revokes the old one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_rotation: Option<CredentialRotation>,
+}
+
+/// Reference to a Secret in the same namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    /// Name of the Secret, in this resource's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Names of the Secret's keys. Every field is optional; unset ones use
+/// baton-bitbucket's key names.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeys {
+    /// Key of the Bitbucket login (for an Atlassian API token, the account's
+    /// email). Default BATON_USERNAME.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Key of the API token or legacy app password. Default BATON_APP_PASSWORD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_password: Option<String>,
+    /// Key of a workspace, project or repository access token (Bearer), used
+    /// instead of username and app password; it cannot read or change
+    /// permissions. Default BATON_TOKEN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Key of an OAuth consumer key (client-credentials grant). Default
+    /// BATON_CONSUMER_KEY.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer_key: Option<String>,
+    /// Key of the OAuth consumer secret. Default BATON_CONSUMER_SECRET.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer_secret: Option<String>,
+    /// Key of the comma-separated workspace slugs. Default BATON_WORKSPACES.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspaces: Option<String>,
+    /// Key of the provisioning switch ("true" allows grants and revokes).
+    /// Default BATON_PROVISIONING.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provisioning: Option<String>,
+    /// Key of the platform client ID. Default BATON_CLIENT_ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// Key of the platform client secret. Default BATON_CLIENT_SECRET.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<String>,
+}
+
+impl SecretKeys {
+    fn pick<'a>(value: &'a Option<String>, default: &'static str) -> &'a str {
+        value.as_deref().filter(|s| !s.is_empty()).unwrap_or(default)
+    }
+    pub fn username(&self) -> &str {
+        Self::pick(&self.username, secret_key::USERNAME)
+    }
+    pub fn app_password(&self) -> &str {
+        Self::pick(&self.app_password, secret_key::APP_PASSWORD)
+    }
+    pub fn token(&self) -> &str {
+        Self::pick(&self.token, secret_key::TOKEN)
+    }
+    pub fn consumer_key(&self) -> &str {
+        Self::pick(&self.consumer_key, secret_key::CONSUMER_KEY)
+    }
+    pub fn consumer_secret(&self) -> &str {
+        Self::pick(&self.consumer_secret, secret_key::CONSUMER_SECRET)
+    }
+    pub fn workspaces(&self) -> &str {
+        Self::pick(&self.workspaces, secret_key::WORKSPACES)
+    }
+    pub fn provisioning(&self) -> &str {
+        Self::pick(&self.provisioning, secret_key::PROVISIONING)
+    }
+    pub fn client_id(&self) -> &str {
+        Self::pick(&self.client_id, secret_key::CLIENT_ID)
+    }
+    pub fn client_secret(&self) -> &str {
+        Self::pick(&self.client_secret, secret_key::CLIENT_SECRET)
+    }
+}
+
+/// Per-resource-type sync settings. Only these five names are accepted.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceLoops {
+    /// Bitbucket user accounts (workspace members).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accounts: Option<ResourceLoop>,
+    /// Workspaces and their members and owners.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspaces: Option<ResourceLoop>,
+    /// Workspace user groups and their members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<ResourceLoop>,
+    /// Projects and their user and group permissions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projects: Option<ResourceLoop>,
+    /// Repositories and their user and group permissions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repositories: Option<ResourceLoop>,
+}
+
+/// Sync settings of one resource type.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceLoop {
+    /// Interval between two syncs of this type, as a Go duration (at least
+    /// 1m). Default: the connector's spec.interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"), length(max = 32))]
+    #[x_kube(validation = kube::core::Rule::new("duration(self) >= duration('1m')").message("interval must be at least 1m"))]
+    pub interval: Option<String>,
+    /// Sync this type. Default true. Turning it off keeps its last data.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+impl Default for ResourceLoop {
+    fn default() -> Self {
+        Self {
+            interval: None,
+            enabled: true,
+        }
+    }
+}
+
+/// Request pacing.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    /// Requests per rolling hour for this credential (Bitbucket Cloud's limit
+    /// is 1,000). Default 1000.
+    #[serde(default = "default_requests_per_hour")]
+    #[schemars(extend("format" = "int32", "minimum" = 1, "maximum" = 100000))]
+    pub requests_per_hour: u32,
+    /// Requests in flight at once for this connector. Default 4.
+    #[serde(default = "default_max_in_flight")]
+    #[schemars(extend("format" = "int32", "minimum" = 1, "maximum" = 64))]
+    pub max_in_flight: u32,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self {
+            requests_per_hour: default_requests_per_hour(),
+            max_in_flight: default_max_in_flight(),
+        }
+    }
+}
+
+/// Rotation of the platform client credentials.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialRotation {
+    /// Rotate on a schedule. Needs write access to the Secret (the chart's
+    /// rbac.secretWrite). Default false.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Time between two rotations, as a Go duration (at least 1h). Default 720h (30 days).
+    #[serde(default = "default_rotation_interval")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"), length(max = 32))]
+    #[x_kube(validation = kube::core::Rule::new("duration(self) >= duration('1h')").message("credentialRotation.interval must be at least 1h"))]
+    pub interval: String,
+    /// Rotate this long before the current credential expires, when the
+    /// platform reports an expiry (Go duration, for example 72h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"), length(max = 32))]
+    pub rotate_before: Option<String>,
+}
+
+impl Default for CredentialRotation {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            interval: default_rotation_interval(),
+            rotate_before: None,
+        }
+    }
+}
+
+/// Observed state of a BitbucketConnector.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct BitbucketConnectorStatus {
+    /// The metadata.generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Conditions: Connected, Syncing, Ready, and (kstatus, only while True)
+    /// Reconciling and Stalled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".to_owned()]))]
+    pub conditions: Vec<Condition>,
+    /// One word for people: Pending, Syncing, Connected, Error or Suspended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// When the last successful sync of every enabled resource type ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync_time: Option<Time>,
+    /// Per-resource-type sync status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceStatuses>,
+    /// The credentials in use (a fingerprint, never the secret) and rotation times.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<CredentialStatus>,
+    /// The last reconcile.fluxcd.io/requestedAt annotation value handled
+    /// (each new value triggers a full sync).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_reconcile_at: Option<String>,
+}
+
+/// Sync status of each resource type.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceStatuses {
+    /// User accounts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accounts: Option<ResourceSyncStatus>,
+    /// Workspaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspaces: Option<ResourceSyncStatus>,
+    /// User groups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<ResourceSyncStatus>,
+    /// Projects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projects: Option<ResourceSyncStatus>,
+    /// Repositories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repositories: Option<ResourceSyncStatus>,
+}
+
+impl ResourceStatuses {
+    /// The status slot of one resource type.
+    pub fn get_mut(&mut self, t: SyncKind) -> &mut Option<ResourceSyncStatus> {
+        match t {
+            SyncKind::Accounts => &mut self.accounts,
+            SyncKind::Workspaces => &mut self.workspaces,
+            SyncKind::Groups => &mut self.groups,
+            SyncKind::Projects => &mut self.projects,
+            SyncKind::Repositories => &mut self.repositories,
+        }
+    }
+    /// The status of one resource type.
+    pub fn get(&self, t: SyncKind) -> Option<&ResourceSyncStatus> {
+        match t {
+            SyncKind::Accounts => self.accounts.as_ref(),
+            SyncKind::Workspaces => self.workspaces.as_ref(),
+            SyncKind::Groups => self.groups.as_ref(),
+            SyncKind::Projects => self.projects.as_ref(),
+            SyncKind::Repositories => self.repositories.as_ref(),
+        }
+    }
+}
+
+/// Sync status of one resource type.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceSyncStatus {
+    /// Number of resources of this type in the current snapshot.
+    #[serde(default)]
+    pub count: i64,
+    /// When the last sync run started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync_start: Option<Time>,
+    /// When the last sync run ended (successfully or not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync_end: Option<Time>,
+    /// Duration of the last sync run, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_seconds: Option<f64>,
+    /// Bitbucket API requests made by the last sync run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<i64>,
+    /// Error of the last run, if it failed (the previous data is kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// When the last successful run ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success: Option<Time>,
+}
+
+/// Credentials in use.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialStatus {
+    /// Short hash identifying the credentials in use (never the secret
+    /// itself); it changes when the Secret's credentials change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    /// When the operator last saw the credentials change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_changed: Option<Time>,
+    /// When the platform client credentials were last rotated by the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotated: Option<Time>,
+    /// When the next rotation is due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_rotation: Option<Time>,
+}
+
+impl BitbucketConnectorSpec {
+    /// The Secret key names in effect.
+    pub fn secret_keys(&self) -> SecretKeys {
+        self.secret_keys.clone().unwrap_or_default()
+    }
+
+    /// The per-type settings given in the spec, if any.
+    pub fn resource_loop(&self, t: SyncKind) -> Option<&ResourceLoop> {
+        let r = self.resources.as_ref()?;
+        match t {
+            SyncKind::Accounts => r.accounts.as_ref(),
+            SyncKind::Workspaces => r.workspaces.as_ref(),
+            SyncKind::Groups => r.groups.as_ref(),
+            SyncKind::Projects => r.projects.as_ref(),
+            SyncKind::Repositories => r.repositories.as_ref(),
+        }
+    }
+
+    /// Whether the loop of `t` runs (default true).
+    pub fn is_enabled(&self, t: SyncKind) -> bool {
+        self.resource_loop(t).is_none_or(|l| l.enabled)
+    }
+
+    /// The default interval (spec.interval, else 1h).
+    pub fn default_interval(&self) -> anyhow::Result<Duration> {
+        super::parse_duration(self.interval.as_deref().unwrap_or(DEFAULT_INTERVAL))
+    }
+
+    /// The interval of `t`: its override, else spec.interval, else 1h.
+    pub fn interval_for(&self, t: SyncKind) -> anyhow::Result<Duration> {
+        match self.resource_loop(t).and_then(|l| l.interval.as_deref()) {
+            Some(s) => super::parse_duration(s),
+            None => self.default_interval(),
+        }
+    }
+
+    /// Effective rate-limit settings.
+    pub fn rate_limit(&self) -> RateLimit {
+        self.rate_limit.clone().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_connector_deserialises() {
+        let text = include_str!("../../examples/connector.yaml");
+        let c: BitbucketConnector = serde_yaml::from_str(text).expect("examples/connector.yaml");
+        assert_eq!(c.spec.secret_ref.name, "bitbucket-credentials");
+        assert!(!c.spec.suspend);
+        assert!(c.spec.default_interval().unwrap() >= Duration::from_secs(60));
+        for t in SyncKind::ALL {
+            c.spec.interval_for(t).unwrap();
+        }
+        assert_eq!(c.spec.secret_keys().username(), secret_key::USERNAME);
+    }
+
+    #[test]
+    fn defaults_apply_when_fields_are_missing() {
+        let spec: BitbucketConnectorSpec =
+            serde_json::from_value(serde_json::json!({"secretRef": {"name": "s"}})).unwrap();
+        assert_eq!(spec.interval.as_deref(), Some("1h"));
+        assert_eq!(
+            spec.interval_for(SyncKind::Groups).unwrap(),
+            Duration::from_secs(3600)
+        );
+        assert!(SyncKind::ALL.iter().all(|t| spec.is_enabled(*t)));
+        assert_eq!(
+            spec.rate_limit(),
+            RateLimit {
+                requests_per_hour: 1000,
+                max_in_flight: 4
+            }
+        );
+        let keys = spec.secret_keys();
+        assert_eq!(keys.app_password(), "BATON_APP_PASSWORD");
+        assert_eq!(keys.client_secret(), "BATON_CLIENT_SECRET");
+
+        let spec: BitbucketConnectorSpec = serde_json::from_value(serde_json::json!({
+            "secretRef": {"name": "s"},
+            "interval": "30m",
+            "secretKeys": {"username": "USER"},
+            "resources": {"repositories": {"interval": "2h"}, "groups": {"enabled": false}}
+        }))
+        .unwrap();
+        assert_eq!(
+            spec.interval_for(SyncKind::Repositories).unwrap(),
+            Duration::from_secs(7200)
+        );
+        assert_eq!(
+            spec.interval_for(SyncKind::Accounts).unwrap(),
+            Duration::from_secs(1800)
+        );
+        assert!(!spec.is_enabled(SyncKind::Groups));
+        assert!(spec.is_enabled(SyncKind::Repositories));
+        assert_eq!(spec.secret_keys().username(), "USER");
+        assert_eq!(spec.secret_keys().token(), "BATON_TOKEN");
+    }
+}

@@ -1,0 +1,292 @@
+//! `BitbucketAccessGrant`: provisioning as a resource. The operator grants the
+//! permission through a connector with provisioning enabled, revokes it at
+//! expiry or on deletion (finalizer), and restores what the principal held
+//! before, if anything.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// Values of `status.state`.
+pub mod grant_state {
+    pub const PENDING: &str = "Pending";
+    pub const GRANTED: &str = "Granted";
+    pub const EXPIRED: &str = "Expired";
+    pub const REVOKED: &str = "Revoked";
+    pub const FAILED: &str = "Failed";
+}
+
+/// A permission for a Bitbucket user or group on a workspace group, project or
+/// repository, granted through a BitbucketConnector with provisioning
+/// enabled, optionally only for a time (just-in-time access).
+// kube(printcolumn(...)) repeats `type_ = ...` by design.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "connectors.dev",
+    version = "v1alpha1",
+    kind = "BitbucketAccessGrant",
+    namespaced,
+    shortname = "bbag",
+    category = "connectors",
+    status = "BitbucketAccessGrantStatus",
+    doc = "BitbucketAccessGrant grants a Bitbucket user or group a permission on a workspace group, project or repository, through a BitbucketConnector with provisioning enabled, and revokes it at expiry or on deletion.",
+    printcolumn(
+        name = "Principal",
+        type_ = "string",
+        json_path = ".spec.principal.*",
+        description = "User or group receiving the permission"
+    ),
+    printcolumn(
+        name = "Workspace",
+        type_ = "string",
+        json_path = ".spec.target.workspace",
+        description = "Workspace slug"
+    ),
+    printcolumn(
+        name = "Target",
+        type_ = "string",
+        json_path = ".status.target",
+        description = "group/<slug>, project/<KEY> or repository/<slug>"
+    ),
+    printcolumn(name = "Permission", type_ = "string", json_path = ".spec.permission"),
+    printcolumn(
+        name = "State",
+        type_ = "string",
+        json_path = ".status.state",
+        description = "Pending, Granted, Expired, Revoked or Failed"
+    ),
+    printcolumn(
+        name = "Expires",
+        type_ = "date",
+        json_path = ".status.expiresAt",
+        description = "When the permission is revoked"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = kube::core::Rule::new("!has(self.target.group) || (self.permission == 'member' && has(self.principal.user))").message("a group target takes permission 'member' and a user principal"),
+    validation = kube::core::Rule::new("!has(self.target.project) || self.permission in ['read', 'write', 'create-repo', 'admin']").message("a project target takes permission read, write, create-repo or admin"),
+    validation = kube::core::Rule::new("!has(self.target.repository) || self.permission in ['read', 'write', 'admin']").message("a repository target takes permission read, write or admin"),
+    validation = kube::core::Rule::new("!(has(self.duration) && has(self.expiresAt))").message("set duration or expiresAt, not both")
+)]
+pub struct BitbucketAccessGrantSpec {
+    /// The BitbucketConnector (same namespace) that performs the grant. It
+    /// must have provisioning enabled.
+    pub connector_ref: ConnectorRef,
+
+    /// Who receives the permission: exactly one of user or group.
+    pub principal: Principal,
+
+    /// Where the permission applies: a workspace and exactly one of group,
+    /// project or repository.
+    pub target: Target,
+
+    /// The permission: `member` (group target only), `read`, `write`,
+    /// `create-repo` (project target only) or `admin` (project or repository).
+    pub permission: Permission,
+
+    /// Revoke the permission this long after it was granted (Go duration, at
+    /// least 1m, for example 8h). Not together with expiresAt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"), length(max = 32))]
+    #[x_kube(validation = kube::core::Rule::new("duration(self) >= duration('1m')").message("duration must be at least 1m"))]
+    pub duration: Option<String>,
+
+    /// Revoke the permission at this time (RFC 3339). Not together with duration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+}
+
+impl BitbucketAccessGrantSpec {
+    /// When the permission must be revoked, given when it was granted:
+    /// `expiresAt`, else `grantedAt + duration`, else never (`None`).
+    pub fn expiry(&self, granted_at: &Time) -> anyhow::Result<Option<Time>> {
+        if let Some(at) = &self.expires_at {
+            return Ok(Some(at.clone()));
+        }
+        let Some(d) = self.duration.as_deref() else {
+            return Ok(None);
+        };
+        let d = crate::crd::parse_duration(d)?;
+        let at = granted_at
+            .0
+            .checked_add(d)
+            .map_err(|e| anyhow::anyhow!("grant expiry out of range: {e}"))?;
+        Ok(Some(Time(at)))
+    }
+}
+
+/// Reference to a BitbucketConnector in the same namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectorRef {
+    /// Name of the BitbucketConnector, in this resource's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// The principal: exactly one of user or group.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("has(self.user) != has(self.group)").message("set exactly one of user or group"))]
+pub struct Principal {
+    /// A Bitbucket user: UUID in braces ("{…}"), Atlassian account ID, or nickname.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub user: Option<String>,
+    /// A workspace user group, by slug (in the target workspace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub group: Option<String>,
+}
+
+/// The target: a workspace and exactly one of group, project or repository.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("(has(self.group) ? 1 : 0) + (has(self.project) ? 1 : 0) + (has(self.repository) ? 1 : 0) == 1").message("set exactly one of group, project or repository"))]
+pub struct Target {
+    /// Workspace slug.
+    #[schemars(length(min = 1, max = 62), regex(pattern = r"^[a-z0-9][a-z0-9_.-]*$"))]
+    pub workspace: String,
+    /// A user group of the workspace, by slug (permission `member`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub group: Option<String>,
+    /// A project of the workspace, by key (for example PROJ).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub project: Option<String>,
+    /// A repository of the workspace, by slug.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub repository: Option<String>,
+}
+
+impl Target {
+    /// Human-readable target for `status.target`: `group/<slug>`,
+    /// `project/<KEY>` or `repository/<slug>`.
+    pub fn display(&self) -> String {
+        if let Some(g) = &self.group {
+            format!("group/{g}")
+        } else if let Some(p) = &self.project {
+            format!("project/{p}")
+        } else if let Some(r) = &self.repository {
+            format!("repository/{r}")
+        } else {
+            String::new()
+        }
+    }
+}
+
+/// A Bitbucket permission.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Permission {
+    /// Membership of a workspace group.
+    Member,
+    /// Read access.
+    Read,
+    /// Write access.
+    Write,
+    /// Create repositories in a project.
+    CreateRepo,
+    /// Admin access.
+    Admin,
+}
+
+impl Permission {
+    /// The entitlement slug (`member`, `read`, `write`, `create-repo`, `admin`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::Member => "member",
+            Permission::Read => "read",
+            Permission::Write => "write",
+            Permission::CreateRepo => "create-repo",
+            Permission::Admin => "admin",
+        }
+    }
+}
+
+impl std::fmt::Display for Permission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Observed state of a BitbucketAccessGrant.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct BitbucketAccessGrantStatus {
+    /// The metadata.generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Conditions: Ready (the permission is in place), and (kstatus, only
+    /// while True) Reconciling and Stalled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".to_owned()]))]
+    pub conditions: Vec<Condition>,
+    /// One word for people: Pending, Granted, Expired, Revoked or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// The target as shown by kubectl: group/<slug>, project/<KEY> or repository/<slug>.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// The permission the principal held on the target before this grant
+    /// (restored on revoke); absent when it held nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_permission: Option<String>,
+    /// When the permission was granted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted_at: Option<Time>,
+    /// When the permission will be (or was) revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+    /// The principal's resolved Bitbucket UUID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal_id: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_grant_deserialises() {
+        let text = include_str!("../../examples/accessgrant.yaml");
+        let g: BitbucketAccessGrant = serde_yaml::from_str(text).expect("examples/accessgrant.yaml");
+        assert!(g.spec.duration.is_some());
+        assert!(g.spec.expires_at.is_none());
+        assert!(crate::crd::parse_duration(g.spec.duration.as_deref().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn expiry_comes_from_expires_at_or_duration() {
+        let text = include_str!("../../examples/accessgrant.yaml");
+        let mut g: BitbucketAccessGrant = serde_yaml::from_str(text).unwrap();
+        let granted = Time(k8s_openapi::jiff::Timestamp::from_second(1_000_000).unwrap());
+        g.spec.duration = Some("8h".into());
+        let at = g.spec.expiry(&granted).unwrap().unwrap();
+        assert_eq!(at.0.as_second(), 1_000_000 + 8 * 3600);
+        g.spec.duration = None;
+        assert_eq!(g.spec.expiry(&granted).unwrap(), None);
+        let fixed = Time(k8s_openapi::jiff::Timestamp::from_second(2_000_000).unwrap());
+        g.spec.expires_at = Some(fixed.clone());
+        assert_eq!(g.spec.expiry(&granted).unwrap(), Some(fixed));
+    }
+
+    #[test]
+    fn permissions_use_bitbucket_slugs() {
+        let p: Permission = serde_json::from_value(serde_json::json!("create-repo")).unwrap();
+        assert_eq!(p, Permission::CreateRepo);
+        assert_eq!(p.to_string(), "create-repo");
+        assert!(serde_json::from_value::<Permission>(serde_json::json!("owner")).is_err());
+        let t = Target {
+            workspace: "acme".into(),
+            repository: Some("api".into()),
+            ..Default::default()
+        };
+        assert_eq!(t.display(), "repository/api");
+    }
+}

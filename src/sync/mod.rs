@@ -1,0 +1,245 @@
+//! The sync engine: five independent syncers, one per resource type, that
+//! turn Bitbucket into resources, entitlements and grants (see
+//! [`crate::model`]).
+//!
+//! Requests per syncer and workspace (pages of 100):
+//! - accounts: the member listing.
+//! - workspaces: the member listing (`member`) and the owner listing
+//!   (`/permissions?q=permission="owner"`).
+//! - groups: one `/1.0/groups/{ws}` call, members included.
+//! - projects: the project listing, then per project the user and group
+//!   permissions-config listings (plus the member listing, to flag grants to
+//!   principals who are not members).
+//! - repositories: the repository listing (each carries its project), then
+//!   per repository the user and group permissions-config listings (plus the
+//!   member listing, as above).
+//!
+//! Workspaces are discovered once per run through `/2.0/user/workspaces`
+//! (administered ones) or taken from the configured slugs. A [`SyncScope`]
+//! memoises the member listing, so a full sync that runs every syncer fetches
+//! it once per workspace; a loop running alone fetches what it needs.
+//! Per-project and per-repository calls run concurrently; the client's
+//! shared limiter bounds requests in flight and per hour.
+//!
+//! Permission `none` is no grant. A grant to a user missing from the
+//! workspace's member list is kept and flagged (`unknown_principal`): it is
+//! exactly what an access review wants to see.
+
+pub mod cli;
+mod run;
+mod syncers;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use tokio::sync::OnceCell;
+
+use crate::bitbucket::models::{User, Workspace};
+use crate::bitbucket::{Client, Error as ApiError, ErrorKind};
+use crate::model::{SyncBatch, SyncKind};
+
+pub use run::{RunReport, run_into_store};
+
+/// Why a sync failed, classified the way status conditions report it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SyncError {
+    /// Bitbucket refused the credentials (401).
+    #[error("credentials rejected: {0}")]
+    InvalidCredentials(ApiError),
+    /// Authenticated, but not allowed (403): missing scope, not an admin, or
+    /// a credential type that cannot read permissions.
+    #[error("insufficient permissions: {0}")]
+    InsufficientScopes(ApiError),
+    /// A configured workspace does not exist or is not visible.
+    #[error("workspace {slug:?} not found or not visible to these credentials")]
+    WorkspaceNotFound { slug: String },
+    /// The credential administers no workspace, and none was configured.
+    #[error("the credentials administer no workspace; set the workspaces to sync explicitly")]
+    NoWorkspaces,
+    /// Throttled beyond the retry budget.
+    #[error("rate limited: {0}")]
+    RateLimited(ApiError),
+    /// 5xx or transport failures beyond the retry budget.
+    #[error("Bitbucket unavailable: {0}")]
+    Unavailable(ApiError),
+    /// Anything else Bitbucket answered.
+    #[error("{0}")]
+    Api(ApiError),
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(String),
+}
+
+impl SyncError {
+    /// The status-condition reason (CamelCase) for this failure.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SyncError::InvalidCredentials(_) => "InvalidCredentials",
+            SyncError::InsufficientScopes(_) => "InsufficientScopes",
+            SyncError::WorkspaceNotFound { .. } | SyncError::NoWorkspaces => "WorkspaceNotFound",
+            SyncError::RateLimited(_) => "RateLimited",
+            SyncError::Unavailable(_) => "BitbucketUnavailable",
+            SyncError::Api(_) => "SyncFailed",
+            SyncError::Store(_) => "StoreError",
+        }
+    }
+
+    /// Failures that will not go away by retrying with the same settings.
+    pub fn is_configuration_error(&self) -> bool {
+        matches!(
+            self,
+            SyncError::InvalidCredentials(_)
+                | SyncError::InsufficientScopes(_)
+                | SyncError::WorkspaceNotFound { .. }
+                | SyncError::NoWorkspaces
+        )
+    }
+}
+
+impl From<ApiError> for SyncError {
+    fn from(err: ApiError) -> Self {
+        match err.kind {
+            ErrorKind::Unauthorized => SyncError::InvalidCredentials(err),
+            ErrorKind::Forbidden => SyncError::InsufficientScopes(err),
+            ErrorKind::RateLimited => SyncError::RateLimited(err),
+            ErrorKind::Server | ErrorKind::Transport => SyncError::Unavailable(err),
+            _ => SyncError::Api(err),
+        }
+    }
+}
+
+/// Runs syncers against one Bitbucket client.
+#[derive(Debug, Clone)]
+pub struct SyncEngine {
+    client: Client,
+    /// Configured workspace slugs; empty means every administered workspace.
+    workspaces: Vec<String>,
+    /// Per-project / per-repository calls started at once.
+    concurrency: usize,
+}
+
+impl SyncEngine {
+    pub fn new(client: Client, workspaces: Vec<String>) -> Self {
+        let concurrency = (client.config().limits.max_in_flight * 2).max(1);
+        SyncEngine {
+            client,
+            workspaces,
+            concurrency,
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Checks the credentials (`GET /2.0/user`) and finds the workspaces to
+    /// sync. This is the "connected" check.
+    pub async fn connect(&self) -> Result<SyncScope, SyncError> {
+        self.client.current_user().await?;
+        self.discover().await
+    }
+
+    /// Finds the workspaces to sync: the configured slugs (each checked), or
+    /// every workspace the credential administers.
+    pub async fn discover(&self) -> Result<SyncScope, SyncError> {
+        let workspaces = if self.workspaces.is_empty() {
+            let access: Vec<_> = self.client.user_workspaces(Some(true)).try_concat().await?;
+            let mut workspaces: Vec<Workspace> = access
+                .into_iter()
+                .filter(|a| a.administrator)
+                .map(|a| a.workspace)
+                .filter(|w| !w.uuid.is_empty() && !w.slug.is_empty())
+                .collect();
+            workspaces.sort_by(|a, b| a.slug.cmp(&b.slug));
+            workspaces.dedup_by(|a, b| a.uuid == b.uuid);
+            if workspaces.is_empty() {
+                return Err(SyncError::NoWorkspaces);
+            }
+            workspaces
+        } else {
+            let mut workspaces = Vec::with_capacity(self.workspaces.len());
+            for slug in &self.workspaces {
+                match self.client.workspace(slug).await {
+                    Ok(workspace) if !workspace.uuid.is_empty() => workspaces.push(workspace),
+                    Ok(_) => return Err(SyncError::WorkspaceNotFound { slug: slug.clone() }),
+                    Err(err) if matches!(err.kind, ErrorKind::NotFound | ErrorKind::Gone) => {
+                        return Err(SyncError::WorkspaceNotFound { slug: slug.clone() });
+                    }
+                    Err(err) => return Err(err.into()),
+                }
+            }
+            workspaces
+        };
+        Ok(SyncScope::new(workspaces))
+    }
+
+    /// Runs one syncer over the scope's workspaces.
+    pub async fn sync(&self, kind: SyncKind, scope: &SyncScope) -> Result<SyncBatch, SyncError> {
+        let ctx = syncers::Context {
+            client: &self.client,
+            scope,
+            concurrency: self.concurrency,
+        };
+        let mut batch = match kind {
+            SyncKind::Accounts => syncers::accounts(&ctx).await?,
+            SyncKind::Workspaces => syncers::workspaces(&ctx).await?,
+            SyncKind::Groups => syncers::groups(&ctx).await?,
+            SyncKind::Projects => syncers::projects(&ctx).await?,
+            SyncKind::Repositories => syncers::repositories(&ctx).await?,
+        };
+        batch.resources.sort_by(|a, b| a.id.cmp(&b.id));
+        batch.entitlements.sort_by(|a, b| a.id.cmp(&b.id));
+        batch.grants.sort_by(|a, b| a.id.cmp(&b.id));
+        batch.grants.dedup_by(|a, b| a.id == b.id);
+        Ok(batch)
+    }
+
+    /// The same engine with a client that counts its own requests (see
+    /// [`Client::scoped`]).
+    pub fn scoped(&self) -> SyncEngine {
+        SyncEngine {
+            client: self.client.scoped(),
+            ..self.clone()
+        }
+    }
+}
+
+/// The workspaces of one sync, plus listings memoised for the syncers that
+/// share them.
+#[derive(Debug, Clone)]
+pub struct SyncScope {
+    pub workspaces: Vec<Workspace>,
+    members: Arc<BTreeMap<String, OnceCell<Arc<Vec<User>>>>>,
+}
+
+impl SyncScope {
+    pub fn new(workspaces: Vec<Workspace>) -> Self {
+        let members = workspaces.iter().map(|w| (w.uuid.clone(), OnceCell::new())).collect();
+        SyncScope {
+            workspaces,
+            members: Arc::new(members),
+        }
+    }
+
+    /// The workspace's members, fetched at most once per scope.
+    async fn members(&self, client: &Client, workspace: &Workspace) -> Result<Arc<Vec<User>>, ApiError> {
+        let fetch = || async {
+            let memberships: Vec<_> = client.workspace_members(&workspace.slug).try_concat().await?;
+            Ok::<_, ApiError>(Arc::new(memberships.into_iter().map(|m| m.user).collect::<Vec<_>>()))
+        };
+        match self.members.get(&workspace.uuid) {
+            Some(cell) => cell.get_or_try_init(fetch).await.cloned(),
+            None => fetch().await,
+        }
+    }
+
+    async fn member_ids(&self, client: &Client, workspace: &Workspace) -> Result<HashSet<String>, ApiError> {
+        Ok(self
+            .members(client, workspace)
+            .await?
+            .iter()
+            .map(|u| u.uuid.clone())
+            .collect())
+    }
+}

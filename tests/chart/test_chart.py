@@ -1,0 +1,787 @@
+"""Tests of the Helm chart, the plain manifests, the examples and the GitOps
+health checks. Run with scripts/test (or .venv/bin/python -m pytest tests/chart)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import celpy
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+import chartlib
+from chartlib import CHART, ROOT
+
+K8S_VERSION = "1.33.0"
+NS = "bitbucket-operator"
+
+FULL = {
+    "replicas": 2,
+    "leaderElection": {"enabled": False},
+    "watchNamespaces": ["team-a", "team-b", NS],
+    "persistence": {"enabled": True, "size": "5Gi", "storageClass": "fast",
+                    "accessModes": ["ReadWriteMany"]},
+    "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+    "networkPolicy": {"enabled": True,
+                      "ingressFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]},
+    "podDisruptionBudget": {"enabled": True},
+    "connector": {"create": True, "name": "acme", "secretName": "bb-creds",
+                  "workspaces": ["acme", "acme-labs"], "interval": "30m", "provisioning": True},
+    "image": {"tag": "1.2.3"},
+    "imagePullSecrets": [{"name": "regcred"}],
+    "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
+    "podAnnotations": {"example.com/a": "b"},
+}
+
+CRD_KINDS = {"BitbucketConnector", "BitbucketAccessGrant"}
+# Objects whose schema is a CRD, not part of Kubernetes.
+CUSTOM_KINDS = CRD_KINDS | {"ServiceMonitor"}
+
+
+def render(values=None, **kw):
+    return chartlib.render(values, **kw)
+
+
+def by_kind(objs, kind):
+    return [o for o in objs if o["kind"] == kind]
+
+
+def one(objs, kind, name=None):
+    found = [o for o in by_kind(objs, kind) if name is None or o["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, got {[o['metadata']['name'] for o in found]}"
+    return found[0]
+
+
+def container(objs):
+    dep = one(objs, "Deployment")
+    cs = dep["spec"]["template"]["spec"]["containers"]
+    assert len(cs) == 1
+    return cs[0]
+
+
+# ---------------------------------------------------------------- lint, render
+
+
+@pytest.mark.parametrize("values", [{}, FULL], ids=["defaults", "all-features"])
+def test_lint_strict_is_clean(values):
+    report = helm.lint(str(CHART), values, strict=True, namespace=NS, kube_version="v1.33.0")
+    assert report["errors"] == [], report
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert problems == [], problems
+
+
+def test_default_render_has_the_operator_objects():
+    objs = render()
+    kinds = sorted(o["kind"] for o in objs)
+    assert kinds == sorted([
+        "CustomResourceDefinition", "CustomResourceDefinition",
+        "ServiceAccount", "ClusterRole", "ClusterRole", "ClusterRoleBinding",
+        "ClusterRoleBinding", "Role", "RoleBinding", "Service", "Deployment",
+    ])
+    # Opt-in objects are off by default.
+    for kind in ("ServiceMonitor", "NetworkPolicy", "PodDisruptionBudget",
+                 "PersistentVolumeClaim", "BitbucketConnector"):
+        assert not by_kind(objs, kind), kind
+    for o in objs:
+        if o["kind"] not in ("ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"):
+            assert o["metadata"]["namespace"] == NS, o["metadata"]
+
+
+def test_all_features_render():
+    objs = render(FULL)
+    for kind in ("ServiceMonitor", "NetworkPolicy", "PodDisruptionBudget",
+                 "PersistentVolumeClaim", "BitbucketConnector"):
+        assert len(by_kind(objs, kind)) == 1, kind
+    assert one(objs, "Deployment")["spec"]["replicas"] == 2
+
+
+def _validate_kubernetes(objs):
+    checked = 0
+    for o in objs:
+        if o["kind"] in CUSTOM_KINDS:
+            continue
+        kubernetes_validate.validate(o, K8S_VERSION, strict=True)
+        checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("values", [{}, FULL, {"rbac": {"secretWrite": False}, "crds": {"keep": False}}],
+                         ids=["defaults", "all-features", "read-only-secrets"])
+def test_every_object_validates_against_kubernetes_schemas(values):
+    objs = render(values)
+    assert _validate_kubernetes(objs) >= 10
+
+
+def test_kubernetes_validation_would_catch_a_broken_object():
+    # Guard against a validator that accepts anything.
+    dep = copy.deepcopy(one(render(), "Deployment"))
+    dep["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "http"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(dep, K8S_VERSION, strict=True)
+
+
+SERVICE_MONITOR_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "spec": {
+            "type": "object",
+            "required": ["selector", "endpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "selector": {"type": "object", "required": ["matchLabels"]},
+                "namespaceSelector": {"type": "object"},
+                "endpoints": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "additionalProperties": False,
+                    "required": ["port", "path"],
+                    "properties": {"port": {"type": "string"}, "path": {"type": "string"},
+                                   "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                                   "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"}}}},
+            },
+        },
+    },
+}
+
+
+def test_custom_typed_objects_validate_against_their_own_schemas():
+    objs = render(FULL)
+    sm = one(objs, "ServiceMonitor")
+    jsonschema.validate(sm, SERVICE_MONITOR_SCHEMA)
+    service = one(objs, "Service")
+    assert sm["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert sm["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"] == "http"
+    assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert sm["metadata"]["labels"]["release"] == "prometheus"
+
+    connector = one(objs, "BitbucketConnector")
+    jsonschema.validate(connector, chartlib.crd_json_schema("BitbucketConnector"))
+    assert_cel_rules_hold("BitbucketConnector", connector)
+    assert connector["metadata"]["namespace"] == NS
+    assert connector["spec"] == {
+        "secretRef": {"name": "bb-creds"}, "workspaces": ["acme", "acme-labs"],
+        "interval": "30m", "provisioning": True,
+    }
+
+
+def test_chart_connector_omits_provisioning_when_null():
+    objs = render({"connector": {"create": True}})
+    spec = one(objs, "BitbucketConnector")["spec"]
+    assert "provisioning" not in spec and "workspaces" not in spec
+    assert spec["secretRef"]["name"] == "bitbucket-credentials"
+    spec = one(render({"connector": {"create": True, "provisioning": False}}), "BitbucketConnector")["spec"]
+    assert spec["provisioning"] is False
+
+
+def test_chart_connector_outside_watched_namespaces_is_refused():
+    with pytest.raises(helm.HelmError, match="watchNamespaces"):
+        render({"connector": {"create": True}, "watchNamespaces": ["team-a"]})
+
+
+# ---------------------------------------------------------------- Deployment
+
+
+def test_deployment_args_and_downward_api():
+    c = container(render())
+    assert c["args"] == [
+        "run", "--http-addr", "0.0.0.0:8080", "--db", "/var/lib/bitbucket-operator/store.db",
+        "--leader-election=true", "--lease-name", "bitbucket-connector-operator",
+        "--log-format", "json",
+    ]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert c["image"] == "ghcr.io/example/bitbucket-operator:" + helm.Chart.load(str(CHART)).metadata["appVersion"]
+
+
+def test_watch_namespaces_and_leader_election_args():
+    c = container(render({"watchNamespaces": ["a", "b"], "leaderElection": {"enabled": False}}))
+    assert "--leader-election=false" in c["args"]
+    i = c["args"].index("--watch-namespaces")
+    assert c["args"][i + 1] == "a,b"
+    # More than one replica forces leader election on.
+    c = container(render({"replicas": 3, "leaderElection": {"enabled": False}}))
+    assert "--leader-election=true" in c["args"]
+    assert "--watch-namespaces" not in c["args"]
+    # The lease name follows the release's full name.
+    c = container(render(name="ops"))
+    assert c["args"][c["args"].index("--lease-name") + 1] == "ops-bitbucket-connector-operator"
+
+
+def test_image_digest_wins_over_tag():
+    digest = "sha256:" + "a" * 64
+    assert container(render({"image": {"digest": digest}}))["image"] == f"ghcr.io/example/bitbucket-operator@{digest}"
+    assert container(render({"image": {"tag": "9.9.9"}}))["image"].endswith(":9.9.9")
+
+
+@pytest.mark.parametrize("values", [{}, FULL], ids=["defaults", "all-features"])
+def test_security_context_is_hardened(values):
+    objs = render(values)
+    pod = one(objs, "Deployment")["spec"]["template"]["spec"]
+    psc = pod["securityContext"]
+    assert psc["runAsNonRoot"] is True
+    assert psc["runAsUser"] == 65532 and psc["runAsGroup"] == 65532
+    assert psc["seccompProfile"]["type"] == "RuntimeDefault"
+    sc = container(objs)["securityContext"]
+    assert sc["runAsNonRoot"] is True
+    assert sc["runAsUser"] == 65532 and sc["runAsGroup"] == 65532
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert "add" not in sc["capabilities"]
+    assert sc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert not sc.get("privileged")
+    assert not pod.get("hostNetwork") and not pod.get("hostPID")
+
+
+def test_probes_ports_and_resources():
+    c = container(render())
+    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
+    assert c["resources"]["limits"]["memory"]
+
+
+def _volumes(objs):
+    pod = one(objs, "Deployment")["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    vols = {v["name"]: v for v in pod["volumes"]}
+    return mounts, vols
+
+
+def test_store_is_an_empty_dir_by_default_with_writable_tmp():
+    objs = render()
+    mounts, vols = _volumes(objs)
+    assert "emptyDir" in vols[mounts["/var/lib/bitbucket-operator"]]
+    assert "emptyDir" in vols[mounts["/tmp"]]
+    assert "strategy" not in one(objs, "Deployment")["spec"]
+
+
+def test_persistence_creates_a_claim_or_uses_an_existing_one():
+    objs = render({"persistence": {"enabled": True, "size": "5Gi", "storageClass": "fast"}})
+    pvc = one(objs, "PersistentVolumeClaim")
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    assert pvc["spec"]["storageClassName"] == "fast"
+    mounts, vols = _volumes(objs)
+    assert vols[mounts["/var/lib/bitbucket-operator"]]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    # One replica on a ReadWriteOnce volume: no overlapping pods.
+    assert one(objs, "Deployment")["spec"]["strategy"]["type"] == "Recreate"
+
+    objs = render({"persistence": {"enabled": True, "existingClaim": "my-store"}})
+    assert not by_kind(objs, "PersistentVolumeClaim")
+    mounts, vols = _volumes(objs)
+    assert vols[mounts["/var/lib/bitbucket-operator"]]["persistentVolumeClaim"]["claimName"] == "my-store"
+
+
+def test_shared_read_write_once_store_with_replicas_is_refused():
+    with pytest.raises(helm.HelmError, match="ReadWriteMany"):
+        render({"replicas": 2, "persistence": {"enabled": True}})
+
+
+# ---------------------------------------------------------------- RBAC
+
+
+def _rules(objs):
+    for o in objs:
+        if o["kind"] in ("ClusterRole", "Role"):
+            for r in o["rules"]:
+                yield o, r
+
+
+@pytest.mark.parametrize("values", [{}, FULL], ids=["defaults", "all-features"])
+def test_rbac_has_no_wildcards(values):
+    for role, rule in _rules(render(values)):
+        for field in ("verbs", "resources", "apiGroups"):
+            assert "*" not in rule.get(field, []), (role["metadata"]["name"], rule)
+        assert all("*" not in r for r in rule["resources"]), rule
+
+
+def _grants(objs, kind, resource, namespace=None):
+    verbs = set()
+    for role, rule in _rules(objs):
+        if role["kind"] != kind:
+            continue
+        if namespace is not None and role["metadata"].get("namespace") != namespace:
+            continue
+        if resource in rule["resources"]:
+            verbs |= set(rule["verbs"])
+    return verbs
+
+
+def test_cluster_wide_rbac_by_default():
+    objs = render()
+    assert _grants(objs, "ClusterRole", "secrets") == {"get", "list", "watch", "update", "patch"}
+    for res in ("bitbucketconnectors", "bitbucketaccessgrants"):
+        assert _grants(objs, "ClusterRole", res) == {"get", "list", "watch", "patch", "update"}
+        assert {"patch", "update"} <= _grants(objs, "ClusterRole", f"{res}/status")
+        assert {"update"} <= _grants(objs, "ClusterRole", f"{res}/finalizers")
+    assert _grants(objs, "ClusterRole", "events") == {"create", "patch"}
+    assert _grants(objs, "ClusterRole", "tokenreviews") == {"create"}
+    assert _grants(objs, "ClusterRole", "subjectaccessreviews") == {"create"}
+    # Leases only in the release namespace, never cluster-wide.
+    assert _grants(objs, "ClusterRole", "leases") == set()
+    assert _grants(objs, "Role", "leases", NS) == {"get", "create", "update", "patch"}
+    for role in by_kind(objs, "Role"):
+        assert role["metadata"]["namespace"] == NS
+        assert all(r["resources"] == ["leases"] for r in role["rules"])
+    _assert_bindings_point_at_the_service_account(objs)
+
+
+def test_watch_namespaces_scopes_secrets_and_resources_to_those_namespaces():
+    objs = render({"watchNamespaces": ["team-a", "team-b"]})
+    for res in ("secrets", "bitbucketconnectors", "bitbucketaccessgrants", "events"):
+        assert _grants(objs, "ClusterRole", res) == set(), f"{res} must not be cluster-wide"
+    for ns in ("team-a", "team-b"):
+        assert _grants(objs, "Role", "secrets", ns) == {"get", "list", "watch", "update", "patch"}
+        assert {"list", "watch"} <= _grants(objs, "Role", "bitbucketconnectors", ns)
+        bindings = [b for b in by_kind(objs, "RoleBinding") if b["metadata"]["namespace"] == ns]
+        assert len(bindings) == 1
+    assert _grants(objs, "Role", "secrets", "team-c") == set()
+    assert _grants(objs, "Role", "secrets", NS) == set()
+    # API authentication stays cluster-scoped (TokenReview is not namespaced).
+    assert _grants(objs, "ClusterRole", "tokenreviews") == {"create"}
+    _assert_bindings_point_at_the_service_account(objs)
+
+
+def test_secret_write_can_be_turned_off():
+    objs = render({"rbac": {"secretWrite": False}})
+    assert _grants(objs, "ClusterRole", "secrets") == {"get", "list", "watch"}
+    objs = render({"rbac": {"secretWrite": False}, "watchNamespaces": ["team-a"]})
+    assert _grants(objs, "Role", "secrets", "team-a") == {"get", "list", "watch"}
+
+
+def _assert_bindings_point_at_the_service_account(objs):
+    sa = one(objs, "ServiceAccount")["metadata"]["name"]
+    roles = {(r["kind"], r["metadata"].get("namespace"), r["metadata"]["name"]) for r in objs
+             if r["kind"] in ("Role", "ClusterRole")}
+    bindings = by_kind(objs, "RoleBinding") + by_kind(objs, "ClusterRoleBinding")
+    assert bindings
+    for b in bindings:
+        ns = b["metadata"].get("namespace") if b["roleRef"]["kind"] == "Role" else None
+        assert (b["roleRef"]["kind"], ns, b["roleRef"]["name"]) in roles, b
+        assert b["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NS}]
+    assert one(objs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == sa
+
+
+# ---------------------------------------------------------------- CRDs
+
+
+def test_crds_are_installed_with_keep_policy_by_default():
+    crds = by_kind(render(), "CustomResourceDefinition")
+    assert sorted(c["metadata"]["name"] for c in crds) == [
+        "bitbucketaccessgrants.connectors.dev", "bitbucketconnectors.connectors.dev"]
+    for c in crds:
+        assert c["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        # The chart's CRDs are the generated ones (spec unchanged).
+        generated = chartlib.crd_for(c["spec"]["names"]["kind"])
+        assert c["spec"] == generated["spec"]
+
+
+def test_crds_can_be_left_out_or_not_kept():
+    assert not by_kind(render({"crds": {"install": False}}), "CustomResourceDefinition")
+    for c in by_kind(render({"crds": {"keep": False}}), "CustomResourceDefinition"):
+        assert "helm.sh/resource-policy" not in c["metadata"].get("annotations", {})
+
+
+def _structural_problems(node, path="$"):
+    """Kubernetes refuses non-structural CRD schemas: every node has a type
+    (unless it preserves unknown fields or is int-or-string), objects declare
+    properties or additionalProperties, and no oneOf/anyOf/allOf carry types."""
+    problems = []
+    if not (node.get("x-kubernetes-preserve-unknown-fields") or node.get("x-kubernetes-int-or-string")):
+        if "type" not in node:
+            problems.append(f"{path}: no type")
+    if node.get("type") == "object" and "properties" not in node and "additionalProperties" not in node \
+            and not node.get("x-kubernetes-preserve-unknown-fields") and path.count(".") > 1:
+        problems.append(f"{path}: object without properties")
+    for key in ("oneOf", "anyOf", "allOf", "not", "$ref"):
+        if key in node:
+            problems.append(f"{path}: {key}")
+    for name, sub in node.get("properties", {}).items():
+        problems += _structural_problems(sub, f"{path}.{name}")
+    if isinstance(node.get("items"), dict):
+        problems += _structural_problems(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        problems += _structural_problems(node["additionalProperties"], f"{path}{{}}")
+    return problems
+
+
+@pytest.mark.parametrize("kind", sorted(CRD_KINDS))
+def test_crd_schemas_are_structural(kind):
+    crd = chartlib.crd_for(kind)
+    version = crd["spec"]["versions"][0]
+    assert _structural_problems(version["schema"]["openAPIV3Schema"]) == []
+    # The rendered CRD is itself a valid CustomResourceDefinition object.
+    kubernetes_validate.validate(crd, K8S_VERSION, strict=True)
+
+
+def test_chart_crd_copy_matches_crds_dir():
+    chart_copy = sorted((CHART / "files" / "crds").glob("*.yaml"))
+    generated = sorted((ROOT / "crds").glob("*.yaml"))
+    assert [p.name for p in chart_copy] == [p.name for p in generated]
+    for a, b in zip(chart_copy, generated):
+        assert a.read_text() == b.read_text(), f"{a} is stale: cargo run -- crd --write"
+
+
+# ---------------------------------------------------------------- values schema
+
+
+@pytest.mark.parametrize("bad", [
+    {"replicas": "two"},
+    {"replicas": 0},
+    {"watchNamespaces": "team-a"},
+    {"persistence": {"enabled": "yes"}},
+    {"logFormat": "xml"},
+    {"unknownKey": True},
+    {"image": {"repository": "x", "tagg": "1"}},
+    {"connector": {"interval": "1 hour"}},
+    {"connector": {"workspaces": ["Bad Slug"]}},
+], ids=lambda v: json.dumps(v))
+def test_values_schema_refuses_bad_values(bad):
+    chart = chartlib.load_chart()
+    with pytest.raises(helm.HelmError):
+        chart.validate_schema(bad)
+    with pytest.raises(helm.HelmError):
+        render(bad)
+
+
+def test_values_schema_accepts_defaults_and_all_features():
+    chart = chartlib.load_chart()
+    chart.validate_schema({})
+    chart.validate_schema(FULL)
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["additionalProperties"] is False
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert set(defaults) <= set(schema["properties"]), set(defaults) - set(schema["properties"])
+
+
+# ---------------------------------------------------------------- services, policies
+
+
+def test_service_networkpolicy_and_pdb():
+    objs = render(FULL)
+    svc = one(objs, "Service")
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}]
+    pod_labels = one(objs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+
+    np = one(objs, "NetworkPolicy")
+    assert np["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert set(np["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    assert np["spec"]["ingress"][0]["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    assert np["spec"]["ingress"][0]["from"] == FULL["networkPolicy"]["ingressFrom"]
+    egress_ports = {(p["port"], p["protocol"]) for r in np["spec"]["egress"] for p in r["ports"]}
+    assert {(53, "UDP"), (53, "TCP"), (443, "TCP"), (6443, "TCP")} <= egress_ports
+
+    pdb = one(objs, "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert pdb["spec"]["maxUnavailable"] == 1
+
+
+# ---------------------------------------------------------------- plain manifests
+
+
+def test_deploy_manifest_is_a_fresh_render():
+    assert chartlib.DEPLOY.read_text() == chartlib.deploy_manifest(), \
+        "deploy/bitbucket-operator.yaml is stale: run scripts/render-deploy"
+
+
+def test_deploy_manifest_starts_with_its_namespace_and_validates():
+    docs = [d for d in yaml.safe_load_all(chartlib.DEPLOY.read_text()) if d]
+    assert docs[0]["kind"] == "Namespace" and docs[0]["metadata"]["name"] == NS
+    kinds = [d["kind"] for d in docs]
+    # CRDs before anything that could use them, Deployment last.
+    assert kinds.index("CustomResourceDefinition") < kinds.index("Deployment")
+    assert kinds[-1] == "Deployment"
+    for d in docs[1:]:
+        if d["kind"] not in ("ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"):
+            assert d["metadata"]["namespace"] == NS
+    assert _validate_kubernetes(docs) == len(docs)
+
+
+# ---------------------------------------------------------------- examples vs CRD schemas
+
+
+def _example(path):
+    return yaml.safe_load((ROOT / "examples" / path).read_text())
+
+
+def _cel_eval(rule, value):
+    env = celpy.Environment()
+    program = env.program(env.compile(rule))
+    return program.evaluate({"self": celpy.json_to_cel(value)})
+
+
+def _at(obj, path):
+    """Values at a dotted path like .spec.resources.accounts.interval (None if absent)."""
+    cur = obj
+    for part in [p for p in path.split(".") if p]:
+        if part.endswith("[]"):
+            raise NotImplementedError(path)
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def cel_failures(kind, obj):
+    schema = chartlib.crd_for(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    failures = []
+    for path, rule, message in chartlib.cel_rules(schema):
+        value = _at(obj, path)
+        if value is None:
+            continue  # rules apply only to fields that are set
+        if not bool(_cel_eval(rule, value)):
+            failures.append(message or rule)
+    return failures
+
+
+def assert_cel_rules_hold(kind, obj):
+    assert cel_failures(kind, obj) == []
+
+
+@pytest.mark.parametrize("path,kind", [
+    ("connector.yaml", "BitbucketConnector"),
+    ("accessgrant.yaml", "BitbucketAccessGrant"),
+])
+def test_examples_validate_against_the_crd_schemas(path, kind):
+    obj = _example(path)
+    assert obj["kind"] == kind and obj["apiVersion"] == "connectors.dev/v1alpha1"
+    jsonschema.validate(obj, chartlib.crd_json_schema(kind))
+    assert_cel_rules_hold(kind, obj)
+
+
+def test_check_jsonschema_accepts_the_examples(tmp_path):
+    exe = Path(shutil.which("check-jsonschema", path=str(ROOT / ".venv" / "bin")) or "check-jsonschema")
+    for path, kind in (("connector.yaml", "BitbucketConnector"), ("accessgrant.yaml", "BitbucketAccessGrant")):
+        schema_file = tmp_path / f"{kind}.json"
+        schema_file.write_text(json.dumps(chartlib.crd_json_schema(kind)))
+        res = subprocess.run([str(exe), "--schemafile", str(schema_file), str(ROOT / "examples" / path)],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _connector(**spec):
+    return {"apiVersion": "connectors.dev/v1alpha1", "kind": "BitbucketConnector",
+            "metadata": {"name": "c"}, "spec": {"secretRef": {"name": "s"}, **spec}}
+
+
+@pytest.mark.parametrize("spec", [
+    {"resources": {"pipelines": {"enabled": True}}},   # unknown resource type
+    {"workspaces": ["Not A Slug"]},
+    {"interval": "1 hour"},
+    {"rateLimit": {"requestsPerHour": 0}},
+    {"rateLimit": {"maxInFlight": 65}},
+    {"apiUrl": "ftp://example.com"},
+    {"suspend": "yes"},
+])
+def test_connector_schema_refuses(spec):
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(_connector(**spec), chartlib.crd_json_schema("BitbucketConnector"))
+
+
+def test_connector_secret_ref_name_is_required_and_not_empty():
+    schema = chartlib.crd_json_schema("BitbucketConnector")
+    bad = _connector()
+    bad["spec"]["secretRef"] = {"name": ""}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+    bad["spec"] = {}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"interval": "30s"}, "interval must be at least 1m"),
+    ({"resources": {"accounts": {"interval": "10s"}}}, "interval must be at least 1m"),
+    ({"credentialRotation": {"enabled": True, "interval": "30m"}}, "at least 1h"),
+])
+def test_connector_cel_rules_refuse(spec, message):
+    failures = cel_failures("BitbucketConnector", _connector(**spec))
+    assert any(message in f for f in failures), failures
+
+
+def _grant(**overrides):
+    g = copy.deepcopy(_example("accessgrant.yaml"))
+    g["spec"].update(overrides)
+    return g
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"principal": {"user": "alice", "group": "devs"}}, "exactly one of user or group"),
+    ({"principal": {}}, "exactly one of user or group"),
+    ({"target": {"workspace": "w", "project": "P", "repository": "r"}}, "exactly one of group, project or repository"),
+    ({"target": {"workspace": "w"}}, "exactly one of group, project or repository"),
+    ({"target": {"workspace": "w", "group": "devs"}, "permission": "read"}, "group target"),
+    ({"target": {"workspace": "w", "group": "devs"}, "permission": "member", "principal": {"group": "x"}}, "group target"),
+    ({"target": {"workspace": "w", "repository": "r"}, "permission": "create-repo"}, "repository target"),
+    ({"target": {"workspace": "w", "project": "P"}, "permission": "member"}, "project target"),
+    ({"expiresAt": "2030-01-01T00:00:00Z"}, "not both"),
+    ({"duration": "30s"}, "at least 1m"),
+])
+def test_grant_cel_rules_refuse(overrides, message):
+    failures = cel_failures("BitbucketAccessGrant", _grant(**overrides))
+    assert any(message in f for f in failures), failures
+
+
+@pytest.mark.parametrize("overrides", [
+    {"target": {"workspace": "w", "group": "devs"}, "permission": "member"},
+    {"target": {"workspace": "w", "project": "P"}, "permission": "create-repo", "principal": {"group": "devs"}},
+    {"target": {"workspace": "w", "repository": "r"}, "permission": "admin"},
+])
+def test_grant_cel_rules_accept_valid_combinations(overrides):
+    g = _grant(**overrides)
+    jsonschema.validate(g, chartlib.crd_json_schema("BitbucketAccessGrant"))
+    assert cel_failures("BitbucketAccessGrant", g) == []
+
+
+def test_grant_permission_enum():
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(_grant(permission="owner"), chartlib.crd_json_schema("BitbucketAccessGrant"))
+
+
+def test_secret_example_uses_the_baton_keys():
+    secret = _example("secret.yaml")
+    assert secret["kind"] == "Secret"
+    keys = set(secret["stringData"])
+    assert {"BATON_USERNAME", "BATON_APP_PASSWORD", "BATON_WORKSPACES", "BATON_PROVISIONING"} <= keys
+    kubernetes_validate.validate(secret, K8S_VERSION, strict=True)
+    connector = _example("connector.yaml")
+    assert connector["spec"]["secretRef"]["name"] == secret["metadata"]["name"]
+    assert connector["metadata"]["namespace"] == secret["metadata"]["namespace"]
+    grant = _example("accessgrant.yaml")
+    assert grant["spec"]["connectorRef"]["name"] == connector["metadata"]["name"]
+    assert "duration" in grant["spec"]
+
+
+def test_flux_examples():
+    docs = [d for d in yaml.safe_load_all((ROOT / "examples/flux/helmrelease.yaml").read_text()) if d]
+    release = next(d for d in docs if d["kind"] == "HelmRelease")
+    source = next(d for d in docs if d["kind"] in ("OCIRepository", "HelmRepository"))
+    assert release["spec"]["chartRef"]["name"] == source["metadata"]["name"]
+    assert source["spec"]["url"].endswith("/bitbucket-connector-operator")
+    chartlib.load_chart().validate_schema(release["spec"]["values"])
+    kustomization = yaml.safe_load((ROOT / "examples/flux/kustomization.yaml").read_text())
+    assert kustomization["kind"] == "Kustomization"
+    assert kustomization["spec"]["wait"] is True
+
+
+# ---------------------------------------------------------------- Argo CD health (Lua)
+
+LUA = shutil.which("lua5.4")
+CONNECTOR_LUA = ROOT / "gitops/argocd/health.lua"
+GRANT_LUA = ROOT / "gitops/argocd/health-accessgrant.lua"
+
+
+def test_argocd_cm_contains_the_scripts_verbatim():
+    cm = yaml.safe_load((ROOT / "examples/argocd/argocd-cm.yaml").read_text())
+    assert cm["kind"] == "ConfigMap" and cm["metadata"]["name"] == "argocd-cm"
+    assert cm["data"]["resource.customizations.health.connectors.dev_BitbucketConnector"] == CONNECTOR_LUA.read_text()
+    assert cm["data"]["resource.customizations.health.connectors.dev_BitbucketAccessGrant"] == GRANT_LUA.read_text()
+
+
+def to_lua(value):
+    if value is None:
+        return "nil"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=True)
+    if isinstance(value, list):
+        return "{" + ", ".join(to_lua(v) for v in value) + "}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"[{json.dumps(k)}] = {to_lua(v)}" for k, v in value.items() if v is not None) + "}"
+    raise TypeError(value)
+
+
+def run_health(script, obj, tmp_path):
+    assert LUA, "lua5.4 is not installed (scripts/test installs it)"
+    f = tmp_path / "obj.lua"
+    f.write_text("return " + to_lua(obj) + "\n")
+    res = subprocess.run([LUA, str(ROOT / "tests/chart/lua_harness.lua"), str(script), str(f)],
+                         capture_output=True, text=True, check=True)
+    status, _, message = res.stdout.rstrip("\n").partition("\t")
+    return status, message
+
+
+def cond(type_, status, reason="R", message=""):
+    return {"type": type_, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": "2026-01-01T00:00:00Z"}
+
+
+def cr(kind="BitbucketConnector", generation=2, spec=None, status=None):
+    obj = {"apiVersion": "connectors.dev/v1alpha1", "kind": kind,
+           "metadata": {"name": "x", "namespace": "y", "generation": generation},
+           "spec": spec if spec is not None else {"secretRef": {"name": "s"}}}
+    if status is not None:
+        obj["status"] = status
+    return obj
+
+
+@pytest.mark.parametrize("obj,expected,message", [
+    (cr(status={"observedGeneration": 2, "state": "Connected",
+                "conditions": [cond("Connected", "True"), cond("Ready", "True", message="All 5 resource types synced")]}),
+     "Healthy", "All 5 resource types synced"),
+    (cr(status={"observedGeneration": 2, "state": "Error",
+                "conditions": [cond("Ready", "False"), cond("Stalled", "True", "InvalidCredentials", "Bitbucket refused the credentials")]}),
+     "Degraded", "Bitbucket refused the credentials"),
+    (cr(), "Progressing", None),
+    (cr(status={"observedGeneration": 1, "conditions": [cond("Ready", "True")]}), "Progressing", "generation 2"),
+    (cr(status={"observedGeneration": 2, "conditions": [cond("Ready", "False", message="Syncing repositories")]}),
+     "Progressing", "Syncing repositories"),
+    (cr(status={"observedGeneration": 2, "conditions": [cond("Reconciling", "True")]}), "Progressing", None),
+    (cr(spec={"secretRef": {"name": "s"}, "suspend": True},
+        status={"observedGeneration": 2, "conditions": [cond("Ready", "True")]}), "Suspended", "suspend"),
+    (cr(spec={"secretRef": {"name": "s"}, "suspend": False},
+        status={"observedGeneration": 2, "conditions": [cond("Ready", "True")]}), "Healthy", None),
+], ids=["ready", "stalled", "no-status", "stale-generation", "ready-false", "reconciling", "suspended", "not-suspended"])
+def test_connector_health(obj, expected, message, tmp_path):
+    status, msg = run_health(CONNECTOR_LUA, obj, tmp_path)
+    assert status == expected, msg
+    if message:
+        assert message in msg
+
+
+def grant(status=None, spec=None):
+    return cr("BitbucketAccessGrant", spec=spec or {"permission": "write"}, status=status)
+
+
+@pytest.mark.parametrize("obj,expected", [
+    (grant({"observedGeneration": 2, "state": "Granted", "conditions": [cond("Ready", "True")]}), "Healthy"),
+    (grant({"observedGeneration": 2, "state": "Failed", "conditions": [cond("Ready", "False", message="user not found")]}), "Degraded"),
+    (grant({"observedGeneration": 2, "state": "Pending", "conditions": [cond("Stalled", "True", message="provisioning disabled")]}), "Degraded"),
+    (grant(), "Progressing"),
+    (grant({"observedGeneration": 1, "state": "Granted", "conditions": [cond("Ready", "True")]}), "Progressing"),
+    (grant({"observedGeneration": 2, "state": "Pending", "conditions": [cond("Ready", "False")]}), "Progressing"),
+    (grant({"observedGeneration": 2, "state": "Expired", "conditions": [cond("Ready", "False")]}), "Healthy"),
+    (grant({"observedGeneration": 2, "state": "Granted", "conditions": [cond("Ready", "True")]},
+           spec={"permission": "write", "suspend": True}), "Healthy"),
+], ids=["granted", "failed", "stalled", "no-status", "stale-generation", "pending", "expired", "never-suspended"])
+def test_access_grant_health(obj, expected, tmp_path):
+    status, msg = run_health(GRANT_LUA, obj, tmp_path)
+    assert status == expected, msg
+
+
+def test_readme_documents_every_value():
+    readme = (CHART / "README.md").read_text()
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def keys(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and v and k not in ("podSecurityContext", "securityContext", "resources"):
+                yield from keys(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}"
+
+    missing = [k for k in keys(defaults) if f"`{k}`" not in readme]
+    assert missing == [], f"README values table misses {missing}"

@@ -1,0 +1,558 @@
+//! The sync engine and the `sync` command against the simulator: what lands in
+//! the store must equal the simulator's ground truth exactly.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bitbucket_operator::bitbucket::{Client, ClientConfig, Credentials};
+use bitbucket_operator::model::{
+    PROJECT_PERMISSIONS, REPOSITORY_PERMISSIONS, ResourceType, SyncKind, entitlement_id, grant_id, group_id,
+    project_id, repository_id,
+};
+use bitbucket_operator::simulator::{Organisation, SimConfig, Simulator, SimulatorHandle};
+use bitbucket_operator::store::Store;
+use bitbucket_operator::sync::{SyncEngine, SyncError, run_into_store};
+
+/// What the store should hold for one resource type: resource ids,
+/// entitlement ids, and grant ids with their unknown-principal flag.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Expected {
+    resources: BTreeSet<String>,
+    entitlements: BTreeSet<String>,
+    grants: BTreeMap<String, bool>,
+}
+
+/// The oracle: derived from the simulator's ground truth with the access
+/// model's rules, independently of the syncers' code.
+fn expected(org: &Organisation, kind: SyncKind) -> Expected {
+    let mut out = Expected::default();
+    let mut users = BTreeSet::new();
+    for ws in &org.workspaces {
+        let members: HashSet<&str> = ws.members.iter().map(|m| m.user_uuid.as_str()).collect();
+        match kind {
+            SyncKind::Accounts => users.extend(members.iter().map(|s| s.to_string())),
+            SyncKind::Workspaces => {
+                out.resources.insert(ws.uuid.clone());
+                for slug in ["member", "owner"] {
+                    out.entitlements
+                        .insert(entitlement_id(ResourceType::Workspace, &ws.uuid, slug));
+                }
+                for m in &ws.members {
+                    let member = entitlement_id(ResourceType::Workspace, &ws.uuid, "member");
+                    out.grants
+                        .insert(grant_id(&member, ResourceType::User, &m.user_uuid), false);
+                    if m.owner {
+                        let owner = entitlement_id(ResourceType::Workspace, &ws.uuid, "owner");
+                        out.grants
+                            .insert(grant_id(&owner, ResourceType::User, &m.user_uuid), false);
+                    }
+                }
+            }
+            SyncKind::Groups => {
+                for g in &ws.groups {
+                    let id = group_id(&ws.uuid, &g.slug);
+                    let ent = entitlement_id(ResourceType::UserGroup, &id, "member");
+                    for u in &g.members {
+                        out.grants.insert(grant_id(&ent, ResourceType::User, u), false);
+                    }
+                    out.resources.insert(id);
+                    out.entitlements.insert(ent);
+                }
+            }
+            SyncKind::Projects => {
+                for p in &ws.projects {
+                    let id = project_id(&ws.uuid, &p.uuid, &p.key);
+                    add_permissions(
+                        &mut out,
+                        ResourceType::Project,
+                        &id,
+                        &ws.uuid,
+                        &members,
+                        &p.user_permissions,
+                        &p.group_permissions,
+                        &PROJECT_PERMISSIONS,
+                    );
+                    out.resources.insert(id);
+                }
+            }
+            SyncKind::Repositories => {
+                for r in &ws.repositories {
+                    let project = ws
+                        .projects
+                        .iter()
+                        .find(|p| p.key == r.project_key)
+                        .expect("repo's project exists");
+                    let id = repository_id(&ws.uuid, &project.uuid, &project.key, &r.uuid);
+                    add_permissions(
+                        &mut out,
+                        ResourceType::Repository,
+                        &id,
+                        &ws.uuid,
+                        &members,
+                        &r.user_permissions,
+                        &r.group_permissions,
+                        &REPOSITORY_PERMISSIONS,
+                    );
+                    out.resources.insert(id);
+                }
+            }
+        }
+    }
+    if kind == SyncKind::Accounts {
+        out.resources = users;
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn add_permissions(
+    out: &mut Expected,
+    rt: ResourceType,
+    id: &str,
+    ws_uuid: &str,
+    members: &HashSet<&str>,
+    users: &[bitbucket_operator::simulator::Permission],
+    groups: &[bitbucket_operator::simulator::Permission],
+    levels: &[&str],
+) {
+    for level in levels {
+        out.entitlements.insert(entitlement_id(rt, id, level));
+    }
+    for p in users.iter().filter(|p| p.permission != "none") {
+        let ent = entitlement_id(rt, id, &p.permission);
+        out.grants.insert(
+            grant_id(&ent, ResourceType::User, &p.principal),
+            !members.contains(p.principal.as_str()),
+        );
+    }
+    for p in groups.iter().filter(|p| p.permission != "none") {
+        let ent = entitlement_id(rt, id, &p.permission);
+        out.grants.insert(
+            grant_id(&ent, ResourceType::UserGroup, &group_id(ws_uuid, &p.principal)),
+            false,
+        );
+    }
+}
+
+fn actual(store: &Store, connector: &str, kind: SyncKind) -> Expected {
+    let batch = store.batch(connector, kind).unwrap();
+    Expected {
+        resources: batch.resources.iter().map(|r| r.id.clone()).collect(),
+        entitlements: batch.entitlements.iter().map(|e| e.id.clone()).collect(),
+        grants: batch
+            .grants
+            .iter()
+            .map(|g| (g.id.clone(), g.unknown_principal))
+            .collect(),
+    }
+}
+
+async fn start(config: SimConfig) -> SimulatorHandle {
+    Simulator::start(config, SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap()
+}
+
+fn engine(sim: &SimulatorHandle, max_retries: u32) -> SyncEngine {
+    let mut config = ClientConfig::new(&sim.base_url()).unwrap();
+    config.max_retries = max_retries;
+    config.backoff_base = Duration::from_millis(5);
+    config.backoff_max = Duration::from_millis(50);
+    config.limits.max_in_flight = 8;
+    let creds = sim.credentials();
+    let credentials = Credentials::ApiToken {
+        username: creds.email.clone(),
+        token: creds.api_token.clone(),
+    };
+    SyncEngine::new(Client::new(config, credentials).unwrap(), Vec::new())
+}
+
+async fn full_sync(engine: &SyncEngine, store: &Arc<Store>, connector: &str) {
+    let scope = engine.connect().await.unwrap();
+    for kind in SyncKind::ALL {
+        run_into_store(engine, store, connector, kind, &scope).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn synced_inventory_equals_ground_truth_for_several_shapes() {
+    let shapes = [
+        SimConfig {
+            seed: 1,
+            ..SimConfig::default()
+        },
+        SimConfig {
+            seed: 2,
+            workspaces: 1,
+            users: 5,
+            groups: 1,
+            projects: 1,
+            repositories: 2,
+            ..SimConfig::default()
+        },
+        SimConfig {
+            seed: 3,
+            workspaces: 3,
+            users: 260,
+            groups: 15,
+            projects: 12,
+            repositories: 140,
+            ..SimConfig::default()
+        },
+        // Faults on a third of the requests: retries must hide them.
+        SimConfig {
+            seed: 4,
+            workspaces: 2,
+            users: 120,
+            groups: 6,
+            projects: 5,
+            repositories: 40,
+            fail_rate: 0.3,
+            ..SimConfig::default()
+        },
+    ];
+    for shape in shapes {
+        let label = format!("{shape:?}");
+        let sim = start(shape).await;
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        let engine = engine(&sim, 10);
+        full_sync(&engine, &store, "c").await;
+        let org = sim.organisation();
+        let mut saw_unknown = false;
+        for kind in SyncKind::ALL {
+            let want = expected(&org, kind);
+            let got = actual(&store, "c", kind);
+            assert_eq!(got.resources, want.resources, "{kind} resources, {label}");
+            assert_eq!(got.entitlements, want.entitlements, "{kind} entitlements, {label}");
+            assert_eq!(got.grants, want.grants, "{kind} grants, {label}");
+            saw_unknown |= got.grants.values().any(|&unknown| unknown);
+        }
+        if org.users.len() > 100 {
+            assert!(
+                saw_unknown,
+                "large shapes include grants to non-members, flagged: {label}"
+            );
+        }
+        sim.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn user_profiles_carry_what_access_reviews_show() {
+    let sim = start(SimConfig::default()).await;
+    let store = Arc::new(Store::open_in_memory().unwrap());
+    let engine = engine(&sim, 2);
+    full_sync(&engine, &store, "c").await;
+    let org = sim.organisation();
+    let users = store.resources("c", Some(ResourceType::User)).unwrap();
+    let inactive = users.iter().filter(|u| u.profile["status"] == "inactive").count();
+    for user in &users {
+        let truth = org.users.iter().find(|u| u.uuid == user.id).unwrap();
+        assert_eq!(user.display_name, truth.display_name);
+        assert_eq!(user.profile["nickname"], truth.nickname.as_str());
+        assert_eq!(user.profile["account_id"], truth.account_id.as_str());
+        assert_eq!(user.profile["status"] == "active", truth.active);
+    }
+    let truth_inactive = org
+        .users
+        .iter()
+        .filter(|u| !u.active && users.iter().any(|r| r.id == u.uuid))
+        .count();
+    assert_eq!(inactive, truth_inactive);
+    let repos = store.resources("c", Some(ResourceType::Repository)).unwrap();
+    for repo in repos {
+        let full_name = repo.profile["full_name"].as_str().unwrap();
+        assert!(full_name.contains('/'), "{full_name}");
+        let project = repo.profile["project_id"].as_str().unwrap();
+        assert!(
+            store.resource("c", project).unwrap().is_some(),
+            "repository's project {project} is stored"
+        );
+    }
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn each_syncer_alone_updates_only_its_type() {
+    let sim = start(SimConfig::default()).await;
+    let store = Arc::new(Store::open_in_memory().unwrap());
+    let engine = engine(&sim, 2);
+    full_sync(&engine, &store, "c").await;
+    let before: BTreeMap<SyncKind, Option<i64>> = SyncKind::ALL
+        .iter()
+        .map(|&k| (k, store.current_generation("c", k).unwrap()))
+        .collect();
+    let scope = engine.discover().await.unwrap();
+    for kind in SyncKind::ALL {
+        let report = run_into_store(&engine, &store, "c", kind, &scope).await.unwrap();
+        for other in SyncKind::ALL {
+            let generation = store.current_generation("c", other).unwrap();
+            if other == kind {
+                assert_eq!(generation, Some(report.generation));
+                assert_ne!(generation, before[&other], "{kind} wrote a new generation");
+            } else if other > kind {
+                assert_eq!(generation, before[&other], "syncing {kind} left {other} alone");
+            }
+        }
+    }
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failed_run_keeps_the_previous_generation_whole() {
+    let sim = start(SimConfig {
+        repositories: 60,
+        ..SimConfig::default()
+    })
+    .await;
+    let store = Arc::new(Store::open_in_memory().unwrap());
+    let engine = engine(&sim, 1);
+    full_sync(&engine, &store, "c").await;
+    let good = store.batch("c", SyncKind::Repositories).unwrap();
+    let generation = store.current_generation("c", SyncKind::Repositories).unwrap();
+
+    // Change Bitbucket, then fail mid-run: the new data must not leak in.
+    let client = engine.client().clone();
+    let ws = &sim.organisation().workspaces[0];
+    let member = ws.members.iter().find(|m| !m.owner).unwrap().user_uuid.clone();
+    client
+        .set_repository_user_permission(&ws.slug, &ws.repositories[0].slug, &member, "admin")
+        .await
+        .unwrap();
+    let scope = engine.discover().await.unwrap();
+    sim.set_fail_rate(0.5);
+    let err = run_into_store(&engine, &store, "c", SyncKind::Repositories, &scope)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SyncError::Unavailable(_)), "{err}");
+    assert_eq!(err.reason(), "BitbucketUnavailable");
+    assert_eq!(
+        store.current_generation("c", SyncKind::Repositories).unwrap(),
+        generation
+    );
+    assert_eq!(
+        store.batch("c", SyncKind::Repositories).unwrap(),
+        good,
+        "last good data intact"
+    );
+    let last = &store.runs("c", 1).unwrap()[0];
+    assert_eq!(last.kind, SyncKind::Repositories);
+    assert!(
+        last.error.as_deref().unwrap_or_default().contains("unavailable"),
+        "{last:?}"
+    );
+
+    // Recovery: the next good run switches to the new data, and the diff shows the change.
+    sim.set_fail_rate(0.0);
+    let report = run_into_store(&engine, &store, "c", SyncKind::Repositories, &scope)
+        .await
+        .unwrap();
+    let diff = store
+        .diff_grants("c", SyncKind::Repositories, generation.unwrap(), report.generation)
+        .unwrap();
+    assert!(
+        diff.added
+            .iter()
+            .any(|g| g.principal_id == member && g.entitlement_id.ends_with(":admin")),
+        "{diff:?}"
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn configured_workspaces_limit_the_scope_and_unknown_ones_fail() {
+    let sim = start(SimConfig {
+        workspaces: 3,
+        ..SimConfig::default()
+    })
+    .await;
+    let org = sim.organisation();
+    let mut config = ClientConfig::new(&sim.base_url()).unwrap();
+    config.max_retries = 0;
+    let c = sim.credentials();
+    let creds = Credentials::ApiToken {
+        username: c.email.clone(),
+        token: c.api_token.clone(),
+    };
+    let client = Client::new(config, creds).unwrap();
+
+    let one = SyncEngine::new(client.clone(), vec![org.workspaces[1].slug.clone()]);
+    let scope = one.connect().await.unwrap();
+    assert_eq!(scope.workspaces.len(), 1);
+    assert_eq!(scope.workspaces[0].uuid, org.workspaces[1].uuid);
+
+    let missing = SyncEngine::new(client, vec!["no-such-ws".into()]);
+    let err = missing.connect().await.unwrap_err();
+    assert!(
+        matches!(err, SyncError::WorkspaceNotFound { ref slug } if slug == "no-such-ws"),
+        "{err}"
+    );
+    sim.shutdown().await;
+}
+
+// ---- the `sync` command ------------------------------------------------------
+
+fn bin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bitbucket-operator"));
+    for key in [
+        "BATON_USERNAME",
+        "BATON_APP_PASSWORD",
+        "BATON_TOKEN",
+        "BATON_CONSUMER_KEY",
+        "BATON_CONSUMER_SECRET",
+        "BATON_WORKSPACES",
+        "BITBUCKET_API_URL",
+    ] {
+        cmd.env_remove(key);
+    }
+    cmd
+}
+
+#[test]
+fn demo_syncs_the_simulator_into_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("demo.db");
+    let out = bin()
+        .args(["sync", "--demo", "--json", "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json prints one JSON object");
+    assert_eq!(summary["ok"], true);
+    let kinds = summary["resource_types"].as_array().unwrap();
+    assert_eq!(kinds.len(), 5);
+    for kind in kinds {
+        assert_eq!(kind["ok"], true, "{kind}");
+        assert!(kind["resources"].as_u64().unwrap() > 0, "{kind}");
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for kind in SyncKind::ALL {
+        assert!(
+            stderr.contains(&format!("{:<13} done", kind.as_str())),
+            "progress line for {kind}: {stderr}"
+        );
+    }
+    let store = Store::open(&db).unwrap();
+    let total: u64 = SyncKind::ALL
+        .iter()
+        .map(|&k| store.counts("default", k).unwrap().resources)
+        .sum();
+    assert_eq!(
+        total,
+        kinds.iter().map(|k| k["resources"].as_u64().unwrap()).sum::<u64>()
+    );
+
+    // The human summary is a table with one row per type.
+    let out = bin().args(["sync", "--demo", "--db"]).arg(&db).output().unwrap();
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("RESOURCES") && table.contains("repositories") && table.contains("total"),
+        "{table}"
+    );
+}
+
+fn run_sim_in_thread(config: SimConfig) -> (tokio::runtime::Runtime, SimulatorHandle) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let sim = rt.block_on(start(config));
+    (rt, sim)
+}
+
+#[test]
+fn secret_file_in_the_seed_format_works() {
+    let (_rt, sim) = run_sim_in_thread(SimConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let c = sim.credentials();
+    let ws = sim.organisation().workspaces[0].slug.clone();
+    let secret = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: baton-bitbucket\ntype: Opaque\nstringData:\n  BATON_USERNAME: {}\n  BATON_APP_PASSWORD: {}\n  BATON_WORKSPACES: {ws}\n  BATON_PROVISIONING: \"true\"\n",
+        c.email, c.api_token
+    );
+    let secret_path = dir.path().join("secret.yaml");
+    std::fs::write(&secret_path, secret).unwrap();
+    let db = dir.path().join("s.db");
+    let out = bin()
+        .args(["sync", "--json", "--api-url", &sim.base_url(), "--secret-file"])
+        .arg(&secret_path)
+        .arg("--db")
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        summary["workspaces"],
+        serde_json::json!([ws]),
+        "BATON_WORKSPACES applied"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains(&c.api_token),
+        "the token is never printed"
+    );
+}
+
+#[test]
+fn bad_credentials_exit_3_with_the_email_hint() {
+    let (_rt, sim) = run_sim_in_thread(SimConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args(["sync", "--api-url", &sim.base_url(), "--db"])
+        .arg(dir.path().join("x.db"))
+        .env("BATON_USERNAME", "jdoe")
+        .env("BATON_APP_PASSWORD", "definitely-wrong")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .expect("a one-line reason");
+    assert!(line.contains("401") && line.contains("email"), "{line}");
+    assert!(!stderr.contains("definitely-wrong"));
+    assert!(!dir.path().join("x.db").exists(), "nothing written on a failed connect");
+}
+
+#[test]
+fn unknown_workspace_exits_4_and_unreachable_api_exits_5() {
+    let (_rt, sim) = run_sim_in_thread(SimConfig::default());
+    let c = sim.credentials().clone();
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args(["sync", "--api-url", &sim.base_url(), "--workspaces", "nope", "--db"])
+        .arg(dir.path().join("x.db"))
+        .env("BATON_USERNAME", &c.email)
+        .env("BATON_APP_PASSWORD", &c.api_token)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("workspace \"nope\" not found"));
+
+    // Nothing listens on port 9 of loopback.
+    let out = bin()
+        .args(["sync", "--api-url", "http://127.0.0.1:9", "--db"])
+        .arg(dir.path().join("y.db"))
+        .env("BATON_USERNAME", &c.email)
+        .env("BATON_APP_PASSWORD", &c.api_token)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn missing_credentials_exit_3_naming_the_keys() {
+    let out = bin()
+        .args(["sync", "--api-url", "http://127.0.0.1:9"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("BATON_USERNAME"));
+}
