@@ -853,6 +853,17 @@ async fn every_served_2_0_endpoint_matches_the_official_schema() {
             "data": {"announcement_url": "https://developer.atlassian.com/cloud/bitbucket/changelog/#CHANGE-2770"}}})
     );
 
+    // The other CHANGE-2770 retirements answer the same 410.
+    for path in [
+        "/2.0/user/permissions/workspaces",
+        "/2.0/user/permissions/repositories",
+        "/2.0/repositories",
+    ] {
+        let r = api.get(path, &b).await;
+        assert_eq!(r.status, 410, "{path}");
+        assert_eq!(r.json(), retired.json(), "{path}");
+    }
+
     // 401 on /user is schema-described too.
     let unauth = api.get("/2.0/user", &Cred::None).await;
     assert_eq!(unauth.status, 401);

@@ -12,7 +12,8 @@
 //!
 //! - `/2.0/user`, `/2.0/users/{id}`, `/2.0/user/workspaces` (`administrator`,
 //!   `q=slug="…"`, `sort`), `/2.0/user/workspaces/{ws}/permission`.
-//! - `/2.0/workspaces` answers **410** with the CHANGE-2770 body.
+//! - `/2.0/workspaces`, `/2.0/user/permissions/{workspaces,repositories}` and the
+//!   cross-workspace `/2.0/repositories` answer **410** with the CHANGE-2770 body.
 //! - `/2.0/workspaces/{ws}`, `/members[/{member}]` (emails only with
 //!   `fields=+values.user.email`; `q` on `user.email` (at most 90 in an
 //!   `IN`), `user.uuid`, `user.account_id`, `user.nickname`, anything else is

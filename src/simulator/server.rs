@@ -330,6 +330,9 @@ enum Route {
     UserWorkspaces,
     UserWorkspacePermission(String),
     WorkspacesRetired,
+    /// Other CHANGE-2770 retirements: `/2.0/user/permissions/{workspaces,repositories}`
+    /// and the cross-workspace `/2.0/repositories`.
+    Retired,
     Workspace(String),
     Members(String),
     Member(String, String),
@@ -361,6 +364,7 @@ impl Route {
             Route::User | Route::UserById(_) => "user",
             Route::UserWorkspaces | Route::UserWorkspacePermission(_) => "user-workspaces",
             Route::WorkspacesRetired | Route::Workspace(_) => "workspace",
+            Route::Retired => "retired",
             Route::Members(_) | Route::Member(..) => "members",
             Route::WsPermissions(_) => "workspace-permissions",
             Route::EffectiveRepos(..) => "repository-permissions-effective",
@@ -389,6 +393,7 @@ impl Route {
             ["2.0", "user", "workspaces"] => Route::UserWorkspaces,
             ["2.0", "user", "workspaces", ws, "permission"] => Route::UserWorkspacePermission(o(ws)),
             ["2.0", "workspaces"] => Route::WorkspacesRetired,
+            ["2.0", "user", "permissions", "workspaces" | "repositories"] | ["2.0", "repositories"] => Route::Retired,
             ["2.0", "workspaces", ws] => Route::Workspace(o(ws)),
             ["2.0", "workspaces", ws, "members"] => Route::Members(o(ws)),
             ["2.0", "workspaces", ws, "members", m] => Route::Member(o(ws), o(m)),
@@ -1011,7 +1016,7 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
                 .ok_or_else(|| ApiError::not_found(&format!("User {id} not found")))?;
             ok(app.user_json(&st, u, false))
         }
-        Route::WorkspacesRetired => {
+        Route::WorkspacesRetired | Route::Retired => {
             require(ctx, &[Method::GET])?;
             let mut e = ApiError::new(410, "CHANGE-2770 - Functionality has been deprecated");
             e.detail = Some("Please read the changelog entry for more details.".into());
