@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use serde_json::json;
+use serde::Serialize;
 
 use super::{RateLimit, SimConfig, Simulator};
 
@@ -79,48 +79,69 @@ impl SimulateArgs {
     }
 }
 
+/// The line printed on start, fields in this order.
+#[derive(Serialize)]
+struct StartLine<'a> {
+    listen: String,
+    api_url: String,
+    credentials: StartCredentials<'a>,
+}
+
+#[derive(Serialize)]
+struct StartCredentials<'a> {
+    email: &'a str,
+    api_token: &'a str,
+    access_token: &'a str,
+    consumer_key: &'a str,
+    consumer_secret: &'a str,
+}
+
 pub async fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
     let handle = Simulator::start(args.config(), args.listen).await?;
+    let signal = shutdown_signal()?;
     let creds = handle.credentials();
-    let line = json!({
-        "listen": handle.local_addr().to_string(),
-        "api_url": handle.base_url(),
-        "credentials": {
-            "email": creds.email,
-            "api_token": creds.api_token,
-            "access_token": creds.access_token,
-            "consumer_key": creds.consumer_key,
-            "consumer_secret": creds.consumer_secret,
+    let line = serde_json::to_string(&StartLine {
+        listen: handle.local_addr().to_string(),
+        api_url: handle.base_url(),
+        credentials: StartCredentials {
+            email: &creds.email,
+            api_token: &creds.api_token,
+            access_token: &creds.access_token,
+            consumer_key: &creds.consumer_key,
+            consumer_secret: &creds.consumer_secret,
         },
-    });
+    })?;
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "{line}")?;
         out.flush()?;
     }
-    shutdown_signal().await;
+    signal.await;
     tracing::info!("simulator shutting down");
     handle.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Installs the SIGINT/SIGTERM handlers now (before the start line is
+/// printed, so a supervisor that signals right after reading it is honoured)
+/// and returns a future that resolves on the first signal.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
             }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
+        })
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }

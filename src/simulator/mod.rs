@@ -12,9 +12,12 @@
 //!
 //! - `/2.0/user`, `/2.0/users/{id}`, `/2.0/user/workspaces` (`administrator`,
 //!   `q=slug="…"`, `sort`), `/2.0/user/workspaces/{ws}/permission`.
-//! - `/2.0/workspaces` answers **410** with the CHANGE-2770 body.
+//! - `/2.0/workspaces`, `/2.0/user/permissions/{workspaces,repositories}` and the
+//!   cross-workspace `/2.0/repositories` answer **410** with the CHANGE-2770 body.
 //! - `/2.0/workspaces/{ws}`, `/members[/{member}]` (emails only with
-//!   `fields=+values.user.email`), `/permissions` (`owner`|`member`),
+//!   `fields=+values.user.email`; `q` on `user.email` (at most 90 in an
+//!   `IN`), `user.uuid`, `user.account_id`, `user.nickname`, anything else is
+//!   400), `/permissions` (`owner`|`member`, also `q=permission="owner"`),
 //!   `/permissions/repositories[/{repo}]` (effective permissions, below),
 //!   `/projects[/{key}]`.
 //! - `/2.0/repositories/{ws}` (`q=project.key="K"`), `/2.0/repositories/{ws}/{repo}`.
@@ -22,7 +25,8 @@
 //!   `/2.0/workspaces/{ws}/projects/{key}/permissions-config/{users|groups}[/{id}]`
 //!   (also under `/1.0/workspaces/…`, as baton-bitbucket calls it) and
 //!   `/2.0/repositories/{ws}/{repo}/permissions-config/{users|groups}[/{id}]`.
-//! - 1.0 groups: `GET /1.0/groups/{ws}` (bare array), `GET
+//! - 1.0 groups: `GET /1.0/groups/{ws}` (bare array), `GET /1.0/groups?group={ws}/{slug}`
+//!   (repeatable; unknown entries skipped), `GET
 //!   /1.0/groups/{ws}/{group}/members`, `PUT|DELETE
 //!   /1.0/groups/{ws}/{group}/members/{user}` (409 when already a member).
 //! - `POST /site/oauth2/access_token` (client credentials and refresh token).
@@ -31,7 +35,8 @@
 //! - Pagination (`pagelen` default 10, max [`SimConfig::max_pagelen`], `page`,
 //!   absolute `next`/`previous` that keep the other query parameters),
 //!   `fields=` partial responses (`a.b,c`, `*`, `+path`, `-path`), a BBQL
-//!   subset for `q=` (`=`, `!=`, `~`, `!~`, `IN`, `NOT IN`, `AND`, `OR`), and the
+//!   subset for `q=` (`=`, `!=`, `~`, `!~`, `>`, `>=`, `<`, `<=`, `IN`, `NOT IN`,
+//!   `AND`, `OR`), `sort=` (one field, `-` for descending), and the
 //!   2.0 error envelope.
 //! - Auth: Basic `email:api_token` (the admin, full rights); Bearer access
 //!   token (a pseudo-user: 403 on permissions-config, `/workspaces/{ws}/permissions*`
@@ -59,9 +64,10 @@
 //!   return it only on `/2.0/user`).
 //! - The access token may read every workspace (a real workspace access token
 //!   is bound to one) and is never an administrator in `/user/workspaces`.
-//! - `q=` supports only the operators listed; `permission>"read"` and other
-//!   ordered comparisons answer 400. `sort` is honoured only on
-//!   `/user/workspaces`; other listings keep generation order.
+//! - `q=` has no parentheses; ordered comparisons rank permission names
+//!   (`read < write < create-repo < admin`, `member < owner`), then compare
+//!   numbers, then strings. `sort=` works on any field of any listing
+//!   (Bitbucket limits it per endpoint); `/user/workspaces` accepts only `slug`.
 //! - A page past the end answers 404 `Invalid page`.
 //! - GET of a single permissions-config entry without an explicit grant
 //!   answers 404. User PUTs for non-members and workspace owners answer 400
@@ -71,8 +77,24 @@
 //! - Rate limiting counts every authenticated request against one budget per
 //!   credential; no scaled limits or `X-RateLimit-*` headers. Unauthenticated
 //!   requests and the token endpoint are not rate limited.
+//! - Faults are decided before authentication, so any request (the token
+//!   endpoint included) can fail; a faulted request is not counted by the
+//!   rate limiter. `next`/`previous` links use the request's `Host` header.
+//! - `added_on`/`last_accessed` on `/workspaces/{ws}/permissions` are
+//!   synthesised from the user's UUID.
 //! - Where the contract (`API-CONTRACT.md`) and the OpenAPI schema disagree
 //!   the contract wins; the contract test names every such difference.
+//!
+//! # Ground truth and credentials
+//!
+//! [`Organisation::generate`] is deterministic for the seed and sizes, and so
+//! are the credentials ([`SimCredentials`]); only OAuth access tokens are
+//! random. The admin (`users[0]`, the API-token user) owns every workspace;
+//! a few other members are owners; ~5% of accounts are inactive; ~2% of users
+//! belong to no workspace but keep explicit grants (former members); ~4% of
+//! explicit grants are `none`; ~15% of repositories have no explicit grants.
+//! [`SimulatorHandle::organisation`] returns the current state, writes
+//! included, so tests can compare a sync against it.
 //!
 //! # Running it
 //!
@@ -85,12 +107,12 @@
 //! "127.0.0.1:0".parse()?)`, then use [`SimulatorHandle::base_url`] and
 //! [`SimulatorHandle::credentials`].
 
-pub mod auth;
+mod auth;
 pub mod cli;
-pub mod limits;
-pub mod org;
-pub mod paging;
-pub mod server;
+mod limits;
+mod org;
+mod paging;
+mod server;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -154,7 +176,16 @@ impl Simulator {
         let creds = SimCredentials::generate(config.seed, &admin.email, &admin.uuid);
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let local = listener.local_addr()?;
-        let base_url = format!("http://{local}");
+        // A wildcard bind is reached through loopback by local clients;
+        // `next` links follow the request's Host header anyway.
+        let mut reachable = local;
+        if reachable.ip().is_unspecified() {
+            reachable.set_ip(match local {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let base_url = format!("http://{reachable}");
         let auth = auth::Auth::new(creds, config.oauth_token_ttl);
         let app = Arc::new(server::App::new(&config, base_url.clone(), org, auth));
         let router = axum::Router::new().fallback(server::handle).with_state(app.clone());

@@ -4,6 +4,8 @@
 //! (permissions-config PUT/DELETE, 1.0 group membership) mutate it. Generation
 //! is deterministic for a seed and the sizes in [`SimConfig`].
 
+#[cfg(test)]
+use std::collections::HashMap;
 use std::collections::{BTreeSet, HashSet};
 
 use rand::seq::SliceRandom;
@@ -342,20 +344,33 @@ impl Organisation {
                 member_idx[other].push(u);
             }
         }
+        let mut grantable: Vec<Vec<usize>> = Vec::with_capacity(n_ws);
         for (w, ws) in workspaces.iter_mut().enumerate() {
             let mut idx = member_idx[w].clone();
             idx.sort_unstable();
             idx.dedup();
             member_idx[w] = idx;
-            let n_owners = 1 + member_idx[w].len() / 200;
-            for (pos, &u) in member_idx[w].iter().enumerate().skip(1) {
-                // A couple of other owners per workspace (the first active members).
-                let owner = pos <= n_owners.min(2) && users[u].active;
+            // One or two other owners per workspace: its first active members.
+            let mut owners_left = (1 + member_idx[w].len() / 200).min(2);
+            for &u in member_idx[w].iter().skip(1) {
+                let owner = owners_left > 0 && users[u].active;
+                if owner {
+                    owners_left -= 1;
+                }
                 ws.members.push(Member {
                     user_uuid: users[u].uuid.clone(),
                     owner,
                 });
             }
+            // Owners never hold explicit grants (they cannot be given any).
+            grantable.push(
+                ws.members
+                    .iter()
+                    .zip(&member_idx[w])
+                    .filter(|(m, _)| !m.owner)
+                    .map(|(_, &u)| u)
+                    .collect(),
+            );
         }
 
         // Groups.
@@ -381,6 +396,7 @@ impl Organisation {
         }
 
         // Projects.
+        let mut project_turns = [0usize; 2];
         for p in 0..config.projects {
             let w = p % n_ws;
             let k = p / n_ws;
@@ -390,12 +406,18 @@ impl Organisation {
             let uuid = random_uuid(&mut rng);
             let (user_permissions, group_permissions) = grants(
                 &mut rng,
-                PROJECT_PERMS,
-                &member_idx[w],
-                &former,
-                &users,
-                &workspaces[w].groups,
-                0.0,
+                &Pool {
+                    members: &grantable[w],
+                    former: &former,
+                    users: &users,
+                    groups: &workspaces[w].groups,
+                },
+                &Shape {
+                    levels: PROJECT_PERMS,
+                    p_empty: 0.0,
+                    min_groups: 1,
+                },
+                &mut project_turns,
             );
             workspaces[w].projects.push(Project {
                 uuid,
@@ -422,6 +444,7 @@ impl Organisation {
         }
 
         // Repositories.
+        let mut repo_turns = [0usize; 2];
         for r in 0..config.repositories {
             let w = r % n_ws;
             let k = r / n_ws;
@@ -436,12 +459,18 @@ impl Organisation {
             let project_key = workspaces[w].projects[rng.random_range(0..n_proj)].key.clone();
             let (user_permissions, group_permissions) = grants(
                 &mut rng,
-                REPO_PERMS,
-                &member_idx[w],
-                &former,
-                &users,
-                &workspaces[w].groups,
-                0.15,
+                &Pool {
+                    members: &grantable[w],
+                    former: &former,
+                    users: &users,
+                    groups: &workspaces[w].groups,
+                },
+                &Shape {
+                    levels: REPO_PERMS,
+                    p_empty: 0.15,
+                    min_groups: 0,
+                },
+                &mut repo_turns,
             );
             workspaces[w].repositories.push(Repository {
                 uuid: random_uuid(&mut rng),
@@ -454,7 +483,86 @@ impl Organisation {
             });
         }
 
-        Organisation { users, workspaces }
+        let mut org = Organisation { users, workspaces };
+        org.ensure_edge_cases(&former);
+        org
+    }
+
+    /// Small organisations still get one of each edge case a sync must
+    /// handle: an inactive account, a grant held by a former member, an
+    /// explicit `none` grant and a repository without explicit grants.
+    fn ensure_edge_cases(&mut self, former: &[usize]) {
+        let owners: HashSet<String> = self
+            .workspaces
+            .iter()
+            .flat_map(|w| w.members.iter().filter(|m| m.owner))
+            .map(|m| m.user_uuid.clone())
+            .collect();
+        if self.users.len() >= 10
+            && self.users.iter().all(|u| u.active)
+            && let Some(u) = self.users.iter_mut().skip(1).rev().find(|u| !owners.contains(&u.uuid))
+        {
+            u.active = false;
+        }
+        let Some(ws) = self.workspaces.first_mut() else {
+            return;
+        };
+        let grants = |ws: &Workspace| -> Vec<String> {
+            ws.projects
+                .iter()
+                .flat_map(|p| p.user_permissions.iter())
+                .chain(ws.repositories.iter().flat_map(|r| r.user_permissions.iter()))
+                .map(|g| g.principal.clone())
+                .collect()
+        };
+        let n = ws.repositories.len();
+        if n >= 3
+            && !ws
+                .repositories
+                .iter()
+                .any(|r| r.user_permissions.is_empty() && r.group_permissions.is_empty())
+        {
+            let last = &mut ws.repositories[n - 1];
+            last.user_permissions.clear();
+            last.group_permissions.clear();
+        }
+        if let Some(&f) = former.first() {
+            let uuid = self.users[f].uuid.clone();
+            let held: HashSet<String> = grants(ws).into_iter().collect();
+            let any_former = former.iter().any(|&i| held.contains(&self.users[i].uuid));
+            let target = ws
+                .repositories
+                .iter()
+                .position(|r| !r.user_permissions.is_empty() || !r.group_permissions.is_empty())
+                .unwrap_or(0);
+            if !any_former && let Some(repo) = ws.repositories.get_mut(target) {
+                repo.user_permissions.push(Permission {
+                    principal: uuid,
+                    permission: "read".into(),
+                });
+            }
+        }
+        let has_none = self.workspaces.iter().any(|w| {
+            w.projects
+                .iter()
+                .flat_map(|p| p.user_permissions.iter().chain(&p.group_permissions))
+                .chain(
+                    w.repositories
+                        .iter()
+                        .flat_map(|r| r.user_permissions.iter().chain(&r.group_permissions)),
+                )
+                .any(|g| g.permission == "none")
+        });
+        let ws = &mut self.workspaces[0];
+        if !has_none
+            && let Some(g) = ws
+                .projects
+                .iter_mut()
+                .flat_map(|p| p.user_permissions.iter_mut())
+                .nth(1)
+        {
+            g.permission = "none".into();
+        }
     }
 
     /// Index of a user by UUID (linear; the server keeps its own maps).
@@ -468,24 +576,50 @@ impl Organisation {
     }
 }
 
-/// Random explicit grants for a project or repository.
+/// Who can receive grants in one workspace.
+struct Pool<'a> {
+    /// Non-owner members (user indices).
+    members: &'a [usize],
+    /// Former members (user indices).
+    former: &'a [usize],
+    users: &'a [User],
+    groups: &'a [Group],
+}
+
+/// What kind of grants to draw.
+struct Shape<'a> {
+    levels: &'a [&'a str],
+    /// Probability of no explicit grants at all.
+    p_empty: f64,
+    min_groups: usize,
+}
+
+/// Random explicit grants for a project or repository. `turns` cycles the
+/// levels for user and group grants.
 fn grants(
     rng: &mut ChaCha8Rng,
-    levels: &[&str],
-    members: &[usize],
-    former: &[usize],
-    users: &[User],
-    groups: &[Group],
-    p_empty: f64,
+    pool: &Pool,
+    shape: &Shape,
+    turns: &mut [usize; 2],
 ) -> (Vec<Permission>, Vec<Permission>) {
+    let Pool {
+        members,
+        former,
+        users,
+        groups,
+    } = *pool;
+    let Shape {
+        levels,
+        p_empty,
+        min_groups,
+    } = *shape;
     let mut user_perms = Vec::new();
     let mut group_perms = Vec::new();
     if rng.random_bool(p_empty) {
         return (user_perms, group_perms);
     }
     let mut seen = HashSet::new();
-    // Skip the admin (index 0): workspace owners are never listed explicitly.
-    let pool: Vec<usize> = members.iter().copied().filter(|&u| u != 0).collect();
+    let pool = members;
     for _ in 0..rng.random_range(0..=3) {
         if pool.is_empty() {
             break;
@@ -494,7 +628,7 @@ fn grants(
         if seen.insert(u) {
             user_perms.push(Permission {
                 principal: users[u].uuid.clone(),
-                permission: pick_level(rng, levels),
+                permission: pick_level(rng, levels, &mut turns[0]),
             });
         }
     }
@@ -503,12 +637,12 @@ fn grants(
         if seen.insert(u) {
             user_perms.push(Permission {
                 principal: users[u].uuid.clone(),
-                permission: pick_level(rng, levels),
+                permission: pick_level(rng, levels, &mut turns[0]),
             });
         }
     }
     let mut seen_groups = HashSet::new();
-    for _ in 0..rng.random_range(0..=2) {
+    for _ in 0..rng.random_range(min_groups..=2) {
         if groups.is_empty() {
             break;
         }
@@ -516,18 +650,21 @@ fn grants(
         if seen_groups.insert(g) {
             group_perms.push(Permission {
                 principal: groups[g].slug.clone(),
-                permission: pick_level(rng, levels),
+                permission: pick_level(rng, levels, &mut turns[1]),
             });
         }
     }
     (user_perms, group_perms)
 }
 
-fn pick_level(rng: &mut ChaCha8Rng, levels: &[&str]) -> String {
+/// ~4% `none`, otherwise the levels in turn (so that every level occurs even
+/// in small organisations).
+fn pick_level(rng: &mut ChaCha8Rng, levels: &[&str], turn: &mut usize) -> String {
     if rng.random_bool(0.04) {
         "none".into()
     } else {
-        levels[rng.random_range(0..levels.len())].into()
+        *turn += 1;
+        levels[*turn % levels.len()].into()
     }
 }
 
@@ -597,6 +734,111 @@ mod tests {
     }
 
     #[test]
+    fn small_default_organisation_covers_every_case() {
+        for seed in 1..=20 {
+            small_organisation_covers_every_case(seed);
+        }
+    }
+
+    fn small_organisation_covers_every_case(seed: u64) {
+        let org = Organisation::generate(&SimConfig {
+            seed,
+            ..SimConfig::default()
+        });
+        let ws = &org.workspaces;
+        let levels = |it: Box<dyn Iterator<Item = &Permission> + '_>| -> BTreeSet<String> {
+            it.map(|g| g.permission.clone()).collect()
+        };
+        let pu = levels(Box::new(
+            ws.iter().flat_map(|w| &w.projects).flat_map(|p| &p.user_permissions),
+        ));
+        let pg = levels(Box::new(
+            ws.iter().flat_map(|w| &w.projects).flat_map(|p| &p.group_permissions),
+        ));
+        let ru = levels(Box::new(
+            ws.iter()
+                .flat_map(|w| &w.repositories)
+                .flat_map(|r| &r.user_permissions),
+        ));
+        let rg = levels(Box::new(
+            ws.iter()
+                .flat_map(|w| &w.repositories)
+                .flat_map(|r| &r.group_permissions),
+        ));
+        for l in PROJECT_PERMS {
+            assert!(pu.contains(*l) && pg.contains(*l), "project level {l}: {pu:?} {pg:?}");
+        }
+        for l in REPO_PERMS {
+            assert!(
+                ru.contains(*l) && rg.contains(*l),
+                "repository level {l}: {ru:?} {rg:?}"
+            );
+        }
+        assert!(!ru.contains("create-repo") && !rg.contains("create-repo"));
+        let all: Vec<&Permission> = ws
+            .iter()
+            .flat_map(|w| {
+                w.projects
+                    .iter()
+                    .flat_map(|p| p.user_permissions.iter().chain(&p.group_permissions))
+                    .chain(
+                        w.repositories
+                            .iter()
+                            .flat_map(|r| r.user_permissions.iter().chain(&r.group_permissions)),
+                    )
+            })
+            .collect();
+        assert!(all.iter().any(|g| g.permission == "none"));
+        assert!(org.users.iter().any(|u| !u.active));
+        for w in ws {
+            let owners: HashSet<&str> = w
+                .members
+                .iter()
+                .filter(|m| m.owner)
+                .map(|m| m.user_uuid.as_str())
+                .collect();
+            assert!(
+                w.members.iter().filter(|m| m.owner).count() >= 2,
+                "admin plus another owner"
+            );
+            for p in w
+                .projects
+                .iter()
+                .map(|p| &p.user_permissions)
+                .chain(w.repositories.iter().map(|r| &r.user_permissions))
+            {
+                assert!(
+                    p.iter().all(|g| !owners.contains(g.principal.as_str())),
+                    "owners hold no explicit grants"
+                );
+            }
+        }
+        let w0 = &ws[0];
+        let m0: HashSet<&str> = w0.members.iter().map(|m| m.user_uuid.as_str()).collect();
+        assert!(
+            w0.repositories
+                .iter()
+                .flat_map(|r| &r.user_permissions)
+                .chain(w0.projects.iter().flat_map(|p| &p.user_permissions))
+                .any(|g| !m0.contains(g.principal.as_str())),
+            "a former member keeps a grant"
+        );
+        assert!(
+            w0.repositories
+                .iter()
+                .any(|r| r.user_permissions.is_empty() && r.group_permissions.is_empty())
+        );
+        // Users belong to several groups.
+        let mut count: HashMap<&str, usize> = HashMap::new();
+        for g in ws.iter().flat_map(|w| &w.groups) {
+            for m in &g.members {
+                *count.entry(m.as_str()).or_default() += 1;
+            }
+        }
+        assert!(count.values().any(|&c| c >= 2));
+    }
+
+    #[test]
     fn scales_fast_with_inactive_former_and_none_grants() {
         let c = SimConfig {
             users: 10_000,
@@ -608,7 +850,7 @@ mod tests {
         };
         let t = std::time::Instant::now();
         let org = Organisation::generate(&c);
-        assert!(t.elapsed() < std::time::Duration::from_secs(5), "{:?}", t.elapsed());
+        assert!(t.elapsed() < std::time::Duration::from_secs(2), "{:?}", t.elapsed());
         let inactive = org.users.iter().filter(|u| !u.active).count();
         assert!(inactive > 300 && inactive < 800, "{inactive}");
         let members: HashSet<&str> = org

@@ -136,9 +136,9 @@ pub fn apply_fields(value: Value, spec: &FieldSpec, hidden: &[&str]) -> Value {
     value
 }
 
-/// Whether pattern `p` (with `*`) names exactly the path `h`.
+/// Whether `p` names the hidden path `h` explicitly (`*` does not).
 fn path_matches(p: &[String], h: &[String]) -> bool {
-    p.len() == h.len() && p.iter().zip(h).all(|(a, b)| a == "*" || a == b)
+    p == h
 }
 
 fn project(value: &Value, paths: &[&Vec<String>]) -> Option<Value> {
@@ -270,7 +270,7 @@ impl Bbql {
                 }
                 i += 1;
             }
-            if !["=", "!=", "~", "!~", "IN", "NOT IN"].contains(&op.as_str()) {
+            if !["=", "!=", "~", "!~", ">", ">=", "<", "<=", "IN", "NOT IN"].contains(&op.as_str()) {
                 return Err(ApiError::bad_request(&format!(
                     "Operator {op} is not supported by the simulator"
                 )));
@@ -302,9 +302,14 @@ impl Bbql {
         Ok(Bbql { any_of })
     }
 
-    /// The first path segment of every clause (to reject unknown fields).
-    pub fn fields(&self) -> impl Iterator<Item = String> + '_ {
-        self.any_of.iter().flatten().map(|c| c.path.join("."))
+    /// Every clause as `(field path, number of values)`, to reject fields an
+    /// endpoint cannot filter on and over-long `IN` lists.
+    pub fn clauses(&self) -> Vec<(String, usize)> {
+        self.any_of
+            .iter()
+            .flatten()
+            .map(|c| (c.path.join("."), c.values.len()))
+            .collect()
     }
 
     pub fn matches(&self, item: &Value) -> bool {
@@ -340,10 +345,40 @@ fn clause_matches(c: &Clause, item: &Value) -> bool {
         "!=" => actual != v0,
         "~" => actual.to_lowercase().contains(&v0.to_lowercase()),
         "!~" => !actual.to_lowercase().contains(&v0.to_lowercase()),
+        ">" | ">=" | "<" | "<=" => {
+            let o = ordered(&actual, v0);
+            match c.op.as_str() {
+                ">" => o.is_gt(),
+                ">=" => o.is_ge(),
+                "<" => o.is_lt(),
+                _ => o.is_le(),
+            }
+        }
         "IN" => c.values.contains(&actual),
         "NOT IN" => !c.values.contains(&actual),
         _ => false,
     }
+}
+
+/// Ordered comparison: permission names by rank (`none < read < write <
+/// create-repo < admin`, `member < owner`), numbers numerically, otherwise
+/// strings (ISO timestamps order correctly as strings).
+fn ordered(a: &str, b: &str) -> std::cmp::Ordering {
+    let perm = |s: &str| match s {
+        "none" => Some(0),
+        "read" | "member" => Some(1),
+        "write" | "create-project" => Some(2),
+        "create-repo" => Some(3),
+        "admin" | "owner" => Some(4),
+        _ => None,
+    };
+    if let (Some(x), Some(y)) = (perm(a), perm(b)) {
+        return x.cmp(&y);
+    }
+    if let (Ok(x), Ok(y)) = (a.parse::<f64>(), b.parse::<f64>()) {
+        return x.total_cmp(&y);
+    }
+    a.cmp(b)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -483,7 +518,12 @@ mod tests {
         assert!(Bbql::parse(r#"slug="zz" OR project.key="K""#).unwrap().matches(&item));
         assert!(Bbql::parse(r#"user.email IN ("b@x", "a@x")"#).unwrap().matches(&item));
         assert!(!Bbql::parse(r#"user.email NOT IN ("a@x")"#).unwrap().matches(&item));
-        for bad in ["", "slug", "slug=", r#"slug="x" AND"#, r#"slug="x"#, "a > \"b\""] {
+        let perm = json!({"permission": "write", "size": 5});
+        assert!(Bbql::parse(r#"permission>"read""#).unwrap().matches(&perm));
+        assert!(!Bbql::parse(r#"permission>"write""#).unwrap().matches(&perm));
+        assert!(Bbql::parse(r#"permission>="write""#).unwrap().matches(&perm));
+        assert!(Bbql::parse("size < 10").unwrap().matches(&perm));
+        for bad in ["", "slug", "slug=", r#"slug="x" AND"#, r#"slug="x"#, "a >< \"b\""] {
             assert_eq!(Bbql::parse(bad).unwrap_err().status, 400, "{bad}");
         }
     }

@@ -330,6 +330,9 @@ enum Route {
     UserWorkspaces,
     UserWorkspacePermission(String),
     WorkspacesRetired,
+    /// Other CHANGE-2770 retirements: `/2.0/user/permissions/{workspaces,repositories}`
+    /// and the cross-workspace `/2.0/repositories`.
+    Retired,
     Workspace(String),
     Members(String),
     Member(String, String),
@@ -342,6 +345,8 @@ enum Route {
     Repo(String, String),
     RepoPerms(String, String, Kind, Option<String>),
     Groups10(String),
+    /// `GET /1.0/groups?group={ws}/{slug}` (repeatable).
+    Groups10Filter,
     Group10Members(String, String),
     Group10Member(String, String, String),
 }
@@ -359,6 +364,7 @@ impl Route {
             Route::User | Route::UserById(_) => "user",
             Route::UserWorkspaces | Route::UserWorkspacePermission(_) => "user-workspaces",
             Route::WorkspacesRetired | Route::Workspace(_) => "workspace",
+            Route::Retired => "retired",
             Route::Members(_) | Route::Member(..) => "members",
             Route::WsPermissions(_) => "workspace-permissions",
             Route::EffectiveRepos(..) => "repository-permissions-effective",
@@ -366,7 +372,9 @@ impl Route {
             Route::ProjectPerms(..) => "project-permissions",
             Route::Repos(_) | Route::Repo(..) => "repositories",
             Route::RepoPerms(..) => "repository-permissions",
-            Route::Groups10(_) | Route::Group10Members(..) | Route::Group10Member(..) => "groups-1.0",
+            Route::Groups10(_) | Route::Groups10Filter | Route::Group10Members(..) | Route::Group10Member(..) => {
+                "groups-1.0"
+            }
         }
     }
 
@@ -385,6 +393,7 @@ impl Route {
             ["2.0", "user", "workspaces"] => Route::UserWorkspaces,
             ["2.0", "user", "workspaces", ws, "permission"] => Route::UserWorkspacePermission(o(ws)),
             ["2.0", "workspaces"] => Route::WorkspacesRetired,
+            ["2.0", "user", "permissions", "workspaces" | "repositories"] | ["2.0", "repositories"] => Route::Retired,
             ["2.0", "workspaces", ws] => Route::Workspace(o(ws)),
             ["2.0", "workspaces", ws, "members"] => Route::Members(o(ws)),
             ["2.0", "workspaces", ws, "members", m] => Route::Member(o(ws), o(m)),
@@ -412,6 +421,7 @@ impl Route {
             ["2.0", "repositories", ws, r, "permissions-config", kd, id] => {
                 Route::RepoPerms(o(ws), o(r), kind(kd)?, Some(o(id)))
             }
+            ["1.0", "groups"] => Route::Groups10Filter,
             ["1.0", "groups", ws] => Route::Groups10(o(ws)),
             ["1.0", "groups", ws, g, "members"] => Route::Group10Members(o(ws), o(g)),
             ["1.0", "groups", ws, g, "members", m] => Route::Group10Member(o(ws), o(g), o(m)),
@@ -422,6 +432,8 @@ impl Route {
 
 /// Per-request context.
 struct Ctx<'a> {
+    /// `http://host:port` as the client addressed us (for `next` links).
+    origin: String,
     method: Method,
     path: String,
     query: Query,
@@ -512,7 +524,17 @@ pub async fn handle(State(app): State<Arc<App>>, req: Request) -> Response {
                             .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(wait)));
                         r
                     } else {
+                        let origin = parts
+                            .headers
+                            .get(header::HOST)
+                            .and_then(|h| h.to_str().ok())
+                            .filter(|h| {
+                                !h.is_empty() && h.chars().all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
+                            })
+                            .map(|h| format!("http://{h}"))
+                            .unwrap_or_else(|| app.base_url.clone());
                         let ctx = Ctx {
+                            origin,
                             method: parts.method.clone(),
                             path: raw_path.clone(),
                             query,
@@ -735,7 +757,6 @@ impl App {
         o.insert("created_on".into(), json!(timestamp(&pr.uuid, 0)));
         o.insert("updated_on".into(), json!(timestamp(&pr.uuid, 10)));
         o.insert("owner".into(), self.team_json(st, w));
-        o.insert("workspace".into(), self.workspace_short(st, w));
         v
     }
 
@@ -856,7 +877,7 @@ impl App {
     }
 
     fn self_url(&self, ctx: &Ctx) -> String {
-        format!("{}{}", self.base_url, ctx.path)
+        format!("{}{}", ctx.origin, ctx.path)
     }
 
     /// Paginates `n` items rendered on demand; with `q=`, renders all, then
@@ -869,32 +890,88 @@ impl App {
         filter_view: Option<&dyn Fn(&Value) -> Value>,
     ) -> Result<Value, ApiError> {
         let url = self.self_url(ctx);
-        match param(&ctx.query, "q").filter(|q| !q.trim().is_empty()) {
-            Some(q) => {
-                let bbql = Bbql::parse(q)?;
-                let items: Vec<Value> = (0..n)
-                    .map(&render)
-                    .filter(|v| match filter_view {
-                        Some(f) => bbql.matches(&f(v)),
-                        None => bbql.matches(v),
-                    })
-                    .collect();
-                paginate(items, &ctx.query, &url, self.max_pagelen)
+        let q = param(&ctx.query, "q").filter(|q| !q.trim().is_empty());
+        let sort = param(&ctx.query, "sort").filter(|s| !s.trim().is_empty());
+        if q.is_some() || sort.is_some() {
+            let bbql = q.map(Bbql::parse).transpose()?;
+            let view = |v: &Value| match filter_view {
+                Some(f) => f(v),
+                None => v.clone(),
+            };
+            let mut items: Vec<(Value, Value)> = (0..n)
+                .map(&render)
+                .map(|v| (view(&v), v))
+                .filter(|(view, _)| bbql.as_ref().is_none_or(|b| b.matches(view)))
+                .collect();
+            if let Some(sort) = sort {
+                let (desc, field) = match sort.trim().strip_prefix('-') {
+                    Some(f) => (true, f),
+                    None => (false, sort.trim()),
+                };
+                items.sort_by(|a, b| {
+                    let o = compare_at(&a.0, &b.0, field);
+                    if desc { o.reverse() } else { o }
+                });
             }
-            None => {
-                // Validate paging on the count, then render only one page.
-                let placeholders: Vec<Value> = (0..n).map(|i| json!(i)).collect();
-                let mut page = paginate(placeholders, &ctx.query, &url, self.max_pagelen)?;
-                if let Some(values) = page.get_mut("values").and_then(Value::as_array_mut) {
-                    for v in values.iter_mut() {
-                        let i = v.as_u64().unwrap_or(0) as usize;
-                        *v = render(i);
-                    }
-                }
-                Ok(page)
+            let items = items.into_iter().map(|(_, v)| v).collect();
+            return paginate(items, &ctx.query, &url, self.max_pagelen);
+        }
+        // Validate paging on the count, then render only one page.
+        let placeholders: Vec<Value> = (0..n).map(|i| json!(i)).collect();
+        let mut page = paginate(placeholders, &ctx.query, &url, self.max_pagelen)?;
+        if let Some(values) = page.get_mut("values").and_then(Value::as_array_mut) {
+            for v in values.iter_mut() {
+                let i = v.as_u64().unwrap_or(0) as usize;
+                *v = render(i);
             }
         }
+        Ok(page)
     }
+}
+
+/// Orders two values by the dotted `field` (numbers numerically, strings
+/// lexically; absent values first).
+fn compare_at(a: &Value, b: &Value, field: &str) -> std::cmp::Ordering {
+    let get = |v: &Value| {
+        field
+            .split('.')
+            .try_fold(v, |cur, seg| cur.get(seg))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    match (get(a), get(b)) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64().unwrap_or(0.0).total_cmp(&y.as_f64().unwrap_or(0.0)),
+        (Value::Null, Value::Null) => std::cmp::Ordering::Equal,
+        (Value::Null, _) => std::cmp::Ordering::Less,
+        (_, Value::Null) => std::cmp::Ordering::Greater,
+        (x, y) => {
+            let s = |v: Value| match v {
+                Value::String(s) => s,
+                other => other.to_string(),
+            };
+            s(x).cmp(&s(y))
+        }
+    }
+}
+
+/// Member listings filter only on these fields; `user.email IN (…)` takes at
+/// most 90 addresses (API-CONTRACT 3a).
+fn check_member_query(ctx: &Ctx, extra: &[&str]) -> Result<(), ApiError> {
+    let Some(q) = param(&ctx.query, "q").filter(|q| !q.trim().is_empty()) else {
+        return Ok(());
+    };
+    let allowed = ["user.email", "user.uuid", "user.account_id", "user.nickname"];
+    for (field, n) in Bbql::parse(q)?.clauses() {
+        if !allowed.contains(&field.as_str()) && !extra.contains(&field.as_str()) {
+            return Err(ApiError::bad_request(&format!("'{field}' is not a filterable field")));
+        }
+        if field == "user.email" && n > 90 {
+            return Err(ApiError::bad_request(
+                "Too many email addresses: at most 90 can be queried at once",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn require(ctx: &Ctx, allowed: &[Method]) -> Result<(), ApiError> {
@@ -939,7 +1016,7 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
                 .ok_or_else(|| ApiError::not_found(&format!("User {id} not found")))?;
             ok(app.user_json(&st, u, false))
         }
-        Route::WorkspacesRetired => {
+        Route::WorkspacesRetired | Route::Retired => {
             require(ctx, &[Method::GET])?;
             let mut e = ApiError::new(410, "CHANGE-2770 - Functionality has been deprecated");
             e.detail = Some("Please read the changelog entry for more details.".into());
@@ -961,15 +1038,14 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
                 }
             };
             let mut order: Vec<usize> = (0..st.org.workspaces.len()).collect();
+            // Only `slug` can be sorted on (API-CONTRACT 3a); `list` sorts.
             match param(&ctx.query, "sort") {
-                None | Some("slug") => {
-                    order.sort_by(|a, b| st.org.workspaces[*a].slug.cmp(&st.org.workspaces[*b].slug))
-                }
-                Some("-slug") => order.sort_by(|a, b| st.org.workspaces[*b].slug.cmp(&st.org.workspaces[*a].slug)),
+                None | Some("slug") | Some("-slug") => {}
                 Some(other) => {
                     return Err(ApiError::bad_request(&format!("Invalid sort field: {other}")));
                 }
             }
+            order.sort_by(|a, b| st.org.workspaces[*a].slug.cmp(&st.org.workspaces[*b].slug));
             if let Some(f) = filter {
                 order.retain(|_| admin_flag == f);
             }
@@ -1027,6 +1103,7 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
             require(ctx, &[Method::GET])?;
             let st = app.read();
             let w = ws_or_404(&st, ws)?;
+            check_member_query(ctx, &[])?;
             let order = &st.ws[w].member_order;
             let v = app.list(ctx, order.len(), |i| app.membership_json(&st, w, order[i], false), None)?;
             Ok((200, v, vec!["values.user.email"]))
@@ -1046,6 +1123,7 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
             deny_access_token(ctx)?;
             let st = app.read();
             let w = ws_or_404(&st, ws)?;
+            check_member_query(ctx, &["permission"])?;
             let order = &st.ws[w].member_order;
             let v = app.list(ctx, order.len(), |i| app.membership_json(&st, w, order[i], true), None)?;
             Ok((200, v, vec!["values.user.email"]))
@@ -1116,6 +1194,29 @@ fn dispatch(app: &App, route: &Route, ctx: &Ctx) -> Reply {
         }
         Route::RepoPerms(ws, slug, kind, id) => {
             permissions_config(app, ctx, ws, Target::Repo(slug), *kind, id.as_deref())
+        }
+        Route::Groups10Filter => {
+            require(ctx, &[Method::GET])?;
+            deny_access_token(ctx)?;
+            let st = app.read();
+            let mut out = Vec::new();
+            for (k, v) in &ctx.query {
+                if k != "group" {
+                    continue;
+                }
+                let Some((ws, g)) = v.split_once('/') else {
+                    return Err(ApiError::bad_request("group must be {workspace}/{group_slug}"));
+                };
+                // Unknown workspaces or groups are skipped, like Bitbucket.
+                let found = st
+                    .workspace(ws)
+                    .filter(|_| !ws.starts_with('{'))
+                    .and_then(|w| st.ws[w].groups.get(g).map(|&gi| (w, gi)));
+                if let Some((w, gi)) = found {
+                    out.push(app.group10_json(&st, w, gi));
+                }
+            }
+            ok(Value::Array(out))
         }
         Route::Groups10(ws) => {
             require(ctx, &[Method::GET])?;
@@ -1208,6 +1309,31 @@ fn group_or_404(st: &OrgState, w: usize, g: &str) -> Result<usize, ApiError> {
         .ok_or_else(|| ApiError::not_found(&format!("Group {g} not found")))
 }
 
+/// A read guard for GETs, a write guard for PUT/DELETE.
+enum Guard<'a> {
+    Read(std::sync::RwLockReadGuard<'a, OrgState>),
+    Write(std::sync::RwLockWriteGuard<'a, OrgState>),
+}
+
+impl std::ops::Deref for Guard<'_> {
+    type Target = OrgState;
+    fn deref(&self) -> &OrgState {
+        match self {
+            Guard::Read(g) => g,
+            Guard::Write(g) => g,
+        }
+    }
+}
+
+impl Guard<'_> {
+    fn get_mut(&mut self) -> Result<&mut OrgState, ApiError> {
+        match self {
+            Guard::Write(g) => Ok(g),
+            Guard::Read(_) => Err(ApiError::new(500, "internal error: write under a read lock")),
+        }
+    }
+}
+
 enum Target<'a> {
     Project(&'a str),
     Repo(&'a str),
@@ -1227,7 +1353,11 @@ fn permissions_config(app: &App, ctx: &Ctx, ws: &str, target: Target, kind: Kind
         ));
     }
     let is_project = matches!(target, Target::Project(_));
-    let mut st = app.write();
+    let mut st = if writing {
+        Guard::Write(app.write())
+    } else {
+        Guard::Read(app.read())
+    };
     let w = ws_or_404(&st, ws)?;
     let (t, base) = match target {
         Target::Project(key) => {
@@ -1359,7 +1489,7 @@ fn permissions_config(app: &App, ctx: &Ctx, ws: &str, target: Target, kind: Kind
                 Some(false) => {}
             }
         }
-        let list = perms_mut(&mut st, w, t, is_project, kind);
+        let list = perms_mut(st.get_mut()?, w, t, is_project, kind);
         let perm = Permission {
             principal: principal.clone(),
             permission,
@@ -1368,14 +1498,14 @@ fn permissions_config(app: &App, ctx: &Ctx, ws: &str, target: Target, kind: Kind
             Some(p) => p.permission = perm.permission.clone(),
             None => list.push(perm.clone()),
         }
-        st.generation += 1;
+        st.get_mut()?.generation += 1;
         return ok(render(&st, &perm));
     }
 
     // DELETE
-    let list = perms_mut(&mut st, w, t, is_project, kind);
+    let list = perms_mut(st.get_mut()?, w, t, is_project, kind);
     list.retain(|p| p.principal != principal);
-    st.generation += 1;
+    st.get_mut()?.generation += 1;
     Ok((204, Value::Null, Vec::new()))
 }
 
@@ -1420,6 +1550,74 @@ fn validate_permission_body(body: &[u8], allowed: &[&str]) -> Result<String, Api
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn effective_permission_rule() {
+        use super::super::org::{Group, Member, Project, Repository, User, Workspace};
+        let user = |n: usize| User {
+            uuid: format!("{{u{n}}}"),
+            account_id: format!("557058:u{n}"),
+            nickname: format!("u{n}"),
+            display_name: format!("U {n}"),
+            email: format!("u{n}@x"),
+            active: true,
+        };
+        let grant = |p: &str, perm: &str| Permission {
+            principal: p.to_string(),
+            permission: perm.to_string(),
+        };
+        let org = Organisation {
+            users: (0..6).map(user).collect(),
+            workspaces: vec![Workspace {
+                uuid: "{w}".into(),
+                slug: "w".into(),
+                name: "W".into(),
+                is_private: true,
+                members: (0..5)
+                    .map(|n| Member {
+                        user_uuid: format!("{{u{n}}}"),
+                        owner: n == 0,
+                    })
+                    .collect(),
+                groups: vec![Group {
+                    slug: "devs".into(),
+                    name: "Devs".into(),
+                    permission: None,
+                    members: vec!["{u1}".into(), "{u2}".into()],
+                }],
+                projects: vec![Project {
+                    uuid: "{p}".into(),
+                    key: "P".into(),
+                    name: "P".into(),
+                    // create-repo counts as write on repositories.
+                    user_permissions: vec![grant("{u3}", "create-repo"), grant("{u4}", "none")],
+                    group_permissions: vec![grant("devs", "read")],
+                }],
+                repositories: vec![Repository {
+                    uuid: "{r}".into(),
+                    slug: "r".into(),
+                    name: "r".into(),
+                    project_key: "P".into(),
+                    is_private: true,
+                    // `none` on the repository does not cancel the group grant;
+                    // u5 is not a workspace member but keeps the grant.
+                    user_permissions: vec![grant("{u1}", "none"), grant("{u2}", "admin"), grant("{u5}", "read")],
+                    group_permissions: vec![grant("devs", "write")],
+                }],
+            }],
+        };
+        let st = OrgState::new(org);
+        let got: Vec<(usize, usize, &str)> = st
+            .effective(0)
+            .into_iter()
+            .map(|(r, u, rk)| (r, u, rank_name(rk)))
+            .collect();
+        // u0 (owner, no grants) and u4 (`none` only) are absent.
+        assert_eq!(
+            got,
+            vec![(0, 1, "write"), (0, 2, "admin"), (0, 3, "write"), (0, 5, "read")]
+        );
+    }
 
     #[test]
     fn timestamps_are_iso8601() {
