@@ -8,6 +8,9 @@
 //! - [`model`]: the access model (resources, entitlements, grants).
 //! - [`store`]: the embedded SQLite store (generations of synced data, sync runs).
 //! - [`access`]: effective access (who can reach a repository, what a user can reach).
+//! - [`provision`]: grants and revokes (group membership, project and
+//!   repository permissions), idempotent and precise, for the CLI and the
+//!   access-grant controller.
 //! - [`crd`]: the custom resources (`BitbucketConnector`,
 //!   `BitbucketAccessGrant`) and their condition helpers.
 
@@ -15,6 +18,7 @@ pub mod access;
 pub mod bitbucket;
 pub mod crd;
 pub mod model;
+pub mod provision;
 pub mod settings;
 pub mod simulator;
 pub mod store;
