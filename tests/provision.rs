@@ -11,7 +11,7 @@ use bitbucket_operator::bitbucket::{Client, ClientConfig, Credentials, EndpointC
 use bitbucket_operator::model::SyncKind;
 use bitbucket_operator::provision::{
     AccessRequest, GrantMode, GrantResult, Permission, PrincipalRef, ProvisionError, Provisioner, RevokeResult,
-    StoreRefresh, TargetRef,
+    StoreRefresh, TargetRef, level_to_restore,
 };
 use bitbucket_operator::simulator::{Organisation, SimConfig, Simulator, SimulatorHandle};
 use bitbucket_operator::store::Store;
@@ -434,6 +434,36 @@ async fn revoke_and_restore_puts_back_the_previous_level_or_leaves_external_chan
     );
     assert_eq!(truth(&sim, &n, &principal, &target).as_deref(), Some("admin"));
 
+    // Overlapping grants: read before, A = write, B = admin. Ending A while B
+    // lasts keeps admin; ending B then restores read.
+    p.grant(&at(Permission::Read), GrantMode::Exact).await.unwrap();
+    let before = Some(Permission::Read);
+    let a = p.grant(&at(Permission::Write), GrantMode::AtLeast).await.unwrap();
+    assert_eq!(a.previous, before);
+    p.grant(&at(Permission::Admin), GrantMode::AtLeast).await.unwrap();
+    let end_a = p
+        .revoke_and_restore(&at(Permission::Write), level_to_restore(before, &[Permission::Admin]))
+        .await
+        .unwrap();
+    assert_eq!(
+        end_a.result,
+        RevokeResult::LeftInPlace {
+            held: Permission::Admin
+        }
+    );
+    assert_eq!(truth(&sim, &n, &principal, &target).as_deref(), Some("admin"));
+    let end_b = p
+        .revoke_and_restore(&at(Permission::Admin), level_to_restore(before, &[]))
+        .await
+        .unwrap();
+    assert_eq!(
+        end_b.result,
+        RevokeResult::Restored {
+            level: Permission::Read
+        }
+    );
+    assert_eq!(truth(&sim, &n, &principal, &target).as_deref(), Some("read"));
+
     // Group membership: removed at expiry when the user was not a member before.
     let group_target = TargetRef::Group(n.target_group.clone());
     clear(p.client(), &n, &principal, &group_target).await;
@@ -573,6 +603,67 @@ async fn unknown_or_unprovisionable_access_is_refused_with_typed_reasons() {
         before,
         "nothing changed"
     );
+}
+
+#[tokio::test]
+async fn leftover_permissions_of_former_members_can_be_revoked_by_uuid() {
+    // An explicit repository permission held by someone who is not (or no
+    // longer) a member of the workspace: the simulator generates a few, as
+    // Bitbucket keeps them. Pick a seed whose organisation has one.
+    let leftover = |org: &Organisation| {
+        org.workspaces.iter().find_map(|w| {
+            w.repositories.iter().find_map(|r| {
+                r.user_permissions
+                    .iter()
+                    .find(|g| g.permission != "none" && !w.members.iter().any(|m| m.user_uuid == g.principal))
+                    .map(|g| {
+                        (
+                            w.slug.clone(),
+                            r.slug.clone(),
+                            g.principal.clone(),
+                            g.permission.clone(),
+                        )
+                    })
+            })
+        })
+    };
+    let config = (1..200)
+        .map(|seed| SimConfig {
+            seed,
+            repositories: 80,
+            ..SimConfig::default()
+        })
+        .find(|config| leftover(&Organisation::generate(config)).is_some())
+        .expect("the simulator generates leftover grants of former members");
+    let sim = start(config).await;
+    let (ws, slug, uuid, level) = leftover(&sim.organisation()).unwrap();
+    let level = bitbucket_operator::provision::parse_level(&level).unwrap().unwrap();
+    let p = provisioner(&sim);
+    let req = AccessRequest::new(
+        ws.clone(),
+        PrincipalRef::User(uuid.clone()),
+        TargetRef::Repository(slug.clone()),
+        level,
+    );
+
+    // Granting to a non-member is refused...
+    let err = p.grant(&req, GrantMode::AtLeast).await.unwrap_err();
+    assert_eq!(err.reason(), "NotWorkspaceMember");
+    // ...but the leftover permission can be revoked by UUID.
+    let outcome = p.revoke(&req).await.unwrap();
+    assert_eq!(outcome.result, RevokeResult::Revoked);
+    assert_eq!(outcome.previous, Some(level));
+    let org = sim.organisation();
+    let repository = org
+        .workspaces
+        .iter()
+        .find(|w| w.slug == ws)
+        .unwrap()
+        .repositories
+        .iter()
+        .find(|r| r.slug == slug)
+        .unwrap();
+    assert!(!repository.user_permissions.iter().any(|g| g.principal == uuid));
 }
 
 // ---- store refresh ------------------------------------------------------------------------

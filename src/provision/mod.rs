@@ -58,8 +58,13 @@
 //! - **Overlapping grants** (two `BitbucketAccessGrant`s for the same
 //!   principal and target): the higher level wins while both exist; removing
 //!   one restores the other's level. The controller computes the level to
-//!   restore with [`effective_level`] over the levels of the grants that
-//!   remain plus the level held before the first of them.
+//!   restore with [`level_to_restore`] ([`effective_level`] over the levels
+//!   of the grants that remain plus the level held before the first of
+//!   them).
+//! - **Former members.** A grant needs a workspace member. A revoke also
+//!   accepts a user who has left the workspace, named by UUID: Bitbucket keeps
+//!   their explicit permissions, and removing them is what an access review
+//!   asks for.
 //! - **Store refresh.** With a store attached ([`Provisioner::with_store`],
 //!   CLI `--db`), a change re-reads that one resource's explicit user and
 //!   group permissions (or the group's members) and replaces its grants in
@@ -277,6 +282,17 @@ pub fn rank(permission: Permission) -> u8 {
 /// overlap: the highest; `None` when there are none.
 pub fn effective_level(levels: &[Permission]) -> Option<Permission> {
     levels.iter().copied().max_by_key(|&p| rank(p))
+}
+
+/// The level to restore when one of several overlapping grants of one
+/// principal on one target ends: the highest of the grants that `remaining`
+/// and the level held `before` the first of them (`None`: delete). Pass it
+/// as `previous` to [`Provisioner::revoke_and_restore`]; when it equals the
+/// level in place (another grant is higher), nothing is written.
+pub fn level_to_restore(before: Option<Permission>, remaining: &[Permission]) -> Option<Permission> {
+    let mut levels: Vec<Permission> = remaining.to_vec();
+    levels.extend(before);
+    effective_level(&levels)
 }
 
 /// A permission by its Bitbucket slug (`member`, `read`, `write`,
@@ -638,6 +654,16 @@ mod tests {
             Some(Permission::CreateRepo)
         );
         assert_eq!(effective_level(&[Permission::Member]), Some(Permission::Member));
+    }
+
+    #[test]
+    fn ending_one_of_overlapping_grants_restores_the_other() {
+        // read before; grants of write (A) and admin (B) overlap.
+        let before = Some(Permission::Read);
+        assert_eq!(level_to_restore(before, &[Permission::Write]), Some(Permission::Write));
+        assert_eq!(level_to_restore(before, &[Permission::Admin]), Some(Permission::Admin));
+        assert_eq!(level_to_restore(before, &[]), before);
+        assert_eq!(level_to_restore(None, &[]), None);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use super::{
     rank,
 };
 use crate::bitbucket::models::{Group, User, Workspace};
-use crate::bitbucket::{Client, Error as ApiError, ErrorKind, MembershipChange};
+use crate::bitbucket::{Client, EndpointClass, Error as ApiError, ErrorKind, MembershipChange};
 use crate::model::{ResourceType, SyncKind, group_id, project_id, repository_id};
 use crate::store::Store;
 
@@ -22,6 +22,14 @@ pub struct Provisioner {
     client: Client,
     enabled: bool,
     store: Option<(Arc<Store>, String)>,
+}
+
+/// Why a request is resolved: a grant needs a workspace member; a revoke
+/// also accepts a former member named by UUID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Grant,
+    Revoke,
 }
 
 /// A request resolved against Bitbucket, with the listings fetched on the way
@@ -67,7 +75,7 @@ impl Provisioner {
     /// Writes only when the current level does not already satisfy it.
     pub async fn grant(&self, request: &AccessRequest, mode: GrantMode) -> Result<GrantOutcome, ProvisionError> {
         self.check_enabled()?;
-        let r = self.resolve(request).await?;
+        let r = self.resolve(request, Purpose::Grant).await?;
         let wanted = request.permission;
         let previous = r.current;
         let (result, previous, current) = if r.target.kind == TargetKind::Group {
@@ -131,7 +139,7 @@ impl Provisioner {
     /// nothing held is success without a write.
     pub async fn revoke(&self, request: &AccessRequest) -> Result<RevokeOutcome, ProvisionError> {
         self.check_enabled()?;
-        let r = self.resolve(request).await?;
+        let r = self.resolve(request, Purpose::Revoke).await?;
         let wanted = request.permission;
         let (result, current) = match r.current {
             None => (RevokeResult::NotHeld, None),
@@ -174,7 +182,7 @@ impl Provisioner {
                 other => other,
             })?;
         }
-        let r = self.resolve(request).await?;
+        let r = self.resolve(request, Purpose::Revoke).await?;
         let granted = request.permission;
         let (result, current) = match (r.current, previous) {
             (current, previous) if current == previous => match current {
@@ -200,7 +208,7 @@ impl Provisioner {
     /// The principal's current explicit level on the target (reads only;
     /// allowed with provisioning disabled).
     pub async fn inspect(&self, request: &AccessRequest) -> Result<Held, ProvisionError> {
-        let r = self.resolve(request).await?;
+        let r = self.resolve(request, Purpose::Revoke).await?;
         Ok(Held {
             principal: r.principal,
             target: r.target,
@@ -249,7 +257,7 @@ impl Provisioner {
 
     // ---- resolution ----------------------------------------------------------
 
-    async fn resolve(&self, request: &AccessRequest) -> Result<Resolved, ProvisionError> {
+    async fn resolve(&self, request: &AccessRequest, purpose: Purpose) -> Result<Resolved, ProvisionError> {
         request.validate()?;
         let workspace = match self.client.workspace(&request.workspace).await {
             Ok(w) if !w.uuid.is_empty() => w,
@@ -330,19 +338,32 @@ impl Provisioner {
                     .into_iter()
                     .map(|m| m.user)
                     .collect();
-                let user = find_member(&listing, needle).ok_or_else(|| ProvisionError::NotWorkspaceMember {
-                    user: needle.clone(),
-                    workspace: ws.clone(),
-                })?;
-                let principal = ResolvedPrincipal {
-                    kind: PrincipalKind::User,
-                    key: user.uuid.clone(),
-                    id: user.uuid.clone(),
-                    name: user
-                        .nickname
-                        .clone()
-                        .or_else(|| user.display_name.clone())
-                        .unwrap_or_else(|| user.uuid.clone()),
+                let principal = match (find_member(&listing, needle), purpose, braced_uuid(needle)) {
+                    (Some(user), _, _) => ResolvedPrincipal {
+                        kind: PrincipalKind::User,
+                        key: user.uuid.clone(),
+                        id: user.uuid.clone(),
+                        name: user
+                            .nickname
+                            .clone()
+                            .or_else(|| user.display_name.clone())
+                            .unwrap_or_else(|| user.uuid.clone()),
+                    },
+                    // Former members keep explicit permissions (Bitbucket does
+                    // not remove them): revoking those, named by UUID, is
+                    // exactly what an access review needs.
+                    (None, Purpose::Revoke, Some(uuid)) => ResolvedPrincipal {
+                        kind: PrincipalKind::User,
+                        key: uuid.clone(),
+                        id: uuid.clone(),
+                        name: uuid,
+                    },
+                    (None, _, _) => {
+                        return Err(ProvisionError::NotWorkspaceMember {
+                            user: needle.clone(),
+                            workspace: ws.clone(),
+                        });
+                    }
                 };
                 members = Some(listing);
                 principal
@@ -403,11 +424,16 @@ impl Provisioner {
                 absent_on_404(self.client.repository_group_permission(ws, key, who).await)?.and_then(|p| p.permission)
             }
         };
+        let class = if target.kind == TargetKind::Project {
+            EndpointClass::ProjectPermissions
+        } else {
+            EndpointClass::RepositoryPermissions
+        };
         match level {
             None => Ok(None),
             Some(text) => parse_level(&text).map_err(|e| {
                 ProvisionError::Api(ApiError {
-                    class: crate::bitbucket::EndpointClass::ProjectPermissions,
+                    class,
                     kind: ErrorKind::Decode,
                     status: None,
                     message: format!("Bitbucket reported a permission this connector does not know: {e}"),
@@ -576,18 +602,25 @@ fn find_group<'a>(groups: &'a [Group], slug: &str) -> Option<&'a Group> {
         .or_else(|| groups.iter().find(|g| g.slug.eq_ignore_ascii_case(slug)))
 }
 
+/// `{uuid}` for a UUID given with or without braces; `None` for anything else.
+fn braced_uuid(text: &str) -> Option<String> {
+    let text = text.trim();
+    let bare = text.strip_prefix('{').and_then(|t| t.strip_suffix('}')).unwrap_or(text);
+    let is_uuid = bare.len() == 36
+        && bare.chars().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        });
+    is_uuid.then(|| format!("{{{}}}", bare.to_ascii_lowercase()))
+}
+
 /// A member by UUID (with or without braces), account id, or nickname.
 fn find_member<'a>(members: &'a [User], needle: &str) -> Option<&'a User> {
     let needle = needle.trim();
     if needle.is_empty() {
         return None;
     }
-    let bare_uuid = needle.len() == 36 && needle.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
-    let uuid = if bare_uuid {
-        format!("{{{needle}}}")
-    } else {
-        needle.to_owned()
-    };
+    let uuid = braced_uuid(needle).unwrap_or_else(|| needle.to_owned());
     members
         .iter()
         .find(|u| !u.uuid.is_empty() && u.uuid.eq_ignore_ascii_case(&uuid))
@@ -620,6 +653,12 @@ mod tests {
             assert!(find_member(&users, needle).is_some(), "{needle}");
         }
         assert!(find_member(&users, "someone").is_none());
+        assert_eq!(
+            braced_uuid("0A1B2C3D-0000-4000-8000-000000000001").as_deref(),
+            Some("{0a1b2c3d-0000-4000-8000-000000000001}")
+        );
+        assert_eq!(braced_uuid("557058:abc"), None);
+        assert_eq!(braced_uuid("jdoe"), None);
         assert!(find_member(&users, "").is_none());
     }
 }
