@@ -667,6 +667,28 @@ mod tests {
     }
 
     #[test]
+    fn the_example_access_grant_becomes_a_request() {
+        let grant: crate::crd::grant::BitbucketAccessGrant =
+            serde_yaml::from_str(include_str!("../../examples/accessgrant.yaml")).unwrap();
+        let request = AccessRequest::from_spec(&grant.spec).unwrap();
+        assert_eq!(request.workspace, "example-workspace");
+        assert_eq!(
+            request.principal,
+            PrincipalRef::User("{5f1c2a44-8d1e-4c1b-9f6e-0a2b3c4d5e6f}".into())
+        );
+        assert_eq!(request.target, TargetRef::Repository("api".into()));
+        assert_eq!(request.permission, Permission::Write);
+        request.validate().unwrap();
+
+        let mut two_targets = grant.spec.clone();
+        two_targets.target.project = Some("P".into());
+        assert_eq!(
+            AccessRequest::from_spec(&two_targets).unwrap_err().reason(),
+            "InvalidSpec"
+        );
+    }
+
+    #[test]
     fn levels_parse_from_bitbucket_slugs() {
         assert_eq!(parse_level("none"), Ok(None));
         assert_eq!(parse_level("create-repo"), Ok(Some(Permission::CreateRepo)));

@@ -85,7 +85,8 @@ impl Provisioner {
                 match self
                     .client
                     .add_group_member(&r.workspace.slug, &r.target.key, &r.principal.key)
-                    .await?
+                    .await
+                    .map_err(group_write_error)?
                 {
                     MembershipChange::Added => (GrantResult::Granted, None, Some(Permission::Member)),
                     // Added by someone else since we read: already held.
@@ -206,7 +207,8 @@ impl Provisioner {
     }
 
     /// The principal's current explicit level on the target (reads only;
-    /// allowed with provisioning disabled).
+    /// allowed with provisioning disabled; a former member may be named by
+    /// UUID, as for a revoke).
     pub async fn inspect(&self, request: &AccessRequest) -> Result<Held, ProvisionError> {
         let r = self.resolve(request, Purpose::Revoke).await?;
         Ok(Held {
@@ -497,6 +499,7 @@ impl Provisioner {
         match result {
             Ok(()) => Ok(true),
             Err(err) if err.kind == ErrorKind::NotFound => Ok(false),
+            Err(err) if r.target.kind == TargetKind::Group => Err(group_write_error(err)),
             Err(err) => Err(err.into()),
         }
     }
@@ -569,6 +572,24 @@ impl Provisioner {
         let grants =
             crate::sync::permission_grants(resource_type, &r.target.resource_id, ws, &members, &users, &groups);
         Ok((kind, grants))
+    }
+}
+
+/// Workspaces administered at admin.atlassian.com allow only GET on the 1.0
+/// groups API (405 on writes): membership there is managed in Atlassian
+/// Administration.
+fn group_write_error(err: ApiError) -> ProvisionError {
+    if err.status == Some(405) {
+        ProvisionError::NotProvisionable {
+            message: format!(
+                "Bitbucket does not allow group membership changes through the 1.0 groups API for this workspace \
+                 (workspaces administered at admin.atlassian.com): manage the group in Atlassian Administration \
+                 ({})",
+                err.message
+            ),
+        }
+    } else {
+        err.into()
     }
 }
 
