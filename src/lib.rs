@@ -11,6 +11,9 @@
 //! - [`controller`]: the Kubernetes controller (`run`), sync loops and status.
 //! - [`metrics`], [`http`]: Prometheus metrics and the probe/metrics endpoints.
 //! - [`settings`], [`sync`]: baton-format Secrets, and the sync engine.
+//! - [`provision`]: grants and revokes (group membership, project and
+//!   repository permissions), idempotent and precise, for the CLI and the
+//!   access-grant controller.
 //! - [`crd`]: the custom resources (`BitbucketConnector`,
 //!   `BitbucketAccessGrant`) and their condition helpers.
 
@@ -21,6 +24,7 @@ pub mod crd;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod provision;
 pub mod settings;
 pub mod simulator;
 pub mod store;

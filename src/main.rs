@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use bitbucket_operator::{access, controller, crd, simulator, sync, telemetry};
+use bitbucket_operator::{access, controller, crd, provision, simulator, sync, telemetry};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -31,6 +31,11 @@ enum Command {
     /// Print the CustomResourceDefinitions as multi-document YAML (or write
     /// them into crds/ and the chart with --write).
     Crd(crd::cli::CrdArgs),
+    /// Grant a user or group access (group membership, project or repository
+    /// permission) straight against Bitbucket; needs provisioning enabled.
+    Grant(provision::cli::GrantArgs),
+    /// Revoke access granted with `grant` (optionally restoring a previous level).
+    Revoke(provision::cli::RevokeArgs),
 }
 
 #[tokio::main]
@@ -39,7 +44,7 @@ async fn main() -> ExitCode {
     // One-shot commands keep stderr for their own progress lines; services
     // log at info.
     let default_level = match cli.command {
-        Command::Sync(_) | Command::Access(_) | Command::Crd(_) => "warn",
+        Command::Sync(_) | Command::Access(_) | Command::Crd(_) | Command::Grant(_) | Command::Revoke(_) => "warn",
         _ => "info",
     };
     telemetry::init(cli.log_format, default_level);
@@ -49,6 +54,8 @@ async fn main() -> ExitCode {
         Command::Simulate(args) => simulator::cli::run(args).await,
         Command::Access(args) => access::cli::run(args),
         Command::Crd(args) => crd::cli::run(args),
+        Command::Grant(args) => provision::cli::grant(args).await,
+        Command::Revoke(args) => provision::cli::revoke(args).await,
     };
     match result {
         Ok(code) => code,

@@ -30,11 +30,8 @@ use crate::store::Store;
 pub struct SyncArgs {
     /// Run against the built-in simulator with a generated organisation: no
     /// credentials, no network.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "secret_file")]
     demo: bool,
-    /// Bitbucket API root.
-    #[arg(long, env = "BITBUCKET_API_URL", default_value = DEFAULT_API_URL)]
-    api_url: String,
     /// Workspace slugs to sync (comma-separated); default: every workspace the
     /// credentials administer.
     #[arg(long, value_delimiter = ',')]
@@ -52,31 +49,78 @@ pub struct SyncArgs {
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     json: bool,
-    /// Read credentials from a Kubernetes Secret manifest (stringData or
-    /// base64 data, `BATON_*` keys).
-    #[arg(long, value_name = "FILE", conflicts_with = "demo")]
-    secret_file: Option<PathBuf>,
-    /// Atlassian account email for an API token.
-    #[arg(long, env = "BATON_USERNAME", hide_env_values = true)]
-    username: Option<String>,
-    /// API token (or legacy app password).
-    #[arg(long, env = "BATON_APP_PASSWORD", hide_env_values = true)]
-    app_password: Option<String>,
-    /// Workspace, project or repository access token.
-    #[arg(long, env = "BATON_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// OAuth consumer key.
-    #[arg(long, env = "BATON_CONSUMER_KEY", hide_env_values = true)]
-    consumer_key: Option<String>,
-    /// OAuth consumer secret.
-    #[arg(long, env = "BATON_CONSUMER_SECRET", hide_env_values = true)]
-    consumer_secret: Option<String>,
+    #[command(flatten)]
+    credentials: CredentialArgs,
     /// Requests per rolling hour allowed for these credentials.
     #[arg(long, default_value_t = 1000)]
     requests_per_hour: u32,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 4)]
     max_in_flight: usize,
+}
+
+/// Bitbucket credentials and API root, shared by every command that talks to
+/// Bitbucket without a cluster (`sync`, `grant`, `revoke`): flags, `BATON_*`
+/// variables, or a Secret manifest in the seed format.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CredentialArgs {
+    /// Bitbucket API root.
+    #[arg(long, env = "BITBUCKET_API_URL", default_value = DEFAULT_API_URL)]
+    pub api_url: String,
+    /// Read credentials from a Kubernetes Secret manifest (stringData or
+    /// base64 data, `BATON_*` keys).
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// Atlassian account email for an API token.
+    #[arg(long, env = "BATON_USERNAME", hide_env_values = true)]
+    pub username: Option<String>,
+    /// API token (or legacy app password).
+    #[arg(long, env = "BATON_APP_PASSWORD", hide_env_values = true)]
+    pub app_password: Option<String>,
+    /// Workspace, project or repository access token.
+    #[arg(long, env = "BATON_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// OAuth consumer key.
+    #[arg(long, env = "BATON_CONSUMER_KEY", hide_env_values = true)]
+    pub consumer_key: Option<String>,
+    /// OAuth consumer secret.
+    #[arg(long, env = "BATON_CONSUMER_SECRET", hide_env_values = true)]
+    pub consumer_secret: Option<String>,
+}
+
+impl CredentialArgs {
+    /// Settings from `--secret-file`, else from flags and `BATON_*`
+    /// variables (`BATON_WORKSPACES` and `BATON_PROVISIONING` from the
+    /// environment). Messages name keys, never values.
+    pub fn settings(&self) -> Result<ConnectorSettings, String> {
+        let keys = SecretKeys::default();
+        let data = match &self.secret_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                secret_manifest_data(&text).map_err(|e| format!("{}: {e}", path.display()))?
+            }
+            None => {
+                let mut data = BTreeMap::new();
+                let mut put = |key: &str, value: &Option<String>| {
+                    if let Some(value) = value {
+                        data.insert(key.to_owned(), value.clone());
+                    }
+                };
+                put(&keys.username, &self.username);
+                put(&keys.app_password, &self.app_password);
+                put(&keys.token, &self.token);
+                put(&keys.consumer_key, &self.consumer_key);
+                put(&keys.consumer_secret, &self.consumer_secret);
+                for key in [&keys.workspaces, &keys.provisioning] {
+                    if let Ok(value) = std::env::var(key) {
+                        data.insert(key.clone(), value);
+                    }
+                }
+                data
+            }
+        };
+        ConnectorSettings::from_map(&data, &keys).map_err(|e| e.to_string())
+    }
 }
 
 fn parse_kind(value: &str) -> Result<SyncKind, String> {
@@ -120,8 +164,8 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<ExitCode> {
                 ConnectorSettings::from_map(&data, &SecretKeys::default())?,
             )
         }
-        None => match resolve_settings(&args) {
-            Ok(settings) => (args.api_url.clone(), settings),
+        None => match args.credentials.settings() {
+            Ok(settings) => (args.credentials.api_url.clone(), settings),
             Err(message) => {
                 eprintln!("error: {message}");
                 return Ok(ExitCode::from(3));
@@ -230,35 +274,6 @@ fn example_repository(store: &Store, connector: &str) -> Option<String> {
         .get("full_name")?
         .as_str()
         .map(str::to_owned)
-}
-
-/// Credentials from `--secret-file`, else from flags and `BATON_*` variables.
-fn resolve_settings(args: &SyncArgs) -> Result<ConnectorSettings, String> {
-    let keys = SecretKeys::default();
-    let data = match &args.secret_file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            secret_manifest_data(&text).map_err(|e| format!("{}: {e}", path.display()))?
-        }
-        None => {
-            let mut data = BTreeMap::new();
-            let mut put = |key: &str, value: &Option<String>| {
-                if let Some(value) = value {
-                    data.insert(key.to_owned(), value.clone());
-                }
-            };
-            put(&keys.username, &args.username);
-            put(&keys.app_password, &args.app_password);
-            put(&keys.token, &args.token);
-            put(&keys.consumer_key, &args.consumer_key);
-            put(&keys.consumer_secret, &args.consumer_secret);
-            if let Ok(workspaces) = std::env::var(&keys.workspaces) {
-                data.insert(keys.workspaces.clone(), workspaces);
-            }
-            data
-        }
-    };
-    ConnectorSettings::from_map(&data, &keys).map_err(|e| e.to_string())
 }
 
 fn exit_code(err: &SyncError) -> ExitCode {

@@ -40,6 +40,7 @@ use crate::bitbucket::{Client, Error as ApiError, ErrorKind};
 use crate::model::{SyncBatch, SyncKind};
 
 pub use run::{RunReport, run_into_store};
+pub(crate) use syncers::{group_member_grants, permission_grants};
 
 /// Why a sync failed, classified the way status conditions report it.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -7,7 +7,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde_json::json;
 
 use super::SyncScope;
-use crate::bitbucket::models::{GroupPermission, Project, Repository, UserPermission, Workspace};
+use crate::bitbucket::models::{Group, GroupPermission, Project, Repository, UserPermission, Workspace};
 use crate::bitbucket::{Client, Error as ApiError};
 use crate::model::{
     Entitlement, Grant, PROJECT_PERMISSIONS, REPOSITORY_PERMISSIONS, Resource, ResourceType, SyncBatch, group_id,
@@ -124,9 +124,7 @@ pub(super) async fn groups(ctx: &Context<'_>) -> Result<SyncBatch, ApiError> {
                 profile: json!({ "slug": group.slug, "name": name, "workspace_slug": workspace.slug }),
             });
             let member = Entitlement::new(ResourceType::UserGroup, &id, "member", format!("{name} member"));
-            for user in group.members.iter().filter(|m| !m.uuid.is_empty()) {
-                batch.grants.push(Grant::new(&member, ResourceType::User, &user.uuid));
-            }
+            batch.grants.extend(group_member_grants(workspace, &group));
             batch.entitlements.push(member);
         }
     }
@@ -275,4 +273,39 @@ fn add_permission_grants(
             .grants
             .push(Grant::new(entitlement, ResourceType::UserGroup, &principal));
     }
+}
+
+/// The `member` grants of one 1.0 group, exactly as the groups syncer builds
+/// them (provisioning refreshes one group with this).
+pub(crate) fn group_member_grants(workspace: &Workspace, group: &Group) -> Vec<Grant> {
+    let id = group_id(&workspace.uuid, &group.slug);
+    let member = Entitlement::new(ResourceType::UserGroup, &id, "member", String::new());
+    group
+        .members
+        .iter()
+        .filter(|m| !m.uuid.is_empty())
+        .map(|user| Grant::new(&member, ResourceType::User, &user.uuid))
+        .collect()
+}
+
+/// The grants on one project or repository from its permissions-config
+/// listings, exactly as the projects and repositories syncers build them
+/// (provisioning refreshes one resource with this). `members`: the
+/// workspace's member UUIDs, to flag grants to non-members.
+pub(crate) fn permission_grants(
+    resource_type: ResourceType,
+    resource_id: &str,
+    workspace: &Workspace,
+    members: &HashSet<String>,
+    users: &[UserPermission],
+    groups: &[GroupPermission],
+) -> Vec<Grant> {
+    let levels: &[&'static str] = match resource_type {
+        ResourceType::Project => &PROJECT_PERMISSIONS,
+        _ => &REPOSITORY_PERMISSIONS,
+    };
+    let entitlements = permission_entitlements(resource_type, resource_id, "", levels);
+    let mut batch = SyncBatch::default();
+    add_permission_grants(&mut batch, &entitlements, workspace, members, users, groups);
+    batch.grants
 }

@@ -1,0 +1,685 @@
+//! The [`Provisioner`]: resolves a request, reads the current level, writes
+//! only what must change, and refreshes the store.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+
+use super::{
+    AccessRequest, GrantMode, GrantOutcome, GrantResult, Held, Permission, PrincipalKind, PrincipalRef, ProvisionError,
+    ResolvedPrincipal, ResolvedTarget, RevokeOutcome, RevokeResult, StoreRefresh, TargetKind, TargetRef, parse_level,
+    rank,
+};
+use crate::bitbucket::models::{Group, User, Workspace};
+use crate::bitbucket::{Client, EndpointClass, Error as ApiError, ErrorKind, MembershipChange};
+use crate::model::{ResourceType, SyncKind, group_id, project_id, repository_id};
+use crate::store::Store;
+
+/// Grants and revokes access through one Bitbucket client. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Provisioner {
+    client: Client,
+    enabled: bool,
+    store: Option<(Arc<Store>, String)>,
+}
+
+/// Why a request is resolved: a grant needs a workspace member; a revoke
+/// also accepts a former member named by UUID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Grant,
+    Revoke,
+}
+
+/// A request resolved against Bitbucket, with the listings fetched on the way
+/// (reused by the store refresh).
+struct Resolved {
+    workspace: Workspace,
+    principal: ResolvedPrincipal,
+    target: ResolvedTarget,
+    /// The principal's current explicit level.
+    current: Option<Permission>,
+    members: Option<Vec<User>>,
+}
+
+impl Provisioner {
+    /// `provisioning_enabled`: the connector's setting
+    /// ([`crate::settings::ConnectorSettings::provisioning`] or its spec
+    /// override). When false, [`Provisioner::grant`] and the revokes refuse
+    /// with [`ProvisionError::ProvisioningDisabled`] before any request.
+    pub fn new(client: Client, provisioning_enabled: bool) -> Self {
+        Provisioner {
+            client,
+            enabled: provisioning_enabled,
+            store: None,
+        }
+    }
+
+    /// Refresh the changed resource's grants in `store` under `connector`
+    /// after every change.
+    pub fn with_store(mut self, store: Arc<Store>, connector: impl Into<String>) -> Self {
+        self.store = Some((store, connector.into()));
+        self
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn provisioning_enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Ensures the principal holds the permission (see [`GrantMode`]).
+    /// Writes only when the current level does not already satisfy it.
+    pub async fn grant(&self, request: &AccessRequest, mode: GrantMode) -> Result<GrantOutcome, ProvisionError> {
+        self.check_enabled()?;
+        let r = self.resolve(request, Purpose::Grant).await?;
+        let wanted = request.permission;
+        let previous = r.current;
+        let (result, previous, current) = if r.target.kind == TargetKind::Group {
+            if previous == Some(Permission::Member) {
+                (GrantResult::AlreadyHeld, previous, previous)
+            } else {
+                match self
+                    .client
+                    .add_group_member(&r.workspace.slug, &r.target.key, &r.principal.key)
+                    .await
+                    .map_err(group_write_error)?
+                {
+                    MembershipChange::Added => (GrantResult::Granted, None, Some(Permission::Member)),
+                    // Added by someone else since we read: already held.
+                    MembershipChange::AlreadyMember => (
+                        GrantResult::AlreadyHeld,
+                        Some(Permission::Member),
+                        Some(Permission::Member),
+                    ),
+                }
+            }
+        } else {
+            match previous {
+                Some(held) if held == wanted => (GrantResult::AlreadyHeld, previous, previous),
+                Some(held) if mode == GrantMode::AtLeast && rank(held) > rank(wanted) => {
+                    (GrantResult::AlreadySatisfied { held }, previous, previous)
+                }
+                _ => {
+                    self.put_level(&r, wanted).await?;
+                    (GrantResult::Granted, previous, Some(wanted))
+                }
+            }
+        };
+        let store = if result == GrantResult::Granted {
+            self.refresh(&r).await
+        } else {
+            None
+        };
+        let outcome = GrantOutcome {
+            result,
+            permission: wanted,
+            mode,
+            previous,
+            current,
+            principal: r.principal,
+            target: r.target,
+            store,
+        };
+        tracing::info!(
+            principal = %outcome.principal,
+            target = %outcome.target,
+            permission = %wanted,
+            changed = outcome.changed(),
+            "{}",
+            outcome.message()
+        );
+        Ok(outcome)
+    }
+
+    /// Removes exactly the named level: deletes it when it is the level held;
+    /// leaves any other level in place ([`RevokeResult::LeftInPlace`]);
+    /// nothing held is success without a write.
+    pub async fn revoke(&self, request: &AccessRequest) -> Result<RevokeOutcome, ProvisionError> {
+        self.check_enabled()?;
+        let r = self.resolve(request, Purpose::Revoke).await?;
+        let wanted = request.permission;
+        let (result, current) = match r.current {
+            None => (RevokeResult::NotHeld, None),
+            Some(held) if held == wanted => {
+                if self.remove(&r).await? {
+                    (RevokeResult::Revoked, None)
+                } else {
+                    (RevokeResult::NotHeld, None)
+                }
+            }
+            Some(held) => (RevokeResult::LeftInPlace { held }, Some(held)),
+        };
+        self.finish_revoke(r, wanted, None, result, current).await
+    }
+
+    /// Ends a grant of `request.permission` and puts back `previous`, the
+    /// level held before the grant (as recorded in
+    /// [`GrantOutcome::previous`]): PUT `previous`, or DELETE when it is
+    /// `None`, but only while the current level is still the one granted.
+    /// A level changed since is left alone
+    /// ([`RevokeResult::ChangedExternally`]); a level already equal to
+    /// `previous` is not written.
+    pub async fn revoke_and_restore(
+        &self,
+        request: &AccessRequest,
+        previous: Option<Permission>,
+    ) -> Result<RevokeOutcome, ProvisionError> {
+        self.check_enabled()?;
+        if let Some(level) = previous {
+            AccessRequest {
+                permission: level,
+                ..request.clone()
+            }
+            .validate()
+            .map_err(|err| match err {
+                ProvisionError::InvalidPermission { permission, message } => ProvisionError::InvalidPermission {
+                    permission,
+                    message: format!("cannot restore it: {message}"),
+                },
+                other => other,
+            })?;
+        }
+        let r = self.resolve(request, Purpose::Revoke).await?;
+        let granted = request.permission;
+        let (result, current) = match (r.current, previous) {
+            (current, previous) if current == previous => match current {
+                None => (RevokeResult::NotHeld, None),
+                Some(held) => (RevokeResult::LeftInPlace { held }, Some(held)),
+            },
+            (Some(held), Some(level)) if held == granted => {
+                self.put_level(&r, level).await?;
+                (RevokeResult::Restored { level }, Some(level))
+            }
+            (Some(held), None) if held == granted => {
+                if self.remove(&r).await? {
+                    (RevokeResult::Revoked, None)
+                } else {
+                    (RevokeResult::ChangedExternally { held: None }, None)
+                }
+            }
+            (held, _) => (RevokeResult::ChangedExternally { held }, held),
+        };
+        self.finish_revoke(r, granted, Some(previous), result, current).await
+    }
+
+    /// The principal's current explicit level on the target (reads only;
+    /// allowed with provisioning disabled; a former member may be named by
+    /// UUID, as for a revoke).
+    pub async fn inspect(&self, request: &AccessRequest) -> Result<Held, ProvisionError> {
+        let r = self.resolve(request, Purpose::Revoke).await?;
+        Ok(Held {
+            principal: r.principal,
+            target: r.target,
+            level: r.current,
+        })
+    }
+
+    fn check_enabled(&self) -> Result<(), ProvisionError> {
+        if self.enabled {
+            Ok(())
+        } else {
+            Err(ProvisionError::ProvisioningDisabled)
+        }
+    }
+
+    async fn finish_revoke(
+        &self,
+        r: Resolved,
+        permission: Permission,
+        restore: Option<Option<Permission>>,
+        result: RevokeResult,
+        current: Option<Permission>,
+    ) -> Result<RevokeOutcome, ProvisionError> {
+        let changed = matches!(result, RevokeResult::Revoked | RevokeResult::Restored { .. });
+        let store = if changed { self.refresh(&r).await } else { None };
+        let outcome = RevokeOutcome {
+            result,
+            permission,
+            restore,
+            previous: r.current,
+            current,
+            principal: r.principal,
+            target: r.target,
+            store,
+        };
+        tracing::info!(
+            principal = %outcome.principal,
+            target = %outcome.target,
+            permission = %permission,
+            changed = outcome.changed(),
+            "{}",
+            outcome.message()
+        );
+        Ok(outcome)
+    }
+
+    // ---- resolution ----------------------------------------------------------
+
+    async fn resolve(&self, request: &AccessRequest, purpose: Purpose) -> Result<Resolved, ProvisionError> {
+        request.validate()?;
+        let workspace = match self.client.workspace(&request.workspace).await {
+            Ok(w) if !w.uuid.is_empty() => w,
+            Ok(_) => return Err(workspace_not_found(&request.workspace)),
+            Err(err) if matches!(err.kind, ErrorKind::NotFound | ErrorKind::Gone) => {
+                return Err(workspace_not_found(&request.workspace));
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let ws = workspace.slug.clone();
+        let mut groups: Option<Vec<Group>> = None;
+
+        let target = match &request.target {
+            TargetRef::Workspace => unreachable!("refused by validate()"),
+            TargetRef::Group(slug) => {
+                let all = self.client.groups(&ws).await?;
+                let group = find_group(&all, slug).ok_or_else(|| ProvisionError::TargetNotFound {
+                    target: format!("group {ws}/{slug}"),
+                })?;
+                let target = ResolvedTarget {
+                    kind: TargetKind::Group,
+                    workspace: ws.clone(),
+                    workspace_uuid: workspace.uuid.clone(),
+                    key: group.slug.clone(),
+                    resource_id: group_id(&workspace.uuid, &group.slug),
+                };
+                groups = Some(all);
+                target
+            }
+            TargetRef::Project(key) => {
+                let project = self.client.project(&ws, key).await.map_err(|err| {
+                    not_found_as(err, || ProvisionError::TargetNotFound {
+                        target: format!("project {ws}/{key}"),
+                    })
+                })?;
+                let key = if project.key.is_empty() {
+                    key.clone()
+                } else {
+                    project.key
+                };
+                ResolvedTarget {
+                    kind: TargetKind::Project,
+                    workspace: ws.clone(),
+                    workspace_uuid: workspace.uuid.clone(),
+                    resource_id: project_id(&workspace.uuid, &project.uuid, &key),
+                    key,
+                }
+            }
+            TargetRef::Repository(slug) => {
+                let repository = self.client.repository(&ws, slug).await.map_err(|err| {
+                    not_found_as(err, || ProvisionError::TargetNotFound {
+                        target: format!("repository {ws}/{slug}"),
+                    })
+                })?;
+                let project = repository.project.clone().unwrap_or_default();
+                let key = match repository.slug() {
+                    "" => slug.clone(),
+                    s => s.to_owned(),
+                };
+                ResolvedTarget {
+                    kind: TargetKind::Repository,
+                    workspace: ws.clone(),
+                    workspace_uuid: workspace.uuid.clone(),
+                    resource_id: repository_id(&workspace.uuid, &project.uuid, &project.key, &repository.uuid),
+                    key,
+                }
+            }
+        };
+
+        let mut members = None;
+        let principal = match &request.principal {
+            PrincipalRef::User(needle) => {
+                let listing: Vec<User> = self
+                    .client
+                    .workspace_members(&ws)
+                    .try_concat()
+                    .await?
+                    .into_iter()
+                    .map(|m| m.user)
+                    .collect();
+                let principal = match (find_member(&listing, needle), purpose, braced_uuid(needle)) {
+                    (Some(user), _, _) => ResolvedPrincipal {
+                        kind: PrincipalKind::User,
+                        key: user.uuid.clone(),
+                        id: user.uuid.clone(),
+                        name: user
+                            .nickname
+                            .clone()
+                            .or_else(|| user.display_name.clone())
+                            .unwrap_or_else(|| user.uuid.clone()),
+                    },
+                    // Former members keep explicit permissions (Bitbucket does
+                    // not remove them): revoking those, named by UUID, is
+                    // exactly what an access review needs.
+                    (None, Purpose::Revoke, Some(uuid)) => ResolvedPrincipal {
+                        kind: PrincipalKind::User,
+                        key: uuid.clone(),
+                        id: uuid.clone(),
+                        name: uuid,
+                    },
+                    (None, _, _) => {
+                        return Err(ProvisionError::NotWorkspaceMember {
+                            user: needle.clone(),
+                            workspace: ws.clone(),
+                        });
+                    }
+                };
+                members = Some(listing);
+                principal
+            }
+            PrincipalRef::Group(slug) => {
+                if groups.is_none() {
+                    groups = Some(self.client.groups(&ws).await?);
+                }
+                let all = groups.as_deref().unwrap_or_default();
+                let group = find_group(all, slug).ok_or_else(|| ProvisionError::PrincipalNotFound {
+                    principal: format!("group {slug}"),
+                    workspace: ws.clone(),
+                })?;
+                ResolvedPrincipal {
+                    kind: PrincipalKind::Group,
+                    key: group.slug.clone(),
+                    id: group_id(&workspace.uuid, &group.slug),
+                    name: group.slug.clone(),
+                }
+            }
+        };
+
+        let current = self.current_level(&target, &principal, groups.as_deref()).await?;
+        Ok(Resolved {
+            workspace,
+            principal,
+            target,
+            current,
+            members,
+        })
+    }
+
+    /// One read of the principal's explicit level: the permissions-config
+    /// entry (404 or `none`: nothing), or membership from the group listing.
+    async fn current_level(
+        &self,
+        target: &ResolvedTarget,
+        principal: &ResolvedPrincipal,
+        groups: Option<&[Group]>,
+    ) -> Result<Option<Permission>, ProvisionError> {
+        let (ws, key, who) = (target.workspace.as_str(), target.key.as_str(), principal.key.as_str());
+        let level = match (target.kind, principal.kind) {
+            (TargetKind::Group, _) => {
+                let group = groups.and_then(|all| find_group(all, key));
+                let member = group.is_some_and(|g| g.members.iter().any(|m| m.uuid.eq_ignore_ascii_case(who)));
+                return Ok(member.then_some(Permission::Member));
+            }
+            (TargetKind::Project, PrincipalKind::User) => {
+                absent_on_404(self.client.project_user_permission(ws, key, who).await)?.and_then(|p| p.permission)
+            }
+            (TargetKind::Project, PrincipalKind::Group) => {
+                absent_on_404(self.client.project_group_permission(ws, key, who).await)?.and_then(|p| p.permission)
+            }
+            (TargetKind::Repository, PrincipalKind::User) => {
+                absent_on_404(self.client.repository_user_permission(ws, key, who).await)?.and_then(|p| p.permission)
+            }
+            (TargetKind::Repository, PrincipalKind::Group) => {
+                absent_on_404(self.client.repository_group_permission(ws, key, who).await)?.and_then(|p| p.permission)
+            }
+        };
+        let class = if target.kind == TargetKind::Project {
+            EndpointClass::ProjectPermissions
+        } else {
+            EndpointClass::RepositoryPermissions
+        };
+        match level {
+            None => Ok(None),
+            Some(text) => parse_level(&text).map_err(|e| {
+                ProvisionError::Api(ApiError {
+                    class,
+                    kind: ErrorKind::Decode,
+                    status: None,
+                    message: format!("Bitbucket reported a permission this connector does not know: {e}"),
+                    retry_after: None,
+                })
+            }),
+        }
+    }
+
+    // ---- writes ----------------------------------------------------------------
+
+    /// PUT the explicit level (an upsert).
+    async fn put_level(&self, r: &Resolved, level: Permission) -> Result<(), ProvisionError> {
+        let (ws, key, who, level) = (
+            r.target.workspace.as_str(),
+            r.target.key.as_str(),
+            r.principal.key.as_str(),
+            level.as_str(),
+        );
+        match (r.target.kind, r.principal.kind) {
+            (TargetKind::Project, PrincipalKind::User) => {
+                self.client.set_project_user_permission(ws, key, who, level).await?;
+            }
+            (TargetKind::Project, PrincipalKind::Group) => {
+                self.client.set_project_group_permission(ws, key, who, level).await?;
+            }
+            (TargetKind::Repository, PrincipalKind::User) => {
+                self.client.set_repository_user_permission(ws, key, who, level).await?;
+            }
+            (TargetKind::Repository, PrincipalKind::Group) => {
+                self.client.set_repository_group_permission(ws, key, who, level).await?;
+            }
+            (TargetKind::Group, _) => unreachable!("group membership is not a level"),
+        }
+        Ok(())
+    }
+
+    /// Removes the explicit level or membership. `false`: it was already gone
+    /// (a 404 from the 1.0 member DELETE).
+    async fn remove(&self, r: &Resolved) -> Result<bool, ProvisionError> {
+        let (ws, key, who) = (
+            r.target.workspace.as_str(),
+            r.target.key.as_str(),
+            r.principal.key.as_str(),
+        );
+        let result = match (r.target.kind, r.principal.kind) {
+            (TargetKind::Group, _) => self.client.remove_group_member(ws, key, who).await,
+            (TargetKind::Project, PrincipalKind::User) => {
+                self.client.delete_project_user_permission(ws, key, who).await
+            }
+            (TargetKind::Project, PrincipalKind::Group) => {
+                self.client.delete_project_group_permission(ws, key, who).await
+            }
+            (TargetKind::Repository, PrincipalKind::User) => {
+                self.client.delete_repository_user_permission(ws, key, who).await
+            }
+            (TargetKind::Repository, PrincipalKind::Group) => {
+                self.client.delete_repository_group_permission(ws, key, who).await
+            }
+        };
+        match result {
+            Ok(()) => Ok(true),
+            Err(err) if err.kind == ErrorKind::NotFound => Ok(false),
+            Err(err) if r.target.kind == TargetKind::Group => Err(group_write_error(err)),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    // ---- store refresh -----------------------------------------------------------
+
+    async fn refresh(&self, r: &Resolved) -> Option<StoreRefresh> {
+        let (store, connector) = self.store.as_ref()?;
+        let skipped = |reason: String| {
+            tracing::warn!(connector = %connector, resource = %r.target.resource_id, %reason, "store not refreshed");
+            Some(StoreRefresh::Skipped {
+                connector: connector.clone(),
+                reason,
+            })
+        };
+        let (kind, grants) = match self.fresh_grants(r).await {
+            Ok(fresh) => fresh,
+            Err(err) => return skipped(format!("re-reading {} failed: {err}", r.target)),
+        };
+        let count = grants.len();
+        let resource_id = r.target.resource_id.clone();
+        let task = {
+            let store = Arc::clone(store);
+            let connector = connector.clone();
+            tokio::task::spawn_blocking(move || store.replace_resource_grants(&connector, kind, &resource_id, &grants))
+        };
+        match task.await {
+            Ok(Ok(())) => Some(StoreRefresh::Refreshed {
+                connector: connector.clone(),
+                grants: count,
+            }),
+            Ok(Err(err)) => skipped(err.to_string()),
+            Err(err) => skipped(format!("store task failed: {err}")),
+        }
+    }
+
+    /// The resource's grants read afresh, built by the syncers' code.
+    async fn fresh_grants(&self, r: &Resolved) -> Result<(SyncKind, Vec<crate::model::Grant>), ApiError> {
+        let ws = &r.workspace;
+        let key = r.target.key.as_str();
+        if r.target.kind == TargetKind::Group {
+            let groups = self.client.groups(&ws.slug).await?;
+            let grants = find_group(&groups, key)
+                .map(|g| crate::sync::group_member_grants(ws, g))
+                .unwrap_or_default();
+            return Ok((SyncKind::Groups, grants));
+        }
+        let members: HashSet<String> = match &r.members {
+            Some(listing) => listing.iter().map(|u| u.uuid.clone()).collect(),
+            None => self
+                .client
+                .workspace_members(&ws.slug)
+                .try_concat()
+                .await?
+                .into_iter()
+                .map(|m| m.user.uuid)
+                .collect(),
+        };
+        let (kind, resource_type, users, groups) = if r.target.kind == TargetKind::Project {
+            let users = self.client.project_user_permissions(&ws.slug, key).try_concat();
+            let groups = self.client.project_group_permissions(&ws.slug, key).try_concat();
+            let (users, groups) = futures::try_join!(users, groups)?;
+            (SyncKind::Projects, ResourceType::Project, users, groups)
+        } else {
+            let users = self.client.repository_user_permissions(&ws.slug, key).try_concat();
+            let groups = self.client.repository_group_permissions(&ws.slug, key).try_concat();
+            let (users, groups) = futures::try_join!(users, groups)?;
+            (SyncKind::Repositories, ResourceType::Repository, users, groups)
+        };
+        let grants =
+            crate::sync::permission_grants(resource_type, &r.target.resource_id, ws, &members, &users, &groups);
+        Ok((kind, grants))
+    }
+}
+
+/// Workspaces administered at admin.atlassian.com allow only GET on the 1.0
+/// groups API (405 on writes): membership there is managed in Atlassian
+/// Administration.
+fn group_write_error(err: ApiError) -> ProvisionError {
+    if err.status == Some(405) {
+        ProvisionError::NotProvisionable {
+            message: format!(
+                "Bitbucket does not allow group membership changes through the 1.0 groups API for this workspace \
+                 (workspaces administered at admin.atlassian.com): manage the group in Atlassian Administration \
+                 ({})",
+                err.message
+            ),
+        }
+    } else {
+        err.into()
+    }
+}
+
+fn workspace_not_found(slug: &str) -> ProvisionError {
+    ProvisionError::TargetNotFound {
+        target: format!("workspace {slug}"),
+    }
+}
+
+fn not_found_as(err: ApiError, f: impl FnOnce() -> ProvisionError) -> ProvisionError {
+    if err.kind == ErrorKind::NotFound {
+        f()
+    } else {
+        err.into()
+    }
+}
+
+fn absent_on_404<T>(result: Result<T, ApiError>) -> Result<Option<T>, ProvisionError> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(err) if err.kind == ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err.into()),
+    }
+}
+
+fn find_group<'a>(groups: &'a [Group], slug: &str) -> Option<&'a Group> {
+    let slug = slug.trim();
+    groups
+        .iter()
+        .find(|g| g.slug == slug)
+        .or_else(|| groups.iter().find(|g| g.slug.eq_ignore_ascii_case(slug)))
+}
+
+/// `{uuid}` for a UUID given with or without braces; `None` for anything else.
+fn braced_uuid(text: &str) -> Option<String> {
+    let text = text.trim();
+    let bare = text.strip_prefix('{').and_then(|t| t.strip_suffix('}')).unwrap_or(text);
+    let is_uuid = bare.len() == 36
+        && bare.chars().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        });
+    is_uuid.then(|| format!("{{{}}}", bare.to_ascii_lowercase()))
+}
+
+/// A member by UUID (with or without braces), account id, or nickname.
+fn find_member<'a>(members: &'a [User], needle: &str) -> Option<&'a User> {
+    let needle = needle.trim();
+    if needle.is_empty() {
+        return None;
+    }
+    let uuid = braced_uuid(needle).unwrap_or_else(|| needle.to_owned());
+    members
+        .iter()
+        .find(|u| !u.uuid.is_empty() && u.uuid.eq_ignore_ascii_case(&uuid))
+        .or_else(|| members.iter().find(|u| u.account_id.as_deref() == Some(needle)))
+        .or_else(|| {
+            members
+                .iter()
+                .find(|u| u.nickname.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(needle)))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_match_by_uuid_account_id_or_nickname() {
+        let users = vec![User {
+            uuid: "{0a1b2c3d-0000-4000-8000-000000000001}".into(),
+            account_id: Some("557058:abc".into()),
+            nickname: Some("JDoe".into()),
+            ..User::default()
+        }];
+        for needle in [
+            "{0a1b2c3d-0000-4000-8000-000000000001}",
+            "0a1b2c3d-0000-4000-8000-000000000001",
+            "557058:abc",
+            "jdoe",
+        ] {
+            assert!(find_member(&users, needle).is_some(), "{needle}");
+        }
+        assert!(find_member(&users, "someone").is_none());
+        assert_eq!(
+            braced_uuid("0A1B2C3D-0000-4000-8000-000000000001").as_deref(),
+            Some("{0a1b2c3d-0000-4000-8000-000000000001}")
+        );
+        assert_eq!(braced_uuid("557058:abc"), None);
+        assert_eq!(braced_uuid("jdoe"), None);
+        assert!(find_member(&users, "").is_none());
+    }
+}
