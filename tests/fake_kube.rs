@@ -214,7 +214,8 @@ async fn watcher_sees_added_modified_deleted() {
 }
 
 #[tokio::test]
-async fn watch_from_too_old_resource_version_is_410_or_resumes() {
+async fn watch_resumes_from_resource_version_and_expires_old_ones() {
+    use kube::api::{WatchEvent, WatchParams};
     let fake = FakeKube::start().await;
     let api: Api<Secret> = Api::default_namespaced(fake.client());
     let s = api
@@ -229,16 +230,90 @@ async fn watch_from_too_old_resource_version_is_410_or_resumes() {
     )
     .await
     .unwrap();
-    // resuming from an RV replays later events
-    let stream = api
-        .watch(&kube::api::WatchParams::default().timeout(2), &rv)
-        .await
-        .unwrap();
-    let events: Vec<_> = stream.take(1).try_collect().await.unwrap();
+    // resuming from an RV replays later events; an idle bookmark watch gets BOOKMARKs
+    let stream = api.watch(&WatchParams::default().timeout(5), &rv).await.unwrap();
+    let events: Vec<_> = stream.take(2).try_collect().await.unwrap();
     match &events[0] {
-        kube::api::WatchEvent::Modified(s) => assert_eq!(s.metadata.labels.as_ref().unwrap()["v"], "9"),
+        WatchEvent::Modified(s) => assert_eq!(s.metadata.labels.as_ref().unwrap()["v"], "9"),
         other => panic!("unexpected {other:?}"),
     }
+    assert!(matches!(events[1], WatchEvent::Bookmark(_)), "{:?}", events[1]);
+    // the stream ends at timeoutSeconds
+    let started = std::time::Instant::now();
+    let stream = api
+        .watch(&WatchParams::default().timeout(1).disable_bookmarks(), "0")
+        .await
+        .unwrap();
+    let events: Vec<_> = stream.try_collect().await.unwrap();
+    assert_eq!(events.len(), 1, "synthetic ADDED for rv=0: {events:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // compacted history: resuming from an old RV yields a 410 ERROR event
+    api.patch(
+        "r",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"v": "10"}}})),
+    )
+    .await
+    .unwrap();
+    fake.set_history_limit(1);
+    let stream = api.watch(&WatchParams::default().timeout(2), &rv).await.unwrap();
+    let events: Vec<_> = stream.take(1).try_collect().await.unwrap();
+    match &events[0] {
+        WatchEvent::Error(e) => assert_eq!(e.code, 410),
+        other => panic!("unexpected {other:?}"),
+    }
+    // a fresh watcher lists at the current RV and is unaffected by the compaction
+    let (reader, writer) = reflector::store();
+    let task = tokio::spawn(reflector(writer, watcher(api.clone(), watcher::Config::default())).for_each(|_| async {}));
+    tokio::time::timeout(WAIT, reader.wait_until_ready())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reader.state().len(), 1);
+    task.abort();
+}
+
+#[tokio::test]
+async fn delete_collection_and_registered_kinds() {
+    use kube::core::params::DeleteParams as Dp;
+    let fake = FakeKube::start().await;
+    fake.register(support::fake_kube::KindInfo::new(
+        "example.dev",
+        "v1",
+        "Widget",
+        "widgets",
+        false,
+        true,
+    ));
+    let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("example.dev", "v1", "Widget"), "widgets");
+    let widgets: Api<DynamicObject> = Api::all_with(fake.client(), &ar);
+    let w: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "example.dev/v1", "kind": "Widget", "metadata": {"name": "w1"}, "spec": {"size": 1},
+    }))
+    .unwrap();
+    let created = widgets.create(&PostParams::default(), &w).await.unwrap();
+    assert_eq!(created.metadata.generation, Some(1));
+    assert!(created.metadata.namespace.is_none());
+    assert_eq!(widgets.list(&ListParams::default()).await.unwrap().items.len(), 1);
+
+    let secrets: Api<Secret> = Api::default_namespaced(fake.client());
+    for (n, app) in [("a", "x"), ("b", "x"), ("c", "y")] {
+        secrets
+            .create(&PostParams::default(), &secret(n, json!({"app": app})))
+            .await
+            .unwrap();
+    }
+    secrets
+        .delete_collection(&Dp::default(), &ListParams::default().labels("app=x"))
+        .await
+        .unwrap();
+    let left: Vec<_> = fake
+        .list("v1", "Secret", Some("default"))
+        .into_iter()
+        .map(|s| s["metadata"]["name"].clone())
+        .collect();
+    assert_eq!(left, vec![json!("c")]);
 }
 
 #[tokio::test]

@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
 /// Maximum number of watch events kept for resuming watches; older resourceVersions get a 410.
-const HISTORY_LIMIT: usize = 50_000;
+const DEFAULT_HISTORY_LIMIT: usize = 50_000;
 /// Interval of BOOKMARK events on idle watches that asked for them.
 const BOOKMARK_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -38,6 +38,7 @@ pub struct KindInfo {
     pub namespaced: bool,
     pub status_subresource: bool,
     /// Maintain `metadata.generation` (bumped on `.spec` changes and on deletion).
+    /// Defaults to true for kinds outside the core group that have a status subresource (i.e. CRs).
     pub generation: bool,
 }
 
@@ -50,8 +51,12 @@ impl KindInfo {
             plural: plural.to_string(),
             namespaced,
             status_subresource: status,
-            generation: status || !group.is_empty() && group.contains("connectors.dev"),
+            generation: status && !group.is_empty(),
         }
+    }
+
+    pub fn with_generation(self, generation: bool) -> Self {
+        KindInfo { generation, ..self }
     }
 
     pub fn api_version(&self) -> String {
@@ -112,6 +117,7 @@ struct State {
     objects: BTreeMap<Key, Stored>,
     history: VecDeque<WatchEvent>,
     history_floor: u64,
+    history_limit: usize,
     rv: u64,
     requests: Vec<RecordedRequest>,
     closed: bool,
@@ -482,7 +488,7 @@ impl State {
             typ,
             object,
         });
-        while self.history.len() > HISTORY_LIMIT {
+        while self.history.len() > self.history_limit {
             if let Some(ev) = self.history.pop_front() {
                 self.history_floor = ev.rv;
             }
@@ -663,13 +669,6 @@ impl FakeKube {
             KindInfo::new("events.k8s.io", "v1", "Event", "events", true, false),
             KindInfo::new("coordination.k8s.io", "v1", "Lease", "leases", true, false),
         ];
-        let mut kinds = kinds;
-        // builtin kinds with a status subresource but no generation tracking in tests
-        for k in kinds.iter_mut() {
-            if k.group.is_empty() {
-                k.generation = false;
-            }
-        }
         let (tx, _) = tokio::sync::watch::channel(0);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -677,6 +676,7 @@ impl FakeKube {
                 objects: BTreeMap::new(),
                 history: VecDeque::new(),
                 history_floor: 0,
+                history_limit: DEFAULT_HISTORY_LIMIT,
                 rv: 1,
                 requests: Vec::new(),
                 closed: false,
@@ -692,6 +692,23 @@ impl FakeKube {
             let _ = axum::serve(listener, app).await;
         });
         FakeKube { shared, addr, server }
+    }
+
+    /// Keep only the last `limit` watch events; watches resuming from older resourceVersions get
+    /// an ERROR event with a 410 `Expired` Status (like etcd compaction).
+    pub fn set_history_limit(&self, limit: usize) {
+        let mut st = self.shared.lock();
+        st.history_limit = limit;
+        while st.history.len() > limit {
+            if let Some(ev) = st.history.pop_front() {
+                st.history_floor = ev.rv;
+            }
+        }
+    }
+
+    /// Current global resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.shared.lock().rv
     }
 
     /// Register an additional kind (replaces an existing registration of the same group/version/plural).
@@ -996,6 +1013,27 @@ async fn handle(
             &body,
         ),
         (&Method::DELETE, Some(name)) => delete(&mut shared.lock(), &ki, ns, name, &body),
+        (&Method::DELETE, None) => {
+            let mut st = shared.lock();
+            let filter = Filter::from_query(ns, &query);
+            let rk = ki.resource_key();
+            let keys: Vec<Key> = st
+                .objects
+                .iter()
+                .filter(|((r, n, _), s)| *r == rk && filter.matches(n, &s.obj))
+                .map(|(k, _)| k.clone())
+                .collect();
+            let items: Vec<Value> = keys.iter().filter_map(|k| st.delete(&ki, k)).map(|(o, _)| o).collect();
+            Ok((
+                StatusCode::OK,
+                json!({
+                    "kind": format!("{}List", ki.kind),
+                    "apiVersion": ki.api_version(),
+                    "metadata": {"resourceVersion": st.rv.to_string()},
+                    "items": items,
+                }),
+            ))
+        }
         _ => Err(ApiErr::new(
             405,
             "MethodNotAllowed",
@@ -1234,7 +1272,14 @@ fn patch(
             check_ns(ki, &ns, &applied)?;
             let mut applied_paths = Vec::new();
             leaf_paths(&applied, "", &mut applied_paths);
-            applied_paths.retain(|(p, _)| !SYSTEM_PATHS.contains(&p.as_str()));
+            applied_paths.retain(|(p, _)| {
+                let in_status = p == "/status" || p.starts_with("/status/");
+                !SYSTEM_PATHS.contains(&p.as_str())
+                    && match sub {
+                        Some(_) => in_status,
+                        None => !(ki.status_subresource && in_status),
+                    }
+            });
             let Some(old) = st.objects.get(&key) else {
                 if sub.is_some() {
                     return Err(ApiErr::not_found(ki, name));
@@ -1245,7 +1290,6 @@ fn patch(
                 }
                 let owners = applied_paths
                     .iter()
-                    .filter(|(p, _)| !(ki.status_subresource && p.starts_with("/status")))
                     .map(|(p, _)| (p.clone(), manager.clone()))
                     .collect();
                 meta_mut(&mut obj).remove("resourceVersion");
