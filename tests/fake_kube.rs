@@ -317,6 +317,53 @@ async fn delete_collection_and_registered_kinds() {
 }
 
 #[tokio::test]
+async fn selector_watch_sees_objects_enter_and_leave() {
+    use kube::api::{WatchEvent, WatchParams};
+    let fake = FakeKube::start().await;
+    let api: Api<Secret> = Api::default_namespaced(fake.client());
+    api.create(&PostParams::default(), &secret("s", json!({"app": "x"})))
+        .await
+        .unwrap();
+    let rv = fake.resource_version().to_string();
+    let mut stream = std::pin::pin!(
+        api.watch(
+            &WatchParams::default().labels("app=y").timeout(5).disable_bookmarks(),
+            &rv
+        )
+        .await
+        .unwrap()
+    );
+    let set = |v: &str| Patch::Merge(json!({"metadata": {"labels": {"app": v}}}));
+    api.patch("s", &PatchParams::default(), &set("y")).await.unwrap();
+    api.patch("s", &PatchParams::default(), &set("x")).await.unwrap();
+    let mut next = async || {
+        tokio::time::timeout(WAIT, stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+    };
+    assert!(matches!(next().await, WatchEvent::Added(_)));
+    assert!(matches!(next().await, WatchEvent::Deleted(_)));
+}
+
+#[tokio::test]
+async fn real_crd_types_are_served() {
+    use bitbucket_operator::crd::{BitbucketAccessGrant, BitbucketConnector};
+    let fake = FakeKube::start().await;
+    let connectors: Api<BitbucketConnector> = Api::default_namespaced(fake.client());
+    let grants: Api<BitbucketAccessGrant> = Api::all(fake.client());
+    assert!(connectors.list(&ListParams::default()).await.unwrap().items.is_empty());
+    assert!(grants.list(&ListParams::default()).await.unwrap().items.is_empty());
+    fake.put(json!({
+        "apiVersion": CR_API, "kind": "BitbucketAccessGrant",
+        "metadata": {"name": "g", "namespace": "team"}, "spec": {},
+    }));
+    let listed = fake.list(CR_API, "BitbucketAccessGrant", None);
+    assert_eq!(listed[0]["metadata"]["generation"], 1);
+}
+
+#[tokio::test]
 async fn reflector_store_syncs() {
     let fake = FakeKube::start().await;
     let api: Api<Secret> = Api::default_namespaced(fake.client());

@@ -110,6 +110,8 @@ struct WatchEvent {
     ns: String,
     typ: &'static str,
     object: Value,
+    /// Previous state for MODIFIED events, so selector watches can turn them into ADDED/DELETED.
+    previous: Option<Value>,
 }
 
 struct State {
@@ -480,13 +482,14 @@ impl State {
         (ki.resource_key(), ns.to_string(), name.to_string())
     }
 
-    fn emit(&mut self, ki: &KindInfo, ns: &str, typ: &'static str, object: Value) {
+    fn emit(&mut self, ki: &KindInfo, ns: &str, typ: &'static str, object: Value, previous: Option<Value>) {
         self.history.push_back(WatchEvent {
             rv: self.rv,
             resource: ki.resource_key(),
             ns: ns.to_string(),
             typ,
             object,
+            previous,
         });
         while self.history.len() > self.history_limit {
             if let Some(ev) = self.history.pop_front() {
@@ -578,7 +581,7 @@ impl State {
         if terminating && !has_finalizers(&new) {
             self.objects.remove(key);
             if old.is_some() {
-                self.emit(ki, &key.1, "DELETED", new.clone());
+                self.emit(ki, &key.1, "DELETED", new.clone(), None);
             }
             return new;
         }
@@ -597,6 +600,7 @@ impl State {
             &key.1,
             if old.is_some() { "MODIFIED" } else { "ADDED" },
             new.clone(),
+            old,
         );
         new
     }
@@ -619,7 +623,7 @@ impl State {
         self.rv += 1;
         let mut gone = cur;
         meta_mut(&mut gone).insert("resourceVersion".into(), json!(self.rv.to_string()));
-        self.emit(ki, &key.1, "DELETED", gone.clone());
+        self.emit(ki, &key.1, "DELETED", gone.clone(), None);
         Some((gone, true))
     }
 }
@@ -1497,9 +1501,19 @@ fn watch(shared: Arc<Shared>, ki: KindInfo, ns: Option<String>, q: &BTreeMap<Str
                     return None;
                 }
                 for ev in st.history.iter().filter(|e| e.rv > ctx.last_rv) {
-                    if ev.resource == ctx.resource && ctx.filter.matches(&ev.ns, &ev.object) {
-                        ctx.pending.push_back(line(ev.typ, &ev.object));
+                    if ev.resource != ctx.resource {
+                        continue;
                     }
+                    let now = ctx.filter.matches(&ev.ns, &ev.object);
+                    let before = ev.previous.as_ref().map(|p| ctx.filter.matches(&ev.ns, p));
+                    // like the watch cache: objects entering/leaving a selector are ADDED/DELETED
+                    let typ = match (ev.typ, before, now) {
+                        ("MODIFIED", Some(false), true) => "ADDED",
+                        ("MODIFIED", Some(true), false) => "DELETED",
+                        (t, _, true) => t,
+                        _ => continue,
+                    };
+                    ctx.pending.push_back(line(typ, &ev.object));
                 }
                 ctx.last_rv = ctx.last_rv.max(st.rv);
             }
