@@ -144,6 +144,10 @@ async fn secrets_crud() {
         422
     );
 
+    // metadata-only requests (metadata_watcher) get full objects, which deserialize fine
+    assert_eq!(api.get_metadata("b").await.unwrap().metadata.name.as_deref(), Some("b"));
+    assert_eq!(api.list_metadata(&ListParams::default()).await.unwrap().items.len(), 2);
+
     api.delete("a", &DeleteParams::default()).await.unwrap();
     assert!(api.get_opt("a").await.unwrap().is_none());
     assert!(fake.get("v1", "Secret", Some("default"), "b").is_some());

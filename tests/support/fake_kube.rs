@@ -7,8 +7,10 @@
 //! Known simplifications: strategic merge patch is a JSON merge patch; server-side apply is a deep
 //! merge of the applied fields with a per-field owner table used only for conflict detection
 //! (no `managedFields`, no removal of fields dropped from an apply, lists replaced atomically);
-//! `limit`/`continue` are ignored (lists return everything); no admission, validation, defaulting
-//! (except Secret `stringData`), RBAC or garbage collection.
+//! `limit`/`continue`/`resourceVersionMatch` are ignored (lists return everything at the current RV);
+//! metadata-only (`as=PartialObjectMetadata`) requests get full objects; no admission, validation,
+//! defaulting (except Secret `stringData`), RBAC, ownerReference garbage collection or namespace
+//! lifecycle; BOOKMARKs are sent every 2s on idle watches that allow them.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, VecDeque};
