@@ -73,15 +73,27 @@ impl Default for Metrics {
         let reconciles = Family::<ResultLabels, Counter>::default();
         registry.register("reconciles", "Reconciles by result", reconciles.clone());
         let reconcile_errors = Family::<ReasonLabels, Counter>::default();
-        registry.register("reconcile_errors", "Reconcile errors by reason", reconcile_errors.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconcile errors by reason",
+            reconcile_errors.clone(),
+        );
         let reconcile_duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
-        registry.register("reconcile_duration_seconds", "Reconcile duration", reconcile_duration.clone());
+        registry.register(
+            "reconcile_duration_seconds",
+            "Reconcile duration",
+            reconcile_duration.clone(),
+        );
         let sync_runs = Family::<SyncLabels, Counter>::default();
         registry.register("sync_runs", "Sync runs by resource type and outcome", sync_runs.clone());
         let sync_duration = Family::<TypeLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.05, 2.0, 14))
         });
-        registry.register("sync_duration_seconds", "Sync run duration by resource type", sync_duration.clone());
+        registry.register(
+            "sync_duration_seconds",
+            "Sync run duration by resource type",
+            sync_duration.clone(),
+        );
         let bitbucket_requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "bitbucket_requests",
@@ -89,9 +101,17 @@ impl Default for Metrics {
             bitbucket_requests.clone(),
         );
         let objects = Family::<ObjectLabels, Gauge>::default();
-        registry.register("objects", "Resources in the current snapshot by connector and type", objects.clone());
+        registry.register(
+            "objects",
+            "Resources in the current snapshot by connector and type",
+            objects.clone(),
+        );
         let connector_ready = Family::<ConnectorLabels, Gauge>::default();
-        registry.register("connector_ready", "1 when the connector is Ready, else 0", connector_ready.clone());
+        registry.register(
+            "connector_ready",
+            "1 when the connector is Ready, else 0",
+            connector_ready.clone(),
+        );
         Metrics {
             registry,
             reconciles,
@@ -126,19 +146,37 @@ impl Metrics {
                 Some(500..=599) => "5xx",
                 Some(_) => "other",
             };
-            metrics.bitbucket_requests.get_or_create(&RequestLabels { endpoint: class.as_str(), status_class }).inc();
+            metrics
+                .bitbucket_requests
+                .get_or_create(&RequestLabels {
+                    endpoint: class.as_str(),
+                    status_class,
+                })
+                .inc();
         })
     }
 
     pub fn record_sync(&self, kind: SyncKind, ok: bool, seconds: f64) {
         let outcome = if ok { "success" } else { "failure" };
-        self.sync_runs.get_or_create(&SyncLabels { resource_type: kind.as_str(), outcome }).inc();
-        self.sync_duration.get_or_create(&TypeLabels { resource_type: kind.as_str() }).observe(seconds);
+        self.sync_runs
+            .get_or_create(&SyncLabels {
+                resource_type: kind.as_str(),
+                outcome,
+            })
+            .inc();
+        self.sync_duration
+            .get_or_create(&TypeLabels {
+                resource_type: kind.as_str(),
+            })
+            .observe(seconds);
     }
 
     /// Drops the series of a deleted connector.
     pub fn forget_connector(&self, namespace: &str, name: &str) {
-        self.connector_ready.remove(&ConnectorLabels { namespace: namespace.into(), name: name.into() });
+        self.connector_ready.remove(&ConnectorLabels {
+            namespace: namespace.into(),
+            name: name.into(),
+        });
         for kind in SyncKind::ALL {
             self.objects.remove(&ObjectLabels {
                 namespace: namespace.into(),
@@ -160,8 +198,13 @@ mod tests {
         (metrics.request_observer())(EndpointClass::Members, Some(429));
         metrics.record_sync(SyncKind::Groups, true, 0.2);
         let text = metrics.encode();
-        assert!(text.contains("bitbucket_operator_reconciles_total{result=\"ok\"} 1"), "{text}");
-        assert!(text.contains("bitbucket_operator_bitbucket_requests_total{endpoint=\"members\",status_class=\"429\"} 1"));
+        assert!(
+            text.contains("bitbucket_operator_reconciles_total{result=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bitbucket_operator_bitbucket_requests_total{endpoint=\"members\",status_class=\"429\"} 1")
+        );
         assert!(text.contains("bitbucket_operator_sync_runs_total{resource_type=\"groups\",outcome=\"success\"} 1"));
         assert!(text.contains("bitbucket_operator_sync_duration_seconds_bucket"));
     }

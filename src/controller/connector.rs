@@ -47,7 +47,13 @@ pub struct Context {
 
 impl Context {
     pub fn new(client: kube::Client, manager: Arc<Manager>, recorder: Recorder, metrics: Arc<Metrics>) -> Self {
-        Context { client, manager, recorder, metrics, failures: Mutex::default() }
+        Context {
+            client,
+            manager,
+            recorder,
+            metrics,
+            failures: Mutex::default(),
+        }
     }
 
     fn store(&self) -> &Arc<Store> {
@@ -105,7 +111,10 @@ pub async fn reconcile(obj: Arc<BitbucketConnector>, ctx: Arc<Context>) -> Resul
     .map_err(|e| ReconcileError::Finalizer(Box::new(e)));
     ctx.metrics.reconcile_duration.observe(clock.elapsed().as_secs_f64());
     let label = if result.is_ok() { "ok" } else { "error" };
-    ctx.metrics.reconciles.get_or_create(&ResultLabels { result: label }).inc();
+    ctx.metrics
+        .reconciles
+        .get_or_create(&ResultLabels { result: label })
+        .inc();
     result
 }
 
@@ -114,7 +123,9 @@ pub fn error_policy(obj: Arc<BitbucketConnector>, err: &ReconcileError, ctx: Arc
     let key = format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any());
     ctx.metrics
         .reconcile_errors
-        .get_or_create(&crate::metrics::ReasonLabels { reason: err.metric_reason() })
+        .get_or_create(&crate::metrics::ReasonLabels {
+            reason: err.metric_reason(),
+        })
         .inc();
     let failures = {
         let mut failures = ctx.failures.lock().unwrap_or_else(|e| e.into_inner());
@@ -128,7 +139,8 @@ pub fn error_policy(obj: Arc<BitbucketConnector>, err: &ReconcileError, ctx: Arc
 
 fn backoff(failures: u32) -> Duration {
     let base = Duration::from_secs(5).saturating_mul(1 << failures.saturating_sub(1).min(8));
-    base.min(Duration::from_secs(300)).mul_f64(0.8 + rand::random::<f64>() * 0.4)
+    base.min(Duration::from_secs(300))
+        .mul_f64(0.8 + rand::random::<f64>() * 0.4)
 }
 
 /// What the Secret gave, or why it could not.
@@ -137,7 +149,11 @@ enum SecretOutcome {
     Problem { reason: &'static str, message: String },
 }
 
-async fn read_settings(obj: &BitbucketConnector, ctx: &Context, namespace: &str) -> Result<SecretOutcome, ReconcileError> {
+async fn read_settings(
+    obj: &BitbucketConnector,
+    ctx: &Context,
+    namespace: &str,
+) -> Result<SecretOutcome, ReconcileError> {
     let secret_name = &obj.spec.secret_ref.name;
     // Only the connector's own namespace: a connector can never read another
     // namespace's Secret.
@@ -236,7 +252,10 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
         match (read_settings(&obj, ctx, &namespace).await?, desired_loops(&obj)) {
             (_, Err(message)) => {
                 ctx.manager.remove(&key);
-                Health::SecretProblem { reason: reason::INVALID_SPEC, message }
+                Health::SecretProblem {
+                    reason: reason::INVALID_SPEC,
+                    message,
+                }
             }
             (SecretOutcome::Problem { reason, message }, _) => {
                 ctx.manager.remove(&key);
@@ -257,7 +276,10 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
                 match ctx.manager.configure(target.clone(), &settings, engine) {
                     Err(err) => {
                         ctx.manager.remove(&key);
-                        Health::SecretProblem { reason: reason::INVALID_SPEC, message: err.to_string() }
+                        Health::SecretProblem {
+                            reason: reason::INVALID_SPEC,
+                            message: err.to_string(),
+                        }
                     }
                     Ok((runtime, changed)) => {
                         credentials_changed = changed;
@@ -286,7 +308,11 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
                                 } else {
                                     transient = Some(err.to_string());
                                 }
-                                Health::ConnectFailed { reason: err.reason(), message: err.to_string(), stalled }
+                                Health::ConnectFailed {
+                                    reason: err.reason(),
+                                    message: err.to_string(),
+                                    stalled,
+                                }
                             }
                         }
                     }
@@ -329,14 +355,22 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
             "kind": BitbucketConnector::kind(&()),
             "status": new_status,
         });
-        api.patch_status(&obj.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-            .await?;
+        api.patch_status(
+            &obj.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
     }
     if let Some(message) = transient {
         return Err(ReconcileError::Transient(message));
     }
     ctx.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
-    Ok(if obj.spec.suspend { Action::await_change() } else { Action::requeue(requeue) })
+    Ok(if obj.spec.suspend {
+        Action::await_change()
+    } else {
+        Action::requeue(requeue)
+    })
 }
 
 /// When the next loop run is due, so a requeue lands right after it.
@@ -370,7 +404,8 @@ async fn cleanup(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, 
         .await
         .map_err(|e| ReconcileError::Store(e.to_string()))?
         .map_err(|e| ReconcileError::Store(e.to_string()))?;
-    ctx.metrics.forget_connector(target.namespace.as_deref().unwrap_or_default(), &target.name);
+    ctx.metrics
+        .forget_connector(target.namespace.as_deref().unwrap_or_default(), &target.name);
     ctx.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
     tracing::info!(connector = %key, "connector deleted: loops stopped, data removed");
     Ok(Action::await_change())
@@ -380,7 +415,10 @@ fn record_gauges(obj: &BitbucketConnector, namespace: &str, status: &BitbucketCo
     let ready = find_condition(&status.conditions, ct::READY).is_some_and(|c| c.status == "True");
     metrics
         .connector_ready
-        .get_or_create(&ConnectorLabels { namespace: namespace.to_owned(), name: obj.name_any() })
+        .get_or_create(&ConnectorLabels {
+            namespace: namespace.to_owned(),
+            name: obj.name_any(),
+        })
         .set(i64::from(ready));
     if let Some(resources) = &status.resources {
         for kind in SyncKind::ALL {
@@ -406,7 +444,8 @@ pub fn transition_events(
     credentials_changed: bool,
 ) -> Vec<Event> {
     let condition = |s: Option<&BitbucketConnectorStatus>, t: &str| {
-        s.and_then(|s| find_condition(&s.conditions, t)).map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+        s.and_then(|s| find_condition(&s.conditions, t))
+            .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
     };
     let mut events = Vec::new();
     let event = |type_, reason: &str, note: String| Event {
@@ -442,7 +481,11 @@ pub fn transition_events(
         events.push(event(EventType::Warning, "SyncFailed", message));
     }
     if credentials_changed {
-        let fingerprint = new.credentials.as_ref().and_then(|c| c.fingerprint.clone()).unwrap_or_default();
+        let fingerprint = new
+            .credentials
+            .as_ref()
+            .and_then(|c| c.fingerprint.clone())
+            .unwrap_or_default();
         events.push(event(
             EventType::Normal,
             "CredentialsChanged",
@@ -475,7 +518,10 @@ mod tests {
     fn with(conditions: &[(&str, bool, &str)]) -> BitbucketConnectorStatus {
         let mut status = BitbucketConnectorStatus::default();
         for (t, s, r) in conditions {
-            set_condition(&mut status.conditions, new_condition(t, *s, r, format!("{r} message"), Some(1)));
+            set_condition(
+                &mut status.conditions,
+                new_condition(t, *s, r, format!("{r} message"), Some(1)),
+            );
         }
         status
     }
@@ -488,20 +534,35 @@ mod tests {
     fn events_fire_on_transitions_only() {
         let connected = with(&[("Connected", true, "Connected"), ("Ready", true, "SyncSucceeded")]);
         assert_eq!(reasons(&transition_events(None, &connected, false)), ["Connected"]);
-        assert!(transition_events(Some(&connected), &connected, false).is_empty(), "steady state is quiet");
+        assert!(
+            transition_events(Some(&connected), &connected, false).is_empty(),
+            "steady state is quiet"
+        );
 
         let rejected = with(&[("Connected", false, "InvalidCredentials")]);
-        assert_eq!(reasons(&transition_events(Some(&connected), &rejected, false)), ["CredentialsRejected"]);
+        assert_eq!(
+            reasons(&transition_events(Some(&connected), &rejected, false)),
+            ["CredentialsRejected"]
+        );
         assert!(transition_events(Some(&rejected), &rejected, false).is_empty());
 
         let missing = with(&[("Connected", false, "SecretNotFound")]);
-        assert_eq!(reasons(&transition_events(Some(&rejected), &missing, false)), ["SecretMissing"]);
+        assert_eq!(
+            reasons(&transition_events(Some(&rejected), &missing, false)),
+            ["SecretMissing"]
+        );
 
         let failed = with(&[("Connected", true, "Connected"), ("Ready", false, "SyncFailed")]);
-        assert_eq!(reasons(&transition_events(Some(&connected), &failed, false)), ["SyncFailed"]);
+        assert_eq!(
+            reasons(&transition_events(Some(&connected), &failed, false)),
+            ["SyncFailed"]
+        );
         assert!(transition_events(Some(&failed), &failed, false).is_empty());
 
-        assert_eq!(reasons(&transition_events(Some(&connected), &connected, true)), ["CredentialsChanged"]);
+        assert_eq!(
+            reasons(&transition_events(Some(&connected), &connected, true)),
+            ["CredentialsChanged"]
+        );
     }
 
     #[test]

@@ -60,7 +60,12 @@ pub struct Manager {
 
 impl Manager {
     pub fn new(store: Arc<Store>, metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(Manager { store, metrics, runtimes: Mutex::default(), triggers: Mutex::default() })
+        Arc::new(Manager {
+            store,
+            metrics,
+            runtimes: Mutex::default(),
+            triggers: Mutex::default(),
+        })
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -152,7 +157,11 @@ impl Manager {
     ) -> Result<Client, crate::bitbucket::Error> {
         let mut config = ClientConfig::new(&engine.api_url)?;
         config.limits = engine.limits;
-        Client::with_observer(config, settings.credentials.clone(), Some(self.metrics.request_observer()))
+        Client::with_observer(
+            config,
+            settings.credentials.clone(),
+            Some(self.metrics.request_observer()),
+        )
     }
 
     /// Stops the connector's loops and forgets it.
@@ -219,12 +228,19 @@ impl ConnectorRuntime {
     /// refused for a configuration reason.
     pub fn needs_connection_check(&self) -> bool {
         let connection = lock(&self.connection);
-        let Some(connection) = connection.as_ref() else { return true };
-        let current = (self.engine.read().unwrap_or_else(|e| e.into_inner()).0.clone(), self.fingerprint().0);
+        let Some(connection) = connection.as_ref() else {
+            return true;
+        };
+        let current = (
+            self.engine.read().unwrap_or_else(|e| e.into_inner()).0.clone(),
+            self.fingerprint().0,
+        );
         if connection.checked != current || connection.result.is_err() {
             return true;
         }
-        lock(&self.last_config_error).as_ref().is_some_and(|(_, at)| *at > connection.at)
+        lock(&self.last_config_error)
+            .as_ref()
+            .is_some_and(|(_, at)| *at > connection.at)
     }
 
     /// Checks the credentials and finds the workspaces (`GET /2.0/user`, then
@@ -239,7 +255,11 @@ impl ConnectorRuntime {
             .connect()
             .await
             .map(|scope| scope.workspaces.iter().map(|w| w.slug.clone()).collect::<Vec<_>>());
-        let connection = Connection { result, checked: (settings, fingerprint), at: Instant::now() };
+        let connection = Connection {
+            result,
+            checked: (settings, fingerprint),
+            at: Instant::now(),
+        };
         *lock(&self.connection) = Some(connection.clone());
         if connection.result.is_ok() {
             *lock(&self.last_config_error) = None;
@@ -274,7 +294,14 @@ impl ConnectorRuntime {
                     let (tx, rx) = watch::channel(*interval);
                     let trigger = Arc::new(Notify::new());
                     let task = tokio::spawn(run_loop(Arc::clone(self), kind, rx, Arc::clone(&trigger)));
-                    loops.insert(kind, LoopHandle { interval: tx, trigger, task });
+                    loops.insert(
+                        kind,
+                        LoopHandle {
+                            interval: tx,
+                            trigger,
+                            task,
+                        },
+                    );
                     started.insert(kind);
                 }
                 (None, None) => {}
@@ -330,7 +357,11 @@ pub fn loop_statuses(
     enabled
         .iter()
         .map(|(&kind, &enabled)| {
-            let mut status = LoopStatus { enabled, running: running.contains(&kind), ..LoopStatus::default() };
+            let mut status = LoopStatus {
+                enabled,
+                running: running.contains(&kind),
+                ..LoopStatus::default()
+            };
             if let Ok(Some(current)) = store
                 .generations(key, kind)
                 .map(|generations| generations.into_iter().find(|g| g.current))
@@ -359,7 +390,12 @@ pub fn loop_statuses(
         .collect()
 }
 
-async fn run_loop(runtime: Arc<ConnectorRuntime>, kind: SyncKind, mut interval: watch::Receiver<Duration>, trigger: Arc<Notify>) {
+async fn run_loop(
+    runtime: Arc<ConnectorRuntime>,
+    kind: SyncKind,
+    mut interval: watch::Receiver<Duration>,
+    trigger: Arc<Notify>,
+) {
     let store = match runtime.manager.upgrade() {
         Some(manager) => Arc::clone(&manager.store),
         None => return,
@@ -404,7 +440,9 @@ async fn run_loop(runtime: Arc<ConnectorRuntime>, kind: SyncKind, mut interval: 
         let engine = runtime.engine();
         let clock = Instant::now();
         let outcome = match engine.discover().await {
-            Ok(scope) => run_into_store(&engine, &store, &runtime.key, kind, &scope).await.map(|_| ()),
+            Ok(scope) => run_into_store(&engine, &store, &runtime.key, kind, &scope)
+                .await
+                .map(|_| ()),
             Err(err) => Err(err),
         };
         if let Some(metrics) = &metrics {

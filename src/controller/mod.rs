@@ -27,9 +27,9 @@ use anyhow::Context as _;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
+use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
-use kube::core::PartialObjectMeta;
 use kube::runtime::utils::Predicate;
 use kube::runtime::{Controller, WatchStreamExt, predicates, watcher};
 use kube::{Client, ResourceExt};
@@ -68,7 +68,9 @@ pub struct RunArgs {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let client = Client::try_default().await.context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
     let store = {
         let db = args.db.clone();
         tokio::task::spawn_blocking(move || Store::open(&db))
@@ -91,15 +93,30 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let ready = Arc::new(AtomicBool::new(false));
     let http = tokio::spawn(http::serve(
         args.http_addr,
-        HttpState { metrics: Arc::clone(&operator.metrics), ready: Arc::clone(&ready) },
+        HttpState {
+            metrics: Arc::clone(&operator.metrics),
+            ready: Arc::clone(&ready),
+        },
         wait_for(shutdown_rx.clone()),
     ));
-    tokio::spawn(track_readiness(operator.client.clone(), args.watch_namespaces.clone(), ready));
+    tokio::spawn(track_readiness(
+        operator.client.clone(),
+        args.watch_namespaces.clone(),
+        ready,
+    ));
 
     if args.leader_election {
-        let namespace = args.lease_namespace.clone().unwrap_or_else(|| operator.client.default_namespace().to_owned());
-        let identity = args.identity.clone().unwrap_or_else(|| format!("bitbucket-operator-{}", std::process::id()));
-        operator.run_with_leader_election(&args.lease_name, &namespace, &identity, shutdown_rx).await?;
+        let namespace = args
+            .lease_namespace
+            .clone()
+            .unwrap_or_else(|| operator.client.default_namespace().to_owned());
+        let identity = args
+            .identity
+            .clone()
+            .unwrap_or_else(|| format!("bitbucket-operator-{}", std::process::id()));
+        operator
+            .run_with_leader_election(&args.lease_name, &namespace, &identity, shutdown_rx)
+            .await?;
     } else {
         operator.run_controllers(wait_for(shutdown_rx)).await;
     }
@@ -119,24 +136,38 @@ pub struct Operator {
 impl Operator {
     pub fn new(client: Client, store: Arc<Store>, metrics: Arc<Metrics>, namespaces: Vec<String>) -> Self {
         let manager = Manager::new(store, Arc::clone(&metrics));
-        Operator { client, manager, metrics, namespaces }
+        Operator {
+            client,
+            manager,
+            metrics,
+            namespaces,
+        }
     }
 
     /// Runs the connector controllers until `shutdown`, then stops every loop.
     pub async fn run_controllers(&self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) {
         let shutdown = shutdown.shared();
-        let reporter = Reporter { controller: "bitbucket-operator".into(), instance: std::env::var("POD_NAME").ok() };
+        let reporter = Reporter {
+            controller: "bitbucket-operator".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
         let ctx = Arc::new(Context::new(
             self.client.clone(),
             Arc::clone(&self.manager),
             Recorder::new(self.client.clone(), reporter),
             Arc::clone(&self.metrics),
         ));
-        let scopes: Vec<Option<String>> =
-            if self.namespaces.is_empty() { vec![None] } else { self.namespaces.iter().cloned().map(Some).collect() };
+        let scopes: Vec<Option<String>> = if self.namespaces.is_empty() {
+            vec![None]
+        } else {
+            self.namespaces.iter().cloned().map(Some).collect()
+        };
         let controllers = scopes.into_iter().map(|namespace| {
             let (connectors, secrets): (Api<BitbucketConnector>, Api<PartialObjectMeta<Secret>>) = match &namespace {
-                Some(ns) => (Api::namespaced(self.client.clone(), ns), Api::namespaced(self.client.clone(), ns)),
+                Some(ns) => (
+                    Api::namespaced(self.client.clone(), ns),
+                    Api::namespaced(self.client.clone(), ns),
+                ),
                 None => (Api::all(self.client.clone()), Api::all(self.client.clone())),
             };
             let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<ObjectRef<BitbucketConnector>>();
@@ -149,14 +180,15 @@ impl Operator {
                 .reflect(writer)
                 .applied_objects()
                 .predicate_filter(
-                    (predicates::generation as fn(&BitbucketConnector) -> Option<u64>).combine(
-                        predicates::annotations as fn(&BitbucketConnector) -> Option<u64>,
-                    ),
+                    (predicates::generation as fn(&BitbucketConnector) -> Option<u64>)
+                        .combine(predicates::annotations as fn(&BitbucketConnector) -> Option<u64>),
                     Default::default(),
                 );
             let mapper_reader = reader.clone();
             // Metadata only: Secret data never sits in this cache.
-            let secret_changes = watcher(secrets, watcher::Config::default()).default_backoff().touched_objects();
+            let secret_changes = watcher(secrets, watcher::Config::default())
+                .default_backoff()
+                .touched_objects();
             Controller::for_stream(connector_changes, reader)
                 .watches_stream(secret_changes, move |secret| {
                     let namespace = secret.namespace();
@@ -242,11 +274,16 @@ pub async fn track_readiness(client: Client, namespaces: Vec<String>, ready: Arc
     let scopes: Vec<Api<PartialObjectMeta<BitbucketConnector>>> = if namespaces.is_empty() {
         vec![Api::all(client)]
     } else {
-        namespaces.iter().map(|ns| Api::namespaced(client.clone(), ns)).collect()
+        namespaces
+            .iter()
+            .map(|ns| Api::namespaced(client.clone(), ns))
+            .collect()
     };
     let total = scopes.len();
     let mut streams = futures::stream::select_all(
-        scopes.into_iter().map(|api| watcher(api, watcher::Config::default()).default_backoff().boxed()),
+        scopes
+            .into_iter()
+            .map(|api| watcher(api, watcher::Config::default()).default_backoff().boxed()),
     );
     let mut synced = 0;
     while let Some(event) = streams.next().await {

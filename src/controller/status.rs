@@ -31,13 +31,22 @@ use crate::model::SyncKind;
 pub enum Health {
     Suspended,
     /// The Secret is missing or unusable (`SecretNotFound`, `SecretKeyMissing`).
-    SecretProblem { reason: &'static str, message: String },
+    SecretProblem {
+        reason: &'static str,
+        message: String,
+    },
     /// The first credential check has not finished.
     Connecting,
     /// The credential check failed; `stalled` when retrying cannot help.
-    ConnectFailed { reason: &'static str, message: String, stalled: bool },
+    ConnectFailed {
+        reason: &'static str,
+        message: String,
+        stalled: bool,
+    },
     /// Credentials accepted; these workspaces are synced.
-    Connected { workspaces: Vec<String> },
+    Connected {
+        workspaces: Vec<String>,
+    },
 }
 
 /// One resource loop as the status reports it.
@@ -93,26 +102,66 @@ pub fn compute(obs: &Observation<'_>) -> BitbucketConnectorStatus {
 
     match &obs.health {
         Health::Suspended => {
-            set(&mut conditions, ct::SYNCING, "False", reason::SUSPENDED, "Sync loops are stopped: spec.suspend is true".into());
-            set(&mut conditions, ct::READY, "False", reason::SUSPENDED, "Suspended".into());
+            set(
+                &mut conditions,
+                ct::SYNCING,
+                "False",
+                reason::SUSPENDED,
+                "Sync loops are stopped: spec.suspend is true".into(),
+            );
+            set(
+                &mut conditions,
+                ct::READY,
+                "False",
+                reason::SUSPENDED,
+                "Suspended".into(),
+            );
             state = st::SUSPENDED;
         }
         Health::SecretProblem { reason: why, message } => {
             set(&mut conditions, ct::CONNECTED, "False", why, message.clone());
-            set(&mut conditions, ct::SYNCING, "False", why, "Sync loops are stopped until the Secret is usable".into());
+            set(
+                &mut conditions,
+                ct::SYNCING,
+                "False",
+                why,
+                "Sync loops are stopped until the Secret is usable".into(),
+            );
             set(&mut conditions, ct::READY, "False", why, message.clone());
             stalled = Some((why, message.clone()));
             state = st::ERROR;
         }
         Health::Connecting => {
-            set(&mut conditions, ct::CONNECTED, "Unknown", reason::PROGRESSING, "Checking the credentials with Bitbucket".into());
-            set(&mut conditions, ct::READY, "False", reason::PROGRESSING, "Checking the credentials with Bitbucket".into());
+            set(
+                &mut conditions,
+                ct::CONNECTED,
+                "Unknown",
+                reason::PROGRESSING,
+                "Checking the credentials with Bitbucket".into(),
+            );
+            set(
+                &mut conditions,
+                ct::READY,
+                "False",
+                reason::PROGRESSING,
+                "Checking the credentials with Bitbucket".into(),
+            );
             reconciling = Some((reason::PROGRESSING, "Checking the credentials with Bitbucket".into()));
             state = st::PENDING;
         }
-        Health::ConnectFailed { reason: why, message, stalled: is_stalled } => {
+        Health::ConnectFailed {
+            reason: why,
+            message,
+            stalled: is_stalled,
+        } => {
             set(&mut conditions, ct::CONNECTED, "False", why, message.clone());
-            set(&mut conditions, ct::SYNCING, "False", why, "Sync loops are stopped until Bitbucket accepts the connection".into());
+            set(
+                &mut conditions,
+                ct::SYNCING,
+                "False",
+                why,
+                "Sync loops are stopped until Bitbucket accepts the connection".into(),
+            );
             set(&mut conditions, ct::READY, "False", why, message.clone());
             if *is_stalled {
                 stalled = Some((why, message.clone()));
@@ -127,32 +176,77 @@ pub fn compute(obs: &Observation<'_>) -> BitbucketConnectorStatus {
                 ct::CONNECTED,
                 "True",
                 reason::CONNECTED,
-                format!("Credentials accepted; {} workspace(s) reachable: {}", workspaces.len(), workspaces.join(", ")),
+                format!(
+                    "Credentials accepted; {} workspace(s) reachable: {}",
+                    workspaces.len(),
+                    workspaces.join(", ")
+                ),
             );
-            let enabled: Vec<(SyncKind, &LoopStatus)> =
-                obs.loops.iter().filter(|(_, l)| l.enabled).map(|(k, l)| (*k, l)).collect();
-            let running: Vec<&str> = enabled.iter().filter(|(_, l)| l.running).map(|(k, _)| k.as_str()).collect();
+            let enabled: Vec<(SyncKind, &LoopStatus)> = obs
+                .loops
+                .iter()
+                .filter(|(_, l)| l.enabled)
+                .map(|(k, l)| (*k, l))
+                .collect();
+            let running: Vec<&str> = enabled
+                .iter()
+                .filter(|(_, l)| l.running)
+                .map(|(k, _)| k.as_str())
+                .collect();
             if running.is_empty() {
-                set(&mut conditions, ct::SYNCING, "False", reason::IDLE, "No sync is running".into());
+                set(
+                    &mut conditions,
+                    ct::SYNCING,
+                    "False",
+                    reason::IDLE,
+                    "No sync is running".into(),
+                );
             } else {
-                set(&mut conditions, ct::SYNCING, "True", reason::SYNC_IN_PROGRESS, format!("Syncing {}", running.join(", ")));
+                set(
+                    &mut conditions,
+                    ct::SYNCING,
+                    "True",
+                    reason::SYNC_IN_PROGRESS,
+                    format!("Syncing {}", running.join(", ")),
+                );
             }
             let failed: Vec<String> = enabled
                 .iter()
                 .filter_map(|(k, l)| l.last_error.as_ref().map(|e| format!("{k}: {e}")))
                 .collect();
-            let waiting: Vec<&str> =
-                enabled.iter().filter(|(_, l)| l.last_success.is_none()).map(|(k, _)| k.as_str()).collect();
+            let waiting: Vec<&str> = enabled
+                .iter()
+                .filter(|(_, l)| l.last_success.is_none())
+                .map(|(k, _)| k.as_str())
+                .collect();
             let ready = enabled.iter().all(|(_, l)| l.current());
             if ready {
-                set(&mut conditions, ct::READY, "True", reason::SYNC_SUCCEEDED, "Every enabled resource type is synced".into());
+                set(
+                    &mut conditions,
+                    ct::READY,
+                    "True",
+                    reason::SYNC_SUCCEEDED,
+                    "Every enabled resource type is synced".into(),
+                );
             } else if !failed.is_empty() {
                 let message = format!("Last sync failed (previous data kept): {}", failed.join("; "));
-                set(&mut conditions, ct::READY, "False", reason::SYNC_FAILED, message.clone());
+                set(
+                    &mut conditions,
+                    ct::READY,
+                    "False",
+                    reason::SYNC_FAILED,
+                    message.clone(),
+                );
                 reconciling = Some((reason::SYNC_FAILED, message));
             } else {
                 let message = format!("Waiting for the first sync of {}", waiting.join(", "));
-                set(&mut conditions, ct::READY, "False", reason::PROGRESSING, message.clone());
+                set(
+                    &mut conditions,
+                    ct::READY,
+                    "False",
+                    reason::PROGRESSING,
+                    message.clone(),
+                );
                 reconciling = Some((reason::PROGRESSING, message));
             }
             state = if !running.is_empty() {
@@ -183,7 +277,11 @@ pub fn compute(obs: &Observation<'_>) -> BitbucketConnectorStatus {
 
     let mut resources = previous.resources.clone().unwrap_or_default();
     for (kind, l) in &obs.loops {
-        *resources.get_mut(*kind) = if l.enabled || l.last_end.is_some() { Some(resource_status(l)) } else { None };
+        *resources.get_mut(*kind) = if l.enabled || l.last_end.is_some() {
+            Some(resource_status(l))
+        } else {
+            None
+        };
     }
     let last_sync_time = obs
         .loops
@@ -284,7 +382,9 @@ mod tests {
     }
 
     fn connected() -> Health {
-        Health::Connected { workspaces: vec!["acme".into()] }
+        Health::Connected {
+            workspaces: vec!["acme".into()],
+        }
     }
 
     #[test]
@@ -307,14 +407,30 @@ mod tests {
     #[test]
     fn a_running_loop_shows_syncing_and_first_syncs_are_reconciling() {
         let spec = spec();
-        let mut loops: BTreeMap<_, _> = SyncKind::ALL.iter().map(|&k| (k, LoopStatus { enabled: true, ..Default::default() })).collect();
+        let mut loops: BTreeMap<_, _> = SyncKind::ALL
+            .iter()
+            .map(|&k| {
+                (
+                    k,
+                    LoopStatus {
+                        enabled: true,
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
         loops.get_mut(&SyncKind::Groups).unwrap().running = true;
         let s = compute(&obs(&spec, connected(), loops));
         assert_eq!(s.state.as_deref(), Some("Syncing"));
         assert_eq!(status_of(&s, "Syncing"), Some("True"));
         assert_eq!(status_of(&s, "Ready"), Some("False"));
         assert_eq!(status_of(&s, "Reconciling"), Some("True"));
-        assert!(find_condition(&s.conditions, "Syncing").unwrap().message.contains("groups"));
+        assert!(
+            find_condition(&s.conditions, "Syncing")
+                .unwrap()
+                .message
+                .contains("groups")
+        );
     }
 
     #[test]
@@ -327,14 +443,24 @@ mod tests {
         assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "SyncFailed"));
         assert!(ready.message.contains("repositories: Bitbucket unavailable"));
         assert_eq!(s.state.as_deref(), Some("Error"));
-        assert_eq!(s.resources.as_ref().unwrap().repositories.as_ref().unwrap().count, 3, "previous data kept");
+        assert_eq!(
+            s.resources.as_ref().unwrap().repositories.as_ref().unwrap().count,
+            3,
+            "previous data kept"
+        );
     }
 
     #[test]
     fn disabled_types_do_not_block_ready() {
         let spec = spec();
         let mut loops: BTreeMap<_, _> = SyncKind::ALL.iter().map(|&k| (k, synced(100))).collect();
-        loops.insert(SyncKind::Repositories, LoopStatus { enabled: false, ..Default::default() });
+        loops.insert(
+            SyncKind::Repositories,
+            LoopStatus {
+                enabled: false,
+                ..Default::default()
+            },
+        );
         let s = compute(&obs(&spec, connected(), loops));
         assert_eq!(status_of(&s, "Ready"), Some("True"));
         assert!(s.resources.as_ref().unwrap().repositories.is_none());
@@ -345,21 +471,34 @@ mod tests {
         let spec = spec();
         let s = compute(&obs(
             &spec,
-            Health::SecretProblem { reason: reason::SECRET_NOT_FOUND, message: "Secret s not found".into() },
+            Health::SecretProblem {
+                reason: reason::SECRET_NOT_FOUND,
+                message: "Secret s not found".into(),
+            },
             BTreeMap::new(),
         ));
         let stalled = find_condition(&s.conditions, "Stalled").unwrap();
-        assert_eq!((stalled.status.as_str(), stalled.reason.as_str()), ("True", "SecretNotFound"));
+        assert_eq!(
+            (stalled.status.as_str(), stalled.reason.as_str()),
+            ("True", "SecretNotFound")
+        );
         assert_eq!(status_of(&s, "Reconciling"), None);
         assert_eq!(s.state.as_deref(), Some("Error"));
 
         let s = compute(&obs(
             &spec,
-            Health::ConnectFailed { reason: reason::INVALID_CREDENTIALS, message: "401: use the email".into(), stalled: true },
+            Health::ConnectFailed {
+                reason: reason::INVALID_CREDENTIALS,
+                message: "401: use the email".into(),
+                stalled: true,
+            },
             BTreeMap::new(),
         ));
         let connected = find_condition(&s.conditions, "Connected").unwrap();
-        assert_eq!((connected.status.as_str(), connected.reason.as_str()), ("False", "InvalidCredentials"));
+        assert_eq!(
+            (connected.status.as_str(), connected.reason.as_str()),
+            ("False", "InvalidCredentials")
+        );
         assert!(connected.message.contains("email"));
         assert_eq!(status_of(&s, "Stalled"), Some("True"));
     }
@@ -369,7 +508,11 @@ mod tests {
         let spec = spec();
         let s = compute(&obs(
             &spec,
-            Health::ConnectFailed { reason: reason::BITBUCKET_UNAVAILABLE, message: "503".into(), stalled: false },
+            Health::ConnectFailed {
+                reason: reason::BITBUCKET_UNAVAILABLE,
+                message: "503".into(),
+                stalled: false,
+            },
             BTreeMap::new(),
         ));
         assert_eq!(status_of(&s, "Stalled"), None);
@@ -381,7 +524,10 @@ mod tests {
         let spec = spec();
         let failed = compute(&obs(
             &spec,
-            Health::SecretProblem { reason: reason::SECRET_NOT_FOUND, message: "missing".into() },
+            Health::SecretProblem {
+                reason: reason::SECRET_NOT_FOUND,
+                message: "missing".into(),
+            },
             BTreeMap::new(),
         ));
         let loops: BTreeMap<_, _> = SyncKind::ALL.iter().map(|&k| (k, synced(100))).collect();
@@ -396,7 +542,9 @@ mod tests {
         let later = compute(&again);
         assert_eq!(
             find_condition(&later.conditions, "Ready").unwrap().last_transition_time,
-            find_condition(&recovered.conditions, "Ready").unwrap().last_transition_time
+            find_condition(&recovered.conditions, "Ready")
+                .unwrap()
+                .last_transition_time
         );
     }
 
@@ -409,7 +557,10 @@ mod tests {
         let s = compute(&o);
         assert_eq!(s.state.as_deref(), Some("Suspended"));
         assert_eq!(status_of(&s, "Ready"), Some("False"));
-        assert_eq!(s.credentials.as_ref().unwrap().fingerprint.as_deref(), Some("abc123def456"));
+        assert_eq!(
+            s.credentials.as_ref().unwrap().fingerprint.as_deref(),
+            Some("abc123def456")
+        );
         assert_eq!(s.last_handled_reconcile_at.as_deref(), Some("2026-11-29T00:00:00Z"));
     }
 }

@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
+use crate::model::SyncKind;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
-use crate::model::SyncKind;
 
 /// Default Secret key names: those of baton-bitbucket, so its Secret works unchanged.
 pub mod secret_key {
@@ -519,10 +519,7 @@ mod tests {
         let spec: BitbucketConnectorSpec =
             serde_json::from_value(serde_json::json!({"secretRef": {"name": "s"}})).unwrap();
         assert_eq!(spec.interval.as_deref(), Some("1h"));
-        assert_eq!(
-            spec.interval_for(SyncKind::Groups).unwrap(),
-            Duration::from_secs(3600)
-        );
+        assert_eq!(spec.interval_for(SyncKind::Groups).unwrap(), Duration::from_secs(3600));
         assert!(SyncKind::ALL.iter().all(|t| spec.is_enabled(*t)));
         assert_eq!(
             spec.rate_limit(),

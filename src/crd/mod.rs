@@ -263,9 +263,7 @@ mod tests {
             .map(|d| serde_yaml::from_str(d).unwrap())
             .collect();
         let spec = &v[1]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
-        let d = spec["properties"]["secretRef"]["description"]
-            .as_str()
-            .unwrap();
+        let d = spec["properties"]["secretRef"]["description"].as_str().unwrap();
         assert!(!d.contains('\n'), "{d:?}");
         assert!(d.contains("same namespace"));
     }
