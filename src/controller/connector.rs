@@ -361,6 +361,19 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
         handled_reconcile_at: handled,
     });
     publish_transitions(&obj, obj.status.as_ref(), &new_status, credentials_changed, ctx).await;
+    let new_generation = obj.status.as_ref().and_then(|s| s.observed_generation) != obj.metadata.generation;
+    if new_generation && obj.spec.credential_rotation.as_ref().is_some_and(|r| r.enabled) {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "RotationNotImplemented".into(),
+            note: Some("spec.credentialRotation is accepted but not acted on by this version".into()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(err) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::warn!(error = %err, "could not publish an event");
+        }
+    }
     record_gauges(&obj, &namespace, &new_status, &ctx.metrics);
     if obj.status.as_ref() != Some(&new_status) {
         write_status(ctx, &namespace, &obj.name_any(), &new_status).await?;
