@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::SyncScope;
 use crate::bitbucket::models::{Group, GroupPermission, Project, Repository, UserPermission, Workspace};
-use crate::bitbucket::{Client, Error as ApiError};
+use crate::bitbucket::{Client, Error as ApiError, PermissionScope};
 use crate::model::{
     Entitlement, Grant, PROJECT_PERMISSIONS, REPOSITORY_PERMISSIONS, Resource, ResourceType, SyncBatch, group_id,
     project_id, repository_id,
@@ -150,8 +150,12 @@ async fn workspace_projects(ctx: &Context<'_>, workspace: &Workspace) -> Result<
     // Permission listings start as soon as the first listing page is in.
     let fetched = flatten_pages(ctx.client.projects(&workspace.slug))
         .map_ok(|project| async move {
-            let users = ctx.client.project_user_permissions(&workspace.slug, &project.key);
-            let groups = ctx.client.project_group_permissions(&workspace.slug, &project.key);
+            let scope = PermissionScope::Project {
+                workspace: &workspace.slug,
+                key: &project.key,
+            };
+            let users = ctx.client.explicit_user_permissions(scope);
+            let groups = ctx.client.explicit_group_permissions(scope);
             let (users, groups) = futures::try_join!(users.try_concat(), groups.try_concat())?;
             Ok::<_, ApiError>((project, users, groups))
         })
@@ -192,8 +196,12 @@ async fn workspace_repositories(ctx: &Context<'_>, workspace: &Workspace) -> Res
     let fetched = flatten_pages(ctx.client.repositories(&workspace.slug))
         .map_ok(|repository| async move {
             let slug = repository.slug().to_owned();
-            let users = ctx.client.repository_user_permissions(&workspace.slug, &slug);
-            let groups = ctx.client.repository_group_permissions(&workspace.slug, &slug);
+            let scope = PermissionScope::Repository {
+                workspace: &workspace.slug,
+                slug: &slug,
+            };
+            let users = ctx.client.explicit_user_permissions(scope);
+            let groups = ctx.client.explicit_group_permissions(scope);
             let (users, groups) = futures::try_join!(users.try_concat(), groups.try_concat())?;
             Ok::<_, ApiError>((repository, users, groups))
         })
