@@ -507,3 +507,71 @@ async fn restarts_keep_the_cadence_instead_of_resyncing() {
     task.await.unwrap();
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn only_the_lease_holder_syncs_and_a_successor_takes_over_on_shutdown() {
+    use bitbucket_operator::controller::Lease;
+    let h = Harness::start().await; // a plain operator, stopped right away: replicas below
+    let _ = h.stop.send(true);
+    h.good_secret("bb");
+    h.connector("acme", "bb");
+
+    let replica = |identity: &str| {
+        let operator = Arc::new(Operator::new(
+            h.kube.client(),
+            Arc::new(Store::open_in_memory().unwrap()),
+            Arc::new(Metrics::default()),
+            vec![],
+        ));
+        let lease = Lease {
+            name: "bitbucket-operator".into(),
+            namespace: NS.into(),
+            identity: identity.into(),
+            duration_seconds: 3,
+        };
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn({
+            let operator = Arc::clone(&operator);
+            async move { operator.run_with_leader_election(&lease, stopped).await.unwrap() }
+        });
+        (operator, stop, task)
+    };
+    let (a, stop_a, task_a) = replica("replica-a");
+    let (b, stop_b, task_b) = replica("replica-b");
+    h.wait("acme", "Ready", ready).await;
+
+    let leading = |op: &Operator| !op.manager.keys().is_empty();
+    assert!(leading(&a) ^ leading(&b), "exactly one replica runs loops");
+    let (leader, leader_id, leader_stop, leader_task, follower, follower_id) = if leading(&a) {
+        (a, "replica-a", stop_a, task_a, b, "replica-b")
+    } else {
+        (b, "replica-b", stop_b, task_b, a, "replica-a")
+    };
+
+    // SIGTERM on the leader: loops stop and the lease is released.
+    let _ = leader_stop.send(true);
+    tokio::time::timeout(WAIT, leader_task)
+        .await
+        .expect("leader stops")
+        .unwrap();
+    assert!(leader.manager.keys().is_empty(), "the old leader's loops stopped");
+    let lease = h
+        .kube
+        .get("coordination.k8s.io/v1", "Lease", Some(NS), "bitbucket-operator")
+        .expect("lease exists");
+    assert_ne!(lease["spec"]["holderIdentity"], leader_id, "the lease was released");
+
+    tokio::time::timeout(WAIT, async {
+        while !leading(&follower) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the other replica takes over");
+    let lease = h
+        .kube
+        .get("coordination.k8s.io/v1", "Lease", Some(NS), "bitbucket-operator")
+        .unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], follower_id);
+    h.sim.shutdown().await;
+}
