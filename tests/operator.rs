@@ -13,6 +13,7 @@ use bitbucket_operator::metrics::Metrics;
 use bitbucket_operator::model::SyncKind;
 use bitbucket_operator::simulator::{SimConfig, Simulator, SimulatorHandle};
 use bitbucket_operator::store::Store;
+use serde::Deserialize;
 use serde_json::{Value, json};
 use support::fake_kube::FakeKube;
 use tokio::sync::watch;
@@ -574,4 +575,33 @@ async fn only_the_lease_holder_syncs_and_a_successor_takes_over_on_shutdown() {
         .unwrap();
     assert_eq!(lease["spec"]["holderIdentity"], follower_id);
     h.sim.shutdown().await;
+}
+
+#[test]
+fn the_plain_manifest_args_are_accepted_by_run() {
+    // The Deployment's args, as rendered from the chart, must parse: with no
+    // cluster reachable, `run` then fails connecting (exit 1), not on usage (exit 2).
+    let manifest =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/bitbucket-operator.yaml")).unwrap();
+    let deployment = serde_yaml::Deserializer::from_str(&manifest)
+        .map(|doc| Value::deserialize(doc).unwrap())
+        .find(|doc| doc["kind"] == "Deployment")
+        .expect("a Deployment");
+    let args: Vec<String> = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(args[0], "run");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bitbucket-operator"))
+        .args(&args)
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("POD_NAMESPACE", "bitbucket-operator")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("connecting to the Kubernetes API"), "{stderr}");
 }
