@@ -1,6 +1,7 @@
 //! The operator's HTTP endpoints on one port: `/healthz` (the process
 //! answers), `/readyz` (the watch caches have synced, whether or not this
-//! replica leads) and `/metrics` (Prometheus text format).
+//! replica leads), `/metrics` (Prometheus text format), and the
+//! authenticated read-only data API under `/api/v1` ([`crate::api`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,20 +13,28 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
+use crate::api::ApiState;
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
 pub struct HttpState {
     pub metrics: Arc<Metrics>,
     pub ready: Arc<AtomicBool>,
+    /// The data API; `None` serves probes and metrics only.
+    pub api: Option<ApiState>,
 }
 
 pub fn router(state: HttpState) -> Router {
-    Router::new()
+    let api = state.api.clone();
+    let probes = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(state)
+        .with_state(state);
+    match api {
+        Some(api) => probes.merge(crate::api::router(api)),
+        None => probes,
+    }
 }
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {

@@ -9,7 +9,8 @@
 //! - [`store`]: the embedded SQLite store (generations of synced data, sync runs).
 //! - [`access`]: effective access (who can reach a repository, what a user can reach).
 //! - [`controller`]: the Kubernetes controller (`run`), sync loops and status.
-//! - [`metrics`], [`http`]: Prometheus metrics and the probe/metrics endpoints.
+//! - [`metrics`], [`http`], [`api`]: Prometheus metrics, the probe/metrics
+//!   endpoints, and the authenticated read-only data API.
 //! - [`settings`], [`sync`]: baton-format Secrets, and the sync engine.
 //! - [`provision`]: grants and revokes (group membership, project and
 //!   repository permissions), idempotent and precise, for the CLI and the
@@ -18,6 +19,7 @@
 //!   `BitbucketAccessGrant`) and their condition helpers.
 
 pub mod access;
+pub mod api;
 pub mod bitbucket;
 pub mod controller;
 pub mod crd;

@@ -605,3 +605,134 @@ fn the_plain_manifest_args_are_accepted_by_run() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("connecting to the Kubernetes API"), "{stderr}");
 }
+
+#[tokio::test]
+async fn the_data_api_needs_a_reviewed_token_and_rbac_on_the_data_subresource() {
+    use bitbucket_operator::api::ApiState;
+    use bitbucket_operator::http::{HttpState, router};
+    use support::fake_kube::AccessRule;
+
+    let h = Harness::start().await;
+    h.good_secret("bb");
+    h.connector("acme", "bb");
+    h.wait("acme", "Ready", ready).await;
+
+    h.kube.add_token("reviewer-token", "alice", &["auditors"]);
+    h.kube.add_token("other-token", "mallory", &[]);
+    h.kube.allow(AccessRule {
+        user: "alice".into(),
+        verb: "get".into(),
+        group: "connectors.dev".into(),
+        resource: "bitbucketconnectors".into(),
+        subresource: "data".into(),
+        namespace: NS.into(),
+    });
+    let state = HttpState {
+        metrics: Arc::clone(&h.operator.metrics),
+        ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        api: Some(ApiState {
+            kube: h.kube.client(),
+            store: Arc::clone(&h.store),
+        }),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, router(state)).await.unwrap() });
+    let http = reqwest::Client::new();
+    let get = |path: &str, token: Option<&str>| {
+        let mut request = http.get(format!("{base}{path}"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    let prefix = format!("/api/v1/namespaces/{NS}/connectors/acme");
+
+    let anonymous = get(&format!("{prefix}/grants"), None).await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    assert_eq!(anonymous.headers()["www-authenticate"], "Bearer");
+    assert_eq!(
+        get(&format!("{prefix}/grants"), Some("forged")).await.unwrap().status(),
+        401
+    );
+    assert_eq!(
+        get(&format!("{prefix}/grants"), Some("other-token"))
+            .await
+            .unwrap()
+            .status(),
+        403,
+        "no RBAC, no data"
+    );
+    assert_eq!(
+        get("/metrics", None).await.unwrap().status(),
+        200,
+        "metrics stay open for scrapers"
+    );
+
+    let grants: Value = get(&format!("{prefix}/grants"), Some("reviewer-token"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let stored = h.store.grants(&format!("{NS}/acme")).unwrap();
+    assert_eq!(grants["items"].as_array().unwrap().len(), stored.len());
+
+    let csv = get(&format!("{prefix}/grants.csv"), Some("reviewer-token"))
+        .await
+        .unwrap();
+    assert_eq!(csv.headers()["content-type"], "text/csv; charset=utf-8");
+    let csv = csv.text().await.unwrap();
+    assert!(csv.starts_with("resource_type,resource_id,resource_name,entitlement,principal_type"));
+    assert_eq!(
+        csv.lines().count(),
+        stored.len() + 1,
+        "one row per grant plus the header"
+    );
+
+    let repo = &h.sim.organisation().workspaces[0];
+    let full_name = format!("{}/{}", repo.slug, repo.repositories[0].slug);
+    let who: Value = get(
+        &format!("{prefix}/who-can?repository={full_name}"),
+        Some("reviewer-token"),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let expected = bitbucket_operator::access::who_can(&h.store, &format!("{NS}/acme"), &full_name).unwrap();
+    assert_eq!(who["items"].as_array().unwrap().len(), expected.len());
+    let missing = get(
+        &format!("{prefix}/who-can?repository=nope/nope"),
+        Some("reviewer-token"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(missing.status(), 404);
+    let other = get(
+        &format!("/api/v1/namespaces/{NS}/connectors/ghost/grants"),
+        Some("reviewer-token"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        other.status(),
+        404,
+        "allowed in the namespace, but nothing synced under that name"
+    );
+
+    // The SubjectAccessReview asked for exactly the data subresource of this connector.
+    let review = h
+        .kube
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.path.ends_with("/subjectaccessreviews"))
+        .expect("a SubjectAccessReview");
+    let attrs = &review.json()["spec"]["resourceAttributes"];
+    assert_eq!(attrs["subresource"], "data");
+    assert_eq!(attrs["verb"], "get");
+    server.abort();
+    h.stop().await;
+}

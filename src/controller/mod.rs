@@ -35,6 +35,7 @@ use kube::runtime::{Controller, WatchStreamExt, predicates, watcher};
 use kube::{Client, ResourceExt};
 use tokio::sync::{mpsc, watch};
 
+use crate::api::ApiState;
 use crate::crd::BitbucketConnector;
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
@@ -100,6 +101,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         HttpState {
             metrics: Arc::clone(&operator.metrics),
             ready: Arc::clone(&ready),
+            api: Some(ApiState {
+                kube: operator.client.clone(),
+                store: Arc::clone(operator.manager.store()),
+            }),
         },
         wait_for(shutdown_rx.clone()),
     ));

@@ -125,6 +125,22 @@ struct State {
     rv: u64,
     requests: Vec<RecordedRequest>,
     closed: bool,
+    /// TokenReview: bearer token -> (username, groups).
+    tokens: BTreeMap<String, (String, Vec<String>)>,
+    /// SubjectAccessReview: (user, verb, group, resource, subresource, namespace) that are allowed.
+    rbac: Vec<AccessRule>,
+}
+
+/// One allowed (user, verb, resource) for SubjectAccessReviews; empty
+/// subresource or namespace match only empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessRule {
+    pub user: String,
+    pub verb: String,
+    pub group: String,
+    pub resource: String,
+    pub subresource: String,
+    pub namespace: String,
 }
 
 struct Shared {
@@ -674,6 +690,22 @@ impl FakeKube {
             ),
             KindInfo::new("events.k8s.io", "v1", "Event", "events", true, false),
             KindInfo::new("coordination.k8s.io", "v1", "Lease", "leases", true, false),
+            KindInfo::new(
+                "authentication.k8s.io",
+                "v1",
+                "TokenReview",
+                "tokenreviews",
+                false,
+                false,
+            ),
+            KindInfo::new(
+                "authorization.k8s.io",
+                "v1",
+                "SubjectAccessReview",
+                "subjectaccessreviews",
+                false,
+                false,
+            ),
         ];
         let (tx, _) = tokio::sync::watch::channel(0);
         let shared = Arc::new(Shared {
@@ -686,6 +718,8 @@ impl FakeKube {
                 rv: 1,
                 requests: Vec::new(),
                 closed: false,
+                tokens: BTreeMap::new(),
+                rbac: Vec::new(),
             }),
             notify: tx,
         });
@@ -797,6 +831,20 @@ impl FakeKube {
     /// `events.k8s.io/v1` Events currently stored (all namespaces).
     pub fn events(&self) -> Vec<Value> {
         self.list("events.k8s.io/v1", "Event", None)
+    }
+
+    /// Makes `token` authenticate (TokenReview) as `username` in `groups`.
+    pub fn add_token(&self, token: &str, username: &str, groups: &[&str]) {
+        let groups = groups.iter().map(|g| g.to_string()).collect();
+        self.shared
+            .lock()
+            .tokens
+            .insert(token.to_owned(), (username.to_owned(), groups));
+    }
+
+    /// Allows a SubjectAccessReview matching `rule`.
+    pub fn allow(&self, rule: AccessRule) {
+        self.shared.lock().rbac.push(rule);
     }
 
     /// Wait until the object exists and satisfies `pred`; panics with the last seen object on timeout.
@@ -1006,6 +1054,9 @@ async fn handle(
                 .map(|s| (StatusCode::OK, s.obj.clone()))
                 .ok_or_else(|| ApiErr::not_found(&ki, name))
         }
+        (&Method::POST, None) if ki.kind == "TokenReview" || ki.kind == "SubjectAccessReview" => {
+            review(&shared.lock(), &ki, &body)
+        }
         (&Method::POST, None) => create(&mut shared.lock(), &ki, ns, &query, &body),
         (&Method::PUT, Some(name)) => replace(&mut shared.lock(), &ki, ns, name, sub.as_deref(), &query, &body),
         (&Method::PATCH, Some(name)) => patch(
@@ -1119,6 +1170,37 @@ fn owners_after_update(old: &Stored, new: &Value, manager: &str) -> BTreeMap<Str
         }
     }
     owners
+}
+
+/// TokenReview and SubjectAccessReview: answered from the tokens and rules
+/// the test registered, never stored (like the real API server).
+fn review(st: &State, ki: &KindInfo, body: &[u8]) -> Result<(StatusCode, Value), ApiErr> {
+    let mut obj = body_json(body)?;
+    let spec = obj.get("spec").cloned().unwrap_or(Value::Null);
+    let status = if ki.kind == "TokenReview" {
+        let token = spec["token"].as_str().unwrap_or_default();
+        match st.tokens.get(token) {
+            Some((username, groups)) => {
+                json!({"authenticated": true, "user": {"username": username, "groups": groups}})
+            }
+            None => json!({"authenticated": false, "error": "invalid bearer token"}),
+        }
+    } else {
+        let attrs = &spec["resourceAttributes"];
+        let field = |v: &Value, k: &str| v[k].as_str().unwrap_or_default().to_owned();
+        let user = field(&spec, "user");
+        let allowed = st.rbac.iter().any(|r| {
+            r.user == user
+                && r.verb == field(attrs, "verb")
+                && r.group == field(attrs, "group")
+                && r.resource == field(attrs, "resource")
+                && r.subresource == field(attrs, "subresource")
+                && r.namespace == field(attrs, "namespace")
+        });
+        json!({"allowed": allowed})
+    };
+    obj["status"] = status;
+    Ok((StatusCode::CREATED, obj))
 }
 
 fn create(
