@@ -85,7 +85,7 @@
 //! - **Status** is written by server-side apply on `/status` (field manager
 //!   `bitbucket-operator`) only when it changed; kstatus `Reconciling` and
 //!   `Stalled` are present only while True. Grants are watched on generation
-//!   changes only, so status and annotation writes never loop.
+//!   and finalizer changes only, so status and annotation writes never loop.
 //!
 //! [`GrantMode::AtLeast`]: crate::provision::GrantMode::AtLeast
 
@@ -102,6 +102,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::utils::Predicate;
 use kube::runtime::{Controller, WatchStreamExt, predicates, watcher};
 use kube::{Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
@@ -490,14 +491,16 @@ pub async fn run(
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
     let (reader, writer) = reflector::store();
-    // Generation changes only (spec, deletion): status and annotation writes
-    // do not come back as reconciles.
+    // Generation (spec, deletion) and finalizer changes only (the finalizer
+    // helper waits for its own patch to come back): status and annotation
+    // writes do not come back as reconciles.
     let grant_changes = watcher(grants, watcher::Config::default().any_semantic())
         .default_backoff()
         .reflect(writer)
         .applied_objects()
         .predicate_filter(
-            predicates::generation as fn(&BitbucketAccessGrant) -> Option<u64>,
+            (predicates::generation as fn(&BitbucketAccessGrant) -> Option<u64>)
+                .combine(predicates::finalizers as fn(&BitbucketAccessGrant) -> Option<u64>),
             Default::default(),
         );
     let mapper_reader = reader.clone();
@@ -726,9 +729,16 @@ async fn report_blocker(
     status: BitbucketAccessGrantStatus,
     blocker: &Blocker,
 ) -> Result<Action, GrantError> {
+    let key = format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any());
     let (stalled, state, retry) = match blocker {
         Blocker::NotFound(_) => (true, st::PENDING, SLOW_RETRY),
-        Blocker::NotReady(_) => (false, st::PENDING, NOT_READY_RETRY),
+        // 2 s, 4 s … 30 s: right after an operator restart the connector's
+        // runtime appears within seconds, and a due expiry must not wait.
+        Blocker::NotReady(_) => {
+            let n = bump_failures(ctx, &key);
+            let retry = Duration::from_secs(2).saturating_mul(1 << n.saturating_sub(1).min(4));
+            (false, st::PENDING, retry.min(NOT_READY_RETRY))
+        }
         Blocker::Disabled(_) => (true, st::FAILED, SLOW_RETRY),
     };
     report_problem(obj, ctx, status, blocker.reason(), blocker.message(), stalled, state).await?;
@@ -772,12 +782,12 @@ async fn apply(obj: Arc<BitbucketAccessGrant>, ctx: &GrantContext) -> Result<Act
     let step = decide(&obj.spec, obj.status.as_ref(), applied.as_ref(), now);
     tracing::debug!(?step, "grant step");
     let generation = obj.metadata.generation;
-    let granting = matches!(step, Step::Grant | Step::Regrant);
     let action = match step {
         Step::Done => {
             // Keep observedGeneration current; nothing else changes.
             let status = base_status(&obj);
             write_status(&obj, &status, ctx).await?;
+            clear_failures(ctx, &key);
             Action::await_change()
         }
         Step::Invalid(message) => {
@@ -810,6 +820,7 @@ async fn apply(obj: Arc<BitbucketAccessGrant>, ctx: &GrantContext) -> Result<Act
             {
                 write_applied(&obj, Some(applied), ctx).await?;
             }
+            clear_failures(ctx, &key);
             requeue_until(until, now)
         }
         Step::ExpireUngranted => {
@@ -831,6 +842,7 @@ async fn apply(obj: Arc<BitbucketAccessGrant>, ctx: &GrantContext) -> Result<Act
                     mark_expired(&mut status, generation, &message);
                     write_status(&obj, &status, ctx).await?;
                     publish(ctx, &obj, EventType::Normal, reason::EXPIRED, message).await;
+                    clear_failures(ctx, &key);
                     Action::await_change()
                 }
                 Ended::Blocked(blocker) => report_blocker(&obj, ctx, base_status(&obj), &blocker).await?,
@@ -865,9 +877,6 @@ async fn apply(obj: Arc<BitbucketAccessGrant>, ctx: &GrantContext) -> Result<Act
         }
         Step::Grant => grant(&obj, ctx, &namespace, base_status(&obj), now).await?,
     };
-    if !granting {
-        clear_failures(ctx, &key);
-    }
     Ok(action)
 }
 
