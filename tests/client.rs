@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bitbucket_operator::bitbucket::{
-    Client, ClientConfig, Credentials, EMAIL_HINT, EndpointClass, ErrorKind, Limits, MembershipChange,
+    Client, ClientConfig, Credentials, EMAIL_HINT, EndpointClass, ErrorKind, Holder, Limits, MembershipChange,
+    PermissionScope,
 };
 use bitbucket_operator::simulator::{RateLimit, SimConfig, Simulator, SimulatorHandle};
 use futures::TryStreamExt;
@@ -183,7 +184,10 @@ async fn client_errors_are_not_retried_and_are_typed() {
     let client = Client::new(config(&sim), token).unwrap();
     let project = sim.organisation().workspaces[0].projects[0].key.clone();
     let err = client
-        .project_user_permissions(&ws, &project)
+        .explicit_user_permissions(PermissionScope::Project {
+            workspace: &ws,
+            key: &project,
+        })
         .try_concat()
         .await
         .unwrap_err();
@@ -351,29 +355,47 @@ async fn permission_writes_and_group_membership_round_trip() {
     let member = ws.members.iter().find(|m| !m.owner).unwrap().user_uuid.clone();
     let group = ws.groups[0].slug.clone();
 
+    let repository = PermissionScope::Repository {
+        workspace: &ws.slug,
+        slug: &repo.slug,
+    };
     let granted = client
-        .set_repository_user_permission(&ws.slug, &repo.slug, &member, "write")
+        .set_explicit_permission(repository, Holder::User(&member), "write")
         .await
         .unwrap();
-    assert_eq!(granted.permission.as_deref(), Some("write"));
+    assert_eq!(granted.as_deref(), Some("write"));
     let read = client
-        .repository_user_permission(&ws.slug, &repo.slug, &member)
+        .explicit_permission(repository, Holder::User(&member))
         .await
         .unwrap();
-    assert_eq!(read.permission.as_deref(), Some("write"));
+    assert_eq!(read.as_deref(), Some("write"));
     client
-        .delete_repository_user_permission(&ws.slug, &repo.slug, &member)
+        .delete_explicit_permission(repository, Holder::User(&member))
         .await
         .unwrap();
-
-    let granted = client
-        .set_project_group_permission(&ws.slug, &project.key, &group, "create-repo")
-        .await
-        .unwrap();
-    assert_eq!(granted.permission.as_deref(), Some("create-repo"));
-    assert_eq!(granted.group.slug, group);
     let err = client
-        .set_project_group_permission(&ws.slug, &project.key, &group, "owner")
+        .explicit_permission(repository, Holder::User(&member))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::NotFound, "no explicit grant left");
+
+    let project = PermissionScope::Project {
+        workspace: &ws.slug,
+        key: &project.key,
+    };
+    let granted = client
+        .set_explicit_permission(project, Holder::Group(&group), "create-repo")
+        .await
+        .unwrap();
+    assert_eq!(granted.as_deref(), Some("create-repo"));
+    let groups: Vec<_> = client.explicit_group_permissions(project).try_concat().await.unwrap();
+    assert!(
+        groups
+            .iter()
+            .any(|g| g.group.slug == group && g.permission.as_deref() == Some("create-repo"))
+    );
+    let err = client
+        .set_explicit_permission(project, Holder::Group(&group), "owner")
         .await
         .unwrap_err();
     assert_eq!(err.kind, ErrorKind::BadRequest);
@@ -391,6 +413,14 @@ async fn permission_writes_and_group_membership_round_trip() {
             MembershipChange::Added
         );
     }
+    let one = client.workspace_member(&ws.slug, &member).await.unwrap();
+    assert_eq!(one.user.uuid, member);
+    let err = client
+        .workspace_member(&ws.slug, "{00000000-0000-0000-0000-000000000000}")
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::NotFound, "not a member");
+
     let groups = client.groups(&ws.slug).await.unwrap();
     assert_eq!(groups.len(), ws.groups.len());
     sim.shutdown().await;

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bitbucket_operator::bitbucket::{Client, ClientConfig, Credentials, EndpointClass};
+use bitbucket_operator::bitbucket::{Client, ClientConfig, Credentials, EndpointClass, Holder, PermissionScope};
 use bitbucket_operator::model::SyncKind;
 use bitbucket_operator::provision::{
     AccessRequest, GrantMode, GrantResult, Permission, PrincipalRef, ProvisionError, Provisioner, RevokeResult,
@@ -94,13 +94,20 @@ async fn clear(client: &Client, n: &Names, principal: &PrincipalRef, target: &Ta
         PrincipalRef::User(_) => (true, n.user_uuid.as_str()),
         PrincipalRef::Group(g) => (false, g.as_str()),
     };
-    let result = match (target, user) {
-        (TargetRef::Project(k), true) => client.delete_project_user_permission(&n.ws, k, who).await,
-        (TargetRef::Project(k), false) => client.delete_project_group_permission(&n.ws, k, who).await,
-        (TargetRef::Repository(r), true) => client.delete_repository_user_permission(&n.ws, r, who).await,
-        (TargetRef::Repository(r), false) => client.delete_repository_group_permission(&n.ws, r, who).await,
-        (TargetRef::Group(g), _) => client.remove_group_member(&n.ws, g, who).await,
-        (TargetRef::Workspace, _) => Ok(()),
+    let holder = if user { Holder::User(who) } else { Holder::Group(who) };
+    let result = match target {
+        TargetRef::Project(key) => {
+            client
+                .delete_explicit_permission(PermissionScope::Project { workspace: &n.ws, key }, holder)
+                .await
+        }
+        TargetRef::Repository(slug) => {
+            client
+                .delete_explicit_permission(PermissionScope::Repository { workspace: &n.ws, slug }, holder)
+                .await
+        }
+        TargetRef::Group(g) => client.remove_group_member(&n.ws, g, who).await,
+        TargetRef::Workspace => Ok(()),
     };
     // 404: was not a group member.
     if let Err(err) = result {
@@ -396,7 +403,14 @@ async fn revoke_and_restore_puts_back_the_previous_level_or_leaves_external_chan
     // Changed by someone else in between: left alone.
     let jit = p.grant(&at(Permission::Write), GrantMode::AtLeast).await.unwrap();
     p.client()
-        .set_project_user_permission(&n.ws, &n.project, &n.user_uuid, "create-repo")
+        .set_explicit_permission(
+            PermissionScope::Project {
+                workspace: &n.ws,
+                key: &n.project,
+            },
+            Holder::User(&n.user_uuid),
+            "create-repo",
+        )
         .await
         .unwrap();
     let end = p

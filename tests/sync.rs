@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bitbucket_operator::bitbucket::{Client, ClientConfig, Credentials};
+use bitbucket_operator::bitbucket::{Client, ClientConfig, Credentials, Holder, PermissionScope};
 use bitbucket_operator::model::{
     PROJECT_PERMISSIONS, REPOSITORY_PERMISSIONS, ResourceType, SyncKind, entitlement_id, grant_id, group_id,
     project_id, repository_id,
@@ -318,8 +318,12 @@ async fn a_failed_run_keeps_the_previous_generation_whole() {
     let client = engine.client().clone();
     let ws = &sim.organisation().workspaces[0];
     let member = ws.members.iter().find(|m| !m.owner).unwrap().user_uuid.clone();
+    let repository = PermissionScope::Repository {
+        workspace: &ws.slug,
+        slug: &ws.repositories[0].slug,
+    };
     client
-        .set_repository_user_permission(&ws.slug, &ws.repositories[0].slug, &member, "admin")
+        .set_explicit_permission(repository, Holder::User(&member), "admin")
         .await
         .unwrap();
     let scope = engine.discover().await.unwrap();

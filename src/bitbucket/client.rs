@@ -481,6 +481,16 @@ impl Client {
         self.pages(EndpointClass::Members, url)
     }
 
+    /// `GET /2.0/workspaces/{ws}/members/{member}` (UUID or account id): one
+    /// membership; a 404 means not a member.
+    pub async fn workspace_member(&self, workspace: &str, member: &str) -> Result<WorkspaceMembership, Error> {
+        let url = self.url(
+            &["2.0", "workspaces", workspace, "members", member],
+            &[("fields", "user,permission")],
+        );
+        self.get_json(EndpointClass::Members, url).await
+    }
+
     /// `GET /2.0/workspaces/{ws}/permissions`, optionally owners only
     /// (`q=permission="owner"`).
     pub fn workspace_permissions(
@@ -554,108 +564,36 @@ impl Client {
         self.get_json(EndpointClass::Repositories, url).await
     }
 
-    /// Explicit user permissions on a project.
-    pub fn project_user_permissions(
+    /// Explicit user permissions on a project or repository (permissions-config).
+    pub fn explicit_user_permissions(
         &self,
-        workspace: &str,
-        key: &str,
+        scope: PermissionScope<'_>,
     ) -> impl Stream<Item = Result<Vec<UserPermission>, Error>> + Send + 'static {
-        let url = self.list_url(
-            &project_config(workspace, key, "users"),
-            &[("fields", PERMISSION_FIELDS_USER)],
-        );
-        self.pages(EndpointClass::ProjectPermissions, url)
+        let url = self.list_url(&scope.segments("users"), &[("fields", PERMISSION_FIELDS_USER)]);
+        self.pages(scope.class(), url)
     }
 
-    /// Explicit group permissions on a project.
-    pub fn project_group_permissions(
+    /// Explicit group permissions on a project or repository.
+    pub fn explicit_group_permissions(
         &self,
-        workspace: &str,
-        key: &str,
+        scope: PermissionScope<'_>,
     ) -> impl Stream<Item = Result<Vec<GroupPermission>, Error>> + Send + 'static {
-        let url = self.list_url(
-            &project_config(workspace, key, "groups"),
-            &[("fields", PERMISSION_FIELDS_GROUP)],
-        );
-        self.pages(EndpointClass::ProjectPermissions, url)
+        let url = self.list_url(&scope.segments("groups"), &[("fields", PERMISSION_FIELDS_GROUP)]);
+        self.pages(scope.class(), url)
     }
 
-    /// One user's explicit permission on a project (`none` when there is none).
-    pub async fn project_user_permission(
+    /// One principal's explicit level on a project or repository, as
+    /// Bitbucket spells it (`none` when there is none; a 404 is an error the
+    /// caller may read as "nothing held").
+    pub async fn explicit_permission(
         &self,
-        workspace: &str,
-        key: &str,
-        user: &str,
-    ) -> Result<UserPermission, Error> {
-        let mut segments = project_config(workspace, key, "users");
-        segments.push(user);
-        self.get_json(EndpointClass::ProjectPermissions, self.url(&segments, &[]))
-            .await
-    }
-
-    /// One group's explicit permission on a project.
-    pub async fn project_group_permission(
-        &self,
-        workspace: &str,
-        key: &str,
-        group: &str,
-    ) -> Result<GroupPermission, Error> {
-        let mut segments = project_config(workspace, key, "groups");
-        segments.push(group);
-        self.get_json(EndpointClass::ProjectPermissions, self.url(&segments, &[]))
-            .await
-    }
-
-    /// Explicit user permissions on a repository.
-    pub fn repository_user_permissions(
-        &self,
-        workspace: &str,
-        slug: &str,
-    ) -> impl Stream<Item = Result<Vec<UserPermission>, Error>> + Send + 'static {
-        let url = self.list_url(
-            &repository_config(workspace, slug, "users"),
-            &[("fields", PERMISSION_FIELDS_USER)],
-        );
-        self.pages(EndpointClass::RepositoryPermissions, url)
-    }
-
-    /// Explicit group permissions on a repository.
-    pub fn repository_group_permissions(
-        &self,
-        workspace: &str,
-        slug: &str,
-    ) -> impl Stream<Item = Result<Vec<GroupPermission>, Error>> + Send + 'static {
-        let url = self.list_url(
-            &repository_config(workspace, slug, "groups"),
-            &[("fields", PERMISSION_FIELDS_GROUP)],
-        );
-        self.pages(EndpointClass::RepositoryPermissions, url)
-    }
-
-    /// One user's explicit permission on a repository.
-    pub async fn repository_user_permission(
-        &self,
-        workspace: &str,
-        slug: &str,
-        user: &str,
-    ) -> Result<UserPermission, Error> {
-        let mut segments = repository_config(workspace, slug, "users");
-        segments.push(user);
-        self.get_json(EndpointClass::RepositoryPermissions, self.url(&segments, &[]))
-            .await
-    }
-
-    /// One group's explicit permission on a repository.
-    pub async fn repository_group_permission(
-        &self,
-        workspace: &str,
-        slug: &str,
-        group: &str,
-    ) -> Result<GroupPermission, Error> {
-        let mut segments = repository_config(workspace, slug, "groups");
-        segments.push(group);
-        self.get_json(EndpointClass::RepositoryPermissions, self.url(&segments, &[]))
-            .await
+        scope: PermissionScope<'_>,
+        holder: Holder<'_>,
+    ) -> Result<Option<String>, Error> {
+        let entry: PermissionEntry = self
+            .get_json(scope.class(), self.url(&scope.holder_segments(holder), &[]))
+            .await?;
+        Ok(entry.permission)
     }
 
     /// `GET /1.0/groups/{ws}`: every group with its members, in one call (a
@@ -673,98 +611,28 @@ impl Client {
 
     // ---- writes (provisioning) ------------------------------------------
 
-    /// Grants or changes a user's explicit project permission (an upsert).
-    pub async fn set_project_user_permission(
+    /// Grants or changes a principal's explicit level on a project or
+    /// repository (PUT is an upsert). Returns the level Bitbucket reports.
+    pub async fn set_explicit_permission(
         &self,
-        workspace: &str,
-        key: &str,
-        user: &str,
+        scope: PermissionScope<'_>,
+        holder: Holder<'_>,
         permission: &str,
-    ) -> Result<UserPermission, Error> {
-        let mut segments = project_config(workspace, key, "users");
-        segments.push(user);
-        self.put_permission(EndpointClass::ProjectPermissions, &segments, permission)
-            .await
+    ) -> Result<Option<String>, Error> {
+        let body = serde_json::json!({ "permission": permission });
+        let url = self.url(&scope.holder_segments(holder), &[]);
+        let (status, bytes) = self.execute(scope.class(), Method::PUT, url, Some(&body)).await?;
+        let entry: PermissionEntry = decode(scope.class(), status, &bytes)?;
+        Ok(entry.permission)
     }
 
-    /// Removes a user's explicit project permission.
-    pub async fn delete_project_user_permission(&self, workspace: &str, key: &str, user: &str) -> Result<(), Error> {
-        let mut segments = project_config(workspace, key, "users");
-        segments.push(user);
-        self.delete(EndpointClass::ProjectPermissions, &segments).await
-    }
-
-    /// Grants or changes a group's explicit project permission.
-    pub async fn set_project_group_permission(
+    /// Removes a principal's explicit level on a project or repository.
+    pub async fn delete_explicit_permission(
         &self,
-        workspace: &str,
-        key: &str,
-        group: &str,
-        permission: &str,
-    ) -> Result<GroupPermission, Error> {
-        let mut segments = project_config(workspace, key, "groups");
-        segments.push(group);
-        self.put_permission(EndpointClass::ProjectPermissions, &segments, permission)
-            .await
-    }
-
-    /// Removes a group's explicit project permission.
-    pub async fn delete_project_group_permission(&self, workspace: &str, key: &str, group: &str) -> Result<(), Error> {
-        let mut segments = project_config(workspace, key, "groups");
-        segments.push(group);
-        self.delete(EndpointClass::ProjectPermissions, &segments).await
-    }
-
-    /// Grants or changes a user's explicit repository permission.
-    pub async fn set_repository_user_permission(
-        &self,
-        workspace: &str,
-        slug: &str,
-        user: &str,
-        permission: &str,
-    ) -> Result<UserPermission, Error> {
-        let mut segments = repository_config(workspace, slug, "users");
-        segments.push(user);
-        self.put_permission(EndpointClass::RepositoryPermissions, &segments, permission)
-            .await
-    }
-
-    /// Removes a user's explicit repository permission.
-    pub async fn delete_repository_user_permission(
-        &self,
-        workspace: &str,
-        slug: &str,
-        user: &str,
+        scope: PermissionScope<'_>,
+        holder: Holder<'_>,
     ) -> Result<(), Error> {
-        let mut segments = repository_config(workspace, slug, "users");
-        segments.push(user);
-        self.delete(EndpointClass::RepositoryPermissions, &segments).await
-    }
-
-    /// Grants or changes a group's explicit repository permission.
-    pub async fn set_repository_group_permission(
-        &self,
-        workspace: &str,
-        slug: &str,
-        group: &str,
-        permission: &str,
-    ) -> Result<GroupPermission, Error> {
-        let mut segments = repository_config(workspace, slug, "groups");
-        segments.push(group);
-        self.put_permission(EndpointClass::RepositoryPermissions, &segments, permission)
-            .await
-    }
-
-    /// Removes a group's explicit repository permission.
-    pub async fn delete_repository_group_permission(
-        &self,
-        workspace: &str,
-        slug: &str,
-        group: &str,
-    ) -> Result<(), Error> {
-        let mut segments = repository_config(workspace, slug, "groups");
-        segments.push(group);
-        self.delete(EndpointClass::RepositoryPermissions, &segments).await
+        self.delete(scope.class(), &scope.holder_segments(holder)).await
     }
 
     /// `PUT /1.0/groups/{ws}/{slug}/members/{uuid}` with `{}`. A 409 (already a
@@ -801,19 +669,6 @@ impl Client {
             &["1.0", "groups", workspace_slug, group_slug, "members", user_uuid],
         )
         .await
-    }
-
-    async fn put_permission<T: DeserializeOwned>(
-        &self,
-        class: EndpointClass,
-        segments: &[&str],
-        permission: &str,
-    ) -> Result<T, Error> {
-        let body = serde_json::json!({ "permission": permission });
-        let (status, bytes) = self
-            .execute(class, Method::PUT, self.url(segments, &[]), Some(&body))
-            .await?;
-        decode(class, status, &bytes)
     }
 
     async fn delete(&self, class: EndpointClass, segments: &[&str]) -> Result<(), Error> {
@@ -941,20 +796,59 @@ const PERMISSION_FIELDS_USER: &str =
 const PERMISSION_FIELDS_GROUP: &str =
     "next,values.permission,values.group.slug,values.group.name,values.group.full_slug";
 
-fn project_config<'a>(workspace: &'a str, key: &'a str, kind: &'a str) -> Vec<&'a str> {
-    vec![
-        "2.0",
-        "workspaces",
-        workspace,
-        "projects",
-        key,
-        "permissions-config",
-        kind,
-    ]
+/// Where an explicit permission is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PermissionScope<'a> {
+    Project { workspace: &'a str, key: &'a str },
+    Repository { workspace: &'a str, slug: &'a str },
 }
 
-fn repository_config<'a>(workspace: &'a str, slug: &'a str, kind: &'a str) -> Vec<&'a str> {
-    vec!["2.0", "repositories", workspace, slug, "permissions-config", kind]
+/// Who holds an explicit permission: a user (UUID or account id) or a group
+/// (slug; never a composite id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holder<'a> {
+    User(&'a str),
+    Group(&'a str),
+}
+
+impl<'a> PermissionScope<'a> {
+    fn class(self) -> EndpointClass {
+        match self {
+            PermissionScope::Project { .. } => EndpointClass::ProjectPermissions,
+            PermissionScope::Repository { .. } => EndpointClass::RepositoryPermissions,
+        }
+    }
+
+    /// `…/permissions-config/{users|groups}`
+    fn segments(self, kind: &'a str) -> Vec<&'a str> {
+        match self {
+            PermissionScope::Project { workspace, key } => {
+                vec![
+                    "2.0",
+                    "workspaces",
+                    workspace,
+                    "projects",
+                    key,
+                    "permissions-config",
+                    kind,
+                ]
+            }
+            PermissionScope::Repository { workspace, slug } => {
+                vec!["2.0", "repositories", workspace, slug, "permissions-config", kind]
+            }
+        }
+    }
+
+    /// `…/permissions-config/users/{id}` or `…/groups/{slug}`
+    fn holder_segments(self, holder: Holder<'a>) -> Vec<&'a str> {
+        let (kind, id) = match holder {
+            Holder::User(id) => ("users", id),
+            Holder::Group(slug) => ("groups", slug),
+        };
+        let mut segments = self.segments(kind);
+        segments.push(id);
+        segments
+    }
 }
 
 fn decode<T: DeserializeOwned>(class: EndpointClass, status: StatusCode, body: &[u8]) -> Result<T, Error> {

@@ -15,7 +15,10 @@ mod error;
 mod limiter;
 pub mod models;
 
-pub use client::{Client, ClientConfig, DEFAULT_API_URL, DEFAULT_TOKEN_URL, MembershipChange, RequestObserver};
+pub use client::{
+    Client, ClientConfig, DEFAULT_API_URL, DEFAULT_TOKEN_URL, Holder, MembershipChange, PermissionScope,
+    RequestObserver,
+};
 pub use credentials::Credentials;
 pub use error::{EMAIL_HINT, EndpointClass, Error, ErrorKind};
 pub use limiter::{Limiter, Limits, Permit};

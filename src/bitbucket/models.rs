@@ -142,6 +142,13 @@ pub struct UserPermission {
     pub user: User,
 }
 
+/// Any single permissions-config entry, user or group: only its level.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct PermissionEntry {
+    #[serde(default)]
+    pub permission: Option<String>,
+}
+
 /// `project_group_permission` / `repository_group_permission`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct GroupPermission {

@@ -245,6 +245,20 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
     let mut running = BTreeSet::new();
     let mut requeue = Duration::from_secs(600);
 
+    if obj.status.is_none() && !obj.spec.suspend {
+        // Say "Pending" at once, before the credential check talks to Bitbucket.
+        let pending = status::compute(&Observation {
+            generation: obj.metadata.generation,
+            spec: &obj.spec,
+            previous: None,
+            health: Health::Connecting,
+            loops: BTreeMap::new(),
+            fingerprint: None,
+            handled_reconcile_at: None,
+        });
+        write_status(ctx, &namespace, &obj.name_any(), &pending).await?;
+    }
+
     let health = if obj.spec.suspend {
         ctx.manager.remove(&key);
         Health::Suspended
@@ -347,20 +361,22 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
         handled_reconcile_at: handled,
     });
     publish_transitions(&obj, obj.status.as_ref(), &new_status, credentials_changed, ctx).await;
+    let new_generation = obj.status.as_ref().and_then(|s| s.observed_generation) != obj.metadata.generation;
+    if new_generation && obj.spec.credential_rotation.as_ref().is_some_and(|r| r.enabled) {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "RotationNotImplemented".into(),
+            note: Some("spec.credentialRotation is accepted but not acted on by this version".into()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(err) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::warn!(error = %err, "could not publish an event");
+        }
+    }
     record_gauges(&obj, &namespace, &new_status, &ctx.metrics);
     if obj.status.as_ref() != Some(&new_status) {
-        let api: Api<BitbucketConnector> = Api::namespaced(ctx.client.clone(), &namespace);
-        let patch = serde_json::json!({
-            "apiVersion": BitbucketConnector::api_version(&()),
-            "kind": BitbucketConnector::kind(&()),
-            "status": new_status,
-        });
-        api.patch_status(
-            &obj.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+        write_status(ctx, &namespace, &obj.name_any(), &new_status).await?;
     }
     if let Some(message) = transient {
         return Err(ReconcileError::Transient(message));
@@ -371,6 +387,24 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
     } else {
         Action::requeue(requeue)
     })
+}
+
+/// Server-side apply of the whole status on the status subresource.
+async fn write_status(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    status: &BitbucketConnectorStatus,
+) -> Result<(), ReconcileError> {
+    let api: Api<BitbucketConnector> = Api::namespaced(ctx.client.clone(), namespace);
+    let patch = serde_json::json!({
+        "apiVersion": BitbucketConnector::api_version(&()),
+        "kind": BitbucketConnector::kind(&()),
+        "status": status,
+    });
+    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        .await?;
+    Ok(())
 }
 
 /// When the next loop run is due, so a requeue lands right after it.

@@ -48,6 +48,9 @@ pub struct Connection {
     pub at: Instant,
 }
 
+/// Sends reconcile requests to one controller.
+pub type ReconcileTrigger = mpsc::UnboundedSender<ObjectRef<BitbucketConnector>>;
+
 /// All connectors' runtimes.
 pub struct Manager {
     store: Arc<Store>,
@@ -55,7 +58,7 @@ pub struct Manager {
     runtimes: Mutex<HashMap<String, Arc<ConnectorRuntime>>>,
     /// Reconcile triggers, one channel per controller (by namespace; `None`
     /// watches every namespace).
-    triggers: Mutex<Vec<(Option<String>, mpsc::UnboundedSender<ObjectRef<BitbucketConnector>>)>>,
+    triggers: Mutex<Vec<(Option<String>, ReconcileTrigger)>>,
 }
 
 impl Manager {
@@ -73,11 +76,7 @@ impl Manager {
     }
 
     /// Registers the trigger channel of a controller watching `namespace`.
-    pub fn register_trigger(
-        &self,
-        namespace: Option<String>,
-        sender: mpsc::UnboundedSender<ObjectRef<BitbucketConnector>>,
-    ) {
+    pub fn register_trigger(&self, namespace: Option<String>, sender: ReconcileTrigger) {
         let mut triggers = lock(&self.triggers);
         triggers.retain(|(_, s)| !s.is_closed());
         triggers.push((namespace, sender));

@@ -186,15 +186,17 @@ impl Operator {
             let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<ObjectRef<BitbucketConnector>>();
             self.manager.register_trigger(namespace.clone(), trigger_tx);
             let (reader, writer) = reflector::store();
-            // Generation (spec, deletion) and annotation (Flux) changes only:
-            // status writes do not come back as reconciles.
+            // Generation (spec, deletion), annotation (Flux) and finalizer
+            // changes only: status writes do not come back as reconciles.
             let connector_changes = watcher(connectors, watcher::Config::default().any_semantic())
                 .default_backoff()
                 .reflect(writer)
                 .applied_objects()
                 .predicate_filter(
                     (predicates::generation as fn(&BitbucketConnector) -> Option<u64>)
-                        .combine(predicates::annotations as fn(&BitbucketConnector) -> Option<u64>),
+                        .combine(predicates::annotations as fn(&BitbucketConnector) -> Option<u64>)
+                        // The finalizer helper waits for its own write to come back.
+                        .combine(predicates::finalizers as fn(&BitbucketConnector) -> Option<u64>),
                     Default::default(),
                 );
             let mapper_reader = reader.clone();

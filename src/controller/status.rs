@@ -273,7 +273,7 @@ pub fn compute(obs: &Observation<'_>) -> BitbucketConnectorStatus {
             remove_condition(&mut conditions, ct::RECONCILING);
         }
     }
-    conditions.sort_by(|a, b| condition_order(&a.type_).cmp(&condition_order(&b.type_)));
+    conditions.sort_by_key(|c| condition_order(&c.type_));
 
     let mut resources = previous.resources.clone().unwrap_or_default();
     for (kind, l) in &obs.loops {

@@ -148,9 +148,13 @@ pub struct BitbucketConnectorSpec {
     pub api_url: Option<String>,
 
     /// Rotation of the identity-governance platform's client credentials
-    /// (BATON_CLIENT_ID / BATON_CLIENT_SECRET in the Secret). The operator
-    /// creates a new credential, writes it into the Secret, proves it works,
-    /// and only then revokes the old one.
+    /// (BATON_CLIENT_ID / BATON_CLIENT_SECRET in the Secret): create a new
+    /// credential, write it into the Secret, prove it works, and only then
+    /// revoke the old one. NOT IMPLEMENTED YET in this version: the field is
+    /// accepted so that manifests stay valid across upgrades, and the
+    /// operator reports `RotationNotImplemented` in an Event when it is
+    /// enabled. Bitbucket credential changes in the Secret are hot-reloaded
+    /// regardless.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_rotation: Option<CredentialRotation>,
 }

@@ -12,7 +12,9 @@ use super::{
     rank,
 };
 use crate::bitbucket::models::{Group, User, Workspace};
-use crate::bitbucket::{Client, EndpointClass, Error as ApiError, ErrorKind, MembershipChange};
+use crate::bitbucket::{
+    Client, EndpointClass, Error as ApiError, ErrorKind, Holder, MembershipChange, PermissionScope,
+};
 use crate::model::{ResourceType, SyncKind, group_id, project_id, repository_id};
 use crate::store::Store;
 
@@ -406,26 +408,12 @@ impl Provisioner {
         principal: &ResolvedPrincipal,
         groups: Option<&[Group]>,
     ) -> Result<Option<Permission>, ProvisionError> {
-        let (ws, key, who) = (target.workspace.as_str(), target.key.as_str(), principal.key.as_str());
-        let level = match (target.kind, principal.kind) {
-            (TargetKind::Group, _) => {
-                let group = groups.and_then(|all| find_group(all, key));
-                let member = group.is_some_and(|g| g.members.iter().any(|m| m.uuid.eq_ignore_ascii_case(who)));
-                return Ok(member.then_some(Permission::Member));
-            }
-            (TargetKind::Project, PrincipalKind::User) => {
-                absent_on_404(self.client.project_user_permission(ws, key, who).await)?.and_then(|p| p.permission)
-            }
-            (TargetKind::Project, PrincipalKind::Group) => {
-                absent_on_404(self.client.project_group_permission(ws, key, who).await)?.and_then(|p| p.permission)
-            }
-            (TargetKind::Repository, PrincipalKind::User) => {
-                absent_on_404(self.client.repository_user_permission(ws, key, who).await)?.and_then(|p| p.permission)
-            }
-            (TargetKind::Repository, PrincipalKind::Group) => {
-                absent_on_404(self.client.repository_group_permission(ws, key, who).await)?.and_then(|p| p.permission)
-            }
+        let Some(scope) = permission_scope(target) else {
+            let group = groups.and_then(|all| find_group(all, &target.key));
+            let member = group.is_some_and(|g| g.members.iter().any(|m| m.uuid.eq_ignore_ascii_case(&principal.key)));
+            return Ok(member.then_some(Permission::Member));
         };
+        let level = absent_on_404(self.client.explicit_permission(scope, holder(principal)).await)?.flatten();
         let class = if target.kind == TargetKind::Project {
             EndpointClass::ProjectPermissions
         } else {
@@ -449,27 +437,10 @@ impl Provisioner {
 
     /// PUT the explicit level (an upsert).
     async fn put_level(&self, r: &Resolved, level: Permission) -> Result<(), ProvisionError> {
-        let (ws, key, who, level) = (
-            r.target.workspace.as_str(),
-            r.target.key.as_str(),
-            r.principal.key.as_str(),
-            level.as_str(),
-        );
-        match (r.target.kind, r.principal.kind) {
-            (TargetKind::Project, PrincipalKind::User) => {
-                self.client.set_project_user_permission(ws, key, who, level).await?;
-            }
-            (TargetKind::Project, PrincipalKind::Group) => {
-                self.client.set_project_group_permission(ws, key, who, level).await?;
-            }
-            (TargetKind::Repository, PrincipalKind::User) => {
-                self.client.set_repository_user_permission(ws, key, who, level).await?;
-            }
-            (TargetKind::Repository, PrincipalKind::Group) => {
-                self.client.set_repository_group_permission(ws, key, who, level).await?;
-            }
-            (TargetKind::Group, _) => unreachable!("group membership is not a level"),
-        }
+        let scope = permission_scope(&r.target).expect("group membership is not a level");
+        self.client
+            .set_explicit_permission(scope, holder(&r.principal), level.as_str())
+            .await?;
         Ok(())
     }
 
@@ -481,19 +452,12 @@ impl Provisioner {
             r.target.key.as_str(),
             r.principal.key.as_str(),
         );
-        let result = match (r.target.kind, r.principal.kind) {
-            (TargetKind::Group, _) => self.client.remove_group_member(ws, key, who).await,
-            (TargetKind::Project, PrincipalKind::User) => {
-                self.client.delete_project_user_permission(ws, key, who).await
-            }
-            (TargetKind::Project, PrincipalKind::Group) => {
-                self.client.delete_project_group_permission(ws, key, who).await
-            }
-            (TargetKind::Repository, PrincipalKind::User) => {
-                self.client.delete_repository_user_permission(ws, key, who).await
-            }
-            (TargetKind::Repository, PrincipalKind::Group) => {
-                self.client.delete_repository_group_permission(ws, key, who).await
+        let result = match permission_scope(&r.target) {
+            None => self.client.remove_group_member(ws, key, who).await,
+            Some(scope) => {
+                self.client
+                    .delete_explicit_permission(scope, holder(&r.principal))
+                    .await
             }
         };
         match result {
@@ -558,20 +522,35 @@ impl Provisioner {
                 .map(|m| m.user.uuid)
                 .collect(),
         };
-        let (kind, resource_type, users, groups) = if r.target.kind == TargetKind::Project {
-            let users = self.client.project_user_permissions(&ws.slug, key).try_concat();
-            let groups = self.client.project_group_permissions(&ws.slug, key).try_concat();
-            let (users, groups) = futures::try_join!(users, groups)?;
-            (SyncKind::Projects, ResourceType::Project, users, groups)
+        let (kind, resource_type) = if r.target.kind == TargetKind::Project {
+            (SyncKind::Projects, ResourceType::Project)
         } else {
-            let users = self.client.repository_user_permissions(&ws.slug, key).try_concat();
-            let groups = self.client.repository_group_permissions(&ws.slug, key).try_concat();
-            let (users, groups) = futures::try_join!(users, groups)?;
-            (SyncKind::Repositories, ResourceType::Repository, users, groups)
+            (SyncKind::Repositories, ResourceType::Repository)
         };
+        let scope = permission_scope(&r.target).expect("only projects and repositories hold levels");
+        let users = self.client.explicit_user_permissions(scope).try_concat();
+        let groups = self.client.explicit_group_permissions(scope).try_concat();
+        let (users, groups) = futures::try_join!(users, groups)?;
         let grants =
             crate::sync::permission_grants(resource_type, &r.target.resource_id, ws, &members, &users, &groups);
         Ok((kind, grants))
+    }
+}
+
+/// Where the target's explicit levels live; `None` for group membership.
+fn permission_scope(target: &ResolvedTarget) -> Option<PermissionScope<'_>> {
+    let (workspace, key) = (target.workspace.as_str(), target.key.as_str());
+    match target.kind {
+        TargetKind::Project => Some(PermissionScope::Project { workspace, key }),
+        TargetKind::Repository => Some(PermissionScope::Repository { workspace, slug: key }),
+        TargetKind::Group => None,
+    }
+}
+
+fn holder(principal: &ResolvedPrincipal) -> Holder<'_> {
+    match principal.kind {
+        PrincipalKind::User => Holder::User(&principal.key),
+        PrincipalKind::Group => Holder::Group(&principal.key),
     }
 }
 

@@ -3,12 +3,12 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use futures::{StreamExt, TryStreamExt};
+use futures::{Stream, TryStreamExt};
 use serde_json::json;
 
 use super::SyncScope;
 use crate::bitbucket::models::{Group, GroupPermission, Project, Repository, UserPermission, Workspace};
-use crate::bitbucket::{Client, Error as ApiError};
+use crate::bitbucket::{Client, Error as ApiError, PermissionScope};
 use crate::model::{
     Entitlement, Grant, PROJECT_PERMISSIONS, REPOSITORY_PERMISSIONS, Resource, ResourceType, SyncBatch, group_id,
     project_id, repository_id,
@@ -22,9 +22,16 @@ pub(super) struct Context<'a> {
 
 /// Users: the union of every workspace's members.
 pub(super) async fn accounts(ctx: &Context<'_>) -> Result<SyncBatch, ApiError> {
+    let listings = futures::future::try_join_all(
+        ctx.scope
+            .workspaces
+            .iter()
+            .map(|workspace| ctx.scope.members(ctx.client, workspace)),
+    )
+    .await?;
     let mut users = BTreeMap::new();
-    for workspace in &ctx.scope.workspaces {
-        for user in ctx.scope.members(ctx.client, workspace).await?.iter() {
+    for members in &listings {
+        for user in members.iter() {
             if user.uuid.is_empty() {
                 continue;
             }
@@ -59,113 +66,120 @@ pub(super) async fn accounts(ctx: &Context<'_>) -> Result<SyncBatch, ApiError> {
 
 /// Workspaces with `member` and `owner` grants.
 pub(super) async fn workspaces(ctx: &Context<'_>) -> Result<SyncBatch, ApiError> {
+    per_workspace(ctx, workspace_grants).await
+}
+
+async fn workspace_grants(ctx: &Context<'_>, workspace: &Workspace) -> Result<SyncBatch, ApiError> {
     let mut batch = SyncBatch::default();
-    for workspace in &ctx.scope.workspaces {
-        let name = workspace.name.clone().unwrap_or_else(|| workspace.slug.clone());
-        batch.resources.push(Resource {
-            resource_type: ResourceType::Workspace,
-            id: workspace.uuid.clone(),
-            display_name: name.clone(),
-            parent_id: None,
-            profile: json!({ "slug": workspace.slug, "name": name }),
-        });
-        let member = Entitlement::new(
-            ResourceType::Workspace,
-            &workspace.uuid,
-            "member",
-            format!("{name} member"),
-        );
-        let owner = Entitlement::new(
-            ResourceType::Workspace,
-            &workspace.uuid,
-            "owner",
-            format!("{name} owner"),
-        );
-        let members = ctx.scope.members(ctx.client, workspace).await?;
-        let member_ids: HashSet<&str> = members.iter().map(|u| u.uuid.as_str()).collect();
-        for user in members.iter().filter(|u| !u.uuid.is_empty()) {
-            batch.grants.push(Grant::new(&member, ResourceType::User, &user.uuid));
-        }
-        let owners: Vec<_> = ctx
-            .client
-            .workspace_permissions(&workspace.slug, true)
-            .try_concat()
-            .await?;
-        for owner_entry in owners {
-            // The filter is server-side; check again in case it was ignored.
-            if owner_entry.permission.as_deref().is_some_and(|p| p != "owner") || owner_entry.user.uuid.is_empty() {
-                continue;
-            }
-            let mut grant = Grant::new(&owner, ResourceType::User, &owner_entry.user.uuid);
-            grant.unknown_principal = !member_ids.contains(owner_entry.user.uuid.as_str());
-            batch.grants.push(grant);
-        }
-        batch.entitlements.push(member);
-        batch.entitlements.push(owner);
+    let name = workspace.name.clone().unwrap_or_else(|| workspace.slug.clone());
+    batch.resources.push(Resource {
+        resource_type: ResourceType::Workspace,
+        id: workspace.uuid.clone(),
+        display_name: name.clone(),
+        parent_id: None,
+        profile: json!({ "slug": workspace.slug, "name": name }),
+    });
+    let member = Entitlement::new(
+        ResourceType::Workspace,
+        &workspace.uuid,
+        "member",
+        format!("{name} member"),
+    );
+    let owner = Entitlement::new(
+        ResourceType::Workspace,
+        &workspace.uuid,
+        "owner",
+        format!("{name} owner"),
+    );
+    let (members, owners) = futures::try_join!(
+        ctx.scope.members(ctx.client, workspace),
+        ctx.client.workspace_permissions(&workspace.slug, true).try_concat(),
+    )?;
+    let member_ids: HashSet<&str> = members.iter().map(|u| u.uuid.as_str()).collect();
+    for user in members.iter().filter(|u| !u.uuid.is_empty()) {
+        batch.grants.push(Grant::new(&member, ResourceType::User, &user.uuid));
     }
+    for owner_entry in owners {
+        // The filter is server-side; check again in case it was ignored.
+        if owner_entry.permission.as_deref().is_some_and(|p| p != "owner") || owner_entry.user.uuid.is_empty() {
+            continue;
+        }
+        let mut grant = Grant::new(&owner, ResourceType::User, &owner_entry.user.uuid);
+        grant.unknown_principal = !member_ids.contains(owner_entry.user.uuid.as_str());
+        batch.grants.push(grant);
+    }
+    batch.entitlements.push(member);
+    batch.entitlements.push(owner);
     Ok(batch)
 }
 
 /// Groups with their members, one 1.0 call per workspace.
 pub(super) async fn groups(ctx: &Context<'_>) -> Result<SyncBatch, ApiError> {
+    per_workspace(ctx, workspace_groups).await
+}
+
+async fn workspace_groups(ctx: &Context<'_>, workspace: &Workspace) -> Result<SyncBatch, ApiError> {
     let mut batch = SyncBatch::default();
-    for workspace in &ctx.scope.workspaces {
-        for group in ctx.client.groups(&workspace.slug).await? {
-            if group.slug.is_empty() {
-                continue;
-            }
-            let id = group_id(&workspace.uuid, &group.slug);
-            let name = group.name.clone().unwrap_or_else(|| group.slug.clone());
-            batch.resources.push(Resource {
-                resource_type: ResourceType::UserGroup,
-                id: id.clone(),
-                display_name: name.clone(),
-                parent_id: Some(workspace.uuid.clone()),
-                profile: json!({ "slug": group.slug, "name": name, "workspace_slug": workspace.slug }),
-            });
-            let member = Entitlement::new(ResourceType::UserGroup, &id, "member", format!("{name} member"));
-            batch.grants.extend(group_member_grants(workspace, &group));
-            batch.entitlements.push(member);
+    for group in ctx.client.groups(&workspace.slug).await? {
+        if group.slug.is_empty() {
+            continue;
         }
+        let id = group_id(&workspace.uuid, &group.slug);
+        let name = group.name.clone().unwrap_or_else(|| group.slug.clone());
+        batch.resources.push(Resource {
+            resource_type: ResourceType::UserGroup,
+            id: id.clone(),
+            display_name: name.clone(),
+            parent_id: Some(workspace.uuid.clone()),
+            profile: json!({ "slug": group.slug, "name": name, "workspace_slug": workspace.slug }),
+        });
+        let member = Entitlement::new(ResourceType::UserGroup, &id, "member", format!("{name} member"));
+        batch.grants.extend(group_member_grants(workspace, &group));
+        batch.entitlements.push(member);
     }
     Ok(batch)
 }
 
 /// Projects with explicit user and group permissions.
 pub(super) async fn projects(ctx: &Context<'_>) -> Result<SyncBatch, ApiError> {
+    per_workspace(ctx, workspace_projects).await
+}
+
+async fn workspace_projects(ctx: &Context<'_>, workspace: &Workspace) -> Result<SyncBatch, ApiError> {
     let mut batch = SyncBatch::default();
-    for workspace in &ctx.scope.workspaces {
-        let members = ctx.scope.member_ids(ctx.client, workspace).await?;
-        let projects: Vec<Project> = ctx.client.projects(&workspace.slug).try_concat().await?;
-        let fetched: Vec<(Project, Vec<UserPermission>, Vec<GroupPermission>)> = futures::stream::iter(projects)
-            .map(|project| async move {
-                let users = ctx.client.project_user_permissions(&workspace.slug, &project.key);
-                let groups = ctx.client.project_group_permissions(&workspace.slug, &project.key);
-                let (users, groups) = futures::try_join!(users.try_concat(), groups.try_concat())?;
-                Ok::<_, ApiError>((project, users, groups))
-            })
-            .buffer_unordered(ctx.concurrency)
-            .try_collect()
-            .await?;
-        for (project, users, groups) in fetched {
-            if project.uuid.is_empty() || project.key.is_empty() {
-                continue;
-            }
-            let id = project_id(&workspace.uuid, &project.uuid, &project.key);
-            let name = project.name.clone().unwrap_or_else(|| project.key.clone());
-            batch.resources.push(Resource {
-                resource_type: ResourceType::Project,
-                id: id.clone(),
-                display_name: name.clone(),
-                parent_id: Some(workspace.uuid.clone()),
-                profile: json!({
-                    "key": project.key, "name": name, "uuid": project.uuid, "workspace_slug": workspace.slug,
-                }),
-            });
-            let entitlements = permission_entitlements(ResourceType::Project, &id, &name, &PROJECT_PERMISSIONS);
-            add_permission_grants(&mut batch, &entitlements, workspace, &members, &users, &groups);
-            batch.entitlements.extend(entitlements.into_values());
+    // Permission listings start as soon as the first listing page is in.
+    let fetched = flatten_pages(ctx.client.projects(&workspace.slug))
+        .map_ok(|project| async move {
+            let scope = PermissionScope::Project {
+                workspace: &workspace.slug,
+                key: &project.key,
+            };
+            let users = ctx.client.explicit_user_permissions(scope);
+            let groups = ctx.client.explicit_group_permissions(scope);
+            let (users, groups) = futures::try_join!(users.try_concat(), groups.try_concat())?;
+            Ok::<_, ApiError>((project, users, groups))
+        })
+        .try_buffer_unordered(ctx.concurrency)
+        .try_collect::<Vec<(Project, Vec<UserPermission>, Vec<GroupPermission>)>>();
+    let (members, fetched) = futures::try_join!(ctx.scope.member_ids(ctx.client, workspace), fetched)?;
+    for (project, users, groups) in fetched {
+        if project.uuid.is_empty() || project.key.is_empty() {
+            continue;
         }
+        let id = project_id(&workspace.uuid, &project.uuid, &project.key);
+        let name = project.name.clone().unwrap_or_else(|| project.key.clone());
+        batch.resources.push(Resource {
+            resource_type: ResourceType::Project,
+            id: id.clone(),
+            display_name: name.clone(),
+            parent_id: Some(workspace.uuid.clone()),
+            profile: json!({
+                "key": project.key, "name": name, "uuid": project.uuid, "workspace_slug": workspace.slug,
+            }),
+        });
+        let entitlements = permission_entitlements(ResourceType::Project, &id, &name, &PROJECT_PERMISSIONS);
+        add_permission_grants(&mut batch, &entitlements, workspace, &members, &users, &groups);
+        batch.entitlements.extend(entitlements.into_values());
     }
     Ok(batch)
 }
@@ -173,54 +187,83 @@ pub(super) async fn projects(ctx: &Context<'_>) -> Result<SyncBatch, ApiError> {
 /// Repositories (listed once per workspace, each with its project) with
 /// explicit user and group permissions.
 pub(super) async fn repositories(ctx: &Context<'_>) -> Result<SyncBatch, ApiError> {
+    per_workspace(ctx, workspace_repositories).await
+}
+
+async fn workspace_repositories(ctx: &Context<'_>, workspace: &Workspace) -> Result<SyncBatch, ApiError> {
     let mut batch = SyncBatch::default();
-    for workspace in &ctx.scope.workspaces {
-        let members = ctx.scope.member_ids(ctx.client, workspace).await?;
-        let repositories: Vec<Repository> = ctx.client.repositories(&workspace.slug).try_concat().await?;
-        let fetched: Vec<(Repository, Vec<UserPermission>, Vec<GroupPermission>)> = futures::stream::iter(repositories)
-            .map(|repository| async move {
-                let slug = repository.slug().to_owned();
-                let users = ctx.client.repository_user_permissions(&workspace.slug, &slug);
-                let groups = ctx.client.repository_group_permissions(&workspace.slug, &slug);
-                let (users, groups) = futures::try_join!(users.try_concat(), groups.try_concat())?;
-                Ok::<_, ApiError>((repository, users, groups))
-            })
-            .buffer_unordered(ctx.concurrency)
-            .try_collect()
-            .await?;
-        for (repository, users, groups) in fetched {
-            if repository.uuid.is_empty() {
-                continue;
-            }
-            // Every Bitbucket Cloud repository belongs to a project; keep one
-            // without (should the API ever omit it) under an empty project.
-            let project = repository.project.clone().unwrap_or_default();
-            let project_resource = project_id(&workspace.uuid, &project.uuid, &project.key);
-            let id = repository_id(&workspace.uuid, &project.uuid, &project.key, &repository.uuid);
+    // Permission listings start as soon as the first listing page is in.
+    let fetched = flatten_pages(ctx.client.repositories(&workspace.slug))
+        .map_ok(|repository| async move {
             let slug = repository.slug().to_owned();
-            let full_name = if repository.full_name.is_empty() {
-                format!("{}/{slug}", workspace.slug)
-            } else {
-                repository.full_name.clone()
+            let scope = PermissionScope::Repository {
+                workspace: &workspace.slug,
+                slug: &slug,
             };
-            let name = repository.name.clone().unwrap_or_else(|| slug.clone());
-            batch.resources.push(Resource {
-                resource_type: ResourceType::Repository,
-                id: id.clone(),
-                display_name: full_name.clone(),
-                parent_id: Some(workspace.uuid.clone()),
-                profile: json!({
-                    "slug": slug, "full_name": full_name, "name": name, "uuid": repository.uuid,
-                    "project_id": project_resource, "project_key": project.key, "workspace_slug": workspace.slug,
-                }),
-            });
-            let entitlements =
-                permission_entitlements(ResourceType::Repository, &id, &full_name, &REPOSITORY_PERMISSIONS);
-            add_permission_grants(&mut batch, &entitlements, workspace, &members, &users, &groups);
-            batch.entitlements.extend(entitlements.into_values());
+            let users = ctx.client.explicit_user_permissions(scope);
+            let groups = ctx.client.explicit_group_permissions(scope);
+            let (users, groups) = futures::try_join!(users.try_concat(), groups.try_concat())?;
+            Ok::<_, ApiError>((repository, users, groups))
+        })
+        .try_buffer_unordered(ctx.concurrency)
+        .try_collect::<Vec<(Repository, Vec<UserPermission>, Vec<GroupPermission>)>>();
+    let (members, fetched) = futures::try_join!(ctx.scope.member_ids(ctx.client, workspace), fetched)?;
+    for (repository, users, groups) in fetched {
+        if repository.uuid.is_empty() {
+            continue;
         }
+        // Every Bitbucket Cloud repository belongs to a project; keep one
+        // without (should the API ever omit it) under an empty project.
+        let project = repository.project.clone().unwrap_or_default();
+        let project_resource = project_id(&workspace.uuid, &project.uuid, &project.key);
+        let id = repository_id(&workspace.uuid, &project.uuid, &project.key, &repository.uuid);
+        let slug = repository.slug().to_owned();
+        let full_name = if repository.full_name.is_empty() {
+            format!("{}/{slug}", workspace.slug)
+        } else {
+            repository.full_name.clone()
+        };
+        let name = repository.name.clone().unwrap_or_else(|| slug.clone());
+        batch.resources.push(Resource {
+            resource_type: ResourceType::Repository,
+            id: id.clone(),
+            display_name: full_name.clone(),
+            parent_id: Some(workspace.uuid.clone()),
+            profile: json!({
+                "slug": slug, "full_name": full_name, "name": name, "uuid": repository.uuid,
+                "project_id": project_resource, "project_key": project.key, "workspace_slug": workspace.slug,
+            }),
+        });
+        let entitlements = permission_entitlements(ResourceType::Repository, &id, &full_name, &REPOSITORY_PERMISSIONS);
+        add_permission_grants(&mut batch, &entitlements, workspace, &members, &users, &groups);
+        batch.entitlements.extend(entitlements.into_values());
     }
     Ok(batch)
+}
+
+/// Runs `sync` for every workspace of the scope at once (the shared limiter
+/// bounds the requests) and merges the batches in workspace order.
+async fn per_workspace<'a, F, Fut>(ctx: &'a Context<'a>, sync: F) -> Result<SyncBatch, ApiError>
+where
+    F: Fn(&'a Context<'a>, &'a Workspace) -> Fut,
+    Fut: Future<Output = Result<SyncBatch, ApiError>>,
+{
+    let batches =
+        futures::future::try_join_all(ctx.scope.workspaces.iter().map(|workspace| sync(ctx, workspace))).await?;
+    let mut merged = SyncBatch::default();
+    for batch in batches {
+        merged.resources.extend(batch.resources);
+        merged.entitlements.extend(batch.entitlements);
+        merged.grants.extend(batch.grants);
+    }
+    Ok(merged)
+}
+
+/// A paginated listing as a stream of items.
+fn flatten_pages<T>(pages: impl Stream<Item = Result<Vec<T>, ApiError>>) -> impl Stream<Item = Result<T, ApiError>> {
+    pages
+        .map_ok(|page| futures::stream::iter(page.into_iter().map(Ok)))
+        .try_flatten()
 }
 
 fn permission_entitlements(

@@ -1,0 +1,191 @@
+//! Real-cluster tests, ignored by default. Run them with a cluster in
+//! `KUBECONFIG` (kind, k3d, minikube, or a real one where you may create
+//! CRDs and namespaces):
+//!
+//! ```text
+//! cargo test --test cluster -- --ignored --nocapture
+//! ```
+//!
+//! The operator runs inside the test process against the cluster's API
+//! server, and the Bitbucket simulator on this machine's loopback, so no
+//! image, registry or Bitbucket account is needed. The test applies the CRDs
+//! from `crds/` (server-side apply), works in a fresh namespace, and deletes
+//! that namespace at the end.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bitbucket_operator::controller::{Operator, wait_for};
+use bitbucket_operator::crd::{BitbucketConnector, find_condition};
+use bitbucket_operator::metrics::Metrics;
+use bitbucket_operator::model::SyncKind;
+use bitbucket_operator::simulator::{SimConfig, Simulator};
+use bitbucket_operator::store::Store;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+const MANAGER: &str = "bitbucket-operator-e2e";
+
+async fn poll<T>(what: &str, timeout: Duration, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn apply_crds(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in bitbucket_operator::crd::crds() {
+        let name = crd.name_any();
+        crds.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&crd))
+            .await
+            .expect("apply CRD");
+        poll(
+            &format!("CRD {name} established"),
+            Duration::from_secs(60),
+            async || {
+                let crd = crds.get(&name).await.ok()?;
+                let established = crd
+                    .status?
+                    .conditions?
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True");
+                established.then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+fn ready(c: &BitbucketConnector) -> bool {
+    c.status.as_ref().is_some_and(|s| {
+        find_condition(&s.conditions, "Ready").is_some_and(|r| r.status == "True")
+            && s.observed_generation == c.metadata.generation
+    })
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes cluster in KUBECONFIG"]
+async fn connector_lifecycle_on_a_real_cluster() {
+    let client = Client::try_default().await.expect("a cluster in KUBECONFIG");
+    apply_crds(&client).await;
+
+    let namespace = format!("bbo-e2e-{}", std::process::id());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": namespace}})).unwrap(),
+        )
+        .await
+        .expect("create namespace");
+
+    let sim = Simulator::start(SimConfig::default(), SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let store = Arc::new(Store::open_in_memory().unwrap());
+    let operator = Arc::new(Operator::new(
+        client.clone(),
+        Arc::clone(&store),
+        Arc::new(Metrics::default()),
+        vec![namespace.clone()],
+    ));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let controllers = tokio::spawn({
+        let operator = Arc::clone(&operator);
+        async move { operator.run_controllers(wait_for(stopped)).await }
+    });
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let connectors: Api<BitbucketConnector> = Api::namespaced(client.clone(), &namespace);
+    let creds = sim.credentials().clone();
+    let secret = |data: serde_json::Value| json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "baton-bitbucket"}, "stringData": data});
+    secrets
+        .patch(
+            "baton-bitbucket",
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(secret(
+                json!({"BATON_USERNAME": creds.email, "BATON_APP_PASSWORD": creds.api_token}),
+            )),
+        )
+        .await
+        .expect("create Secret");
+    let connector = json!({
+        "apiVersion": "connectors.dev/v1alpha1", "kind": "BitbucketConnector",
+        "metadata": {"name": "acme"},
+        "spec": {"secretRef": {"name": "baton-bitbucket"}, "apiUrl": sim.base_url(), "interval": "1h"},
+    });
+    connectors
+        .patch("acme", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&connector))
+        .await
+        .expect("create connector (the CRD schema accepts it)");
+
+    let obj = poll("connector Ready", Duration::from_secs(120), async || {
+        connectors.get("acme").await.ok().filter(ready)
+    })
+    .await;
+    let status = obj.status.clone().unwrap();
+    assert_eq!(status.state.as_deref(), Some("Connected"));
+    let org = sim.organisation();
+    let repositories: usize = org.workspaces.iter().map(|w| w.repositories.len()).sum();
+    assert_eq!(
+        status.resources.as_ref().unwrap().repositories.as_ref().unwrap().count,
+        repositories as i64
+    );
+    let key = format!("{namespace}/acme");
+    assert!(store.counts(&key, SyncKind::Accounts).unwrap().resources > 0);
+
+    // Rotate: the OAuth consumer replaces the API token; the fingerprint changes.
+    let old = status.credentials.unwrap().fingerprint.unwrap();
+    secrets
+        .patch(
+            "baton-bitbucket",
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(secret(
+                json!({"BATON_CONSUMER_KEY": creds.consumer_key, "BATON_CONSUMER_SECRET": creds.consumer_secret}),
+            )),
+        )
+        .await
+        .expect("rotate Secret");
+    poll("new fingerprint", Duration::from_secs(60), async || {
+        let c = connectors.get("acme").await.ok()?;
+        let fingerprint = c.status?.credentials?.fingerprint?;
+        (fingerprint != old).then_some(())
+    })
+    .await;
+
+    // Delete: the finalizer stops the loops and removes the data.
+    connectors
+        .delete("acme", &DeleteParams::default())
+        .await
+        .expect("delete connector");
+    poll("connector gone", Duration::from_secs(60), async || {
+        connectors
+            .get_opt("acme")
+            .await
+            .ok()
+            .and_then(|o| o.is_none().then_some(()))
+    })
+    .await;
+    assert!(!store.connectors().unwrap().contains(&key), "data removed");
+    assert!(operator.manager.runtime(&key).is_none(), "loops stopped");
+
+    let _ = stop.send(true);
+    controllers.await.unwrap();
+    sim.shutdown().await;
+    namespaces
+        .delete(&namespace, &DeleteParams::default())
+        .await
+        .expect("delete namespace");
+}

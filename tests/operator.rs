@@ -1,0 +1,509 @@
+//! The operator against an API double (an in-process fake Kubernetes API
+//! server speaking the real wire format) and the Bitbucket simulator: the
+//! BitbucketConnector lifecycle end to end, with no cluster.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bitbucket_operator::controller::{Operator, wait_for};
+use bitbucket_operator::metrics::Metrics;
+use bitbucket_operator::model::SyncKind;
+use bitbucket_operator::simulator::{SimConfig, Simulator, SimulatorHandle};
+use bitbucket_operator::store::Store;
+use serde_json::{Value, json};
+use support::fake_kube::FakeKube;
+use tokio::sync::watch;
+
+const API: &str = "connectors.dev/v1alpha1";
+const KIND: &str = "BitbucketConnector";
+const NS: &str = "identity";
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Harness {
+    kube: FakeKube,
+    sim: SimulatorHandle,
+    store: Arc<Store>,
+    operator: Arc<Operator>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Harness {
+    async fn start() -> Harness {
+        let kube = FakeKube::start().await;
+        let sim = Simulator::start(SimConfig::default(), SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .unwrap();
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        let (operator, stop, task) = start_operator(&kube, &store);
+        Harness {
+            kube,
+            sim,
+            store,
+            operator,
+            stop,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("controllers stop on shutdown")
+            .unwrap();
+        self.sim.shutdown().await;
+    }
+
+    fn secret(&self, name: &str, data: Value) {
+        self.kube.put(json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": NS},
+            "type": "Opaque",
+            "stringData": data,
+        }));
+    }
+
+    fn good_secret(&self, name: &str) {
+        let c = self.sim.credentials();
+        self.secret(
+            name,
+            json!({"BATON_USERNAME": c.email, "BATON_APP_PASSWORD": c.api_token}),
+        );
+    }
+
+    fn connector(&self, name: &str, secret: &str) {
+        self.kube.put(json!({
+            "apiVersion": API, "kind": KIND,
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"secretRef": {"name": secret}, "apiUrl": self.sim.base_url(), "interval": "1h"},
+        }));
+    }
+
+    fn update(&self, name: &str, change: impl FnOnce(&mut Value)) {
+        let mut obj = self.kube.get(API, KIND, Some(NS), name).expect("connector exists");
+        change(&mut obj);
+        self.kube.put(obj);
+    }
+
+    async fn wait(&self, name: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let _ = what;
+        self.kube.wait_for(API, KIND, Some(NS), name, WAIT, pred).await
+    }
+
+    /// `state` values written to the status subresource, in order.
+    fn states_written(&self, name: &str) -> Vec<String> {
+        self.kube
+            .requests()
+            .iter()
+            .filter(|r| r.method == "PATCH" && r.path.ends_with(&format!("/{name}/status")))
+            .filter_map(|r| r.json()["status"]["state"].as_str().map(str::to_owned))
+            .collect()
+    }
+}
+
+fn start_operator(
+    kube: &FakeKube,
+    store: &Arc<Store>,
+) -> (Arc<Operator>, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+    let operator = Arc::new(Operator::new(
+        kube.client(),
+        Arc::clone(store),
+        Arc::new(Metrics::default()),
+        vec![],
+    ));
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn({
+        let operator = Arc::clone(&operator);
+        async move { operator.run_controllers(wait_for(stopped)).await }
+    });
+    (operator, stop, task)
+}
+
+fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+fn is(obj: &Value, type_: &str, status: &str) -> bool {
+    condition(obj, type_).is_some_and(|c| c["status"] == status)
+}
+
+fn reason(obj: &Value, type_: &str) -> String {
+    condition(obj, type_)
+        .map(|c| c["reason"].as_str().unwrap_or_default().to_owned())
+        .unwrap_or_default()
+}
+
+fn ready(obj: &Value) -> bool {
+    is(obj, "Ready", "True") && obj["status"]["state"] == "Connected"
+}
+
+fn events_with_reason(kube: &FakeKube, reason: &str) -> usize {
+    kube.events().iter().filter(|e| e["reason"] == reason).count()
+}
+
+#[tokio::test]
+async fn a_new_connector_goes_pending_syncing_connected_with_counts_matching_bitbucket() {
+    let h = Harness::start().await;
+    h.good_secret("bb");
+    h.connector("acme", "bb");
+    let obj = h.wait("acme", "Ready", ready).await;
+
+    let states = h.states_written("acme");
+    assert_eq!(states.first().map(String::as_str), Some("Pending"), "{states:?}");
+    assert!(states.iter().any(|s| s == "Syncing"), "{states:?}");
+    assert_eq!(states.last().map(String::as_str), Some("Connected"), "{states:?}");
+
+    assert!(is(&obj, "Connected", "True"));
+    assert!(is(&obj, "Syncing", "False"));
+    assert!(
+        condition(&obj, "Reconciling").is_none() && condition(&obj, "Stalled").is_none(),
+        "kstatus: absent when False"
+    );
+    assert_eq!(obj["status"]["observedGeneration"], obj["metadata"]["generation"]);
+    assert!(
+        obj["metadata"]["finalizers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "connectors.dev/connector-cleanup")
+    );
+
+    // Counts on status equal the simulator's ground truth and the store.
+    let org = h.sim.organisation();
+    let users: std::collections::BTreeSet<_> = org
+        .workspaces
+        .iter()
+        .flat_map(|w| w.members.iter().map(|m| m.user_uuid.clone()))
+        .collect();
+    let resources = &obj["status"]["resources"];
+    assert_eq!(resources["accounts"]["count"], users.len());
+    assert_eq!(resources["workspaces"]["count"], org.workspaces.len());
+    assert_eq!(
+        resources["groups"]["count"],
+        org.workspaces.iter().map(|w| w.groups.len()).sum::<usize>()
+    );
+    assert_eq!(
+        resources["projects"]["count"],
+        org.workspaces.iter().map(|w| w.projects.len()).sum::<usize>()
+    );
+    assert_eq!(
+        resources["repositories"]["count"],
+        org.workspaces.iter().map(|w| w.repositories.len()).sum::<usize>()
+    );
+    for kind in SyncKind::ALL {
+        let stored = h.store.counts(&format!("{NS}/acme"), kind).unwrap().resources;
+        assert_eq!(resources[kind.as_str()]["count"], stored, "{kind}");
+        assert!(resources[kind.as_str()]["requests"].as_i64().unwrap() >= 1);
+    }
+    assert!(obj["status"]["lastSyncTime"].is_string());
+    let fingerprint = obj["status"]["credentials"]["fingerprint"].as_str().unwrap();
+    assert_eq!(fingerprint.len(), 12);
+    assert!(
+        !obj.to_string().contains(&h.sim.credentials().api_token),
+        "the token never reaches status"
+    );
+    assert_eq!(events_with_reason(&h.kube, "Connected"), 1);
+
+    // Status writes must not trigger reconciles: once settled, nothing more is written.
+    let writes = h.states_written("acme").len();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(h.states_written("acme").len(), writes, "steady state writes nothing");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_missing_secret_stalls_and_recovers_when_it_appears() {
+    let h = Harness::start().await;
+    h.connector("acme", "later");
+    let obj = h.wait("acme", "Stalled", |o| is(o, "Stalled", "True")).await;
+    assert_eq!(reason(&obj, "Stalled"), "SecretNotFound");
+    assert_eq!(reason(&obj, "Connected"), "SecretNotFound");
+    assert_eq!(obj["status"]["state"], "Error");
+    assert!(condition(&obj, "Reconciling").is_none());
+    assert_eq!(events_with_reason(&h.kube, "SecretMissing"), 1);
+
+    // The Secret watch maps the new Secret to the connector: no waiting for a requeue.
+    h.good_secret("later");
+    let obj = h.wait("acme", "Ready", ready).await;
+    assert!(condition(&obj, "Stalled").is_none(), "recovery clears Stalled");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_secret_in_another_namespace_is_never_read() {
+    let h = Harness::start().await;
+    let c = h.sim.credentials();
+    h.kube.put(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "bb", "namespace": "other"},
+        "stringData": {"BATON_USERNAME": c.email, "BATON_APP_PASSWORD": c.api_token},
+    }));
+    h.connector("acme", "bb");
+    let obj = h.wait("acme", "Stalled", |o| is(o, "Stalled", "True")).await;
+    assert_eq!(reason(&obj, "Stalled"), "SecretNotFound");
+    assert!(
+        h.kube
+            .requests()
+            .iter()
+            .all(|r| !r.path.contains("/namespaces/other/secrets")),
+        "no request for another namespace's Secret"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn rejected_credentials_say_invalid_credentials_with_the_email_hint() {
+    let h = Harness::start().await;
+    h.secret(
+        "bb",
+        json!({"BATON_USERNAME": "jdoe", "BATON_APP_PASSWORD": "not-the-token"}),
+    );
+    h.connector("acme", "bb");
+    let obj = h.wait("acme", "Connected=False", |o| is(o, "Connected", "False")).await;
+    let connected = condition(&obj, "Connected").unwrap();
+    assert_eq!(connected["reason"], "InvalidCredentials");
+    assert!(connected["message"].as_str().unwrap().contains("email"), "{connected}");
+    assert!(is(&obj, "Stalled", "True"));
+    assert!(!obj.to_string().contains("not-the-token"));
+    assert_eq!(events_with_reason(&h.kube, "CredentialsRejected"), 1);
+
+    // Fixing the Secret recovers without touching the connector.
+    h.good_secret("bb");
+    h.wait("acme", "Ready", ready).await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_missing_key_is_reported_by_name() {
+    let h = Harness::start().await;
+    h.secret("bb", json!({"BATON_USERNAME": "ops@example.com"}));
+    h.connector("acme", "bb");
+    let obj = h.wait("acme", "Stalled", |o| is(o, "Stalled", "True")).await;
+    assert_eq!(reason(&obj, "Connected"), "SecretKeyMissing");
+    assert!(
+        condition(&obj, "Connected").unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .contains("BATON_APP_PASSWORD")
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn rotated_secret_is_used_without_restarting_loops() {
+    let h = Harness::start().await;
+    h.good_secret("bb");
+    h.connector("acme", "bb");
+    let before = h.wait("acme", "Ready", ready).await;
+    let old_fingerprint = before["status"]["credentials"]["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let runtime = h.operator.manager.runtime(&format!("{NS}/acme")).expect("runtime");
+
+    // Rotate to the OAuth consumer: different credentials, both valid.
+    assert_eq!(
+        h.sim.stats().by_class.get("oauth"),
+        None,
+        "no OAuth before the rotation"
+    );
+    let c = h.sim.credentials();
+    h.secret(
+        "bb",
+        json!({"BATON_CONSUMER_KEY": c.consumer_key, "BATON_CONSUMER_SECRET": c.consumer_secret}),
+    );
+    let after = h
+        .wait("acme", "new fingerprint", |o| {
+            o["status"]["credentials"]["fingerprint"]
+                .as_str()
+                .is_some_and(|f| f != old_fingerprint)
+        })
+        .await;
+    assert!(after["status"]["credentials"]["lastChanged"].is_string());
+    assert_eq!(events_with_reason(&h.kube, "CredentialsChanged"), 1);
+    let same = h.operator.manager.runtime(&format!("{NS}/acme")).expect("runtime");
+    assert!(Arc::ptr_eq(&runtime, &same), "same runtime: loops were not restarted");
+    assert_eq!(same.engine().client().credentials().method(), "oauth-consumer");
+
+    // A requested sync now goes through the new credentials.
+    h.update("acme", |o| {
+        o["metadata"]["annotations"] = json!({"reconcile.fluxcd.io/requestedAt": "rotated"})
+    });
+    h.wait("acme", "handled", |o| {
+        o["status"]["lastHandledReconcileAt"] == "rotated" && ready(o)
+    })
+    .await;
+    tokio::time::timeout(WAIT, async {
+        while h.sim.stats().by_class.get("oauth").copied().unwrap_or(0) == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the OAuth token endpoint was used after rotation");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn suspend_stops_loops_and_resume_restarts_them() {
+    let h = Harness::start().await;
+    h.good_secret("bb");
+    h.connector("acme", "bb");
+    h.wait("acme", "Ready", ready).await;
+    h.update("acme", |o| o["spec"]["suspend"] = json!(true));
+    let obj = h
+        .wait("acme", "Suspended", |o| o["status"]["state"] == "Suspended")
+        .await;
+    assert!(is(&obj, "Ready", "False"));
+    assert_eq!(reason(&obj, "Ready"), "Suspended");
+    assert!(
+        h.operator.manager.runtime(&format!("{NS}/acme")).is_none(),
+        "loops stopped"
+    );
+    assert_eq!(
+        obj["status"]["resources"]["groups"]["count"].as_i64().map(|c| c > 0),
+        Some(true),
+        "data kept"
+    );
+
+    h.update("acme", |o| o["spec"]["suspend"] = json!(false));
+    h.wait("acme", "Ready again", ready).await;
+    assert!(h.operator.manager.runtime(&format!("{NS}/acme")).is_some());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn deletion_stops_loops_and_removes_data() {
+    let h = Harness::start().await;
+    h.good_secret("bb");
+    h.connector("acme", "bb");
+    h.wait("acme", "Ready", ready).await;
+    assert!(
+        h.store
+            .counts(&format!("{NS}/acme"), SyncKind::Accounts)
+            .unwrap()
+            .resources
+            > 0
+    );
+
+    h.kube.delete(API, KIND, Some(NS), "acme");
+    h.kube.wait_for_absent(API, KIND, Some(NS), "acme", WAIT).await;
+    assert!(
+        h.operator.manager.runtime(&format!("{NS}/acme")).is_none(),
+        "loops stopped"
+    );
+    assert!(
+        !h.store.connectors().unwrap().contains(&format!("{NS}/acme")),
+        "data removed"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_spec_change_bumps_observed_generation_and_retunes_only_that_loop() {
+    let h = Harness::start().await;
+    h.good_secret("bb");
+    h.connector("acme", "bb");
+    let obj = h.wait("acme", "Ready", ready).await;
+    let generation = obj["metadata"]["generation"].as_i64().unwrap();
+    let runtime = h.operator.manager.runtime(&format!("{NS}/acme")).unwrap();
+
+    h.update("acme", |o| {
+        o["spec"]["resources"] = json!({"repositories": {"enabled": false}, "groups": {"interval": "2h"}})
+    });
+    let obj = h
+        .wait("acme", "new generation observed", |o| {
+            o["status"]["observedGeneration"].as_i64() == Some(generation + 1) && is(o, "Ready", "True")
+        })
+        .await;
+    assert!(condition(&obj, "Ready").unwrap()["observedGeneration"].as_i64() == Some(generation + 1));
+    let kinds = runtime.loop_kinds();
+    assert!(
+        !kinds.contains(&SyncKind::Repositories),
+        "disabled loop stopped: {kinds:?}"
+    );
+    assert!(kinds.contains(&SyncKind::Groups) && kinds.contains(&SyncKind::Accounts));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn the_flux_annotation_triggers_a_sync_of_every_type_and_is_recorded() {
+    let h = Harness::start().await;
+    h.good_secret("bb");
+    h.connector("acme", "bb");
+    h.wait("acme", "Ready", ready).await;
+    let key = format!("{NS}/acme");
+    let runs_before: Vec<usize> = SyncKind::ALL
+        .iter()
+        .map(|&k| h.store.runs_of_kind(&key, k, 100).unwrap().len())
+        .collect();
+
+    h.update("acme", |o| {
+        o["metadata"]["annotations"] = json!({"reconcile.fluxcd.io/requestedAt": "2026-11-29T03:00:00Z"})
+    });
+    h.wait("acme", "recorded", |o| {
+        o["status"]["lastHandledReconcileAt"] == "2026-11-29T03:00:00Z"
+    })
+    .await;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let done = SyncKind::ALL
+                .iter()
+                .zip(&runs_before)
+                .all(|(&k, &before)| h.store.runs_of_kind(&key, k, 100).unwrap().len() > before);
+            if done {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("every type synced again");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn restarts_keep_the_cadence_instead_of_resyncing() {
+    let kube = FakeKube::start().await;
+    let sim = Simulator::start(SimConfig::default(), SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let store = Arc::new(Store::open_in_memory().unwrap());
+    let c = sim.credentials();
+    kube.put(
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bb", "namespace": NS},
+        "stringData": {"BATON_USERNAME": c.email, "BATON_APP_PASSWORD": c.api_token}}),
+    );
+    kube.put(
+        json!({"apiVersion": API, "kind": KIND, "metadata": {"name": "acme", "namespace": NS},
+        "spec": {"secretRef": {"name": "bb"}, "apiUrl": sim.base_url(), "interval": "1h"}}),
+    );
+    let (_, stop, task) = start_operator(&kube, &store);
+    kube.wait_for(API, KIND, Some(NS), "acme", WAIT, ready).await;
+    let _ = stop.send(true);
+    task.await.unwrap();
+
+    let runs = store
+        .runs_of_kind(&format!("{NS}/acme"), SyncKind::Groups, 100)
+        .unwrap()
+        .len();
+    let (_, stop, task) = start_operator(&kube, &store);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        store
+            .runs_of_kind(&format!("{NS}/acme"), SyncKind::Groups, 100)
+            .unwrap()
+            .len(),
+        runs,
+        "a restart within the interval does not sync again"
+    );
+    let _ = stop.send(true);
+    task.await.unwrap();
+    sim.shutdown().await;
+}
