@@ -15,6 +15,9 @@ use std::time::Duration;
 use bitbucket_operator::bitbucket::{Client, ClientConfig, Credentials};
 use bitbucket_operator::controller::{Operator, wait_for};
 use bitbucket_operator::metrics::Metrics;
+use bitbucket_operator::provision::{
+    AccessRequest, GrantMode, Permission, PrincipalRef, Provisioner, TargetRef, parse_level,
+};
 use bitbucket_operator::simulator::{Organisation, SimConfig, Simulator, SimulatorHandle};
 use bitbucket_operator::store::Store;
 use k8s_openapi::api::core::v1::Secret;
@@ -126,9 +129,7 @@ async fn env(seed: u64, provisioning: bool) -> (Env, Running) {
     fake.put(json!({
         "apiVersion": API,
         "kind": CONNECTOR,
-        // The finalizer is preset: the connector controller's watch filters
-        // finalizer-only changes, so it would not come back after adding it.
-        "metadata": {"name": "bb", "namespace": NS, "finalizers": ["connectors.dev/connector-cleanup"]},
+        "metadata": {"name": "bb", "namespace": NS},
         "spec": {
             "secretRef": {"name": "bitbucket-credentials"},
             "apiUrl": sim.base_url(),
@@ -232,18 +233,26 @@ impl Env {
             .map(|p| p.permission.clone())
     }
 
+    /// Sets the user's explicit level on the repository (`None`: removes it),
+    /// straight through the provisioner, outside the operator.
     async fn set_level(&self, level: Option<&str>) {
-        let (ws, repo, who) = (&self.n.ws, &self.n.repo, &self.n.user_uuid);
-        match level {
-            Some(level) => {
-                self.bitbucket
-                    .set_repository_user_permission(ws, repo, who, level)
-                    .await
-                    .unwrap();
+        let provisioner = Provisioner::new(self.bitbucket.clone(), true);
+        let request = |permission| {
+            AccessRequest::new(
+                self.n.ws.clone(),
+                PrincipalRef::User(self.n.user_uuid.clone()),
+                TargetRef::Repository(self.n.repo.clone()),
+                permission,
+            )
+        };
+        match level.map(|l| parse_level(l).unwrap().unwrap()) {
+            Some(permission) => {
+                provisioner.grant(&request(permission), GrantMode::Exact).await.unwrap();
             }
             None => {
-                if let Err(err) = self.bitbucket.delete_repository_user_permission(ws, repo, who).await {
-                    assert_eq!(err.status, Some(404), "{err}");
+                let held = provisioner.inspect(&request(Permission::Read)).await.unwrap().level;
+                if let Some(held) = held {
+                    provisioner.revoke(&request(held)).await.unwrap();
                 }
             }
         }

@@ -532,7 +532,7 @@ pub async fn reconcile(obj: Arc<BitbucketAccessGrant>, ctx: Arc<GrantContext>) -
     let namespace = obj.namespace().ok_or(GrantError::NotNamespaced)?;
     let span = tracing::info_span!("reconcile_grant", namespace = %namespace, name = %obj.name_any());
     let api: Api<BitbucketAccessGrant> = Api::namespaced(ctx.client.clone(), &namespace);
-    let result = tracing::Instrument::instrument(
+    tracing::Instrument::instrument(
         finalizer(&api, GRANT_FINALIZER, obj, |event| async {
             match event {
                 finalizer::Event::Apply(obj) => apply(obj, &ctx).await,
@@ -542,8 +542,7 @@ pub async fn reconcile(obj: Arc<BitbucketAccessGrant>, ctx: Arc<GrantContext>) -
         span,
     )
     .await
-    .map_err(|e| GrantError::Finalizer(Box::new(e)));
-    result
+    .map_err(|e| GrantError::Finalizer(Box::new(e)))
 }
 
 /// Exponential backoff with jitter: 5 s, 10 s, 20 s … capped at 5 min.
