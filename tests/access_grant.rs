@@ -431,6 +431,32 @@ async fn provisioning_disabled_is_refused_without_a_write() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_is_not_blocked_when_provisioning_was_disabled_since() {
+    let (e, op) = env(18, true).await;
+    e.set_level(None).await;
+    e.create("stuck", "write", json!({})).await;
+    e.wait_state("stuck", "Granted").await;
+    assert_eq!(e.truth().as_deref(), Some("write"));
+    let connectors: Api<bitbucket_operator::crd::BitbucketConnector> = Api::namespaced(e.fake.client(), NS);
+    connectors
+        .patch(
+            "bb",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"provisioning": false}})),
+        )
+        .await
+        .unwrap();
+    e.delete("stuck").await;
+    let note = e.wait_event("stuck", "RevokeSkipped").await;
+    assert!(
+        note.contains("could not be revoked") && note.contains("ProvisioningDisabled"),
+        "{note}"
+    );
+    assert_eq!(e.truth().as_deref(), Some("write"), "left for a person, and said so");
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_member_user_is_refused() {
     let (e, op) = env(15, true).await;
     let outsider = e.n.outsider_nick.clone();
@@ -520,6 +546,12 @@ async fn spec_change_applies_the_new_level_and_keeps_the_original_for_restore() 
         .await;
     assert_eq!(g["status"]["state"], "Granted");
     assert_eq!(e.truth().as_deref(), Some("admin"));
+    let revoked = e
+        .events_of("change")
+        .into_iter()
+        .filter(|(r, _)| r == "Revoked")
+        .count();
+    assert_eq!(revoked, 1, "only the permission change ended the old access");
 
     e.delete("change").await;
     assert_eq!(e.truth().as_deref(), Some("read"));

@@ -861,14 +861,19 @@ async fn apply(obj: Arc<BitbucketAccessGrant>, ctx: &GrantContext) -> Result<Act
                     )
                     .await;
                     // The old access is gone: start over as a new grant.
+                    // Status first (no longer held), then the annotation, so
+                    // an interruption here re-grants rather than holds.
                     let mut status = base_status(&obj);
                     status.state = Some(st::PENDING.to_owned());
                     status.granted_at = None;
                     status.previous_permission = None;
                     status.expires_at = None;
                     status.principal_id = None;
+                    write_status(&obj, &status, ctx).await?;
                     write_applied(&obj, None, ctx).await?;
-                    grant(&obj, ctx, &namespace, status, now).await?
+                    let mut refreshed = (*obj).clone();
+                    refreshed.status = Some(status.clone());
+                    grant(&refreshed, ctx, &namespace, status, now).await?
                 }
                 Ended::Blocked(blocker) => report_blocker(&obj, ctx, base_status(&obj), &blocker).await?,
                 Ended::Failed(err) => report_provision_error(&obj, ctx, base_status(&obj), &err).await?,
