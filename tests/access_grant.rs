@@ -457,6 +457,52 @@ async fn deletion_is_not_blocked_when_provisioning_was_disabled_since() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_membership_is_granted_and_removed_again() {
+    let (e, op) = env(19, true).await;
+    let org = e.sim.organisation();
+    let ws = &org.workspaces[0];
+    let group = ws
+        .groups
+        .iter()
+        .find(|g| !g.members.contains(&e.n.user_uuid))
+        .expect("a group the user is not in")
+        .slug
+        .clone();
+    let member = |e: &Env| {
+        let org = e.sim.organisation();
+        let ws = org.workspaces.iter().find(|w| w.slug == e.n.ws).unwrap();
+        ws.groups
+            .iter()
+            .find(|g| g.slug == group)
+            .unwrap()
+            .members
+            .contains(&e.n.user_uuid)
+    };
+    let obj = json!({
+        "apiVersion": API,
+        "kind": GRANT,
+        "metadata": {"name": "join", "namespace": NS},
+        "spec": {
+            "connectorRef": {"name": "bb"},
+            "principal": {"user": e.n.user_uuid},
+            "target": {"workspace": e.n.ws, "group": group},
+            "permission": "member",
+        },
+    });
+    e.grants()
+        .create(&PostParams::default(), &serde_json::from_value(obj).unwrap())
+        .await
+        .unwrap();
+    let g = e.wait_state("join", "Granted").await;
+    assert!(member(&e));
+    assert!(g["status"]["previousPermission"].is_null());
+    assert_eq!(g["status"]["target"], format!("group/{group}"));
+    e.delete("join").await;
+    assert!(!member(&e), "membership removed again");
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_member_user_is_refused() {
     let (e, op) = env(15, true).await;
     let outsider = e.n.outsider_nick.clone();

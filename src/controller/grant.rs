@@ -82,6 +82,12 @@
 //!   connector/principal/target are serialised in-process.
 //! - **Store refresh.** Every change refreshes the connector's store
 //!   (`namespace/connector`) through [`Provisioner::with_store`].
+//! - **Events** (`events.k8s.io`, the audit trail), on transitions only:
+//!   `Granted` (what was granted to whom, and what was held before),
+//!   `Revoked` (deletion or spec change: what was revoked and restored),
+//!   `Expired`, and Warnings `GrantFailed`, `ConnectorNotFound`,
+//!   `ConnectorNotReady` (when the Ready reason changes, not on every retry)
+//!   and `RevokeSkipped`.
 //! - **Status** is written by server-side apply on `/status` (field manager
 //!   `bitbucket-operator`) only when it changed; kstatus `Reconciling` and
 //!   `Stalled` are present only while True. Grants are watched on generation
