@@ -554,6 +554,15 @@ pub async fn reconcile(obj: Arc<BitbucketAccessGrant>, ctx: Arc<GrantContext>) -
 /// Exponential backoff with jitter: 5 s, 10 s, 20 s … capped at 5 min.
 pub fn error_policy(obj: Arc<BitbucketAccessGrant>, err: &GrantError, ctx: Arc<GrantContext>) -> Action {
     let key = format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any());
+    let reason = match err {
+        GrantError::Kube(_) => "grant_kubernetes",
+        GrantError::Transient(_) => "grant_bitbucket",
+        _ => "grant_other",
+    };
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&crate::metrics::ReasonLabels { reason })
+        .inc();
     let failures = bump_failures(&ctx, &key);
     tracing::warn!(grant = %key, failures, error = %err, "grant reconcile failed");
     Action::requeue(backoff(failures))
