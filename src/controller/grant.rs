@@ -32,6 +32,10 @@
 //!   a later reconcile does not call Bitbucket at all (the grant holds until
 //!   expiry, deletion or a spec change), so it can never record the level the
 //!   grant itself put in place.
+//!   One window remains: if the status cannot be written (after a few
+//!   retries) right after Bitbucket was changed, the next reconcile finds
+//!   the level already held and records *that* as previous, so expiry
+//!   leaves the access in place rather than guessing.
 //! - **The applied access** (connector, principal, target, permission) is
 //!   kept in the annotation [`APPLIED_ANNOTATION`], written after the status.
 //!   Expiry, deletion and spec changes end *that* access, not whatever the
@@ -939,7 +943,17 @@ async fn grant(
         ));
     }
     mark_granted(&mut status, obj.metadata.generation, message.clone());
-    write_status(obj, &status, ctx).await?;
+    // Bitbucket has changed: the record of what was held before must land,
+    // so a failed write is retried a few times before giving up.
+    let mut attempt = 0u32;
+    while let Err(err) = write_status(obj, &status, ctx).await {
+        attempt += 1;
+        if attempt >= 4 {
+            return Err(err.into());
+        }
+        tracing::warn!(error = %err, attempt, "recording a grant on status failed; retrying");
+        tokio::time::sleep(Duration::from_millis(250) * attempt).await;
+    }
     write_applied(obj, Some(&access), ctx).await?;
     publish(ctx, obj, EventType::Normal, reason::GRANTED, message).await;
     clear_failures(ctx, &key);
