@@ -21,59 +21,13 @@
 pub mod cli;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Resource, ResourceType};
 use crate::store::{HeldGrant, Store, StoreError};
 
-/// A permission level, lowest first (the derived order is the ranking).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Permission {
-    Read,
-    Write,
-    CreateRepo,
-    Admin,
-}
-
-impl Permission {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Permission::Read => "read",
-            Permission::Write => "write",
-            Permission::CreateRepo => "create-repo",
-            Permission::Admin => "admin",
-        }
-    }
-
-    /// Parses an entitlement slug (`read`, `write`, `create-repo`, `admin`).
-    pub fn parse(slug: &str) -> Option<Self> {
-        match slug {
-            "read" => Some(Permission::Read),
-            "write" => Some(Permission::Write),
-            "create-repo" => Some(Permission::CreateRepo),
-            "admin" => Some(Permission::Admin),
-            _ => None,
-        }
-    }
-
-    /// What this project permission means on the project's repositories
-    /// (`create-repo` is `write`).
-    pub fn on_repository(self) -> Self {
-        match self {
-            Permission::CreateRepo => Permission::Write,
-            p => p,
-        }
-    }
-}
-
-impl fmt::Display for Permission {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::model::Permission;
 
 /// One reason a principal holds access.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -358,7 +312,7 @@ impl<'a> Groups<'a> {
 }
 
 fn permission_of(g: &HeldGrant) -> Option<Permission> {
-    Permission::parse(&g.slug)
+    Permission::parse(&g.slug).filter(|p| *p != Permission::Member)
 }
 
 /// Every user with access to `repository` (full name `workspace/slug` or
@@ -635,7 +589,7 @@ mod tests {
         for p in [Read, Write, CreateRepo, Admin] {
             assert_eq!(Permission::parse(p.as_str()), Some(p));
         }
-        assert_eq!(Permission::parse("member"), None);
+        assert_eq!(Permission::parse("none"), None);
         assert_eq!(serde_json::to_value(CreateRepo).unwrap(), "create-repo");
     }
 

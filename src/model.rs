@@ -73,6 +73,67 @@ impl fmt::Display for ResourceType {
     }
 }
 
+/// A permission level, lowest first: the derived order is the ranking used
+/// wherever levels are compared (effective access, overlapping grants).
+/// `member` is membership of a group; the others are project and repository
+/// levels (`create-repo` exists on projects only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Permission {
+    /// Membership of a workspace group.
+    Member,
+    /// Read access.
+    Read,
+    /// Write access.
+    Write,
+    /// Create repositories in a project.
+    CreateRepo,
+    /// Admin access.
+    Admin,
+}
+
+impl Permission {
+    /// The entitlement slug (`member`, `read`, `write`, `create-repo`, `admin`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::Member => "member",
+            Permission::Read => "read",
+            Permission::Write => "write",
+            Permission::CreateRepo => "create-repo",
+            Permission::Admin => "admin",
+        }
+    }
+
+    /// Parses an entitlement slug; `None` for anything else (including
+    /// Bitbucket's `none`).
+    pub fn parse(slug: &str) -> Option<Self> {
+        [
+            Permission::Member,
+            Permission::Read,
+            Permission::Write,
+            Permission::CreateRepo,
+            Permission::Admin,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == slug)
+    }
+
+    /// What a project level means on the project's repositories
+    /// (`create-repo` includes `write`).
+    pub fn on_repository(self) -> Self {
+        match self {
+            Permission::CreateRepo => Permission::Write,
+            p => p,
+        }
+    }
+}
+
+impl fmt::Display for Permission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Explicit project permission levels, lowest first.
 pub const PROJECT_PERMISSIONS: [&str; 4] = ["read", "write", "create-repo", "admin"];
 /// Explicit repository permission levels, lowest first.
@@ -239,6 +300,21 @@ mod tests {
             grant_id(&ent, ResourceType::UserGroup, &group_id(ws, "devs")),
             "repository:{w}:{p}:KEY:{r}:admin:user_group:{w}:devs"
         );
+    }
+
+    #[test]
+    fn permission_levels_rank_and_round_trip() {
+        assert!(Permission::Member < Permission::Read && Permission::Write < Permission::CreateRepo);
+        assert!(Permission::CreateRepo < Permission::Admin);
+        for slug in PROJECT_PERMISSIONS
+            .iter()
+            .chain(&REPOSITORY_PERMISSIONS)
+            .chain(&["member"])
+        {
+            assert_eq!(Permission::parse(slug).map(Permission::as_str), Some(*slug));
+        }
+        assert_eq!(Permission::parse("none"), None);
+        assert_eq!(Permission::CreateRepo.on_repository(), Permission::Write);
     }
 
     #[test]

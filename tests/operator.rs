@@ -13,6 +13,7 @@ use bitbucket_operator::metrics::Metrics;
 use bitbucket_operator::model::SyncKind;
 use bitbucket_operator::simulator::{SimConfig, Simulator, SimulatorHandle};
 use bitbucket_operator::store::Store;
+use serde::Deserialize;
 use serde_json::{Value, json};
 use support::fake_kube::FakeKube;
 use tokio::sync::watch;
@@ -506,4 +507,101 @@ async fn restarts_keep_the_cadence_instead_of_resyncing() {
     let _ = stop.send(true);
     task.await.unwrap();
     sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn only_the_lease_holder_syncs_and_a_successor_takes_over_on_shutdown() {
+    use bitbucket_operator::controller::Lease;
+    let h = Harness::start().await; // a plain operator, stopped right away: replicas below
+    let _ = h.stop.send(true);
+    h.good_secret("bb");
+    h.connector("acme", "bb");
+
+    let replica = |identity: &str| {
+        let operator = Arc::new(Operator::new(
+            h.kube.client(),
+            Arc::new(Store::open_in_memory().unwrap()),
+            Arc::new(Metrics::default()),
+            vec![],
+        ));
+        let lease = Lease {
+            name: "bitbucket-operator".into(),
+            namespace: NS.into(),
+            identity: identity.into(),
+            duration_seconds: 3,
+        };
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn({
+            let operator = Arc::clone(&operator);
+            async move { operator.run_with_leader_election(&lease, stopped).await.unwrap() }
+        });
+        (operator, stop, task)
+    };
+    let (a, stop_a, task_a) = replica("replica-a");
+    let (b, stop_b, task_b) = replica("replica-b");
+    h.wait("acme", "Ready", ready).await;
+
+    let leading = |op: &Operator| !op.manager.keys().is_empty();
+    assert!(leading(&a) ^ leading(&b), "exactly one replica runs loops");
+    let (leader, leader_id, leader_stop, leader_task, follower, follower_id) = if leading(&a) {
+        (a, "replica-a", stop_a, task_a, b, "replica-b")
+    } else {
+        (b, "replica-b", stop_b, task_b, a, "replica-a")
+    };
+
+    // SIGTERM on the leader: loops stop and the lease is released.
+    let _ = leader_stop.send(true);
+    tokio::time::timeout(WAIT, leader_task)
+        .await
+        .expect("leader stops")
+        .unwrap();
+    assert!(leader.manager.keys().is_empty(), "the old leader's loops stopped");
+    let lease = h
+        .kube
+        .get("coordination.k8s.io/v1", "Lease", Some(NS), "bitbucket-operator")
+        .expect("lease exists");
+    assert_ne!(lease["spec"]["holderIdentity"], leader_id, "the lease was released");
+
+    tokio::time::timeout(WAIT, async {
+        while !leading(&follower) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the other replica takes over");
+    let lease = h
+        .kube
+        .get("coordination.k8s.io/v1", "Lease", Some(NS), "bitbucket-operator")
+        .unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], follower_id);
+    h.sim.shutdown().await;
+}
+
+#[test]
+fn the_plain_manifest_args_are_accepted_by_run() {
+    // The Deployment's args, as rendered from the chart, must parse: with no
+    // cluster reachable, `run` then fails connecting (exit 1), not on usage (exit 2).
+    let manifest =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/bitbucket-operator.yaml")).unwrap();
+    let deployment = serde_yaml::Deserializer::from_str(&manifest)
+        .map(|doc| Value::deserialize(doc).unwrap())
+        .find(|doc| doc["kind"] == "Deployment")
+        .expect("a Deployment");
+    let args: Vec<String> = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(args[0], "run");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bitbucket-operator"))
+        .args(&args)
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("POD_NAMESPACE", "bitbucket-operator")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("connecting to the Kubernetes API"), "{stderr}");
 }

@@ -560,3 +560,64 @@ fn missing_credentials_exit_3_naming_the_keys() {
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("BATON_USERNAME"));
 }
+
+#[test]
+fn access_changes_lists_grants_added_and_removed_between_syncs() {
+    let (rt, sim) = run_sim_in_thread(SimConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("c.db");
+    let c = sim.credentials().clone();
+    let sync = || {
+        let out = bin()
+            .args(["sync", "--api-url", &sim.base_url(), "--only", "repositories", "--db"])
+            .arg(&db)
+            .env("BATON_USERNAME", &c.email)
+            .env("BATON_APP_PASSWORD", &c.api_token)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    sync();
+    // Someone grants admin on a repository in Bitbucket between two syncs.
+    let org = sim.organisation();
+    let ws = &org.workspaces[0];
+    let member = ws.members.iter().find(|m| !m.owner).unwrap().user_uuid.clone();
+    let client = Client::new(
+        ClientConfig::new(&sim.base_url()).unwrap(),
+        Credentials::ApiToken {
+            username: c.email.clone(),
+            token: c.api_token.clone(),
+        },
+    )
+    .unwrap();
+    let repository = PermissionScope::Repository {
+        workspace: &ws.slug,
+        slug: &ws.repositories[0].slug,
+    };
+    rt.block_on(client.set_explicit_permission(repository, Holder::User(&member), "admin"))
+        .unwrap();
+    sync();
+
+    let out = bin()
+        .args(["access", "--json", "--db"])
+        .arg(&db)
+        .args(["changes", "--type", "repositories"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let change = &doc["changes"][0];
+    assert_eq!(change["type"], "repositories");
+    let added = change["added"].as_array().unwrap();
+    assert!(
+        added
+            .iter()
+            .any(|g| g["principal_id"] == member.as_str() && g["entitlement_id"].as_str().unwrap().ends_with(":admin")),
+        "{doc}"
+    );
+    let table = bin().args(["access", "--db"]).arg(&db).arg("changes").output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&table.stdout).contains("repositories (generation"),
+        "human output names the type"
+    );
+}

@@ -3,6 +3,7 @@
 //! ```text
 //! bitbucket-operator access --db FILE [--connector default] [--json] who-can WORKSPACE/REPO
 //! bitbucket-operator access --db FILE [--connector default] [--json] access-of USER
+//! bitbucket-operator access --db FILE [--connector default] [--json] changes [--type repositories]
 //! ```
 //!
 //! Reads only: the file is opened read-only and never created, so it is safe
@@ -14,7 +15,8 @@ use std::process::ExitCode;
 use serde_json::json;
 
 use super::{AccessEntry, AccessPath, ResourceAccess, UserAccess};
-use crate::store::Store;
+use crate::model::SyncKind;
+use crate::store::{GrantDiff, Store};
 
 #[derive(Debug, clap::Args)]
 pub struct AccessArgs {
@@ -43,6 +45,19 @@ pub enum AccessQuery {
         /// User uuid, account id or nickname.
         user: String,
     },
+    /// Grants added and removed between the last two synced generations of
+    /// each resource type (or of `--type` only).
+    Changes {
+        /// accounts, workspaces, groups, projects or repositories.
+        #[arg(long = "type", value_parser = parse_kind)]
+        kind: Option<SyncKind>,
+    },
+}
+
+fn parse_kind(value: &str) -> Result<SyncKind, String> {
+    SyncKind::parse(value).ok_or_else(|| {
+        format!("unknown type {value:?}; expected accounts, workspaces, groups, projects or repositories")
+    })
 }
 
 pub fn run(args: AccessArgs) -> anyhow::Result<ExitCode> {
@@ -88,9 +103,68 @@ pub fn run(args: AccessArgs) -> anyhow::Result<ExitCode> {
                 access_of_text(&access, &args.connector)
             }
         }
+        AccessQuery::Changes { kind } => {
+            let kinds = match kind {
+                Some(kind) => vec![*kind],
+                None => SyncKind::ALL.to_vec(),
+            };
+            let mut changes = Vec::new();
+            for kind in kinds {
+                // Newest first: compare the current generation with the one before.
+                let generations = store.generations(&args.connector, kind)?;
+                if let [to, from, ..] = generations.as_slice() {
+                    changes.push((
+                        kind,
+                        store.diff_grants(&args.connector, kind, from.generation, to.generation)?,
+                    ));
+                }
+            }
+            if args.json {
+                let doc: Vec<_> = changes
+                    .iter()
+                    .map(|(kind, diff)| json!({"type": kind, "from": diff.from, "to": diff.to, "added": diff.added, "removed": diff.removed}))
+                    .collect();
+                serde_json::to_string_pretty(&json!({"connector": args.connector, "changes": doc}))?
+            } else {
+                changes_text(&changes, &args.connector)
+            }
+        }
     };
     println!("{}", out.trim_end());
     Ok(ExitCode::SUCCESS)
+}
+
+fn changes_text(changes: &[(SyncKind, GrantDiff)], connector: &str) -> String {
+    if changes.is_empty() {
+        return format!("Connector {connector}: fewer than two synced generations of any type; nothing to compare.\n");
+    }
+    let mut out = format!("Grant changes between the last two syncs, connector {connector}\n");
+    for (kind, diff) in changes {
+        out.push_str(&format!(
+            "\n{kind} (generation {} -> {}): {} added, {} removed\n",
+            diff.from,
+            diff.to,
+            diff.added.len(),
+            diff.removed.len()
+        ));
+        let rows: Vec<Vec<String>> = diff
+            .added
+            .iter()
+            .map(|g| ("+", g))
+            .chain(diff.removed.iter().map(|g| ("-", g)))
+            .map(|(sign, g)| {
+                vec![
+                    sign.to_owned(),
+                    g.entitlement_id.clone(),
+                    format!("{}:{}", g.principal_type, g.principal_id),
+                ]
+            })
+            .collect();
+        if !rows.is_empty() {
+            out.push_str(&table(&["", "ENTITLEMENT", "PRINCIPAL"], &rows));
+        }
+    }
+    out
 }
 
 fn via_text(via: &[AccessPath]) -> String {

@@ -298,10 +298,10 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
                     Ok((runtime, changed)) => {
                         credentials_changed = changed;
                         fingerprint = Some(runtime.fingerprint());
-                        if runtime.needs_connection_check() {
-                            runtime.check_connection().await;
-                        }
-                        let connection = runtime.connection().expect("checked above");
+                        let connection = match runtime.connection() {
+                            Some(last) if !runtime.needs_connection_check() => last,
+                            _ => runtime.check_connection().await,
+                        };
                         match connection.result {
                             Ok(workspaces) => {
                                 let started = runtime.ensure_loops(&desired);

@@ -57,6 +57,10 @@ pub struct RunArgs {
     /// Name of the leader-election Lease.
     #[arg(long, env = "LEASE_NAME", default_value = "bitbucket-operator")]
     pub lease_name: String,
+    /// How long a Lease is valid without renewal; a new leader takes over at
+    /// most this long after the old one died without releasing it.
+    #[arg(long, env = "LEASE_DURATION_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=300))]
+    pub lease_duration_seconds: u64,
     /// Namespace of the Lease (default: the pod's namespace).
     #[arg(long, env = "POD_NAMESPACE")]
     pub lease_namespace: Option<String>,
@@ -116,7 +120,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .clone()
             .unwrap_or_else(|| format!("bitbucket-operator-{}", std::process::id()));
         operator
-            .run_with_leader_election(&args.lease_name, &namespace, &identity, shutdown_rx)
+            .run_with_leader_election(
+                &Lease {
+                    name: args.lease_name.clone(),
+                    namespace,
+                    identity,
+                    duration_seconds: args.lease_duration_seconds,
+                },
+                shutdown_rx,
+            )
             .await?;
     } else {
         operator.run_controllers(wait_for(shutdown_rx)).await;
@@ -236,16 +248,17 @@ impl Operator {
     /// when it is lost, and releases it on shutdown.
     pub async fn run_with_leader_election(
         &self,
-        lease_name: &str,
-        namespace: &str,
-        identity: &str,
+        lease: &Lease,
         mut shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
+        let (lease_name, namespace, identity) =
+            (lease.name.as_str(), lease.namespace.as_str(), lease.identity.as_str());
         let manager = kube_lease_manager::LeaseManagerBuilder::new(self.client.clone(), lease_name)
             .with_namespace(namespace)
             .with_identity(identity)
-            .with_duration(15)
-            .with_grace(5)
+            .with_duration(lease.duration_seconds)
+            // Renew a third of the way before expiry.
+            .with_grace((lease.duration_seconds / 3).max(1))
             .build()
             .await
             .context("setting up leader election")?;
@@ -286,6 +299,15 @@ impl Operator {
         }
         Ok(())
     }
+}
+
+/// The leader-election Lease and this replica's identity in it.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub name: String,
+    pub namespace: String,
+    pub identity: String,
+    pub duration_seconds: u64,
 }
 
 /// Sets `ready` once the connector watch has listed every watched namespace.

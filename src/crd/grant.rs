@@ -180,40 +180,7 @@ impl Target {
     }
 }
 
-/// A Bitbucket permission.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum Permission {
-    /// Membership of a workspace group.
-    Member,
-    /// Read access.
-    Read,
-    /// Write access.
-    Write,
-    /// Create repositories in a project.
-    CreateRepo,
-    /// Admin access.
-    Admin,
-}
-
-impl Permission {
-    /// The entitlement slug (`member`, `read`, `write`, `create-repo`, `admin`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Permission::Member => "member",
-            Permission::Read => "read",
-            Permission::Write => "write",
-            Permission::CreateRepo => "create-repo",
-            Permission::Admin => "admin",
-        }
-    }
-}
-
-impl std::fmt::Display for Permission {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::model::Permission;
 
 /// Observed state of a BitbucketAccessGrant.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]

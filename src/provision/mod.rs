@@ -266,22 +266,11 @@ pub enum GrantMode {
     Exact,
 }
 
-/// The rank of a level (`read < write < create-repo < admin`); `member` is
-/// only comparable with itself.
-pub fn rank(permission: Permission) -> u8 {
-    match permission {
-        Permission::Member => 0,
-        Permission::Read => 1,
-        Permission::Write => 2,
-        Permission::CreateRepo => 3,
-        Permission::Admin => 4,
-    }
-}
-
 /// The level in effect while several grants of one principal on one target
-/// overlap: the highest; `None` when there are none.
+/// overlap: the highest (levels rank `read < write < create-repo < admin`);
+/// `None` when there are none.
 pub fn effective_level(levels: &[Permission]) -> Option<Permission> {
-    levels.iter().copied().max_by_key(|&p| rank(p))
+    levels.iter().copied().max()
 }
 
 /// The level to restore when one of several overlapping grants of one

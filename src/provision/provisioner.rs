@@ -9,7 +9,6 @@ use futures::TryStreamExt;
 use super::{
     AccessRequest, GrantMode, GrantOutcome, GrantResult, Held, Permission, PrincipalKind, PrincipalRef, ProvisionError,
     ResolvedPrincipal, ResolvedTarget, RevokeOutcome, RevokeResult, StoreRefresh, TargetKind, TargetRef, parse_level,
-    rank,
 };
 use crate::bitbucket::models::{Group, User, Workspace};
 use crate::bitbucket::{
@@ -102,7 +101,7 @@ impl Provisioner {
         } else {
             match previous {
                 Some(held) if held == wanted => (GrantResult::AlreadyHeld, previous, previous),
-                Some(held) if mode == GrantMode::AtLeast && rank(held) > rank(wanted) => {
+                Some(held) if mode == GrantMode::AtLeast && held > wanted => {
                     (GrantResult::AlreadySatisfied { held }, previous, previous)
                 }
                 _ => {
