@@ -200,7 +200,7 @@ async fn read_settings(
     }
 }
 
-fn secret_keys(obj: &BitbucketConnector) -> SecretKeys {
+pub(crate) fn secret_keys(obj: &BitbucketConnector) -> SecretKeys {
     let k = obj.spec.secret_keys();
     SecretKeys {
         username: k.username().to_owned(),

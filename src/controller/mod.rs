@@ -14,6 +14,7 @@
 //! releases the lease.
 
 pub mod connector;
+pub mod grant;
 pub mod loops;
 pub mod status;
 
@@ -171,6 +172,12 @@ impl Operator {
         let ctx = Arc::new(Context::new(
             self.client.clone(),
             Arc::clone(&self.manager),
+            Recorder::new(self.client.clone(), reporter.clone()),
+            Arc::clone(&self.metrics),
+        ));
+        let grant_ctx = Arc::new(grant::GrantContext::new(
+            self.client.clone(),
+            Arc::clone(&self.manager),
             Recorder::new(self.client.clone(), reporter),
             Arc::clone(&self.metrics),
         ));
@@ -179,6 +186,12 @@ impl Operator {
         } else {
             self.namespaces.iter().cloned().map(Some).collect()
         };
+        // BitbucketAccessGrants: one controller per scope, next to the connectors'.
+        let grant_controllers = scopes
+            .iter()
+            .cloned()
+            .map(|namespace| grant::run(self.client.clone(), namespace, Arc::clone(&grant_ctx), shutdown.clone()))
+            .collect::<Vec<_>>();
         let controllers = scopes.into_iter().map(|namespace| {
             let (connectors, secrets): (Api<BitbucketConnector>, Api<PartialObjectMeta<Secret>>) = match &namespace {
                 Some(ns) => (
@@ -228,7 +241,11 @@ impl Operator {
                     }
                 })
         });
-        futures::future::join_all(controllers).await;
+        futures::future::join(
+            futures::future::join_all(controllers),
+            futures::future::join_all(grant_controllers),
+        )
+        .await;
         self.manager.stop_all();
     }
 

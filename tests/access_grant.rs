@@ -1,0 +1,781 @@
+//! `BitbucketAccessGrant` end to end, without a cluster: the operator
+//! (`Operator::run_controllers`) runs against the in-process fake Kubernetes
+//! API and the Bitbucket simulator; every grant and revoke is checked against
+//! the simulator's ground truth, and against the grant's status and Events.
+//!
+//! `real_cluster_grant_lifecycle` (ignored) runs the same lifecycle against a
+//! real cluster and real Bitbucket.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bitbucket_operator::bitbucket::{Client, ClientConfig, Credentials};
+use bitbucket_operator::controller::{Operator, wait_for};
+use bitbucket_operator::metrics::Metrics;
+use bitbucket_operator::provision::{
+    AccessRequest, GrantMode, Permission, PrincipalRef, Provisioner, TargetRef, parse_level,
+};
+use bitbucket_operator::simulator::{Organisation, SimConfig, Simulator, SimulatorHandle};
+use bitbucket_operator::store::Store;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use support::fake_kube::FakeKube;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+const API: &str = "connectors.dev/v1alpha1";
+const GRANT: &str = "BitbucketAccessGrant";
+const CONNECTOR: &str = "BitbucketConnector";
+const NS: &str = "default";
+const WAIT: Duration = Duration::from_secs(30);
+
+// ---- fixtures -----------------------------------------------------------------
+
+/// A running operator; dropping the sender stops it.
+struct Running {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("operator stops")
+            .unwrap();
+    }
+}
+
+fn start_operator(fake: &FakeKube, store: &Arc<Store>) -> Running {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let operator = Operator::new(fake.client(), Arc::clone(store), Arc::new(Metrics::default()), vec![]);
+    let (stop, rx) = watch::channel(false);
+    let task = tokio::spawn(async move { operator.run_controllers(wait_for(rx)).await });
+    Running { stop, task }
+}
+
+/// Names in workspace 0: a plain member, a user of no workspace 0 membership,
+/// a repository and a project.
+struct Names {
+    ws: String,
+    user_nick: String,
+    user_uuid: String,
+    outsider_nick: String,
+    repo: String,
+}
+
+fn names(org: &Organisation) -> Names {
+    let ws = &org.workspaces[0];
+    let plain = ws.members.iter().find(|m| !m.owner).unwrap();
+    let user = org.users.iter().find(|u| u.uuid == plain.user_uuid).unwrap();
+    let outsider = org
+        .users
+        .iter()
+        .find(|u| !ws.members.iter().any(|m| m.user_uuid == u.uuid))
+        .unwrap();
+    Names {
+        ws: ws.slug.clone(),
+        user_nick: user.nickname.clone(),
+        user_uuid: user.uuid.clone(),
+        outsider_nick: outsider.nickname.clone(),
+        repo: ws.repositories[0].slug.clone(),
+    }
+}
+
+struct Env {
+    fake: FakeKube,
+    sim: SimulatorHandle,
+    store: Arc<Store>,
+    n: Names,
+    bitbucket: Client,
+}
+
+/// Fake API + simulator (its own seed, so its own rate-limit budget) + a
+/// Secret and a connector; with `operator`, the operator runs and the
+/// connector is Ready.
+async fn env(seed: u64, provisioning: bool) -> (Env, Running) {
+    let sim = Simulator::start(
+        SimConfig {
+            seed,
+            ..SimConfig::default()
+        },
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+    )
+    .await
+    .unwrap();
+    let fake = FakeKube::start().await;
+    let creds = sim.credentials().clone();
+    let secrets: Api<Secret> = Api::namespaced(fake.client(), NS);
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "bitbucket-credentials", "namespace": NS},
+        "stringData": {
+            "BATON_USERNAME": creds.email,
+            "BATON_APP_PASSWORD": creds.api_token,
+            "BATON_PROVISIONING": if provisioning { "true" } else { "false" },
+        },
+    }))
+    .unwrap();
+    secrets.create(&PostParams::default(), &secret).await.unwrap();
+    fake.put(json!({
+        "apiVersion": API,
+        "kind": CONNECTOR,
+        "metadata": {"name": "bb", "namespace": NS},
+        "spec": {
+            "secretRef": {"name": "bitbucket-credentials"},
+            "apiUrl": sim.base_url(),
+            "rateLimit": {"requestsPerHour": 100000, "maxInFlight": 8},
+        },
+    }));
+    let store = Arc::new(Store::open_in_memory().unwrap());
+    let running = start_operator(&fake, &store);
+    fake.wait_for(API, CONNECTOR, Some(NS), "bb", Duration::from_secs(60), |c| {
+        condition(c, "Ready").is_some_and(|r| r["status"] == "True")
+    })
+    .await;
+    let n = names(&sim.organisation());
+    let bitbucket = client(&sim);
+    (
+        Env {
+            fake,
+            sim,
+            store,
+            n,
+            bitbucket,
+        },
+        running,
+    )
+}
+
+fn client(sim: &SimulatorHandle) -> Client {
+    let creds = sim.credentials();
+    Client::new(
+        ClientConfig::new(&sim.base_url()).unwrap(),
+        Credentials::ApiToken {
+            username: creds.email.clone(),
+            token: creds.api_token.clone(),
+        },
+    )
+    .unwrap()
+}
+
+fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+fn grant_json(name: &str, user: &str, repo: &str, ws: &str, permission: &str, extra: Value) -> Value {
+    let mut spec = json!({
+        "connectorRef": {"name": "bb"},
+        "principal": {"user": user},
+        "target": {"workspace": ws, "repository": repo},
+        "permission": permission,
+    });
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+        spec.extend(extra.clone());
+    }
+    json!({
+        "apiVersion": API,
+        "kind": GRANT,
+        "metadata": {"name": name, "namespace": NS},
+        "spec": spec,
+    })
+}
+
+impl Env {
+    fn grants(&self) -> Api<bitbucket_operator::crd::BitbucketAccessGrant> {
+        Api::namespaced(self.fake.client(), NS)
+    }
+
+    async fn create(&self, name: &str, permission: &str, extra: Value) {
+        self.create_for(name, &self.n.user_nick.clone(), permission, extra)
+            .await;
+    }
+
+    async fn create_for(&self, name: &str, user: &str, permission: &str, extra: Value) {
+        let obj = grant_json(name, user, &self.n.repo, &self.n.ws, permission, extra);
+        self.grants()
+            .create(&PostParams::default(), &serde_json::from_value(obj).unwrap())
+            .await
+            .unwrap();
+    }
+
+    async fn delete(&self, name: &str) {
+        self.grants().delete(name, &DeleteParams::default()).await.unwrap();
+        self.fake.wait_for_absent(API, GRANT, Some(NS), name, WAIT).await;
+    }
+
+    async fn wait_state(&self, name: &str, state: &str) -> Value {
+        self.fake
+            .wait_for(API, GRANT, Some(NS), name, WAIT, |g| g["status"]["state"] == state)
+            .await
+    }
+
+    /// Ground truth: the user's explicit level on the repository.
+    fn truth(&self) -> Option<String> {
+        let org = self.sim.organisation();
+        let ws = org.workspaces.iter().find(|w| w.slug == self.n.ws).unwrap();
+        let repo = ws.repositories.iter().find(|r| r.slug == self.n.repo).unwrap();
+        repo.user_permissions
+            .iter()
+            .find(|p| p.principal == self.n.user_uuid)
+            .map(|p| p.permission.clone())
+    }
+
+    /// Sets the user's explicit level on the repository (`None`: removes it),
+    /// straight through the provisioner, outside the operator.
+    async fn set_level(&self, level: Option<&str>) {
+        let provisioner = Provisioner::new(self.bitbucket.clone(), true);
+        let request = |permission| {
+            AccessRequest::new(
+                self.n.ws.clone(),
+                PrincipalRef::User(self.n.user_uuid.clone()),
+                TargetRef::Repository(self.n.repo.clone()),
+                permission,
+            )
+        };
+        match level.map(|l| parse_level(l).unwrap().unwrap()) {
+            Some(permission) => {
+                provisioner.grant(&request(permission), GrantMode::Exact).await.unwrap();
+            }
+            None => {
+                let held = provisioner.inspect(&request(Permission::Read)).await.unwrap().level;
+                if let Some(held) = held {
+                    provisioner.revoke(&request(held)).await.unwrap();
+                }
+            }
+        }
+        assert_eq!(self.truth().as_deref(), level);
+    }
+
+    /// Events (reason, note) about one grant.
+    fn events_of(&self, name: &str) -> Vec<(String, String)> {
+        self.fake
+            .events()
+            .into_iter()
+            .filter(|e| e["regarding"]["name"] == name && e["regarding"]["kind"] == GRANT)
+            .map(|e| {
+                (
+                    e["reason"].as_str().unwrap_or_default().to_owned(),
+                    e["note"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    async fn wait_event(&self, name: &str, reason: &str) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some((_, note)) = self.events_of(name).into_iter().find(|(r, _)| r == reason) {
+                return note;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no {reason} event for {name}; events: {:?}",
+                self.events_of(name)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn in_secs(secs: i64) -> String {
+    jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_secs(secs))
+        .unwrap()
+        .round(jiff::Unit::Second)
+        .unwrap()
+        .to_string()
+}
+
+// ---- tests -----------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grant_lands_in_bitbucket_and_deletion_restores_the_previous_level() {
+    let (e, op) = env(11, true).await;
+    e.set_level(Some("read")).await;
+
+    e.create("jdoe-write", "write", json!({})).await;
+    let g = e.wait_state("jdoe-write", "Granted").await;
+    assert_eq!(e.truth().as_deref(), Some("write"));
+    let status = &g["status"];
+    assert_eq!(status["previousPermission"], "read");
+    assert_eq!(status["principalId"], e.n.user_uuid.as_str());
+    assert_eq!(status["target"], format!("repository/{}", e.n.repo));
+    assert!(status["grantedAt"].is_string());
+    assert!(status["expiresAt"].is_null(), "no duration, no expiry");
+    assert_eq!(status["observedGeneration"], 1);
+    let ready = condition(&g, "Ready").unwrap();
+    assert_eq!(
+        (ready["status"].as_str(), ready["reason"].as_str()),
+        (Some("True"), Some("Granted"))
+    );
+    assert!(condition(&g, "Reconciling").is_none() && condition(&g, "Stalled").is_none());
+    assert_eq!(
+        g["metadata"]["finalizers"],
+        json!(["connectors.dev/grant-revoke"]),
+        "finalizer is on"
+    );
+    let note = e.wait_event("jdoe-write", "Granted").await;
+    assert!(
+        note.contains(&format!("granted write on repository {}/{}", e.n.ws, e.n.repo))
+            && note.contains("(previously read)"),
+        "{note}"
+    );
+
+    // The store was refreshed for this repository under "default/bb".
+    let repo_uuid = e.sim.organisation().workspaces[0].repositories[0].uuid.clone();
+    let store = Arc::clone(&e.store);
+    let grants = tokio::task::spawn_blocking(move || store.grants("default/bb"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        grants.iter().any(|g| g.principal_id == e.n.user_uuid
+            && g.entitlement_id.contains(&repo_uuid)
+            && g.entitlement_id.ends_with(":write")),
+        "the store shows the new write grant"
+    );
+
+    e.delete("jdoe-write").await;
+    assert_eq!(e.truth().as_deref(), Some("read"), "the previous level is back");
+    let note = e.wait_event("jdoe-write", "Revoked").await;
+    assert!(note.contains("restored the previous level read"), "{note}");
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jit_expiry_revokes_and_restores_on_time() {
+    let (e, op) = env(12, true).await;
+    e.set_level(None).await;
+    e.create("jit", "admin", json!({"expiresAt": in_secs(4)})).await;
+    let g = e.wait_state("jit", "Granted").await;
+    assert_eq!(e.truth().as_deref(), Some("admin"));
+    assert!(g["status"]["previousPermission"].is_null(), "held nothing before");
+    assert!(g["status"]["expiresAt"].is_string());
+
+    let g = e.wait_state("jit", "Expired").await;
+    assert_eq!(e.truth(), None, "nothing held before: removed");
+    let expired = condition(&g, "Expired").unwrap();
+    assert_eq!(expired["status"], "True");
+    let ready = condition(&g, "Ready").unwrap();
+    assert_eq!(
+        (ready["status"].as_str(), ready["reason"].as_str()),
+        (Some("False"), Some("Expired"))
+    );
+    let note = e.wait_event("jit", "Expired").await;
+    assert!(note.contains("revoked admin"), "{note}");
+
+    // The object stays, and is not granted again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(e.fake.get(API, GRANT, Some(NS), "jit").is_some());
+    assert_eq!(e.truth(), None);
+    // Deleting an expired grant writes nothing.
+    e.set_level(Some("read")).await;
+    e.delete("jit").await;
+    assert_eq!(e.truth().as_deref(), Some("read"));
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_happens_promptly_after_an_operator_restart() {
+    let (e, op) = env(13, true).await;
+    e.set_level(Some("read")).await;
+    e.create("restart", "write", json!({"expiresAt": in_secs(4)})).await;
+    e.wait_state("restart", "Granted").await;
+    assert_eq!(e.truth().as_deref(), Some("write"));
+    op.stop().await;
+
+    // Nobody is watching when it expires.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(e.truth().as_deref(), Some("write"));
+
+    let started = std::time::Instant::now();
+    let op = start_operator(&e.fake, &e.store);
+    e.wait_state("restart", "Expired").await;
+    assert_eq!(e.truth().as_deref(), Some("read"), "the previous level is restored");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "revoked {:?} after the restart",
+        started.elapsed()
+    );
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioning_disabled_is_refused_without_a_write() {
+    let (e, op) = env(14, false).await;
+    e.set_level(Some("read")).await;
+    e.create("off", "admin", json!({})).await;
+    let g = e.wait_state("off", "Failed").await;
+    let ready = condition(&g, "Ready").unwrap();
+    assert_eq!(ready["reason"], "ProvisioningDisabled");
+    assert_eq!(condition(&g, "Stalled").unwrap()["status"], "True");
+    assert_eq!(e.truth().as_deref(), Some("read"), "nothing written");
+    e.wait_event("off", "GrantFailed").await;
+    // Never granted: deletion is not blocked.
+    e.delete("off").await;
+    assert_eq!(e.truth().as_deref(), Some("read"));
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_is_not_blocked_when_provisioning_was_disabled_since() {
+    let (e, op) = env(18, true).await;
+    e.set_level(None).await;
+    e.create("stuck", "write", json!({})).await;
+    e.wait_state("stuck", "Granted").await;
+    assert_eq!(e.truth().as_deref(), Some("write"));
+    let connectors: Api<bitbucket_operator::crd::BitbucketConnector> = Api::namespaced(e.fake.client(), NS);
+    connectors
+        .patch(
+            "bb",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"provisioning": false}})),
+        )
+        .await
+        .unwrap();
+    e.delete("stuck").await;
+    let note = e.wait_event("stuck", "RevokeSkipped").await;
+    assert!(
+        note.contains("could not be revoked") && note.contains("ProvisioningDisabled"),
+        "{note}"
+    );
+    assert_eq!(e.truth().as_deref(), Some("write"), "left for a person, and said so");
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_membership_is_granted_and_removed_again() {
+    let (e, op) = env(19, true).await;
+    let org = e.sim.organisation();
+    let ws = &org.workspaces[0];
+    let group = ws
+        .groups
+        .iter()
+        .find(|g| !g.members.contains(&e.n.user_uuid))
+        .expect("a group the user is not in")
+        .slug
+        .clone();
+    let member = |e: &Env| {
+        let org = e.sim.organisation();
+        let ws = org.workspaces.iter().find(|w| w.slug == e.n.ws).unwrap();
+        ws.groups
+            .iter()
+            .find(|g| g.slug == group)
+            .unwrap()
+            .members
+            .contains(&e.n.user_uuid)
+    };
+    let obj = json!({
+        "apiVersion": API,
+        "kind": GRANT,
+        "metadata": {"name": "join", "namespace": NS},
+        "spec": {
+            "connectorRef": {"name": "bb"},
+            "principal": {"user": e.n.user_uuid},
+            "target": {"workspace": e.n.ws, "group": group},
+            "permission": "member",
+        },
+    });
+    e.grants()
+        .create(&PostParams::default(), &serde_json::from_value(obj).unwrap())
+        .await
+        .unwrap();
+    let g = e.wait_state("join", "Granted").await;
+    assert!(member(&e));
+    assert!(g["status"]["previousPermission"].is_null());
+    assert_eq!(g["status"]["target"], format!("group/{group}"));
+    e.delete("join").await;
+    assert!(!member(&e), "membership removed again");
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_member_user_is_refused() {
+    let (e, op) = env(15, true).await;
+    let outsider = e.n.outsider_nick.clone();
+    e.create_for("outsider", &outsider, "read", json!({})).await;
+    let g = e.wait_state("outsider", "Failed").await;
+    let ready = condition(&g, "Ready").unwrap();
+    assert_eq!(ready["reason"], "NotWorkspaceMember");
+    assert!(ready["message"].as_str().unwrap().contains("invite"), "{ready}");
+    assert_eq!(condition(&g, "Stalled").unwrap()["status"], "True");
+    e.delete("outsider").await;
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_grants_higher_wins_and_removal_restores_the_other() {
+    let (e, op) = env(16, true).await;
+    e.set_level(Some("read")).await;
+
+    e.create("low", "write", json!({})).await;
+    e.wait_state("low", "Granted").await;
+    e.create("high", "admin", json!({})).await;
+    let high = e.wait_state("high", "Granted").await;
+    assert_eq!(e.truth().as_deref(), Some("admin"), "the higher level wins");
+    assert_eq!(
+        high["status"]["previousPermission"], "read",
+        "the level before any of them, not the other grant's write"
+    );
+
+    e.delete("high").await;
+    assert_eq!(e.truth().as_deref(), Some("write"), "the remaining grant's level");
+    e.delete("low").await;
+    assert_eq!(e.truth().as_deref(), Some("read"), "the original level");
+
+    // The other order: the lower one ends first, the higher one stays.
+    e.create("a-admin", "admin", json!({})).await;
+    e.wait_state("a-admin", "Granted").await;
+    e.create("b-write", "write", json!({})).await;
+    let b = e.wait_state("b-write", "Granted").await;
+    assert_eq!(b["status"]["previousPermission"], "read");
+    assert_eq!(e.truth().as_deref(), Some("admin"));
+    e.delete("b-write").await;
+    assert_eq!(e.truth().as_deref(), Some("admin"));
+    e.delete("a-admin").await;
+    assert_eq!(e.truth().as_deref(), Some("read"));
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spec_change_applies_the_new_level_and_keeps_the_original_for_restore() {
+    let (e, op) = env(17, true).await;
+    e.set_level(Some("read")).await;
+    e.create("change", "write", json!({})).await;
+    e.wait_state("change", "Granted").await;
+    assert_eq!(e.truth().as_deref(), Some("write"));
+
+    e.grants()
+        .patch(
+            "change",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"permission": "admin"}})),
+        )
+        .await
+        .unwrap();
+    let g = e
+        .fake
+        .wait_for(API, GRANT, Some(NS), "change", WAIT, |g| {
+            g["status"]["observedGeneration"] == 2 && g["status"]["state"] == "Granted"
+        })
+        .await;
+    assert_eq!(e.truth().as_deref(), Some("admin"));
+    assert_eq!(g["status"]["previousPermission"], "read");
+
+    // Only the expiry changes: nothing is written.
+    e.grants()
+        .patch(
+            "change",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"duration": "1h"}})),
+        )
+        .await
+        .unwrap();
+    let g = e
+        .fake
+        .wait_for(API, GRANT, Some(NS), "change", WAIT, |g| {
+            g["status"]["observedGeneration"] == 3 && g["status"]["expiresAt"].is_string()
+        })
+        .await;
+    assert_eq!(g["status"]["state"], "Granted");
+    assert_eq!(e.truth().as_deref(), Some("admin"));
+    let revoked = e
+        .events_of("change")
+        .into_iter()
+        .filter(|(r, _)| r == "Revoked")
+        .count();
+    assert_eq!(revoked, 1, "only the permission change ended the old access");
+
+    e.delete("change").await;
+    assert_eq!(e.truth().as_deref(), Some("read"));
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_connector_is_reported_and_deletion_is_not_blocked() {
+    let fake = FakeKube::start().await;
+    let store = Arc::new(Store::open_in_memory().unwrap());
+    let op = start_operator(&fake, &store);
+    fake.put(grant_json("orphan", "jdoe", "api", "acme", "read", json!({})));
+    let g = fake
+        .wait_for(API, GRANT, Some(NS), "orphan", WAIT, |g| {
+            condition(g, "Ready").is_some_and(|r| r["reason"] == "ConnectorNotFound")
+        })
+        .await;
+    assert_eq!(g["status"]["state"], "Pending");
+    assert_eq!(condition(&g, "Stalled").unwrap()["status"], "True");
+
+    // A connector in another namespace does not count.
+    fake.put(json!({
+        "apiVersion": API,
+        "kind": CONNECTOR,
+        "metadata": {"name": "bb", "namespace": "other"},
+        "spec": {"secretRef": {"name": "x"}, "provisioning": true},
+    }));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let g = fake.get(API, GRANT, Some(NS), "orphan").unwrap();
+    assert_eq!(condition(&g, "Ready").unwrap()["reason"], "ConnectorNotFound");
+
+    // A connector appearing in the namespace re-triggers the grant at once
+    // (it has no usable Secret: not ready).
+    fake.put(json!({
+        "apiVersion": API,
+        "kind": CONNECTOR,
+        "metadata": {"name": "bb", "namespace": NS},
+        "spec": {"secretRef": {"name": "missing"}, "provisioning": true},
+    }));
+    fake.wait_for(API, GRANT, Some(NS), "orphan", Duration::from_secs(10), |g| {
+        condition(g, "Ready").is_some_and(|r| r["reason"] == "ConnectorNotReady")
+    })
+    .await;
+    let api: Api<bitbucket_operator::crd::BitbucketAccessGrant> = Api::namespaced(fake.client(), NS);
+    api.delete("orphan", &DeleteParams::default()).await.unwrap();
+    fake.wait_for_absent(API, GRANT, Some(NS), "orphan", WAIT).await;
+    op.stop().await;
+}
+
+/// The grant lifecycle against a real cluster and real Bitbucket.
+///
+/// Needs `KUBECONFIG` (a disposable cluster: it applies the CRDs from
+/// `crds/` and creates a namespace), and:
+/// - `BITBUCKET_TEST_EMAIL`, `BITBUCKET_TEST_API_TOKEN`: an Atlassian API
+///   token of a workspace admin (write:permission, delete:permission scopes);
+/// - `BITBUCKET_TEST_WORKSPACE`, `BITBUCKET_TEST_REPOSITORY`: where to grant;
+/// - `BITBUCKET_TEST_USER`: a workspace member (UUID, account id or nickname)
+///   who holds no explicit permission on that repository.
+///
+/// Run: `cargo test --test access_grant -- --ignored real_cluster`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs KUBECONFIG and BITBUCKET_TEST_* (real cluster, real Bitbucket)"]
+async fn real_cluster_grant_lifecycle() {
+    let vars = [
+        "BITBUCKET_TEST_EMAIL",
+        "BITBUCKET_TEST_API_TOKEN",
+        "BITBUCKET_TEST_WORKSPACE",
+        "BITBUCKET_TEST_REPOSITORY",
+        "BITBUCKET_TEST_USER",
+    ];
+    let values: Vec<Option<String>> = vars.iter().map(|v| std::env::var(v).ok()).collect();
+    if values.iter().any(Option::is_none) || std::env::var("KUBECONFIG").is_err() {
+        eprintln!(
+            "skipping real_cluster_grant_lifecycle: set KUBECONFIG and {} (there is no public Bitbucket simulator)",
+            vars.join(", ")
+        );
+        return;
+    }
+    let [email, token, ws, repo, user] = <[Option<String>; 5]>::try_from(values).unwrap().map(Option::unwrap);
+    let client = kube::Client::try_default().await.expect("KUBECONFIG");
+    let ns = format!("bbag-test-{}", std::process::id());
+
+    // CRDs, namespace, Secret, connector.
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in bitbucket_operator::crd::crds() {
+        let name = crd.metadata.name.clone().unwrap();
+        crds.patch(
+            &name,
+            &PatchParams::apply("access-grant-test").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "bitbucket-credentials"},
+                "stringData": {"BATON_USERNAME": email, "BATON_APP_PASSWORD": token, "BATON_WORKSPACES": ws},
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let connectors: Api<bitbucket_operator::crd::BitbucketConnector> = Api::namespaced(client.clone(), &ns);
+    connectors
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "bb"},
+                "spec": {"secretRef": {"name": "bitbucket-credentials"}, "provisioning": true,
+                         "resources": {"accounts": {"enabled": false}, "groups": {"enabled": false},
+                                       "projects": {"enabled": false}}},
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("store.db")).unwrap());
+    let operator = Operator::new(client.clone(), store, Arc::new(Metrics::default()), vec![ns.clone()]);
+    let (stop, rx) = watch::channel(false);
+    let task = tokio::spawn(async move { operator.run_controllers(wait_for(rx)).await });
+
+    let grants: Api<bitbucket_operator::crd::BitbucketAccessGrant> = Api::namespaced(client.clone(), &ns);
+    let wait_state = async |name: &str, state: &str| {
+        for _ in 0..120 {
+            if let Some(g) = grants.get_opt(name).await.unwrap()
+                && g.status.as_ref().and_then(|s| s.state.as_deref()) == Some(state)
+            {
+                return g;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        panic!("{name} never reached {state}");
+    };
+    let mut obj = grant_json("jit", &user, &repo, &ws, "read", json!({"expiresAt": in_secs(90)}));
+    obj["metadata"]["namespace"] = json!(ns);
+    grants
+        .create(&PostParams::default(), &serde_json::from_value(obj).unwrap())
+        .await
+        .unwrap();
+    let g = wait_state("jit", "Granted").await;
+    assert!(g.status.unwrap().previous_permission.is_none());
+    wait_state("jit", "Expired").await;
+    let mut obj = grant_json("deleted", &user, &repo, &ws, "read", json!({}));
+    obj["metadata"]["namespace"] = json!(ns);
+    grants
+        .create(&PostParams::default(), &serde_json::from_value(obj).unwrap())
+        .await
+        .unwrap();
+    wait_state("deleted", "Granted").await;
+    grants.delete("deleted", &DeleteParams::default()).await.unwrap();
+    for _ in 0..60 {
+        if grants.get_opt("deleted").await.unwrap().is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(grants.get_opt("deleted").await.unwrap().is_none(), "finalizer released");
+
+    grants.delete("jit", &DeleteParams::default()).await.unwrap();
+    connectors.delete("bb", &DeleteParams::default()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let _ = stop.send(true);
+    let _ = task.await;
+    let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
+}
