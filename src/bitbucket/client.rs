@@ -115,6 +115,9 @@ struct Inner {
     config: ClientConfig,
     /// Shared by scoped clones, so a credential swap reaches all of them.
     auth: Arc<RwLock<Arc<Auth>>>,
+    /// The pacing in force (starts as `config.limits`); shared by scoped
+    /// clones and used for new credentials, so a swap keeps the latest limits.
+    limits: Arc<RwLock<Limits>>,
     requests: AtomicU64,
     by_class: Mutex<BTreeMap<(EndpointClass, u16), u64>>,
     observer: Option<RequestObserver>,
@@ -162,12 +165,14 @@ impl Client {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| Error::invalid(EndpointClass::User, format!("cannot build the HTTP client: {e}")))?;
-        let auth = Arc::new(Auth::new(credentials, &config));
+        let limits = config.limits;
+        let auth = Arc::new(Auth::new(credentials, &config, limits));
         Ok(Client {
             inner: Arc::new(Inner {
                 http,
                 config,
                 auth: Arc::new(RwLock::new(auth)),
+                limits: Arc::new(RwLock::new(limits)),
                 requests: AtomicU64::new(0),
                 by_class: Mutex::new(BTreeMap::new()),
                 observer,
@@ -184,11 +189,17 @@ impl Client {
                 http: self.inner.http.clone(),
                 config: self.inner.config.clone(),
                 auth: Arc::clone(&self.inner.auth),
+                limits: Arc::clone(&self.inner.limits),
                 requests: AtomicU64::new(0),
                 by_class: Mutex::new(BTreeMap::new()),
                 observer: self.inner.observer.clone(),
             }),
         }
+    }
+
+    /// The pacing in force (the latest of `config.limits` and [`Client::set_limits`]).
+    pub fn limits(&self) -> Limits {
+        *self.inner.limits.read().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn config(&self) -> &ClientConfig {
@@ -206,12 +217,13 @@ impl Client {
     pub fn set_credentials(&self, credentials: Credentials) {
         let mut auth = self.inner.auth.write().unwrap_or_else(|e| e.into_inner());
         if auth.credentials != credentials {
-            *auth = Arc::new(Auth::new(credentials, &self.inner.config));
+            *auth = Arc::new(Auth::new(credentials, &self.inner.config, self.limits()));
         }
     }
 
     /// Applies new pacing settings to the shared limiter.
     pub fn set_limits(&self, limits: Limits) {
+        *self.inner.limits.write().unwrap_or_else(|e| e.into_inner()) = limits;
         self.auth().limiter.reconfigure(limits);
     }
 
@@ -399,7 +411,16 @@ impl Client {
                     return Err(Error::invalid(class, format!("pagination loops back to {url}")));
                 }
                 let page: Page<T> = client.get_json(class, url).await?;
-                let next = match page.next.as_deref().filter(|n| !n.is_empty()) {
+                let next = page.next.as_deref().filter(|n| !n.is_empty());
+                // An empty page that still points further would walk forever
+                // at the limiter's pace: stop instead.
+                if page.values.is_empty() && next.is_some() {
+                    return Err(Error::invalid(
+                        class,
+                        "an empty page still links to a next page; stopping",
+                    ));
+                }
+                let next = match next {
                     None => None,
                     Some(next) => {
                         let next = Url::parse(next)
@@ -729,8 +750,10 @@ impl Client {
             return Err(error);
         }
         let token: TokenResponse = decode(class, status, &body)?;
-        // Refresh at 90% of the lifetime, and at least a minute early.
-        let ttl = Duration::from_secs(token.expires_in.unwrap_or(3600));
+        // Refresh at 90% of the lifetime, and at least a minute early. The
+        // lifetime is clamped so that a nonsensical answer can neither
+        // overflow the clock nor force a token fetch per request.
+        let ttl = Duration::from_secs(token.expires_in.unwrap_or(3600).clamp(2, 86_400));
         let early = (ttl / 10).max(Duration::from_secs(60)).min(ttl / 2);
         Ok(CachedToken {
             token: token.access_token,
@@ -740,14 +763,14 @@ impl Client {
 }
 
 impl Auth {
-    fn new(credentials: Credentials, config: &ClientConfig) -> Self {
+    fn new(credentials: Credentials, config: &ClientConfig, limits: Limits) -> Self {
         let identity = format!(
             "{}|{}",
             config.api_url.origin().ascii_serialization(),
             credentials.rate_limit_identity()
         );
         Auth {
-            limiter: Limiter::shared(&identity, config.limits),
+            limiter: Limiter::shared(&identity, limits),
             credentials,
             oauth: tokio::sync::Mutex::new(None),
         }
@@ -910,11 +933,19 @@ fn transport_message(err: &reqwest::Error) -> String {
     }
 }
 
-/// `Retry-After` in seconds (Bitbucket) or as an HTTP date; capped at an hour.
+/// `Retry-After` in seconds (what Bitbucket sends) or as an HTTP date;
+/// capped at an hour.
 fn parse_retry_after(value: Option<&HeaderValue>) -> Option<Duration> {
     let text = value?.to_str().ok()?.trim();
-    let seconds = text.parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0)?;
-    Some(Duration::from_secs_f64(seconds.min(3600.0)))
+    let wait = match text.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && seconds >= 0.0 => Duration::from_secs_f64(seconds.min(3600.0)),
+        Ok(_) => return None,
+        Err(_) => {
+            let at = httpdate::parse_http_date(text).ok()?;
+            at.duration_since(std::time::SystemTime::now()).unwrap_or_default()
+        }
+    };
+    Some(wait.min(Duration::from_secs(3600)))
 }
 
 /// Exponential backoff with jitter: a random wait in [d/2, d] where
@@ -970,6 +1001,17 @@ mod tests {
             Some(Duration::from_secs(3600))
         );
         assert_eq!(parse_retry_after(None), None);
+        let soon = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(30));
+        let wait = parse_retry_after(Some(&HeaderValue::from_str(&soon).unwrap())).unwrap();
+        assert!(
+            wait > Duration::from_secs(27) && wait <= Duration::from_secs(30),
+            "{wait:?}"
+        );
+        let past = httpdate::fmt_http_date(std::time::SystemTime::now() - Duration::from_secs(30));
+        assert_eq!(
+            parse_retry_after(Some(&HeaderValue::from_str(&past).unwrap())),
+            Some(Duration::ZERO)
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! does not let its siblings keep hammering the API.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -53,8 +53,12 @@ struct State {
     log: VecDeque<Instant>,
     /// No request starts before this (set after a 429).
     paused_until: Option<Instant>,
-    /// Permits handed to the semaphore so far, to resize it on reconfigure.
+    /// Permits the semaphore should hold in all (in flight or free), to
+    /// resize it on reconfigure.
     in_flight_permits: usize,
+    /// Permits still to be retired after a reduction while they were in use:
+    /// each comes back from a finished request and is forgotten then.
+    in_flight_deficit: usize,
 }
 
 /// Held while a request is in flight. Dropping it frees the in-flight slot
@@ -65,7 +69,7 @@ struct State {
 pub struct Permit {
     limiter: Arc<Limiter>,
     started: Instant,
-    _in_flight: OwnedSemaphorePermit,
+    in_flight: Option<OwnedSemaphorePermit>,
 }
 
 impl Drop for Permit {
@@ -75,6 +79,12 @@ impl Drop for Permit {
             state.log.remove(index);
             // Every entry is at or before now, so the log stays ordered.
             state.log.push_back(Instant::now());
+        }
+        if state.in_flight_deficit > 0
+            && let Some(permit) = self.in_flight.take()
+        {
+            permit.forget();
+            state.in_flight_deficit -= 1;
         }
     }
 }
@@ -89,23 +99,27 @@ impl Limiter {
                 log: VecDeque::new(),
                 paused_until: None,
                 in_flight_permits: limits.max_in_flight,
+                in_flight_deficit: 0,
             }),
         }
     }
 
     /// The limiter for `identity`, shared process-wide with every other client
     /// that asks for the same identity. The latest `limits` win, so a changed
-    /// setting applies to everyone sharing the credential.
+    /// setting applies to everyone sharing the credential. The registry keeps
+    /// a limiter while anyone uses it or its window still holds requests, so a
+    /// client rebuilt within the hour (a connector suspended and resumed, a
+    /// Secret briefly missing) does not start with a fresh budget.
     pub fn shared(identity: &str, limits: Limits) -> Arc<Limiter> {
-        static REGISTRY: LazyLock<Mutex<HashMap<String, Weak<Limiter>>>> = LazyLock::new(Default::default);
+        static REGISTRY: LazyLock<Mutex<HashMap<String, Arc<Limiter>>>> = LazyLock::new(Default::default);
         let mut registry = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
-        registry.retain(|_, weak| weak.strong_count() > 0);
-        if let Some(existing) = registry.get(identity).and_then(Weak::upgrade) {
+        registry.retain(|_, limiter| Arc::strong_count(limiter) > 1 || limiter.used_in_window() > 0);
+        if let Some(existing) = registry.get(identity) {
             existing.reconfigure(limits);
-            return existing;
+            return Arc::clone(existing);
         }
         let limiter = Arc::new(Limiter::new(limits));
-        registry.insert(identity.to_owned(), Arc::downgrade(&limiter));
+        registry.insert(identity.to_owned(), Arc::clone(&limiter));
         limiter
     }
 
@@ -118,14 +132,21 @@ impl Limiter {
         let limits = sanitize(limits);
         let mut state = self.lock();
         state.limits = limits;
-        if limits.max_in_flight > state.in_flight_permits {
-            self.in_flight
-                .add_permits(limits.max_in_flight - state.in_flight_permits);
-            state.in_flight_permits = limits.max_in_flight;
-        } else if limits.max_in_flight < state.in_flight_permits {
-            let surplus = state.in_flight_permits - limits.max_in_flight;
+        // Undo a pending reduction first, then grow or shrink.
+        let effective = state.in_flight_permits - state.in_flight_deficit;
+        if limits.max_in_flight > effective {
+            let mut grow = limits.max_in_flight - effective;
+            let cancelled = grow.min(state.in_flight_deficit);
+            state.in_flight_deficit -= cancelled;
+            grow -= cancelled;
+            self.in_flight.add_permits(grow);
+            state.in_flight_permits += grow;
+        } else if limits.max_in_flight < effective {
+            let surplus = effective - limits.max_in_flight;
+            // Free permits go now; those in use go as their requests finish.
             let forgotten = self.in_flight.forget_permits(surplus);
             state.in_flight_permits -= forgotten;
+            state.in_flight_deficit += surplus - forgotten;
         }
     }
 
@@ -146,7 +167,7 @@ impl Limiter {
                         return Permit {
                             limiter: Arc::clone(self),
                             started: now,
-                            _in_flight: in_flight,
+                            in_flight: Some(in_flight),
                         };
                     }
                     Some(at) => at,
@@ -303,6 +324,40 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &b));
         assert!(!Arc::ptr_eq(&a, &c));
         assert_eq!(a.limits().max_requests, 7, "latest settings apply to every sharer");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shrinking_while_requests_are_in_flight_takes_effect_as_they_finish() {
+        let limiter = Arc::new(Limiter::new(Limits {
+            max_in_flight: 3,
+            ..Limits::default()
+        }));
+        let held: Vec<_> = futures::future::join_all((0..3).map(|_| limiter.acquire())).await;
+        limiter.reconfigure(Limits {
+            max_in_flight: 1,
+            ..Limits::default()
+        });
+        drop(held);
+        let _one = limiter.acquire().await;
+        let second = tokio::time::timeout(Duration::from_secs(1), limiter.acquire()).await;
+        assert!(second.is_err(), "only one request in flight after shrinking to 1");
+    }
+
+    #[test]
+    fn a_rebuilt_client_keeps_the_window_of_its_credential() {
+        let limits = Limits {
+            max_requests: 5,
+            ..Limits::default()
+        };
+        let first = Limiter::shared("test-identity-window", limits);
+        first.lock().log.push_back(Instant::now());
+        drop(first);
+        let again = Limiter::shared("test-identity-window", limits);
+        assert_eq!(
+            again.used_in_window(),
+            1,
+            "the request made before the rebuild still counts"
+        );
     }
 
     #[tokio::test]

@@ -126,7 +126,7 @@ pub struct SyncEngine {
 
 impl SyncEngine {
     pub fn new(client: Client, workspaces: Vec<String>) -> Self {
-        let concurrency = (client.config().limits.max_in_flight * 2).max(1);
+        let concurrency = (client.limits().max_in_flight * 2).max(1);
         SyncEngine {
             client,
             workspaces,
@@ -147,33 +147,37 @@ impl SyncEngine {
         scope
     }
 
-    /// Finds the workspaces to sync: the configured slugs (each checked), or
-    /// every workspace the credential administers.
+    /// Finds the workspaces to sync: the configured slugs (each must be one
+    /// of the caller's workspaces), or every workspace the credential
+    /// administers.
     pub async fn discover(&self) -> Result<SyncScope, SyncError> {
-        let workspaces = if self.workspaces.is_empty() {
-            let access: Vec<_> = self.client.user_workspaces(Some(true)).try_concat().await?;
-            let mut workspaces: Vec<Workspace> = access
-                .into_iter()
-                .filter(|a| a.administrator)
-                .map(|a| a.workspace)
-                .filter(|w| !w.uuid.is_empty() && !w.slug.is_empty())
-                .collect();
-            workspaces.sort_by(|a, b| a.slug.cmp(&b.slug));
-            workspaces.dedup_by(|a, b| a.uuid == b.uuid);
+        // One listing of the caller's workspaces serves both cases: it is the
+        // replacement for the retired `/2.0/workspaces`, needs one request per
+        // 100 workspaces however many are configured, and avoids
+        // `/2.0/workspaces/{ws}`, which has been seen answering intermittent
+        // 410s (API-CONTRACT.md).
+        let administered_only = self.workspaces.is_empty();
+        let access: Vec<_> = self.client.user_workspaces(administered_only.then_some(true)).try_concat().await?;
+        let mut known: Vec<(bool, Workspace)> = access
+            .into_iter()
+            .map(|a| (a.administrator, a.workspace))
+            .filter(|(_, w)| !w.uuid.is_empty() && !w.slug.is_empty())
+            .collect();
+        known.sort_by(|a, b| a.1.slug.cmp(&b.1.slug));
+        known.dedup_by(|a, b| a.1.uuid == b.1.uuid);
+        let workspaces = if administered_only {
+            let workspaces: Vec<Workspace> = known.into_iter().filter(|(admin, _)| *admin).map(|(_, w)| w).collect();
             if workspaces.is_empty() {
                 return Err(SyncError::NoWorkspaces);
             }
             workspaces
         } else {
             let mut workspaces = Vec::with_capacity(self.workspaces.len());
-            for slug in &self.workspaces {
-                match self.client.workspace(slug).await {
-                    Ok(workspace) if !workspace.uuid.is_empty() => workspaces.push(workspace),
-                    Ok(_) => return Err(SyncError::WorkspaceNotFound { slug: slug.clone() }),
-                    Err(err) if matches!(err.kind, ErrorKind::NotFound | ErrorKind::Gone) => {
-                        return Err(SyncError::WorkspaceNotFound { slug: slug.clone() });
-                    }
-                    Err(err) => return Err(err.into()),
+            for wanted in &self.workspaces {
+                let found = known.iter().find(|(_, w)| w.slug == *wanted || w.uuid.eq_ignore_ascii_case(wanted));
+                match found {
+                    Some((_, w)) => workspaces.push(w.clone()),
+                    None => return Err(SyncError::WorkspaceNotFound { slug: wanted.clone() }),
                 }
             }
             workspaces
