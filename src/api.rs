@@ -17,6 +17,10 @@
 //! that RBAC can grant reading the inventory separately from reading the
 //! resource, e.g.:
 //!
+//! Only the replica holding the leader-election lease serves data (others
+//! answer 503): each replica keeps its own store and only the leader's is
+//! current.
+//!
 //! ```yaml
 //! rules:
 //!   - apiGroups: [connectors.dev]
@@ -43,11 +47,16 @@ use crate::crd::GROUP;
 use crate::model::{ResourceType, SyncKind};
 use crate::store::Store;
 
-/// What the data API needs: the Kubernetes client for reviews, and the store.
+/// What the data API needs: the Kubernetes client for reviews, the store,
+/// and whether this replica runs the sync loops.
 #[derive(Clone)]
 pub struct ApiState {
     pub kube: kube::Client,
     pub store: Arc<Store>,
+    /// True while this replica holds the lease (always, without leader
+    /// election). A standby's store is not kept current, so it answers 503
+    /// rather than stale or empty data.
+    pub leading: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -152,6 +161,12 @@ where
     F: FnOnce(&Store, &str) -> Result<T, ApiError> + Send + 'static,
 {
     authorize(&state, &headers, &ns, &name).await?;
+    if !state.leading.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this replica is a standby; the data API is served by the lease holder".into(),
+        ));
+    }
     let connector = format!("{ns}/{name}");
     tokio::task::spawn_blocking(move || {
         if !state.store.connectors().map_err(internal)?.contains(&connector) {

@@ -47,7 +47,8 @@ impl Default for SecretKeys {
 }
 
 impl SecretKeys {
-    fn all(&self) -> [&str; 9] {
+    /// Every key name the connector reads.
+    pub fn all(&self) -> [&str; 9] {
         [
             &self.username,
             &self.app_password,
@@ -169,11 +170,18 @@ impl ConnectorSettings {
             })?,
             None => false,
         };
-        let platform =
-            pair(&keys.client_id, &keys.client_secret)?.map(|(client_id, client_secret)| PlatformCredentials {
+        // The platform credentials are not used for syncing: half a pair is
+        // reported but does not stop the connector.
+        let platform = match pair(&keys.client_id, &keys.client_secret) {
+            Ok(pair) => pair.map(|(client_id, client_secret)| PlatformCredentials {
                 client_id,
                 client_secret,
-            });
+            }),
+            Err(err) => {
+                tracing::warn!(error = %err, "ignoring incomplete platform client credentials");
+                None
+            }
+        };
         Ok(ConnectorSettings {
             credentials,
             workspaces,
@@ -345,6 +353,16 @@ mod tests {
         assert_eq!(data["BATON_APP_PASSWORD"], "tok");
         assert!(secret_manifest_data("kind: ConfigMap\n").is_err());
         assert!(secret_manifest_data("kind: Secret\ndata:\n  K: '!!!'\n").is_err());
+    }
+
+    #[test]
+    fn half_a_platform_pair_does_not_block_syncing() {
+        let settings = ConnectorSettings::from_map(
+            &map(&[("BATON_TOKEN", "t"), ("BATON_CLIENT_ID", "name@tenant.conductor.one/x")]),
+            &SecretKeys::default(),
+        )
+        .unwrap();
+        assert!(settings.platform.is_none());
     }
 
     #[test]

@@ -609,16 +609,17 @@ impl Store {
         })
     }
 
-    /// Marks every run still `running` (of `connector`, or of all connectors)
-    /// as failed: runs of a process that stopped before finishing them. Call
-    /// once at startup, before starting new runs. Returns how many.
-    pub fn fail_interrupted_runs(&self, connector: Option<&str>) -> Result<usize, StoreError> {
+    /// Marks every run still `running` (of `connector` and `kind`, or of all)
+    /// as failed: runs whose loop was stopped, or whose process stopped,
+    /// before they finished. Call it when no run of that scope can still be
+    /// going (at startup, or after awaiting the stopped loops). Returns how many.
+    pub fn fail_interrupted_runs(&self, connector: Option<&str>, kind: Option<SyncKind>) -> Result<usize, StoreError> {
         self.write(|tx| {
             let n = tx.execute(
-                "UPDATE runs SET status = 'failed', finished_at = max(started_at, ?2),
-                   error = 'interrupted: the process stopped before the run finished'
-                 WHERE status = 'running' AND (?1 IS NULL OR connector = ?1)",
-                params![connector, now_ms()],
+                "UPDATE runs SET status = 'failed', finished_at = max(started_at, ?3),
+                   error = 'interrupted: stopped before the run finished'
+                 WHERE status = 'running' AND (?1 IS NULL OR connector = ?1) AND (?2 IS NULL OR kind = ?2)",
+                params![connector, kind.map(|k| k.as_str()), now_ms()],
             )?;
             Ok(n)
         })

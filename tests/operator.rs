@@ -633,6 +633,7 @@ async fn the_data_api_needs_a_reviewed_token_and_rbac_on_the_data_subresource() 
         api: Some(ApiState {
             kube: h.kube.client(),
             store: Arc::clone(&h.store),
+            leading: Arc::clone(&h.operator.leading),
         }),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -733,6 +734,11 @@ async fn the_data_api_needs_a_reviewed_token_and_rbac_on_the_data_subresource() 
     let attrs = &review.json()["spec"]["resourceAttributes"];
     assert_eq!(attrs["subresource"], "data");
     assert_eq!(attrs["verb"], "get");
+
+    // A replica that does not run the loops (a standby) does not serve data.
+    h.operator.leading.store(false, std::sync::atomic::Ordering::Relaxed);
+    let standby = get(&format!("{prefix}/grants"), Some("reviewer-token")).await.unwrap();
+    assert_eq!(standby.status(), 503);
     server.abort();
     h.stop().await;
 }

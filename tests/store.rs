@@ -289,7 +289,7 @@ fn failed_and_abandoned_runs_leave_the_previous_generation_whole() {
     assert_eq!(store.generations("default", SyncKind::Repositories).unwrap().len(), 1);
 
     // Interrupted runs of a previous process are closed as failed.
-    assert_eq!(store.fail_interrupted_runs(Some("default")).unwrap(), 1);
+    assert_eq!(store.fail_interrupted_runs(Some("default"), None).unwrap(), 1);
     let runs = store.runs("default", 10).unwrap();
     assert!(runs.iter().all(|r| r.status != RunStatus::Running));
     assert!(matches!(

@@ -164,8 +164,17 @@ async fn read_settings(
             message: format!("Secret {namespace}/{secret_name} not found"),
         });
     };
+    let keys = secret_keys(obj);
+    let wanted = keys.all();
     let mut data = BTreeMap::new();
-    for (key, value) in secret.data.unwrap_or_default() {
+    // Only the keys the connector reads: other entries (a binary CA bundle,
+    // say) are none of its business.
+    for (key, value) in secret
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| wanted.contains(&k.as_str()))
+    {
         match String::from_utf8(value.0) {
             Ok(text) => {
                 data.insert(key, text);
@@ -179,7 +188,6 @@ async fn read_settings(
         }
     }
     data.extend(secret.string_data.unwrap_or_default());
-    let keys = secret_keys(obj);
     match ConnectorSettings::from_map(&data, &keys) {
         Ok(mut settings) => {
             if let Some(workspaces) = &obj.spec.workspaces {
@@ -260,19 +268,19 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
     }
 
     let health = if obj.spec.suspend {
-        ctx.manager.remove(&key);
+        ctx.manager.remove(&key).await;
         Health::Suspended
     } else {
         match (read_settings(&obj, ctx, &namespace).await?, desired_loops(&obj)) {
             (_, Err(message)) => {
-                ctx.manager.remove(&key);
+                ctx.manager.remove(&key).await;
                 Health::SecretProblem {
                     reason: reason::INVALID_SPEC,
                     message,
                 }
             }
             (SecretOutcome::Problem { reason, message }, _) => {
-                ctx.manager.remove(&key);
+                ctx.manager.remove(&key).await;
                 requeue = Duration::from_secs(300);
                 Health::SecretProblem { reason, message }
             }
@@ -289,7 +297,7 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
                 };
                 match ctx.manager.configure(target.clone(), &settings, engine) {
                     Err(err) => {
-                        ctx.manager.remove(&key);
+                        ctx.manager.remove(&key).await;
                         Health::SecretProblem {
                             reason: reason::INVALID_SPEC,
                             message: err.to_string(),
@@ -304,18 +312,26 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
                         };
                         match connection.result {
                             Ok(workspaces) => {
-                                let started = runtime.ensure_loops(&desired);
-                                if let Some(requested) = &requested
-                                    && already_handled.as_ref() != Some(requested)
-                                {
+                                let started = runtime.ensure_loops(&desired).await;
+                                if requested.is_some() && requested != already_handled {
                                     runtime.trigger_all(&started);
-                                    handled = Some(requested.clone());
                                 }
                                 running = runtime.loop_kinds();
-                                Health::Connected { workspaces }
+                                match runtime.refusal() {
+                                    // Loops keep retrying; recovery clears it.
+                                    Some(err) => {
+                                        requeue = Duration::from_secs(300);
+                                        Health::ConnectFailed {
+                                            reason: err.reason(),
+                                            message: err.to_string(),
+                                            stalled: true,
+                                        }
+                                    }
+                                    None => Health::Connected { workspaces },
+                                }
                             }
                             Err(err) => {
-                                runtime.stop_loops();
+                                runtime.stop_loops().await;
                                 let stalled = err.is_configuration_error();
                                 if stalled {
                                     requeue = Duration::from_secs(300);
@@ -334,6 +350,12 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
             }
         }
     };
+
+    // Flux waits for its request to be acknowledged: record it whatever the
+    // outcome (a stalled connector must say so rather than time out).
+    if requested.is_some() && requested != already_handled {
+        handled = requested.clone();
+    }
 
     let loops = {
         let store = Arc::clone(ctx.store());
@@ -431,7 +453,7 @@ fn next_due(
 async fn cleanup(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, ReconcileError> {
     let target = ObjectRef::from_obj(obj.as_ref());
     let key = runtime_key(&target);
-    ctx.manager.remove(&key);
+    ctx.manager.remove(&key).await;
     let store = Arc::clone(ctx.store());
     let store_key = key.clone();
     tokio::task::spawn_blocking(move || store.delete_connector(&store_key))

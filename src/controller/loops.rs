@@ -28,7 +28,7 @@ use crate::metrics::Metrics;
 use crate::model::SyncKind;
 use crate::settings::ConnectorSettings;
 use crate::store::{RunStatus, Store};
-use crate::sync::{SyncEngine, SyncError, run_into_store};
+use crate::sync::{SyncEngine, SyncError, discover_and_run_into_store};
 
 /// What the engine is built from; a change to `api_url` builds a new client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,7 +117,7 @@ impl Manager {
                     connection: Mutex::new(None),
                     loops: Mutex::default(),
                     running: Mutex::default(),
-                    last_config_error: Mutex::new(None),
+                    config_errors: Mutex::default(),
                 });
                 lock(&self.runtimes).insert(key, Arc::clone(&runtime));
                 Ok((runtime, false))
@@ -164,17 +164,18 @@ impl Manager {
     }
 
     /// Stops the connector's loops and forgets it.
-    pub fn remove(&self, key: &str) {
-        if let Some(runtime) = lock(&self.runtimes).remove(key) {
-            runtime.stop_loops();
+    pub async fn remove(&self, key: &str) {
+        let runtime = lock(&self.runtimes).remove(key);
+        if let Some(runtime) = runtime {
+            runtime.stop_loops().await;
         }
     }
 
     /// Stops every loop (lost leadership, shutdown).
-    pub fn stop_all(&self) {
+    pub async fn stop_all(&self) {
         let runtimes: Vec<_> = lock(&self.runtimes).drain().map(|(_, r)| r).collect();
         for runtime in runtimes {
-            runtime.stop_loops();
+            runtime.stop_loops().await;
         }
     }
 
@@ -208,9 +209,9 @@ pub struct ConnectorRuntime {
     connection: Mutex<Option<Connection>>,
     loops: Mutex<BTreeMap<SyncKind, LoopHandle>>,
     running: Mutex<BTreeSet<SyncKind>>,
-    /// A configuration-class failure (credentials, scopes, workspace) seen by
-    /// a loop after the last credential check.
-    last_config_error: Mutex<Option<(SyncError, Instant)>>,
+    /// Configuration-class failures (credentials, scopes, workspace) of each
+    /// loop's latest run; a successful run clears its entry.
+    config_errors: Mutex<BTreeMap<SyncKind, (SyncError, Instant)>>,
 }
 
 impl ConnectorRuntime {
@@ -224,7 +225,9 @@ impl ConnectorRuntime {
 
     /// Whether the credential check must run again: never ran, settings or
     /// credentials changed, it failed last time, or a loop has since been
-    /// refused for a configuration reason.
+    /// refused with rejected credentials or an unknown workspace (the check
+    /// can see those; missing permission scopes it cannot, see
+    /// [`ConnectorRuntime::refusal`]).
     pub fn needs_connection_check(&self) -> bool {
         let connection = lock(&self.connection);
         let Some(connection) = connection.as_ref() else {
@@ -237,9 +240,17 @@ impl ConnectorRuntime {
         if connection.checked != current || connection.result.is_err() {
             return true;
         }
-        lock(&self.last_config_error)
-            .as_ref()
-            .is_some_and(|(_, at)| *at > connection.at)
+        lock(&self.config_errors)
+            .values()
+            .any(|(err, at)| *at > connection.at && !matches!(err, SyncError::InsufficientScopes(_)))
+    }
+
+    /// A loop's latest run was refused for a reason retrying with the same
+    /// settings cannot fix (typically a 403 on the permission endpoints, which
+    /// the credential check does not call): the connector is stalled on it
+    /// while the loops keep retrying on their interval.
+    pub fn refusal(&self) -> Option<SyncError> {
+        lock(&self.config_errors).values().map(|(err, _)| err.clone()).next()
     }
 
     /// Checks the credentials and finds the workspaces (`GET /2.0/user`, then
@@ -260,9 +271,6 @@ impl ConnectorRuntime {
             at: Instant::now(),
         };
         *lock(&self.connection) = Some(connection.clone());
-        if connection.result.is_ok() {
-            *lock(&self.last_config_error) = None;
-        }
         connection
     }
 
@@ -273,40 +281,57 @@ impl ConnectorRuntime {
     /// Starts, retunes or stops loops to match `desired` (`None`: disabled).
     /// Only loops whose interval changed are touched. Returns the kinds that
     /// were started now (their first run is already due or scheduled).
-    pub fn ensure_loops(self: &Arc<Self>, desired: &BTreeMap<SyncKind, Option<Duration>>) -> BTreeSet<SyncKind> {
+    pub async fn ensure_loops(self: &Arc<Self>, desired: &BTreeMap<SyncKind, Option<Duration>>) -> BTreeSet<SyncKind> {
         let mut started = BTreeSet::new();
-        let mut loops = lock(&self.loops);
-        for (&kind, interval) in desired {
-            match (interval, loops.get(&kind)) {
-                (None, Some(_)) => {
-                    if let Some(handle) = loops.remove(&kind) {
-                        handle.task.abort();
-                        lock(&self.running).remove(&kind);
+        let mut stopped = Vec::new();
+        {
+            let mut loops = lock(&self.loops);
+            for (&kind, interval) in desired {
+                match (interval, loops.get(&kind)) {
+                    (None, Some(_)) => stopped.extend(loops.remove(&kind).map(|handle| (kind, handle))),
+                    (Some(interval), Some(handle)) => {
+                        if *handle.interval.borrow() != *interval {
+                            let _ = handle.interval.send(*interval);
+                        }
                     }
-                }
-                (Some(interval), Some(handle)) => {
-                    if *handle.interval.borrow() != *interval {
-                        let _ = handle.interval.send(*interval);
+                    (Some(interval), None) => {
+                        let (tx, rx) = watch::channel(*interval);
+                        let trigger = Arc::new(Notify::new());
+                        let task = tokio::spawn(run_loop(Arc::clone(self), kind, rx, Arc::clone(&trigger)));
+                        loops.insert(
+                            kind,
+                            LoopHandle {
+                                interval: tx,
+                                trigger,
+                                task,
+                            },
+                        );
+                        started.insert(kind);
                     }
+                    (None, None) => {}
                 }
-                (Some(interval), None) => {
-                    let (tx, rx) = watch::channel(*interval);
-                    let trigger = Arc::new(Notify::new());
-                    let task = tokio::spawn(run_loop(Arc::clone(self), kind, rx, Arc::clone(&trigger)));
-                    loops.insert(
-                        kind,
-                        LoopHandle {
-                            interval: tx,
-                            trigger,
-                            task,
-                        },
-                    );
-                    started.insert(kind);
-                }
-                (None, None) => {}
             }
         }
+        for (kind, handle) in stopped {
+            self.stop_loop(kind, handle).await;
+        }
         started
+    }
+
+    /// Cancels a loop, waits until it is gone, then closes the run it may
+    /// have left open: nothing can be half-way through a run afterwards.
+    async fn stop_loop(&self, kind: SyncKind, handle: LoopHandle) {
+        handle.task.abort();
+        let _ = handle.task.await;
+        lock(&self.running).remove(&kind);
+        if let Some(manager) = self.manager.upgrade() {
+            let store = Arc::clone(&manager.store);
+            let key = self.key.clone();
+            let closed = tokio::task::spawn_blocking(move || store.fail_interrupted_runs(Some(&key), Some(kind))).await;
+            if let Ok(Err(err)) = closed {
+                tracing::warn!(connector = %self.key, kind = kind.as_str(), error = %err, "could not close a stopped run");
+            }
+        }
     }
 
     /// Runs every loop now, except those in `skip` (just started).
@@ -318,12 +343,11 @@ impl ConnectorRuntime {
         }
     }
 
-    pub fn stop_loops(&self) {
-        let mut loops = lock(&self.loops);
-        for (_, handle) in std::mem::take(&mut *loops) {
-            handle.task.abort();
+    pub async fn stop_loops(&self) {
+        let loops = std::mem::take(&mut *lock(&self.loops));
+        for (kind, handle) in loops {
+            self.stop_loop(kind, handle).await;
         }
-        lock(&self.running).clear();
     }
 
     /// Kinds with a loop.
@@ -438,21 +462,23 @@ async fn run_loop(
         runtime.notify();
         let engine = runtime.engine();
         let clock = Instant::now();
-        let outcome = match engine.discover().await {
-            Ok(scope) => run_into_store(&engine, &store, &runtime.key, kind, &scope)
-                .await
-                .map(|_| ()),
-            Err(err) => Err(err),
-        };
+        let outcome = discover_and_run_into_store(&engine, &store, &runtime.key, kind)
+            .await
+            .map(|_| ());
         if let Some(metrics) = &metrics {
             metrics.record_sync(kind, outcome.is_ok(), clock.elapsed().as_secs_f64());
         }
         match outcome {
-            Ok(()) => failures = 0,
+            Ok(()) => {
+                failures = 0;
+                lock(&runtime.config_errors).remove(&kind);
+            }
             Err(err) => {
                 failures = failures.saturating_add(1);
                 if err.is_configuration_error() {
-                    *lock(&runtime.last_config_error) = Some((err.clone(), Instant::now()));
+                    lock(&runtime.config_errors).insert(kind, (err.clone(), Instant::now()));
+                } else {
+                    lock(&runtime.config_errors).remove(&kind);
                 }
                 tracing::warn!(connector = %runtime.key, kind = kind.as_str(), error = %err, "sync run failed");
             }

@@ -84,10 +84,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("opening the store {}", args.db.display()))?
     };
     let store = Arc::new(store);
-    let interrupted = store.fail_interrupted_runs(None)?;
-    if interrupted > 0 {
-        tracing::info!(interrupted, "marked runs interrupted by the last shutdown as failed");
-    }
     let metrics = Arc::new(Metrics::default());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -105,6 +101,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             api: Some(ApiState {
                 kube: operator.client.clone(),
                 store: Arc::clone(operator.manager.store()),
+                leading: Arc::clone(&operator.leading),
             }),
         },
         wait_for(shutdown_rx.clone()),
@@ -148,6 +145,8 @@ pub struct Operator {
     pub client: Client,
     pub manager: Arc<Manager>,
     pub metrics: Arc<Metrics>,
+    /// True while the controllers run (this replica leads).
+    pub leading: Arc<AtomicBool>,
     namespaces: Vec<String>,
 }
 
@@ -158,12 +157,24 @@ impl Operator {
             client,
             manager,
             metrics,
+            leading: Arc::new(AtomicBool::new(false)),
             namespaces,
         }
     }
 
     /// Runs the connector controllers until `shutdown`, then stops every loop.
     pub async fn run_controllers(&self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) {
+        // Only the replica that runs loops may close runs left `running` by a
+        // previous leader or process; a standby must not touch them.
+        let store = Arc::clone(self.manager.store());
+        match tokio::task::spawn_blocking(move || store.fail_interrupted_runs(None, None)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(interrupted)) => {
+                tracing::info!(interrupted, "marked runs interrupted by the last shutdown as failed")
+            }
+            Ok(Err(err)) => tracing::warn!(error = %err, "could not close interrupted runs"),
+            Err(err) => tracing::warn!(error = %err, "could not close interrupted runs"),
+        }
         let shutdown = shutdown.shared();
         let reporter = Reporter {
             controller: "bitbucket-operator".into(),
@@ -241,12 +252,14 @@ impl Operator {
                     }
                 })
         });
+        self.leading.store(true, Ordering::Relaxed);
         futures::future::join(
             futures::future::join_all(controllers),
             futures::future::join_all(grant_controllers),
         )
         .await;
-        self.manager.stop_all();
+        self.leading.store(false, Ordering::Relaxed);
+        self.manager.stop_all().await;
     }
 
     /// Waits for the Lease, runs the controllers while holding it, stops them

@@ -104,6 +104,13 @@ pub fn compute(obs: &Observation<'_>) -> BitbucketConnectorStatus {
         Health::Suspended => {
             set(
                 &mut conditions,
+                ct::CONNECTED,
+                "Unknown",
+                reason::SUSPENDED,
+                "Not checked while suspended".into(),
+            );
+            set(
+                &mut conditions,
                 ct::SYNCING,
                 "False",
                 reason::SUSPENDED,
@@ -160,7 +167,7 @@ pub fn compute(obs: &Observation<'_>) -> BitbucketConnectorStatus {
                 ct::SYNCING,
                 "False",
                 why,
-                "Sync loops are stopped until Bitbucket accepts the connection".into(),
+                format!("No sync can succeed until this is fixed: {message}"),
             );
             set(&mut conditions, ct::READY, "False", why, message.clone());
             if *is_stalled {

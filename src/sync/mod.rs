@@ -43,7 +43,7 @@ use crate::bitbucket::models::{User, Workspace};
 use crate::bitbucket::{Client, Error as ApiError, ErrorKind};
 use crate::model::{SyncBatch, SyncKind};
 
-pub use run::{RunReport, run_into_store};
+pub use run::{RunReport, discover_and_run_into_store, run_into_store};
 pub(crate) use syncers::{group_member_grants, permission_grants};
 
 /// Why a sync failed, classified the way status conditions report it.
@@ -157,7 +157,11 @@ impl SyncEngine {
         // `/2.0/workspaces/{ws}`, which has been seen answering intermittent
         // 410s (API-CONTRACT.md).
         let administered_only = self.workspaces.is_empty();
-        let access: Vec<_> = self.client.user_workspaces(administered_only.then_some(true)).try_concat().await?;
+        let access: Vec<_> = self
+            .client
+            .user_workspaces(administered_only.then_some(true))
+            .try_concat()
+            .await?;
         let mut known: Vec<(bool, Workspace)> = access
             .into_iter()
             .map(|a| (a.administrator, a.workspace))
@@ -174,7 +178,9 @@ impl SyncEngine {
         } else {
             let mut workspaces = Vec::with_capacity(self.workspaces.len());
             for wanted in &self.workspaces {
-                let found = known.iter().find(|(_, w)| w.slug == *wanted || w.uuid.eq_ignore_ascii_case(wanted));
+                let found = known
+                    .iter()
+                    .find(|(_, w)| w.slug == *wanted || w.uuid.eq_ignore_ascii_case(wanted));
                 match found {
                     Some((_, w)) => workspaces.push(w.clone()),
                     None => return Err(SyncError::WorkspaceNotFound { slug: wanted.clone() }),

@@ -34,14 +34,37 @@ fn as_seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Erro
     s.serialize_f64((d.as_secs_f64() * 1000.0).round() / 1000.0)
 }
 
-/// Syncs `kind` for `connector` and stores the result. On failure the run is
-/// recorded as failed with the error, and the last good data stays in place.
+/// Syncs `kind` for `connector` over `scope` and stores the result. On
+/// failure the run is recorded as failed with the error, and the last good
+/// data stays in place.
 pub async fn run_into_store(
     engine: &SyncEngine,
     store: &Arc<Store>,
     connector: &str,
     kind: SyncKind,
     scope: &SyncScope,
+) -> Result<RunReport, SyncError> {
+    run(engine, store, connector, kind, Some(scope)).await
+}
+
+/// Like [`run_into_store`], discovering the workspaces first as part of the
+/// run, so that a discovery failure is recorded as the run's failure (what a
+/// sync loop wants: its status then shows the error).
+pub async fn discover_and_run_into_store(
+    engine: &SyncEngine,
+    store: &Arc<Store>,
+    connector: &str,
+    kind: SyncKind,
+) -> Result<RunReport, SyncError> {
+    run(engine, store, connector, kind, None).await
+}
+
+async fn run(
+    engine: &SyncEngine,
+    store: &Arc<Store>,
+    connector: &str,
+    kind: SyncKind,
+    scope: Option<&SyncScope>,
 ) -> Result<RunReport, SyncError> {
     let engine = engine.scoped();
     let started_at = Timestamp::now();
@@ -52,7 +75,13 @@ pub async fn run_into_store(
     })
     .await?;
     let span = tracing::info_span!("sync_run", connector, kind = kind.as_str(), run);
-    let result = tracing::Instrument::instrument(engine.sync(kind, scope), span.clone()).await;
+    let work = async {
+        match scope {
+            Some(scope) => engine.sync(kind, scope).await,
+            None => engine.sync(kind, &engine.discover().await?).await,
+        }
+    };
+    let result = tracing::Instrument::instrument(work, span.clone()).await;
     let requests = engine.client().request_count();
     match result {
         Ok(batch) => {
