@@ -224,23 +224,33 @@ impl Env {
 
     /// Ground truth: the user's explicit level on the repository.
     fn truth(&self) -> Option<String> {
+        self.truth_of(&self.n.user_uuid)
+    }
+
+    /// Ground truth: a user's (by UUID) explicit level on the repository.
+    fn truth_of(&self, uuid: &str) -> Option<String> {
         let org = self.sim.organisation();
         let ws = org.workspaces.iter().find(|w| w.slug == self.n.ws).unwrap();
         let repo = ws.repositories.iter().find(|r| r.slug == self.n.repo).unwrap();
         repo.user_permissions
             .iter()
-            .find(|p| p.principal == self.n.user_uuid)
+            .find(|p| p.principal == uuid)
             .map(|p| p.permission.clone())
     }
 
     /// Sets the user's explicit level on the repository (`None`: removes it),
     /// straight through the provisioner, outside the operator.
     async fn set_level(&self, level: Option<&str>) {
+        self.set_level_of(&self.n.user_uuid.clone(), level).await;
+    }
+
+    /// Sets a user's (by UUID) explicit level on the repository.
+    async fn set_level_of(&self, uuid: &str, level: Option<&str>) {
         let provisioner = Provisioner::new(self.bitbucket.clone(), true);
         let request = |permission| {
             AccessRequest::new(
                 self.n.ws.clone(),
-                PrincipalRef::User(self.n.user_uuid.clone()),
+                PrincipalRef::User(uuid.to_owned()),
                 TargetRef::Repository(self.n.repo.clone()),
                 permission,
             )
@@ -256,7 +266,19 @@ impl Env {
                 }
             }
         }
-        assert_eq!(self.truth().as_deref(), level);
+        assert_eq!(self.truth_of(uuid).as_deref(), level);
+    }
+
+    /// Another plain member of the workspace than the test user.
+    fn other_member_uuid(&self) -> String {
+        let org = self.sim.organisation();
+        let ws = org.workspaces.iter().find(|w| w.slug == self.n.ws).unwrap();
+        ws.members
+            .iter()
+            .find(|m| !m.owner && m.user_uuid != self.n.user_uuid)
+            .expect("a second plain member")
+            .user_uuid
+            .clone()
     }
 
     /// Events (reason, note) about one grant.
@@ -316,6 +338,21 @@ async fn grant_lands_in_bitbucket_and_deletion_restores_the_previous_level() {
     assert!(status["grantedAt"].is_string());
     assert!(status["expiresAt"].is_null(), "no duration, no expiry");
     assert_eq!(status["observedGeneration"], 1);
+    // What deletion will revoke: recorded in status, the user by UUID.
+    assert_eq!(
+        status["applied"],
+        json!({
+            "connector": "bb",
+            "principal": {"kind": "user", "id": e.n.user_uuid, "requested": e.n.user_nick},
+            "workspace": e.n.ws,
+            "target": {"kind": "repository", "key": e.n.repo},
+            "permission": "write",
+        })
+    );
+    assert!(
+        g["metadata"]["annotations"]["connectors.dev/applied-access"].is_null(),
+        "no applied-access annotation any more"
+    );
     let ready = condition(&g, "Ready").unwrap();
     assert_eq!(
         (ready["status"].as_str(), ready["reason"].as_str()),
@@ -497,6 +534,9 @@ async fn group_membership_is_granted_and_removed_again() {
     assert!(member(&e));
     assert!(g["status"]["previousPermission"].is_null());
     assert_eq!(g["status"]["target"], format!("group/{group}"));
+    assert_eq!(g["status"]["applied"]["permission"], "member");
+    assert_eq!(g["status"]["applied"]["principal"]["id"], e.n.user_uuid.as_str());
+    assert_eq!(g["status"]["applied"]["target"], json!({"kind": "group", "key": group}));
     e.delete("join").await;
     assert!(!member(&e), "membership removed again");
     op.stop().await;
@@ -574,6 +614,10 @@ async fn spec_change_applies_the_new_level_and_keeps_the_original_for_restore() 
         .await;
     assert_eq!(e.truth().as_deref(), Some("admin"));
     assert_eq!(g["status"]["previousPermission"], "read");
+    assert_eq!(
+        g["status"]["applied"]["permission"], "admin",
+        "status.applied follows the regrant"
+    );
 
     // Only the expiry changes: nothing is written.
     e.grants()
@@ -601,6 +645,84 @@ async fn spec_change_applies_the_new_level_and_keeps_the_original_for_restore() 
 
     e.delete("change").await;
     assert_eq!(e.truth().as_deref(), Some("read"));
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_applied_access_annotation_is_ignored() {
+    let (e, op) = env(20, true).await;
+    let victim = e.other_member_uuid();
+    e.set_level(None).await;
+    e.set_level_of(&victim, Some("admin")).await;
+
+    e.create("tamper", "write", json!({})).await;
+    let g = e.wait_state("tamper", "Granted").await;
+    assert_eq!(e.truth().as_deref(), Some("write"));
+    assert_eq!(g["status"]["applied"]["permission"], "write");
+    assert_eq!(g["status"]["applied"]["principal"]["id"], e.n.user_uuid.as_str());
+
+    // Someone with `patch` on the grant (not on its status) points the
+    // annotation the previous version trusted at another user's access.
+    let forged = json!({
+        "connector": "bb",
+        "principal": {"user": victim},
+        "target": {"workspace": e.n.ws, "repository": e.n.repo},
+        "permission": "admin",
+    });
+    e.grants()
+        .patch(
+            "tamper",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"connectors.dev/applied-access": forged.to_string()}}})),
+        )
+        .await
+        .unwrap();
+    e.delete("tamper").await;
+    assert_eq!(
+        e.truth_of(&victim).as_deref(),
+        Some("admin"),
+        "the other user's access is untouched"
+    );
+    assert_eq!(e.truth(), None, "the real grantee's access is revoked");
+    let note = e.wait_event("tamper", "Revoked").await;
+    assert!(note.contains("write"), "{note}");
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_of_the_previous_version_is_taken_to_hold_its_spec() {
+    let (e, op) = env(21, true).await;
+    let victim = e.other_member_uuid();
+    e.set_level(Some("read")).await;
+    e.set_level_of(&victim, Some("admin")).await;
+    e.create("legacy", "write", json!({})).await;
+    e.wait_state("legacy", "Granted").await;
+    op.stop().await;
+
+    // As the previous version left it: no status.applied, the access in an
+    // annotation (here forged to name another user).
+    let mut obj = e.fake.get(API, GRANT, Some(NS), "legacy").unwrap();
+    obj["status"].as_object_mut().unwrap().remove("applied");
+    obj["metadata"]["annotations"] = json!({"connectors.dev/applied-access": json!({
+        "connector": "bb",
+        "principal": {"user": victim},
+        "target": {"workspace": e.n.ws, "repository": e.n.repo},
+        "permission": "admin",
+    }).to_string()});
+    e.fake.put(obj);
+
+    let op = start_operator(&e.fake, &e.store);
+    let g = e
+        .fake
+        .wait_for(API, GRANT, Some(NS), "legacy", WAIT, |g| {
+            g["status"]["applied"].is_object()
+        })
+        .await;
+    assert_eq!(g["status"]["applied"]["principal"]["id"], e.n.user_uuid.as_str());
+    assert_eq!(g["status"]["applied"]["permission"], "write");
+    e.delete("legacy").await;
+    assert_eq!(e.truth_of(&victim).as_deref(), Some("admin"));
+    assert_eq!(e.truth().as_deref(), Some("read"), "the previous level is back");
     op.stop().await;
 }
 

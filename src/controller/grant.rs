@@ -19,10 +19,10 @@
 //!   held is left alone). On success the status records `previousPermission`
 //!   (what the principal held before; absent when nothing), `grantedAt`,
 //!   `expiresAt` (`spec.expiresAt`, or `grantedAt + spec.duration`),
-//!   `principalId`, `target`, state `Granted`, `Ready=True` reason `Granted`,
-//!   and a `Granted` Event names what changed ("granted write on repository
-//!   acme/api to user jdoe (previously read)"). Failures set `Ready=False`
-//!   with [`ProvisionError::reason`] (`PrincipalNotFound`,
+//!   `principalId`, `target`, `applied` (below), state `Granted`, `Ready=True`
+//!   reason `Granted`, and a `Granted` Event names what changed ("granted
+//!   write on repository acme/api to user jdoe (previously read)"). Failures
+//!   set `Ready=False` with [`ProvisionError::reason`] (`PrincipalNotFound`,
 //!   `NotWorkspaceMember`, `TargetNotFound`, `Conflict`, `NotProvisionable`,
 //!   …); permanent ones are `Stalled` (state `Failed`, retried every 5
 //!   minutes), transient ones `Reconciling` with exponential backoff. A
@@ -33,13 +33,25 @@
 //!   expiry, deletion or a spec change), so it can never record the level the
 //!   grant itself put in place.
 //!   One window remains: if the status cannot be written (after a few
-//!   retries) right after Bitbucket was changed, the next reconcile finds
+//!   retries, or the operator stops) right after Bitbucket was changed, the
+//!   grant is not recorded as held: the next reconcile grants again, finds
 //!   the level already held and records *that* as previous, so expiry
-//!   leaves the access in place rather than guessing.
-//! - **The applied access** (connector, principal, target, permission) is
-//!   kept in the annotation [`APPLIED_ANNOTATION`], written after the status.
-//!   Expiry, deletion and spec changes end *that* access, not whatever the
-//!   spec says now. (Without the annotation, the spec is taken as applied.)
+//!   leaves the access in place rather than guessing (and a deletion before
+//!   then revokes nothing).
+//! - **The applied access** (`status.applied`: connector, principal as
+//!   resolved — user UUID or group slug —, workspace, target, permission) is
+//!   recorded in the same status write that marks the grant held, before
+//!   the reconcile returns. Expiry, deletion and spec changes end *that*
+//!   access, not whatever the spec says now, and the revoke names the
+//!   principal by the resolved id. It lives in status, not metadata, on
+//!   purpose: status is written only by the operator (`/status` RBAC is
+//!   separate), whereas annotations can be rewritten by anyone who may patch
+//!   the grant — an earlier version kept it in the annotation
+//!   `connectors.dev/applied-access`, which let such a person point the
+//!   operator's revoke at someone else's access. That annotation is ignored.
+//!   A held grant recorded by that version (no `status.applied`) is taken to
+//!   hold its current spec, its user named by `status.principalId`; the next
+//!   reconcile records that as `status.applied`.
 //! - **Expiry** is driven by `status` timestamps, so it survives restarts:
 //!   a held grant is requeued at `expiresAt`, and any reconcile at or after
 //!   `expiresAt` revokes it and restores the previous level
@@ -82,8 +94,9 @@
 //!   of the set carries the level held before any of them. "Live" means
 //!   state `Granted` and not being deleted; peers are matched by connector,
 //!   target and the resolved principal id (`status.principalId`), from a
-//!   fresh list of the namespace's grants. Operations on one
-//!   connector/principal/target are serialised in-process.
+//!   fresh list of the namespace's grants (each peer's access from its
+//!   `status.applied`). Operations on one connector/target are serialised
+//!   in-process.
 //! - **Store refresh.** Every change refreshes the connector's store
 //!   (`namespace/connector`) through [`Provisioner::with_store`].
 //! - **Events** (`events.k8s.io`, the audit trail), on transitions only:
@@ -95,7 +108,7 @@
 //! - **Status** is written by server-side apply on `/status` (field manager
 //!   `bitbucket-operator`) only when it changed; kstatus `Reconciling` and
 //!   `Stalled` are present only while True. Grants are watched on generation
-//!   and finalizer changes only, so status and annotation writes never loop.
+//!   and finalizer changes only, so status writes never loop.
 //!
 //! [`GrantMode::AtLeast`]: crate::provision::GrantMode::AtLeast
 
@@ -115,24 +128,21 @@ use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::utils::Predicate;
 use kube::runtime::{Controller, WatchStreamExt, predicates, watcher};
 use kube::{Resource, ResourceExt};
-use serde::{Deserialize, Serialize};
 
 use super::connector::FIELD_MANAGER;
 use super::loops::Manager;
-use crate::crd::grant::{Principal, Target};
 use crate::crd::{
-    BitbucketAccessGrant, BitbucketAccessGrantSpec, BitbucketAccessGrantStatus, BitbucketConnector, GRANT_FINALIZER,
-    condition_type as ct, find_condition, grant_state as st, new_condition, reason, remove_condition, set_condition,
+    AppliedAccess, AppliedPrincipal, AppliedPrincipalKind, AppliedTarget, AppliedTargetKind, BitbucketAccessGrant,
+    BitbucketAccessGrantSpec, BitbucketAccessGrantStatus, BitbucketConnector, GRANT_FINALIZER, condition_type as ct,
+    find_condition, grant_state as st, new_condition, reason, remove_condition, set_condition,
 };
 use crate::metrics::Metrics;
 use crate::provision::{
-    AccessRequest, GrantMode, Permission, ProvisionError, Provisioner, level_to_restore, parse_level,
+    AccessRequest, GrantMode, Permission, PrincipalRef, ProvisionError, Provisioner, TargetRef, level_to_restore,
+    parse_level,
 };
 use crate::settings::ConnectorSettings;
 
-/// Annotation holding the access this grant put in place (JSON of
-/// [`AppliedAccess`]), so a spec change, expiry or deletion ends exactly that.
-pub const APPLIED_ANNOTATION: &str = "connectors.dev/applied-access";
 /// Condition type set True once the grant expired.
 pub const EXPIRED_CONDITION: &str = "Expired";
 /// Deletion waits at most this long for an unusable connector.
@@ -164,15 +174,16 @@ impl GrantContext {
         }
     }
 
-    /// One lock per namespace/connector/principal/target: overlapping grants
-    /// are granted and revoked one at a time.
+    /// One lock per namespace/connector/target: overlapping grants are
+    /// granted and revoked one at a time. (Not per principal: before a
+    /// grant the principal is not resolved yet, and one user may be named
+    /// by nickname, account ID or UUID.)
     fn lock_for(&self, namespace: &str, access: &AppliedAccess) -> Arc<tokio::sync::Mutex<()>> {
         let key = format!(
-            "{namespace}/{}/{}/{}/{:?}",
+            "{namespace}/{}/{}/{}",
             access.connector,
-            access.target.workspace,
-            access.target.display(),
-            access.principal
+            access.workspace,
+            access.target.display()
         );
         let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
         Arc::clone(locks.entry(key).or_default())
@@ -192,45 +203,88 @@ pub enum GrantError {
     NotNamespaced,
 }
 
-/// The access a grant put in place.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct AppliedAccess {
-    pub connector: String,
-    pub principal: Principal,
-    pub target: Target,
-    pub permission: Permission,
-}
-
-impl AppliedAccess {
-    pub fn from_spec(spec: &BitbucketAccessGrantSpec) -> Self {
-        AppliedAccess {
-            connector: spec.connector_ref.name.clone(),
-            principal: spec.principal.clone(),
-            target: spec.target.clone(),
-            permission: spec.permission,
+/// The access `spec` asks for, with the principal not resolved yet
+/// (`principal.id` is what the spec names; `grant` fills in the id
+/// Bitbucket resolved).
+pub fn wanted_access(spec: &BitbucketAccessGrantSpec) -> Result<AppliedAccess, ProvisionError> {
+    let request = AccessRequest::from_spec(spec)?;
+    let (kind, requested) = match request.principal {
+        PrincipalRef::User(user) => (AppliedPrincipalKind::User, user),
+        PrincipalRef::Group(group) => (AppliedPrincipalKind::Group, group),
+    };
+    let (kind_of_target, key) = match request.target {
+        TargetRef::Group(g) => (AppliedTargetKind::Group, g),
+        TargetRef::Project(p) => (AppliedTargetKind::Project, p),
+        TargetRef::Repository(r) => (AppliedTargetKind::Repository, r),
+        TargetRef::Workspace => {
+            return Err(ProvisionError::InvalidRequest {
+                message: "set exactly one of target.group, target.project or target.repository".into(),
+            });
         }
-    }
-
-    fn request(&self) -> Result<AccessRequest, ProvisionError> {
-        AccessRequest::from_spec(&BitbucketAccessGrantSpec {
-            connector_ref: crate::crd::grant::ConnectorRef {
-                name: self.connector.clone(),
-            },
-            principal: self.principal.clone(),
-            target: self.target.clone(),
-            permission: self.permission,
-            duration: None,
-            expires_at: None,
-        })
-    }
+    };
+    Ok(AppliedAccess {
+        connector: spec.connector_ref.name.clone(),
+        principal: AppliedPrincipal {
+            kind,
+            id: requested.clone(),
+            requested,
+        },
+        workspace: request.workspace,
+        target: AppliedTarget {
+            kind: kind_of_target,
+            key,
+        },
+        permission: request.permission,
+    })
 }
 
-/// The access recorded on `obj` (annotation), if any.
-pub fn applied_access(obj: &BitbucketAccessGrant) -> Option<AppliedAccess> {
-    obj.annotations()
-        .get(APPLIED_ANNOTATION)
-        .and_then(|text| serde_json::from_str(text).ok())
+/// Whether `spec` still asks for the access `applied` (only
+/// `duration`/`expiresAt` may differ).
+pub fn same_access(applied: &AppliedAccess, spec: &BitbucketAccessGrantSpec) -> bool {
+    wanted_access(spec).is_ok_and(|wanted| {
+        wanted.connector == applied.connector
+            && wanted.principal.kind == applied.principal.kind
+            && wanted.principal.requested == applied.principal.requested
+            && wanted.workspace == applied.workspace
+            && wanted.target == applied.target
+            && wanted.permission == applied.permission
+    })
+}
+
+/// The request for an access: for an applied one (revoke), the principal is
+/// named by the id resolved at grant time.
+fn access_request(applied: &AppliedAccess) -> AccessRequest {
+    let principal = match applied.principal.kind {
+        AppliedPrincipalKind::User => PrincipalRef::User(applied.principal.id.clone()),
+        AppliedPrincipalKind::Group => PrincipalRef::Group(applied.principal.id.clone()),
+    };
+    let target = match applied.target.kind {
+        AppliedTargetKind::Group => TargetRef::Group(applied.target.key.clone()),
+        AppliedTargetKind::Project => TargetRef::Project(applied.target.key.clone()),
+        AppliedTargetKind::Repository => TargetRef::Repository(applied.target.key.clone()),
+    };
+    AccessRequest::new(applied.workspace.clone(), principal, target, applied.permission)
+}
+
+/// The access a held grant put in place: `status.applied`. A grant recorded
+/// by an earlier version (which kept it in an annotation, never read now:
+/// anyone who may patch the grant can write one) is taken to hold its
+/// current spec, with a user named by the `status.principalId` resolved at
+/// grant time.
+pub fn held_access(obj: &BitbucketAccessGrant) -> Result<AppliedAccess, ProvisionError> {
+    let status = obj.status.as_ref();
+    if let Some(applied) = status.and_then(|s| s.applied.as_ref()) {
+        return Ok(applied.clone());
+    }
+    let mut applied = wanted_access(&obj.spec)?;
+    if applied.principal.kind == AppliedPrincipalKind::User
+        && let Some(id) = status
+            .and_then(|s| s.principal_id.as_deref())
+            .filter(|id| !id.is_empty())
+    {
+        applied.principal.id = id.to_owned();
+    }
+    Ok(applied)
 }
 
 /// The grant's access is in place: state Granted with a grant time.
@@ -293,8 +347,7 @@ pub fn decide(
     if expired {
         return Step::Expire;
     }
-    let wanted = AppliedAccess::from_spec(spec);
-    if applied.is_some_and(|a| *a != wanted) {
+    if applied.is_some_and(|a| !same_access(a, spec)) {
         return Step::Regrant;
     }
     Step::Hold { until: expires }
@@ -474,8 +527,11 @@ async fn peers(
             if !is_held(Some(status)) || status.principal_id.as_deref() != Some(principal_id) {
                 return None;
             }
-            let applied = applied_access(g).unwrap_or_else(|| AppliedAccess::from_spec(&g.spec));
-            if applied.connector != access.connector || applied.target != access.target {
+            let applied = held_access(g).ok()?;
+            if applied.connector != access.connector
+                || applied.workspace != access.workspace
+                || applied.target != access.target
+            {
                 return None;
             }
             Some(Peer {
@@ -502,8 +558,8 @@ pub async fn run(
     };
     let (reader, writer) = reflector::store();
     // Generation (spec, deletion) and finalizer changes only (the finalizer
-    // helper waits for its own patch to come back): status and annotation
-    // writes do not come back as reconciles.
+    // helper waits for its own patch to come back): status writes do not
+    // come back as reconciles.
     let grant_changes = watcher(grants, watcher::Config::default().any_semantic())
         .default_backoff()
         .reflect(writer)
@@ -675,22 +731,6 @@ async fn write_status(
     Ok(())
 }
 
-async fn write_applied(
-    obj: &BitbucketAccessGrant,
-    applied: Option<&AppliedAccess>,
-    ctx: &GrantContext,
-) -> Result<(), kube::Error> {
-    let value = match applied {
-        Some(a) => serde_json::Value::String(serde_json::to_string(a).expect("serialisable")),
-        None => serde_json::Value::Null,
-    };
-    let api: Api<BitbucketAccessGrant> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
-    let patch = serde_json::json!({"metadata": {"annotations": {APPLIED_ANNOTATION: value}}});
-    api.patch(&obj.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
-    Ok(())
-}
-
 async fn publish(ctx: &GrantContext, obj: &BitbucketAccessGrant, type_: EventType, why: &str, note: String) {
     let event = Event {
         type_,
@@ -795,9 +835,14 @@ async fn apply(obj: Arc<BitbucketAccessGrant>, ctx: &GrantContext) -> Result<Act
     let namespace = obj.namespace().ok_or(GrantError::NotNamespaced)?;
     let key = format!("{namespace}/{}", obj.name_any());
     let now = Timestamp::now();
-    let held = is_held(obj.status.as_ref());
-    let applied = applied_access(&obj).or_else(|| held.then(|| AppliedAccess::from_spec(&obj.spec)));
-    let step = decide(&obj.spec, obj.status.as_ref(), applied.as_ref(), now);
+    // Only a held grant has applied anything.
+    let applied = is_held(obj.status.as_ref()).then(|| held_access(&obj));
+    let step = decide(
+        &obj.spec,
+        obj.status.as_ref(),
+        applied.as_ref().and_then(|a| a.as_ref().ok()),
+        now,
+    );
     tracing::debug!(?step, "grant step");
     let generation = obj.metadata.generation;
     let action = match step {
@@ -832,12 +877,13 @@ async fn apply(obj: Arc<BitbucketAccessGrant>, ctx: &GrantContext) -> Result<Act
                 .map(|c| c.message.clone())
                 .unwrap_or_else(|| format!("{} held on {}", obj.spec.permission, obj.spec.target.display()));
             mark_granted(&mut status, generation, message);
-            write_status(&obj, &status, ctx).await?;
-            if applied_access(&obj).is_none()
-                && let Some(applied) = &applied
+            // Granted by an earlier version: record what it is taken to hold.
+            if status.applied.is_none()
+                && let Some(Ok(applied)) = applied
             {
-                write_applied(&obj, Some(applied), ctx).await?;
+                status.applied = Some(applied);
             }
+            write_status(&obj, &status, ctx).await?;
             clear_failures(ctx, &key);
             requeue_until(until, now)
         }
@@ -851,10 +897,14 @@ async fn apply(obj: Arc<BitbucketAccessGrant>, ctx: &GrantContext) -> Result<Act
             Action::await_change()
         }
         Step::Expire => {
-            let applied = applied.expect("held grants have an applied access");
+            let applied = match required(applied) {
+                Ok(applied) => applied,
+                Err(err) => return report_provision_error(&obj, ctx, base_status(&obj), &err).await,
+            };
             match end_access(&obj, ctx, &namespace, &applied).await? {
                 Ended::Done(note) => {
                     let mut status = base_status(&obj);
+                    status.applied = None;
                     let at = status.expires_at.as_ref().map(|t| t.0.to_string()).unwrap_or_default();
                     let message = format!("expired at {at}: {note}");
                     mark_expired(&mut status, generation, &message);
@@ -868,7 +918,10 @@ async fn apply(obj: Arc<BitbucketAccessGrant>, ctx: &GrantContext) -> Result<Act
             }
         }
         Step::Regrant => {
-            let applied = applied.expect("held grants have an applied access");
+            let applied = match required(applied) {
+                Ok(applied) => applied,
+                Err(err) => return report_provision_error(&obj, ctx, base_status(&obj), &err).await,
+            };
             match end_access(&obj, ctx, &namespace, &applied).await? {
                 Ended::Done(note) => {
                     publish(
@@ -880,7 +933,7 @@ async fn apply(obj: Arc<BitbucketAccessGrant>, ctx: &GrantContext) -> Result<Act
                     )
                     .await;
                     // The old access is gone: start over as a new grant.
-                    // Status first (no longer held), then the annotation, so
+                    // Recorded first (no longer held, nothing applied), so
                     // an interruption here re-grants rather than holds.
                     let mut status = base_status(&obj);
                     status.state = Some(st::PENDING.to_owned());
@@ -888,8 +941,8 @@ async fn apply(obj: Arc<BitbucketAccessGrant>, ctx: &GrantContext) -> Result<Act
                     status.previous_permission = None;
                     status.expires_at = None;
                     status.principal_id = None;
+                    status.applied = None;
                     write_status(&obj, &status, ctx).await?;
-                    write_applied(&obj, None, ctx).await?;
                     let mut refreshed = (*obj).clone();
                     refreshed.status = Some(status.clone());
                     grant(&refreshed, ctx, &namespace, status, now).await?
@@ -903,6 +956,16 @@ async fn apply(obj: Arc<BitbucketAccessGrant>, ctx: &GrantContext) -> Result<Act
     Ok(action)
 }
 
+/// The applied access of a held grant (`None`: not held, which
+/// [`decide`] never pairs with Expire or Regrant).
+fn required(applied: Option<Result<AppliedAccess, ProvisionError>>) -> Result<AppliedAccess, ProvisionError> {
+    applied.unwrap_or_else(|| {
+        Err(ProvisionError::InvalidRequest {
+            message: "the grant holds no access".into(),
+        })
+    })
+}
+
 /// Grants the spec (the grant is not held) and records it.
 async fn grant(
     obj: &BitbucketAccessGrant,
@@ -912,11 +975,11 @@ async fn grant(
     now: Timestamp,
 ) -> Result<Action, GrantError> {
     let key = format!("{namespace}/{}", obj.name_any());
-    let access = AppliedAccess::from_spec(&obj.spec);
-    let request = match AccessRequest::from_spec(&obj.spec) {
-        Ok(request) => request,
+    let mut access = match wanted_access(&obj.spec) {
+        Ok(access) => access,
         Err(err) => return report_provision_error(obj, ctx, status, &err).await,
     };
+    let request = access_request(&access);
     let lock = ctx.lock_for(namespace, &access);
     let _guard = lock.lock().await;
     let provisioner = match provisioner_for(ctx, namespace, &access.connector).await? {
@@ -935,6 +998,10 @@ async fn grant(
     status.granted_at = Some(granted_at);
     status.expires_at = expires.clone();
     status.principal_id = Some(outcome.principal.id.clone());
+    // What expiry and deletion will revoke: the principal as Bitbucket
+    // resolved it now. Recorded in the same write as `grantedAt`.
+    access.principal.id = outcome.principal.key.clone();
+    status.applied = Some(access);
     let mut message = outcome.message();
     if !peers.is_empty() {
         message.push_str(&format!(
@@ -943,8 +1010,9 @@ async fn grant(
         ));
     }
     mark_granted(&mut status, obj.metadata.generation, message.clone());
-    // Bitbucket has changed: the record of what was held before must land,
-    // so a failed write is retried a few times before giving up.
+    // Bitbucket has changed: the record of what was applied and what was
+    // held before must land, so a failed write is retried a few times before
+    // giving up.
     let mut attempt = 0u32;
     while let Err(err) = write_status(obj, &status, ctx).await {
         attempt += 1;
@@ -954,7 +1022,6 @@ async fn grant(
         tracing::warn!(error = %err, attempt, "recording a grant on status failed; retrying");
         tokio::time::sleep(Duration::from_millis(250) * attempt).await;
     }
-    write_applied(obj, Some(&access), ctx).await?;
     publish(ctx, obj, EventType::Normal, reason::GRANTED, message).await;
     clear_failures(ctx, &key);
     Ok(requeue_until(expires.map(|t| t.0), now))
@@ -975,10 +1042,7 @@ async fn end_access(
     namespace: &str,
     applied: &AppliedAccess,
 ) -> Result<Ended, GrantError> {
-    let request = match applied.request() {
-        Ok(request) => request,
-        Err(err) => return Ok(Ended::Failed(err)),
-    };
+    let request = access_request(applied);
     let lock = ctx.lock_for(namespace, applied);
     let _guard = lock.lock().await;
     let provisioner = match provisioner_for(ctx, namespace, &applied.connector).await? {
@@ -1006,7 +1070,25 @@ async fn cleanup(obj: Arc<BitbucketAccessGrant>, ctx: &GrantContext) -> Result<A
         clear_failures(ctx, &key);
         return Ok(Action::await_change());
     }
-    let applied = applied_access(&obj).unwrap_or_else(|| AppliedAccess::from_spec(&obj.spec));
+    let applied = match held_access(&obj) {
+        Ok(applied) => applied,
+        Err(err) => {
+            return give_up(
+                &obj,
+                ctx,
+                &obj.spec.target.display(),
+                &key,
+                format!("{}: {err}", err.reason()),
+            )
+            .await;
+        }
+    };
+    let what = format!(
+        "{} on {} {}",
+        applied.permission,
+        applied.workspace,
+        applied.target.display()
+    );
     let waited_long = obj.metadata.deletion_timestamp.as_ref().is_some_and(|t| {
         Timestamp::now()
             .duration_since(t.0)
@@ -1030,7 +1112,7 @@ async fn cleanup(obj: Arc<BitbucketAccessGrant>, ctx: &GrantContext) -> Result<A
             give_up(
                 &obj,
                 ctx,
-                &applied,
+                &what,
                 &key,
                 format!("{}: {}", blocker.reason(), blocker.message()),
             )
@@ -1043,14 +1125,14 @@ async fn cleanup(obj: Arc<BitbucketAccessGrant>, ctx: &GrantContext) -> Result<A
                 blocker.message(),
                 DELETION_GRACE.as_secs() / 60
             );
-            give_up(&obj, ctx, &applied, &key, why).await
+            give_up(&obj, ctx, &what, &key, why).await
         }
         Ended::Blocked(blocker) => Err(GrantError::Transient(format!(
             "cannot revoke yet: {}",
             blocker.message()
         ))),
         Ended::Failed(err) if err.is_permanent() || waited_long => {
-            give_up(&obj, ctx, &applied, &key, format!("{}: {err}", err.reason())).await
+            give_up(&obj, ctx, &what, &key, format!("{}: {err}", err.reason())).await
         }
         Ended::Failed(err) => Err(GrantError::Transient(format!("revoke failed: {err}"))),
     }
@@ -1060,7 +1142,7 @@ async fn cleanup(obj: Arc<BitbucketAccessGrant>, ctx: &GrantContext) -> Result<A
 async fn give_up(
     obj: &BitbucketAccessGrant,
     ctx: &GrantContext,
-    applied: &AppliedAccess,
+    what: &str,
     key: &str,
     why: String,
 ) -> Result<Action, GrantError> {
@@ -1070,11 +1152,8 @@ async fn give_up(
         EventType::Warning,
         "RevokeSkipped",
         format!(
-            "the access could not be revoked ({} on {} {}): {why}; the grant is deleted anyway, remove the \
-             permission in Bitbucket by hand if it is still there",
-            applied.permission,
-            applied.target.workspace,
-            applied.target.display()
+            "the access could not be revoked ({what}): {why}; the grant is deleted anyway, remove the permission \
+             in Bitbucket by hand if it is still there"
         ),
     )
     .await;
@@ -1160,7 +1239,7 @@ mod tests {
     fn decide_regrants_only_when_the_access_changes() {
         let mut spec = spec();
         let status = granted(100, None);
-        let applied = AppliedAccess::from_spec(&spec);
+        let applied = applied(&spec, "{u}");
         assert_eq!(
             decide(&spec, Some(&status), Some(&applied), ts(200)),
             Step::Hold { until: None }
@@ -1258,14 +1337,81 @@ mod tests {
         assert!(find_condition(&held.conditions, ct::RECONCILING).is_none());
     }
 
+    fn applied(spec: &BitbucketAccessGrantSpec, id: &str) -> AppliedAccess {
+        let mut applied = wanted_access(spec).unwrap();
+        applied.principal.id = id.into();
+        applied
+    }
+
     #[test]
-    fn applied_access_round_trips_through_the_annotation() {
-        let applied = AppliedAccess::from_spec(&spec());
-        let text = serde_json::to_string(&applied).unwrap();
-        let mut obj = BitbucketAccessGrant::new("g", spec());
-        obj.metadata.annotations = Some([(APPLIED_ANNOTATION.to_owned(), text)].into());
-        assert_eq!(applied_access(&obj), Some(applied.clone()));
-        let request = applied.request().unwrap();
+    fn applied_access_lives_in_status_and_names_the_resolved_principal() {
+        let applied = applied(&spec(), "{u}");
+        let status = BitbucketAccessGrantStatus {
+            applied: Some(applied.clone()),
+            ..granted(100, None)
+        };
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(
+            json["applied"],
+            serde_json::json!({
+                "connector": "c",
+                "principal": {"kind": "user", "id": "{u}", "requested": "jdoe"},
+                "workspace": "acme",
+                "target": {"kind": "repository", "key": "api"},
+                "permission": "write",
+            })
+        );
+        let back: BitbucketAccessGrantStatus = serde_json::from_value(json).unwrap();
+        assert_eq!(back.applied.as_ref(), Some(&applied));
+        // The revoke names the principal by the resolved id.
+        let request = access_request(&applied);
+        assert_eq!(request.principal, PrincipalRef::User("{u}".into()));
+        assert_eq!(request.target, TargetRef::Repository("api".into()));
         assert_eq!(request.permission, Permission::Write);
+        // Resolving the principal is not a spec change.
+        assert!(same_access(&applied, &spec()));
+        assert_eq!(
+            decide(&spec(), Some(&status), Some(&applied), ts(200)),
+            Step::Hold { until: None }
+        );
+    }
+
+    #[test]
+    fn held_access_comes_from_status_never_from_the_annotation() {
+        let mut obj = BitbucketAccessGrant::new("g", spec());
+        let forged = serde_json::json!({
+            "connector": "c",
+            "principal": {"user": "victim"},
+            "target": {"workspace": "acme", "repository": "secret"},
+            "permission": "admin",
+        });
+        obj.metadata.annotations = Some([("connectors.dev/applied-access".to_owned(), forged.to_string())].into());
+        let mut other = spec();
+        other.permission = Permission::Read;
+        let recorded = applied(&other, "{u}");
+        obj.status = Some(BitbucketAccessGrantStatus {
+            applied: Some(recorded.clone()),
+            ..granted(100, None)
+        });
+        assert_eq!(held_access(&obj).unwrap(), recorded);
+
+        // Granted by the previous version (annotation only): the current
+        // spec, with the user named by status.principalId.
+        obj.status = Some(granted(100, None));
+        let legacy = held_access(&obj).unwrap();
+        assert_eq!(legacy, applied(&spec(), "{u}"));
+        assert_eq!(legacy.principal.requested, "jdoe");
+        // A group principal is named by its slug.
+        let mut group = spec();
+        group.principal = crate::crd::grant::Principal {
+            user: None,
+            group: Some("devs".into()),
+        };
+        obj.spec = group;
+        let legacy = held_access(&obj).unwrap();
+        assert_eq!(
+            (legacy.principal.kind, legacy.principal.id.as_str()),
+            (AppliedPrincipalKind::Group, "devs")
+        );
     }
 }

@@ -213,6 +213,84 @@ pub struct BitbucketAccessGrantStatus {
     /// The principal's resolved Bitbucket UUID.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub principal_id: Option<String>,
+    /// The access the operator granted in Bitbucket, recorded in the same
+    /// status write as `grantedAt`: expiry, deletion and a spec change
+    /// revoke exactly this, never what the spec (or any annotation) says.
+    /// Present while the grant holds (state Granted). Only the operator
+    /// writes status, so people who may edit the grant cannot redirect a
+    /// revoke at someone else's access.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied: Option<AppliedAccess>,
+}
+
+/// The access the operator put in place for a grant (`status.applied`):
+/// what expiry, deletion or a spec change will revoke.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AppliedAccess {
+    /// The BitbucketConnector (in the grant's namespace) that granted it.
+    pub connector: String,
+    /// The principal that received the permission.
+    pub principal: AppliedPrincipal,
+    /// Workspace slug.
+    pub workspace: String,
+    /// The group, project or repository the permission was granted on.
+    pub target: AppliedTarget,
+    /// The permission granted (at least this level was ensured).
+    pub permission: Permission,
+}
+
+/// The principal of an applied access, as resolved when it was granted.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AppliedPrincipal {
+    /// `user` or `group`.
+    pub kind: AppliedPrincipalKind,
+    /// What the operator used in Bitbucket: the user's UUID (`{…}`) or the
+    /// group slug. The revoke names the principal by this.
+    pub id: String,
+    /// The principal as the spec named it (nickname, account ID, UUID or
+    /// group slug): tells a spec change apart from the same access.
+    pub requested: String,
+}
+
+/// Kind of an applied principal.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum AppliedPrincipalKind {
+    User,
+    Group,
+}
+
+/// The target of an applied access (in [`AppliedAccess::workspace`]).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct AppliedTarget {
+    /// `group`, `project` or `repository`.
+    pub kind: AppliedTargetKind,
+    /// The group slug, project key or repository slug, as the spec named it.
+    pub key: String,
+}
+
+/// Kind of an applied target.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum AppliedTargetKind {
+    Group,
+    Project,
+    Repository,
+}
+
+impl AppliedTarget {
+    /// `group/<slug>`, `project/<KEY>` or `repository/<slug>` (as [`Target::display`]).
+    pub fn display(&self) -> String {
+        let kind = match self.kind {
+            AppliedTargetKind::Group => "group",
+            AppliedTargetKind::Project => "project",
+            AppliedTargetKind::Repository => "repository",
+        };
+        format!("{kind}/{}", self.key)
+    }
 }
 
 #[cfg(test)]
