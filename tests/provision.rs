@@ -10,8 +10,8 @@ use std::time::Duration;
 use bitbucket_operator::bitbucket::{Client, ClientConfig, Credentials, EndpointClass, Holder, PermissionScope};
 use bitbucket_operator::model::SyncKind;
 use bitbucket_operator::provision::{
-    AccessRequest, GrantMode, GrantResult, Permission, PrincipalRef, ProvisionError, Provisioner, RevokeResult,
-    StoreRefresh, TargetRef, level_to_restore,
+    AccessRequest, AfterRefresh, GrantMode, GrantResult, Permission, PrincipalRef, ProvisionError, Provisioner,
+    RevokeResult, StoreRefresh, TargetRef, level_to_restore,
 };
 use bitbucket_operator::simulator::{Organisation, SimConfig, Simulator, SimulatorHandle};
 use bitbucket_operator::store::Store;
@@ -698,7 +698,12 @@ async fn store_refresh_equals_what_a_fresh_sync_stores() {
         }
     };
     sync_all("prov").await;
-    let p = provisioner(&sim).with_store(Arc::clone(&store), "prov");
+    let refreshed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&refreshed);
+    let hook = AfterRefresh(Arc::new(move |kind| seen.lock().unwrap().push(kind)));
+    let p = provisioner(&sim)
+        .with_store(Arc::clone(&store), "prov")
+        .after_refresh(hook);
     let cases = [
         (user(&n), TargetRef::Project(n.project.clone()), Permission::CreateRepo),
         (group(&n), TargetRef::Repository(n.repo.clone()), Permission::Write),
@@ -724,6 +729,11 @@ async fn store_refresh_equals_what_a_fresh_sync_stores() {
         );
         resources.push(outcome.target.resource_id.clone());
     }
+    assert_eq!(
+        *refreshed.lock().unwrap(),
+        [SyncKind::Projects, SyncKind::Repositories, SyncKind::Groups],
+        "the operator hears which type each change refreshed"
+    );
     // A revoke refreshes too.
     let (principal, target, level) = &cases[0];
     let revoked = p.revoke(&request(&n, principal, target, *level)).await.unwrap();

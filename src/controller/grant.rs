@@ -138,8 +138,8 @@ use crate::crd::{
 };
 use crate::metrics::Metrics;
 use crate::provision::{
-    AccessRequest, GrantMode, Permission, PrincipalRef, ProvisionError, Provisioner, TargetRef, level_to_restore,
-    parse_level,
+    AccessRequest, AfterRefresh, GrantMode, Permission, PrincipalRef, ProvisionError, Provisioner, TargetRef,
+    level_to_restore, parse_level,
 };
 use crate::settings::ConnectorSettings;
 
@@ -476,9 +476,11 @@ async fn provisioner_for(
         }
     }
     let client = runtime.engine().client().clone();
-    Ok(Ok(
-        Provisioner::new(client, true).with_store(Arc::clone(ctx.manager.store()), key)
-    ))
+    let resync = Arc::clone(&runtime);
+    let hook = AfterRefresh(Arc::new(move |kind| resync.resync_if_running(kind)));
+    Ok(Ok(Provisioner::new(client, true)
+        .with_store(Arc::clone(ctx.manager.store()), key)
+        .after_refresh(hook)))
 }
 
 /// `spec.provisioning`, else the Secret's provisioning key (same namespace).

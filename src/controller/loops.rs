@@ -334,6 +334,16 @@ impl ConnectorRuntime {
         }
     }
 
+    /// Runs `kind` again as soon as its current run ends, if one is running
+    /// (a change made meanwhile is not in what that run read).
+    pub fn resync_if_running(&self, kind: SyncKind) {
+        if lock(&self.running).contains(&kind)
+            && let Some(handle) = lock(&self.loops).get(&kind)
+        {
+            handle.trigger.notify_one();
+        }
+    }
+
     /// Runs every loop now, except those in `skip` (just started).
     pub fn trigger_all(&self, skip: &BTreeSet<SyncKind>) {
         for (kind, handle) in lock(&self.loops).iter() {

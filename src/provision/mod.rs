@@ -106,10 +106,10 @@ mod provisioner;
 use serde::Serialize;
 
 use crate::bitbucket::Error as ApiError;
-pub use crate::crd::grant::Permission;
 use crate::crd::grant::{BitbucketAccessGrantSpec, Principal as SpecPrincipal, Target as SpecTarget};
+pub use crate::model::Permission;
 
-pub use provisioner::Provisioner;
+pub use provisioner::{AfterRefresh, Provisioner};
 
 /// Who receives (or loses) the access, as given by a person or a spec.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

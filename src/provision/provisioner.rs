@@ -23,6 +23,17 @@ pub struct Provisioner {
     client: Client,
     enabled: bool,
     store: Option<(Arc<Store>, String)>,
+    after_refresh: Option<AfterRefresh>,
+}
+
+/// Called with the resource type whose stored grants a change refreshed.
+#[derive(Clone)]
+pub struct AfterRefresh(pub Arc<dyn Fn(SyncKind) + Send + Sync>);
+
+impl std::fmt::Debug for AfterRefresh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AfterRefresh")
+    }
 }
 
 /// Why a request is resolved: a grant needs a workspace member; a revoke
@@ -54,7 +65,17 @@ impl Provisioner {
             client,
             enabled: provisioning_enabled,
             store: None,
+            after_refresh: None,
         }
+    }
+
+    /// Calls `hook` after each store refresh. The operator uses it to sync the
+    /// type again when a run was already in flight: that run read Bitbucket
+    /// before the change and would otherwise replace the refreshed grants
+    /// with stale ones until the next interval.
+    pub fn after_refresh(mut self, hook: AfterRefresh) -> Self {
+        self.after_refresh = Some(hook);
+        self
     }
 
     /// Refresh the changed resource's grants in `store` under `connector`
@@ -490,10 +511,15 @@ impl Provisioner {
             tokio::task::spawn_blocking(move || store.replace_resource_grants(&connector, kind, &resource_id, &grants))
         };
         match task.await {
-            Ok(Ok(())) => Some(StoreRefresh::Refreshed {
-                connector: connector.clone(),
-                grants: count,
-            }),
+            Ok(Ok(())) => {
+                if let Some(hook) = &self.after_refresh {
+                    (hook.0)(kind);
+                }
+                Some(StoreRefresh::Refreshed {
+                    connector: connector.clone(),
+                    grants: count,
+                })
+            }
             Ok(Err(err)) => skipped(err.to_string()),
             Err(err) => skipped(format!("store task failed: {err}")),
         }
