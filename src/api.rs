@@ -41,6 +41,7 @@ use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessRevie
 use kube::api::{Api, PostParams};
 use serde::Deserialize;
 use serde_json::json;
+use sha2::{Digest, Sha256};
 
 use crate::access::{self, AccessError};
 use crate::crd::GROUP;
@@ -57,6 +58,7 @@ pub struct ApiState {
     /// election). A standby's store is not kept current, so it answers 503
     /// rather than stale or empty data.
     pub leading: Arc<std::sync::atomic::AtomicBool>,
+    pub decisions: Arc<DecisionCache>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -71,6 +73,7 @@ pub fn router(state: ApiState) -> Router {
 }
 
 /// An API failure as a Kubernetes-style JSON error; never carries a token.
+#[derive(Debug)]
 struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
@@ -95,15 +98,81 @@ impl From<AccessError> for ApiError {
     }
 }
 
-/// TokenReview, then SubjectAccessReview for `get bitbucketconnectors/data`.
+/// Recent authorization decisions, keyed by a hash of the token and the
+/// connector, so a dashboard polling the API does not cost two API-server
+/// reviews per request, and junk tokens cannot make it review them as fast as
+/// they arrive. Ten seconds: an RBAC change or a revoked token applies within
+/// that. The token itself is never stored.
+#[derive(Default)]
+pub struct DecisionCache {
+    entries: std::sync::Mutex<HashMap<DecisionKey, (std::time::Instant, Decision)>>,
+}
+
+/// SHA-256 of the token, namespace, connector name.
+type DecisionKey = (Vec<u8>, String, String);
+/// Allowed, or the refusal to repeat.
+type Decision = Result<(), (StatusCode, String)>;
+
+const DECISION_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl DecisionCache {
+    fn get(&self, key: &DecisionKey) -> Option<Result<(), ApiError>> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let (at, decision) = entries.get(key)?;
+        (at.elapsed() < DECISION_TTL).then(|| decision.clone().map_err(|(code, message)| ApiError(code, message)))
+    }
+
+    fn put(&self, key: DecisionKey, decision: &Result<(), ApiError>) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= 1024 {
+            entries.retain(|_, (at, _)| at.elapsed() < DECISION_TTL);
+            if entries.len() >= 1024 {
+                entries.clear();
+            }
+        }
+        let stored = match decision {
+            Ok(()) => Ok(()),
+            Err(ApiError(code, message)) => Err((*code, message.clone())),
+        };
+        entries.insert(key, (std::time::Instant::now(), stored));
+    }
+}
+
+/// TokenReview, then SubjectAccessReview for `get bitbucketconnectors/data`,
+/// remembered for a few seconds (see [`DecisionCache`]).
 async fn authorize(state: &ApiState, headers: &HeaderMap, ns: &str, name: &str) -> Result<(), ApiError> {
-    let token = headers
+    let token = bearer(headers)?;
+    let key = (
+        Sha256::digest(token.as_bytes()).to_vec(),
+        ns.to_owned(),
+        name.to_owned(),
+    );
+    if let Some(decision) = state.decisions.get(&key) {
+        return decision;
+    }
+    let decision = review(state, token, ns, name).await;
+    // Review failures (the API server unavailable) are not remembered.
+    if decision
+        .as_ref()
+        .err()
+        .is_none_or(|e| e.0 != StatusCode::SERVICE_UNAVAILABLE)
+    {
+        state.decisions.put(key, &decision);
+    }
+    decision
+}
+
+fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, "a bearer token is required".into()))?;
+        .ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, "a bearer token is required".into()))
+}
+
+async fn review(state: &ApiState, token: &str, ns: &str, name: &str) -> Result<(), ApiError> {
     let review = TokenReview {
         spec: TokenReviewSpec {
             token: Some(token.to_owned()),
@@ -272,10 +341,10 @@ fn access_review_csv(store: &Store, connector: &str) -> Result<String, crate::st
     Ok(out)
 }
 
-/// RFC 4180 quoting; a leading `=`, `+`, `-` or `@` is prefixed with `'` so a
-/// spreadsheet never evaluates a name as a formula.
+/// RFC 4180 quoting; a leading `=`, `+`, `-`, `@`, tab or carriage return is
+/// prefixed with `'` so a spreadsheet never evaluates a name as a formula.
 fn csv_field(value: &str) -> String {
-    let value = if value.starts_with(['=', '+', '-', '@']) {
+    let value = if value.starts_with(['=', '+', '-', '@', '\t', '\r']) {
         format!("'{value}")
     } else {
         value.to_owned()
@@ -343,5 +412,6 @@ mod tests {
         assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
         assert_eq!(csv_field("=cmd()"), "'=cmd()");
         assert_eq!(csv_field("-1,2"), "\"'-1,2\"");
+        assert_eq!(csv_field("\tx"), "'\tx");
     }
 }

@@ -20,6 +20,7 @@
 
 pub mod access;
 pub mod api;
+pub mod backoff;
 pub mod bitbucket;
 pub mod controller;
 pub mod crd;

@@ -948,15 +948,8 @@ fn parse_retry_after(value: Option<&HeaderValue>) -> Option<Duration> {
     Some(wait.min(Duration::from_secs(3600)))
 }
 
-/// Exponential backoff with jitter: a random wait in [d/2, d] where
-/// d = base * 2^(attempt-1), capped.
 fn backoff(config: &ClientConfig, attempt: u32) -> Duration {
-    let exp = config
-        .backoff_base
-        .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
-    let ceiling = exp.min(config.backoff_max);
-    let jitter: f64 = rand::random::<f64>() * 0.5 + 0.5;
-    ceiling.mul_f64(jitter)
+    crate::backoff::exponential(config.backoff_base, config.backoff_max, attempt)
 }
 
 #[cfg(test)]

@@ -138,9 +138,7 @@ pub fn error_policy(obj: Arc<BitbucketConnector>, err: &ReconcileError, ctx: Arc
 }
 
 fn backoff(failures: u32) -> Duration {
-    let base = Duration::from_secs(5).saturating_mul(1 << failures.saturating_sub(1).min(8));
-    base.min(Duration::from_secs(300))
-        .mul_f64(0.8 + rand::random::<f64>() * 0.4)
+    crate::backoff::exponential(Duration::from_secs(5), Duration::from_secs(300), failures)
 }
 
 /// What the Secret gave, or why it could not.

@@ -642,9 +642,7 @@ fn clear_failures(ctx: &GrantContext, key: &str) {
 }
 
 fn backoff(failures: u32) -> Duration {
-    let base = Duration::from_secs(5).saturating_mul(1 << failures.saturating_sub(1).min(8));
-    base.min(Duration::from_secs(300))
-        .mul_f64(0.8 + rand::random::<f64>() * 0.4)
+    crate::backoff::exponential(Duration::from_secs(5), Duration::from_secs(300), failures)
 }
 
 /// The status to start from: the current one with generation and target refreshed.

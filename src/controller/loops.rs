@@ -499,11 +499,9 @@ async fn run_loop(
     }
 }
 
-/// 10 s, 20 s, 40 s … with ±20% jitter, capped at 10 minutes.
+/// 10 s, 20 s, 40 s … capped at 10 minutes, with jitter.
 fn retry_backoff(failures: u32) -> Duration {
-    let base = Duration::from_secs(10).saturating_mul(1 << failures.saturating_sub(1).min(10));
-    let capped = base.min(Duration::from_secs(600));
-    capped.mul_f64(0.8 + rand::random::<f64>() * 0.4)
+    crate::backoff::exponential(Duration::from_secs(10), Duration::from_secs(600), failures)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -102,6 +102,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 kube: operator.client.clone(),
                 store: Arc::clone(operator.manager.store()),
                 leading: Arc::clone(&operator.leading),
+                decisions: Default::default(),
             }),
         },
         wait_for(shutdown_rx.clone()),
