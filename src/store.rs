@@ -126,6 +126,8 @@ pub enum StoreError {
         found: i64,
         supported: i64,
     },
+    #[error("cannot open database file {}: {reason}", path.display())]
+    CannotOpen { path: PathBuf, reason: String },
     #[error("the store was opened read-only")]
     ReadOnly,
     #[error("sync run {0} does not exist")]
@@ -310,6 +312,12 @@ fn classify(path: &Path, err: rusqlite::Error) -> StoreError {
             path: path.to_owned(),
             reason: "the database is corrupt".into(),
         },
+        Some(ErrorCode::CannotOpen | ErrorCode::PermissionDenied | ErrorCode::ReadOnly) => {
+            StoreError::CannotOpen {
+                path: path.to_owned(),
+                reason: err.to_string(),
+            }
+        }
         _ => StoreError::Sqlite(err),
     }
 }
@@ -1667,6 +1675,15 @@ mod tests {
         let err = Store::open(&path).unwrap_err();
         assert!(matches!(err, StoreError::TooNew { found: 99, .. }), "{err}");
         assert!(err.to_string().contains("upgrade"), "{err}");
+    }
+
+    #[test]
+    fn an_unopenable_path_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("no-such-dir").join("s.db");
+        let err = Store::open(&path).unwrap_err();
+        assert!(matches!(err, StoreError::CannotOpen { .. }), "{err:?}");
+        assert!(err.to_string().contains("no-such-dir"), "{err}");
     }
 
     #[test]
