@@ -42,17 +42,21 @@
 //! | `generations`  | `id` (autoincrement)        | `connector`, `kind`, `run_id` → `runs`, `committed_at` (Unix ms), `resources`, `entitlements`, `grants` (counts) |
 //! | `current`      | `(connector, kind)`         | `generation` → `generations`                                                                    |
 //! | `resources`    | `(generation, id)`          | `display_name`, `parent_id`, `profile` (JSON text); `generation` → `generations`                 |
-//! | `entitlements` | `(generation, id)`          | `resource_id`, `slug`, `display_name`; `(generation, resource_id)` → `resources`                 |
-//! | `grants`       | `(generation, id)`          | `entitlement_id`, `resource_id`, `slug` (copied from the entitlement), `principal_type`, `principal_id`, `unknown_principal`; `(generation, entitlement_id)` → `entitlements` |
+//! | `entitlements` | `(generation, id)`          | `resource_id`, `slug`, `display_name`; `generation` → `generations`                              |
+//! | `grants`       | `(generation, id)`          | `entitlement_id`, `resource_id`, `slug` (copied from the entitlement), `principal_type`, `principal_id`, `unknown_principal`; `generation` → `generations` |
 //!
 //! Indexes: `runs (connector, kind, id)`, `generations (connector, kind, id)`,
-//! `current (generation)`, `entitlements (generation, resource_id)`,
-//! `grants (generation, entitlement_id)`, `grants (generation, resource_id)`,
+//! `generations (run_id)`, `current (generation)`,
+//! `entitlements (generation, resource_id)`, `grants (generation, resource_id)`,
 //! `grants (generation, principal_id)`. Data tables are `WITHOUT ROWID`,
 //! clustered by generation, so a generation is one contiguous range and
 //! pruning one is a range delete. The resource type of a row is its
 //! generation's kind ([`SyncKind::resource_type`]); a batch whose rows have
-//! another type is rejected. Foreign keys are enforced (`PRAGMA foreign_keys`).
+//! another type is rejected. Foreign keys are enforced (`PRAGMA foreign_keys`)
+//! from every row to its generation; the links entitlement → resource and
+//! grant → entitlement (same generation) are checked when a batch is
+//! committed ([`StoreError::InvalidBatch`]) rather than by SQLite, which
+//! would need one more index on the hot insert path.
 //!
 //! Run history: per `(connector, kind)` the newest [`RUN_HISTORY`] finished
 //! runs are kept, plus any run that produced a kept generation.
@@ -61,7 +65,11 @@
 //! an older version (`user_version`), and refuses a file of another
 //! application, a newer schema, or a file that is not SQLite
 //! ([`StoreError::NotAStore`]). Durability: WAL with `synchronous = NORMAL`
-//! (a power loss may drop the last commits, never corrupts).
+//! (a power loss may drop the last commits, never corrupts). Pages freed by
+//! pruning are reused by later generations; the file does not shrink.
+//!
+//! Startup: the operator calls [`Store::fail_interrupted_runs`] once, so runs
+//! a killed process left `running` are recorded as failed.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -110,6 +118,8 @@ pub enum StoreError {
         path.display()
     )]
     NeedsMigration { path: PathBuf, found: i64, supported: i64 },
+    #[error("cannot open database file {}: {reason}", path.display())]
+    CannotOpen { path: PathBuf, reason: String },
     #[error("the store was opened read-only")]
     ReadOnly,
     #[error("sync run {0} does not exist")]
@@ -294,6 +304,10 @@ fn classify(path: &Path, err: rusqlite::Error) -> StoreError {
             path: path.to_owned(),
             reason: "the database is corrupt".into(),
         },
+        Some(ErrorCode::CannotOpen | ErrorCode::PermissionDenied | ErrorCode::ReadOnly) => StoreError::CannotOpen {
+            path: path.to_owned(),
+            reason: err.to_string(),
+        },
         _ => StoreError::Sqlite(err),
     }
 }
@@ -353,18 +367,17 @@ CREATE TABLE resources (
 ) WITHOUT ROWID;
 
 CREATE TABLE entitlements (
-    generation   INTEGER NOT NULL,
+    generation   INTEGER NOT NULL REFERENCES generations (id),
     id           TEXT NOT NULL,
     resource_id  TEXT NOT NULL,
     slug         TEXT NOT NULL,
     display_name TEXT NOT NULL,
-    PRIMARY KEY (generation, id),
-    FOREIGN KEY (generation, resource_id) REFERENCES resources (generation, id)
+    PRIMARY KEY (generation, id)
 ) WITHOUT ROWID;
 CREATE INDEX entitlements_by_resource ON entitlements (generation, resource_id);
 
 CREATE TABLE grants (
-    generation        INTEGER NOT NULL,
+    generation        INTEGER NOT NULL REFERENCES generations (id),
     id                TEXT NOT NULL,
     entitlement_id    TEXT NOT NULL,
     resource_id       TEXT NOT NULL,
@@ -372,10 +385,8 @@ CREATE TABLE grants (
     principal_type    TEXT NOT NULL,
     principal_id      TEXT NOT NULL,
     unknown_principal INTEGER NOT NULL,
-    PRIMARY KEY (generation, id),
-    FOREIGN KEY (generation, entitlement_id) REFERENCES entitlements (generation, id)
+    PRIMARY KEY (generation, id)
 ) WITHOUT ROWID;
-CREATE INDEX grants_by_entitlement ON grants (generation, entitlement_id);
 CREATE INDEX grants_by_resource ON grants (generation, resource_id);
 CREATE INDEX grants_by_principal ON grants (generation, principal_id);
 "#;
@@ -471,6 +482,11 @@ impl Store {
             tracing::warn!(path = %path.display(), mode, "store could not switch to WAL mode; readers may wait for the writer");
         }
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // Truncate the WAL file back to 64 MiB after checkpoints: a 50k-grant
+        // commit writes tens of MiB, which should not stay on disk forever.
+        conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
+        // 32 MiB of page cache for the writer, so a big batch's indexes stay in memory.
+        conn.pragma_update(None, "cache_size", -32_000)?;
         Ok(Store::new(Some(path.to_owned()), Some(conn)))
     }
 
@@ -1325,6 +1341,12 @@ fn validate_batch(kind: SyncKind, batch: &SyncBatch) -> Result<ValidBatch<'_>, S
             )));
         }
     }
+    // Inserting in key order fills B-tree pages sequentially: much faster
+    // for big batches than random order.
+    let (mut resources, mut entitlements, mut grants) = (resources, entitlements, grants);
+    resources.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+    entitlements.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+    grants.sort_unstable_by(|a, b| a.id.cmp(&b.id));
     Ok(ValidBatch {
         resources,
         entitlements,
@@ -1511,6 +1533,15 @@ mod tests {
         let err = Store::open(&path).unwrap_err();
         assert!(matches!(err, StoreError::TooNew { found: 99, .. }), "{err}");
         assert!(err.to_string().contains("upgrade"), "{err}");
+    }
+
+    #[test]
+    fn an_unopenable_path_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("no-such-dir").join("s.db");
+        let err = Store::open(&path).unwrap_err();
+        assert!(matches!(err, StoreError::CannotOpen { .. }), "{err:?}");
+        assert!(err.to_string().contains("no-such-dir"), "{err}");
     }
 
     #[test]

@@ -545,6 +545,7 @@ fn a_50k_grant_batch_commits_quickly() {
         // The third commit also prunes a 50k-grant generation.
         let t = Instant::now();
         sync(&store, "default", SyncKind::Repositories, &big);
+        eprintln!("50k-grant commit: {:?}", t.elapsed());
         worst = worst.max(t.elapsed());
     }
     eprintln!("50k-grant commit: worst {worst:?}");
