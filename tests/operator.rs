@@ -753,3 +753,89 @@ async fn the_data_api_needs_a_reviewed_token_and_rbac_on_the_data_subresource() 
     server.abort();
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_binary_serves_probes_syncs_and_stops_cleanly_on_sigterm() {
+    // The real `bitbucket-operator run`, as a child process, against the fake
+    // API server (through a kubeconfig) and the simulator.
+    let h = Harness::start().await;
+    let _ = h.stop.send(true); // only the child process reconciles here
+    h.good_secret("bb");
+    h.connector("acme", "bb");
+
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: \"{}\"}}}}]\n\
+             users: [{{name: fake, user: {{}}}}]\ncontexts: [{{name: fake, context: {{cluster: fake, user: fake, namespace: {NS}}}}}]\n\
+             current-context: fake\n",
+            h.kube.url()
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_bitbucket-operator"))
+        .args([
+            "run",
+            "--http-addr",
+            &format!("127.0.0.1:{port}"),
+            "--leader-election=true",
+            "--lease-name",
+            "bbo",
+        ])
+        .arg("--db")
+        .arg(dir.path().join("store.db"))
+        .env("KUBECONFIG", &kubeconfig)
+        .env("POD_NAMESPACE", NS)
+        .env("POD_NAME", "operator-0")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    h.wait("acme", "Ready", ready).await;
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    assert_eq!(http.get(format!("{base}/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(http.get(format!("{base}/readyz")).send().await.unwrap().status(), 200);
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "bitbucket_operator_connector_ready{{namespace=\"{NS}\",name=\"acme\"}} 1"
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains("bitbucket_operator_sync_runs_total"), "{metrics}");
+    let lease = h
+        .kube
+        .get("coordination.k8s.io/v1", "Lease", Some(NS), "bbo")
+        .expect("the lease was taken");
+    assert_eq!(lease["spec"]["holderIdentity"], "operator-0");
+
+    // SIGTERM: loops stop, the lease is released, the process exits 0.
+    let pid = child.id().unwrap() as i32;
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let lease = h.kube.get("coordination.k8s.io/v1", "Lease", Some(NS), "bbo").unwrap();
+    assert_ne!(lease["spec"]["holderIdentity"], "operator-0", "released on shutdown");
+    h.sim.shutdown().await;
+}
