@@ -43,6 +43,11 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Consecutive failures per connector, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// The status this controller last wrote, per connector (and object uid).
+    /// The watch cache can lag behind our own writes; comparing with what we
+    /// wrote keeps a late reconcile from writing the same status again or
+    /// moving a condition's lastTransitionTime.
+    written: Mutex<HashMap<String, (Option<String>, BitbucketConnectorStatus)>>,
 }
 
 impl Context {
@@ -53,7 +58,17 @@ impl Context {
             recorder,
             metrics,
             failures: Mutex::default(),
+            written: Mutex::default(),
         }
+    }
+
+    /// What we last wrote for this object, if it is the same object (uid).
+    fn last_written(&self, key: &str, uid: &Option<String>) -> Option<BitbucketConnectorStatus> {
+        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        written
+            .get(key)
+            .filter(|(written_uid, _)| written_uid == uid)
+            .map(|(_, status)| status.clone())
     }
 
     fn store(&self) -> &Arc<Store> {
@@ -242,7 +257,9 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
     let key = runtime_key(&target);
     let enabled: BTreeMap<SyncKind, bool> = SyncKind::ALL.iter().map(|&k| (k, obj.spec.is_enabled(k))).collect();
     let requested = obj.annotations().get(RECONCILE_REQUESTED_AT_ANNOTATION).cloned();
-    let already_handled = obj.status.as_ref().and_then(|s| s.last_handled_reconcile_at.clone());
+    // The newest status we know of: ours if the cache has not caught up yet.
+    let current = ctx.last_written(&key, &obj.metadata.uid).or_else(|| obj.status.clone());
+    let already_handled = current.as_ref().and_then(|s| s.last_handled_reconcile_at.clone());
 
     let mut handled = None;
     let mut fingerprint = None;
@@ -251,7 +268,7 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
     let mut running = BTreeSet::new();
     let mut requeue = Duration::from_secs(600);
 
-    if obj.status.is_none() && !obj.spec.suspend {
+    if current.is_none() && !obj.spec.suspend {
         // Say "Pending" at once, before the credential check talks to Bitbucket.
         let pending = status::compute(&Observation {
             generation: obj.metadata.generation,
@@ -262,7 +279,7 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
             fingerprint: None,
             handled_reconcile_at: None,
         });
-        write_status(ctx, &namespace, &obj.name_any(), &pending).await?;
+        write_status(ctx, &obj, &key, &pending).await?;
     }
 
     let health = if obj.spec.suspend {
@@ -374,14 +391,14 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
     let new_status = status::compute(&Observation {
         generation: obj.metadata.generation,
         spec: &obj.spec,
-        previous: obj.status.as_ref(),
+        previous: current.as_ref(),
         health,
         loops,
         fingerprint,
         handled_reconcile_at: handled,
     });
-    publish_transitions(&obj, obj.status.as_ref(), &new_status, credentials_changed, ctx).await;
-    let new_generation = obj.status.as_ref().and_then(|s| s.observed_generation) != obj.metadata.generation;
+    publish_transitions(&obj, current.as_ref(), &new_status, credentials_changed, ctx).await;
+    let new_generation = current.as_ref().and_then(|s| s.observed_generation) != obj.metadata.generation;
     if new_generation && obj.spec.credential_rotation.as_ref().is_some_and(|r| r.enabled) {
         let event = Event {
             type_: EventType::Warning,
@@ -395,8 +412,8 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
         }
     }
     record_gauges(&obj, &namespace, &new_status, &ctx.metrics);
-    if obj.status.as_ref() != Some(&new_status) {
-        write_status(ctx, &namespace, &obj.name_any(), &new_status).await?;
+    if current.as_ref() != Some(&new_status) {
+        write_status(ctx, &obj, &key, &new_status).await?;
     }
     if let Some(message) = transient {
         return Err(ReconcileError::Transient(message));
@@ -412,18 +429,24 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
 /// Server-side apply of the whole status on the status subresource.
 async fn write_status(
     ctx: &Context,
-    namespace: &str,
-    name: &str,
+    obj: &BitbucketConnector,
+    key: &str,
     status: &BitbucketConnectorStatus,
 ) -> Result<(), ReconcileError> {
-    let api: Api<BitbucketConnector> = Api::namespaced(ctx.client.clone(), namespace);
+    let namespace = obj.namespace().ok_or(ReconcileError::NotNamespaced)?;
+    let name = obj.name_any();
+    let api: Api<BitbucketConnector> = Api::namespaced(ctx.client.clone(), &namespace);
     let patch = serde_json::json!({
         "apiVersion": BitbucketConnector::api_version(&()),
         "kind": BitbucketConnector::kind(&()),
         "status": status,
     });
-    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+    api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
         .await?;
+    ctx.written
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key.to_owned(), (obj.metadata.uid.clone(), status.clone()));
     Ok(())
 }
 
@@ -461,6 +484,7 @@ async fn cleanup(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, 
     ctx.metrics
         .forget_connector(target.namespace.as_deref().unwrap_or_default(), &target.name);
     ctx.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+    ctx.written.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
     tracing::info!(connector = %key, "connector deleted: loops stopped, data removed");
     Ok(Action::await_change())
 }
