@@ -11,6 +11,13 @@
 //! image, registry or Bitbucket account is needed. The test applies the CRDs
 //! from `crds/` (server-side apply), works in a fresh namespace, and deletes
 //! that namespace at the end, also when a step fails.
+//!
+//! The same steps also run, not ignored, against the in-process fake API
+//! server, which follows the real server's write rules (server-side apply
+//! field ownership, Secret `stringData`), so a step that cannot work on a real
+//! cluster fails here first.
+
+pub mod support;
 
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -78,7 +85,12 @@ fn secret_config(data: &[(&str, &str)]) -> serde_json::Value {
     use base64::Engine as _;
     let data: serde_json::Map<String, serde_json::Value> = data
         .iter()
-        .map(|(k, v)| ((*k).to_owned(), json!(base64::engine::general_purpose::STANDARD.encode(v))))
+        .map(|(k, v)| {
+            (
+                (*k).to_owned(),
+                json!(base64::engine::general_purpose::STANDARD.encode(v)),
+            )
+        })
         .collect();
     json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "baton-bitbucket"}, "data": data})
 }
@@ -88,6 +100,12 @@ fn ready(c: &BitbucketConnector) -> bool {
         find_condition(&s.conditions, "Ready").is_some_and(|r| r.status == "True")
             && s.observed_generation == c.metadata.generation
     })
+}
+
+#[tokio::test]
+async fn connector_lifecycle_on_the_fake_api_server() {
+    let fake = support::fake_kube::FakeKube::start().await;
+    lifecycle(fake.client(), "bbo-e2e".to_owned()).await;
 }
 
 #[tokio::test]

@@ -701,12 +701,21 @@ fn owned(obj: &kube::api::ObjectMeta, manager: &str) -> Vec<String> {
             return;
         };
         for (k, child) in m {
-            let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            let path = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
             walk(child, &path, out);
         }
     }
     let mut out = Vec::new();
-    for entry in obj.managed_fields.iter().flatten().filter(|e| e.manager.as_deref() == Some(manager)) {
+    for entry in obj
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|e| e.manager.as_deref() == Some(manager))
+    {
         walk(&entry.fields_v1.as_ref().unwrap().0, "", &mut out);
     }
     out.sort();
@@ -754,7 +763,10 @@ async fn ssa_of_string_data_with_only_new_keys_keeps_the_old_data_key() {
     assert!(rotated.string_data.is_none(), "stringData is never returned");
     assert_eq!(
         owned(&rotated.metadata, "rotator"),
-        ["f:stringData.f:BATON_CONSUMER_KEY", "f:stringData.f:BATON_CONSUMER_SECRET"],
+        [
+            "f:stringData.f:BATON_CONSUMER_KEY",
+            "f:stringData.f:BATON_CONSUMER_SECRET"
+        ],
         "the applier owns stringData keys, never the data keys they became"
     );
     let stored = fake.get("v1", "Secret", Some("default"), "creds").unwrap();
@@ -785,7 +797,10 @@ async fn rotation_removes_old_keys_by_applying_data_or_patching_them_to_null() {
         )
         .await
         .unwrap();
-    assert_eq!(secret_data(&rotated), [("BATON_CONSUMER_KEY".to_owned(), "key".to_owned())]);
+    assert_eq!(
+        secret_data(&rotated),
+        [("BATON_CONSUMER_KEY".to_owned(), "key".to_owned())]
+    );
 
     let patched = api
         .patch(
@@ -796,7 +811,10 @@ async fn rotation_removes_old_keys_by_applying_data_or_patching_them_to_null() {
         .await
         .unwrap();
     assert_eq!(secret_data(&patched), [("BATON_TOKEN".to_owned(), "t".to_owned())]);
-    assert!(owned(&patched.metadata, "rotator").is_empty(), "a removed key is nobody's");
+    assert!(
+        owned(&patched.metadata, "rotator").is_empty(),
+        "a removed key is nobody's"
+    );
 }
 
 #[tokio::test]
@@ -875,7 +893,9 @@ async fn apply_removes_a_dropped_field_only_when_no_other_manager_owns_it() {
     api.patch(
         "c",
         &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"labels": {"owner": "ops"}}, "spec": {"apiUrl": "http://x", "suspend": true}})),
+        &Patch::Merge(
+            json!({"metadata": {"labels": {"owner": "ops"}}, "spec": {"apiUrl": "http://x", "suspend": true}}),
+        ),
     )
     .await
     .unwrap();
@@ -883,10 +903,17 @@ async fn apply_removes_a_dropped_field_only_when_no_other_manager_owns_it() {
     api.patch("c", &PatchParams::apply("tuner"), &tuner).await.unwrap();
 
     let obj = api
-        .patch("c", &PatchParams::apply("gitops"), &config(json!({"workspace": "acme"}), json!({"team": "a"})))
+        .patch(
+            "c",
+            &PatchParams::apply("gitops"),
+            &config(json!({"workspace": "acme"}), json!({"team": "a"})),
+        )
         .await
         .unwrap();
-    assert_eq!(obj.data["spec"], json!({"workspace": "acme", "interval": "1h", "apiUrl": "http://x"}));
+    assert_eq!(
+        obj.data["spec"],
+        json!({"workspace": "acme", "interval": "1h", "apiUrl": "http://x"})
+    );
     let labels = obj.metadata.labels.clone().unwrap();
     assert_eq!(labels.get("tier"), None, "dropped and owned by gitops alone");
     assert_eq!(labels["team"], "a");
@@ -924,8 +951,16 @@ async fn apply_conflicts_with_another_managers_field_unless_forced() {
         panic!("expected an API error")
     };
     assert_eq!((status.code, status.reason.as_str()), (409, "Conflict"));
-    assert!(status.message.contains("conflict with \"gitops\": .spec.workspace"), "{}", status.message);
-    assert_eq!(api.get("c").await.unwrap().data["spec"]["workspace"], "acme", "nothing changed");
+    assert!(
+        status.message.contains("conflict with \"gitops\": .spec.workspace"),
+        "{}",
+        status.message
+    );
+    assert_eq!(
+        api.get("c").await.unwrap().data["spec"]["workspace"],
+        "acme",
+        "nothing changed"
+    );
 
     // Forced: the value changes and the field changes hands.
     let obj = api
@@ -971,24 +1006,46 @@ async fn status_conditions_are_applied_entry_by_entry() {
     };
     let cond = |t: &str, s: &str| json!({"type": t, "status": s, "reason": "R", "message": "m"});
     let ctl = PatchParams::apply("controller").force();
-    api.patch_status("c", &ctl, &status(json!([cond("Ready", "False"), cond("Reconciling", "True")])))
-        .await
-        .unwrap();
-    api.patch_status("c", &PatchParams::apply("auditor"), &status(json!([cond("Audited", "True")])))
-        .await
-        .unwrap();
+    api.patch_status(
+        "c",
+        &ctl,
+        &status(json!([cond("Ready", "False"), cond("Reconciling", "True")])),
+    )
+    .await
+    .unwrap();
+    api.patch_status(
+        "c",
+        &PatchParams::apply("auditor"),
+        &status(json!([cond("Audited", "True")])),
+    )
+    .await
+    .unwrap();
     let obj = api
-        .patch_status("c", &ctl, &status(json!([{"type": "Ready", "status": "True", "reason": "R"}])))
+        .patch_status(
+            "c",
+            &ctl,
+            &status(json!([{"type": "Ready", "status": "True", "reason": "R"}])),
+        )
         .await
         .unwrap();
     let conditions = obj.data["status"]["conditions"].as_array().unwrap();
     let types: Vec<&str> = conditions.iter().map(|c| c["type"].as_str().unwrap()).collect();
     assert_eq!(types, ["Ready", "Audited"], "Reconciling dropped by its only owner");
-    assert_eq!(conditions[0], json!({"type": "Ready", "status": "True", "reason": "R"}), "message dropped");
-    assert!(
-        owned(&obj.metadata, "controller").contains(&"f:status.f:conditions.k:{\"type\":\"Ready\"}.f:status".to_owned())
+    assert_eq!(
+        conditions[0],
+        json!({"type": "Ready", "status": "True", "reason": "R"}),
+        "message dropped"
     );
-    let entry = obj.metadata.managed_fields.iter().flatten().find(|e| e.manager.as_deref() == Some("controller"));
+    assert!(
+        owned(&obj.metadata, "controller")
+            .contains(&"f:status.f:conditions.k:{\"type\":\"Ready\"}.f:status".to_owned())
+    );
+    let entry = obj
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .find(|e| e.manager.as_deref() == Some("controller"));
     assert_eq!(entry.unwrap().subresource.as_deref(), Some("status"));
     assert_eq!(obj.metadata.generation, Some(1));
 }
@@ -1000,12 +1057,19 @@ async fn a_stale_resource_version_is_a_conflict_on_every_write() {
     fake.put(connector("c"));
     let stale = api.get("c").await.unwrap();
     let rv = stale.metadata.resource_version.clone().unwrap();
-    api.patch("c", &PatchParams::default(), &Patch::Merge(json!({"spec": {"workspace": "b"}})))
-        .await
-        .unwrap();
+    api.patch(
+        "c",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"workspace": "b"}})),
+    )
+    .await
+    .unwrap();
 
     let merge = Patch::Merge(json!({"metadata": {"resourceVersion": rv}, "spec": {"workspace": "c"}}));
-    assert_eq!(api_code(api.patch("c", &PatchParams::default(), &merge).await.unwrap_err()), 409);
+    assert_eq!(
+        api_code(api.patch("c", &PatchParams::default(), &merge).await.unwrap_err()),
+        409
+    );
     let json_patch: json_patch::Patch = serde_json::from_value(json!([
         {"op": "replace", "path": "/metadata/resourceVersion", "value": rv},
         {"op": "replace", "path": "/spec/workspace", "value": "c"},
@@ -1020,10 +1084,31 @@ async fn a_stale_resource_version_is_a_conflict_on_every_write() {
         "apiVersion": CR_API, "kind": CONNECTOR, "metadata": {"name": "c", "resourceVersion": rv},
         "spec": {"workspace": "c"},
     }));
-    assert_eq!(api_code(api.patch("c", &PatchParams::apply("m").force(), &apply).await.unwrap_err()), 409);
-    assert_eq!(api_code(api.replace("c", &PostParams::default(), &stale).await.unwrap_err()), 409);
-    assert_eq!(api_code(api.replace_status("c", &PostParams::default(), &stale).await.unwrap_err()), 409);
-    assert_eq!(api.get("c").await.unwrap().data["spec"]["workspace"], "b", "nothing written");
+    assert_eq!(
+        api_code(
+            api.patch("c", &PatchParams::apply("m").force(), &apply)
+                .await
+                .unwrap_err()
+        ),
+        409
+    );
+    assert_eq!(
+        api_code(api.replace("c", &PostParams::default(), &stale).await.unwrap_err()),
+        409
+    );
+    assert_eq!(
+        api_code(
+            api.replace_status("c", &PostParams::default(), &stale)
+                .await
+                .unwrap_err()
+        ),
+        409
+    );
+    assert_eq!(
+        api.get("c").await.unwrap().data["spec"]["workspace"],
+        "b",
+        "nothing written"
+    );
 
     // Without a resourceVersion an update is unconditional.
     let mut unconditional = stale;
@@ -1054,10 +1139,7 @@ async fn main_resource_and_status_subresource_change_only_their_own_part() {
     obj.data["status"] = json!({"state": "Connected"});
     obj.data["spec"]["workspace"] = json!("other");
     obj.metadata.labels = Some([("l".to_owned(), "v".to_owned())].into());
-    let after = api
-        .replace_status("c", &PostParams::default(), &obj)
-        .await
-        .unwrap();
+    let after = api.replace_status("c", &PostParams::default(), &obj).await.unwrap();
     assert_eq!(after.data["status"]["state"], "Connected");
     assert_eq!(after.data["spec"]["workspace"], "acme");
     assert!(after.metadata.labels.is_none());

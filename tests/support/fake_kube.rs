@@ -1163,7 +1163,6 @@ fn review(st: &State, ki: &KindInfo, body: &[u8]) -> Result<(StatusCode, Value),
     Ok((StatusCode::CREATED, obj))
 }
 
-
 // ---------- watch ----------
 
 struct WatchCtx {

@@ -120,9 +120,7 @@ pub fn field_set(obj: &Value) -> FieldSet {
 fn is_system(p: &FieldPath) -> bool {
     match p.as_slice() {
         [f] => f == "f:apiVersion" || f == "f:kind",
-        [m, f, ..] if m == "f:metadata" => f
-            .strip_prefix("f:")
-            .is_some_and(|name| SYSTEM_METADATA.contains(&name)),
+        [m, f, ..] if m == "f:metadata" => f.strip_prefix("f:").is_some_and(|name| SYSTEM_METADATA.contains(&name)),
         _ => false,
     }
 }

@@ -9,7 +9,10 @@ use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use super::fields::{ManagedFields, ManagerKey, Operation};
-use super::{ApiErr, KindInfo, State, body_json, check_ns, meta, meta_mut, meta_str, now_rfc3339, parse_body, random_suffix, set_or_remove};
+use super::{
+    ApiErr, KindInfo, State, body_json, check_ns, meta, meta_mut, meta_str, now_rfc3339, parse_body, random_suffix,
+    set_or_remove,
+};
 
 /// Field manager of a non-apply write: `?fieldManager=` (`handle` fills in the client's
 /// User-Agent up to its first `/` when absent, like the real server).
@@ -48,7 +51,10 @@ fn validate_secret(ki: &KindInfo, obj: &Value) -> Result<(), ApiErr> {
         ApiErr::new(
             422,
             "Invalid",
-            format!("Secret \"{}\" is invalid: {field}: {why}", meta_str(obj, "name").unwrap_or_default()),
+            format!(
+                "Secret \"{}\" is invalid: {field}: {why}",
+                meta_str(obj, "name").unwrap_or_default()
+            ),
         )
     };
     for (k, v) in obj.get("data").and_then(Value::as_object).into_iter().flatten() {
@@ -288,14 +294,16 @@ fn apply(
     };
     check_resource_version(ki, name, &config, &old.obj)?;
     let mut managed = old.managed.clone();
-    let merged = managed.apply(&old.obj, &config, &applier, force, &now).map_err(|conflicts| {
-        let list: Vec<String> = conflicts.iter().map(|c| c.describe()).collect();
-        ApiErr::new(
-            409,
-            "Conflict",
-            format!("Apply failed with {} conflict(s): {}", list.len(), list.join(", ")),
-        )
-    })?;
+    let merged = managed
+        .apply(&old.obj, &config, &applier, force, &now)
+        .map_err(|conflicts| {
+            let list: Vec<String> = conflicts.iter().map(|c| c.describe()).collect();
+            ApiErr::new(
+                409,
+                "Conflict",
+                format!("Apply failed with {} conflict(s): {}", list.len(), list.join(", ")),
+            )
+        })?;
     let new = restrict(ki, sub, &old.obj, merged);
     let stored = st.store(ki, &key, new, Some(managed));
     Ok((StatusCode::OK, stored))
