@@ -19,8 +19,12 @@
 //! every 2s on idle watches that allow them.
 
 mod fields;
+mod selectors;
+mod watch;
 mod writes;
 
+use selectors::Filter;
+use watch::watch;
 use writes::{create, delete, patch, replace};
 
 use std::collections::{BTreeMap, VecDeque};
@@ -29,7 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State as AxState;
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -52,7 +56,8 @@ pub struct KindInfo {
     pub plural: String,
     pub namespaced: bool,
     pub status_subresource: bool,
-    /// Maintain `metadata.generation` (bumped on `.spec` changes and on deletion).
+    /// Maintain `metadata.generation` (bumped on changes outside metadata and a status
+    /// subresource, and when deletion starts).
     /// Defaults to true for kinds outside the core group that have a status subresource (i.e. CRs).
     pub generation: bool,
 }
@@ -302,145 +307,6 @@ fn set_or_remove(obj: &mut Value, field: &str, v: Option<Value>) {
                 o.remove(field);
             }
         }
-    }
-}
-
-// ---------- selectors ----------
-
-#[derive(Debug)]
-enum LabelReq {
-    Eq(String, String),
-    Ne(String, String),
-    In(String, Vec<String>),
-    NotIn(String, Vec<String>),
-    Exists(String),
-    NotExists(String),
-}
-
-fn split_top_level(s: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut depth = 0;
-    let mut cur = String::new();
-    for c in s.chars() {
-        match c {
-            '(' => {
-                depth += 1;
-                cur.push(c)
-            }
-            ')' => {
-                depth -= 1;
-                cur.push(c)
-            }
-            ',' if depth == 0 => out.push(std::mem::take(&mut cur)),
-            _ => cur.push(c),
-        }
-    }
-    out.push(cur);
-    out.into_iter()
-        .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty())
-        .collect()
-}
-
-fn parse_set(s: &str) -> Vec<String> {
-    s.trim()
-        .trim_start_matches('(')
-        .trim_end_matches(')')
-        .split(',')
-        .map(|v| v.trim().to_string())
-        .collect()
-}
-
-fn parse_label_selector(s: &str) -> Vec<LabelReq> {
-    split_top_level(s)
-        .into_iter()
-        .map(|t| {
-            if let Some(k) = t.strip_prefix('!') {
-                LabelReq::NotExists(k.trim().to_string())
-            } else if let Some((k, v)) = t.split_once(" notin ") {
-                LabelReq::NotIn(k.trim().to_string(), parse_set(v))
-            } else if let Some((k, v)) = t.split_once(" in ") {
-                LabelReq::In(k.trim().to_string(), parse_set(v))
-            } else if let Some((k, v)) = t.split_once("!=") {
-                LabelReq::Ne(k.trim().to_string(), v.trim().to_string())
-            } else if let Some((k, v)) = t.split_once("==") {
-                LabelReq::Eq(k.trim().to_string(), v.trim().to_string())
-            } else if let Some((k, v)) = t.split_once('=') {
-                LabelReq::Eq(k.trim().to_string(), v.trim().to_string())
-            } else {
-                LabelReq::Exists(t.trim().to_string())
-            }
-        })
-        .collect()
-}
-
-fn labels_match(reqs: &[LabelReq], obj: &Value) -> bool {
-    let labels = meta(obj).get("labels");
-    let get = |k: &str| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
-    reqs.iter().all(|r| match r {
-        LabelReq::Eq(k, v) => get(k) == Some(v.as_str()),
-        LabelReq::Ne(k, v) => get(k) != Some(v.as_str()),
-        LabelReq::In(k, vs) => get(k).is_some_and(|x| vs.iter().any(|v| v == x)),
-        LabelReq::NotIn(k, vs) => get(k).is_none_or(|x| vs.iter().all(|v| v != x)),
-        LabelReq::Exists(k) => get(k).is_some(),
-        LabelReq::NotExists(k) => get(k).is_none(),
-    })
-}
-
-fn parse_field_selector(s: &str) -> Vec<(String, bool, String)> {
-    split_top_level(s)
-        .into_iter()
-        .filter_map(|t| {
-            if let Some((k, v)) = t.split_once("!=") {
-                Some((k.trim().to_string(), false, v.trim().to_string()))
-            } else if let Some((k, v)) = t.split_once("==") {
-                Some((k.trim().to_string(), true, v.trim().to_string()))
-            } else {
-                t.split_once('=')
-                    .map(|(k, v)| (k.trim().to_string(), true, v.trim().to_string()))
-            }
-        })
-        .collect()
-}
-
-fn fields_match(reqs: &[(String, bool, String)], obj: &Value) -> bool {
-    reqs.iter().all(|(path, eq, want)| {
-        let mut cur = obj;
-        for part in path.split('.') {
-            cur = cur.get(part).unwrap_or(&Value::Null);
-        }
-        let got = match cur {
-            Value::Null => String::new(),
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
-        (got == *want) == *eq
-    })
-}
-
-struct Filter {
-    ns: Option<String>,
-    labels: Vec<LabelReq>,
-    fields: Vec<(String, bool, String)>,
-}
-
-impl Filter {
-    fn from_query(ns: Option<String>, q: &BTreeMap<String, String>) -> Self {
-        Filter {
-            ns,
-            labels: q
-                .get("labelSelector")
-                .map(|s| parse_label_selector(s))
-                .unwrap_or_default(),
-            fields: q
-                .get("fieldSelector")
-                .map(|s| parse_field_selector(s))
-                .unwrap_or_default(),
-        }
-    }
-
-    fn matches(&self, ns: &str, obj: &Value) -> bool {
-        self.ns.as_deref().is_none_or(|n| n == ns) && labels_match(&self.labels, obj) && fields_match(&self.fields, obj)
     }
 }
 
@@ -1161,139 +1027,4 @@ fn review(st: &State, ki: &KindInfo, body: &[u8]) -> Result<(StatusCode, Value),
     };
     obj["status"] = status;
     Ok((StatusCode::CREATED, obj))
-}
-
-// ---------- watch ----------
-
-struct WatchCtx {
-    shared: Arc<Shared>,
-    resource: String,
-    ki: KindInfo,
-    filter: Filter,
-    last_rv: u64,
-    deadline: tokio::time::Instant,
-    bookmarks: bool,
-    pending: VecDeque<Bytes>,
-    done: bool,
-    rx: tokio::sync::watch::Receiver<u64>,
-}
-
-fn line(typ: &str, object: &Value) -> Bytes {
-    let mut s = json!({"type": typ, "object": object}).to_string();
-    s.push('\n');
-    Bytes::from(s)
-}
-
-fn bookmark(ki: &KindInfo, rv: u64, initial_end: bool) -> Value {
-    let mut m = json!({"resourceVersion": rv.to_string()});
-    if initial_end {
-        m["annotations"] = json!({"k8s.io/initial-events-end": "true"});
-    }
-    json!({"kind": ki.kind, "apiVersion": ki.api_version(), "metadata": m})
-}
-
-fn watch(shared: Arc<Shared>, ki: KindInfo, ns: Option<String>, q: &BTreeMap<String, String>) -> Response {
-    let timeout = q
-        .get("timeoutSeconds")
-        .and_then(|s| s.parse::<u64>().ok())
-        .unwrap_or(1800);
-    let bookmarks = matches!(q.get("allowWatchBookmarks").map(String::as_str), Some("true" | "1"));
-    let send_initial = matches!(q.get("sendInitialEvents").map(String::as_str), Some("true" | "1"));
-    let rv_param = q.get("resourceVersion").cloned().unwrap_or_default();
-    let mut rx = shared.notify.subscribe();
-    rx.borrow_and_update();
-    let mut ctx = WatchCtx {
-        shared: shared.clone(),
-        resource: ki.resource_key(),
-        filter: Filter::from_query(ns, q),
-        ki: ki.clone(),
-        last_rv: 0,
-        deadline: tokio::time::Instant::now() + Duration::from_secs(timeout),
-        bookmarks,
-        pending: VecDeque::new(),
-        done: false,
-        rx,
-    };
-    {
-        let st = shared.lock();
-        if send_initial || rv_param.is_empty() || rv_param == "0" {
-            for ((r, n, _), s) in st.objects.iter() {
-                if *r == ctx.resource && ctx.filter.matches(n, &s.obj) {
-                    ctx.pending.push_back(line("ADDED", &s.obj));
-                }
-            }
-            ctx.last_rv = st.rv;
-            if send_initial && bookmarks {
-                ctx.pending.push_back(line("BOOKMARK", &bookmark(&ki, st.rv, true)));
-            }
-        } else {
-            match rv_param.parse::<u64>() {
-                Ok(rv) if rv >= st.history_floor => ctx.last_rv = rv,
-                _ => {
-                    let status = ApiErr::new(410, "Expired", format!("too old resource version: {rv_param}"));
-                    ctx.pending.push_back(line("ERROR", &status.status_json()));
-                    ctx.done = true;
-                }
-            }
-        }
-    }
-    let stream = futures::stream::unfold(ctx, |mut ctx| async move {
-        loop {
-            if let Some(b) = ctx.pending.pop_front() {
-                return Some((Ok::<Bytes, std::convert::Infallible>(b), ctx));
-            }
-            if ctx.done {
-                return None;
-            }
-            ctx.rx.borrow_and_update();
-            {
-                let st = ctx.shared.lock();
-                if st.closed {
-                    return None;
-                }
-                for ev in st.history.iter().filter(|e| e.rv > ctx.last_rv) {
-                    if ev.resource != ctx.resource {
-                        continue;
-                    }
-                    let now = ctx.filter.matches(&ev.ns, &ev.object);
-                    let before = ev.previous.as_ref().map(|p| ctx.filter.matches(&ev.ns, p));
-                    // like the watch cache: objects entering/leaving a selector are ADDED/DELETED
-                    let typ = match (ev.typ, before, now) {
-                        ("MODIFIED", Some(false), true) => "ADDED",
-                        ("MODIFIED", Some(true), false) => "DELETED",
-                        (t, _, true) => t,
-                        _ => continue,
-                    };
-                    ctx.pending.push_back(line(typ, &ev.object));
-                }
-                ctx.last_rv = ctx.last_rv.max(st.rv);
-            }
-            if !ctx.pending.is_empty() {
-                continue;
-            }
-            let bookmark_sleep = if ctx.bookmarks {
-                BOOKMARK_INTERVAL
-            } else {
-                Duration::from_secs(3600)
-            };
-            tokio::select! {
-                r = ctx.rx.changed() => {
-                    if r.is_err() {
-                        return None;
-                    }
-                }
-                _ = tokio::time::sleep_until(ctx.deadline) => return None,
-                _ = tokio::time::sleep(bookmark_sleep) => {
-                    if ctx.bookmarks {
-                        ctx.pending.push_back(line("BOOKMARK", &bookmark(&ctx.ki, ctx.last_rv, false)));
-                    }
-                }
-            }
-        }
-    });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from_stream(stream))
-        .expect("watch response")
 }

@@ -373,8 +373,7 @@ impl ManagedFields {
                 .cloned()
                 .collect();
             if kept != e.fields {
-                let fields = kept;
-                self.set(&k, fields, now);
+                self.set(&k, kept, now);
             }
         }
         if !taken.is_empty() {
