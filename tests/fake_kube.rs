@@ -867,6 +867,16 @@ async fn string_data_is_merged_into_data_on_every_write() {
         .unwrap_err();
     assert_eq!(api_code(err), 422);
     assert_eq!(secret_data(&api.get("s").await.unwrap()), secret_data(&patched));
+    let raw: Api<DynamicObject> = Api::default_namespaced_with(fake.client(), &ApiResource::erase::<Secret>(&()));
+    let bad: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bad"}, "data": {"a": "not base64!"},
+    }))
+    .unwrap();
+    assert_eq!(
+        api_code(raw.create(&PostParams::default(), &bad).await.unwrap_err()),
+        400
+    );
+    assert!(api.get_opt("bad").await.unwrap().is_none());
 }
 
 #[tokio::test]

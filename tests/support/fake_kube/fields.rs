@@ -283,6 +283,19 @@ fn merge(live: &mut Value, config: &Value, names: &mut Vec<String>) {
     }
 }
 
+/// Whether `path` is a key field of a list-map entry still in `obj` (only removed with it).
+fn is_key_of_kept_entry(path: &[String], obj: &Value) -> bool {
+    let [entry @ .., field] = path else { return false };
+    let (Some(keys), Some(name)) = (
+        entry.last().and_then(|s| s.strip_prefix("k:")),
+        field.strip_prefix("f:"),
+    ) else {
+        return false;
+    };
+    let is_key = serde_json::from_str::<Map<String, Value>>(keys).is_ok_and(|k| k.contains_key(name));
+    is_key && get(obj, entry).is_some()
+}
+
 /// Whether a write changes the field at `path`; a list entry itself "changes" only when it
 /// appears (its fields carry their own ownership).
 fn changed(old: &Value, new: &Value, path: &[String]) -> bool {
@@ -348,7 +361,7 @@ impl ManagedFields {
                 .iter()
                 .filter(|(k, _)| *k != key)
                 .any(|(_, e)| e.fields.iter().any(|q| q.starts_with(prefix)));
-            if !owned_elsewhere {
+            if !owned_elsewhere && !is_key_of_kept_entry(p, &merged) {
                 remove(&mut merged, p);
             }
         }

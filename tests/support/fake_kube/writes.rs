@@ -40,17 +40,18 @@ fn check_resource_version(ki: &KindInfo, name: &str, requested: &Value, current:
     }
 }
 
-/// Secret `data` values must be base64 and `stringData` values strings, as the real server
-/// validates; rejected before anything is stored.
-fn validate_secret(ki: &KindInfo, obj: &Value) -> Result<(), ApiErr> {
+/// Secret `data` values must be base64 and `stringData` values strings, or the real server
+/// cannot decode the object: 400 for a request body, 422 for the result of a patch (its
+/// `patch` field is invalid). Rejected before anything is stored.
+fn validate_secret(ki: &KindInfo, obj: &Value, code: u16) -> Result<(), ApiErr> {
     use base64::Engine as _;
     if ki.kind != "Secret" || !ki.group.is_empty() {
         return Ok(());
     }
     let invalid = |field: String, why: &str| {
         ApiErr::new(
-            422,
-            "Invalid",
+            code,
+            if code == 422 { "Invalid" } else { "BadRequest" },
             format!(
                 "Secret \"{}\" is invalid: {field}: {why}",
                 meta_str(obj, "name").unwrap_or_default()
@@ -103,7 +104,7 @@ pub(super) fn create(
 ) -> Result<(StatusCode, Value), ApiErr> {
     let mut obj = body_json(body)?;
     check_ns(ki, &ns, &obj)?;
-    validate_secret(ki, &obj)?;
+    validate_secret(ki, &obj, 400)?;
     let name = match meta_str(&obj, "name").filter(|s| !s.is_empty()) {
         Some(n) => n.to_string(),
         None => match meta_str(&obj, "generateName") {
@@ -162,7 +163,6 @@ fn update_existing(
 ) -> Result<(StatusCode, Value), ApiErr> {
     let old = st.objects.get(key).ok_or_else(|| ApiErr::not_found(ki, &key.2))?;
     check_resource_version(ki, &key.2, &candidate, &old.obj)?;
-    validate_secret(ki, &candidate)?;
     let new = restrict(ki, sub, &old.obj, candidate);
     let mut managed = old.managed.clone();
     managed.update(&old.obj, &new, &writer(q, sub), &now_rfc3339());
@@ -181,6 +181,7 @@ pub(super) fn replace(
 ) -> Result<(StatusCode, Value), ApiErr> {
     let obj = body_json(body)?;
     check_ns(ki, &ns, &obj)?;
+    validate_secret(ki, &obj, 400)?;
     let key = State::key(ki, ns.as_deref(), name);
     update_existing(st, ki, &key, sub, q, obj)
 }
@@ -204,6 +205,7 @@ pub(super) fn patch(
             let old = st.objects.get(&key).ok_or_else(|| ApiErr::not_found(ki, name))?;
             let mut merged = old.obj.clone();
             json_patch::merge(&mut merged, &body_json(body)?);
+            validate_secret(ki, &merged, 422)?;
             update_existing(st, ki, &key, sub, q, merged)
         }
         "application/json-patch+json" => {
@@ -224,6 +226,7 @@ pub(super) fn patch(
             if !patched.is_object() {
                 return Err(ApiErr::new(422, "Invalid", "patch produced a non-object"));
             }
+            validate_secret(ki, &patched, 422)?;
             update_existing(st, ki, &key, sub, q, patched)
         }
         other => Err(ApiErr::new(
@@ -263,7 +266,7 @@ fn apply(
         return Err(bad("metadata.managedFields must be nil"));
     }
     check_ns(ki, &ns, &config)?;
-    validate_secret(ki, &config)?;
+    validate_secret(ki, &config, 400)?;
     // Fields the endpoint resets are not applied, so not owned either.
     match sub {
         Some(_) => {
