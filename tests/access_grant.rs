@@ -6,7 +6,7 @@
 //! `real_cluster_grant_lifecycle` (ignored) runs the lifecycle against a real
 //! cluster (`KUBECONFIG`), with the simulator or real Bitbucket.
 
-mod support;
+pub mod support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
