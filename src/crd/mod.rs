@@ -1,7 +1,11 @@
 //! The custom resources (`connectors.dev/v1alpha1`): [`BitbucketConnector`]
-//! and [`BitbucketAccessGrant`], the pure helpers the controllers use to
-//! maintain their status conditions, and the `crd` subcommand that prints the
-//! generated CustomResourceDefinitions.
+//! and [`BitbucketAccessGrant`], the typed contracts of their status and
+//! Events (wire enums [`ConditionStatus`], [`Reason`], [`EventReason`],
+//! [`ConnectorState`], [`GrantState`]: each value spelled once, tested), the
+//! pure helpers the controllers use to maintain their status conditions, and
+//! the `crd` subcommand that prints the generated CustomResourceDefinitions.
+//! The status fields stay strings on the wire (the schema is unchanged); the
+//! controllers write them only through these enums.
 //!
 //! Conditions follow the Kubernetes API conventions (`metav1.Condition`, with
 //! `observedGeneration`) and kstatus: `Reconciling` and `Stalled` are present

@@ -349,25 +349,66 @@ impl Provisioner {
             }
             Err(err) => return Err(err.into()),
         };
-        let ws = workspace.slug.clone();
-        let mut groups: Option<Vec<Group>> = None;
+        let (target, mut groups) = self.resolve_target(&workspace, &request.target).await?;
+        let (principal, members) = match &request.principal {
+            PrincipalRef::User(needle) => {
+                let (principal, listing) = self.resolve_user(&workspace.slug, needle, purpose).await?;
+                (principal, Some(listing))
+            }
+            PrincipalRef::Group(slug) => {
+                if groups.is_none() {
+                    groups = Some(self.client.groups(&workspace.slug).await?);
+                }
+                let all = groups.as_deref().unwrap_or_default();
+                let group = find_group(all, slug).ok_or_else(|| ProvisionError::PrincipalNotFound {
+                    principal: format!("group {slug}"),
+                    workspace: workspace.slug.clone(),
+                })?;
+                let principal = ResolvedPrincipal {
+                    kind: PrincipalKind::Group,
+                    key: group.slug.clone(),
+                    id: group_id(&workspace.uuid, &group.slug),
+                    name: group.slug.clone(),
+                };
+                (principal, None)
+            }
+        };
+        let current = self.current_level(&target, &principal, groups.as_deref()).await?;
+        Ok(Resolved {
+            workspace,
+            principal,
+            target,
+            current,
+            members,
+        })
+    }
 
-        let target = match &request.target {
-            TargetRef::Workspace => unreachable!("refused by validate()"),
+    /// The target, with the group listing when it was fetched on the way.
+    async fn resolve_target(
+        &self,
+        workspace: &Workspace,
+        target: &TargetRef,
+    ) -> Result<(ResolvedTarget, Option<Vec<Group>>), ProvisionError> {
+        let ws = workspace.slug.clone();
+        let resolved = |kind, key: String, resource_id| ResolvedTarget {
+            kind,
+            workspace: ws.clone(),
+            workspace_uuid: workspace.uuid.clone(),
+            key,
+            resource_id,
+        };
+        match target {
+            TargetRef::Workspace => Err(ProvisionError::NotProvisionable {
+                message: "workspace membership cannot be provisioned".into(),
+            }),
             TargetRef::Group(slug) => {
                 let all = self.client.groups(&ws).await?;
                 let group = find_group(&all, slug).ok_or_else(|| ProvisionError::TargetNotFound {
                     target: format!("group {ws}/{slug}"),
                 })?;
-                let target = ResolvedTarget {
-                    kind: TargetKind::Group,
-                    workspace: ws.clone(),
-                    workspace_uuid: workspace.uuid.clone(),
-                    key: group.slug.clone(),
-                    resource_id: group_id(&workspace.uuid, &group.slug),
-                };
-                groups = Some(all);
-                target
+                let id = group_id(&workspace.uuid, &group.slug);
+                let target = resolved(TargetKind::Group, group.slug.clone(), id);
+                Ok((target, Some(all)))
             }
             TargetRef::Project(key) => {
                 let project = self.client.project(&ws, key).await.map_err(|err| {
@@ -380,13 +421,8 @@ impl Provisioner {
                 } else {
                     project.key
                 };
-                ResolvedTarget {
-                    kind: TargetKind::Project,
-                    workspace: ws.clone(),
-                    workspace_uuid: workspace.uuid.clone(),
-                    resource_id: project_id(&workspace.uuid, &project.uuid, &key),
-                    key,
-                }
+                let id = project_id(&workspace.uuid, &project.uuid, &key);
+                Ok((resolved(TargetKind::Project, key, id), None))
             }
             TargetRef::Repository(slug) => {
                 let repository = self.client.repository(&ws, slug).await.map_err(|err| {
@@ -399,83 +435,56 @@ impl Provisioner {
                     "" => slug.clone(),
                     s => s.to_owned(),
                 };
-                ResolvedTarget {
-                    kind: TargetKind::Repository,
-                    workspace: ws.clone(),
-                    workspace_uuid: workspace.uuid.clone(),
-                    resource_id: repository_id(&workspace.uuid, &project.uuid, &project.key, &repository.uuid),
-                    key,
-                }
+                let id = repository_id(&workspace.uuid, &project.uuid, &project.key, &repository.uuid);
+                Ok((resolved(TargetKind::Repository, key, id), None))
+            }
+        }
+    }
+
+    /// A user among the workspace members (returned too, for the store
+    /// refresh); for a revoke, also a former member named by UUID.
+    async fn resolve_user(
+        &self,
+        ws: &str,
+        needle: &str,
+        purpose: Purpose,
+    ) -> Result<(ResolvedPrincipal, Vec<User>), ProvisionError> {
+        let listing: Vec<User> = self
+            .client
+            .workspace_members(ws)
+            .try_concat()
+            .await?
+            .into_iter()
+            .map(|m| m.user)
+            .collect();
+        let principal = match (find_member(&listing, needle), purpose, braced_uuid(needle)) {
+            (Some(user), _, _) => ResolvedPrincipal {
+                kind: PrincipalKind::User,
+                key: user.uuid.clone(),
+                id: user.uuid.clone(),
+                name: user
+                    .nickname
+                    .clone()
+                    .or_else(|| user.display_name.clone())
+                    .unwrap_or_else(|| user.uuid.clone()),
+            },
+            // Former members keep explicit permissions (Bitbucket does not
+            // remove them): revoking those, named by UUID, is exactly what
+            // an access review needs.
+            (None, Purpose::Revoke, Some(uuid)) => ResolvedPrincipal {
+                kind: PrincipalKind::User,
+                key: uuid.clone(),
+                id: uuid.clone(),
+                name: uuid,
+            },
+            (None, _, _) => {
+                return Err(ProvisionError::NotWorkspaceMember {
+                    user: needle.to_owned(),
+                    workspace: ws.to_owned(),
+                });
             }
         };
-
-        let mut members = None;
-        let principal = match &request.principal {
-            PrincipalRef::User(needle) => {
-                let listing: Vec<User> = self
-                    .client
-                    .workspace_members(&ws)
-                    .try_concat()
-                    .await?
-                    .into_iter()
-                    .map(|m| m.user)
-                    .collect();
-                let principal = match (find_member(&listing, needle), purpose, braced_uuid(needle)) {
-                    (Some(user), _, _) => ResolvedPrincipal {
-                        kind: PrincipalKind::User,
-                        key: user.uuid.clone(),
-                        id: user.uuid.clone(),
-                        name: user
-                            .nickname
-                            .clone()
-                            .or_else(|| user.display_name.clone())
-                            .unwrap_or_else(|| user.uuid.clone()),
-                    },
-                    // Former members keep explicit permissions (Bitbucket does
-                    // not remove them): revoking those, named by UUID, is
-                    // exactly what an access review needs.
-                    (None, Purpose::Revoke, Some(uuid)) => ResolvedPrincipal {
-                        kind: PrincipalKind::User,
-                        key: uuid.clone(),
-                        id: uuid.clone(),
-                        name: uuid,
-                    },
-                    (None, _, _) => {
-                        return Err(ProvisionError::NotWorkspaceMember {
-                            user: needle.clone(),
-                            workspace: ws.clone(),
-                        });
-                    }
-                };
-                members = Some(listing);
-                principal
-            }
-            PrincipalRef::Group(slug) => {
-                if groups.is_none() {
-                    groups = Some(self.client.groups(&ws).await?);
-                }
-                let all = groups.as_deref().unwrap_or_default();
-                let group = find_group(all, slug).ok_or_else(|| ProvisionError::PrincipalNotFound {
-                    principal: format!("group {slug}"),
-                    workspace: ws.clone(),
-                })?;
-                ResolvedPrincipal {
-                    kind: PrincipalKind::Group,
-                    key: group.slug.clone(),
-                    id: group_id(&workspace.uuid, &group.slug),
-                    name: group.slug.clone(),
-                }
-            }
-        };
-
-        let current = self.current_level(&target, &principal, groups.as_deref()).await?;
-        Ok(Resolved {
-            workspace,
-            principal,
-            target,
-            current,
-            members,
-        })
+        Ok((principal, listing))
     }
 
     /// One read of the principal's explicit level: the permissions-config
