@@ -1003,3 +1003,59 @@ async fn the_grant_status_writer_compares_with_its_own_last_write_not_a_stale_co
     assert_ne!(recreated.metadata.uid, stale.metadata.uid);
     assert!(scaffold.with_current_status(recreated).status.is_none());
 }
+
+/// The grant controller reads the connector's Secret with the connector's
+/// decoder: a provisioning switch whose bytes are not text is reported by
+/// key (the connector is not ready), not silently read as "off" (which
+/// used to fail the grant as ProvisioningDisabled, Stalled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provisioning_switch_that_is_not_text_is_reported_not_read_as_off() {
+    use k8s_openapi::ByteString;
+    let (e, op) = env(22, true).await;
+    let secrets: Api<Secret> = Api::namespaced(e.fake.client(), NS);
+    let creds = e.sim.credentials().clone();
+    secrets
+        .delete("bitbucket-credentials", &DeleteParams::default())
+        .await
+        .unwrap();
+    let binary = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("bitbucket-credentials".into()),
+            namespace: Some(NS.into()),
+            ..Default::default()
+        },
+        data: Some(
+            [
+                ("BATON_USERNAME".to_owned(), ByteString(creds.email.into_bytes())),
+                (
+                    "BATON_APP_PASSWORD".to_owned(),
+                    ByteString(creds.api_token.into_bytes()),
+                ),
+                ("BATON_PROVISIONING".to_owned(), ByteString(vec![0xff, 0xfe, 0x00])),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    secrets.create(&PostParams::default(), &binary).await.unwrap();
+    e.fake
+        .wait_for(API, CONNECTOR, Some(NS), "bb", WAIT, |c| {
+            condition(c, "Ready").is_some_and(|r| r["reason"] == "SecretKeyMissing")
+        })
+        .await;
+
+    e.create("binary", "write", json!({})).await;
+    let g = e
+        .fake
+        .wait_for(API, GRANT, Some(NS), "binary", WAIT, |g| {
+            condition(g, "Ready").is_some()
+        })
+        .await;
+    let ready = condition(&g, "Ready").unwrap();
+    assert_eq!(ready["reason"], "ConnectorNotReady", "{g}");
+    let message = ready["message"].as_str().unwrap();
+    assert!(message.contains("BATON_PROVISIONING is not UTF-8 text"), "{message}");
+    assert_eq!(g["status"]["state"], "Pending", "retried, not Failed");
+    assert!(condition(&g, "Stalled").is_none());
+    op.stop().await;
+}
