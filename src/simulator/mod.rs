@@ -107,22 +107,29 @@
 //! "127.0.0.1:0".parse()?)`, then use [`SimulatorHandle::base_url`] and
 //! [`SimulatorHandle::credentials`].
 
+mod app;
 mod auth;
 pub mod cli;
 mod limits;
 mod org;
 mod paging;
-mod server;
+mod pipeline;
+mod render;
+mod reply;
+mod routes;
+mod state;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use axum::ServiceExt as _;
+
+pub use app::RequestStats;
 pub use auth::SimCredentials;
 pub use limits::RateLimit;
 pub use org::{Group, Member, Organisation, Permission, Project, Repository, User, Workspace};
-pub use server::RequestStats;
 
 /// Simulator settings. Sizes are totals across all workspaces.
 #[derive(Debug, Clone)]
@@ -187,11 +194,11 @@ impl Simulator {
         }
         let base_url = format!("http://{reachable}");
         let auth = auth::Auth::new(creds, config.oauth_token_ttl);
-        let app = Arc::new(server::App::new(&config, base_url.clone(), org, auth));
-        let router = axum::Router::new().fallback(server::handle).with_state(app.clone());
+        let app = Arc::new(app::App::new(&config, base_url.clone(), org, auth));
+        let service = routes::service(app.clone());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            let result = axum::serve(listener, router)
+            let result = axum::serve(listener, service.into_make_service())
                 .with_graceful_shutdown(async {
                     let _ = rx.await;
                 })
@@ -213,7 +220,7 @@ impl Simulator {
 
 /// A running simulator.
 pub struct SimulatorHandle {
-    app: Arc<server::App>,
+    app: Arc<app::App>,
     local: SocketAddr,
     base_url: String,
     shutdown: tokio::sync::oneshot::Sender<()>,

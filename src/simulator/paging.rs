@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Value, json};
 
-use super::server::ApiError;
+use super::reply::ApiError;
 
 /// Query parameters in request order (decoded).
 pub type Query = Vec<(String, String)>;
