@@ -8,6 +8,23 @@
 //! test (`tests/simulator_contract.rs`) validates them against Atlassian's
 //! official OpenAPI document.
 //!
+//! Behind the `simulator` cargo feature (on by default); production builds
+//! use `--no-default-features` and get `absent.rs` in its place.
+//!
+//! # Shape
+//!
+//! - `routes`: one axum router per API family: `reads` (2.0 reads),
+//!   `permissions` (permissions-config), `groups` (1.0 groups), `oauth`
+//!   (token endpoint), `retired` (410 CHANGE-2770). Each route names its
+//!   statistics class and methods; handlers hold no HTTP plumbing.
+//! - `pipeline`: what every request goes through, once: path
+//!   canonicalisation, latency, fault injection, credentials, rate limit,
+//!   method check, statistics; and the `Ctx`/`Ids` extractors.
+//! - `reply`: the JSON error envelope, `fields=`, the HTML 404.
+//! - `app` (shared state and counters), `state` (the organisation's lookup
+//!   indices and effective permissions), `render` (JSON shapes), `paging`
+//!   (pagination, `fields=`, BBQL), `auth`, `limits`, `org` (generation).
+//!
 //! # What it simulates
 //!
 //! - `/2.0/user`, `/2.0/users/{id}`, `/2.0/user/workspaces` (`administrator`,
