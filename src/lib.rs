@@ -4,7 +4,9 @@
 //! - [`bitbucket`]: the Bitbucket Cloud REST client (auth, pagination, rate
 //!   limits, typed errors).
 //! - [`simulator`]: a Bitbucket Cloud API simulator on loopback, for tests,
-//!   benchmarks and `sync --demo`.
+//!   benchmarks and `sync --demo`; behind the `simulator` cargo feature (on
+//!   by default). Without it, a stand-in makes `simulate` and `sync --demo`
+//!   say how to get it.
 //! - [`model`]: the access model (resources, entitlements, grants).
 //! - [`store`]: the embedded SQLite store (generations of synced data, sync runs).
 //! - [`access`]: effective access (who can reach a repository, what a user can reach).
@@ -29,6 +31,10 @@ pub mod metrics;
 pub mod model;
 pub mod provision;
 pub mod settings;
+#[cfg(feature = "simulator")]
+pub mod simulator;
+#[cfg(not(feature = "simulator"))]
+#[path = "simulator/absent.rs"]
 pub mod simulator;
 pub mod store;
 pub mod sync;

@@ -25,6 +25,7 @@ enum Command {
     /// syncs the built-in simulator.
     Sync(sync::cli::SyncArgs),
     /// Serve a simulated Bitbucket Cloud API on loopback.
+    #[cfg_attr(not(feature = "simulator"), command(hide = true))]
     Simulate(simulator::cli::SimulateArgs),
     /// Effective access from a store file: who can reach a repository, what a user can reach.
     Access(access::cli::AccessArgs),

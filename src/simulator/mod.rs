@@ -8,6 +8,23 @@
 //! test (`tests/simulator_contract.rs`) validates them against Atlassian's
 //! official OpenAPI document.
 //!
+//! Behind the `simulator` cargo feature (on by default); production builds
+//! use `--no-default-features` and get `absent.rs` in its place.
+//!
+//! # Shape
+//!
+//! - `routes`: one axum router per API family: `reads` (2.0 reads),
+//!   `permissions` (permissions-config), `groups` (1.0 groups), `oauth`
+//!   (token endpoint), `retired` (410 CHANGE-2770). Each route names its
+//!   statistics class and methods; handlers hold no HTTP plumbing.
+//! - `pipeline`: what every request goes through, once: path
+//!   canonicalisation, latency, fault injection, credentials, rate limit,
+//!   method check, statistics; and the `Ctx`/`Ids` extractors.
+//! - `reply`: the JSON error envelope, `fields=`, the HTML 404.
+//! - `app` (shared state and counters), `state` (the organisation's lookup
+//!   indices and effective permissions), `render` (JSON shapes), `paging`
+//!   (pagination, `fields=`, BBQL), `auth`, `limits`, `org` (generation).
+//!
 //! # What it simulates
 //!
 //! - `/2.0/user`, `/2.0/users/{id}`, `/2.0/user/workspaces` (`administrator`,
@@ -107,22 +124,29 @@
 //! "127.0.0.1:0".parse()?)`, then use [`SimulatorHandle::base_url`] and
 //! [`SimulatorHandle::credentials`].
 
+mod app;
 mod auth;
 pub mod cli;
 mod limits;
 mod org;
 mod paging;
-mod server;
+mod pipeline;
+mod render;
+mod reply;
+mod routes;
+mod state;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use axum::ServiceExt as _;
+
+pub use app::RequestStats;
 pub use auth::SimCredentials;
 pub use limits::RateLimit;
 pub use org::{Group, Member, Organisation, Permission, Project, Repository, User, Workspace};
-pub use server::RequestStats;
 
 /// Simulator settings. Sizes are totals across all workspaces.
 #[derive(Debug, Clone)]
@@ -187,11 +211,11 @@ impl Simulator {
         }
         let base_url = format!("http://{reachable}");
         let auth = auth::Auth::new(creds, config.oauth_token_ttl);
-        let app = Arc::new(server::App::new(&config, base_url.clone(), org, auth));
-        let router = axum::Router::new().fallback(server::handle).with_state(app.clone());
+        let app = Arc::new(app::App::new(&config, base_url.clone(), org, auth));
+        let service = routes::service(app.clone());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            let result = axum::serve(listener, router)
+            let result = axum::serve(listener, service.into_make_service())
                 .with_graceful_shutdown(async {
                     let _ = rx.await;
                 })
@@ -213,7 +237,7 @@ impl Simulator {
 
 /// A running simulator.
 pub struct SimulatorHandle {
-    app: Arc<server::App>,
+    app: Arc<app::App>,
     local: SocketAddr,
     base_url: String,
     shutdown: tokio::sync::oneshot::Sender<()>,

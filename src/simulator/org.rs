@@ -261,44 +261,14 @@ fn nth_name(words: &[&str], i: usize) -> (String, String) {
 
 impl Organisation {
     /// Generates an organisation. Deterministic for `config.seed` and the
-    /// sizes; latency, limits and faults do not affect it.
+    /// sizes; latency, limits and faults do not affect it. Each step draws
+    /// from the one generator in a fixed order, so reordering steps changes
+    /// every organisation.
     pub fn generate(config: &SimConfig) -> Organisation {
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         let n_ws = config.workspaces.max(1);
-        let n_users = config.users.max(1);
-
-        // Users. Index 0 is the admin whose API token the simulator accepts.
-        let mut users = Vec::with_capacity(n_users);
-        for i in 0..n_users {
-            let uuid = random_uuid(&mut rng);
-            let account_id = format!("557058:{}", uuid.trim_matches(|c| c == '{' || c == '}'));
-            let (display_name, nickname, email, active) = if i == 0 {
-                (
-                    "Sim Admin".to_string(),
-                    "sim-admin".to_string(),
-                    "admin@sim.example.com".to_string(),
-                    true,
-                )
-            } else {
-                let f = FIRST[rng.random_range(0..FIRST.len())];
-                let l = LAST[rng.random_range(0..LAST.len())];
-                let nick = format!("{}{}{}", f.to_lowercase(), slugify(l).replace('-', ""), i);
-                (
-                    format!("{f} {l}"),
-                    nick.clone(),
-                    format!("{nick}@example.com"),
-                    rng.random_bool(0.95),
-                )
-            };
-            users.push(User {
-                uuid,
-                account_id,
-                nickname,
-                display_name,
-                email,
-                active,
-            });
-        }
+        let users = generate_users(&mut rng, config.users.max(1));
+        let n_users = users.len();
 
         // About 2% of the non-admin users are former members: they belong to
         // no workspace but still hold a few explicit permissions.
@@ -306,182 +276,17 @@ impl Organisation {
         let former: Vec<usize> = (n_users - n_former..n_users).collect();
         let regular: Vec<usize> = (1..n_users - n_former).collect();
 
-        let mut workspaces: Vec<Workspace> = (0..n_ws)
-            .map(|w| {
-                let (name, suffix) = nth_name(WORKSPACES, w);
-                let base = WORKSPACES[w % WORKSPACES.len()];
-                let slug = if suffix.is_empty() {
-                    base.to_string()
-                } else {
-                    format!("{base}-{suffix}")
-                };
-                let mut title = name.clone();
-                title.replace_range(0..1, &name[0..1].to_uppercase());
-                Workspace {
-                    uuid: random_uuid(&mut rng),
-                    slug,
-                    name: format!("{title} Inc"),
-                    is_private: w % 4 != 3,
-                    members: vec![Member {
-                        user_uuid: users[0].uuid.clone(),
-                        owner: true,
-                    }],
-                    groups: Vec::new(),
-                    projects: Vec::new(),
-                    repositories: Vec::new(),
-                }
-            })
-            .collect();
-
-        // Memberships: every regular user has a home workspace; 20% are also
-        // members of a second one.
-        let mut member_idx: Vec<Vec<usize>> = vec![vec![0]; n_ws];
-        for (k, &u) in regular.iter().enumerate() {
-            let home = k % n_ws;
-            member_idx[home].push(u);
-            if n_ws > 1 && rng.random_bool(0.2) {
-                let other = (home + rng.random_range(1..n_ws)) % n_ws;
-                member_idx[other].push(u);
-            }
-        }
-        let mut grantable: Vec<Vec<usize>> = Vec::with_capacity(n_ws);
-        for (w, ws) in workspaces.iter_mut().enumerate() {
-            let mut idx = member_idx[w].clone();
-            idx.sort_unstable();
-            idx.dedup();
-            member_idx[w] = idx;
-            // One or two other owners per workspace: its first active members.
-            let mut owners_left = (1 + member_idx[w].len() / 200).min(2);
-            for &u in member_idx[w].iter().skip(1) {
-                let owner = owners_left > 0 && users[u].active;
-                if owner {
-                    owners_left -= 1;
-                }
-                ws.members.push(Member {
-                    user_uuid: users[u].uuid.clone(),
-                    owner,
-                });
-            }
-            // Owners never hold explicit grants (they cannot be given any).
-            grantable.push(
-                ws.members
-                    .iter()
-                    .zip(&member_idx[w])
-                    .filter(|(m, _)| !m.owner)
-                    .map(|(_, &u)| u)
-                    .collect(),
-            );
-        }
-
-        // Groups.
-        for g in 0..config.groups {
-            let w = g % n_ws;
-            let k = g / n_ws;
-            let (name, _) = nth_name(GROUPS, k);
-            let slug = slugify(&name);
-            let members_pool = &member_idx[w];
-            let want = rng.random_range(2..=30usize).min(members_pool.len());
-            let mut set = BTreeSet::new();
-            for _ in 0..want {
-                set.insert(members_pool[rng.random_range(0..members_pool.len())]);
-            }
-            let mut members: Vec<usize> = set.into_iter().collect();
-            members.shuffle(&mut rng);
-            workspaces[w].groups.push(Group {
-                slug,
-                name,
-                permission: GROUP_DEFAULTS[rng.random_range(0..GROUP_DEFAULTS.len())].map(str::to_string),
-                members: members.iter().map(|&u| users[u].uuid.clone()).collect(),
-            });
-        }
-
-        // Projects.
-        let mut project_turns = [0usize; 2];
-        for p in 0..config.projects {
-            let w = p % n_ws;
-            let k = p / n_ws;
-            let (name, suffix) = nth_name(PROJECTS, k);
-            let base = PROJECTS[k % PROJECTS.len()];
-            let key = format!("{}{}", base.chars().take(4).collect::<String>().to_uppercase(), suffix);
-            let uuid = random_uuid(&mut rng);
-            let (user_permissions, group_permissions) = grants(
-                &mut rng,
-                &Pool {
-                    members: &grantable[w],
-                    former: &former,
-                    users: &users,
-                    groups: &workspaces[w].groups,
-                },
-                &Shape {
-                    levels: PROJECT_PERMS,
-                    p_empty: 0.0,
-                    min_groups: 1,
-                },
-                &mut project_turns,
-            );
-            workspaces[w].projects.push(Project {
-                uuid,
-                key,
-                name,
-                user_permissions,
-                group_permissions,
-            });
-        }
-        // Bitbucket gives every workspace a default project; the simulator adds
-        // one only where repositories would otherwise have no project.
-        for (w, ws) in workspaces.iter_mut().enumerate() {
-            let has_repos = w < config.repositories;
-            if has_repos && ws.projects.is_empty() {
-                let uuid = random_uuid(&mut rng);
-                ws.projects.push(Project {
-                    uuid,
-                    key: "DEFAULT".into(),
-                    name: "Default Project".into(),
-                    user_permissions: Vec::new(),
-                    group_permissions: Vec::new(),
-                });
-            }
-        }
-
-        // Repositories.
-        let mut repo_turns = [0usize; 2];
-        for r in 0..config.repositories {
-            let w = r % n_ws;
-            let k = r / n_ws;
-            let base = REPOS[k % REPOS.len()];
-            let round = k / REPOS.len();
-            let slug = if round == 0 {
-                base.to_string()
-            } else {
-                format!("{base}-{}", round + 1)
-            };
-            let n_proj = workspaces[w].projects.len();
-            let project_key = workspaces[w].projects[rng.random_range(0..n_proj)].key.clone();
-            let (user_permissions, group_permissions) = grants(
-                &mut rng,
-                &Pool {
-                    members: &grantable[w],
-                    former: &former,
-                    users: &users,
-                    groups: &workspaces[w].groups,
-                },
-                &Shape {
-                    levels: REPO_PERMS,
-                    p_empty: 0.15,
-                    min_groups: 0,
-                },
-                &mut repo_turns,
-            );
-            workspaces[w].repositories.push(Repository {
-                uuid: random_uuid(&mut rng),
-                name: slug.clone(),
-                slug,
-                project_key,
-                is_private: !rng.random_bool(0.1),
-                user_permissions,
-                group_permissions,
-            });
-        }
+        let mut workspaces = empty_workspaces(&mut rng, n_ws, &users[0].uuid);
+        let members = add_members(&mut rng, &mut workspaces, &users, &regular);
+        add_groups(&mut rng, &mut workspaces, &users, &members.all, config.groups);
+        let people = People {
+            users: &users,
+            former: &former,
+            grantable: &members.grantable,
+        };
+        add_projects(&mut rng, &mut workspaces, &people, config.projects);
+        add_default_projects(&mut rng, &mut workspaces, config.repositories);
+        add_repositories(&mut rng, &mut workspaces, &people, config.repositories);
 
         let mut org = Organisation { users, workspaces };
         org.ensure_edge_cases(&former);
@@ -573,6 +378,253 @@ impl Organisation {
     /// The workspace with this slug.
     pub fn workspace(&self, slug: &str) -> Option<&Workspace> {
         self.workspaces.iter().find(|w| w.slug == slug)
+    }
+}
+
+/// Users; index 0 is the admin whose API token the simulator accepts.
+fn generate_users(rng: &mut ChaCha8Rng, n_users: usize) -> Vec<User> {
+    let mut users = Vec::with_capacity(n_users);
+    for i in 0..n_users {
+        let uuid = random_uuid(rng);
+        let account_id = format!("557058:{}", uuid.trim_matches(|c| c == '{' || c == '}'));
+        let (display_name, nickname, email, active) = if i == 0 {
+            (
+                "Sim Admin".to_string(),
+                "sim-admin".to_string(),
+                "admin@sim.example.com".to_string(),
+                true,
+            )
+        } else {
+            let f = FIRST[rng.random_range(0..FIRST.len())];
+            let l = LAST[rng.random_range(0..LAST.len())];
+            let nick = format!("{}{}{}", f.to_lowercase(), slugify(l).replace('-', ""), i);
+            (
+                format!("{f} {l}"),
+                nick.clone(),
+                format!("{nick}@example.com"),
+                rng.random_bool(0.95),
+            )
+        };
+        users.push(User {
+            uuid,
+            account_id,
+            nickname,
+            display_name,
+            email,
+            active,
+        });
+    }
+    users
+}
+
+/// Workspaces owned by the admin, without members, groups or projects yet.
+fn empty_workspaces(rng: &mut ChaCha8Rng, n_ws: usize, admin_uuid: &str) -> Vec<Workspace> {
+    (0..n_ws)
+        .map(|w| {
+            let (name, suffix) = nth_name(WORKSPACES, w);
+            let base = WORKSPACES[w % WORKSPACES.len()];
+            let slug = if suffix.is_empty() {
+                base.to_string()
+            } else {
+                format!("{base}-{suffix}")
+            };
+            let mut title = name.clone();
+            title.replace_range(0..1, &name[0..1].to_uppercase());
+            Workspace {
+                uuid: random_uuid(rng),
+                slug,
+                name: format!("{title} Inc"),
+                is_private: w % 4 != 3,
+                members: vec![Member {
+                    user_uuid: admin_uuid.to_string(),
+                    owner: true,
+                }],
+                groups: Vec::new(),
+                projects: Vec::new(),
+                repositories: Vec::new(),
+            }
+        })
+        .collect()
+}
+
+/// Workspace membership as user indices, per workspace.
+struct Members {
+    /// Every member, sorted (the admin first).
+    all: Vec<Vec<usize>>,
+    /// Members who are not owners: owners never hold explicit grants (they
+    /// cannot be given any).
+    grantable: Vec<Vec<usize>>,
+}
+
+/// Every regular user gets a home workspace; 20% are also members of a
+/// second one. One or two other owners per workspace: its first active
+/// members.
+fn add_members(rng: &mut ChaCha8Rng, workspaces: &mut [Workspace], users: &[User], regular: &[usize]) -> Members {
+    let n_ws = workspaces.len();
+    let mut all: Vec<Vec<usize>> = vec![vec![0]; n_ws];
+    for (k, &u) in regular.iter().enumerate() {
+        let home = k % n_ws;
+        all[home].push(u);
+        if n_ws > 1 && rng.random_bool(0.2) {
+            let other = (home + rng.random_range(1..n_ws)) % n_ws;
+            all[other].push(u);
+        }
+    }
+    let mut grantable: Vec<Vec<usize>> = Vec::with_capacity(n_ws);
+    for (w, ws) in workspaces.iter_mut().enumerate() {
+        all[w].sort_unstable();
+        all[w].dedup();
+        let mut owners_left = (1 + all[w].len() / 200).min(2);
+        for &u in all[w].iter().skip(1) {
+            let owner = owners_left > 0 && users[u].active;
+            if owner {
+                owners_left -= 1;
+            }
+            ws.members.push(Member {
+                user_uuid: users[u].uuid.clone(),
+                owner,
+            });
+        }
+        grantable.push(
+            ws.members
+                .iter()
+                .zip(&all[w])
+                .filter(|(m, _)| !m.owner)
+                .map(|(_, &u)| u)
+                .collect(),
+        );
+    }
+    Members { all, grantable }
+}
+
+/// Groups of 2 to 30 members, dealt round-robin over the workspaces.
+fn add_groups(
+    rng: &mut ChaCha8Rng,
+    workspaces: &mut [Workspace],
+    users: &[User],
+    members: &[Vec<usize>],
+    n_groups: usize,
+) {
+    let n_ws = workspaces.len();
+    for g in 0..n_groups {
+        let w = g % n_ws;
+        let k = g / n_ws;
+        let (name, _) = nth_name(GROUPS, k);
+        let slug = slugify(&name);
+        let members_pool = &members[w];
+        let want = rng.random_range(2..=30usize).min(members_pool.len());
+        let mut set = BTreeSet::new();
+        for _ in 0..want {
+            set.insert(members_pool[rng.random_range(0..members_pool.len())]);
+        }
+        let mut picked: Vec<usize> = set.into_iter().collect();
+        picked.shuffle(rng);
+        workspaces[w].groups.push(Group {
+            slug,
+            name,
+            permission: GROUP_DEFAULTS[rng.random_range(0..GROUP_DEFAULTS.len())].map(str::to_string),
+            members: picked.iter().map(|&u| users[u].uuid.clone()).collect(),
+        });
+    }
+}
+
+/// Who explicit grants can go to, across workspaces.
+struct People<'a> {
+    users: &'a [User],
+    /// Former members (user indices).
+    former: &'a [usize],
+    /// Non-owner members per workspace (user indices).
+    grantable: &'a [Vec<usize>],
+}
+
+impl People<'_> {
+    fn pool<'a>(&'a self, w: usize, workspaces: &'a [Workspace]) -> Pool<'a> {
+        Pool {
+            members: &self.grantable[w],
+            former: self.former,
+            users: self.users,
+            groups: &workspaces[w].groups,
+        }
+    }
+}
+
+/// Projects, dealt round-robin, each with at least one group grant.
+fn add_projects(rng: &mut ChaCha8Rng, workspaces: &mut [Workspace], people: &People, n_projects: usize) {
+    let n_ws = workspaces.len();
+    let shape = Shape {
+        levels: PROJECT_PERMS,
+        p_empty: 0.0,
+        min_groups: 1,
+    };
+    let mut turns = [0usize; 2];
+    for p in 0..n_projects {
+        let w = p % n_ws;
+        let k = p / n_ws;
+        let (name, suffix) = nth_name(PROJECTS, k);
+        let base = PROJECTS[k % PROJECTS.len()];
+        let key = format!("{}{}", base.chars().take(4).collect::<String>().to_uppercase(), suffix);
+        let uuid = random_uuid(rng);
+        let (user_permissions, group_permissions) = grants(rng, &people.pool(w, workspaces), &shape, &mut turns);
+        workspaces[w].projects.push(Project {
+            uuid,
+            key,
+            name,
+            user_permissions,
+            group_permissions,
+        });
+    }
+}
+
+/// Bitbucket gives every workspace a default project; the simulator adds
+/// one only where repositories would otherwise have no project.
+fn add_default_projects(rng: &mut ChaCha8Rng, workspaces: &mut [Workspace], n_repositories: usize) {
+    for (w, ws) in workspaces.iter_mut().enumerate() {
+        let has_repos = w < n_repositories;
+        if has_repos && ws.projects.is_empty() {
+            let uuid = random_uuid(rng);
+            ws.projects.push(Project {
+                uuid,
+                key: "DEFAULT".into(),
+                name: "Default Project".into(),
+                user_permissions: Vec::new(),
+                group_permissions: Vec::new(),
+            });
+        }
+    }
+}
+
+/// Repositories, dealt round-robin, each in a random project of its
+/// workspace; ~15% without explicit grants.
+fn add_repositories(rng: &mut ChaCha8Rng, workspaces: &mut [Workspace], people: &People, n_repositories: usize) {
+    let n_ws = workspaces.len();
+    let shape = Shape {
+        levels: REPO_PERMS,
+        p_empty: 0.15,
+        min_groups: 0,
+    };
+    let mut turns = [0usize; 2];
+    for r in 0..n_repositories {
+        let w = r % n_ws;
+        let k = r / n_ws;
+        let base = REPOS[k % REPOS.len()];
+        let round = k / REPOS.len();
+        let slug = if round == 0 {
+            base.to_string()
+        } else {
+            format!("{base}-{}", round + 1)
+        };
+        let n_proj = workspaces[w].projects.len();
+        let project_key = workspaces[w].projects[rng.random_range(0..n_proj)].key.clone();
+        let (user_permissions, group_permissions) = grants(rng, &people.pool(w, workspaces), &shape, &mut turns);
+        workspaces[w].repositories.push(Repository {
+            uuid: random_uuid(rng),
+            name: slug.clone(),
+            slug,
+            project_key,
+            is_private: !rng.random_bool(0.1),
+            user_permissions,
+            group_permissions,
+        });
     }
 }
 
@@ -775,6 +827,13 @@ mod tests {
             );
         }
         assert!(!ru.contains("create-repo") && !rg.contains("create-repo"));
+        covers_edge_cases(&org);
+    }
+
+    /// `none` grants, inactive accounts, owners without grants, a former
+    /// member's grant, a repository without grants, users in several groups.
+    fn covers_edge_cases(org: &Organisation) {
+        let ws = &org.workspaces;
         let all: Vec<&Permission> = ws
             .iter()
             .flat_map(|w| {

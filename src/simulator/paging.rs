@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Value, json};
 
-use super::server::ApiError;
+use super::reply::ApiError;
 
 /// Query parameters in request order (decoded).
 pub type Query = Vec<(String, String)>;
@@ -227,49 +227,8 @@ impl Bbql {
                 _ => return Err(invalid_query()),
             };
             i += 1;
-            let mut op = match tokens.get(i) {
-                Some(Tok::Op(o)) => o.clone(),
-                Some(Tok::Word(w)) if w.eq_ignore_ascii_case("in") => "IN".into(),
-                Some(Tok::Word(w)) if w.eq_ignore_ascii_case("not") => match tokens.get(i + 1) {
-                    Some(Tok::Word(w2)) if w2.eq_ignore_ascii_case("in") => {
-                        i += 1;
-                        "NOT IN".into()
-                    }
-                    _ => return Err(invalid_query()),
-                },
-                _ => return Err(invalid_query()),
-            };
-            i += 1;
-            let mut values = Vec::new();
-            if op == "IN" || op == "NOT IN" {
-                if tokens.get(i) != Some(&Tok::Open) {
-                    return Err(invalid_query());
-                }
-                i += 1;
-                loop {
-                    match tokens.get(i) {
-                        Some(Tok::Str(s)) => values.push(s.clone()),
-                        Some(Tok::Word(w)) => values.push(w.clone()),
-                        _ => return Err(invalid_query()),
-                    }
-                    i += 1;
-                    match tokens.get(i) {
-                        Some(Tok::Comma) => i += 1,
-                        Some(Tok::Close) => {
-                            i += 1;
-                            break;
-                        }
-                        _ => return Err(invalid_query()),
-                    }
-                }
-            } else {
-                match tokens.get(i) {
-                    Some(Tok::Str(s)) => values.push(s.clone()),
-                    Some(Tok::Word(w)) => values.push(w.clone()),
-                    _ => return Err(invalid_query()),
-                }
-                i += 1;
-            }
+            let mut op = parse_operator(&tokens, &mut i)?;
+            let values = parse_values(&tokens, &mut i, op == "IN" || op == "NOT IN")?;
             if !["=", "!=", "~", "!~", ">", ">=", "<", "<=", "IN", "NOT IN"].contains(&op.as_str()) {
                 return Err(ApiError::bad_request(&format!(
                     "Operator {op} is not supported by the simulator"
@@ -316,6 +275,56 @@ impl Bbql {
         self.any_of
             .iter()
             .any(|all| all.iter().all(|c| clause_matches(c, item)))
+    }
+}
+
+/// The operator at `tokens[*i]` (`IN` and `NOT IN` are words), advancing
+/// past it.
+fn parse_operator(tokens: &[Tok], i: &mut usize) -> Result<String, ApiError> {
+    let op = match tokens.get(*i) {
+        Some(Tok::Op(o)) => o.clone(),
+        Some(Tok::Word(w)) if w.eq_ignore_ascii_case("in") => "IN".into(),
+        Some(Tok::Word(w)) if w.eq_ignore_ascii_case("not") => match tokens.get(*i + 1) {
+            Some(Tok::Word(w2)) if w2.eq_ignore_ascii_case("in") => {
+                *i += 1;
+                "NOT IN".into()
+            }
+            _ => return Err(invalid_query()),
+        },
+        _ => return Err(invalid_query()),
+    };
+    *i += 1;
+    Ok(op)
+}
+
+/// One value, or a parenthesised list of them when `list`, advancing past
+/// it.
+fn parse_values(tokens: &[Tok], i: &mut usize, list: bool) -> Result<Vec<String>, ApiError> {
+    let value = |tok: Option<&Tok>| match tok {
+        Some(Tok::Str(s)) | Some(Tok::Word(s)) => Ok(s.clone()),
+        _ => Err(invalid_query()),
+    };
+    if !list {
+        let v = value(tokens.get(*i))?;
+        *i += 1;
+        return Ok(vec![v]);
+    }
+    if tokens.get(*i) != Some(&Tok::Open) {
+        return Err(invalid_query());
+    }
+    *i += 1;
+    let mut values = Vec::new();
+    loop {
+        values.push(value(tokens.get(*i))?);
+        *i += 1;
+        match tokens.get(*i) {
+            Some(Tok::Comma) => *i += 1,
+            Some(Tok::Close) => {
+                *i += 1;
+                return Ok(values);
+            }
+            _ => return Err(invalid_query()),
+        }
     }
 }
 

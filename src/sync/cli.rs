@@ -10,6 +10,7 @@
 //! - 5: Bitbucket unreachable, failing, or rate limiting beyond the retry budget.
 
 use std::collections::BTreeMap;
+#[cfg(feature = "simulator")]
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,7 +24,8 @@ use super::{RunReport, SyncEngine, SyncError, run_into_store};
 use crate::bitbucket::{Client, ClientConfig, Limits};
 use crate::model::SyncKind;
 use crate::settings::{ConnectorSettings, CredentialArgs, SecretKeys, parse_workspaces, secret_key};
-use crate::simulator::{SimConfig, Simulator};
+#[cfg(feature = "simulator")]
+use crate::simulator::{SimConfig, Simulator, SimulatorHandle};
 use crate::store::Store;
 
 #[derive(Debug, clap::Args)]
@@ -31,6 +33,7 @@ pub struct SyncArgs {
     /// Run against the built-in simulator with a generated organisation: no
     /// credentials, no network.
     #[arg(long, conflicts_with = "secret_file")]
+    #[cfg_attr(not(feature = "simulator"), arg(hide = true))]
     demo: bool,
     /// Workspace slugs to sync (comma-separated); default: every workspace the
     /// credentials administer.
@@ -67,6 +70,7 @@ fn parse_kind(value: &str) -> Result<SyncKind, String> {
 
 /// The demo organisation: big enough to look like a company, small enough to
 /// sync in about a second.
+#[cfg(feature = "simulator")]
 pub fn demo_config() -> SimConfig {
     SimConfig {
         seed: 42,
@@ -79,27 +83,64 @@ pub fn demo_config() -> SimConfig {
     }
 }
 
-pub async fn run(args: SyncArgs) -> anyhow::Result<ExitCode> {
-    let demo = if args.demo {
+/// `--demo`: the in-process simulator and the admin credential it issued.
+#[cfg(feature = "simulator")]
+struct Demo(SimulatorHandle);
+
+#[cfg(feature = "simulator")]
+impl Demo {
+    async fn start() -> anyhow::Result<Demo> {
         let sim = Simulator::start(demo_config(), SocketAddr::from(([127, 0, 0, 1], 0)))
             .await
             .context("starting the simulator")?;
         eprintln!("demo: simulated Bitbucket at {}", sim.base_url());
-        Some(sim)
-    } else {
-        None
-    };
+        Ok(Demo(sim))
+    }
+
+    fn api_url(&self) -> String {
+        self.0.base_url()
+    }
+
+    fn settings(&self) -> anyhow::Result<ConnectorSettings> {
+        let creds = self.0.credentials();
+        let mut data = BTreeMap::new();
+        data.insert(secret_key::USERNAME.to_owned(), creds.email.clone());
+        data.insert(secret_key::APP_PASSWORD.to_owned(), creds.api_token.clone());
+        Ok(ConnectorSettings::from_map(&data, &SecretKeys::default())?)
+    }
+
+    async fn shutdown(self) {
+        self.0.shutdown().await;
+    }
+}
+
+/// A build without the simulator has no demo: `start` says how to get one.
+#[cfg(not(feature = "simulator"))]
+enum Demo {}
+
+#[cfg(not(feature = "simulator"))]
+impl Demo {
+    async fn start() -> anyhow::Result<Demo> {
+        anyhow::bail!(crate::simulator::UNAVAILABLE)
+    }
+
+    fn api_url(&self) -> String {
+        match *self {}
+    }
+
+    fn settings(&self) -> anyhow::Result<ConnectorSettings> {
+        match *self {}
+    }
+
+    async fn shutdown(self) {
+        match self {}
+    }
+}
+
+pub async fn run(args: SyncArgs) -> anyhow::Result<ExitCode> {
+    let demo = if args.demo { Some(Demo::start().await?) } else { None };
     let (api_url, settings) = match &demo {
-        Some(sim) => {
-            let creds = sim.credentials();
-            let mut data = BTreeMap::new();
-            data.insert(secret_key::USERNAME.to_owned(), creds.email.clone());
-            data.insert(secret_key::APP_PASSWORD.to_owned(), creds.api_token.clone());
-            (
-                sim.base_url(),
-                ConnectorSettings::from_map(&data, &SecretKeys::default())?,
-            )
-        }
+        Some(demo) => (demo.api_url(), demo.settings()?),
         None => match args.credentials.settings() {
             Ok(settings) => (args.credentials.api_url.clone(), settings),
             Err(message) => {
@@ -177,8 +218,8 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<ExitCode> {
     }
     drop(runs);
     let elapsed = clock.elapsed();
-    if let Some(sim) = demo {
-        sim.shutdown().await;
+    if let Some(demo) = demo {
+        demo.shutdown().await;
     }
 
     let summary = Summary::new(&args, &slugs, &outcomes, connect_requests, elapsed);
