@@ -7,6 +7,7 @@ import copy
 import json
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import celpy
@@ -219,6 +220,19 @@ def test_image_digest_wins_over_tag():
     digest = "sha256:" + "a" * 64
     assert container(render({"image": {"digest": digest}}))["image"] == f"ghcr.io/example/bitbucket-operator@{digest}"
     assert container(render({"image": {"tag": "9.9.9"}}))["image"].endswith(":9.9.9")
+    both = {"image": {"repository": "registry.example.com/ops/bbo", "tag": "9.9.9", "digest": digest}}
+    assert container(render(both))["image"] == f"registry.example.com/ops/bbo@{digest}"
+
+
+def test_default_tag_is_the_version_scripts_build_image_tags():
+    """The default tag follows appVersion, and appVersion is the crate's
+    version, which scripts/build-image uses as the archive's tag."""
+    app_version = helm.Chart.load(str(CHART)).metadata["appVersion"]
+    crate = tomllib.loads((ROOT / "Cargo.toml").read_text())["package"]["version"]
+    assert app_version == crate
+    repo = yaml.safe_load((CHART / "values.yaml").read_text())["image"]["repository"]
+    assert container(render())["image"] == f"{repo}:{crate}"
+    assert container(render({"image": {"repository": "localhost/bbo"}}))["image"] == f"localhost/bbo:{crate}"
 
 
 @pytest.mark.parametrize("values", [{}, FULL], ids=["defaults", "all-features"])
@@ -442,6 +456,9 @@ def test_chart_crd_copy_matches_crds_dir():
     {"logFormat": "xml"},
     {"unknownKey": True},
     {"image": {"repository": "x", "tagg": "1"}},
+    {"image": {"repository": "x", "digest": "sha256:abc"}},
+    {"image": {"repository": "x", "tag": "1.0 beta"}},
+    {"image": {"repository": "x", "tag": ":1.0"}},
     {"connector": {"interval": "1 hour"}},
     {"connector": {"workspaces": ["Bad Slug"]}},
 ], ids=lambda v: json.dumps(v))
