@@ -193,6 +193,21 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_tokens_and_limits_never_panic(
+            token in ".{0,80}",
+            limit in proptest::option::of(proptest::num::usize::ANY),
+            len in 0usize..50,
+        ) {
+            let items: Vec<usize> = (0..len).collect();
+            if let Ok(page) = page(items, &query(limit, Some(&token)), snapshot(&["p"])) {
+                proptest::prop_assert!(page.items.len() <= MAX_LIMIT);
+                proptest::prop_assert!(page.items.iter().all(|&i| i < len));
+            }
+        }
+    }
+
     #[test]
     fn an_empty_listing_is_one_empty_page() {
         let page = page(Vec::<u8>::new(), &query(None, None), snapshot(&[])).unwrap();
