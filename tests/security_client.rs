@@ -38,6 +38,7 @@ async fn hostile() -> (Hostile, tokio::task::JoinHandle<()>) {
     let app = Router::new()
         .route("/2.0/user", get(endless_body))
         .route("/big/2.0/user", get(declared_huge))
+        .route("/huge/2.0/user", get(huge_but_finite))
         .route("/2.0/workspaces/{ws}/projects", get(endless_pages))
         .route("/ok/2.0/user", get(user))
         .with_state(state.clone());
@@ -59,6 +60,16 @@ async fn declared_huge(State(s): State<Hostile>) -> Response {
     s.requests.fetch_add(1, Ordering::Relaxed);
     let body = format!("{{\"uuid\":\"{}\"}}", "B".repeat(4096));
     ([("content-type", "application/json")], body).into_response()
+}
+
+/// A valid 200 answer, 48 MiB long: over the default cap.
+async fn huge_but_finite(State(s): State<Hostile>) -> Response {
+    s.requests.fetch_add(1, Ordering::Relaxed);
+    let head = futures::stream::iter([Ok::<_, Infallible>(bytes::Bytes::from_static(b"{\"uuid\":\""))]);
+    let chunk = bytes::Bytes::from(vec![b'A'; 1024 * 1024]);
+    let middle = futures::stream::iter((0..48).map(move |_| Ok::<_, Infallible>(chunk.clone())));
+    let tail = futures::stream::iter([Ok::<_, Infallible>(bytes::Bytes::from_static(b"\"}"))]);
+    Response::new(Body::from_stream(head.chain(middle).chain(tail)))
 }
 
 /// Every page has one project and a fresh `next` link: it never ends.
@@ -114,6 +125,19 @@ async fn an_endless_body_ends_in_an_error_naming_the_cap_and_path() {
     assert!(text.contains("/2.0/user"), "{text}");
     assert!(!text.contains("AAAA"), "the body is never echoed: {text}");
     assert_eq!(server.requests.load(Ordering::Relaxed), 1);
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_huge_valid_body_is_refused_not_buffered() {
+    let (server, task) = hostile().await;
+    let client = Client::new(config(&format!("{}/huge", server.base)), token("t-huge")).unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(60), client.current_user())
+        .await
+        .expect("answers in time")
+        .expect_err("a 48 MiB answer is over the 32 MiB cap");
+    assert_eq!(err.kind, ErrorKind::Invalid);
+    assert!(err.message.contains("-byte cap") && err.message.contains("/huge/2.0/user"), "{}", err.message);
     task.abort();
 }
 
