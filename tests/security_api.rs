@@ -2,7 +2,7 @@
 //! SubjectAccessReview) and a store synced from the simulator: junk-token
 //! floods, tokens for another audience, unbounded listings, and TLS.
 
-mod support;
+pub mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -119,7 +119,10 @@ async fn a_junk_token_flood_costs_one_review_per_distinct_token() {
     })
     .await;
     let http = reqwest::Client::new();
-    api.kube.clear_requests();
+    assert!(
+        token_reviews(&api.kube).is_empty(),
+        "no review before the first request"
+    );
 
     // One junk token, 64 requests at once, over 16 different connector paths.
     let flood = (0..64).map(|i| {

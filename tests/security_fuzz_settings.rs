@@ -1,10 +1,12 @@
-//! Property tests for the Secret decoder (`settings`): arbitrary manifests
-//! and arbitrary key/value maps never panic, and the decoder's errors never
+//! Property tests for the Secret decoder (`settings`): arbitrary manifests,
+//! entries and key/value maps never panic, and the decoder's errors never
 //! carry a value it was given (only key names and rules).
 
 use std::collections::BTreeMap;
 
-use bitbucket_operator::settings::{ConnectorSettings, SecretKeys, parse_workspaces, secret_manifest_data};
+use bitbucket_operator::settings::{
+    ConnectorSettings, SecretKeys, decode_entries, parse_workspaces, settings_from_manifest,
+};
 use proptest::prelude::*;
 
 const KEYS: [&str; 9] = [
@@ -19,9 +21,15 @@ const KEYS: [&str; 9] = [
     "BATON_CLIENT_SECRET",
 ];
 
+/// Marks every value, so that an error repeating one is caught.
+const MARK: &str = "SECRETMARK";
+
+fn key() -> impl Strategy<Value = String> {
+    prop_oneof![prop::sample::select(KEYS.to_vec()).prop_map(str::to_owned), ".{0,12}"]
+}
+
 fn secret_maps() -> impl Strategy<Value = BTreeMap<String, String>> {
-    let key = prop_oneof![prop::sample::select(KEYS.to_vec()).prop_map(str::to_owned), ".{0,12}"];
-    prop::collection::btree_map(key, ".{0,40}", 0..10)
+    prop::collection::btree_map(key(), ".{0,30}".prop_map(|v| format!("{MARK}{v}")), 0..10)
 }
 
 proptest! {
@@ -29,23 +37,49 @@ proptest! {
 
     #[test]
     fn arbitrary_manifest_text_never_panics(text in ".{0,300}") {
-        let _ = secret_manifest_data(&text);
+        let _ = settings_from_manifest(&text);
     }
 
     #[test]
     fn arbitrary_manifest_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
-        let _ = secret_manifest_data(&String::from_utf8_lossy(&bytes));
+        let _ = settings_from_manifest(&String::from_utf8_lossy(&bytes));
     }
 
     #[test]
-    fn shaped_manifests_never_panic(data in secret_maps(), string_data in secret_maps(), kind in ".{0,8}") {
+    fn shaped_manifests_never_panic_nor_echo(
+        data in prop::collection::btree_map(key(), ".{0,30}", 0..10),
+        string_data in secret_maps(),
+        kind in prop::sample::select(vec!["Secret", "ConfigMap", ""]),
+    ) {
         let manifest = serde_json::json!({"kind": kind, "data": data, "stringData": string_data});
-        let _ = secret_manifest_data(&manifest.to_string());
+        if let Err(message) = settings_from_manifest(&manifest.to_string()) {
+            prop_assert!(!message.contains(MARK), "{}", message);
+        }
+    }
+
+    #[test]
+    fn arbitrary_entries_never_panic(
+        data in prop::collection::vec((key(), prop::collection::vec(any::<u8>(), 0..24)), 0..10),
+        string_data in secret_maps(),
+    ) {
+        let _ = decode_entries(data, string_data, &SecretKeys::default());
     }
 
     #[test]
     fn arbitrary_secret_maps_never_panic(data in secret_maps()) {
         let _ = ConnectorSettings::from_map(&data, &SecretKeys::default());
+    }
+
+    /// The issue-12 leak: today an invalid `BATON_WORKSPACES` value is
+    /// quoted in the error (and so in status and Events). Fails on main;
+    /// un-ignore with the controller's no-echo fix.
+    #[test]
+    #[ignore = "settings still quotes an invalid BATON_WORKSPACES value (issue 12 no-echo fix, lead)"]
+    fn secret_decoder_errors_never_echo_values(data in secret_maps()) {
+        if let Err(err) = ConnectorSettings::from_map(&data, &SecretKeys::default()) {
+            let text = format!("{err} {err:?}");
+            prop_assert!(!text.contains(MARK), "{}", text);
+        }
     }
 
     #[test]
@@ -56,8 +90,8 @@ proptest! {
     }
 }
 
-/// A YAML alias bomb (each level doubles the one before) must end quickly
-/// in an error or a bounded result, not in gigabytes of expansion.
+/// A YAML alias bomb (each level refers nine times to the one before) must
+/// end quickly in an error, not in gigabytes of expansion.
 #[test]
 fn a_yaml_alias_bomb_is_refused_quickly() {
     let mut doc =
@@ -70,8 +104,7 @@ fn a_yaml_alias_bomb_is_refused_quickly() {
     }
     doc.push_str("stringData: {BATON_TOKEN: *j}\n");
     let clock = std::time::Instant::now();
-    let result = secret_manifest_data(&doc);
-    assert!(result.is_err(), "an alias bomb is not a Secret");
+    assert!(settings_from_manifest(&doc).is_err(), "an alias bomb is not a Secret");
     assert!(
         clock.elapsed() < std::time::Duration::from_secs(5),
         "{:?}",
