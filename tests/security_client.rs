@@ -137,7 +137,11 @@ async fn a_huge_valid_body_is_refused_not_buffered() {
         .expect("answers in time")
         .expect_err("a 48 MiB answer is over the 32 MiB cap");
     assert_eq!(err.kind, ErrorKind::Invalid);
-    assert!(err.message.contains("-byte cap") && err.message.contains("/huge/2.0/user"), "{}", err.message);
+    assert!(
+        err.message.contains("-byte cap") && err.message.contains("/huge/2.0/user"),
+        "{}",
+        err.message
+    );
     task.abort();
 }
 
