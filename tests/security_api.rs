@@ -304,3 +304,69 @@ async fn the_data_api_serves_tls_with_a_given_certificate() {
     assert!(text.contains("tls.key"), "{text}");
     assert!(!text.contains("hunter2"), "{text}");
 }
+
+#[tokio::test]
+async fn a_renewed_certificate_is_served_without_a_restart() {
+    let api = start(DataApiSettings::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let files = TlsFiles {
+        cert: dir.path().join("tls.crt"),
+        key: dir.path().join("tls.key"),
+    };
+    let issue = || {
+        let generated = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        std::fs::write(&files.cert, generated.cert.pem()).unwrap();
+        std::fs::write(&files.key, generated.signing_key.serialize_pem()).unwrap();
+        generated.cert.pem()
+    };
+    let first = issue();
+    let state = ApiState {
+        kube: api.kube.client(),
+        store: Arc::clone(&api.store),
+        leading: Arc::new(AtomicBool::new(true)),
+        decisions: Arc::new(AccessGate::default()),
+    };
+    let listener = TlsListener::bind_reloading_every(
+        "127.0.0.1:0".parse().unwrap(),
+        files.clone(),
+        Duration::from_millis(100),
+    )
+    .await
+    .unwrap();
+    let addr = axum::serve::Listener::local_addr(&listener).unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, router(state)).await.unwrap() });
+    let url = format!("https://{addr}/api/v1/namespaces/{NS}/connectors/{CONNECTOR}/runs");
+    let trusting = |pem: &str| {
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap())
+            .build()
+            .unwrap()
+    };
+    assert_eq!(get(&trusting(&first), &url, "reviewer-token").await.0, 200);
+
+    // cert-manager renews: new key, new certificate, same files.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let second = issue();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let renewed = trusting(&second).get(&url).bearer_auth("reviewer-token").send().await;
+        if renewed.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the renewed certificate was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        trusting(&first).get(&url).send().await.is_err(),
+        "the old certificate is no longer served"
+    );
+
+    // A broken renewal keeps the last good certificate.
+    std::fs::write(&files.key, "not a key").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get(&trusting(&second), &url, "reviewer-token").await.0, 200);
+    server.abort();
+}

@@ -56,8 +56,14 @@ impl Drop for TlsListener {
 
 impl TlsListener {
     /// Loads the certificate (a bad one is an error now, not at the first
-    /// handshake) and starts accepting on `addr`.
+    /// handshake) and starts accepting on `addr`; the files are checked for
+    /// a renewal every [`RELOAD_INTERVAL`].
     pub async fn bind(addr: SocketAddr, files: TlsFiles) -> anyhow::Result<Self> {
+        Self::bind_reloading_every(addr, files, RELOAD_INTERVAL).await
+    }
+
+    /// [`TlsListener::bind`] with another reload interval (tests).
+    pub async fn bind_reloading_every(addr: SocketAddr, files: TlsFiles, every: Duration) -> anyhow::Result<Self> {
         let provider = Arc::new(ring::default_provider());
         let resolver = Arc::new(ReloadingCert::load(files, Arc::clone(&provider))?);
         let mut config = ServerConfig::builder_with_provider(provider)
@@ -72,7 +78,7 @@ impl TlsListener {
         let (tx, accepted) = mpsc::channel(64);
         let accept = tokio::spawn(accept_loop(listener, acceptor, tx));
         let reload = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(RELOAD_INTERVAL);
+            let mut tick = tokio::time::interval(every);
             tick.tick().await;
             loop {
                 tick.tick().await;
