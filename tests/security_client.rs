@@ -41,6 +41,7 @@ async fn hostile() -> (Hostile, tokio::task::JoinHandle<()>) {
         .route("/huge/2.0/user", get(huge_but_finite))
         .route("/2.0/workspaces/{ws}/projects", get(endless_pages))
         .route("/ok/2.0/user", get(user))
+        .route("/prefix/2.0/workspaces/{ws}/projects", get(escaping_page))
         .with_state(state.clone());
     let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (state, server)
@@ -83,6 +84,16 @@ async fn endless_pages(
     axum::Json(json!({
         "values": [{"uuid": format!("{{p{page}}}"), "key": format!("P{page}")}],
         "next": format!("{}/2.0/workspaces/{ws}/projects?pagelen=100&page={}", s.base, page + 1),
+    }))
+    .into_response()
+}
+
+/// A page whose `next` leaves the API root for another path on the host.
+async fn escaping_page(State(s): State<Hostile>) -> Response {
+    s.requests.fetch_add(1, Ordering::Relaxed);
+    axum::Json(json!({
+        "values": [{"uuid": "{p1}", "key": "P1"}],
+        "next": format!("{}/elsewhere/capture?page=2", s.base),
     }))
     .into_response()
 }
@@ -276,6 +287,21 @@ async fn the_same_credential_twice_gets_the_lowest_budget() {
         generous.effective_limits().max_requests,
         1_000_000,
         "a dropped connector's budget stops counting"
+    );
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_next_link_outside_the_api_root_is_not_followed() {
+    let (server, task) = hostile().await;
+    let client = Client::new(config(&format!("{}/prefix", server.base)), token("t-escape")).unwrap();
+    let err = client.projects("acme").try_concat().await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Invalid);
+    assert!(err.message.contains("outside the API root /prefix/"), "{}", err.message);
+    assert_eq!(
+        server.requests.load(Ordering::Relaxed),
+        1,
+        "the credential never went to /elsewhere"
     );
     task.abort();
 }

@@ -423,11 +423,13 @@ impl Client {
         let origin = first.origin();
         let max_pages = self.inner.config.max_pages.max(1);
         let listing = first.path().to_owned();
+        let api_root = self.inner.config.api_url.path().to_owned();
         let state = (Some(first), HashSet::new());
         futures::stream::try_unfold(state, move |(next, mut seen)| {
             let client = client.clone();
             let origin = origin.clone();
             let listing = listing.clone();
+            let api_root = api_root.clone();
             async move {
                 let Some(url) = next else { return Ok(None) };
                 if seen.len() >= max_pages as usize {
@@ -463,6 +465,14 @@ impl Client {
                                     "refusing to follow a next link to another origin: {}",
                                     next.origin().ascii_serialization()
                                 ),
+                            ));
+                        }
+                        // Nor out of the API root's path (the allow-list
+                        // may name a prefix, e.g. a proxy's /bitbucket/).
+                        if !next.path().starts_with(&api_root) || next.username() != "" || next.password().is_some() {
+                            return Err(Error::invalid(
+                                class,
+                                format!("refusing to follow a next link outside the API root {api_root}"),
                             ));
                         }
                         Some(next)
