@@ -83,11 +83,12 @@ def test_default_render_has_the_operator_objects():
     kinds = sorted(o["kind"] for o in objs)
     assert kinds == sorted([
         "CustomResourceDefinition", "CustomResourceDefinition",
-        "ServiceAccount", "ClusterRole", "ClusterRole", "ClusterRoleBinding",
-        "ClusterRoleBinding", "Role", "RoleBinding", "Service", "Deployment",
+        "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
+        "Role", "RoleBinding", "Role", "RoleBinding", "Service", "Deployment",
+        "NetworkPolicy",
     ])
     # Opt-in objects are off by default.
-    for kind in ("ServiceMonitor", "NetworkPolicy", "PodDisruptionBudget",
+    for kind in ("ServiceMonitor", "PodDisruptionBudget",
                  "PersistentVolumeClaim", "BitbucketConnector"):
         assert not by_kind(objs, kind), kind
     for o in objs:
@@ -113,8 +114,9 @@ def _validate_kubernetes(objs):
     return checked
 
 
-@pytest.mark.parametrize("values", [{}, FULL, {"rbac": {"secretWrite": False}, "crds": {"keep": False}}],
-                         ids=["defaults", "all-features", "read-only-secrets"])
+@pytest.mark.parametrize("values", [{}, FULL, {"credentialRotation": {"enabled": True}, "crds": {"keep": False},
+                                              "watchNamespaces": ["*"]}],
+                         ids=["defaults", "all-features", "rotation-cluster-wide"])
 def test_every_object_validates_against_kubernetes_schemas(values):
     objs = render(values)
     assert _validate_kubernetes(objs) >= 10
@@ -194,7 +196,7 @@ def test_deployment_args_and_downward_api():
     assert c["args"] == [
         "run", "--http-addr", "0.0.0.0:8080", "--db", "/var/lib/bitbucket-operator/store.db",
         "--leader-election=true", "--lease-name", "bitbucket-connector-operator",
-        "--log-format", "json",
+        "--log-format", "json", "--watch-namespaces", NS,
     ]
     env = {e["name"]: e for e in c["env"]}
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
@@ -208,7 +210,7 @@ def test_watch_namespaces_and_leader_election_args():
     i = c["args"].index("--watch-namespaces")
     assert c["args"][i + 1] == "a,b"
     # More than one replica forces leader election on.
-    c = container(render({"replicas": 3, "leaderElection": {"enabled": False}}))
+    c = container(render({"replicas": 3, "leaderElection": {"enabled": False}, "watchNamespaces": ["*"]}))
     assert "--leader-election=true" in c["args"]
     assert "--watch-namespaces" not in c["args"]
     # The lease name follows the release's full name.
@@ -330,9 +332,9 @@ def _grants(objs, kind, resource, namespace=None):
     return verbs
 
 
-def test_cluster_wide_rbac_by_default():
-    objs = render()
-    assert _grants(objs, "ClusterRole", "secrets") == {"get", "list", "watch", "update", "patch"}
+def test_cluster_wide_rbac_when_asked_for_explicitly():
+    objs = render({"watchNamespaces": ["*"]})
+    assert _grants(objs, "ClusterRole", "secrets") == {"get", "list", "watch"}
     for res in ("bitbucketconnectors", "bitbucketaccessgrants"):
         assert _grants(objs, "ClusterRole", res) == {"get", "list", "watch", "patch", "update"}
         assert {"patch", "update"} <= _grants(objs, "ClusterRole", f"{res}/status")
@@ -354,7 +356,7 @@ def test_watch_namespaces_scopes_secrets_and_resources_to_those_namespaces():
     for res in ("secrets", "bitbucketconnectors", "bitbucketaccessgrants", "events"):
         assert _grants(objs, "ClusterRole", res) == set(), f"{res} must not be cluster-wide"
     for ns in ("team-a", "team-b"):
-        assert _grants(objs, "Role", "secrets", ns) == {"get", "list", "watch", "update", "patch"}
+        assert _grants(objs, "Role", "secrets", ns) == {"get", "list", "watch"}
         assert {"list", "watch"} <= _grants(objs, "Role", "bitbucketconnectors", ns)
         bindings = [b for b in by_kind(objs, "RoleBinding") if b["metadata"]["namespace"] == ns]
         assert len(bindings) == 1
@@ -365,11 +367,11 @@ def test_watch_namespaces_scopes_secrets_and_resources_to_those_namespaces():
     _assert_bindings_point_at_the_service_account(objs)
 
 
-def test_secret_write_can_be_turned_off():
-    objs = render({"rbac": {"secretWrite": False}})
-    assert _grants(objs, "ClusterRole", "secrets") == {"get", "list", "watch"}
-    objs = render({"rbac": {"secretWrite": False}, "watchNamespaces": ["team-a"]})
-    assert _grants(objs, "Role", "secrets", "team-a") == {"get", "list", "watch"}
+def test_secret_write_only_with_credential_rotation():
+    objs = render({"credentialRotation": {"enabled": True}, "watchNamespaces": ["*"]})
+    assert _grants(objs, "ClusterRole", "secrets") == {"get", "list", "watch", "update", "patch"}
+    objs = render({"credentialRotation": {"enabled": True}, "watchNamespaces": ["team-a"]})
+    assert _grants(objs, "Role", "secrets", "team-a") == {"get", "list", "watch", "update", "patch"}
 
 
 def _assert_bindings_point_at_the_service_account(objs):

@@ -69,7 +69,17 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   verbs: ["patch", "update"]
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: {{ if .Values.rbac.secretWrite }}["get", "list", "watch", "update", "patch"]{{ else }}["get", "list", "watch"]{{ end }}
+  verbs: ["get", "list", "watch"]
+{{- if .Values.credentialRotation.enabled }}
+# Credential rotation writes into the connector's existing Secret: update and
+# patch only (never create or delete), by name when secretNames is set.
+- apiGroups: [""]
+  resources: ["secrets"]
+  {{- with .Values.credentialRotation.secretNames }}
+  resourceNames: {{ toJson . }}
+  {{- end }}
+  verbs: ["update", "patch"]
+{{- end }}
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
@@ -83,4 +93,35 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - apiGroups: ["authorization.k8s.io"]
   resources: ["subjectaccessreviews"]
   verbs: ["create"]
+{{- end }}
+
+{{/* Non-empty when watchNamespaces is ["*"]: the whole cluster, chosen
+explicitly. "*" cannot be mixed with names. */}}
+{{- define "bbo.watchAll" -}}
+{{- if has "*" .Values.watchNamespaces -}}
+{{- if ne (len .Values.watchNamespaces) 1 -}}
+{{- fail "watchNamespaces: \"*\" (the whole cluster) cannot be combined with namespace names" -}}
+{{- end -}}
+true
+{{- end -}}
+{{- end }}
+
+{{/* The namespaces watched when not the whole cluster, as a JSON list:
+watchNamespaces, or the release namespace when it is empty. Never the whole
+cluster by default. */}}
+{{- define "bbo.watchedNamespaces" -}}
+{{- if .Values.watchNamespaces -}}
+{{- toJson .Values.watchNamespaces -}}
+{{- else -}}
+{{- list .Release.Namespace | toJson -}}
+{{- end -}}
+{{- end }}
+
+{{/* Name of the TLS Secret of the data API ("" without TLS). */}}
+{{- define "bbo.dataApiTlsSecret" -}}
+{{- if .Values.dataApi.tls.certManager.enabled -}}
+{{- printf "%s-data-api-tls" (include "bbo.fullname" .) -}}
+{{- else -}}
+{{- .Values.dataApi.tls.secretName -}}
+{{- end -}}
 {{- end }}
