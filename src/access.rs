@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Resource, ResourceType};
+use crate::model::{ProfileField, Resource, ResourceType};
 use crate::store::{HeldGrant, Store, StoreError};
 
 pub use crate::model::Permission;
@@ -130,10 +130,6 @@ pub enum AccessError {
     Store(#[from] StoreError),
 }
 
-fn text(r: &Resource, key: &str) -> Option<String> {
-    r.profile.get(key).and_then(|v| v.as_str()).map(str::to_owned)
-}
-
 /// The last `:`-separated part of a group id `{ws}:{slug}`.
 fn id_suffix(id: &str) -> &str {
     id.rsplit_once(':').map_or(id, |(_, s)| s)
@@ -163,7 +159,7 @@ pub fn find_repository(store: &Store, connector: &str, repository: &str) -> Resu
         return Ok(r);
     }
     if let Some(r) = store
-        .find_resources(connector, ResourceType::Repository, "full_name", repository)?
+        .find_resources(connector, ProfileField::RepositoryFullName, repository)?
         .into_iter()
         .next()
     {
@@ -191,8 +187,8 @@ pub fn find_user(store: &Store, connector: &str, user: &str) -> Result<UserRef, 
             return Ok(user_ref(&r));
         }
     }
-    for field in ["account_id", "nickname"] {
-        let found = store.find_resources(connector, ResourceType::User, field, user)?;
+    for field in [ProfileField::UserAccountId, ProfileField::UserNickname] {
+        let found = store.find_resources(connector, field, user)?;
         match found.len() {
             0 => {}
             1 => return Ok(user_ref(&found[0])),
@@ -222,12 +218,13 @@ pub fn find_user(store: &Store, connector: &str, user: &str) -> Result<UserRef, 
 }
 
 fn user_ref(r: &Resource) -> UserRef {
+    let profile = r.profile.user();
     UserRef {
         id: r.id.clone(),
-        nickname: text(r, "nickname"),
+        nickname: profile.and_then(|p| p.nickname.clone()),
         display_name: Some(r.display_name.clone()),
-        account_id: text(r, "account_id"),
-        status: text(r, "status"),
+        account_id: profile.and_then(|p| p.account_id.clone()),
+        status: profile.map(|p| p.status.clone()),
         unknown_principal: false,
     }
 }
@@ -304,7 +301,7 @@ impl<'a> Groups<'a> {
         let slug = self
             .store
             .resource(self.connector, group)?
-            .and_then(|r| text(&r, "slug"))
+            .and_then(|r| r.profile.group().map(|p| p.slug.clone()))
             .unwrap_or_else(|| id_suffix(group).to_owned());
         self.slugs.insert(group.to_owned(), slug.clone());
         Ok(slug)
@@ -347,9 +344,16 @@ pub fn who_can(store: &Store, connector: &str, repository: &str) -> Result<Vec<A
         Ok(())
     };
     add_grants(store.grants_on(connector, &repo.id)?, None)?;
-    if let Some(project) = text(&repo, "project_id") {
-        let key = text(&repo, "project_key").unwrap_or_else(|| id_suffix(&project).to_owned());
-        add_grants(store.grants_on(connector, &project)?, Some(&format!("project {key}")))?;
+    if let Some(profile) = repo.profile.repository().filter(|p| !p.project_id.is_empty()) {
+        let key = if profile.project_key.is_empty() {
+            id_suffix(&profile.project_id)
+        } else {
+            &profile.project_key
+        };
+        add_grants(
+            store.grants_on(connector, &profile.project_id)?,
+            Some(&format!("project {key}")),
+        )?;
     }
     if let Some(ws) = &repo.parent_id {
         for g in store.grants_on(connector, ws)? {
@@ -444,8 +448,8 @@ pub fn access_of(store: &Store, connector: &str, user: &str) -> Result<UserAcces
     let repos_all = store.resources(connector, Some(ResourceType::Repository))?;
     let mut repos_by_project: HashMap<String, Vec<&Resource>> = HashMap::new();
     for r in &repos_all {
-        if let Some(p) = text(r, "project_id") {
-            repos_by_project.entry(p).or_default().push(r);
+        if let Some(p) = r.profile.repository().filter(|p| !p.project_id.is_empty()) {
+            repos_by_project.entry(p.project_id.clone()).or_default().push(r);
         }
     }
     let project_index: HashMap<&str, &Resource> = projects_all.iter().map(|p| (p.id.as_str(), p)).collect();
@@ -453,7 +457,7 @@ pub fn access_of(store: &Store, connector: &str, user: &str) -> Result<UserAcces
     let key_of = |project_id: &str| -> String {
         project_index
             .get(project_id)
-            .and_then(|p| text(p, "key"))
+            .and_then(|p| p.profile.project().map(|p| p.key.clone()))
             .unwrap_or_else(|| id_suffix(project_id).to_owned())
     };
 
@@ -508,7 +512,7 @@ pub fn access_of(store: &Store, connector: &str, user: &str) -> Result<UserAcces
         ws_resources
             .iter()
             .find(|w| w.id == id)
-            .and_then(|w| text(w, "slug"))
+            .and_then(|w| w.profile.workspace().map(|p| p.slug.clone()))
             .unwrap_or_else(|| id.to_owned())
     };
 
@@ -532,7 +536,12 @@ pub fn access_of(store: &Store, connector: &str, user: &str) -> Result<UserAcces
         let r = store.resource(connector, &gid)?;
         let workspace = r
             .as_ref()
-            .and_then(|r| text(r, "workspace_slug").or_else(|| r.parent_id.as_deref().map(&ws_slug)))
+            .and_then(|r| {
+                r.profile
+                    .group()
+                    .map(|p| p.workspace_slug.clone())
+                    .or_else(|| r.parent_id.as_deref().map(&ws_slug))
+            })
             .unwrap_or_default();
         group_list.push(GroupAccess {
             slug: groups.slug(&gid)?,
@@ -563,10 +572,18 @@ pub fn access_of(store: &Store, connector: &str, user: &str) -> Result<UserAcces
         out
     };
     let project_name = |p: &Resource| {
-        let ws = text(p, "workspace_slug").unwrap_or_else(|| p.parent_id.as_deref().map(&ws_slug).unwrap_or_default());
-        format!("{ws}/{}", text(p, "key").unwrap_or_else(|| id_suffix(&p.id).to_owned()))
+        let profile = p.profile.project();
+        let ws = profile
+            .map(|p| p.workspace_slug.clone())
+            .unwrap_or_else(|| p.parent_id.as_deref().map(&ws_slug).unwrap_or_default());
+        let key = profile.map_or_else(|| id_suffix(&p.id).to_owned(), |p| p.key.clone());
+        format!("{ws}/{key}")
     };
-    let repo_name = |r: &Resource| text(r, "full_name").unwrap_or_else(|| r.id.clone());
+    let repo_name = |r: &Resource| {
+        r.profile
+            .repository()
+            .map_or_else(|| r.id.clone(), |p| p.full_name.clone())
+    };
     Ok(UserAccess {
         user,
         workspaces,

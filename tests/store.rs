@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use bitbucket_operator::access::{self, AccessError, Permission};
 use bitbucket_operator::model::{
-    Entitlement, Grant, Resource, ResourceType, SyncBatch, SyncKind, group_id, project_id, repository_id,
+    Entitlement, Grant, GroupProfile, Profile, ProjectProfile, RepositoryProfile, Resource, ResourceType, SyncBatch,
+    SyncKind, UserProfile, WorkspaceProfile, group_id, project_id, repository_id,
 };
 use bitbucket_operator::store::{RunStatus, Store, StoreError};
-use serde_json::json;
 
 const WS: &str = "{ws-acme}";
 
@@ -22,7 +22,13 @@ fn user(uuid: &str, nickname: &str, name: &str, status: &str) -> Resource {
         id: uuid.into(),
         display_name: name.into(),
         parent_id: None,
-        profile: json!({"nickname": nickname, "account_id": format!("acc-{nickname}"), "status": status}),
+        profile: Profile::User(UserProfile {
+            nickname: Some(nickname.into()),
+            account_id: Some(format!("acc-{nickname}")),
+            status: status.into(),
+            email: Some(format!("{nickname}@acme.example")),
+            workspaces: vec![WS.into()],
+        }),
     }
 }
 
@@ -78,7 +84,10 @@ fn org() -> Org {
             id: WS.into(),
             display_name: "Acme Corp".into(),
             parent_id: None,
-            profile: json!({"slug": "acme", "name": "Acme Corp"}),
+            profile: Profile::Workspace(WorkspaceProfile {
+                slug: "acme".into(),
+                name: "Acme Corp".into(),
+            }),
         }],
         entitlements: vec![ws_member, ws_owner],
         grants: ws_grants,
@@ -89,7 +98,11 @@ fn org() -> Org {
         id: group_id(WS, slug),
         display_name: name.into(),
         parent_id: Some(WS.into()),
-        profile: json!({"slug": slug, "name": name, "workspace_slug": "acme"}),
+        profile: Profile::Group(GroupProfile {
+            slug: slug.into(),
+            name: name.into(),
+            workspace_slug: "acme".into(),
+        }),
     };
     let devs_member = ent(UserGroup, &group_id(WS, "devs"), "member");
     let readers_member = ent(UserGroup, &group_id(WS, "readers"), "member");
@@ -108,7 +121,12 @@ fn org() -> Org {
         id: project_id(WS, uuid, key),
         display_name: format!("Project {key}"),
         parent_id: Some(WS.into()),
-        profile: json!({"key": key, "name": format!("Project {key}"), "uuid": uuid, "workspace_slug": "acme"}),
+        profile: Profile::Project(ProjectProfile {
+            key: key.into(),
+            name: format!("Project {key}"),
+            uuid: uuid.into(),
+            workspace_slug: "acme".into(),
+        }),
     };
     let api_p = project_id(WS, "{p-api}", "API");
     let web_p = project_id(WS, "{p-web}", "WEB");
@@ -141,9 +159,14 @@ fn org() -> Org {
         id: repository_id(WS, puuid, key, ruuid),
         display_name: slug.into(),
         parent_id: Some(WS.into()),
-        profile: json!({
-            "slug": slug, "full_name": format!("acme/{slug}"), "name": slug, "uuid": ruuid,
-            "project_id": project_id(WS, puuid, key), "project_key": key, "workspace_slug": "acme"
+        profile: Profile::Repository(RepositoryProfile {
+            slug: slug.into(),
+            full_name: format!("acme/{slug}"),
+            name: slug.into(),
+            uuid: ruuid.into(),
+            project_id: project_id(WS, puuid, key),
+            project_key: key.into(),
+            workspace_slug: "acme".into(),
         }),
     };
     let api = api_id();
@@ -213,7 +236,11 @@ fn repo_batch(tag: &str, n: usize) -> SyncBatch {
             id: id.clone(),
             display_name: format!("r{i}"),
             parent_id: Some(WS.into()),
-            profile: json!({"full_name": format!("acme/r{i}"), "tag": tag}),
+            profile: Profile::Repository(RepositoryProfile {
+                full_name: format!("acme/r{i}"),
+                name: tag.into(),
+                ..Default::default()
+            }),
         });
         for slug in ["read", "write", "admin"] {
             let e = ent(ResourceType::Repository, &id, slug);
@@ -454,7 +481,11 @@ fn reader_in_another_connection_sees_whole_generations_while_the_writer_commits(
     let mut reads = 0;
     while !done.load(Ordering::SeqCst) || reads < 5 {
         let b = reader.batch("default", SyncKind::Repositories).unwrap();
-        let tags: std::collections::HashSet<_> = b.resources.iter().map(|r| r.profile["tag"].clone()).collect();
+        let tags: std::collections::HashSet<_> = b
+            .resources
+            .iter()
+            .map(|r| r.profile.repository().unwrap().name.clone())
+            .collect();
         assert_eq!(tags.len(), 1, "a read mixed two generations");
         assert!(b.resources.len() == 50 || b.resources.len() == 2000);
         assert_eq!(b.grants.len(), b.resources.len() * 3);

@@ -14,7 +14,7 @@ use bitbucket_operator::model::{
 };
 use bitbucket_operator::simulator::{Organisation, SimConfig, Simulator, SimulatorHandle};
 use bitbucket_operator::store::Store;
-use bitbucket_operator::sync::{SyncEngine, SyncError, run_into_store};
+use bitbucket_operator::sync::{FailureClass, SyncEngine, SyncError, run_into_store};
 
 /// What the store should hold for one resource type: resource ids,
 /// entitlement ids, and grant ids with their unknown-principal flag.
@@ -248,13 +248,17 @@ async fn user_profiles_carry_what_access_reviews_show() {
     full_sync(&engine, &store, "c").await;
     let org = sim.organisation();
     let users = store.resources("c", Some(ResourceType::User)).unwrap();
-    let inactive = users.iter().filter(|u| u.profile["status"] == "inactive").count();
+    let inactive = users
+        .iter()
+        .filter(|u| u.profile.user().unwrap().status == "inactive")
+        .count();
     for user in &users {
         let truth = org.users.iter().find(|u| u.uuid == user.id).unwrap();
+        let profile = user.profile.user().expect("a user profile");
         assert_eq!(user.display_name, truth.display_name);
-        assert_eq!(user.profile["nickname"], truth.nickname.as_str());
-        assert_eq!(user.profile["account_id"], truth.account_id.as_str());
-        assert_eq!(user.profile["status"] == "active", truth.active);
+        assert_eq!(profile.nickname.as_deref(), Some(truth.nickname.as_str()));
+        assert_eq!(profile.account_id.as_deref(), Some(truth.account_id.as_str()));
+        assert_eq!(profile.status == "active", truth.active);
     }
     let truth_inactive = org
         .users
@@ -264,9 +268,10 @@ async fn user_profiles_carry_what_access_reviews_show() {
     assert_eq!(inactive, truth_inactive);
     let repos = store.resources("c", Some(ResourceType::Repository)).unwrap();
     for repo in repos {
-        let full_name = repo.profile["full_name"].as_str().unwrap();
+        let profile = repo.profile.repository().expect("a repository profile");
+        let full_name = &profile.full_name;
         assert!(full_name.contains('/'), "{full_name}");
-        let project = repo.profile["project_id"].as_str().unwrap();
+        let project = profile.project_id.as_str();
         assert!(
             store.resource("c", project).unwrap().is_some(),
             "repository's project {project} is stored"
@@ -332,7 +337,7 @@ async fn a_failed_run_keeps_the_previous_generation_whole() {
         .await
         .unwrap_err();
     assert!(matches!(err, SyncError::Unavailable(_)), "{err}");
-    assert_eq!(err.reason(), "BitbucketUnavailable");
+    assert_eq!(err.class(), FailureClass::Unavailable);
     assert_eq!(
         store.current_generation("c", SyncKind::Repositories).unwrap(),
         generation

@@ -66,25 +66,21 @@ pub fn run(args: AccessArgs) -> anyhow::Result<ExitCode> {
         AccessQuery::WhoCan { repository } => {
             let repo = super::find_repository(&store, &args.connector, repository)?;
             let entries = super::who_can(&store, &args.connector, &repo.id)?;
+            let profile = repo.profile.repository();
             if args.json {
-                let profile = |k: &str| repo.profile.get(k).cloned().unwrap_or(serde_json::Value::Null);
                 serde_json::to_string_pretty(&json!({
                     "connector": args.connector,
                     "repository": {
                         "id": repo.id,
-                        "full_name": profile("full_name"),
+                        "full_name": profile.map(|p| &p.full_name),
                         "name": repo.display_name,
-                        "project_key": profile("project_key"),
-                        "workspace": profile("workspace_slug"),
+                        "project_key": profile.map(|p| &p.project_key),
+                        "workspace": profile.map(|p| &p.workspace_slug),
                     },
                     "access": entries,
                 }))?
             } else {
-                let name = repo
-                    .profile
-                    .get("full_name")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or(&repo.id);
+                let name = profile.map_or(repo.id.as_str(), |p| p.full_name.as_str());
                 format!(
                     "Repository {name} ({}), connector {}\n\n{}",
                     repo.id,

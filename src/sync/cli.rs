@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use futures::StreamExt;
 
-use super::{RunReport, SyncEngine, SyncError, run_into_store};
+use super::{FailureClass, RunReport, SyncEngine, SyncError, run_into_store};
 use crate::bitbucket::{Client, ClientConfig, DEFAULT_API_URL, Limits};
 use crate::model::SyncKind;
 use crate::settings::{ConnectorSettings, SecretKeys, parse_workspaces, secret_manifest_data};
@@ -268,12 +268,7 @@ fn example_repository(store: &Store, connector: &str) -> Option<String> {
     let repositories = store
         .resources(connector, Some(crate::model::ResourceType::Repository))
         .ok()?;
-    repositories
-        .first()?
-        .profile
-        .get("full_name")?
-        .as_str()
-        .map(str::to_owned)
+    Some(repositories.first()?.profile.repository()?.full_name.clone())
 }
 
 fn exit_code(err: &SyncError) -> ExitCode {
@@ -311,8 +306,9 @@ struct KindSummary {
     seconds: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    /// The failure's class (`unavailable`, `invalid-credentials`, ...).
     #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<&'static str>,
+    reason: Option<FailureClass>,
 }
 
 impl Summary {
@@ -348,7 +344,7 @@ impl Summary {
                     requests: 0,
                     seconds: 0.0,
                     error: Some(err.to_string()),
-                    reason: Some(err.reason()),
+                    reason: Some(err.class()),
                 },
             })
             .collect();
@@ -373,7 +369,7 @@ impl Summary {
             let status = if k.ok {
                 "ok".to_owned()
             } else {
-                format!("failed ({})", k.reason.unwrap_or("error"))
+                format!("failed ({})", k.reason.map_or("error", FailureClass::as_str))
             };
             out.push_str(&format!(
                 "{:<14}{:>11}{:>14}{:>9}{:>10}{:>9.2}  {status}\n",
