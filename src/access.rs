@@ -114,7 +114,7 @@ pub enum AccessError {
         repository: String,
         hint: String,
     },
-    #[error("user {user:?} not found in connector {connector:?} (give a uuid, account id or nickname){hint}")]
+    #[error("user {user:?} not found in connector {connector:?} (give a uuid, account id, nickname or email){hint}")]
     UnknownUser {
         connector: String,
         user: String,
@@ -165,14 +165,60 @@ pub fn find_repository(store: &Store, connector: &str, repository: &str) -> Resu
     {
         return Ok(r);
     }
+    let names: Vec<String> = store
+        .resources(connector, Some(ResourceType::Repository))?
+        .into_iter()
+        .filter_map(|r| r.profile.repository().map(|p| p.full_name.clone()))
+        .collect();
+    let mut hint = connector_hint(store, connector, crate::model::SyncKind::Repositories)?;
+    hint.push_str(&did_you_mean(repository, &names));
     Err(AccessError::UnknownRepository {
         connector: connector.to_owned(),
         repository: repository.to_owned(),
-        hint: connector_hint(store, connector, crate::model::SyncKind::Repositories)?,
+        hint,
     })
 }
 
-/// Finds a user by uuid (braces optional), account id or nickname. A uuid
+/// `; did you mean a, b?` for the candidates closest to `wanted` (edit
+/// distance at most a third of its length, or containing it), or nothing.
+pub fn did_you_mean(wanted: &str, candidates: &[String]) -> String {
+    let wanted_lower = wanted.to_lowercase();
+    let limit = (wanted.chars().count() / 3).max(1);
+    let mut close: Vec<(usize, &String)> = candidates
+        .iter()
+        .filter_map(|c| {
+            let lower = c.to_lowercase();
+            let distance = edit_distance(&wanted_lower, &lower);
+            let contains = wanted_lower.len() >= 3 && lower.contains(&wanted_lower);
+            (distance <= limit || contains).then_some((distance, c))
+        })
+        .collect();
+    close.sort();
+    close.dedup_by(|a, b| a.1 == b.1);
+    if close.is_empty() {
+        return String::new();
+    }
+    let names: Vec<&str> = close.iter().take(3).map(|(_, c)| c.as_str()).collect();
+    format!("; did you mean {}?", names.join(", "))
+}
+
+/// Levenshtein distance over characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous + usize::from(ca != *cb);
+            previous = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(previous + 1);
+        }
+    }
+    row[b.len()]
+}
+
+/// Finds a user by uuid (braces optional), account id, nickname or email. A uuid
 /// that only appears as a grant principal gives an unknown-principal user.
 pub fn find_user(store: &Store, connector: &str, user: &str) -> Result<UserRef, AccessError> {
     let braced = if user.starts_with('{') {
@@ -187,7 +233,11 @@ pub fn find_user(store: &Store, connector: &str, user: &str) -> Result<UserRef, 
             return Ok(user_ref(&r));
         }
     }
-    for field in [ProfileField::UserAccountId, ProfileField::UserNickname] {
+    for field in [
+        ProfileField::UserAccountId,
+        ProfileField::UserNickname,
+        ProfileField::UserEmail,
+    ] {
         let found = store.find_resources(connector, field, user)?;
         match found.len() {
             0 => {}
@@ -210,10 +260,17 @@ pub fn find_user(store: &Store, connector: &str, user: &str) -> Result<UserRef, 
             return Ok(unknown_user(id));
         }
     }
+    let nicknames: Vec<String> = store
+        .resources(connector, Some(ResourceType::User))?
+        .into_iter()
+        .filter_map(|r| r.profile.user().and_then(|p| p.nickname.clone()))
+        .collect();
+    let mut hint = connector_hint(store, connector, crate::model::SyncKind::Accounts)?;
+    hint.push_str(&did_you_mean(user, &nicknames));
     Err(AccessError::UnknownUser {
         connector: connector.to_owned(),
         user: user.to_owned(),
-        hint: connector_hint(store, connector, crate::model::SyncKind::Accounts)?,
+        hint,
     })
 }
 
@@ -593,9 +650,105 @@ pub fn access_of(store: &Store, connector: &str, user: &str) -> Result<UserAcces
     })
 }
 
+/// One grant with names, for access reviews (CSV, tables).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReviewRow {
+    pub resource_type: ResourceType,
+    pub resource_id: String,
+    pub resource_name: String,
+    pub entitlement: String,
+    pub principal_type: ResourceType,
+    pub principal_id: String,
+    pub principal_name: String,
+    pub unknown_principal: bool,
+}
+
+/// Every current grant of `connector` with resource and principal names,
+/// sorted by resource type, resource name, entitlement and principal name.
+pub fn review_rows(store: &Store, connector: &str) -> Result<Vec<ReviewRow>, StoreError> {
+    let names = NameIndex::current(store, connector)?;
+    let mut rows = Vec::new();
+    for kind in crate::model::SyncKind::ALL {
+        let batch = store.batch(connector, kind)?;
+        let slugs: HashMap<&str, (&str, &str)> = batch
+            .entitlements
+            .iter()
+            .map(|e| (e.id.as_str(), (e.resource_id.as_str(), e.slug.as_str())))
+            .collect();
+        for g in &batch.grants {
+            let Some((resource_id, slug)) = slugs.get(g.entitlement_id.as_str()) else {
+                continue;
+            };
+            rows.push(ReviewRow {
+                resource_type: kind.resource_type(),
+                resource_id: (*resource_id).to_owned(),
+                resource_name: names.name(resource_id),
+                entitlement: (*slug).to_owned(),
+                principal_type: g.principal_type,
+                principal_id: g.principal_id.clone(),
+                principal_name: names.name(&g.principal_id),
+                unknown_principal: g.unknown_principal,
+            });
+        }
+    }
+    rows.sort_by(|a, b| {
+        (a.resource_type, &a.resource_name, &a.entitlement, &a.principal_name).cmp(&(
+            b.resource_type,
+            &b.resource_name,
+            &b.entitlement,
+            &b.principal_name,
+        ))
+    });
+    Ok(rows)
+}
+
+/// Human names of resources by id: repositories and projects as
+/// `workspace/slug`, users by nickname, others by display name.
+#[derive(Debug, Default)]
+pub struct NameIndex {
+    names: HashMap<String, String>,
+}
+
+impl NameIndex {
+    /// The names of every current resource of `connector`.
+    pub fn current(store: &Store, connector: &str) -> Result<NameIndex, StoreError> {
+        let mut index = NameIndex::default();
+        index.add(store.resources(connector, None)?);
+        Ok(index)
+    }
+
+    /// Adds names (already known ids keep theirs).
+    pub fn add(&mut self, resources: impl IntoIterator<Item = Resource>) {
+        for r in resources {
+            let name = match &r.profile {
+                crate::model::Profile::Repository(p) if !p.full_name.is_empty() => p.full_name.clone(),
+                crate::model::Profile::Project(p) if !p.key.is_empty() => format!("{}/{}", p.workspace_slug, p.key),
+                crate::model::Profile::Group(p) if !p.slug.is_empty() => format!("{}/{}", p.workspace_slug, p.slug),
+                crate::model::Profile::User(p) => p.nickname.clone().unwrap_or_else(|| r.display_name.clone()),
+                _ => r.display_name.clone(),
+            };
+            self.names.entry(r.id).or_insert(name);
+        }
+    }
+
+    /// The name of `id`, or `""` when unknown.
+    pub fn name(&self, id: &str) -> String {
+        self.names.get(id).cloned().unwrap_or_default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn suggestions_are_close_names_only() {
+        let names: Vec<String> = ["acme/api", "acme/web", "globex/billing"].map(String::from).to_vec();
+        assert_eq!(did_you_mean("acme/apj", &names), "; did you mean acme/api?");
+        assert_eq!(did_you_mean("billing", &names), "; did you mean globex/billing?");
+        assert_eq!(did_you_mean("zzzzzz", &names), "");
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
 
     #[test]
     fn permissions_rank_and_create_repo_is_write_on_repositories() {

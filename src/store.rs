@@ -325,6 +325,15 @@ struct Inner {
     keep: AtomicUsize,
 }
 
+impl Drop for Inner {
+    /// Read connections close before the writer: the last connection to
+    /// close checkpoints the WAL and removes `-wal`/`-shm`, and a read-only
+    /// connection cannot, which would leave them behind.
+    fn drop(&mut self) {
+        lock(&self.readers).clear();
+    }
+}
+
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Store")
@@ -851,6 +860,17 @@ impl Store {
                 |r| r.get(0),
             )?;
             Ok(to_u64(n))
+        })
+    }
+
+    /// Records which process owns a running run (`host:pid`). Runs get
+    /// their owner when they start; this hands one over (tests simulate a
+    /// killed process with it).
+    #[doc(hidden)]
+    pub fn set_run_owner(&self, run: RunId, owner: &str) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute("UPDATE runs SET owner = ?2 WHERE id = ?1", params![run, owner])?;
+            Ok(())
         })
     }
 

@@ -12,7 +12,7 @@ use bitbucket_operator::model::{
     Entitlement, Grant, GroupProfile, Profile, ProjectProfile, RepositoryProfile, Resource, ResourceType, SyncBatch,
     SyncKind, UserProfile, WorkspaceProfile, group_id, project_id, repository_id,
 };
-use bitbucket_operator::store::{RunStatus, Store, StoreError};
+use bitbucket_operator::store::{RunOptions, RunStatus, Store, StoreError};
 
 const WS: &str = "{ws-acme}";
 
@@ -870,4 +870,246 @@ fn cli_fails_with_a_reason_on_unknown_repository_user_or_missing_db() {
     assert!(err.contains("does not exist"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(!missing.exists(), "the CLI created the db file");
+}
+
+// ---- issue 14: honest readers, read-only opening, new commands --------------
+
+#[test]
+fn readers_say_data_as_of_warn_about_missing_types_and_exit_8() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("partial.db");
+    let store = Store::open(&path).unwrap();
+    let org = org();
+    sync(
+        &store,
+        "default",
+        SyncKind::Repositories,
+        &org.batch(SyncKind::Repositories),
+    );
+    sync(&store, "default", SyncKind::Projects, &org.batch(SyncKind::Projects));
+    let failed = store.start_run("default", SyncKind::Groups).unwrap();
+    store.fail_run(failed, "Bitbucket unavailable: HTTP 503", 12).unwrap();
+    drop(store);
+    let db = path.to_str().unwrap();
+
+    let out = cli(&["--db", db, "who-can", "acme/api"]);
+    assert_eq!(out.status.code(), Some(8), "incomplete data has its own exit code");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("warning: accounts were never synced"), "{err}");
+    assert!(
+        err.contains("groups were never synced") && err.contains("HTTP 503"),
+        "{err}"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Data as of:") && text.contains("groups never synced"),
+        "{text}"
+    );
+
+    let out = cli(&["--db", db, "--json", "who-can", "acme/api"]);
+    assert_eq!(out.status.code(), Some(8));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["data"]["complete"], false);
+    let types = doc["data"]["types"].as_array().unwrap();
+    let repos = types.iter().find(|t| t["type"] == "repositories").unwrap();
+    assert!(repos["data_as_of"].as_str().unwrap().starts_with("20"), "{repos}");
+    assert_eq!(repos["never_synced"], false);
+    let groups = types.iter().find(|t| t["type"] == "groups").unwrap();
+    assert_eq!(
+        (groups["never_synced"].clone(), groups["last_run_status"].clone()),
+        (true.into(), "failed".into())
+    );
+
+    // Complete data: exit 0, no warnings; data older than --max-age warns but answers.
+    let full = filled_db(dir.path());
+    let out = cli(&["--db", full.to_str().unwrap(), "who-can", "acme/api"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::thread::sleep(Duration::from_millis(1100));
+    let out = cli(&["--db", full.to_str().unwrap(), "--max-age", "1s", "who-can", "acme/api"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("older than --max-age"));
+}
+
+#[test]
+fn readers_leave_no_file_behind_and_work_in_a_read_only_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = filled_db(dir.path());
+    let listing = |d: &Path| {
+        let mut names: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    // The writer closed cleanly: only the main file is left.
+    assert_eq!(listing(dir.path()), ["store.db"]);
+    let ro = dir.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    std::fs::copy(&path, ro.join("store.db")).unwrap();
+    let mut perms = std::fs::metadata(&ro).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o555);
+    std::fs::set_permissions(&ro, perms).unwrap();
+    let db = ro.join("store.db");
+    for args in [&["who-can", "acme/api"][..], &["access-of", "bob"], &["runs"]] {
+        let mut all = vec!["--db", db.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let out = cli(&all);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(listing(&ro), ["store.db"], "a reader created files");
+    // And a writer opens it afterwards as if no reader had been there.
+    let writer = Store::open(&path).unwrap();
+    sync(&writer, "default", SyncKind::Groups, &org().batch(SyncKind::Groups));
+}
+
+#[test]
+fn a_writer_reopening_closes_runs_of_a_dead_process_as_interrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let store = Store::open(&path).unwrap();
+    let live = store.start_run("default", SyncKind::Groups).unwrap();
+    drop(store);
+    // A run owned by a process that no longer exists (pid far beyond pid_max).
+    {
+        let c = rusqlite_like_update(&path);
+        assert_eq!(c, 1);
+    }
+    let store = Store::open(&path).unwrap();
+    let runs = store.runs("default", 10).unwrap();
+    let dead = runs.iter().find(|r| r.id != live).unwrap();
+    assert_eq!(dead.status, RunStatus::Interrupted);
+    assert!(dead.error.as_deref().unwrap().contains("interrupted"));
+    // This process's own run is alive and stays running.
+    assert_eq!(runs.iter().find(|r| r.id == live).unwrap().status, RunStatus::Running);
+}
+
+/// Adds a running run owned by a process that no longer exists: what a
+/// killed `sync` leaves.
+fn rusqlite_like_update(path: &Path) -> usize {
+    let store = Store::open(path).unwrap();
+    let run = store.start_run("default", SyncKind::Projects).unwrap();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    // Beyond any pid_max, so certainly not alive.
+    store
+        .set_run_owner(run, &format!("{}:4294967295", host.trim()))
+        .unwrap();
+    1
+}
+
+#[test]
+fn cli_lists_resources_grants_and_runs_and_suggests_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = filled_db(dir.path());
+    let db = db.to_str().unwrap();
+    let out = cli(&["--db", db, "--csv", "grants"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let csv = String::from_utf8(out.stdout).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        "resource_type,resource_id,resource_name,entitlement,principal_type,principal_id,principal_name,unknown_principal"
+    );
+    assert!(
+        csv.lines()
+            .any(|l| l.starts_with("repository,") && l.contains(",acme/api,read,user,{u-bob},bob,false")),
+        "{csv}"
+    );
+    let out = cli(&["--db", db, "--csv", "resources", "--type", "repository"]);
+    let csv = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(csv.lines().count(), 3, "header and two repositories: {csv}");
+    let out = cli(&["--db", db, "--json", "resources", "--type", "user_group"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["items"].as_array().unwrap().len(), 2);
+    let out = cli(&["--db", db, "runs"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("ID") && text.contains("repositories  ok"), "{text}");
+    // Email and did-you-mean.
+    let out = cli(&["--db", db, "--json", "access-of", "CAROL@acme.example"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["user"]["nickname"], "carol");
+    let out = cli(&["--db", db, "who-can", "acme/apj"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("did you mean acme/api?"));
+    let out = cli(&["--db", db, "access-of", "bobb"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("did you mean bob?"));
+}
+
+#[test]
+fn a_closed_pipe_ends_the_command_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = filled_db(dir.path());
+    for _ in 0..10 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bitbucket-operator"))
+            .args(["access", "--db", db.to_str().unwrap(), "--json", "grants"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut first = [0u8; 1];
+        std::io::Read::read_exact(&mut stdout, &mut first).unwrap();
+        drop(stdout);
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+#[test]
+fn scoped_commits_replace_only_their_workspaces() {
+    let store = Store::open_in_memory().unwrap();
+    let other = "{ws-globex}";
+    let mut both = repo_batch("a", 3);
+    let mut globex = repo_batch("g", 2);
+    for r in &mut globex.resources {
+        r.id = r.id.replace(WS, other);
+        r.parent_id = Some(other.into());
+    }
+    for e in &mut globex.entitlements {
+        e.id = e.id.replace(WS, other);
+        e.resource_id = e.resource_id.replace(WS, other);
+    }
+    for g in &mut globex.grants {
+        g.id = g.id.replace(WS, other);
+        g.entitlement_id = g.entitlement_id.replace(WS, other);
+    }
+    both.resources.extend(globex.resources.clone());
+    both.entitlements.extend(globex.entitlements.clone());
+    both.grants.extend(globex.grants.clone());
+    let g1 = sync(&store, "default", SyncKind::Repositories, &both);
+
+    // A run over acme only, where one acme repository went away.
+    let acme_only = repo_batch("a", 2);
+    let run = store
+        .start_run_with(
+            "default",
+            SyncKind::Repositories,
+            &RunOptions {
+                workspaces: Some(vec![WS.into()]),
+                resume: false,
+            },
+        )
+        .unwrap();
+    let g2 = store.commit_run(run.id, &acme_only, 1).unwrap();
+    let now = store.batch("default", SyncKind::Repositories).unwrap();
+    assert_eq!(now.resources.len(), 4, "2 acme + 2 globex");
+    assert!(
+        now.resources
+            .iter()
+            .filter(|r| r.parent_id.as_deref() == Some(other))
+            .count()
+            == 2
+    );
+    let diff = store.diff_grants("default", SyncKind::Repositories, g1, g2).unwrap();
+    assert!(diff.added.is_empty());
+    assert_eq!(diff.removed.len(), 3, "only the vanished acme repository's grants");
+    assert!(diff.removed.iter().all(|g| g.id.contains(WS) && !g.id.contains(other)));
+    let runs = store.runs("default", 1).unwrap();
+    assert_eq!(runs[0].workspaces, Some(vec![WS.to_owned()]));
 }

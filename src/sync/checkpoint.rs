@@ -17,7 +17,7 @@ use crate::bitbucket::Client;
 use crate::store::{RunId, Store};
 
 /// How often pending checkpoints are written.
-const FLUSH_EVERY: Duration = Duration::from_millis(250);
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
 /// Units restored from a resumed run, and the channel new ones go to.
 #[derive(Debug, Default)]

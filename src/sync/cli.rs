@@ -7,7 +7,10 @@
 //! - 2: usage error (bad flags).
 //! - 3: credentials missing, rejected, or not allowed to read permissions.
 //! - 4: a configured workspace does not exist (or none is administered).
-//! - 5: Bitbucket unreachable, failing, or rate limiting beyond the retry budget.
+//! - 5: Bitbucket unreachable, failing (beyond `--outage-tolerance`), or rate
+//!   limiting beyond the retry budget.
+//! - 7: the store file is damaged (SQLite `quick_check`), not a store, or of
+//!   a newer schema.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,28 +22,29 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use futures::StreamExt;
 
-use super::{FailureClass, RunReport, SyncEngine, SyncError, run_into_store};
+use super::progress_view::{ProgressView, ViewMode};
+use super::{FailureClass, RunOutcome, SyncEngine, SyncError, run_into_store_with_cost};
 use crate::bitbucket::{Client, ClientConfig, DEFAULT_API_URL, Limits};
 use crate::model::SyncKind;
 use crate::settings::{ConnectorSettings, SecretKeys, parse_workspaces, secret_manifest_data};
 use crate::simulator::{SimConfig, Simulator};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 #[derive(Debug, clap::Args)]
 pub struct SyncArgs {
     /// Run against the built-in simulator with a generated organisation: no
     /// credentials, no network.
-    #[arg(long, conflicts_with = "secret_file")]
+    #[arg(long, conflicts_with_all = ["secret_file", "api_url", "username", "app_password", "token", "consumer_key", "consumer_secret"])]
     demo: bool,
     /// Workspace slugs to sync (comma-separated); default: every workspace the
-    /// credentials administer.
+    /// credentials administer. Only these workspaces' data is replaced.
     #[arg(long, value_delimiter = ',')]
     workspaces: Vec<String>,
     /// SQLite database file (created if missing).
-    #[arg(long, default_value = "bitbucket-operator.db")]
+    #[arg(long, default_value = DEFAULT_DB)]
     db: PathBuf,
     /// Name the data is stored under (one file can hold several connectors).
-    #[arg(long, default_value = "default")]
+    #[arg(long, default_value = "default", value_parser = non_empty("--connector"))]
     connector: String,
     /// Only these resource types (accounts, workspaces, groups, projects,
     /// repositories); default: all.
@@ -52,43 +56,64 @@ pub struct SyncArgs {
     #[command(flatten)]
     credentials: CredentialArgs,
     /// Requests per rolling hour allowed for these credentials.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     requests_per_hour: u32,
-    /// Requests in flight at once.
-    #[arg(long, default_value_t = 4)]
+    /// Requests in flight at once (1 to 256).
+    #[arg(long, default_value_t = 4, value_parser = in_flight)]
     max_in_flight: usize,
+    /// How long Bitbucket may fail (5xx, timeouts, resets) before the run
+    /// gives up: `90s`, `15m`, `1h`. The run stays resumable either way.
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    outage_tolerance: Duration,
+    /// Seconds between plain progress lines when stderr is not a terminal.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..), hide = true)]
+    progress_every: u64,
 }
+
+/// Where `sync` writes, and where `access` reads, unless told otherwise.
+pub const DEFAULT_DB: &str = "bitbucket-operator.db";
 
 /// Bitbucket credentials and API root, shared by every command that talks to
 /// Bitbucket without a cluster (`sync`, `grant`, `revoke`): flags, `BATON_*`
-/// variables, or a Secret manifest in the seed format.
+/// variables, or a Secret manifest in the seed format. Flags of one
+/// credential kind win over variables of another (a stray `BATON_USERNAME`
+/// does not spoil an explicit `--token`); flags of two kinds, or flags with
+/// `--secret-file`, are a usage error.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CredentialArgs {
-    /// Bitbucket API root.
-    #[arg(long, env = "BITBUCKET_API_URL", default_value = DEFAULT_API_URL)]
-    pub api_url: String,
+    /// Bitbucket API root [env: BITBUCKET_API_URL] [default: https://api.bitbucket.org].
+    #[arg(long, value_parser = parse_api_url)]
+    pub api_url: Option<String>,
     /// Read credentials from a Kubernetes Secret manifest (stringData or
     /// base64 data, `BATON_*` keys).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["username", "app_password", "token", "consumer_key", "consumer_secret"])]
     pub secret_file: Option<PathBuf>,
-    /// Atlassian account email for an API token.
-    #[arg(long, env = "BATON_USERNAME", hide_env_values = true)]
+    /// Atlassian account email for an API token [env: BATON_USERNAME].
+    #[arg(long, conflicts_with_all = ["token", "consumer_key", "consumer_secret"])]
     pub username: Option<String>,
-    /// API token (or legacy app password).
-    #[arg(long, env = "BATON_APP_PASSWORD", hide_env_values = true)]
+    /// API token (or legacy app password) [env: BATON_APP_PASSWORD].
+    #[arg(long, conflicts_with_all = ["token", "consumer_key", "consumer_secret"])]
     pub app_password: Option<String>,
-    /// Workspace, project or repository access token.
-    #[arg(long, env = "BATON_TOKEN", hide_env_values = true)]
+    /// Workspace, project or repository access token [env: BATON_TOKEN].
+    #[arg(long, conflicts_with_all = ["consumer_key", "consumer_secret"])]
     pub token: Option<String>,
-    /// OAuth consumer key.
-    #[arg(long, env = "BATON_CONSUMER_KEY", hide_env_values = true)]
+    /// OAuth consumer key [env: BATON_CONSUMER_KEY].
+    #[arg(long)]
     pub consumer_key: Option<String>,
-    /// OAuth consumer secret.
-    #[arg(long, env = "BATON_CONSUMER_SECRET", hide_env_values = true)]
+    /// OAuth consumer secret [env: BATON_CONSUMER_SECRET].
+    #[arg(long)]
     pub consumer_secret: Option<String>,
 }
 
 impl CredentialArgs {
+    /// The API root: `--api-url`, else `BITBUCKET_API_URL`, else Bitbucket Cloud.
+    pub fn api_url(&self) -> String {
+        self.api_url
+            .clone()
+            .or_else(|| std::env::var("BITBUCKET_API_URL").ok().filter(|v| !v.trim().is_empty()))
+            .unwrap_or_else(|| DEFAULT_API_URL.to_owned())
+    }
+
     /// Settings from `--secret-file`, else from flags and `BATON_*`
     /// variables (`BATON_WORKSPACES` and `BATON_PROVISIONING` from the
     /// environment). Messages name keys, never values.
@@ -99,28 +124,110 @@ impl CredentialArgs {
                 let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
                 secret_manifest_data(&text).map_err(|e| format!("{}: {e}", path.display()))?
             }
-            None => {
-                let mut data = BTreeMap::new();
-                let mut put = |key: &str, value: &Option<String>| {
-                    if let Some(value) = value {
-                        data.insert(key.to_owned(), value.clone());
-                    }
-                };
-                put(&keys.username, &self.username);
-                put(&keys.app_password, &self.app_password);
-                put(&keys.token, &self.token);
-                put(&keys.consumer_key, &self.consumer_key);
-                put(&keys.consumer_secret, &self.consumer_secret);
-                for key in [&keys.workspaces, &keys.provisioning] {
-                    if let Ok(value) = std::env::var(key) {
-                        data.insert(key.clone(), value);
-                    }
-                }
-                data
-            }
+            None => self.flags_and_env(&keys),
         };
         ConnectorSettings::from_map(&data, &keys).map_err(|e| e.to_string())
     }
+
+    /// Credential keys from flags; a key without its flag comes from the
+    /// environment only when no flag of another credential kind was given.
+    fn flags_and_env(&self, keys: &SecretKeys) -> BTreeMap<String, String> {
+        let kinds: [(&[KeyAndFlag], bool); 3] = [
+            (
+                &[
+                    (&keys.username, &self.username),
+                    (&keys.app_password, &self.app_password),
+                ],
+                self.username.is_some() || self.app_password.is_some(),
+            ),
+            (&[(&keys.token, &self.token)], self.token.is_some()),
+            (
+                &[
+                    (&keys.consumer_key, &self.consumer_key),
+                    (&keys.consumer_secret, &self.consumer_secret),
+                ],
+                self.consumer_key.is_some() || self.consumer_secret.is_some(),
+            ),
+        ];
+        let any_flag = kinds.iter().any(|(_, given)| *given);
+        let mut data = BTreeMap::new();
+        for (pairs, given) in kinds {
+            if any_flag && !given {
+                continue;
+            }
+            for (key, flag) in pairs {
+                let value = (*flag).clone().or_else(|| std::env::var(key.as_str()).ok());
+                if let Some(value) = value {
+                    data.insert((*key).clone(), value);
+                }
+            }
+        }
+        for key in [&keys.workspaces, &keys.provisioning] {
+            if let Ok(value) = std::env::var(key) {
+                data.insert(key.clone(), value);
+            }
+        }
+        data
+    }
+}
+
+/// A `BATON_*` key and its flag's value.
+type KeyAndFlag<'a> = (&'a String, &'a Option<String>);
+
+/// A clap value parser refusing an empty (or blank) value for `flag`.
+fn non_empty(flag: &'static str) -> impl Fn(&str) -> Result<String, String> + Clone {
+    move |value: &str| {
+        if value.trim().is_empty() {
+            Err(format!("{flag} must not be empty"))
+        } else {
+            Ok(value.to_owned())
+        }
+    }
+}
+
+fn in_flight(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n @ 1..=256) => Ok(n),
+        _ => Err(format!("expected a number from 1 to 256, got {value:?}")),
+    }
+}
+
+fn parse_api_url(value: &str) -> Result<String, String> {
+    let url =
+        url::Url::parse(value).map_err(|e| format!("not a URL ({e}); expected e.g. https://api.bitbucket.org"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
+        return Err("expected an http(s) URL with a host, e.g. https://api.bitbucket.org".into());
+    }
+    Ok(value.to_owned())
+}
+
+/// `90`, `90s`, `15m`, `1h`, `1h30m`.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let bad = || format!("expected a duration such as 90s, 15m or 1h, got {value:?}");
+    let text = value.trim();
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
+    let mut total = 0u64;
+    let mut number = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let n: u64 = number.parse().map_err(|_| bad())?;
+        number.clear();
+        total += n * match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            _ => return Err(bad()),
+        };
+    }
+    if !number.is_empty() || text.is_empty() {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs(total))
 }
 
 fn parse_kind(value: &str) -> Result<SyncKind, String> {
@@ -143,6 +250,8 @@ pub fn demo_config() -> SimConfig {
     }
 }
 
+// The command's whole story in order (simulator, settings, store check,
+// connect, runs with progress, summary); each step is a few lines.
 pub async fn run(args: SyncArgs) -> anyhow::Result<ExitCode> {
     let demo = if args.demo {
         let sim = Simulator::start(demo_config(), SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -165,17 +274,29 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<ExitCode> {
             )
         }
         None => match args.credentials.settings() {
-            Ok(settings) => (args.credentials.api_url.clone(), settings),
+            Ok(settings) => (args.credentials.api_url(), settings),
             Err(message) => {
                 eprintln!("error: {message}");
                 return Ok(ExitCode::from(3));
             }
         },
     };
+    let explicit_workspaces = !args.workspaces.is_empty() || !settings.workspaces.is_empty();
     let workspaces = if args.workspaces.is_empty() {
         settings.workspaces.clone()
     } else {
         parse_workspaces(&args.workspaces.join(",")).map_err(anyhow::Error::msg)?
+    };
+
+    // An existing file is checked before anything is spent on filling it; a
+    // new one is created only once the credentials work.
+    let mut store = if args.db.exists() {
+        match open_store(&args.db).await {
+            Ok(store) => Some(store),
+            Err(code) => return Ok(code),
+        }
+    } else {
+        None
     };
 
     let mut config = ClientConfig::new(&api_url)?;
@@ -184,8 +305,12 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<ExitCode> {
         max_in_flight: args.max_in_flight,
         ..Limits::default()
     };
+    config.outage_tolerance = Some(args.outage_tolerance);
+    config.backoff_max = config
+        .backoff_max
+        .min(args.outage_tolerance.max(Duration::from_secs(1)));
     let client = Client::new(config, settings.credentials.clone())?;
-    let engine = SyncEngine::new(client, workspaces);
+    let engine = SyncEngine::new(client, workspaces).replacing_only_scope(explicit_workspaces);
 
     let clock = Instant::now();
     let scope = match engine.connect().await {
@@ -198,20 +323,24 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<ExitCode> {
     let slugs: Vec<&str> = scope.workspaces.iter().map(|w| w.slug.as_str()).collect();
     eprintln!("connected: {} workspace(s): {}", slugs.len(), slugs.join(", "));
 
-    let store = Arc::new(
-        tokio::task::spawn_blocking({
-            let db = args.db.clone();
-            move || Store::open(&db)
-        })
-        .await?
-        .with_context(|| format!("opening {}", args.db.display()))?,
-    );
+    let store = match store.take() {
+        Some(store) => store,
+        None => match open_store(&args.db).await {
+            Ok(store) => store,
+            Err(code) => return Ok(code),
+        },
+    };
     let kinds = if args.only.is_empty() {
         SyncKind::ALL.to_vec()
     } else {
         args.only.clone()
     };
     let connect_requests = engine.client().request_count();
+    let view = ProgressView::start(
+        engine.progress().clone(),
+        engine.client().clone(),
+        ViewMode::detect(Duration::from_secs(args.progress_every)),
+    );
 
     // Every syncer runs at once; the shared limiter paces them together.
     let mut runs = futures::stream::iter(kinds.iter().copied())
@@ -220,47 +349,83 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<ExitCode> {
             let store = &store;
             let scope = &scope;
             let connector = args.connector.as_str();
-            async move { (kind, run_into_store(engine, store, connector, kind, scope).await) }
+            async move { run_into_store_with_cost(engine, store, connector, kind, scope).await }
         })
         .buffer_unordered(kinds.len());
-    let mut outcomes: BTreeMap<SyncKind, Result<RunReport, SyncError>> = BTreeMap::new();
-    while let Some((kind, outcome)) = runs.next().await {
-        match &outcome {
+    let mut outcomes: BTreeMap<SyncKind, RunOutcome> = BTreeMap::new();
+    while let Some(outcome) = runs.next().await {
+        let kind = outcome.kind;
+        match &outcome.result {
             Ok(r) => eprintln!(
-                "{:<13} done: {} resources, {} entitlements, {} grants, {} requests, {:.2}s",
+                "{:<13} done: {} resources, {} entitlements, {} grants, {} requests, {:.2}s{}",
                 kind.as_str(),
                 r.resources,
                 r.entitlements,
                 r.grants,
                 r.requests,
-                r.duration.as_secs_f64()
+                r.duration.as_secs_f64(),
+                match r.resumed_from {
+                    Some(run) => format!(" (resumed run {run}: {} units reused)", r.resumed_units),
+                    None => String::new(),
+                }
             ),
-            Err(err) => eprintln!("{:<13} FAILED: {err} (previous data kept)", kind.as_str()),
+            Err(err) => eprintln!(
+                "{:<13} FAILED after {} requests: {err} (previous data kept; the next sync resumes this run)",
+                kind.as_str(),
+                outcome.requests
+            ),
         }
         outcomes.insert(kind, outcome);
     }
     drop(runs);
+    view.stop().await;
     let elapsed = clock.elapsed();
     if let Some(sim) = demo {
         sim.shutdown().await;
     }
 
     let summary = Summary::new(&args, &slugs, &outcomes, connect_requests, elapsed);
-    if args.json {
-        println!("{}", serde_json::to_string(&summary)?);
+    let mut out = if args.json {
+        format!("{}\n", serde_json::to_string(&summary)?)
     } else {
-        print!("{}", summary.table());
-        if args.demo
-            && let Some(repository) = example_repository(&store, &args.connector)
-        {
-            println!(
-                "\nTry: bitbucket-operator access --db {} who-can {repository}",
-                args.db.display()
-            );
+        summary.table()
+    };
+    if args.demo
+        && !args.json
+        && let Some(repository) = example_repository(&store, &args.connector)
+    {
+        out.push_str(&format!(
+            "\nTry: bitbucket-operator access --db {} who-can {repository}\n",
+            args.db.display()
+        ));
+    }
+    crate::access::cli::print_stdout(&out)?;
+    let first_error = outcomes.values().find_map(|o| o.result.as_ref().err());
+    Ok(first_error.map(exit_code).unwrap_or(ExitCode::SUCCESS))
+}
+
+/// Exit code for a store that is damaged or not a store at all.
+pub const EXIT_BAD_STORE: u8 = 7;
+
+/// Opens (creating if missing) and checks the store; on failure prints why
+/// and returns the exit code.
+async fn open_store(path: &std::path::Path) -> Result<Arc<Store>, ExitCode> {
+    let path = path.to_owned();
+    let opened = tokio::task::spawn_blocking(move || Store::open_checked(&path)).await;
+    match opened {
+        Ok(Ok(store)) => Ok(Arc::new(store)),
+        Ok(Err(err)) => {
+            eprintln!("error: {err}");
+            Err(ExitCode::from(match err {
+                StoreError::Damaged { .. } | StoreError::NotAStore { .. } | StoreError::TooNew { .. } => EXIT_BAD_STORE,
+                _ => 1,
+            }))
+        }
+        Err(err) => {
+            eprintln!("error: opening the store: {err}");
+            Err(ExitCode::FAILURE)
         }
     }
-    let first_error = outcomes.values().find_map(|o| o.as_ref().err());
-    Ok(first_error.map(exit_code).unwrap_or(ExitCode::SUCCESS))
 }
 
 /// A repository full name from the store, for the demo's hint.
@@ -304,6 +469,9 @@ struct KindSummary {
     unknown_principals: usize,
     requests: u64,
     seconds: f64,
+    /// The unfinished run this one resumed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resumed_from: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
     /// The failure's class (`unavailable`, `invalid-credentials`, ...).
@@ -315,13 +483,13 @@ impl Summary {
     fn new(
         args: &SyncArgs,
         workspaces: &[&str],
-        outcomes: &BTreeMap<SyncKind, Result<RunReport, SyncError>>,
+        outcomes: &BTreeMap<SyncKind, RunOutcome>,
         connect_requests: u64,
         elapsed: Duration,
     ) -> Self {
         let resource_types: Vec<KindSummary> = outcomes
             .iter()
-            .map(|(&kind, outcome)| match outcome {
+            .map(|(&kind, outcome)| match &outcome.result {
                 Ok(r) => KindSummary {
                     resource_type: kind,
                     ok: true,
@@ -331,6 +499,7 @@ impl Summary {
                     unknown_principals: r.unknown_principals,
                     requests: r.requests,
                     seconds: round3(r.duration.as_secs_f64()),
+                    resumed_from: r.resumed_from,
                     error: None,
                     reason: None,
                 },
@@ -341,8 +510,9 @@ impl Summary {
                     entitlements: 0,
                     grants: 0,
                     unknown_principals: 0,
-                    requests: 0,
-                    seconds: 0.0,
+                    requests: outcome.requests,
+                    seconds: round3(outcome.duration.as_secs_f64()),
+                    resumed_from: None,
                     error: Some(err.to_string()),
                     reason: Some(err.class()),
                 },

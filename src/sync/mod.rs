@@ -33,6 +33,7 @@ mod checkpoint;
 pub mod cli;
 mod error;
 pub mod progress;
+pub mod progress_view;
 mod run;
 mod syncers;
 
