@@ -305,6 +305,13 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<ExitCode> {
         max_in_flight: args.max_in_flight,
         ..Limits::default()
     };
+    // Connecting fails fast (a wrong URL or credential should not wait out
+    // an outage); the runs ride out outages up to the tolerance. Both
+    // clients share the credential's limiter.
+    let connecting = SyncEngine::new(
+        Client::new(config.clone(), settings.credentials.clone())?,
+        workspaces.clone(),
+    );
     config.outage_tolerance = Some(args.outage_tolerance);
     config.backoff_max = config
         .backoff_max
@@ -313,7 +320,7 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<ExitCode> {
     let engine = SyncEngine::new(client, workspaces).replacing_only_scope(explicit_workspaces);
 
     let clock = Instant::now();
-    let scope = match engine.connect().await {
+    let scope = match connecting.connect().await {
         Ok(scope) => scope,
         Err(err) => {
             eprintln!("error: {err}");
@@ -335,7 +342,7 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<ExitCode> {
     } else {
         args.only.clone()
     };
-    let connect_requests = engine.client().request_count();
+    let connect_requests = connecting.client().request_count();
     let view = ProgressView::start(
         engine.progress().clone(),
         engine.client().clone(),
