@@ -85,7 +85,9 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use bitbucket_operator::model::SyncKind;
 use bitbucket_operator::simulator::{Organisation, SimConfig, Simulator};
+use bitbucket_operator::store::Store;
 use serde_json::{Value, json};
 
 /// The sync binary Cargo builds for this benchmark.
@@ -248,6 +250,7 @@ struct Outcome {
     grants: u64,
     max_in_flight: usize,
     latency: Duration,
+    extra: Option<Extra>,
 }
 
 impl Outcome {
@@ -297,8 +300,23 @@ impl Outcome {
             "cpu_seconds": round3(self.cpu.as_secs_f64()),
             "peak_rss_mib": round3(self.rss_mib()),
             "rss_pass": self.rss_pass(),
+            "resumed": self.extra.as_ref().map(|e| json!({
+                "requests": e.resumed_requests,
+                "requests_ratio_to_clean": round3(e.resumed_requests as f64 / self.simulator_requests as f64),
+                "wall_seconds": round3(e.resumed_wall.as_secs_f64()),
+                "data_equal": e.resumed_equal,
+            })),
+            "query_ms": self.extra.as_ref().map(|e| json!({
+                "who_can_p50": ms(e.who_can.p50), "who_can_p99": ms(e.who_can.p99),
+                "access_of_p50": ms(e.access_of.p50), "access_of_p99": ms(e.access_of.p99),
+                "target": ms(QUERY_TARGET),
+            })),
         })
     }
+}
+
+fn ms(d: Duration) -> f64 {
+    round3(d.as_secs_f64() * 1000.0)
 }
 
 fn round3(x: f64) -> f64 {
@@ -396,6 +414,18 @@ fn bench(runtime: &tokio::runtime::Runtime, size: &Size, options: &Options) -> a
     let (status, usage) = wait4(child.id())?;
     let wall = started.elapsed();
     let simulator_requests = sim.stats().total;
+    let extra = if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+        Some(resumed_and_queries(
+            &sim,
+            &org,
+            &db,
+            dir.path(),
+            simulator_requests,
+            options,
+        )?)
+    } else {
+        None
+    };
     runtime.block_on(sim.shutdown());
 
     let stdout = read(&stdout_path);
@@ -435,6 +465,131 @@ fn bench(runtime: &tokio::runtime::Runtime, size: &Size, options: &Options) -> a
         grants: sum("grants"),
         max_in_flight: options.max_in_flight,
         latency: options.latency,
+        extra,
+    })
+}
+
+/// The interrupted-and-resumed sync and the query latencies of one size.
+struct Extra {
+    /// Requests the simulator received over the killed run and its resume.
+    resumed_requests: u64,
+    /// Wall time of both runs together (the pause between them excluded).
+    resumed_wall: Duration,
+    /// The resumed store's data equals the clean one's.
+    resumed_equal: bool,
+    who_can: Latency,
+    access_of: Latency,
+}
+
+/// p50 and p99 of one query, as a user runs it (a whole `access` process).
+struct Latency {
+    p50: Duration,
+    p99: Duration,
+}
+
+const QUERY_SAMPLES: usize = 40;
+const QUERY_TARGET: Duration = Duration::from_millis(50);
+
+/// A sync of the same organisation killed with SIGKILL half-way (by
+/// requests), then run again to completion (it resumes); then the p50/p99
+/// of `access who-can` and `access-of` on the clean store.
+fn resumed_and_queries(
+    sim: &bitbucket_operator::simulator::SimulatorHandle,
+    org: &Organisation,
+    clean_db: &Path,
+    dir: &Path,
+    clean_requests: u64,
+    options: &Options,
+) -> anyhow::Result<Extra> {
+    let creds = sim.credentials().clone();
+    let db = dir.join("resumed.db");
+    let sync = || {
+        let mut command = Command::new(BINARY);
+        command
+            .args([
+                "sync",
+                "--json",
+                "--api-url",
+                &sim.base_url(),
+                "--requests-per-hour",
+                "1000000",
+            ])
+            .arg("--max-in-flight")
+            .arg(options.max_in_flight.to_string())
+            .arg("--db")
+            .arg(&db)
+            .env("BATON_USERNAME", &creds.email)
+            .env("BATON_APP_PASSWORD", &creds.api_token)
+            .env_remove("BATON_WORKSPACES")
+            .env_remove("BITBUCKET_API_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        command
+    };
+    sim.reset_stats();
+    let started = Instant::now();
+    let mut child = sync().spawn().context("starting the sync to kill")?;
+    while sim.stats().total < clean_requests / 2 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: our own child's pid.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
+    child.wait()?;
+    let first = started.elapsed();
+    let started = Instant::now();
+    let status = sync().status().context("starting the resumed sync")?;
+    if !status.success() {
+        bail!("the resumed sync failed: {status}");
+    }
+    let resumed_wall = first + started.elapsed();
+    let resumed_requests = sim.stats().total;
+    let clean = Store::open_read_only(clean_db)?;
+    let resumed = Store::open_read_only(&db)?;
+    let resumed_equal = SyncKind::ALL
+        .iter()
+        .all(|&k| matches!((clean.batch("default", k), resumed.batch("default", k)), (Ok(a), Ok(b)) if a == b));
+
+    let repositories: Vec<String> = org
+        .workspaces
+        .iter()
+        .flat_map(|w| w.repositories.iter().map(move |r| format!("{}/{}", w.slug, r.slug)))
+        .collect();
+    let users: Vec<String> = org.users.iter().map(|u| u.nickname.clone()).collect();
+    let who_can = latency(clean_db, "who-can", &repositories)?;
+    let access_of = latency(clean_db, "access-of", &users)?;
+    Ok(Extra {
+        resumed_requests,
+        resumed_wall,
+        resumed_equal,
+        who_can,
+        access_of,
+    })
+}
+
+/// Runs `access --json QUERY ARG` for spread-out arguments and returns p50/p99.
+fn latency(db: &Path, query: &str, args: &[String]) -> anyhow::Result<Latency> {
+    anyhow::ensure!(!args.is_empty(), "nothing to query with {query}");
+    let mut samples = Vec::with_capacity(QUERY_SAMPLES);
+    for i in 0..QUERY_SAMPLES {
+        let arg = &args[i * 7919 % args.len()];
+        let started = Instant::now();
+        let out = Command::new(BINARY)
+            .arg("access")
+            .arg("--db")
+            .arg(db)
+            .args(["--json", query, arg])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()?;
+        samples.push(started.elapsed());
+        anyhow::ensure!(out.status.success(), "access {query} {arg} failed: {}", out.status);
+    }
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+    Ok(Latency {
+        p50: at(0.5),
+        p99: at(0.99),
     })
 }
 
@@ -520,6 +675,49 @@ fn table(outcomes: &[Outcome]) -> String {
     }
     out.push_str(&format!(
         "\ntargets: requests <= {REQUEST_SLACK:.2}x lower bound; wall <= {WALL_SLACK}x (requests x latency / in-flight); peak RSS < {RSS_LIMIT_MIB} MiB\n"
+    ));
+    out.push_str(&format!(
+        "\ninterrupted (SIGKILL half-way) and resumed, next to clean; access latency (whole process, {QUERY_SAMPLES} runs)\n\n"
+    ));
+    out.push_str(&format!(
+        "{:<7}{:>10}{:>10}{:>7}{:>9}{:>9}  {:<6}{:>9}{:>9}{:>11}{:>11}  {:<5}\n",
+        "SIZE",
+        "CLEAN",
+        "RESUMED",
+        "RATIO",
+        "CLEAN s",
+        "BOTH s",
+        "DATA",
+        "WHO p50",
+        "WHO p99",
+        "ACCESS p50",
+        "ACCESS p99",
+        ""
+    ));
+    for o in outcomes {
+        let Some(e) = &o.extra else { continue };
+        let pass = [e.who_can.p50, e.who_can.p99, e.access_of.p50, e.access_of.p99]
+            .iter()
+            .all(|d| *d < QUERY_TARGET);
+        out.push_str(&format!(
+            "{:<7}{:>10}{:>10}{:>7.3}{:>9.2}{:>9.2}  {:<6}{:>9.1}{:>9.1}{:>11.1}{:>11.1}  {:<5}\n",
+            o.size,
+            o.simulator_requests,
+            e.resumed_requests,
+            e.resumed_requests as f64 / o.simulator_requests as f64,
+            o.wall.as_secs_f64(),
+            e.resumed_wall.as_secs_f64(),
+            if e.resumed_equal { "equal" } else { "DIFF" },
+            ms(e.who_can.p50),
+            ms(e.who_can.p99),
+            ms(e.access_of.p50),
+            ms(e.access_of.p99),
+            verdict(pass),
+        ));
+    }
+    out.push_str(&format!(
+        "query target: p50 and p99 under {} ms\n",
+        QUERY_TARGET.as_millis()
     ));
     let mismatched: Vec<String> = outcomes
         .iter()

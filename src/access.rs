@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Resource, ResourceType};
+use crate::model::{ProfileField, Resource, ResourceType};
 use crate::store::{HeldGrant, Store, StoreError};
 
 pub use crate::model::Permission;
@@ -114,7 +114,7 @@ pub enum AccessError {
         repository: String,
         hint: String,
     },
-    #[error("user {user:?} not found in connector {connector:?} (give a uuid, account id or nickname){hint}")]
+    #[error("user {user:?} not found in connector {connector:?} (give a uuid, account id, nickname or email){hint}")]
     UnknownUser {
         connector: String,
         user: String,
@@ -128,10 +128,6 @@ pub enum AccessError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-fn text(r: &Resource, key: &str) -> Option<String> {
-    r.profile.get(key).and_then(|v| v.as_str()).map(str::to_owned)
 }
 
 /// The last `:`-separated part of a group id `{ws}:{slug}`.
@@ -163,20 +159,66 @@ pub fn find_repository(store: &Store, connector: &str, repository: &str) -> Resu
         return Ok(r);
     }
     if let Some(r) = store
-        .find_resources(connector, ResourceType::Repository, "full_name", repository)?
+        .find_resources(connector, ProfileField::RepositoryFullName, repository)?
         .into_iter()
         .next()
     {
         return Ok(r);
     }
+    let names: Vec<String> = store
+        .resources(connector, Some(ResourceType::Repository))?
+        .into_iter()
+        .filter_map(|r| r.profile.repository().map(|p| p.full_name.clone()))
+        .collect();
+    let mut hint = connector_hint(store, connector, crate::model::SyncKind::Repositories)?;
+    hint.push_str(&did_you_mean(repository, &names));
     Err(AccessError::UnknownRepository {
         connector: connector.to_owned(),
         repository: repository.to_owned(),
-        hint: connector_hint(store, connector, crate::model::SyncKind::Repositories)?,
+        hint,
     })
 }
 
-/// Finds a user by uuid (braces optional), account id or nickname. A uuid
+/// `; did you mean a, b?` for the candidates closest to `wanted` (edit
+/// distance at most a third of its length, or containing it), or nothing.
+pub fn did_you_mean(wanted: &str, candidates: &[String]) -> String {
+    let wanted_lower = wanted.to_lowercase();
+    let limit = (wanted.chars().count() / 3).max(1);
+    let mut close: Vec<(usize, &String)> = candidates
+        .iter()
+        .filter_map(|c| {
+            let lower = c.to_lowercase();
+            let distance = edit_distance(&wanted_lower, &lower);
+            let contains = wanted_lower.len() >= 3 && lower.contains(&wanted_lower);
+            (distance <= limit || contains).then_some((distance, c))
+        })
+        .collect();
+    close.sort();
+    close.dedup_by(|a, b| a.1 == b.1);
+    if close.is_empty() {
+        return String::new();
+    }
+    let names: Vec<&str> = close.iter().take(3).map(|(_, c)| c.as_str()).collect();
+    format!("; did you mean {}?", names.join(", "))
+}
+
+/// Levenshtein distance over characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous + usize::from(ca != *cb);
+            previous = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(previous + 1);
+        }
+    }
+    row[b.len()]
+}
+
+/// Finds a user by uuid (braces optional), account id, nickname or email. A uuid
 /// that only appears as a grant principal gives an unknown-principal user.
 pub fn find_user(store: &Store, connector: &str, user: &str) -> Result<UserRef, AccessError> {
     let braced = if user.starts_with('{') {
@@ -191,8 +233,12 @@ pub fn find_user(store: &Store, connector: &str, user: &str) -> Result<UserRef, 
             return Ok(user_ref(&r));
         }
     }
-    for field in ["account_id", "nickname"] {
-        let found = store.find_resources(connector, ResourceType::User, field, user)?;
+    for field in [
+        ProfileField::UserAccountId,
+        ProfileField::UserNickname,
+        ProfileField::UserEmail,
+    ] {
+        let found = store.find_resources(connector, field, user)?;
         match found.len() {
             0 => {}
             1 => return Ok(user_ref(&found[0])),
@@ -214,20 +260,28 @@ pub fn find_user(store: &Store, connector: &str, user: &str) -> Result<UserRef, 
             return Ok(unknown_user(id));
         }
     }
+    let nicknames: Vec<String> = store
+        .resources(connector, Some(ResourceType::User))?
+        .into_iter()
+        .filter_map(|r| r.profile.user().and_then(|p| p.nickname.clone()))
+        .collect();
+    let mut hint = connector_hint(store, connector, crate::model::SyncKind::Accounts)?;
+    hint.push_str(&did_you_mean(user, &nicknames));
     Err(AccessError::UnknownUser {
         connector: connector.to_owned(),
         user: user.to_owned(),
-        hint: connector_hint(store, connector, crate::model::SyncKind::Accounts)?,
+        hint,
     })
 }
 
 fn user_ref(r: &Resource) -> UserRef {
+    let profile = r.profile.user();
     UserRef {
         id: r.id.clone(),
-        nickname: text(r, "nickname"),
+        nickname: profile.and_then(|p| p.nickname.clone()),
         display_name: Some(r.display_name.clone()),
-        account_id: text(r, "account_id"),
-        status: text(r, "status"),
+        account_id: profile.and_then(|p| p.account_id.clone()),
+        status: profile.map(|p| p.status.clone()),
         unknown_principal: false,
     }
 }
@@ -304,7 +358,7 @@ impl<'a> Groups<'a> {
         let slug = self
             .store
             .resource(self.connector, group)?
-            .and_then(|r| text(&r, "slug"))
+            .and_then(|r| r.profile.group().map(|p| p.slug.clone()))
             .unwrap_or_else(|| id_suffix(group).to_owned());
         self.slugs.insert(group.to_owned(), slug.clone());
         Ok(slug)
@@ -347,9 +401,16 @@ pub fn who_can(store: &Store, connector: &str, repository: &str) -> Result<Vec<A
         Ok(())
     };
     add_grants(store.grants_on(connector, &repo.id)?, None)?;
-    if let Some(project) = text(&repo, "project_id") {
-        let key = text(&repo, "project_key").unwrap_or_else(|| id_suffix(&project).to_owned());
-        add_grants(store.grants_on(connector, &project)?, Some(&format!("project {key}")))?;
+    if let Some(profile) = repo.profile.repository().filter(|p| !p.project_id.is_empty()) {
+        let key = if profile.project_key.is_empty() {
+            id_suffix(&profile.project_id)
+        } else {
+            &profile.project_key
+        };
+        add_grants(
+            store.grants_on(connector, &profile.project_id)?,
+            Some(&format!("project {key}")),
+        )?;
     }
     if let Some(ws) = &repo.parent_id {
         for g in store.grants_on(connector, ws)? {
@@ -444,8 +505,8 @@ pub fn access_of(store: &Store, connector: &str, user: &str) -> Result<UserAcces
     let repos_all = store.resources(connector, Some(ResourceType::Repository))?;
     let mut repos_by_project: HashMap<String, Vec<&Resource>> = HashMap::new();
     for r in &repos_all {
-        if let Some(p) = text(r, "project_id") {
-            repos_by_project.entry(p).or_default().push(r);
+        if let Some(p) = r.profile.repository().filter(|p| !p.project_id.is_empty()) {
+            repos_by_project.entry(p.project_id.clone()).or_default().push(r);
         }
     }
     let project_index: HashMap<&str, &Resource> = projects_all.iter().map(|p| (p.id.as_str(), p)).collect();
@@ -453,7 +514,7 @@ pub fn access_of(store: &Store, connector: &str, user: &str) -> Result<UserAcces
     let key_of = |project_id: &str| -> String {
         project_index
             .get(project_id)
-            .and_then(|p| text(p, "key"))
+            .and_then(|p| p.profile.project().map(|p| p.key.clone()))
             .unwrap_or_else(|| id_suffix(project_id).to_owned())
     };
 
@@ -508,7 +569,7 @@ pub fn access_of(store: &Store, connector: &str, user: &str) -> Result<UserAcces
         ws_resources
             .iter()
             .find(|w| w.id == id)
-            .and_then(|w| text(w, "slug"))
+            .and_then(|w| w.profile.workspace().map(|p| p.slug.clone()))
             .unwrap_or_else(|| id.to_owned())
     };
 
@@ -532,7 +593,12 @@ pub fn access_of(store: &Store, connector: &str, user: &str) -> Result<UserAcces
         let r = store.resource(connector, &gid)?;
         let workspace = r
             .as_ref()
-            .and_then(|r| text(r, "workspace_slug").or_else(|| r.parent_id.as_deref().map(&ws_slug)))
+            .and_then(|r| {
+                r.profile
+                    .group()
+                    .map(|p| p.workspace_slug.clone())
+                    .or_else(|| r.parent_id.as_deref().map(&ws_slug))
+            })
             .unwrap_or_default();
         group_list.push(GroupAccess {
             slug: groups.slug(&gid)?,
@@ -563,10 +629,18 @@ pub fn access_of(store: &Store, connector: &str, user: &str) -> Result<UserAcces
         out
     };
     let project_name = |p: &Resource| {
-        let ws = text(p, "workspace_slug").unwrap_or_else(|| p.parent_id.as_deref().map(&ws_slug).unwrap_or_default());
-        format!("{ws}/{}", text(p, "key").unwrap_or_else(|| id_suffix(&p.id).to_owned()))
+        let profile = p.profile.project();
+        let ws = profile
+            .map(|p| p.workspace_slug.clone())
+            .unwrap_or_else(|| p.parent_id.as_deref().map(&ws_slug).unwrap_or_default());
+        let key = profile.map_or_else(|| id_suffix(&p.id).to_owned(), |p| p.key.clone());
+        format!("{ws}/{key}")
     };
-    let repo_name = |r: &Resource| text(r, "full_name").unwrap_or_else(|| r.id.clone());
+    let repo_name = |r: &Resource| {
+        r.profile
+            .repository()
+            .map_or_else(|| r.id.clone(), |p| p.full_name.clone())
+    };
     Ok(UserAccess {
         user,
         workspaces,
@@ -576,9 +650,105 @@ pub fn access_of(store: &Store, connector: &str, user: &str) -> Result<UserAcces
     })
 }
 
+/// One grant with names, for access reviews (CSV, tables).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReviewRow {
+    pub resource_type: ResourceType,
+    pub resource_id: String,
+    pub resource_name: String,
+    pub entitlement: String,
+    pub principal_type: ResourceType,
+    pub principal_id: String,
+    pub principal_name: String,
+    pub unknown_principal: bool,
+}
+
+/// Every current grant of `connector` with resource and principal names,
+/// sorted by resource type, resource name, entitlement and principal name.
+pub fn review_rows(store: &Store, connector: &str) -> Result<Vec<ReviewRow>, StoreError> {
+    let names = NameIndex::current(store, connector)?;
+    let mut rows = Vec::new();
+    for kind in crate::model::SyncKind::ALL {
+        let batch = store.batch(connector, kind)?;
+        let slugs: HashMap<&str, (&str, &str)> = batch
+            .entitlements
+            .iter()
+            .map(|e| (e.id.as_str(), (e.resource_id.as_str(), e.slug.as_str())))
+            .collect();
+        for g in &batch.grants {
+            let Some((resource_id, slug)) = slugs.get(g.entitlement_id.as_str()) else {
+                continue;
+            };
+            rows.push(ReviewRow {
+                resource_type: kind.resource_type(),
+                resource_id: (*resource_id).to_owned(),
+                resource_name: names.name(resource_id),
+                entitlement: (*slug).to_owned(),
+                principal_type: g.principal_type,
+                principal_id: g.principal_id.clone(),
+                principal_name: names.name(&g.principal_id),
+                unknown_principal: g.unknown_principal,
+            });
+        }
+    }
+    rows.sort_by(|a, b| {
+        (a.resource_type, &a.resource_name, &a.entitlement, &a.principal_name).cmp(&(
+            b.resource_type,
+            &b.resource_name,
+            &b.entitlement,
+            &b.principal_name,
+        ))
+    });
+    Ok(rows)
+}
+
+/// Human names of resources by id: repositories and projects as
+/// `workspace/slug`, users by nickname, others by display name.
+#[derive(Debug, Default)]
+pub struct NameIndex {
+    names: HashMap<String, String>,
+}
+
+impl NameIndex {
+    /// The names of every current resource of `connector`.
+    pub fn current(store: &Store, connector: &str) -> Result<NameIndex, StoreError> {
+        let mut index = NameIndex::default();
+        index.add(store.resources(connector, None)?);
+        Ok(index)
+    }
+
+    /// Adds names (already known ids keep theirs).
+    pub fn add(&mut self, resources: impl IntoIterator<Item = Resource>) {
+        for r in resources {
+            let name = match &r.profile {
+                crate::model::Profile::Repository(p) if !p.full_name.is_empty() => p.full_name.clone(),
+                crate::model::Profile::Project(p) if !p.key.is_empty() => format!("{}/{}", p.workspace_slug, p.key),
+                crate::model::Profile::Group(p) if !p.slug.is_empty() => format!("{}/{}", p.workspace_slug, p.slug),
+                crate::model::Profile::User(p) => p.nickname.clone().unwrap_or_else(|| r.display_name.clone()),
+                _ => r.display_name.clone(),
+            };
+            self.names.entry(r.id).or_insert(name);
+        }
+    }
+
+    /// The name of `id`, or `""` when unknown.
+    pub fn name(&self, id: &str) -> String {
+        self.names.get(id).cloned().unwrap_or_default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn suggestions_are_close_names_only() {
+        let names: Vec<String> = ["acme/api", "acme/web", "globex/billing"].map(String::from).to_vec();
+        assert_eq!(did_you_mean("acme/apj", &names), "; did you mean acme/api?");
+        assert_eq!(did_you_mean("billing", &names), "; did you mean globex/billing?");
+        assert_eq!(did_you_mean("zzzzzz", &names), "");
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
 
     #[test]
     fn permissions_rank_and_create_repo_is_write_on_repositories() {

@@ -218,7 +218,7 @@ pub fn grant_id(entitlement_id: &str, principal_type: ResourceType, principal_id
 }
 
 /// A thing access can be held on, or a principal (users).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Resource {
     pub resource_type: ResourceType,
     pub id: String,
@@ -227,8 +227,217 @@ pub struct Resource {
     /// workspaces and users (users can belong to several workspaces).
     pub parent_id: Option<String>,
     /// Type-specific attributes (nickname, account id, status, slug, key,
-    /// full name, ...), kept as JSON so the store needs no column per type.
-    pub profile: serde_json::Value,
+    /// full name, ...). The store keeps it as JSON text, so it needs no
+    /// column per type; the shape is typed here, once, for every layer.
+    pub profile: Profile,
+}
+
+impl<'de> Deserialize<'de> for Resource {
+    /// The profile's shape depends on `resource_type`, so it is read after it.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Raw {
+            resource_type: ResourceType,
+            id: String,
+            display_name: String,
+            parent_id: Option<String>,
+            #[serde(default)]
+            profile: serde_json::Value,
+        }
+        let raw = Raw::deserialize(deserializer)?;
+        let profile = Profile::from_value(raw.resource_type, raw.profile).map_err(serde::de::Error::custom)?;
+        Ok(Resource {
+            resource_type: raw.resource_type,
+            id: raw.id,
+            display_name: raw.display_name,
+            parent_id: raw.parent_id,
+            profile,
+        })
+    }
+}
+
+/// The type-specific attributes of a resource, one struct per type. Written
+/// by the syncers, stored as JSON by the store, read by the access queries:
+/// the JSON keys are the field names below and nowhere else.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Profile {
+    User(UserProfile),
+    Workspace(WorkspaceProfile),
+    Group(GroupProfile),
+    Project(ProjectProfile),
+    Repository(RepositoryProfile),
+}
+
+/// A Bitbucket account.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UserProfile {
+    pub nickname: Option<String>,
+    pub account_id: Option<String>,
+    /// `active` or `inactive`.
+    pub status: String,
+    /// Only when Bitbucket shows it (rarely: it is private by default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    /// Ids of the synced workspaces the user is a member of (a sync over
+    /// some workspaces replaces only those memberships).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub workspaces: Vec<String>,
+}
+
+/// A workspace.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WorkspaceProfile {
+    pub slug: String,
+    pub name: String,
+}
+
+/// A workspace group (1.0 API).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GroupProfile {
+    pub slug: String,
+    pub name: String,
+    pub workspace_slug: String,
+}
+
+/// A project.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ProjectProfile {
+    pub key: String,
+    pub name: String,
+    pub uuid: String,
+    pub workspace_slug: String,
+}
+
+/// A repository, with the project it belongs to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RepositoryProfile {
+    pub slug: String,
+    /// `workspace/slug`.
+    pub full_name: String,
+    pub name: String,
+    pub uuid: String,
+    /// The project resource's id.
+    pub project_id: String,
+    pub project_key: String,
+    pub workspace_slug: String,
+}
+
+impl Profile {
+    /// Reads a stored profile of a resource of type `t`. Unknown keys are
+    /// ignored and missing ones take their default, so older rows still read.
+    pub fn from_value(t: ResourceType, value: serde_json::Value) -> Result<Profile, serde_json::Error> {
+        let value = if value.is_null() {
+            serde_json::Value::Object(Default::default())
+        } else {
+            value
+        };
+        Ok(match t {
+            ResourceType::User => Profile::User(serde_json::from_value(value)?),
+            ResourceType::Workspace => Profile::Workspace(serde_json::from_value(value)?),
+            ResourceType::UserGroup => Profile::Group(serde_json::from_value(value)?),
+            ResourceType::Project => Profile::Project(serde_json::from_value(value)?),
+            ResourceType::Repository => Profile::Repository(serde_json::from_value(value)?),
+        })
+    }
+
+    /// Like [`Profile::from_value`] from JSON text.
+    pub fn from_json(t: ResourceType, text: &str) -> Result<Profile, serde_json::Error> {
+        Profile::from_value(t, serde_json::from_str(text)?)
+    }
+
+    /// The resource type this profile describes.
+    pub fn resource_type(&self) -> ResourceType {
+        match self {
+            Profile::User(_) => ResourceType::User,
+            Profile::Workspace(_) => ResourceType::Workspace,
+            Profile::Group(_) => ResourceType::UserGroup,
+            Profile::Project(_) => ResourceType::Project,
+            Profile::Repository(_) => ResourceType::Repository,
+        }
+    }
+
+    pub fn user(&self) -> Option<&UserProfile> {
+        match self {
+            Profile::User(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    pub fn workspace(&self) -> Option<&WorkspaceProfile> {
+        match self {
+            Profile::Workspace(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    pub fn group(&self) -> Option<&GroupProfile> {
+        match self {
+            Profile::Group(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    pub fn project(&self) -> Option<&ProjectProfile> {
+        match self {
+            Profile::Project(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    pub fn repository(&self) -> Option<&RepositoryProfile> {
+        match self {
+            Profile::Repository(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The slug a person would type: workspace, group and repository slug,
+    /// project key, user nickname.
+    pub fn slug(&self) -> Option<&str> {
+        match self {
+            Profile::User(p) => p.nickname.as_deref(),
+            Profile::Workspace(p) => Some(&p.slug),
+            Profile::Group(p) => Some(&p.slug),
+            Profile::Project(p) => Some(&p.key),
+            Profile::Repository(p) => Some(&p.slug),
+        }
+    }
+}
+
+/// Profile fields resources can be looked up by ([`crate::store::Store::find_resources`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProfileField {
+    /// A repository's `workspace/slug`.
+    RepositoryFullName,
+    UserNickname,
+    UserAccountId,
+    UserEmail,
+}
+
+impl ProfileField {
+    /// The type of resource that has this field.
+    pub fn resource_type(self) -> ResourceType {
+        match self {
+            ProfileField::RepositoryFullName => ResourceType::Repository,
+            _ => ResourceType::User,
+        }
+    }
+
+    /// The JSON key, as the profile structs serialize it.
+    pub fn json_key(self) -> &'static str {
+        match self {
+            ProfileField::RepositoryFullName => "full_name",
+            ProfileField::UserNickname => "nickname",
+            ProfileField::UserAccountId => "account_id",
+            ProfileField::UserEmail => "email",
+        }
+    }
 }
 
 /// Something that can be granted on a resource (`member`, `admin`, ...).
@@ -315,6 +524,38 @@ mod tests {
         }
         assert_eq!(Permission::parse("none"), None);
         assert_eq!(Permission::CreateRepo.on_repository(), Permission::Write);
+    }
+
+    #[test]
+    fn profiles_serialize_with_the_keys_lookups_use_and_read_back_by_type() {
+        let repo = Profile::Repository(RepositoryProfile {
+            slug: "api".into(),
+            full_name: "acme/api".into(),
+            project_key: "CORE".into(),
+            ..Default::default()
+        });
+        let value = serde_json::to_value(&repo).unwrap();
+        assert_eq!(value[ProfileField::RepositoryFullName.json_key()], "acme/api");
+        assert_eq!(Profile::from_value(ResourceType::Repository, value).unwrap(), repo);
+        let user = Profile::User(UserProfile {
+            nickname: Some("jdoe".into()),
+            account_id: Some("acc".into()),
+            status: "active".into(),
+            email: Some("j@example.com".into()),
+            workspaces: vec!["{w}".into()],
+        });
+        let value = serde_json::to_value(&user).unwrap();
+        for field in [
+            ProfileField::UserNickname,
+            ProfileField::UserAccountId,
+            ProfileField::UserEmail,
+        ] {
+            assert!(value[field.json_key()].is_string(), "{field:?}");
+        }
+        // Older rows with missing or extra keys still read.
+        let old = Profile::from_json(ResourceType::Project, r#"{"key":"K","extra":1}"#).unwrap();
+        assert_eq!(old.project().unwrap().key, "K");
+        assert_eq!(old.resource_type(), ResourceType::Project);
     }
 
     #[test]

@@ -320,34 +320,45 @@ pub fn settings_from_manifest(manifest: &str) -> Result<ConnectorSettings, Strin
 
 /// Bitbucket credentials and API root, shared by every command that talks to
 /// Bitbucket without a cluster (`sync`, `grant`, `revoke`): flags, `BATON_*`
-/// variables, or a Secret manifest in the seed format.
+/// variables, or a Secret manifest in the seed format. Flags of one
+/// credential kind win over variables of another (a stray `BATON_USERNAME`
+/// does not spoil an explicit `--token`); flags of two kinds, or flags with
+/// `--secret-file`, are a usage error.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CredentialArgs {
-    /// Bitbucket API root.
-    #[arg(long, env = "BITBUCKET_API_URL", default_value = DEFAULT_API_URL)]
-    pub api_url: String,
+    /// Bitbucket API root [env: BITBUCKET_API_URL] [default: https://api.bitbucket.org].
+    #[arg(long, value_parser = parse_api_url)]
+    pub api_url: Option<String>,
     /// Read credentials from a Kubernetes Secret manifest (stringData or
     /// base64 data, `BATON_*` keys).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["username", "app_password", "token", "consumer_key", "consumer_secret"])]
     pub secret_file: Option<PathBuf>,
-    /// Atlassian account email for an API token.
-    #[arg(long, env = secret_key::USERNAME, hide_env_values = true)]
+    /// Atlassian account email for an API token [env: BATON_USERNAME].
+    #[arg(long, conflicts_with_all = ["token", "consumer_key", "consumer_secret"])]
     pub username: Option<String>,
-    /// API token (or legacy app password).
-    #[arg(long, env = secret_key::APP_PASSWORD, hide_env_values = true)]
+    /// API token (or legacy app password) [env: BATON_APP_PASSWORD].
+    #[arg(long, conflicts_with_all = ["token", "consumer_key", "consumer_secret"])]
     pub app_password: Option<String>,
-    /// Workspace, project or repository access token.
-    #[arg(long, env = secret_key::TOKEN, hide_env_values = true)]
+    /// Workspace, project or repository access token [env: BATON_TOKEN].
+    #[arg(long, conflicts_with_all = ["consumer_key", "consumer_secret"])]
     pub token: Option<String>,
-    /// OAuth consumer key.
-    #[arg(long, env = secret_key::CONSUMER_KEY, hide_env_values = true)]
+    /// OAuth consumer key [env: BATON_CONSUMER_KEY].
+    #[arg(long)]
     pub consumer_key: Option<String>,
-    /// OAuth consumer secret.
-    #[arg(long, env = secret_key::CONSUMER_SECRET, hide_env_values = true)]
+    /// OAuth consumer secret [env: BATON_CONSUMER_SECRET].
+    #[arg(long)]
     pub consumer_secret: Option<String>,
 }
 
 impl CredentialArgs {
+    /// The API root: `--api-url`, else `BITBUCKET_API_URL`, else Bitbucket Cloud.
+    pub fn api_url(&self) -> String {
+        self.api_url
+            .clone()
+            .or_else(|| std::env::var("BITBUCKET_API_URL").ok().filter(|v| !v.trim().is_empty()))
+            .unwrap_or_else(|| DEFAULT_API_URL.to_owned())
+    }
+
     /// Settings from `--secret-file`, else from flags and `BATON_*`
     /// variables (`BATON_WORKSPACES` and `BATON_PROVISIONING` from the
     /// environment). Messages name keys, never values.
@@ -357,24 +368,62 @@ impl CredentialArgs {
             return settings_from_manifest(&text).map_err(|e| format!("{}: {e}", path.display()));
         }
         let keys = SecretKeys::default();
-        let flags = [
-            (keys.username(), &self.username),
-            (keys.app_password(), &self.app_password),
-            (keys.token(), &self.token),
-            (keys.consumer_key(), &self.consumer_key),
-            (keys.consumer_secret(), &self.consumer_secret),
+        let data = self.flags_and_env(&keys);
+        ConnectorSettings::from_map(&data, &keys).map_err(|e| e.to_string())
+    }
+
+    /// Credential keys from flags; a key without its flag comes from the
+    /// environment only when no flag of another credential kind was given.
+    fn flags_and_env(&self, keys: &SecretKeys) -> BTreeMap<String, String> {
+        let kinds: [(&[KeyAndFlag], bool); 3] = [
+            (
+                &[
+                    (keys.username(), &self.username),
+                    (keys.app_password(), &self.app_password),
+                ],
+                self.username.is_some() || self.app_password.is_some(),
+            ),
+            (&[(keys.token(), &self.token)], self.token.is_some()),
+            (
+                &[
+                    (keys.consumer_key(), &self.consumer_key),
+                    (keys.consumer_secret(), &self.consumer_secret),
+                ],
+                self.consumer_key.is_some() || self.consumer_secret.is_some(),
+            ),
         ];
-        let mut data: BTreeMap<String, String> = flags
-            .into_iter()
-            .filter_map(|(key, value)| value.clone().map(|v| (key.to_owned(), v)))
-            .collect();
+        let any_flag = kinds.iter().any(|(_, given)| *given);
+        let mut data = BTreeMap::new();
+        for (pairs, given) in kinds {
+            if any_flag && !given {
+                continue;
+            }
+            for (key, flag) in pairs {
+                let value = (*flag).clone().or_else(|| std::env::var(key).ok());
+                if let Some(value) = value {
+                    data.insert((*key).to_owned(), value);
+                }
+            }
+        }
         for key in [keys.workspaces(), keys.provisioning()] {
             if let Ok(value) = std::env::var(key) {
                 data.insert(key.to_owned(), value);
             }
         }
-        ConnectorSettings::from_map(&data, &keys).map_err(|e| e.to_string())
+        data
     }
+}
+
+/// A `BATON_*` key and its flag's value.
+type KeyAndFlag<'a> = (&'a str, &'a Option<String>);
+
+pub fn parse_api_url(value: &str) -> Result<String, String> {
+    let url =
+        url::Url::parse(value).map_err(|e| format!("not a URL ({e}); expected e.g. https://api.bitbucket.org"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
+        return Err("expected an http(s) URL with a host, e.g. https://api.bitbucket.org".into());
+    }
+    Ok(value.to_owned())
 }
 
 /// Splits `a, b,c` into validated workspace slugs.

@@ -81,7 +81,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Entitlement, Grant, Resource, ResourceType, SyncBatch, SyncKind};
+use crate::model::{Entitlement, Grant, Profile, ProfileField, Resource, ResourceType, SyncBatch, SyncKind};
 
 /// Id of a sync run (`runs.id`).
 pub type RunId = i64;
@@ -89,7 +89,7 @@ pub type RunId = i64;
 pub type Generation = i64;
 
 /// Schema version written to `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 /// `PRAGMA application_id` of a store file ("BBOP").
 pub const APPLICATION_ID: i64 = 0x4242_4f50;
 /// Generations kept per `(connector, kind)` unless [`Store::with_history`] says otherwise.
@@ -120,6 +120,11 @@ pub enum StoreError {
     NeedsMigration { path: PathBuf, found: i64, supported: i64 },
     #[error("cannot open database file {}: {reason}", path.display())]
     CannotOpen { path: PathBuf, reason: String },
+    #[error(
+        "database file {} is damaged ({details}); restore it from a backup or move it aside and sync again",
+        path.display()
+    )]
+    Damaged { path: PathBuf, details: String },
     #[error("the store was opened read-only")]
     ReadOnly,
     #[error("sync run {0} does not exist")]
@@ -144,8 +149,18 @@ pub enum StoreError {
     },
     #[error("unexpected data in the store: {0}")]
     Corrupt(String),
+    /// The message carries SQLite's text; it is deliberately not also the
+    /// `source()`, so chain printers show it once.
     #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
+    #[error("store task failed: {0}")]
+    Task(String),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(err: rusqlite::Error) -> Self {
+        StoreError::Sqlite(err)
+    }
 }
 
 /// Outcome of a sync run.
@@ -155,6 +170,8 @@ pub enum RunStatus {
     Running,
     Ok,
     Failed,
+    /// Its process stopped before it finished (killed, crashed, restarted).
+    Interrupted,
 }
 
 impl RunStatus {
@@ -163,6 +180,7 @@ impl RunStatus {
             RunStatus::Running => "running",
             RunStatus::Ok => "ok",
             RunStatus::Failed => "failed",
+            RunStatus::Interrupted => "interrupted",
         }
     }
 
@@ -171,6 +189,7 @@ impl RunStatus {
             "running" => Ok(RunStatus::Running),
             "ok" => Ok(RunStatus::Ok),
             "failed" => Ok(RunStatus::Failed),
+            "interrupted" => Ok(RunStatus::Interrupted),
             other => Err(StoreError::Corrupt(format!("unknown run status {other:?}"))),
         }
     }
@@ -224,6 +243,50 @@ pub struct SyncRun {
     pub counts: Option<Counts>,
     /// The generation the run committed (`None` unless `ok`; it may since have been pruned).
     pub generation: Option<Generation>,
+    /// Workspace ids the run covered; `None`: every workspace (it replaced all data).
+    pub workspaces: Option<Vec<String>>,
+    /// The failed or interrupted run whose finished work this run took over.
+    pub resumed_from: Option<RunId>,
+    /// Unix epoch milliseconds: when the oldest data of this run was read
+    /// (its own start, or the start of the run it resumed).
+    pub data_from: i64,
+}
+
+/// How a run starts: its workspace scope, and whether it may take over the
+/// finished work of an unfinished earlier run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Workspace ids this run covers. `None`: every workspace; the commit
+    /// replaces all data of the kind. `Some`: the commit replaces only these
+    /// workspaces' data and keeps the rest of the current generation.
+    pub workspaces: Option<Vec<String>>,
+    /// Resume the newest failed or interrupted run of the same connector,
+    /// kind and scope (newer than the last successful one): its checkpoints
+    /// move to the new run.
+    pub resume: bool,
+}
+
+/// A started run and what it resumed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StartedRun {
+    pub id: RunId,
+    pub resumed_from: Option<RunId>,
+    /// Finished units of work (unit name → data) taken over from the resumed run.
+    pub checkpoints: HashMap<String, String>,
+}
+
+/// How current one kind's data is, for readers that must say so.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Freshness {
+    pub kind: SyncKind,
+    /// Unix epoch milliseconds the current data was read from Bitbucket
+    /// (the start of the run that committed it, or of the run it resumed);
+    /// `None`: never synced.
+    pub data_as_of: Option<i64>,
+    /// When the current data was committed.
+    pub committed_at: Option<i64>,
+    /// The newest run, finished or not.
+    pub last_run: Option<SyncRun>,
 }
 
 /// Grants that differ between two generations.
@@ -260,6 +323,15 @@ struct Inner {
     writer: Option<Mutex<Connection>>,
     readers: Mutex<Vec<Connection>>,
     keep: AtomicUsize,
+}
+
+impl Drop for Inner {
+    /// Read connections close before the writer: the last connection to
+    /// close checkpoints the WAL and removes `-wal`/`-shm`, and a read-only
+    /// connection cannot, which would leave them behind.
+    fn drop(&mut self) {
+        lock(&self.readers).clear();
+    }
 }
 
 impl fmt::Debug for Store {
@@ -300,9 +372,9 @@ fn classify(path: &Path, err: rusqlite::Error) -> StoreError {
             path: path.to_owned(),
             reason: "the file is not a SQLite database".into(),
         },
-        Some(ErrorCode::DatabaseCorrupt) => StoreError::NotAStore {
+        Some(ErrorCode::DatabaseCorrupt) => StoreError::Damaged {
             path: path.to_owned(),
-            reason: "the database is corrupt".into(),
+            details: err.to_string(),
         },
         Some(ErrorCode::CannotOpen | ErrorCode::PermissionDenied | ErrorCode::ReadOnly) => StoreError::CannotOpen {
             path: path.to_owned(),
@@ -391,8 +463,48 @@ CREATE INDEX grants_by_resource ON grants (generation, resource_id);
 CREATE INDEX grants_by_principal ON grants (generation, principal_id);
 "#;
 
+/// Version 2: runs can be `interrupted`, record their workspace scope, their
+/// owning process and what they resumed; `checkpoints` hold a run's finished
+/// units of work so an interrupted run can resume. SQLite cannot change a
+/// CHECK constraint in place, so `runs` is rebuilt (foreign keys are off
+/// during migrations, see [`migrate`]).
+const SCHEMA_V2: &str = r#"
+CREATE TABLE runs_v2 (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    connector    TEXT NOT NULL,
+    kind         TEXT NOT NULL,
+    status       TEXT NOT NULL CHECK (status IN ('running', 'ok', 'failed', 'interrupted')),
+    started_at   INTEGER NOT NULL,
+    finished_at  INTEGER,
+    error        TEXT,
+    requests     INTEGER NOT NULL DEFAULT 0,
+    resources    INTEGER,
+    entitlements INTEGER,
+    grants       INTEGER,
+    generation   INTEGER,
+    workspaces   TEXT,
+    owner        TEXT,
+    resumed_from INTEGER,
+    data_from    INTEGER
+);
+INSERT INTO runs_v2 (id, connector, kind, status, started_at, finished_at, error, requests, resources,
+                     entitlements, grants, generation, data_from)
+    SELECT id, connector, kind, status, started_at, finished_at, error, requests, resources,
+           entitlements, grants, generation, started_at FROM runs;
+DROP TABLE runs;
+ALTER TABLE runs_v2 RENAME TO runs;
+CREATE INDEX runs_by_connector ON runs (connector, kind, id);
+
+CREATE TABLE checkpoints (
+    run_id INTEGER NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+    unit   TEXT NOT NULL,
+    data   TEXT NOT NULL,
+    PRIMARY KEY (run_id, unit)
+) WITHOUT ROWID;
+"#;
+
 /// Schema steps: `MIGRATIONS[i]` takes version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
 
 /// What the file's header says about it.
 fn identify(conn: &Connection, path: &Path) -> Result<(i64, i64, i64), StoreError> {
@@ -436,6 +548,15 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     if check_identity(conn, path)? == SCHEMA_VERSION {
         return Ok(());
     }
+    // Rebuilding a referenced table needs foreign keys off (they cannot be
+    // switched inside a transaction); they are back on before any data write.
+    conn.pragma_update(None, "foreign_keys", false)?;
+    let migrated = migrate_tx(conn, path);
+    conn.pragma_update(None, "foreign_keys", true)?;
+    migrated
+}
+
+fn migrate_tx(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(|e| classify(path, e))?;
@@ -460,12 +581,60 @@ fn open_flags(create: bool) -> OpenFlags {
     flags
 }
 
-/// Opens one more read connection on an existing file.
-fn open_reader(path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open_with_flags(path, open_flags(false)).map_err(|e| classify(path, e))?;
-    configure(&conn)?;
+fn read_only_flags() -> OpenFlags {
+    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI
+}
+
+/// `file:` URI of a path, with `query` appended (`mode=ro`, `immutable=1`).
+fn file_uri(path: &Path, query: &str) -> String {
+    let text = path.to_string_lossy();
+    let mut encoded = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '%' | '?' | '#' => encoded.push_str(&format!("%{:02X}", c as u32)),
+            c => encoded.push(c),
+        }
+    }
+    format!("file:{encoded}?{query}")
+}
+
+fn side_file(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Opens a connection that never writes and never creates a file, for the
+/// writer of this handle (in-process readers share its WAL) or for a
+/// separate reading process:
+/// - with a writer's WAL present (`-wal` and `-shm` exist), `mode=ro` shares
+///   them, so the reader sees committed data and creates nothing;
+/// - without (no writer since the last clean close, or a read-only
+///   directory), `immutable=1`: SQLite reads the main file with no lock and
+///   no side files, which a later writer could not have used (another user's
+///   `-shm`, say).
+fn open_reader(path: &Path, beside_writer: bool) -> Result<Connection, StoreError> {
+    let live_wal = beside_writer || (side_file(path, "-wal").exists() && side_file(path, "-shm").exists());
+    let uri = file_uri(path, if live_wal { "mode=ro" } else { "immutable=1" });
+    let conn = Connection::open_with_flags(&uri, read_only_flags()).map_err(|e| classify(path, e))?;
+    configure(&conn).map_err(|e| classify(path, e))?;
     conn.pragma_update(None, "query_only", true)?;
     Ok(conn)
+}
+
+fn quick_check(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare("PRAGMA quick_check(5)").map_err(|e| classify(path, e))?;
+    let problems: Vec<String> = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .and_then(|rows| rows.collect())
+        .map_err(|e| classify(path, e))?;
+    if problems.len() == 1 && problems[0] == "ok" {
+        return Ok(());
+    }
+    Err(StoreError::Damaged {
+        path: path.to_owned(),
+        details: problems.join("; "),
+    })
 }
 
 impl Store {
@@ -487,7 +656,30 @@ impl Store {
         conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
         // 32 MiB of page cache for the writer, so a big batch's indexes stay in memory.
         conn.pragma_update(None, "cache_size", -32_000)?;
-        Ok(Store::new(Some(path.to_owned()), Some(conn)))
+        let store = Store::new(Some(path.to_owned()), Some(conn));
+        let closed = store.close_dead_runs()?;
+        if closed > 0 {
+            tracing::info!(path = %path.display(), closed, "runs of a stopped process closed as interrupted");
+        }
+        Ok(store)
+    }
+
+    /// Like [`Store::open`], after SQLite's `quick_check` of an existing
+    /// file: a damaged store is refused ([`StoreError::Damaged`]) before
+    /// anything is spent on filling it. What `sync` uses.
+    pub fn open_checked(path: &Path) -> Result<Store, StoreError> {
+        if path.exists() {
+            let conn = Connection::open_with_flags(path, read_only_flags()).map_err(|e| classify(path, e))?;
+            configure(&conn).map_err(|e| classify(path, e))?;
+            quick_check(&conn, path)?;
+        }
+        Store::open(path)
+    }
+
+    /// SQLite's `quick_check` of the open file (both kinds of handle).
+    pub fn quick_check(&self) -> Result<(), StoreError> {
+        let path = self.inner.path.clone().unwrap_or_else(|| PathBuf::from(":memory:"));
+        self.read(|c| quick_check(c, &path))
     }
 
     /// Opens an existing store file for reading only: never creates the file,
@@ -496,7 +688,7 @@ impl Store {
         if !path.is_file() {
             return Err(StoreError::NotFound { path: path.to_owned() });
         }
-        let conn = open_reader(path)?;
+        let conn = open_reader(path, false)?;
         let version = check_identity(&conn, path)?;
         if version == 0 {
             return Err(StoreError::NotAStore {
@@ -574,7 +766,7 @@ impl Store {
         let pooled = lock(&self.inner.readers).pop();
         let mut conn = match pooled {
             Some(c) => c,
-            None => open_reader(path)?,
+            None => open_reader(path, self.inner.writer.is_some())?,
         };
         let out = {
             let tx = conn.transaction()?;
@@ -587,14 +779,110 @@ impl Store {
         out
     }
 
-    /// Records a run of `kind` for `connector` as running.
+    /// Records a run of `kind` for `connector` as running, covering every
+    /// workspace, starting from nothing.
     pub fn start_run(&self, connector: &str, kind: SyncKind) -> Result<RunId, StoreError> {
+        Ok(self.start_run_with(connector, kind, &RunOptions::default())?.id)
+    }
+
+    /// Records a run as running with its scope; with `resume`, takes over the
+    /// checkpoints of the newest unfinished run of the same connector, kind
+    /// and scope (one that failed or was interrupted after the last success).
+    pub fn start_run_with(
+        &self,
+        connector: &str,
+        kind: SyncKind,
+        options: &RunOptions,
+    ) -> Result<StartedRun, StoreError> {
+        let workspaces = workspaces_text(&options.workspaces);
+        self.write(|tx| {
+            let now = now_ms();
+            let previous = if options.resume {
+                resumable_run(tx, connector, kind, workspaces.as_deref())?
+            } else {
+                None
+            };
+            let data_from = previous.map_or(now, |(_, from)| from);
+            tx.execute(
+                "INSERT INTO runs (connector, kind, status, started_at, workspaces, owner, resumed_from, data_from)
+                 VALUES (?1, ?2, 'running', ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    connector,
+                    kind.as_str(),
+                    now,
+                    workspaces,
+                    process_owner(),
+                    previous.map(|(id, _)| id),
+                    data_from
+                ],
+            )?;
+            let id = tx.last_insert_rowid();
+            let mut checkpoints = HashMap::new();
+            if let Some((old, _)) = previous {
+                tx.execute("UPDATE checkpoints SET run_id = ?2 WHERE run_id = ?1", params![old, id])?;
+                let mut stmt = tx.prepare_cached("SELECT unit, data FROM checkpoints WHERE run_id = ?1")?;
+                for row in stmt.query_map(params![id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+                    let (unit, data) = row?;
+                    checkpoints.insert(unit, data);
+                }
+            }
+            Ok(StartedRun {
+                id,
+                resumed_from: previous.map(|(id, _)| id),
+                checkpoints,
+            })
+        })
+    }
+
+    /// Records finished units of work of a running run (unit name → data),
+    /// so that a later run can resume after them. Replaces a unit written before.
+    pub fn checkpoint(&self, run: RunId, units: &[(String, String)]) -> Result<(), StoreError> {
+        if units.is_empty() {
+            return Ok(());
+        }
+        self.write(|tx| {
+            running_run(tx, run)?;
+            let mut stmt =
+                tx.prepare_cached("INSERT OR REPLACE INTO checkpoints (run_id, unit, data) VALUES (?1, ?2, ?3)")?;
+            for (unit, data) in units {
+                stmt.execute(params![run, unit, data])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Checkpointed units of a run (tests, diagnostics).
+    pub fn checkpoint_count(&self, run: RunId) -> Result<u64, StoreError> {
+        self.read(|c| {
+            let n: i64 = c.query_row(
+                "SELECT count(*) FROM checkpoints WHERE run_id = ?1",
+                params![run],
+                |r| r.get(0),
+            )?;
+            Ok(to_u64(n))
+        })
+    }
+
+    /// Records which process owns a running run (`host:pid`). Runs get
+    /// their owner when they start; this hands one over (tests simulate a
+    /// killed process with it).
+    #[doc(hidden)]
+    pub fn set_run_owner(&self, run: RunId, owner: &str) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute("UPDATE runs SET owner = ?2 WHERE id = ?1", params![run, owner])?;
+            Ok(())
+        })
+    }
+
+    /// Adds requests to a running run's count as they happen, so that a run
+    /// killed mid-way still reports what it spent.
+    pub fn record_requests(&self, run: RunId, requests: u64) -> Result<(), StoreError> {
         self.write(|tx| {
             tx.execute(
-                "INSERT INTO runs (connector, kind, status, started_at) VALUES (?1, ?2, 'running', ?3)",
-                params![connector, kind.as_str(), now_ms()],
+                "UPDATE runs SET requests = ?2 WHERE id = ?1 AND status = 'running'",
+                params![run, requests as i64],
             )?;
-            Ok(tx.last_insert_rowid())
+            Ok(())
         })
     }
 
@@ -632,12 +920,76 @@ impl Store {
     pub fn fail_interrupted_runs(&self, connector: Option<&str>, kind: Option<SyncKind>) -> Result<usize, StoreError> {
         self.write(|tx| {
             let n = tx.execute(
-                "UPDATE runs SET status = 'failed', finished_at = max(started_at, ?3),
+                "UPDATE runs SET status = 'interrupted', finished_at = max(started_at, ?3),
                    error = 'interrupted: stopped before the run finished'
                  WHERE status = 'running' AND (?1 IS NULL OR connector = ?1) AND (?2 IS NULL OR kind = ?2)",
                 params![connector, kind.map(|k| k.as_str()), now_ms()],
             )?;
             Ok(n)
+        })
+    }
+
+    /// Closes as `interrupted` the running runs whose process is known to be
+    /// gone (same host, pid no longer alive), keeping their checkpoints so
+    /// that the next run resumes them. Runs of a live process are left alone,
+    /// so this is safe while another process syncs into the same file.
+    pub fn close_dead_runs(&self) -> Result<usize, StoreError> {
+        self.write(|tx| {
+            let dead = {
+                let mut stmt = tx.prepare_cached("SELECT id, owner FROM runs WHERE status = 'running'")?;
+                stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?)))?
+                    .collect::<Result<Vec<_>, _>>()?
+                    .into_iter()
+                    .filter(|(_, owner)| owner_is_gone(owner.as_deref()))
+                    .map(|(id, _)| id)
+                    .collect::<Vec<_>>()
+            };
+            for id in &dead {
+                tx.execute(
+                    "UPDATE runs SET status = 'interrupted', finished_at = max(started_at, ?2),
+                       error = 'interrupted: its process stopped before the run finished' WHERE id = ?1",
+                    params![id, now_ms()],
+                )?;
+            }
+            Ok(dead.len())
+        })
+    }
+
+    /// Per kind: when its current data was read, and its newest run.
+    pub fn freshness(&self, connector: &str) -> Result<Vec<Freshness>, StoreError> {
+        self.read(|c| {
+            let mut out = Vec::with_capacity(SyncKind::ALL.len());
+            for kind in SyncKind::ALL {
+                let current = c
+                    .prepare_cached(
+                        "SELECT g.committed_at, r.data_from, r.started_at FROM current c
+                         JOIN generations g ON g.id = c.generation LEFT JOIN runs r ON r.id = g.run_id
+                         WHERE c.connector = ?1 AND c.kind = ?2",
+                    )?
+                    .query_row(params![connector, kind.as_str()], |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, Option<i64>>(1)?,
+                            r.get::<_, Option<i64>>(2)?,
+                        ))
+                    })
+                    .optional()?;
+                let last_run = c
+                    .prepare_cached(&format!(
+                        "{RUN_SELECT} WHERE connector = ?1 AND kind = ?2 ORDER BY id DESC LIMIT 1"
+                    ))?
+                    .query_row(params![connector, kind.as_str()], run_row)
+                    .optional()?
+                    .map(RawRun::into_run)
+                    .transpose()?;
+                out.push(Freshness {
+                    kind,
+                    data_as_of: current.map(|(committed, from, started)| from.or(started).unwrap_or(committed)),
+                    committed_at: current.map(|(committed, _, _)| committed),
+                    last_run,
+                });
+            }
+            Ok(out)
         })
     }
 
@@ -726,17 +1078,17 @@ impl Store {
         })
     }
 
-    /// Current resources of `resource_type` whose profile string `field`
-    /// equals `value`, ignoring ASCII case (e.g. a repository by
-    /// `full_name`, a user by `nickname`). Sorted by id.
+    /// Current resources whose profile `field` equals `value`, ignoring
+    /// ASCII case (e.g. a repository by full name, a user by nickname).
+    /// Sorted by id.
     pub fn find_resources(
         &self,
         connector: &str,
-        resource_type: ResourceType,
-        field: &str,
+        field: ProfileField,
         value: &str,
     ) -> Result<Vec<Resource>, StoreError> {
-        let json_path = format!("$.\"{}\"", field.replace('"', ""));
+        let resource_type = field.resource_type();
+        let json_path = format!("$.{}", field.json_key());
         self.read(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT c.kind, r.id, r.display_name, r.parent_id, r.profile
@@ -846,57 +1198,12 @@ impl Store {
 
     fn runs_filtered(&self, connector: &str, kind: Option<SyncKind>, limit: usize) -> Result<Vec<SyncRun>, StoreError> {
         self.read(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT id, connector, kind, status, started_at, finished_at, error, requests,
-                        resources, entitlements, grants, generation
-                 FROM runs WHERE connector = ?1 AND (?3 IS NULL OR kind = ?3)
-                 ORDER BY id DESC LIMIT ?2",
-            )?;
+            let mut stmt = c.prepare_cached(&format!(
+                "{RUN_SELECT} WHERE connector = ?1 AND (?3 IS NULL OR kind = ?3) ORDER BY id DESC LIMIT ?2"
+            ))?;
             let kind = kind.map(SyncKind::as_str);
-            let rows = stmt.query_map(params![connector, to_i64(limit), kind], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, i64>(4)?,
-                    r.get::<_, Option<i64>>(5)?,
-                    r.get::<_, Option<String>>(6)?,
-                    r.get::<_, i64>(7)?,
-                    (
-                        r.get::<_, Option<i64>>(8)?,
-                        r.get::<_, Option<i64>>(9)?,
-                        r.get::<_, Option<i64>>(10)?,
-                    ),
-                    r.get::<_, Option<i64>>(11)?,
-                ))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (id, connector, kind, status, started_at, finished_at, error, requests, counts, generation) = row?;
-                let status = RunStatus::parse(&status)?;
-                out.push(SyncRun {
-                    id,
-                    connector,
-                    kind: parse_kind(&kind)?,
-                    status,
-                    started_at,
-                    finished_at,
-                    duration_ms: finished_at.map(|f| to_u64(f - started_at)),
-                    error,
-                    requests: to_u64(requests),
-                    counts: match (status, counts) {
-                        (RunStatus::Ok, (Some(r), Some(e), Some(g))) => Some(Counts {
-                            resources: to_u64(r),
-                            entitlements: to_u64(e),
-                            grants: to_u64(g),
-                        }),
-                        _ => None,
-                    },
-                    generation,
-                });
-            }
-            Ok(out)
+            let rows = stmt.query_map(params![connector, to_i64(limit), kind], run_row)?;
+            rows.map(|row| row?.into_run()).collect()
         })
     }
 
@@ -992,6 +1299,117 @@ impl Store {
     }
 }
 
+const RUN_SELECT: &str = "SELECT id, connector, kind, status, started_at, finished_at, error, requests,
+        resources, entitlements, grants, generation, workspaces, resumed_from, data_from FROM runs";
+
+/// One `runs` row as SQLite gives it.
+struct RawRun {
+    id: i64,
+    connector: String,
+    kind: String,
+    status: String,
+    started_at: i64,
+    finished_at: Option<i64>,
+    error: Option<String>,
+    requests: i64,
+    counts: (Option<i64>, Option<i64>, Option<i64>),
+    generation: Option<i64>,
+    workspaces: Option<String>,
+    resumed_from: Option<i64>,
+    data_from: Option<i64>,
+}
+
+fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRun> {
+    Ok(RawRun {
+        id: r.get(0)?,
+        connector: r.get(1)?,
+        kind: r.get(2)?,
+        status: r.get(3)?,
+        started_at: r.get(4)?,
+        finished_at: r.get(5)?,
+        error: r.get(6)?,
+        requests: r.get(7)?,
+        counts: (r.get(8)?, r.get(9)?, r.get(10)?),
+        generation: r.get(11)?,
+        workspaces: r.get(12)?,
+        resumed_from: r.get(13)?,
+        data_from: r.get(14)?,
+    })
+}
+
+impl RawRun {
+    fn into_run(self) -> Result<SyncRun, StoreError> {
+        let status = RunStatus::parse(&self.status)?;
+        let workspaces = parse_workspaces(self.workspaces.as_deref())?;
+        Ok(SyncRun {
+            id: self.id,
+            kind: parse_kind(&self.kind)?,
+            connector: self.connector,
+            status,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            duration_ms: self.finished_at.map(|f| to_u64(f - self.started_at)),
+            error: self.error,
+            requests: to_u64(self.requests),
+            counts: match (status, self.counts) {
+                (RunStatus::Ok, (Some(r), Some(e), Some(g))) => Some(Counts {
+                    resources: to_u64(r),
+                    entitlements: to_u64(e),
+                    grants: to_u64(g),
+                }),
+                _ => None,
+            },
+            generation: self.generation,
+            workspaces,
+            resumed_from: self.resumed_from,
+            data_from: self.data_from.unwrap_or(self.started_at),
+        })
+    }
+}
+
+fn parse_workspaces(text: Option<&str>) -> Result<Option<Vec<String>>, StoreError> {
+    text.map(|t| serde_json::from_str(t).map_err(|e| StoreError::Corrupt(format!("run workspaces: {e}"))))
+        .transpose()
+}
+
+fn workspaces_text(workspaces: &Option<Vec<String>>) -> Option<String> {
+    workspaces.as_ref().map(|w| {
+        let mut w = w.clone();
+        w.sort();
+        w.dedup();
+        serde_json::Value::from(w).to_string()
+    })
+}
+
+/// Who owns a running run: `host:pid`, so a later open on the same host can
+/// tell a run whose process is gone from one still going.
+fn process_owner() -> String {
+    format!("{}:{}", host_name(), std::process::id())
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_default()
+}
+
+/// Whether a run's owner is a process known to be gone: on this host, and no
+/// such pid (Linux `/proc`). Unknown owners (another host, no `/proc`) are
+/// assumed alive; the operator closes those at startup instead.
+fn owner_is_gone(owner: Option<&str>) -> bool {
+    let Some((host, pid)) = owner.and_then(|o| o.rsplit_once(':')) else {
+        return false;
+    };
+    if host != host_name() || !Path::new("/proc/self").exists() {
+        return false;
+    }
+    match pid.parse::<u32>() {
+        Ok(pid) => pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists(),
+        Err(_) => false,
+    }
+}
+
 /// The body of [`Store::commit_run`], inside its transaction.
 fn commit_tx(
     tx: &Connection,
@@ -1001,6 +1419,20 @@ fn commit_tx(
     keep: usize,
 ) -> Result<Generation, StoreError> {
     let (connector, kind, started_at) = running_run(tx, run)?;
+    let scope: Option<String> =
+        tx.query_row("SELECT workspaces FROM runs WHERE id = ?1", params![run], |r| r.get(0))?;
+    let merged;
+    let batch = match parse_workspaces(scope.as_deref())? {
+        Some(scope) => match current_of(tx, &connector, kind)? {
+            Some(previous) => {
+                let previous = generation_batch(tx, kind, previous)?;
+                merged = keep_outside_scope(previous, batch, &scope.into_iter().collect());
+                &merged
+            }
+            None => batch,
+        },
+        None => batch,
+    };
     let valid = validate_batch(kind, batch)?;
     let now = now_ms();
     tx.execute(
@@ -1062,10 +1494,82 @@ fn commit_tx(
             generation
         ],
     )?;
+    tx.execute("DELETE FROM checkpoints WHERE run_id = ?1", params![run])?;
     prune_generations(tx, &connector, kind, keep)?;
     prune_runs(tx, &connector, kind)?;
     tracing::debug!(run, connector, %kind, generation, ?counts, "generation committed");
     Ok(generation)
+}
+
+/// The workspaces a resource belongs to: itself for a workspace, its
+/// parent for groups, projects and repositories, its memberships for users.
+fn resource_workspaces(r: &Resource) -> Vec<&str> {
+    match (&r.profile, &r.parent_id) {
+        (Profile::Workspace(_), _) => vec![r.id.as_str()],
+        (Profile::User(u), _) => u.workspaces.iter().map(String::as_str).collect(),
+        (_, Some(parent)) => vec![parent.as_str()],
+        (_, None) => Vec::new(),
+    }
+}
+
+/// A scoped run's batch plus what of `previous` lies outside `scope`: the
+/// run replaces only its workspaces' data. A user who is also a member of
+/// workspaces outside the scope stays, with those memberships.
+fn keep_outside_scope(previous: SyncBatch, batch: &SyncBatch, scope: &HashSet<String>) -> SyncBatch {
+    let mut merged = batch.clone();
+    let fresh: HashMap<&str, usize> = batch
+        .resources
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.id.as_str(), i))
+        .collect();
+    let mut kept: HashSet<String> = HashSet::new();
+    for mut r in previous.resources {
+        let outside: Vec<String> = resource_workspaces(&r)
+            .into_iter()
+            .filter(|w| !scope.contains(*w))
+            .map(str::to_owned)
+            .collect();
+        if outside.is_empty() {
+            continue;
+        }
+        match (fresh.get(r.id.as_str()), &mut r.profile) {
+            (Some(&i), Profile::User(_)) => {
+                if let Profile::User(user) = &mut merged.resources[i].profile {
+                    user.workspaces.extend(outside);
+                    user.workspaces.sort();
+                    user.workspaces.dedup();
+                }
+            }
+            (Some(_), _) => {}
+            (None, profile) => {
+                if let Profile::User(user) = profile {
+                    user.workspaces = outside;
+                }
+                kept.insert(r.id.clone());
+                merged.resources.push(r);
+            }
+        }
+    }
+    merged.entitlements.extend(
+        previous
+            .entitlements
+            .into_iter()
+            .filter(|e| kept.contains(&e.resource_id)),
+    );
+    let kept_entitlements: HashSet<&str> = merged
+        .entitlements
+        .iter()
+        .filter(|e| kept.contains(&e.resource_id))
+        .map(|e| e.id.as_str())
+        .collect();
+    let carried: Vec<Grant> = previous
+        .grants
+        .into_iter()
+        .filter(|g| kept_entitlements.contains(g.entitlement_id.as_str()))
+        .collect();
+    merged.grants.extend(carried);
+    merged
 }
 
 /// The kind whose generations hold resources of `t`.
@@ -1085,6 +1589,37 @@ fn parse_kind(s: &str) -> Result<SyncKind, StoreError> {
 
 fn parse_type(s: &str) -> Result<ResourceType, StoreError> {
     ResourceType::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown resource type {s:?}")))
+}
+
+/// The run a new run of `(connector, kind)` over `workspaces` may resume:
+/// the newest one, if it failed or was interrupted, has checkpoints and has
+/// the same scope. Returns `(id, data_from)`.
+fn resumable_run(
+    tx: &Connection,
+    connector: &str,
+    kind: SyncKind,
+    workspaces: Option<&str>,
+) -> Result<Option<(RunId, i64)>, StoreError> {
+    let newest = tx
+        .prepare_cached(
+            "SELECT id, status, workspaces, coalesce(data_from, started_at),
+                    EXISTS (SELECT 1 FROM checkpoints k WHERE k.run_id = runs.id)
+             FROM runs WHERE connector = ?1 AND kind = ?2 AND status != 'running' ORDER BY id DESC LIMIT 1",
+        )?
+        .query_row(params![connector, kind.as_str()], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, bool>(4)?,
+            ))
+        })
+        .optional()?;
+    Ok(match newest {
+        Some((id, status, scope, from, true)) if status != "ok" && scope.as_deref() == workspaces => Some((id, from)),
+        _ => None,
+    })
 }
 
 /// Loads a run and checks it is running: `(connector, kind, started_at)`.
@@ -1177,10 +1712,11 @@ fn resource_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawResource> {
 fn collect_resources(rows: impl Iterator<Item = rusqlite::Result<RawResource>>) -> Result<Vec<Resource>, StoreError> {
     rows.map(|row| {
         let (kind, id, display_name, parent_id, profile) = row?;
-        let profile = serde_json::from_str(&profile)
-            .map_err(|e| StoreError::Corrupt(format!("resource {id}: profile is not JSON: {e}")))?;
+        let resource_type = parse_kind(&kind)?.resource_type();
+        let profile = Profile::from_json(resource_type, &profile)
+            .map_err(|e| StoreError::Corrupt(format!("resource {id}: unreadable profile: {e}")))?;
         Ok(Resource {
-            resource_type: parse_kind(&kind)?.resource_type(),
+            resource_type,
             id,
             display_name,
             parent_id,
@@ -1311,10 +1847,12 @@ fn validate_batch(kind: SyncKind, batch: &SyncBatch) -> Result<ValidBatch<'_>, S
     let grants = dedup(&batch.grants, |g| &g.id);
     let ids: HashSet<&str> = resources.iter().map(|r| r.id.as_str()).collect();
     for r in &resources {
-        if r.resource_type != t {
+        if r.resource_type != t || r.profile.resource_type() != t {
             return Err(invalid(format!(
-                "resource {} is a {}, not a {t}",
-                r.id, r.resource_type
+                "resource {} is a {} with a {} profile, not a {t}",
+                r.id,
+                r.resource_type,
+                r.profile.resource_type()
             )));
         }
     }
@@ -1423,7 +1961,6 @@ pub fn format_timestamp(ms: i64) -> String {
 mod tests {
     use super::*;
     use crate::model::{Grant, repository_id};
-    use serde_json::json;
 
     fn batch(tag: &str, n: usize) -> SyncBatch {
         let mut b = SyncBatch::default();
@@ -1434,7 +1971,10 @@ mod tests {
                 id: id.clone(),
                 display_name: format!("{tag}{i}"),
                 parent_id: Some("{w}".into()),
-                profile: json!({ "tag": tag }),
+                profile: Profile::Repository(crate::model::RepositoryProfile {
+                    name: tag.to_owned(),
+                    ..Default::default()
+                }),
             });
             let e = Entitlement::new(ResourceType::Repository, &id, "read", "read".into());
             b.grants

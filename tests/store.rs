@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use bitbucket_operator::access::{self, AccessError, Permission};
 use bitbucket_operator::model::{
-    Entitlement, Grant, Resource, ResourceType, SyncBatch, SyncKind, group_id, project_id, repository_id,
+    Entitlement, Grant, GroupProfile, Profile, ProjectProfile, RepositoryProfile, Resource, ResourceType, SyncBatch,
+    SyncKind, UserProfile, WorkspaceProfile, group_id, project_id, repository_id,
 };
-use bitbucket_operator::store::{RunStatus, Store, StoreError};
-use serde_json::json;
+use bitbucket_operator::store::{RunOptions, RunStatus, Store, StoreError};
 
 const WS: &str = "{ws-acme}";
 
@@ -22,7 +22,13 @@ fn user(uuid: &str, nickname: &str, name: &str, status: &str) -> Resource {
         id: uuid.into(),
         display_name: name.into(),
         parent_id: None,
-        profile: json!({"nickname": nickname, "account_id": format!("acc-{nickname}"), "status": status}),
+        profile: Profile::User(UserProfile {
+            nickname: Some(nickname.into()),
+            account_id: Some(format!("acc-{nickname}")),
+            status: status.into(),
+            email: Some(format!("{nickname}@acme.example")),
+            workspaces: vec![WS.into()],
+        }),
     }
 }
 
@@ -78,7 +84,10 @@ fn org() -> Org {
             id: WS.into(),
             display_name: "Acme Corp".into(),
             parent_id: None,
-            profile: json!({"slug": "acme", "name": "Acme Corp"}),
+            profile: Profile::Workspace(WorkspaceProfile {
+                slug: "acme".into(),
+                name: "Acme Corp".into(),
+            }),
         }],
         entitlements: vec![ws_member, ws_owner],
         grants: ws_grants,
@@ -89,7 +98,11 @@ fn org() -> Org {
         id: group_id(WS, slug),
         display_name: name.into(),
         parent_id: Some(WS.into()),
-        profile: json!({"slug": slug, "name": name, "workspace_slug": "acme"}),
+        profile: Profile::Group(GroupProfile {
+            slug: slug.into(),
+            name: name.into(),
+            workspace_slug: "acme".into(),
+        }),
     };
     let devs_member = ent(UserGroup, &group_id(WS, "devs"), "member");
     let readers_member = ent(UserGroup, &group_id(WS, "readers"), "member");
@@ -108,7 +121,12 @@ fn org() -> Org {
         id: project_id(WS, uuid, key),
         display_name: format!("Project {key}"),
         parent_id: Some(WS.into()),
-        profile: json!({"key": key, "name": format!("Project {key}"), "uuid": uuid, "workspace_slug": "acme"}),
+        profile: Profile::Project(ProjectProfile {
+            key: key.into(),
+            name: format!("Project {key}"),
+            uuid: uuid.into(),
+            workspace_slug: "acme".into(),
+        }),
     };
     let api_p = project_id(WS, "{p-api}", "API");
     let web_p = project_id(WS, "{p-web}", "WEB");
@@ -141,9 +159,14 @@ fn org() -> Org {
         id: repository_id(WS, puuid, key, ruuid),
         display_name: slug.into(),
         parent_id: Some(WS.into()),
-        profile: json!({
-            "slug": slug, "full_name": format!("acme/{slug}"), "name": slug, "uuid": ruuid,
-            "project_id": project_id(WS, puuid, key), "project_key": key, "workspace_slug": "acme"
+        profile: Profile::Repository(RepositoryProfile {
+            slug: slug.into(),
+            full_name: format!("acme/{slug}"),
+            name: slug.into(),
+            uuid: ruuid.into(),
+            project_id: project_id(WS, puuid, key),
+            project_key: key.into(),
+            workspace_slug: "acme".into(),
         }),
     };
     let api = api_id();
@@ -213,7 +236,11 @@ fn repo_batch(tag: &str, n: usize) -> SyncBatch {
             id: id.clone(),
             display_name: format!("r{i}"),
             parent_id: Some(WS.into()),
-            profile: json!({"full_name": format!("acme/r{i}"), "tag": tag}),
+            profile: Profile::Repository(RepositoryProfile {
+                full_name: format!("acme/r{i}"),
+                name: tag.into(),
+                ..Default::default()
+            }),
         });
         for slug in ["read", "write", "admin"] {
             let e = ent(ResourceType::Repository, &id, slug);
@@ -454,14 +481,19 @@ fn reader_in_another_connection_sees_whole_generations_while_the_writer_commits(
     let mut reads = 0;
     while !done.load(Ordering::SeqCst) || reads < 5 {
         let b = reader.batch("default", SyncKind::Repositories).unwrap();
-        let tags: std::collections::HashSet<_> = b.resources.iter().map(|r| r.profile["tag"].clone()).collect();
+        let tags: std::collections::HashSet<_> = b
+            .resources
+            .iter()
+            .map(|r| r.profile.repository().unwrap().name.clone())
+            .collect();
         assert_eq!(tags.len(), 1, "a read mixed two generations");
         assert!(b.resources.len() == 50 || b.resources.len() == 2000);
         assert_eq!(b.grants.len(), b.resources.len() * 3);
         if reads == 1 {
             // A second process reads the file mid-sync too.
             let out = cli(&["--db", path.to_str().unwrap(), "--json", "who-can", "acme/r0"]);
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            // Only repositories are synced here: answered, flagged incomplete.
+            assert_eq!(out.status.code(), Some(8), "{}", String::from_utf8_lossy(&out.stderr));
             let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
             assert_eq!(doc["access"].as_array().unwrap().len(), 3);
         }
@@ -839,4 +871,246 @@ fn cli_fails_with_a_reason_on_unknown_repository_user_or_missing_db() {
     assert!(err.contains("does not exist"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(!missing.exists(), "the CLI created the db file");
+}
+
+// ---- issue 14: honest readers, read-only opening, new commands --------------
+
+#[test]
+fn readers_say_data_as_of_warn_about_missing_types_and_exit_8() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("partial.db");
+    let store = Store::open(&path).unwrap();
+    let org = org();
+    sync(
+        &store,
+        "default",
+        SyncKind::Repositories,
+        &org.batch(SyncKind::Repositories),
+    );
+    sync(&store, "default", SyncKind::Projects, &org.batch(SyncKind::Projects));
+    let failed = store.start_run("default", SyncKind::Groups).unwrap();
+    store.fail_run(failed, "Bitbucket unavailable: HTTP 503", 12).unwrap();
+    drop(store);
+    let db = path.to_str().unwrap();
+
+    let out = cli(&["--db", db, "who-can", "acme/api"]);
+    assert_eq!(out.status.code(), Some(8), "incomplete data has its own exit code");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("warning: accounts were never synced"), "{err}");
+    assert!(
+        err.contains("groups were never synced") && err.contains("HTTP 503"),
+        "{err}"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Data as of:") && text.contains("groups never synced"),
+        "{text}"
+    );
+
+    let out = cli(&["--db", db, "--json", "who-can", "acme/api"]);
+    assert_eq!(out.status.code(), Some(8));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["data"]["complete"], false);
+    let types = doc["data"]["types"].as_array().unwrap();
+    let repos = types.iter().find(|t| t["type"] == "repositories").unwrap();
+    assert!(repos["data_as_of"].as_str().unwrap().starts_with("20"), "{repos}");
+    assert_eq!(repos["never_synced"], false);
+    let groups = types.iter().find(|t| t["type"] == "groups").unwrap();
+    assert_eq!(
+        (groups["never_synced"].clone(), groups["last_run_status"].clone()),
+        (true.into(), "failed".into())
+    );
+
+    // Complete data: exit 0, no warnings; data older than --max-age warns but answers.
+    let full = filled_db(dir.path());
+    let out = cli(&["--db", full.to_str().unwrap(), "who-can", "acme/api"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::thread::sleep(Duration::from_millis(1100));
+    let out = cli(&["--db", full.to_str().unwrap(), "--max-age", "1s", "who-can", "acme/api"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("older than --max-age"));
+}
+
+#[test]
+fn readers_leave_no_file_behind_and_work_in_a_read_only_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = filled_db(dir.path());
+    let listing = |d: &Path| {
+        let mut names: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    // The writer closed cleanly: only the main file is left.
+    assert_eq!(listing(dir.path()), ["store.db"]);
+    let ro = dir.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    std::fs::copy(&path, ro.join("store.db")).unwrap();
+    let mut perms = std::fs::metadata(&ro).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o555);
+    std::fs::set_permissions(&ro, perms).unwrap();
+    let db = ro.join("store.db");
+    for args in [&["who-can", "acme/api"][..], &["access-of", "bob"], &["runs"]] {
+        let mut all = vec!["--db", db.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let out = cli(&all);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(listing(&ro), ["store.db"], "a reader created files");
+    // And a writer opens it afterwards as if no reader had been there.
+    let writer = Store::open(&path).unwrap();
+    sync(&writer, "default", SyncKind::Groups, &org().batch(SyncKind::Groups));
+}
+
+#[test]
+fn a_writer_reopening_closes_runs_of_a_dead_process_as_interrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let store = Store::open(&path).unwrap();
+    let live = store.start_run("default", SyncKind::Groups).unwrap();
+    drop(store);
+    // A run owned by a process that no longer exists (pid far beyond pid_max).
+    {
+        let c = rusqlite_like_update(&path);
+        assert_eq!(c, 1);
+    }
+    let store = Store::open(&path).unwrap();
+    let runs = store.runs("default", 10).unwrap();
+    let dead = runs.iter().find(|r| r.id != live).unwrap();
+    assert_eq!(dead.status, RunStatus::Interrupted);
+    assert!(dead.error.as_deref().unwrap().contains("interrupted"));
+    // This process's own run is alive and stays running.
+    assert_eq!(runs.iter().find(|r| r.id == live).unwrap().status, RunStatus::Running);
+}
+
+/// Adds a running run owned by a process that no longer exists: what a
+/// killed `sync` leaves.
+fn rusqlite_like_update(path: &Path) -> usize {
+    let store = Store::open(path).unwrap();
+    let run = store.start_run("default", SyncKind::Projects).unwrap();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    // Beyond any pid_max, so certainly not alive.
+    store
+        .set_run_owner(run, &format!("{}:4294967295", host.trim()))
+        .unwrap();
+    1
+}
+
+#[test]
+fn cli_lists_resources_grants_and_runs_and_suggests_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = filled_db(dir.path());
+    let db = db.to_str().unwrap();
+    let out = cli(&["--db", db, "--csv", "grants"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let csv = String::from_utf8(out.stdout).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        "resource_type,resource_id,resource_name,entitlement,principal_type,principal_id,principal_name,unknown_principal"
+    );
+    assert!(
+        csv.lines()
+            .any(|l| l.starts_with("repository,") && l.contains(",acme/api,read,user,{u-bob},bob,false")),
+        "{csv}"
+    );
+    let out = cli(&["--db", db, "--csv", "resources", "--type", "repository"]);
+    let csv = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(csv.lines().count(), 3, "header and two repositories: {csv}");
+    let out = cli(&["--db", db, "--json", "resources", "--type", "user_group"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["items"].as_array().unwrap().len(), 2);
+    let out = cli(&["--db", db, "runs"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("ID") && text.contains("repositories  ok"), "{text}");
+    // Email and did-you-mean.
+    let out = cli(&["--db", db, "--json", "access-of", "CAROL@acme.example"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["user"]["nickname"], "carol");
+    let out = cli(&["--db", db, "who-can", "acme/apj"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("did you mean acme/api?"));
+    let out = cli(&["--db", db, "access-of", "bobb"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("did you mean bob?"));
+}
+
+#[test]
+fn a_closed_pipe_ends_the_command_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = filled_db(dir.path());
+    for _ in 0..10 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bitbucket-operator"))
+            .args(["access", "--db", db.to_str().unwrap(), "--json", "grants"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut first = [0u8; 1];
+        std::io::Read::read_exact(&mut stdout, &mut first).unwrap();
+        drop(stdout);
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+#[test]
+fn scoped_commits_replace_only_their_workspaces() {
+    let store = Store::open_in_memory().unwrap();
+    let other = "{ws-globex}";
+    let mut both = repo_batch("a", 3);
+    let mut globex = repo_batch("g", 2);
+    for r in &mut globex.resources {
+        r.id = r.id.replace(WS, other);
+        r.parent_id = Some(other.into());
+    }
+    for e in &mut globex.entitlements {
+        e.id = e.id.replace(WS, other);
+        e.resource_id = e.resource_id.replace(WS, other);
+    }
+    for g in &mut globex.grants {
+        g.id = g.id.replace(WS, other);
+        g.entitlement_id = g.entitlement_id.replace(WS, other);
+    }
+    both.resources.extend(globex.resources.clone());
+    both.entitlements.extend(globex.entitlements.clone());
+    both.grants.extend(globex.grants.clone());
+    let g1 = sync(&store, "default", SyncKind::Repositories, &both);
+
+    // A run over acme only, where one acme repository went away.
+    let acme_only = repo_batch("a", 2);
+    let run = store
+        .start_run_with(
+            "default",
+            SyncKind::Repositories,
+            &RunOptions {
+                workspaces: Some(vec![WS.into()]),
+                resume: false,
+            },
+        )
+        .unwrap();
+    let g2 = store.commit_run(run.id, &acme_only, 1).unwrap();
+    let now = store.batch("default", SyncKind::Repositories).unwrap();
+    assert_eq!(now.resources.len(), 4, "2 acme + 2 globex");
+    assert!(
+        now.resources
+            .iter()
+            .filter(|r| r.parent_id.as_deref() == Some(other))
+            .count()
+            == 2
+    );
+    let diff = store.diff_grants("default", SyncKind::Repositories, g1, g2).unwrap();
+    assert!(diff.added.is_empty());
+    assert_eq!(diff.removed.len(), 3, "only the vanished acme repository's grants");
+    assert!(diff.removed.iter().all(|g| g.id.contains(WS) && !g.id.contains(other)));
+    let runs = store.runs("default", 1).unwrap();
+    assert_eq!(runs[0].workspaces, Some(vec![WS.to_owned()]));
 }

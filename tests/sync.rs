@@ -14,7 +14,7 @@ use bitbucket_operator::model::{
 };
 use bitbucket_operator::simulator::{Organisation, SimConfig, Simulator, SimulatorHandle};
 use bitbucket_operator::store::Store;
-use bitbucket_operator::sync::{SyncEngine, SyncError, run_into_store};
+use bitbucket_operator::sync::{FailureClass, SyncEngine, SyncError, run_into_store, run_into_store_with_cost};
 
 /// What the store should hold for one resource type: resource ids,
 /// entitlement ids, and grant ids with their unknown-principal flag.
@@ -158,6 +158,8 @@ async fn start(config: SimConfig) -> SimulatorHandle {
 
 fn engine(sim: &SimulatorHandle, max_retries: u32) -> SyncEngine {
     let mut config = ClientConfig::new(&sim.base_url()).unwrap();
+    // Every simulator has the same admin, so tests share one hourly budget.
+    config.limits.max_requests = 1_000_000;
     config.max_retries = max_retries;
     config.backoff_base = Duration::from_millis(5);
     config.backoff_max = Duration::from_millis(50);
@@ -248,13 +250,17 @@ async fn user_profiles_carry_what_access_reviews_show() {
     full_sync(&engine, &store, "c").await;
     let org = sim.organisation();
     let users = store.resources("c", Some(ResourceType::User)).unwrap();
-    let inactive = users.iter().filter(|u| u.profile["status"] == "inactive").count();
+    let inactive = users
+        .iter()
+        .filter(|u| u.profile.user().unwrap().status == "inactive")
+        .count();
     for user in &users {
         let truth = org.users.iter().find(|u| u.uuid == user.id).unwrap();
+        let profile = user.profile.user().expect("a user profile");
         assert_eq!(user.display_name, truth.display_name);
-        assert_eq!(user.profile["nickname"], truth.nickname.as_str());
-        assert_eq!(user.profile["account_id"], truth.account_id.as_str());
-        assert_eq!(user.profile["status"] == "active", truth.active);
+        assert_eq!(profile.nickname.as_deref(), Some(truth.nickname.as_str()));
+        assert_eq!(profile.account_id.as_deref(), Some(truth.account_id.as_str()));
+        assert_eq!(profile.status == "active", truth.active);
     }
     let truth_inactive = org
         .users
@@ -264,9 +270,10 @@ async fn user_profiles_carry_what_access_reviews_show() {
     assert_eq!(inactive, truth_inactive);
     let repos = store.resources("c", Some(ResourceType::Repository)).unwrap();
     for repo in repos {
-        let full_name = repo.profile["full_name"].as_str().unwrap();
+        let profile = repo.profile.repository().expect("a repository profile");
+        let full_name = &profile.full_name;
         assert!(full_name.contains('/'), "{full_name}");
-        let project = repo.profile["project_id"].as_str().unwrap();
+        let project = profile.project_id.as_str();
         assert!(
             store.resource("c", project).unwrap().is_some(),
             "repository's project {project} is stored"
@@ -332,7 +339,7 @@ async fn a_failed_run_keeps_the_previous_generation_whole() {
         .await
         .unwrap_err();
     assert!(matches!(err, SyncError::Unavailable(_)), "{err}");
-    assert_eq!(err.reason(), "BitbucketUnavailable");
+    assert_eq!(err.class(), FailureClass::Unavailable);
     assert_eq!(
         store.current_generation("c", SyncKind::Repositories).unwrap(),
         generation
@@ -375,6 +382,8 @@ async fn configured_workspaces_limit_the_scope_and_unknown_ones_fail() {
     .await;
     let org = sim.organisation();
     let mut config = ClientConfig::new(&sim.base_url()).unwrap();
+    // Every simulator has the same admin, so tests share one hourly budget.
+    config.limits.max_requests = 1_000_000;
     config.max_retries = 0;
     let c = sim.credentials();
     let creds = Credentials::ApiToken {
@@ -619,5 +628,435 @@ fn access_changes_lists_grants_added_and_removed_between_syncs() {
     assert!(
         String::from_utf8_lossy(&table.stdout).contains("repositories (generation"),
         "human output names the type"
+    );
+}
+
+// ---- issue 14: outages, resumable runs, scoped generations, CLI hygiene -----
+
+mod proxy {
+    //! A test proxy in front of the simulator that can play an outage: while
+    //! it is on, every request gets a 503 without reaching the simulator.
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    use axum::body::Body;
+    use axum::extract::Request;
+    use axum::response::{IntoResponse, Response};
+
+    #[derive(Clone)]
+    pub struct Proxy {
+        pub url: String,
+        target: String,
+        outage: Arc<AtomicBool>,
+        pub forwarded: Arc<AtomicU64>,
+        pub refused: Arc<AtomicU64>,
+    }
+
+    impl Proxy {
+        pub async fn start(target: String) -> Proxy {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            let proxy = Proxy {
+                url,
+                target,
+                outage: Arc::new(AtomicBool::new(false)),
+                forwarded: Arc::new(AtomicU64::new(0)),
+                refused: Arc::new(AtomicU64::new(0)),
+            };
+            let client = reqwest::Client::new();
+            let state = proxy.clone();
+            let app = axum::Router::new().fallback(move |req: Request| {
+                let (state, client) = (state.clone(), client.clone());
+                async move { state.forward(&client, req).await }
+            });
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            proxy
+        }
+
+        pub fn outage(&self, on: bool) {
+            self.outage.store(on, Ordering::SeqCst);
+        }
+
+        pub fn attempts(&self) -> u64 {
+            self.forwarded.load(Ordering::SeqCst) + self.refused.load(Ordering::SeqCst)
+        }
+
+        async fn forward(&self, client: &reqwest::Client, req: Request) -> Response {
+            if self.outage.load(Ordering::SeqCst) {
+                self.refused.fetch_add(1, Ordering::SeqCst);
+                return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "outage").into_response();
+            }
+            self.forwarded.fetch_add(1, Ordering::SeqCst);
+            let path = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_default();
+            let mut out = client.request(req.method().clone(), format!("{}{path}", self.target));
+            for (name, value) in req.headers() {
+                if name != axum::http::header::HOST {
+                    out = out.header(name, value);
+                }
+            }
+            let body = axum::body::to_bytes(req.into_body(), usize::MAX).await.unwrap();
+            let answer = out.body(body).send().await.unwrap();
+            let mut response = Response::builder().status(answer.status().as_u16());
+            for (name, value) in answer.headers() {
+                if name != axum::http::header::CONTENT_LENGTH {
+                    response = response.header(name, value);
+                }
+            }
+            // Links point at the simulator: point them at the proxy.
+            let text = answer.text().await.unwrap().replace(&self.target, &self.url);
+            response.body(Body::from(text)).unwrap()
+        }
+    }
+}
+
+fn engine_via(url: &str, sim: &SimulatorHandle, tolerance: Duration) -> SyncEngine {
+    let mut config = ClientConfig::new(url).unwrap();
+    config.outage_tolerance = Some(tolerance);
+    config.backoff_base = Duration::from_millis(20);
+    config.backoff_max = Duration::from_millis(500);
+    config.limits.max_in_flight = 4;
+    // Tests share the simulator admin's credential, hence its hourly budget.
+    config.limits.max_requests = 1_000_000;
+    let c = sim.credentials();
+    let credentials = Credentials::ApiToken {
+        username: c.email.clone(),
+        token: c.api_token.clone(),
+    };
+    SyncEngine::new(Client::new(config, credentials).unwrap(), Vec::new())
+}
+
+async fn wait_for_units(engine: &SyncEngine, kind: SyncKind, units: u64) {
+    for _ in 0..3000 {
+        if engine.progress().of(kind).is_some_and(|p| p.done >= units) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{kind} never reached {units} units");
+}
+
+fn slow_org() -> SimConfig {
+    SimConfig {
+        seed: 14,
+        workspaces: 2,
+        users: 60,
+        groups: 4,
+        projects: 4,
+        repositories: 120,
+        latency: Duration::from_millis(15),
+        ..SimConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_20_second_outage_mid_run_is_ridden_out_and_every_attempt_counted() {
+    let sim = start(slow_org()).await;
+    let proxy = proxy::Proxy::start(sim.base_url()).await;
+    let engine = engine_via(&proxy.url, &sim, Duration::from_secs(120));
+    let store = Arc::new(Store::open_in_memory().unwrap());
+    let scope = engine.connect().await.unwrap();
+    let before = proxy.attempts();
+    let run = {
+        let (engine, store, scope) = (engine.clone(), Arc::clone(&store), scope.clone());
+        tokio::spawn(
+            async move { run_into_store_with_cost(&engine, &store, "c", SyncKind::Repositories, &scope).await },
+        )
+    };
+    wait_for_units(&engine, SyncKind::Repositories, 30).await;
+    proxy.outage(true);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    proxy.outage(false);
+    let outcome = run.await.unwrap();
+    let report = outcome.result.expect("the run outlasts a 20 s outage");
+    assert!(
+        proxy.refused.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the outage was hit"
+    );
+    assert_eq!(
+        report.requests,
+        proxy.attempts() - before,
+        "every attempt counted, failures included"
+    );
+    assert_eq!(
+        actual(&store, "c", SyncKind::Repositories),
+        expected(&sim.organisation(), SyncKind::Repositories)
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_beyond_the_tolerance_fails_with_its_requests_and_the_next_run_resumes() {
+    let sim = start(slow_org()).await;
+    // A clean run's cost, for comparison.
+    let clean = {
+        let engine = engine(&sim, 2);
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        let scope = engine.connect().await.unwrap();
+        run_into_store(&engine, &store, "c", SyncKind::Repositories, &scope)
+            .await
+            .unwrap()
+            .requests
+    };
+    let proxy = proxy::Proxy::start(sim.base_url()).await;
+    let engine = engine_via(&proxy.url, &sim, Duration::from_secs(2));
+    let store = Arc::new(Store::open_in_memory().unwrap());
+    let scope = engine.connect().await.unwrap();
+    let before = proxy.attempts();
+    let run = {
+        let (engine, store, scope) = (engine.clone(), Arc::clone(&store), scope.clone());
+        tokio::spawn(
+            async move { run_into_store_with_cost(&engine, &store, "c", SyncKind::Repositories, &scope).await },
+        )
+    };
+    wait_for_units(&engine, SyncKind::Repositories, 40).await;
+    proxy.outage(true);
+    let failed = run.await.unwrap();
+    let err = failed.result.unwrap_err();
+    assert_eq!(err.class(), FailureClass::Unavailable, "{err}");
+    assert_eq!(
+        failed.requests,
+        proxy.attempts() - before,
+        "a failed run reports its requests"
+    );
+    let recorded = &store.runs("c", 1).unwrap()[0];
+    assert_eq!(
+        (recorded.status.as_str(), recorded.requests),
+        ("failed", failed.requests)
+    );
+    let forwarded_first = proxy.forwarded.load(std::sync::atomic::Ordering::SeqCst);
+
+    proxy.outage(false);
+    let report = run_into_store(&engine, &store, "c", SyncKind::Repositories, &scope)
+        .await
+        .unwrap();
+    assert_eq!(report.resumed_from, Some(recorded.id));
+    assert!(report.resumed_units >= 40, "{report:?}");
+    assert_eq!(
+        actual(&store, "c", SyncKind::Repositories),
+        expected(&sim.organisation(), SyncKind::Repositories)
+    );
+    // What reached Bitbucket over both runs stays close to one clean run.
+    let served = proxy.forwarded.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert!(forwarded_first > before);
+    assert!(
+        (served as f64) <= clean as f64 * 1.05 + 8.0,
+        "resumed runs asked {served} times, a clean run {clean}"
+    );
+    let runs = store.runs("c", 2).unwrap();
+    assert_eq!(runs[0].resumed_from, Some(runs[1].id));
+    assert!(
+        runs[0].data_from <= runs[1].started_at + 1,
+        "the data's age is the resumed run's start"
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_run_over_some_workspaces_keeps_the_others_and_reports_no_removals() {
+    let sim = start(SimConfig {
+        workspaces: 2,
+        ..SimConfig::default()
+    })
+    .await;
+    let store = Arc::new(Store::open_in_memory().unwrap());
+    let all = engine(&sim, 2);
+    full_sync(&all, &store, "c").await;
+    let org = sim.organisation();
+    let first = org.workspaces[0].slug.clone();
+    let mut config = ClientConfig::new(&sim.base_url()).unwrap();
+    // Every simulator has the same admin, so tests share one hourly budget.
+    config.limits.max_requests = 1_000_000;
+    config.max_retries = 2;
+    let c = sim.credentials();
+    let creds = Credentials::ApiToken {
+        username: c.email.clone(),
+        token: c.api_token.clone(),
+    };
+    let one = SyncEngine::new(Client::new(config, creds).unwrap(), vec![first]).replacing_only_scope(true);
+    let scope = one.connect().await.unwrap();
+    for kind in SyncKind::ALL {
+        let before = store.current_generation("c", kind).unwrap().unwrap();
+        let report = run_into_store(&one, &store, "c", kind, &scope).await.unwrap();
+        let diff = store.diff_grants("c", kind, before, report.generation).unwrap();
+        assert!(diff.removed.is_empty() && diff.added.is_empty(), "{kind}: {diff:?}");
+        assert_eq!(
+            actual(&store, "c", kind),
+            expected(&org, kind),
+            "{kind}: both workspaces still there"
+        );
+    }
+    sim.shutdown().await;
+}
+
+#[test]
+fn conflicting_or_out_of_range_flags_are_usage_errors_naming_both() {
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["--secret-file", "s.yaml", "--username", "a@b.c"],
+            &["--secret-file", "--username"],
+        ),
+        (&["--demo", "--api-url", "http://127.0.0.1:9"], &["--demo", "--api-url"]),
+        (&["--token", "t", "--username", "a@b.c"], &["--token", "--username"]),
+        (&["--max-in-flight", "0"], &["--max-in-flight"]),
+        (&["--connector", ""], &["--connector"]),
+        (&["--api-url", "not-a-url"], &["--api-url"]),
+        (&["--outage-tolerance", "soon"], &["--outage-tolerance"]),
+        (&["--requests-per-hour", "0"], &["--requests-per-hour"]),
+    ];
+    for (args, named) in cases {
+        let out = bin().arg("sync").args(*args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        for flag in *named {
+            assert!(err.contains(flag), "{args:?} should name {flag}: {err}");
+        }
+    }
+    let out = bin().args(["access", "--connector", "", "runs"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn a_stray_env_credential_does_not_spoil_an_explicit_token() {
+    let (_rt, sim) = run_sim_in_thread(SimConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args(["sync", "--api-url", &sim.base_url(), "--only", "groups", "--token"])
+        .arg(&sim.credentials().access_token)
+        .arg("--db")
+        .arg(dir.path().join("t.db"))
+        .env("BATON_USERNAME", "someone@example.com")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("BATON_APP_PASSWORD") && !err.contains("BATON_USERNAME"),
+        "the env username was used: {err}"
+    );
+    assert!(sim.stats().total > 0, "the token was tried against Bitbucket: {err}");
+}
+
+#[test]
+fn a_damaged_store_is_refused_before_syncing_with_exit_7() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("d.db");
+    let out = bin().args(["sync", "--demo", "--db"]).arg(&db).output().unwrap();
+    assert!(out.status.success());
+    let mut bytes = std::fs::read(&db).unwrap();
+    let page = 4096 * 3;
+    assert!(bytes.len() > page + 4096);
+    bytes[page..page + 4096].fill(0xff);
+    std::fs::write(&db, bytes).unwrap();
+    let out = bin().args(["sync", "--demo", "--db"]).arg(&db).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{err}");
+    assert!(err.contains("damaged") && err.contains("d.db"), "{err}");
+    assert_eq!(err.lines().filter(|l| l.starts_with("error:")).count(), 1, "{err}");
+}
+
+#[test]
+fn progress_lines_without_a_terminal_have_counts_eta_and_no_colour() {
+    let (_rt, sim) = run_sim_in_thread(SimConfig {
+        latency: Duration::from_millis(20),
+        repositories: 150,
+        ..SimConfig::default()
+    });
+    let c = sim.credentials().clone();
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args([
+            "sync",
+            "--api-url",
+            &sim.base_url(),
+            "--only",
+            "repositories",
+            "--max-in-flight",
+            "2",
+        ])
+        .args(["--progress-every", "1", "--db"])
+        .arg(dir.path().join("p.db"))
+        .env("BATON_USERNAME", &c.email)
+        .env("BATON_APP_PASSWORD", &c.api_token)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("repositories ") && l.contains('/') && l.contains("elapsed"))
+        .unwrap_or_else(|| panic!("a periodic progress line: {err}"));
+    assert!(line.contains("ETA"), "{line}");
+    assert!(!err.contains('\u{1b}'), "no escape codes when stderr is not a terminal");
+}
+
+#[test]
+fn a_sync_killed_mid_run_resumes_to_the_same_data_for_about_the_same_requests() {
+    let (_rt, sim) = run_sim_in_thread(SimConfig {
+        seed: 9,
+        workspaces: 2,
+        users: 80,
+        groups: 4,
+        projects: 6,
+        repositories: 300,
+        latency: Duration::from_millis(20),
+        ..SimConfig::default()
+    });
+    let c = sim.credentials().clone();
+    let dir = tempfile::tempdir().unwrap();
+    let sync = |db: &std::path::Path| {
+        let mut cmd = bin();
+        cmd.args([
+            "sync",
+            "--api-url",
+            &sim.base_url(),
+            "--only",
+            "repositories",
+            "--max-in-flight",
+            "4",
+            "--db",
+        ])
+        .arg(db)
+        .env("BATON_USERNAME", &c.email)
+        .env("BATON_APP_PASSWORD", &c.api_token)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        cmd
+    };
+    let clean_db = dir.path().join("clean.db");
+    sim.reset_stats();
+    assert!(sync(&clean_db).status().unwrap().success());
+    let clean = sim.stats().total;
+
+    let db = dir.path().join("killed.db");
+    sim.reset_stats();
+    let mut child = sync(&db).spawn().unwrap();
+    // Kill it once a third of the clean run's requests are spent.
+    while sim.stats().total < clean / 3 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(400)); // let a checkpoint land
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+    assert!(sync(&db).status().unwrap().success());
+    let total = sim.stats().total;
+    assert!(
+        (total as f64) <= clean as f64 * 1.05,
+        "killed + resumed runs: {total} requests, a clean run {clean}"
+    );
+    let resumed = Store::open_read_only(&db).unwrap();
+    let runs = resumed.runs("default", 2).unwrap();
+    assert_eq!(runs[1].status.as_str(), "interrupted", "{runs:?}");
+    assert_eq!(runs[0].resumed_from, Some(runs[1].id));
+    assert!(
+        runs[1].requests > 0,
+        "the killed run's requests were recorded as it went"
+    );
+    let clean_store = Store::open_read_only(&clean_db).unwrap();
+    assert_eq!(
+        resumed.batch("default", SyncKind::Repositories).unwrap(),
+        clean_store.batch("default", SyncKind::Repositories).unwrap()
     );
 }

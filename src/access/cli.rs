@@ -1,34 +1,59 @@
 //! `bitbucket-operator access`: effective-access queries on a store file.
 //!
 //! ```text
-//! bitbucket-operator access --db FILE [--connector default] [--json] who-can WORKSPACE/REPO
-//! bitbucket-operator access --db FILE [--connector default] [--json] access-of USER
-//! bitbucket-operator access --db FILE [--connector default] [--json] changes [--type repositories]
+//! bitbucket-operator access [--db FILE] [--connector default] [--json] who-can WORKSPACE/REPO
+//! bitbucket-operator access [--db FILE] [--connector default] [--json] access-of USER
+//! bitbucket-operator access [--db FILE] [--connector default] [--json] changes [--type repositories]
+//! bitbucket-operator access [--db FILE] [--json|--csv] resources [--type repository]
+//! bitbucket-operator access [--db FILE] [--json|--csv] grants
+//! bitbucket-operator access [--db FILE] [--json] runs [--limit 20]
 //! ```
 //!
 //! Reads only: the file is opened read-only and never created, so it is safe
 //! to run next to an operator that is syncing into the same file.
+//!
+//! Honest about its data: every answer says per resource type when its data
+//! was read ("data as of"); a type the answer needs that was never synced,
+//! or whose data is older than `--max-age`, gets a warning on stderr (and
+//! in `--json`), and a never-synced type makes the exit code 8.
+//!
+//! Exit codes: 0 answered from complete data; 1 an error (unknown
+//! repository or user, store error); 2 usage error; 7 the store file is
+//! damaged, not a store, or too new; 8 answered, but a type it needs was
+//! never synced, so the answer may be missing people or access.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use serde_json::json;
 
-use super::{AccessEntry, AccessPath, ResourceAccess, UserAccess};
-use crate::model::SyncKind;
-use crate::store::{GrantDiff, Store};
+use super::{AccessEntry, AccessPath, NameIndex, ResourceAccess, ReviewRow, UserAccess};
+use crate::model::{ResourceType, SyncKind};
+use crate::store::{Freshness, GrantDiff, Store, StoreError, SyncRun, format_timestamp};
+use crate::sync::cli::{DEFAULT_DB, EXIT_BAD_STORE, parse_duration};
+
+/// Exit code of an answer from incomplete data (a needed type never synced).
+pub const EXIT_INCOMPLETE: u8 = 8;
 
 #[derive(Debug, clap::Args)]
 pub struct AccessArgs {
-    /// The store file to read (never created by this command).
-    #[arg(long, value_name = "FILE")]
+    /// The store file to read (never created by this command); `sync`'s default.
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_DB, global = true)]
     pub db: PathBuf,
     /// Connector whose data to read: `default` for `sync`, `namespace/name` for the operator.
-    #[arg(long, default_value = "default", global = true)]
+    #[arg(long, default_value = "default", global = true, value_parser = non_empty_connector)]
     pub connector: String,
     /// Print one JSON document instead of a table.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, conflicts_with = "csv")]
     pub json: bool,
+    /// Print CSV (`resources`, `grants`).
+    #[arg(long, global = true)]
+    pub csv: bool,
+    /// Data older than this gets a warning (the sync interval you expect): `1h`, `24h`.
+    #[arg(long, default_value = "24h", value_parser = parse_duration, global = true)]
+    pub max_age: Duration,
     #[command(subcommand)]
     pub query: AccessQuery,
 }
@@ -42,16 +67,37 @@ pub enum AccessQuery {
     },
     /// Workspaces, groups, projects and repositories a user can access.
     AccessOf {
-        /// User uuid, account id or nickname.
+        /// User uuid, account id, nickname or email.
         user: String,
     },
     /// Grants added and removed between the last two synced generations of
-    /// each resource type (or of `--type` only).
+    /// each resource type (or of `--type` only), with names.
     Changes {
         /// accounts, workspaces, groups, projects or repositories.
         #[arg(long = "type", value_parser = parse_kind)]
         kind: Option<SyncKind>,
     },
+    /// Synced resources, of one type or all.
+    Resources {
+        /// user, workspace, user_group, project or repository.
+        #[arg(long = "type", value_parser = parse_type)]
+        resource_type: Option<ResourceType>,
+    },
+    /// Every grant with resource and principal names (`--csv` for access reviews).
+    Grants,
+    /// The last sync runs, newest first, with their errors.
+    Runs {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+}
+
+fn non_empty_connector(value: &str) -> Result<String, String> {
+    if value.trim().is_empty() {
+        Err("--connector must not be empty".into())
+    } else {
+        Ok(value.to_owned())
+    }
 }
 
 fn parse_kind(value: &str) -> Result<SyncKind, String> {
@@ -60,81 +106,415 @@ fn parse_kind(value: &str) -> Result<SyncKind, String> {
     })
 }
 
-pub fn run(args: AccessArgs) -> anyhow::Result<ExitCode> {
-    let store = Store::open_read_only(&args.db)?;
-    let out = match &args.query {
-        AccessQuery::WhoCan { repository } => {
-            let repo = super::find_repository(&store, &args.connector, repository)?;
-            let entries = super::who_can(&store, &args.connector, &repo.id)?;
-            if args.json {
-                let profile = |k: &str| repo.profile.get(k).cloned().unwrap_or(serde_json::Value::Null);
-                serde_json::to_string_pretty(&json!({
-                    "connector": args.connector,
-                    "repository": {
-                        "id": repo.id,
-                        "full_name": profile("full_name"),
-                        "name": repo.display_name,
-                        "project_key": profile("project_key"),
-                        "workspace": profile("workspace_slug"),
-                    },
-                    "access": entries,
-                }))?
-            } else {
-                let name = repo
-                    .profile
-                    .get("full_name")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or(&repo.id);
+fn parse_type(value: &str) -> Result<ResourceType, String> {
+    ResourceType::parse(value)
+        .or_else(|| SyncKind::parse(value).map(SyncKind::resource_type))
+        .ok_or_else(|| format!("unknown type {value:?}; expected user, workspace, user_group, project or repository"))
+}
+
+/// Writes to stdout; a closed pipe (`| head -1`) is not an error: the reader
+/// has what it wanted, so the command ends quietly.
+pub fn print_stdout(text: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
+/// The types an answer depends on.
+fn needed_kinds(query: &AccessQuery) -> Vec<SyncKind> {
+    match query {
+        AccessQuery::WhoCan { .. } | AccessQuery::AccessOf { .. } | AccessQuery::Grants => SyncKind::ALL.to_vec(),
+        AccessQuery::Changes { kind } => kind.map_or_else(|| SyncKind::ALL.to_vec(), |k| vec![k]),
+        AccessQuery::Resources { resource_type } => resource_type.map_or_else(
+            || SyncKind::ALL.to_vec(),
+            |t| SyncKind::ALL.into_iter().filter(|k| k.resource_type() == t).collect(),
+        ),
+        AccessQuery::Runs { .. } => Vec::new(),
+    }
+}
+
+/// What an answer's data is worth: per needed type, when it was read, and
+/// the warnings that go with it.
+struct DataReport {
+    types: Vec<Freshness>,
+    warnings: Vec<String>,
+    incomplete: bool,
+    max_age: Duration,
+}
+
+impl DataReport {
+    fn new(store: &Store, connector: &str, needed: &[SyncKind], max_age: Duration) -> Result<Self, StoreError> {
+        let now = jiff::Timestamp::now().as_millisecond();
+        let types: Vec<Freshness> = store
+            .freshness(connector)?
+            .into_iter()
+            .filter(|f| needed.contains(&f.kind))
+            .collect();
+        let mut warnings = Vec::new();
+        let mut incomplete = false;
+        for f in &types {
+            match f.data_as_of {
+                None => {
+                    incomplete = true;
+                    let why = match &f.last_run {
+                        Some(run) => format!(
+                            "its last run {} ({})",
+                            run.status,
+                            run.error.as_deref().unwrap_or("no error recorded")
+                        ),
+                        None => "no run yet".to_owned(),
+                    };
+                    warnings.push(format!(
+                        "{} were never synced for connector {connector:?} ({why}): the answer may be missing access",
+                        f.kind
+                    ));
+                }
+                Some(at) => {
+                    let age = Duration::from_millis(u64::try_from(now - at).unwrap_or(0));
+                    if age > max_age {
+                        warnings.push(format!(
+                            "{} data is {} old (as of {}), older than --max-age {}",
+                            f.kind,
+                            crate::sync::progress_view::human(age),
+                            format_timestamp(at),
+                            crate::sync::progress_view::human(max_age)
+                        ));
+                    }
+                    if let Some(run) = f
+                        .last_run
+                        .as_ref()
+                        .filter(|r| r.status.as_str() != "ok" && r.status.as_str() != "running")
+                    {
+                        warnings.push(format!(
+                            "the last {} run {}: {}; showing the data as of {}",
+                            f.kind,
+                            run.status,
+                            run.error.as_deref().unwrap_or("no error recorded"),
+                            format_timestamp(at)
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(DataReport {
+            types,
+            warnings,
+            incomplete,
+            max_age,
+        })
+    }
+
+    fn text(&self) -> String {
+        if self.types.is_empty() {
+            return String::new();
+        }
+        let parts: Vec<String> = self
+            .types
+            .iter()
+            .map(|f| {
                 format!(
-                    "Repository {name} ({}), connector {}\n\n{}",
+                    "{} {}",
+                    f.kind,
+                    f.data_as_of.map_or_else(|| "never synced".to_owned(), format_timestamp)
+                )
+            })
+            .collect();
+        format!("Data as of: {}\n", parts.join(", "))
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let now = jiff::Timestamp::now().as_millisecond();
+        let types: Vec<_> = self
+            .types
+            .iter()
+            .map(|f| {
+                let age = f
+                    .data_as_of
+                    .map(|at| Duration::from_millis(u64::try_from(now - at).unwrap_or(0)));
+                json!({
+                    "type": f.kind,
+                    "data_as_of": f.data_as_of.map(format_timestamp),
+                    "never_synced": f.data_as_of.is_none(),
+                    "stale": age.is_some_and(|a| a > self.max_age),
+                    "last_run_status": f.last_run.as_ref().map(|r| r.status),
+                    "last_error": f.last_run.as_ref().and_then(|r| r.error.clone()),
+                })
+            })
+            .collect();
+        json!({ "complete": !self.incomplete, "types": types, "warnings": self.warnings })
+    }
+}
+
+pub fn run(args: AccessArgs) -> anyhow::Result<ExitCode> {
+    let store = match Store::open_read_only(&args.db) {
+        Ok(store) => store,
+        Err(err) => {
+            let code = match err {
+                StoreError::Damaged { .. } | StoreError::NotAStore { .. } | StoreError::TooNew { .. } => EXIT_BAD_STORE,
+                _ => 1,
+            };
+            eprintln!("error: {err}");
+            return Ok(ExitCode::from(code));
+        }
+    };
+    let report = DataReport::new(&store, &args.connector, &needed_kinds(&args.query), args.max_age)?;
+    for warning in &report.warnings {
+        eprintln!("warning: {warning}");
+    }
+    let out = answer(&store, &args, &report)?;
+    print_stdout(&format!("{}\n", out.trim_end()))?;
+    Ok(if report.incomplete {
+        ExitCode::from(EXIT_INCOMPLETE)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Adds the data report to a JSON answer.
+fn with_data(mut doc: serde_json::Value, report: &DataReport) -> serde_json::Value {
+    doc["data"] = report.json();
+    doc
+}
+
+// One arm per subcommand, each a few lines of query and formatting.
+fn answer(store: &Store, args: &AccessArgs, report: &DataReport) -> anyhow::Result<String> {
+    let connector = args.connector.as_str();
+    Ok(match &args.query {
+        AccessQuery::WhoCan { repository } => {
+            let repo = super::find_repository(store, connector, repository)?;
+            let entries = super::who_can(store, connector, &repo.id)?;
+            let profile = repo.profile.repository();
+            if args.json {
+                serde_json::to_string_pretty(&with_data(
+                    json!({
+                        "connector": connector,
+                        "repository": {
+                            "id": repo.id,
+                            "full_name": profile.map(|p| &p.full_name),
+                            "name": repo.display_name,
+                            "project_key": profile.map(|p| &p.project_key),
+                            "workspace": profile.map(|p| &p.workspace_slug),
+                        },
+                        "access": entries,
+                    }),
+                    report,
+                ))?
+            } else {
+                let name = profile.map_or(repo.id.as_str(), |p| p.full_name.as_str());
+                format!(
+                    "Repository {name} ({}), connector {connector}\n{}\n{}",
                     repo.id,
-                    args.connector,
+                    report.text(),
                     who_can_table(&entries)
                 )
             }
         }
         AccessQuery::AccessOf { user } => {
-            let access = super::access_of(&store, &args.connector, user)?;
+            let access = super::access_of(store, connector, user)?;
             if args.json {
                 let mut doc = serde_json::to_value(&access)?;
-                doc["connector"] = json!(args.connector);
-                serde_json::to_string_pretty(&doc)?
+                doc["connector"] = json!(connector);
+                serde_json::to_string_pretty(&with_data(doc, report))?
             } else {
-                access_of_text(&access, &args.connector)
+                access_of_text(&access, connector, &report.text())
             }
         }
         AccessQuery::Changes { kind } => {
-            let kinds = match kind {
-                Some(kind) => vec![*kind],
-                None => SyncKind::ALL.to_vec(),
-            };
+            let kinds = kind.map_or_else(|| SyncKind::ALL.to_vec(), |k| vec![k]);
             let mut changes = Vec::new();
+            let mut names = NameIndex::current(store, connector)?;
             for kind in kinds {
                 // Newest first: compare the current generation with the one before.
-                let generations = store.generations(&args.connector, kind)?;
+                let generations = store.generations(connector, kind)?;
                 if let [to, from, ..] = generations.as_slice() {
+                    names.add(store.generation_batch(connector, kind, from.generation)?.resources);
                     changes.push((
                         kind,
-                        store.diff_grants(&args.connector, kind, from.generation, to.generation)?,
+                        store.diff_grants(connector, kind, from.generation, to.generation)?,
                     ));
                 }
             }
             if args.json {
+                let named = |g: &crate::model::Grant| {
+                    let mut v = serde_json::to_value(g).unwrap_or_default();
+                    v["resource_name"] = json!(names.name(entitlement_resource(&g.entitlement_id)));
+                    v["principal_name"] = json!(names.name(&g.principal_id));
+                    v
+                };
                 let doc: Vec<_> = changes
                     .iter()
-                    .map(|(kind, diff)| json!({"type": kind, "from": diff.from, "to": diff.to, "added": diff.added, "removed": diff.removed}))
+                    .map(|(kind, diff)| {
+                        json!({
+                            "type": kind, "from": diff.from, "to": diff.to,
+                            "added": diff.added.iter().map(named).collect::<Vec<_>>(),
+                            "removed": diff.removed.iter().map(named).collect::<Vec<_>>(),
+                        })
+                    })
                     .collect();
-                serde_json::to_string_pretty(&json!({"connector": args.connector, "changes": doc}))?
+                serde_json::to_string_pretty(&with_data(json!({"connector": connector, "changes": doc}), report))?
             } else {
-                changes_text(&changes, &args.connector)
+                format!("{}{}", report.text(), changes_text(&changes, connector, &names))
             }
         }
-    };
-    println!("{}", out.trim_end());
-    Ok(ExitCode::SUCCESS)
+        AccessQuery::Resources { resource_type } => {
+            let resources = store.resources(connector, *resource_type)?;
+            let rows: Vec<Vec<String>> = resources
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.resource_type.to_string(),
+                        r.profile.slug().unwrap_or_default().to_owned(),
+                        r.display_name.clone(),
+                        r.id.clone(),
+                        r.parent_id.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            if args.json {
+                serde_json::to_string_pretty(&with_data(json!({"connector": connector, "items": resources}), report))?
+            } else if args.csv {
+                csv(&["resource_type", "slug", "display_name", "id", "parent_id"], &rows)
+            } else {
+                format!(
+                    "{}{}",
+                    report.text(),
+                    table(&["TYPE", "SLUG", "NAME", "ID", "PARENT"], &rows)
+                )
+            }
+        }
+        AccessQuery::Grants => {
+            let rows = super::review_rows(store, connector)?;
+            if args.json {
+                serde_json::to_string_pretty(&with_data(json!({"connector": connector, "items": rows}), report))?
+            } else if args.csv {
+                csv(REVIEW_HEADER, &review_cells(&rows))
+            } else {
+                let cells: Vec<Vec<String>> = review_cells(&rows).into_iter().map(|r| r[..7].to_vec()).collect();
+                format!(
+                    "{}{}",
+                    report.text(),
+                    table(
+                        &[
+                            "TYPE",
+                            "RESOURCE ID",
+                            "RESOURCE",
+                            "ENTITLEMENT",
+                            "PRINCIPAL TYPE",
+                            "PRINCIPAL ID",
+                            "PRINCIPAL"
+                        ],
+                        &cells
+                    )
+                )
+            }
+        }
+        AccessQuery::Runs { limit } => {
+            let runs = store.runs(connector, *limit)?;
+            if args.json {
+                serde_json::to_string_pretty(&json!({"connector": connector, "runs": runs}))?
+            } else {
+                runs_table(&runs)
+            }
+        }
+    })
 }
 
-fn changes_text(changes: &[(SyncKind, GrantDiff)], connector: &str) -> String {
+/// The resource id inside an entitlement id `{type}:{resource id}:{slug}`.
+fn entitlement_resource(entitlement_id: &str) -> &str {
+    let rest = entitlement_id.split_once(':').map_or(entitlement_id, |(_, r)| r);
+    rest.rsplit_once(':').map_or(rest, |(r, _)| r)
+}
+
+const REVIEW_HEADER: &[&str] = &[
+    "resource_type",
+    "resource_id",
+    "resource_name",
+    "entitlement",
+    "principal_type",
+    "principal_id",
+    "principal_name",
+    "unknown_principal",
+];
+
+fn review_cells(rows: &[ReviewRow]) -> Vec<Vec<String>> {
+    rows.iter()
+        .map(|r| {
+            vec![
+                r.resource_type.to_string(),
+                r.resource_id.clone(),
+                r.resource_name.clone(),
+                r.entitlement.clone(),
+                r.principal_type.to_string(),
+                r.principal_id.clone(),
+                r.principal_name.clone(),
+                r.unknown_principal.to_string(),
+            ]
+        })
+        .collect()
+}
+
+/// RFC 4180 CSV; a cell starting with `=`, `+`, `-`, `@`, tab or CR gets a
+/// leading `'` so a spreadsheet never evaluates a name as a formula.
+pub fn csv(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let field = |value: &str| {
+        let value = if value.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+            format!("'{value}")
+        } else {
+            value.to_owned()
+        };
+        if value.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", value.replace('"', "\"\""))
+        } else {
+            value
+        }
+    };
+    let mut out = headers.join(",");
+    out.push('\n');
+    for row in rows {
+        out.push_str(&row.iter().map(|c| field(c)).collect::<Vec<_>>().join(","));
+        out.push('\n');
+    }
+    out
+}
+
+fn runs_table(runs: &[SyncRun]) -> String {
+    if runs.is_empty() {
+        return "No sync runs recorded.\n".into();
+    }
+    let rows: Vec<Vec<String>> = runs
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.to_string(),
+                r.kind.to_string(),
+                r.status.to_string(),
+                format_timestamp(r.started_at),
+                r.duration_ms
+                    .map_or_else(String::new, |d| format!("{:.1}s", d as f64 / 1000.0)),
+                r.requests.to_string(),
+                r.resumed_from.map_or_else(String::new, |id| id.to_string()),
+                r.error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "TYPE",
+            "STATUS",
+            "STARTED",
+            "DURATION",
+            "REQUESTS",
+            "RESUMED FROM",
+            "ERROR",
+        ],
+        &rows,
+    )
+}
+
+fn changes_text(changes: &[(SyncKind, GrantDiff)], connector: &str, names: &NameIndex) -> String {
     if changes.is_empty() {
         return format!("Connector {connector}: fewer than two synced generations of any type; nothing to compare.\n");
     }
@@ -153,15 +533,23 @@ fn changes_text(changes: &[(SyncKind, GrantDiff)], connector: &str) -> String {
             .map(|g| ("+", g))
             .chain(diff.removed.iter().map(|g| ("-", g)))
             .map(|(sign, g)| {
+                let resource = entitlement_resource(&g.entitlement_id);
+                let slug = g.entitlement_id.rsplit_once(':').map_or("", |(_, s)| s);
                 vec![
                     sign.to_owned(),
-                    g.entitlement_id.clone(),
+                    names.name(resource),
+                    slug.to_owned(),
+                    names.name(&g.principal_id),
                     format!("{}:{}", g.principal_type, g.principal_id),
+                    g.entitlement_id.clone(),
                 ]
             })
             .collect();
         if !rows.is_empty() {
-            out.push_str(&table(&["", "ENTITLEMENT", "PRINCIPAL"], &rows));
+            out.push_str(&table(
+                &["", "RESOURCE", "PERMISSION", "PRINCIPAL", "PRINCIPAL ID", "ENTITLEMENT"],
+                &rows,
+            ));
         }
     }
     out
@@ -231,7 +619,7 @@ fn resource_rows(items: &[ResourceAccess]) -> Vec<Vec<String>> {
         .collect()
 }
 
-fn access_of_text(a: &UserAccess, connector: &str) -> String {
+fn access_of_text(a: &UserAccess, connector: &str, data: &str) -> String {
     let u = &a.user;
     let mut facts = vec![u.id.clone()];
     if let Some(d) = &u.display_name {
@@ -247,7 +635,7 @@ fn access_of_text(a: &UserAccess, connector: &str) -> String {
         facts.push("unknown principal".into());
     }
     let mut out = format!(
-        "User {} ({}), connector {connector}\n",
+        "User {} ({}), connector {connector}\n{data}",
         u.nickname.as_deref().unwrap_or(&u.id),
         facts.join(", ")
     );

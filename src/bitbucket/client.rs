@@ -46,6 +46,11 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// Retries for 5xx and transport failures.
     pub max_retries: u32,
+    /// When set, 5xx and transport failures are retried (capped exponential
+    /// backoff) for as long as this since the first failure of a request,
+    /// instead of `max_retries` times: a short Bitbucket outage then costs a
+    /// wait, not a failed sync.
+    pub outage_tolerance: Option<Duration>,
     /// Retries for 429 answers.
     pub max_rate_limit_retries: u32,
     pub backoff_base: Duration,
@@ -87,6 +92,7 @@ impl ClientConfig {
             limits: Limits::default(),
             request_timeout: Duration::from_secs(30),
             max_retries: 4,
+            outage_tolerance: None,
             max_rate_limit_retries: 8,
             backoff_base: Duration::from_millis(250),
             backoff_max: Duration::from_secs(30),
@@ -251,6 +257,13 @@ impl Client {
         self.auth().limiter.limiter().limits()
     }
 
+    /// How long until the shared limiter lets the next request start, if it
+    /// is holding requests back (budget spent, or paused after a 429).
+    pub fn budget_wait(&self) -> Option<Duration> {
+        let at = self.auth().limiter.limiter().next_free_slot()?;
+        Some(at.saturating_duration_since(Instant::now()))
+    }
+
     /// HTTP attempts made by this client (retries included).
     pub fn request_count(&self) -> u64 {
         self.inner.requests.load(Ordering::Relaxed)
@@ -304,6 +317,14 @@ impl Client {
         let mut failures = 0u32;
         let mut throttled = 0u32;
         let mut refreshed_after_401 = false;
+        let mut first_failure: Option<Instant> = None;
+        let mut give_up = |failures: u32| {
+            let since = *first_failure.get_or_insert_with(Instant::now);
+            match config.outage_tolerance {
+                Some(tolerance) => since.elapsed() >= tolerance,
+                None => failures > config.max_retries,
+            }
+        };
         loop {
             let auth = self.auth();
             let authorization = auth.authorization(self).await?;
@@ -325,7 +346,7 @@ impl Client {
                     self.observe(class, None);
                     let error = Error::new(class, ErrorKind::Transport, None, transport_message(&err));
                     failures += 1;
-                    if failures > config.max_retries {
+                    if give_up(failures) {
                         return Err(error);
                     }
                     tracing::debug!(%class, attempt = failures, error = %error, "retrying after a transport failure");
@@ -365,7 +386,7 @@ impl Client {
                 }
                 500..=599 => {
                     failures += 1;
-                    if failures > config.max_retries {
+                    if give_up(failures) {
                         return Err(error);
                     }
                     tracing::debug!(%class, status = status.as_u16(), attempt = failures, "retrying after a server error");
@@ -1028,11 +1049,22 @@ fn truncate(mut text: String, max: usize) -> String {
 fn transport_message(err: &reqwest::Error) -> String {
     // reqwest's Display includes the URL, which holds no secret (credentials
     // travel in headers only).
-    if err.is_timeout() {
+    // reqwest's own text omits the cause (refused, DNS, TLS): add the chain.
+    let mut text = if err.is_timeout() {
         format!("timed out: {err}")
     } else {
         err.to_string()
+    };
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
     }
+    text
 }
 
 /// `Retry-After` in seconds (what Bitbucket sends) or as an HTTP date;

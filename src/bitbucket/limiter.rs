@@ -233,6 +233,12 @@ impl Limiter {
         }
     }
 
+    /// When the next request may start, if not now (the hourly budget is
+    /// spent, or a 429 paused everyone): for progress displays.
+    pub fn next_free_slot(&self) -> Option<Instant> {
+        self.lock().next_slot(Instant::now())
+    }
+
     /// Requests recorded in the current window.
     pub fn used_in_window(&self) -> usize {
         let mut state = self.lock();

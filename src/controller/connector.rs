@@ -40,7 +40,7 @@ use crate::metrics::{ConnectorLabels, Metrics, ObjectLabels};
 use crate::model::SyncKind;
 use crate::settings::{ConnectorSettings, SettingsError};
 use crate::store::{Store, StoreError};
-use crate::sync::SyncError;
+use crate::sync::{FailureClass, SyncError};
 
 pub use super::common::FIELD_MANAGER;
 
@@ -92,18 +92,25 @@ impl MetricLabel for ReconcileError {
     }
 }
 
-impl From<&SyncError> for Reason {
-    /// The condition reason of a failed credential check or sync.
-    fn from(err: &SyncError) -> Self {
-        match err {
-            SyncError::InvalidCredentials(_) => Reason::InvalidCredentials,
-            SyncError::InsufficientScopes(_) => Reason::InsufficientScopes,
-            SyncError::WorkspaceNotFound { .. } | SyncError::NoWorkspaces => Reason::WorkspaceNotFound,
-            SyncError::RateLimited(_) => Reason::RateLimited,
-            SyncError::Unavailable(_) => Reason::BitbucketUnavailable,
-            SyncError::Api(_) => Reason::SyncFailed,
-            SyncError::Store(_) => Reason::StoreError,
+impl From<FailureClass> for Reason {
+    /// The condition reason of a failed credential check or sync: the sync
+    /// layer classifies, only the controller speaks Kubernetes.
+    fn from(class: FailureClass) -> Self {
+        match class {
+            FailureClass::InvalidCredentials => Reason::InvalidCredentials,
+            FailureClass::InsufficientScopes => Reason::InsufficientScopes,
+            FailureClass::WorkspaceNotFound => Reason::WorkspaceNotFound,
+            FailureClass::RateLimited => Reason::RateLimited,
+            FailureClass::Unavailable => Reason::BitbucketUnavailable,
+            FailureClass::Api => Reason::SyncFailed,
+            FailureClass::Store => Reason::StoreError,
         }
+    }
+}
+
+impl From<&SyncError> for Reason {
+    fn from(err: &SyncError) -> Self {
+        Reason::from(err.class())
     }
 }
 
@@ -681,7 +688,7 @@ mod tests {
     }
 
     #[test]
-    fn sync_errors_map_to_the_reasons_the_sync_layer_names() {
+    fn sync_failures_map_to_the_reasons_status_always_had() {
         use crate::bitbucket::{EndpointClass, Error as ApiError, ErrorKind};
         let api = |kind| ApiError {
             class: EndpointClass::Members,
@@ -690,18 +697,21 @@ mod tests {
             message: "m".into(),
             retry_after: None,
         };
-        for err in [
-            SyncError::from(api(ErrorKind::Unauthorized)),
-            SyncError::from(api(ErrorKind::Forbidden)),
-            SyncError::from(api(ErrorKind::RateLimited)),
-            SyncError::from(api(ErrorKind::Server)),
-            SyncError::from(api(ErrorKind::Decode)),
-            SyncError::WorkspaceNotFound { slug: "x".into() },
-            SyncError::NoWorkspaces,
-            SyncError::Store("disk full".into()),
+        for (err, reason) in [
+            (SyncError::from(api(ErrorKind::Unauthorized)), "InvalidCredentials"),
+            (SyncError::from(api(ErrorKind::Forbidden)), "InsufficientScopes"),
+            (SyncError::from(api(ErrorKind::RateLimited)), "RateLimited"),
+            (SyncError::from(api(ErrorKind::Server)), "BitbucketUnavailable"),
+            (SyncError::from(api(ErrorKind::Decode)), "SyncFailed"),
+            (SyncError::WorkspaceNotFound { slug: "x".into() }, "WorkspaceNotFound"),
+            (SyncError::NoWorkspaces, "WorkspaceNotFound"),
+            (
+                SyncError::Store(std::sync::Arc::new(crate::store::StoreError::ReadOnly)),
+                "StoreError",
+            ),
         ] {
             // The typed reason keeps the spelling status always had.
-            assert_eq!(Reason::from(&err).as_str(), err.reason(), "{err}");
+            assert_eq!(Reason::from(&err).as_str(), reason, "{err}");
         }
     }
 

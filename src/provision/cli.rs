@@ -143,7 +143,7 @@ async fn prepare(args: &AccessArgs) -> anyhow::Result<Result<(Provisioner, Acces
         }
     };
     let client = Client::new(
-        ClientConfig::new(&args.credentials.api_url)?,
+        ClientConfig::new(&args.credentials.api_url())?,
         settings.credentials.clone(),
     )?;
     let mut provisioner = Provisioner::new(client, settings.provisioning || args.allow_provisioning);

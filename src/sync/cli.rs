@@ -7,7 +7,10 @@
 //! - 2: usage error (bad flags).
 //! - 3: credentials missing, rejected, or not allowed to read permissions.
 //! - 4: a configured workspace does not exist (or none is administered).
-//! - 5: Bitbucket unreachable, failing, or rate limiting beyond the retry budget.
+//! - 5: Bitbucket unreachable, failing (beyond `--outage-tolerance`), or rate
+//!   limiting beyond the retry budget.
+//! - 7: the store file is damaged (SQLite `quick_check`), not a store, or of
+//!   a newer schema.
 
 use std::collections::BTreeMap;
 #[cfg(feature = "simulator")]
@@ -17,33 +20,37 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "simulator")]
 use anyhow::Context as _;
 use futures::StreamExt;
 
-use super::{RunReport, SyncEngine, SyncError, run_into_store};
+use super::progress_view::{ProgressView, ViewMode};
+use super::{FailureClass, RunOutcome, SyncEngine, SyncError, run_into_store_with_cost};
 use crate::bitbucket::{Client, ClientConfig, Limits};
 use crate::model::SyncKind;
-use crate::settings::{ConnectorSettings, CredentialArgs, SecretKeys, parse_workspaces, secret_key};
+use crate::settings::{ConnectorSettings, CredentialArgs, parse_workspaces};
+#[cfg(feature = "simulator")]
+use crate::settings::{SecretKeys, secret_key};
 #[cfg(feature = "simulator")]
 use crate::simulator::{SimConfig, Simulator, SimulatorHandle};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 #[derive(Debug, clap::Args)]
 pub struct SyncArgs {
     /// Run against the built-in simulator with a generated organisation: no
     /// credentials, no network.
-    #[arg(long, conflicts_with = "secret_file")]
+    #[arg(long, conflicts_with_all = ["secret_file", "api_url", "username", "app_password", "token", "consumer_key", "consumer_secret"])]
     #[cfg_attr(not(feature = "simulator"), arg(hide = true))]
     demo: bool,
     /// Workspace slugs to sync (comma-separated); default: every workspace the
-    /// credentials administer.
+    /// credentials administer. Only these workspaces' data is replaced.
     #[arg(long, value_delimiter = ',')]
     workspaces: Vec<String>,
     /// SQLite database file (created if missing).
-    #[arg(long, default_value = "bitbucket-operator.db")]
+    #[arg(long, default_value = DEFAULT_DB)]
     db: PathBuf,
     /// Name the data is stored under (one file can hold several connectors).
-    #[arg(long, default_value = "default")]
+    #[arg(long, default_value = "default", value_parser = non_empty("--connector"))]
     connector: String,
     /// Only these resource types (accounts, workspaces, groups, projects,
     /// repositories); default: all.
@@ -55,11 +62,68 @@ pub struct SyncArgs {
     #[command(flatten)]
     credentials: CredentialArgs,
     /// Requests per rolling hour allowed for these credentials.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     requests_per_hour: u32,
-    /// Requests in flight at once.
-    #[arg(long, default_value_t = 4)]
+    /// Requests in flight at once (1 to 256).
+    #[arg(long, default_value_t = 4, value_parser = in_flight)]
     max_in_flight: usize,
+    /// How long Bitbucket may fail (5xx, timeouts, resets) before the run
+    /// gives up: `90s`, `15m`, `1h`. The run stays resumable either way.
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    outage_tolerance: Duration,
+    /// Seconds between plain progress lines when stderr is not a terminal.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..), hide = true)]
+    progress_every: u64,
+}
+
+/// Where `sync` writes, and where `access` reads, unless told otherwise.
+pub const DEFAULT_DB: &str = "bitbucket-operator.db";
+
+/// A clap value parser refusing an empty (or blank) value for `flag`.
+fn non_empty(flag: &'static str) -> impl Fn(&str) -> Result<String, String> + Clone {
+    move |value: &str| {
+        if value.trim().is_empty() {
+            Err(format!("{flag} must not be empty"))
+        } else {
+            Ok(value.to_owned())
+        }
+    }
+}
+
+fn in_flight(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n @ 1..=256) => Ok(n),
+        _ => Err(format!("expected a number from 1 to 256, got {value:?}")),
+    }
+}
+
+/// `90`, `90s`, `15m`, `1h`, `1h30m`.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let bad = || format!("expected a duration such as 90s, 15m or 1h, got {value:?}");
+    let text = value.trim();
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
+    let mut total = 0u64;
+    let mut number = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let n: u64 = number.parse().map_err(|_| bad())?;
+        number.clear();
+        total += n * match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            _ => return Err(bad()),
+        };
+    }
+    if !number.is_empty() || text.is_empty() {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs(total))
 }
 
 fn parse_kind(value: &str) -> Result<SyncKind, String> {
@@ -142,17 +206,29 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<ExitCode> {
     let (api_url, settings) = match &demo {
         Some(demo) => (demo.api_url(), demo.settings()?),
         None => match args.credentials.settings() {
-            Ok(settings) => (args.credentials.api_url.clone(), settings),
+            Ok(settings) => (args.credentials.api_url(), settings),
             Err(message) => {
                 eprintln!("error: {message}");
                 return Ok(ExitCode::from(3));
             }
         },
     };
+    let explicit_workspaces = !args.workspaces.is_empty() || !settings.workspaces.is_empty();
     let workspaces = if args.workspaces.is_empty() {
         settings.workspaces.clone()
     } else {
         parse_workspaces(&args.workspaces.join(",")).map_err(anyhow::Error::msg)?
+    };
+
+    // An existing file is checked before anything is spent on filling it; a
+    // new one is created only once the credentials work.
+    let mut store = if args.db.exists() {
+        match open_store(&args.db).await {
+            Ok(store) => Some(store),
+            Err(code) => return Ok(code),
+        }
+    } else {
+        None
     };
 
     let mut config = ClientConfig::new(&api_url)?;
@@ -161,11 +237,22 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<ExitCode> {
         max_in_flight: args.max_in_flight,
         ..Limits::default()
     };
+    // Connecting fails fast (a wrong URL or credential should not wait out
+    // an outage); the runs ride out outages up to the tolerance. Both
+    // clients share the credential's limiter.
+    let connecting = SyncEngine::new(
+        Client::new(config.clone(), settings.credentials.clone())?,
+        workspaces.clone(),
+    );
+    config.outage_tolerance = Some(args.outage_tolerance);
+    config.backoff_max = config
+        .backoff_max
+        .min(args.outage_tolerance.max(Duration::from_secs(1)));
     let client = Client::new(config, settings.credentials.clone())?;
-    let engine = SyncEngine::new(client, workspaces);
+    let engine = SyncEngine::new(client, workspaces).replacing_only_scope(explicit_workspaces);
 
     let clock = Instant::now();
-    let scope = match engine.connect().await {
+    let scope = match connecting.connect().await {
         Ok(scope) => scope,
         Err(err) => {
             eprintln!("error: {err}");
@@ -175,20 +262,24 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<ExitCode> {
     let slugs: Vec<&str> = scope.workspaces.iter().map(|w| w.slug.as_str()).collect();
     eprintln!("connected: {} workspace(s): {}", slugs.len(), slugs.join(", "));
 
-    let store = Arc::new(
-        tokio::task::spawn_blocking({
-            let db = args.db.clone();
-            move || Store::open(&db)
-        })
-        .await?
-        .with_context(|| format!("opening {}", args.db.display()))?,
-    );
+    let store = match store.take() {
+        Some(store) => store,
+        None => match open_store(&args.db).await {
+            Ok(store) => store,
+            Err(code) => return Ok(code),
+        },
+    };
     let kinds = if args.only.is_empty() {
         SyncKind::ALL.to_vec()
     } else {
         args.only.clone()
     };
-    let connect_requests = engine.client().request_count();
+    let connect_requests = connecting.client().request_count();
+    let view = ProgressView::start(
+        engine.progress().clone(),
+        engine.client().clone(),
+        ViewMode::detect(Duration::from_secs(args.progress_every)),
+    );
 
     // Every syncer runs at once; the shared limiter paces them together.
     let mut runs = futures::stream::iter(kinds.iter().copied())
@@ -197,47 +288,83 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<ExitCode> {
             let store = &store;
             let scope = &scope;
             let connector = args.connector.as_str();
-            async move { (kind, run_into_store(engine, store, connector, kind, scope).await) }
+            async move { run_into_store_with_cost(engine, store, connector, kind, scope).await }
         })
         .buffer_unordered(kinds.len());
-    let mut outcomes: BTreeMap<SyncKind, Result<RunReport, SyncError>> = BTreeMap::new();
-    while let Some((kind, outcome)) = runs.next().await {
-        match &outcome {
+    let mut outcomes: BTreeMap<SyncKind, RunOutcome> = BTreeMap::new();
+    while let Some(outcome) = runs.next().await {
+        let kind = outcome.kind;
+        match &outcome.result {
             Ok(r) => eprintln!(
-                "{:<13} done: {} resources, {} entitlements, {} grants, {} requests, {:.2}s",
+                "{:<13} done: {} resources, {} entitlements, {} grants, {} requests, {:.2}s{}",
                 kind.as_str(),
                 r.resources,
                 r.entitlements,
                 r.grants,
                 r.requests,
-                r.duration.as_secs_f64()
+                r.duration.as_secs_f64(),
+                match r.resumed_from {
+                    Some(run) => format!(" (resumed run {run}: {} units reused)", r.resumed_units),
+                    None => String::new(),
+                }
             ),
-            Err(err) => eprintln!("{:<13} FAILED: {err} (previous data kept)", kind.as_str()),
+            Err(err) => eprintln!(
+                "{:<13} FAILED after {} requests: {err} (previous data kept; the next sync resumes this run)",
+                kind.as_str(),
+                outcome.requests
+            ),
         }
         outcomes.insert(kind, outcome);
     }
     drop(runs);
+    view.stop().await;
     let elapsed = clock.elapsed();
     if let Some(demo) = demo {
         demo.shutdown().await;
     }
 
     let summary = Summary::new(&args, &slugs, &outcomes, connect_requests, elapsed);
-    if args.json {
-        println!("{}", serde_json::to_string(&summary)?);
+    let mut out = if args.json {
+        format!("{}\n", serde_json::to_string(&summary)?)
     } else {
-        print!("{}", summary.table());
-        if args.demo
-            && let Some(repository) = example_repository(&store, &args.connector)
-        {
-            println!(
-                "\nTry: bitbucket-operator access --db {} who-can {repository}",
-                args.db.display()
-            );
+        summary.table()
+    };
+    if args.demo
+        && !args.json
+        && let Some(repository) = example_repository(&store, &args.connector)
+    {
+        out.push_str(&format!(
+            "\nTry: bitbucket-operator access --db {} who-can {repository}\n",
+            args.db.display()
+        ));
+    }
+    crate::access::cli::print_stdout(&out)?;
+    let first_error = outcomes.values().find_map(|o| o.result.as_ref().err());
+    Ok(first_error.map(exit_code).unwrap_or(ExitCode::SUCCESS))
+}
+
+/// Exit code for a store that is damaged or not a store at all.
+pub const EXIT_BAD_STORE: u8 = 7;
+
+/// Opens (creating if missing) and checks the store; on failure prints why
+/// and returns the exit code.
+async fn open_store(path: &std::path::Path) -> Result<Arc<Store>, ExitCode> {
+    let path = path.to_owned();
+    let opened = tokio::task::spawn_blocking(move || Store::open_checked(&path)).await;
+    match opened {
+        Ok(Ok(store)) => Ok(Arc::new(store)),
+        Ok(Err(err)) => {
+            eprintln!("error: {err}");
+            Err(ExitCode::from(match err {
+                StoreError::Damaged { .. } | StoreError::NotAStore { .. } | StoreError::TooNew { .. } => EXIT_BAD_STORE,
+                _ => 1,
+            }))
+        }
+        Err(err) => {
+            eprintln!("error: opening the store: {err}");
+            Err(ExitCode::FAILURE)
         }
     }
-    let first_error = outcomes.values().find_map(|o| o.as_ref().err());
-    Ok(first_error.map(exit_code).unwrap_or(ExitCode::SUCCESS))
 }
 
 /// A repository full name from the store, for the demo's hint.
@@ -245,12 +372,7 @@ fn example_repository(store: &Store, connector: &str) -> Option<String> {
     let repositories = store
         .resources(connector, Some(crate::model::ResourceType::Repository))
         .ok()?;
-    repositories
-        .first()?
-        .profile
-        .get("full_name")?
-        .as_str()
-        .map(str::to_owned)
+    Some(repositories.first()?.profile.repository()?.full_name.clone())
 }
 
 fn exit_code(err: &SyncError) -> ExitCode {
@@ -286,23 +408,27 @@ struct KindSummary {
     unknown_principals: usize,
     requests: u64,
     seconds: f64,
+    /// The unfinished run this one resumed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resumed_from: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    /// The failure's class (`unavailable`, `invalid-credentials`, ...).
     #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<&'static str>,
+    reason: Option<FailureClass>,
 }
 
 impl Summary {
     fn new(
         args: &SyncArgs,
         workspaces: &[&str],
-        outcomes: &BTreeMap<SyncKind, Result<RunReport, SyncError>>,
+        outcomes: &BTreeMap<SyncKind, RunOutcome>,
         connect_requests: u64,
         elapsed: Duration,
     ) -> Self {
         let resource_types: Vec<KindSummary> = outcomes
             .iter()
-            .map(|(&kind, outcome)| match outcome {
+            .map(|(&kind, outcome)| match &outcome.result {
                 Ok(r) => KindSummary {
                     resource_type: kind,
                     ok: true,
@@ -312,6 +438,7 @@ impl Summary {
                     unknown_principals: r.unknown_principals,
                     requests: r.requests,
                     seconds: round3(r.duration.as_secs_f64()),
+                    resumed_from: r.resumed_from,
                     error: None,
                     reason: None,
                 },
@@ -322,10 +449,11 @@ impl Summary {
                     entitlements: 0,
                     grants: 0,
                     unknown_principals: 0,
-                    requests: 0,
-                    seconds: 0.0,
+                    requests: outcome.requests,
+                    seconds: round3(outcome.duration.as_secs_f64()),
+                    resumed_from: None,
                     error: Some(err.to_string()),
-                    reason: Some(err.reason()),
+                    reason: Some(err.class()),
                 },
             })
             .collect();
@@ -350,7 +478,7 @@ impl Summary {
             let status = if k.ok {
                 "ok".to_owned()
             } else {
-                format!("failed ({})", k.reason.unwrap_or("error"))
+                format!("failed ({})", k.reason.map_or("error", FailureClass::as_str))
             };
             out.push_str(&format!(
                 "{:<14}{:>11}{:>14}{:>9}{:>10}{:>9.2}  {status}\n",

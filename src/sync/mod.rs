@@ -29,7 +29,11 @@
 //! workspace's member list is kept and flagged (`unknown_principal`): it is
 //! exactly what an access review wants to see.
 
+mod checkpoint;
 pub mod cli;
+mod error;
+pub mod progress;
+pub mod progress_view;
 mod run;
 mod syncers;
 
@@ -40,79 +44,13 @@ use futures::TryStreamExt;
 use tokio::sync::OnceCell;
 
 use crate::bitbucket::models::{User, Workspace};
-use crate::bitbucket::{Client, Error as ApiError, ErrorKind};
+use crate::bitbucket::{Client, Error as ApiError};
 use crate::model::{SyncBatch, SyncKind};
 
-pub use run::{RunReport, discover_and_run_into_store, run_into_store};
+pub use error::{FailureClass, SyncError, full_chain};
+pub use progress::{ProgressBoard, ProgressSnapshot};
+pub use run::{RunOutcome, RunReport, discover_and_run_into_store, run_into_store, run_into_store_with_cost};
 pub(crate) use syncers::{group_member_grants, permission_grants};
-
-/// Why a sync failed, classified the way status conditions report it.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum SyncError {
-    /// Bitbucket refused the credentials (401).
-    #[error("credentials rejected: {0}")]
-    InvalidCredentials(ApiError),
-    /// Authenticated, but not allowed (403): missing scope, not an admin, or
-    /// a credential type that cannot read permissions.
-    #[error("insufficient permissions: {0}")]
-    InsufficientScopes(ApiError),
-    /// A configured workspace does not exist or is not visible.
-    #[error("workspace {slug:?} not found or not visible to these credentials")]
-    WorkspaceNotFound { slug: String },
-    /// The credential administers no workspace, and none was configured.
-    #[error("the credentials administer no workspace; set the workspaces to sync explicitly")]
-    NoWorkspaces,
-    /// Throttled beyond the retry budget.
-    #[error("rate limited: {0}")]
-    RateLimited(ApiError),
-    /// 5xx or transport failures beyond the retry budget.
-    #[error("Bitbucket unavailable: {0}")]
-    Unavailable(ApiError),
-    /// Anything else Bitbucket answered.
-    #[error("{0}")]
-    Api(ApiError),
-    /// The store failed.
-    #[error("store: {0}")]
-    Store(String),
-}
-
-impl SyncError {
-    /// The status-condition reason (CamelCase) for this failure.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            SyncError::InvalidCredentials(_) => "InvalidCredentials",
-            SyncError::InsufficientScopes(_) => "InsufficientScopes",
-            SyncError::WorkspaceNotFound { .. } | SyncError::NoWorkspaces => "WorkspaceNotFound",
-            SyncError::RateLimited(_) => "RateLimited",
-            SyncError::Unavailable(_) => "BitbucketUnavailable",
-            SyncError::Api(_) => "SyncFailed",
-            SyncError::Store(_) => "StoreError",
-        }
-    }
-
-    /// Failures that will not go away by retrying with the same settings.
-    pub fn is_configuration_error(&self) -> bool {
-        matches!(
-            self,
-            SyncError::InvalidCredentials(_)
-                | SyncError::InsufficientScopes(_)
-                | SyncError::WorkspaceNotFound { .. }
-                | SyncError::NoWorkspaces
-        )
-    }
-}
-
-impl From<ApiError> for SyncError {
-    fn from(err: ApiError) -> Self {
-        match err.kind {
-            ErrorKind::Unauthorized => SyncError::InvalidCredentials(err),
-            ErrorKind::Forbidden => SyncError::InsufficientScopes(err),
-            ErrorKind::RateLimited => SyncError::RateLimited(err),
-            ErrorKind::Server | ErrorKind::Transport => SyncError::Unavailable(err),
-            _ => SyncError::Api(err),
-        }
-    }
-}
 
 /// Runs syncers against one Bitbucket client.
 #[derive(Debug, Clone)]
@@ -122,6 +60,10 @@ pub struct SyncEngine {
     workspaces: Vec<String>,
     /// Per-project / per-repository calls started at once.
     concurrency: usize,
+    /// Whether a run replaces only its workspaces' data (see [`SyncEngine::replacing_only_scope`]).
+    scope_only: bool,
+    /// Live progress of every type this engine (and its scoped clones) syncs.
+    progress: ProgressBoard,
 }
 
 impl SyncEngine {
@@ -131,11 +73,29 @@ impl SyncEngine {
             client,
             workspaces,
             concurrency,
+            scope_only: false,
+            progress: ProgressBoard::default(),
         }
+    }
+
+    /// Runs of this engine replace only the data of the workspaces they
+    /// cover and keep the rest (`sync --workspaces a` on a store that also
+    /// holds `b`). Without it, a run's workspaces are all there is: data of
+    /// workspaces no longer synced goes (what the operator wants when a
+    /// connector's workspace list shrinks).
+    pub fn replacing_only_scope(mut self, yes: bool) -> Self {
+        self.scope_only = yes;
+        self
     }
 
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// Live progress per resource type (done/total units, ETA), for
+    /// progress bars and status.
+    pub fn progress(&self) -> &ProgressBoard {
+        &self.progress
     }
 
     /// Checks the credentials (`GET /2.0/user`) and finds the workspaces to
@@ -191,12 +151,24 @@ impl SyncEngine {
         Ok(SyncScope::new(workspaces))
     }
 
-    /// Runs one syncer over the scope's workspaces.
+    /// Runs one syncer over the scope's workspaces (no checkpoints).
     pub async fn sync(&self, kind: SyncKind, scope: &SyncScope) -> Result<SyncBatch, SyncError> {
+        self.sync_with(kind, scope, &checkpoint::Checkpoints::none()).await
+    }
+
+    async fn sync_with(
+        &self,
+        kind: SyncKind,
+        scope: &SyncScope,
+        checkpoints: &checkpoint::Checkpoints,
+    ) -> Result<SyncBatch, SyncError> {
+        let progress = self.progress.start(kind);
         let ctx = syncers::Context {
             client: &self.client,
             scope,
             concurrency: self.concurrency,
+            checkpoints,
+            progress: &progress,
         };
         let mut batch = match kind {
             SyncKind::Accounts => syncers::accounts(&ctx).await?,
@@ -209,6 +181,7 @@ impl SyncEngine {
         batch.entitlements.sort_by(|a, b| a.id.cmp(&b.id));
         batch.grants.sort_by(|a, b| a.id.cmp(&b.id));
         batch.grants.dedup_by(|a, b| a.id == b.id);
+        progress.finish();
         Ok(batch)
     }
 

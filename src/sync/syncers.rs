@@ -4,20 +4,68 @@
 use std::collections::{BTreeMap, HashSet};
 
 use futures::{Stream, TryStreamExt};
-use serde_json::json;
 
 use super::SyncScope;
+use super::checkpoint::Checkpoints;
+use super::progress::KindProgress;
 use crate::bitbucket::models::{Group, GroupPermission, Project, Repository, UserPermission, Workspace};
 use crate::bitbucket::{Client, Error as ApiError, PermissionScope};
 use crate::model::{
-    Entitlement, Grant, PROJECT_PERMISSIONS, REPOSITORY_PERMISSIONS, Resource, ResourceType, SyncBatch, group_id,
-    project_id, repository_id,
+    Entitlement, Grant, GroupProfile, PROJECT_PERMISSIONS, Profile, ProjectProfile, REPOSITORY_PERMISSIONS,
+    RepositoryProfile, Resource, ResourceType, SyncBatch, UserProfile, WorkspaceProfile, group_id, project_id,
+    repository_id,
 };
 
 pub(super) struct Context<'a> {
     pub client: &'a Client,
     pub scope: &'a SyncScope,
     pub concurrency: usize,
+    pub checkpoints: &'a Checkpoints,
+    pub progress: &'a KindProgress,
+}
+
+/// The explicit permissions of one project or repository: the unit of work
+/// that is checkpointed (`(uuid, permission)` and `(group slug, permission)`).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Explicit {
+    users: Vec<(String, String)>,
+    groups: Vec<(String, String)>,
+}
+
+impl Explicit {
+    pub(crate) fn new(users: &[UserPermission], groups: &[GroupPermission]) -> Self {
+        let level = |p: &Option<String>| p.clone().unwrap_or_default();
+        Explicit {
+            users: users
+                .iter()
+                .map(|u| (u.user.uuid.clone(), level(&u.permission)))
+                .collect(),
+            groups: groups
+                .iter()
+                .map(|g| (g.group.slug.clone(), level(&g.permission)))
+                .collect(),
+        }
+    }
+}
+
+/// The explicit permissions on `scope`, from a resumed run's checkpoint or
+/// from Bitbucket (then checkpointed).
+async fn explicit_permissions(
+    ctx: &Context<'_>,
+    unit: String,
+    scope: PermissionScope<'_>,
+) -> Result<Explicit, ApiError> {
+    if let Some(found) = ctx.checkpoints.restored::<Explicit>(&unit) {
+        ctx.progress.resumed_one();
+        return Ok(found);
+    }
+    let users = ctx.client.explicit_user_permissions(scope);
+    let groups = ctx.client.explicit_group_permissions(scope);
+    let (users, groups) = futures::try_join!(users.try_concat(), groups.try_concat())?;
+    let explicit = Explicit::new(&users, &groups);
+    ctx.checkpoints.record(unit, &explicit);
+    ctx.progress.done_one();
+    Ok(explicit)
 }
 
 /// Users: the union of every workspace's members.
@@ -29,21 +77,20 @@ pub(super) async fn accounts(ctx: &Context<'_>) -> Result<SyncBatch, ApiError> {
             .map(|workspace| ctx.scope.members(ctx.client, workspace)),
     )
     .await?;
-    let mut users = BTreeMap::new();
-    for members in &listings {
+    let mut users: BTreeMap<String, Resource> = BTreeMap::new();
+    for (workspace, members) in ctx.scope.workspaces.iter().zip(&listings) {
         for user in members.iter() {
             if user.uuid.is_empty() {
                 continue;
             }
-            users.entry(user.uuid.clone()).or_insert_with(|| {
-                let mut profile = json!({
-                    "nickname": user.nickname,
-                    "account_id": user.account_id,
-                    "status": user.account_status.as_deref().unwrap_or("active"),
+            let resource = users.entry(user.uuid.clone()).or_insert_with(|| {
+                let profile = Profile::User(UserProfile {
+                    nickname: user.nickname.clone(),
+                    account_id: user.account_id.clone(),
+                    status: user.account_status.clone().unwrap_or_else(|| "active".into()),
+                    email: user.email.clone(),
+                    workspaces: Vec::new(),
                 });
-                if let Some(email) = &user.email {
-                    profile["email"] = json!(email);
-                }
                 Resource {
                     resource_type: ResourceType::User,
                     id: user.uuid.clone(),
@@ -56,6 +103,9 @@ pub(super) async fn accounts(ctx: &Context<'_>) -> Result<SyncBatch, ApiError> {
                     profile,
                 }
             });
+            if let Profile::User(profile) = &mut resource.profile {
+                profile.workspaces.push(workspace.uuid.clone());
+            }
         }
     }
     Ok(SyncBatch {
@@ -77,7 +127,10 @@ async fn workspace_grants(ctx: &Context<'_>, workspace: &Workspace) -> Result<Sy
         id: workspace.uuid.clone(),
         display_name: name.clone(),
         parent_id: None,
-        profile: json!({ "slug": workspace.slug, "name": name }),
+        profile: Profile::Workspace(WorkspaceProfile {
+            slug: workspace.slug.clone(),
+            name: name.clone(),
+        }),
     });
     let member = Entitlement::new(
         ResourceType::Workspace,
@@ -131,7 +184,11 @@ async fn workspace_groups(ctx: &Context<'_>, workspace: &Workspace) -> Result<Sy
             id: id.clone(),
             display_name: name.clone(),
             parent_id: Some(workspace.uuid.clone()),
-            profile: json!({ "slug": group.slug, "name": name, "workspace_slug": workspace.slug }),
+            profile: Profile::Group(GroupProfile {
+                slug: group.slug.clone(),
+                name: name.clone(),
+                workspace_slug: workspace.slug.clone(),
+            }),
         });
         let member = Entitlement::new(ResourceType::UserGroup, &id, "member", format!("{name} member"));
         batch.grants.extend(group_member_grants(workspace, &group));
@@ -148,21 +205,20 @@ pub(super) async fn projects(ctx: &Context<'_>) -> Result<SyncBatch, ApiError> {
 async fn workspace_projects(ctx: &Context<'_>, workspace: &Workspace) -> Result<SyncBatch, ApiError> {
     let mut batch = SyncBatch::default();
     // Permission listings start as soon as the first listing page is in.
-    let fetched = flatten_pages(ctx.client.projects(&workspace.slug))
+    let fetched = flatten_pages(ctx, ctx.client.projects(&workspace.slug))
         .map_ok(|project| async move {
             let scope = PermissionScope::Project {
                 workspace: &workspace.slug,
                 key: &project.key,
             };
-            let users = ctx.client.explicit_user_permissions(scope);
-            let groups = ctx.client.explicit_group_permissions(scope);
-            let (users, groups) = futures::try_join!(users.try_concat(), groups.try_concat())?;
-            Ok::<_, ApiError>((project, users, groups))
+            let unit = format!("{}/project/{}/{}", workspace.uuid, project.uuid, project.key);
+            let explicit = explicit_permissions(ctx, unit, scope).await?;
+            Ok::<_, ApiError>((project, explicit))
         })
         .try_buffer_unordered(ctx.concurrency)
-        .try_collect::<Vec<(Project, Vec<UserPermission>, Vec<GroupPermission>)>>();
+        .try_collect::<Vec<(Project, Explicit)>>();
     let (members, fetched) = futures::try_join!(ctx.scope.member_ids(ctx.client, workspace), fetched)?;
-    for (project, users, groups) in fetched {
+    for (project, explicit) in fetched {
         if project.uuid.is_empty() || project.key.is_empty() {
             continue;
         }
@@ -173,12 +229,15 @@ async fn workspace_projects(ctx: &Context<'_>, workspace: &Workspace) -> Result<
             id: id.clone(),
             display_name: name.clone(),
             parent_id: Some(workspace.uuid.clone()),
-            profile: json!({
-                "key": project.key, "name": name, "uuid": project.uuid, "workspace_slug": workspace.slug,
+            profile: Profile::Project(ProjectProfile {
+                key: project.key.clone(),
+                name: name.clone(),
+                uuid: project.uuid.clone(),
+                workspace_slug: workspace.slug.clone(),
             }),
         });
         let entitlements = permission_entitlements(ResourceType::Project, &id, &name, &PROJECT_PERMISSIONS);
-        add_permission_grants(&mut batch, &entitlements, workspace, &members, &users, &groups);
+        add_permission_grants(&mut batch, &entitlements, workspace, &members, &explicit);
         batch.entitlements.extend(entitlements.into_values());
     }
     Ok(batch)
@@ -193,22 +252,21 @@ pub(super) async fn repositories(ctx: &Context<'_>) -> Result<SyncBatch, ApiErro
 async fn workspace_repositories(ctx: &Context<'_>, workspace: &Workspace) -> Result<SyncBatch, ApiError> {
     let mut batch = SyncBatch::default();
     // Permission listings start as soon as the first listing page is in.
-    let fetched = flatten_pages(ctx.client.repositories(&workspace.slug))
+    let fetched = flatten_pages(ctx, ctx.client.repositories(&workspace.slug))
         .map_ok(|repository| async move {
             let slug = repository.slug().to_owned();
             let scope = PermissionScope::Repository {
                 workspace: &workspace.slug,
                 slug: &slug,
             };
-            let users = ctx.client.explicit_user_permissions(scope);
-            let groups = ctx.client.explicit_group_permissions(scope);
-            let (users, groups) = futures::try_join!(users.try_concat(), groups.try_concat())?;
-            Ok::<_, ApiError>((repository, users, groups))
+            let unit = format!("{}/repository/{}", workspace.uuid, repository.uuid);
+            let explicit = explicit_permissions(ctx, unit, scope).await?;
+            Ok::<_, ApiError>((repository, explicit))
         })
         .try_buffer_unordered(ctx.concurrency)
-        .try_collect::<Vec<(Repository, Vec<UserPermission>, Vec<GroupPermission>)>>();
+        .try_collect::<Vec<(Repository, Explicit)>>();
     let (members, fetched) = futures::try_join!(ctx.scope.member_ids(ctx.client, workspace), fetched)?;
-    for (repository, users, groups) in fetched {
+    for (repository, explicit) in fetched {
         if repository.uuid.is_empty() {
             continue;
         }
@@ -229,13 +287,18 @@ async fn workspace_repositories(ctx: &Context<'_>, workspace: &Workspace) -> Res
             id: id.clone(),
             display_name: full_name.clone(),
             parent_id: Some(workspace.uuid.clone()),
-            profile: json!({
-                "slug": slug, "full_name": full_name, "name": name, "uuid": repository.uuid,
-                "project_id": project_resource, "project_key": project.key, "workspace_slug": workspace.slug,
+            profile: Profile::Repository(RepositoryProfile {
+                slug,
+                full_name: full_name.clone(),
+                name,
+                uuid: repository.uuid.clone(),
+                project_id: project_resource,
+                project_key: project.key.clone(),
+                workspace_slug: workspace.slug.clone(),
             }),
         });
         let entitlements = permission_entitlements(ResourceType::Repository, &id, &full_name, &REPOSITORY_PERMISSIONS);
-        add_permission_grants(&mut batch, &entitlements, workspace, &members, &users, &groups);
+        add_permission_grants(&mut batch, &entitlements, workspace, &members, &explicit);
         batch.entitlements.extend(entitlements.into_values());
     }
     Ok(batch)
@@ -248,8 +311,16 @@ where
     F: Fn(&'a Context<'a>, &'a Workspace) -> Fut,
     Fut: Future<Output = Result<SyncBatch, ApiError>>,
 {
-    let batches =
-        futures::future::try_join_all(ctx.scope.workspaces.iter().map(|workspace| sync(ctx, workspace))).await?;
+    ctx.progress.add_total(ctx.scope.workspaces.len() as u64);
+    let batches = futures::future::try_join_all(ctx.scope.workspaces.iter().map(|workspace| {
+        let work = sync(ctx, workspace);
+        async move {
+            let batch = work.await?;
+            ctx.progress.done_one();
+            Ok::<_, ApiError>(batch)
+        }
+    }))
+    .await?;
     let mut merged = SyncBatch::default();
     for batch in batches {
         merged.resources.extend(batch.resources);
@@ -259,10 +330,17 @@ where
     Ok(merged)
 }
 
-/// A paginated listing as a stream of items.
-fn flatten_pages<T>(pages: impl Stream<Item = Result<Vec<T>, ApiError>>) -> impl Stream<Item = Result<T, ApiError>> {
+/// A paginated listing as a stream of items; each page's items count as
+/// units of work still to do.
+fn flatten_pages<'a, T: 'a>(
+    ctx: &'a Context<'a>,
+    pages: impl Stream<Item = Result<Vec<T>, ApiError>> + 'a,
+) -> impl Stream<Item = Result<T, ApiError>> + 'a {
     pages
-        .map_ok(|page| futures::stream::iter(page.into_iter().map(Ok)))
+        .map_ok(move |page| {
+            ctx.progress.add_total(page.len() as u64);
+            futures::stream::iter(page.into_iter().map(Ok))
+        })
         .try_flatten()
 }
 
@@ -290,28 +368,27 @@ fn add_permission_grants(
     entitlements: &BTreeMap<&'static str, Entitlement>,
     workspace: &Workspace,
     members: &HashSet<String>,
-    users: &[UserPermission],
-    groups: &[GroupPermission],
+    explicit: &Explicit,
 ) {
-    for entry in users {
-        let Some(entitlement) = entry.permission.as_deref().and_then(|p| entitlements.get(p)) else {
+    for (uuid, level) in &explicit.users {
+        let Some(entitlement) = entitlements.get(level.as_str()) else {
             continue;
         };
-        if entry.user.uuid.is_empty() {
+        if uuid.is_empty() {
             continue;
         }
-        let mut grant = Grant::new(entitlement, ResourceType::User, &entry.user.uuid);
-        grant.unknown_principal = !members.contains(&entry.user.uuid);
+        let mut grant = Grant::new(entitlement, ResourceType::User, uuid);
+        grant.unknown_principal = !members.contains(uuid);
         batch.grants.push(grant);
     }
-    for entry in groups {
-        let Some(entitlement) = entry.permission.as_deref().and_then(|p| entitlements.get(p)) else {
+    for (slug, level) in &explicit.groups {
+        let Some(entitlement) = entitlements.get(level.as_str()) else {
             continue;
         };
-        if entry.group.slug.is_empty() {
+        if slug.is_empty() {
             continue;
         }
-        let principal = group_id(&workspace.uuid, &entry.group.slug);
+        let principal = group_id(&workspace.uuid, slug);
         batch
             .grants
             .push(Grant::new(entitlement, ResourceType::UserGroup, &principal));
@@ -349,6 +426,12 @@ pub(crate) fn permission_grants(
     };
     let entitlements = permission_entitlements(resource_type, resource_id, "", levels);
     let mut batch = SyncBatch::default();
-    add_permission_grants(&mut batch, &entitlements, workspace, members, users, groups);
+    add_permission_grants(
+        &mut batch,
+        &entitlements,
+        workspace,
+        members,
+        &Explicit::new(users, groups),
+    );
     batch.grants
 }
