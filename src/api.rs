@@ -1,25 +1,30 @@
 //! The read-only data API: the store's inventory over HTTP, for dashboards
-//! and access reviews, on the operator's port beside the probes and metrics.
+//! and access reviews, on the operator's port beside the probes and metrics,
+//! or on its own TLS port when given a certificate ([`DataApiArgs`]).
 //!
 //! ```text
-//! GET /api/v1/namespaces/{ns}/connectors/{name}/resources[?type=repository]
-//! GET /api/v1/namespaces/{ns}/connectors/{name}/grants          (JSON)
+//! GET /api/v1/namespaces/{ns}/connectors/{name}/resources[?type=repository]   (paged)
+//! GET /api/v1/namespaces/{ns}/connectors/{name}/grants                        (paged)
 //! GET /api/v1/namespaces/{ns}/connectors/{name}/grants.csv      (CSV, for access reviews)
-//! GET /api/v1/namespaces/{ns}/connectors/{name}/who-can?repository=ws/slug
+//! GET /api/v1/namespaces/{ns}/connectors/{name}/who-can?repository=ws/slug    (paged)
 //! GET /api/v1/namespaces/{ns}/connectors/{name}/access-of?user=nickname
 //! GET /api/v1/namespaces/{ns}/connectors/{name}/runs
 //! ```
 //!
-//! Every request needs `Authorization: Bearer <Kubernetes token>`. The token
-//! is checked with a TokenReview, and the caller must be allowed `get` on the
+//! Paged listings take `limit` and `continue` and answer
+//! `{"items": [...], "metadata": {"continue": "...", "remainingItemCount": n}}`
+//! (see [`paging`]).
+//!
+//! Every request needs `Authorization: Bearer <Kubernetes token>` issued for
+//! the data API's audience (`bitbucket-operator` by default:
+//! `kubectl create token <sa> --audience bitbucket-operator`). The token is
+//! checked with a TokenReview for that audience, so a token for the API
+//! server is refused here and a token for the data API is useless against
+//! the API server. The caller must then be allowed `get` on the
 //! `bitbucketconnectors/data` subresource of that connector (a
 //! SubjectAccessReview). `data` is not served by the API server; it exists so
 //! that RBAC can grant reading the inventory separately from reading the
 //! resource, e.g.:
-//!
-//! Only the replica holding the leader-election lease serves data (others
-//! answer 503): each replica keeps its own store and only the leader's is
-//! current.
 //!
 //! ```yaml
 //! rules:
@@ -27,29 +32,123 @@
 //!     resources: [bitbucketconnectors/data]
 //!     verbs: [get]
 //! ```
+//!
+//! Only the replica holding the leader-election lease serves data (others
+//! answer 503): each replica keeps its own store and only the leader's is
+//! current.
+//!
+//! Bounded: decisions are cached (positive and negative, per token hash,
+//! size-capped, single-flight), so a flood of junk tokens costs at most one
+//! TokenReview per distinct token per TTL; requests in progress are capped
+//! (429 beyond); responses are paged. TLS: [`crate::http::serve_data_api`].
+
+mod cache;
+pub mod paging;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, UserInfo};
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use kube::api::{Api, PostParams};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
 
 use crate::access::{self, AccessError};
 use crate::crd::GROUP;
+use crate::http::tls::TlsFiles;
 use crate::model::{ResourceType, SyncKind};
 use crate::store::Store;
+use cache::TtlCache;
+use paging::{PageError, PageQuery};
+
+/// The audience callers' tokens must be issued for, unless configured.
+pub const DEFAULT_AUDIENCE: &str = "bitbucket-operator";
+
+/// The `run` flags of the data API, for `#[command(flatten)]`.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct DataApiArgs {
+    /// Audience callers' tokens must be issued for
+    /// (`kubectl create token <sa> --audience <this>`).
+    #[arg(long = "data-api-audience", env = "DATA_API_AUDIENCE", default_value = DEFAULT_AUDIENCE)]
+    pub audience: String,
+    /// PEM certificate chain: with --data-api-tls-key, the data API is served
+    /// over TLS on --data-api-addr (and no longer on the plain HTTP port).
+    #[arg(long = "data-api-tls-cert", env = "DATA_API_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --data-api-tls-cert.
+    #[arg(long = "data-api-tls-key", env = "DATA_API_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Address of the TLS listener.
+    #[arg(long = "data-api-addr", env = "DATA_API_ADDR", default_value = "0.0.0.0:8443")]
+    pub addr: SocketAddr,
+    /// Data API requests served at once; more get 429.
+    #[arg(long = "data-api-max-concurrent", env = "DATA_API_MAX_CONCURRENT", default_value_t = DataApiSettings::default().max_concurrent)]
+    pub max_concurrent: usize,
+    /// Authorization decisions remembered (each cache), oldest dropped first.
+    #[arg(long = "data-api-cache-entries", env = "DATA_API_CACHE_ENTRIES", default_value_t = DataApiSettings::default().cache_entries)]
+    pub cache_entries: usize,
+}
+
+impl DataApiArgs {
+    pub fn settings(&self) -> DataApiSettings {
+        DataApiSettings {
+            audience: self.audience.clone(),
+            cache_entries: self.cache_entries,
+            max_concurrent: self.max_concurrent,
+            ..DataApiSettings::default()
+        }
+    }
+
+    /// The certificate files, when TLS is configured.
+    pub fn tls(&self) -> Option<TlsFiles> {
+        Some(TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+        })
+    }
+}
+
+/// How callers are authenticated and how much they may ask at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataApiSettings {
+    /// TokenReview audience; tokens for other audiences are refused.
+    pub audience: String,
+    /// How long a decision is remembered: an RBAC change or a revoked token
+    /// applies within this.
+    pub cache_ttl: Duration,
+    /// Entries per decision cache (tokens; token × connector).
+    pub cache_entries: usize,
+    /// Requests in progress at once.
+    pub max_concurrent: usize,
+}
+
+impl Default for DataApiSettings {
+    fn default() -> Self {
+        DataApiSettings {
+            audience: DEFAULT_AUDIENCE.to_owned(),
+            cache_ttl: Duration::from_secs(10),
+            cache_entries: 4096,
+            max_concurrent: 32,
+        }
+    }
+}
 
 /// What the data API needs: the Kubernetes client for reviews, the store,
-/// and whether this replica runs the sync loops.
+/// whether this replica runs the sync loops, and the gate deciding who may
+/// read.
 #[derive(Clone)]
 pub struct ApiState {
     pub kube: kube::Client,
@@ -58,7 +157,9 @@ pub struct ApiState {
     /// election). A standby's store is not kept current, so it answers 503
     /// rather than stale or empty data.
     pub leading: Arc<std::sync::atomic::AtomicBool>,
-    pub decisions: Arc<DecisionCache>,
+    /// Authentication, authorization and admission (see [`AccessGate`]);
+    /// `Default::default()` uses [`DataApiSettings::default`].
+    pub decisions: Arc<AccessGate>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -69,11 +170,29 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/namespaces/{ns}/connectors/{name}/who-can", get(who_can))
         .route("/api/v1/namespaces/{ns}/connectors/{name}/access-of", get(access_of))
         .route("/api/v1/namespaces/{ns}/connectors/{name}/runs", get(runs))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&state.decisions), admit))
         .with_state(state)
 }
 
+/// Refuses a request beyond `max_concurrent` at once with 429, before any
+/// review or store read: a flood queues nowhere.
+async fn admit(State(gate): State<Arc<AccessGate>>, request: Request, next: Next) -> Response {
+    let Ok(_permit) = Arc::clone(&gate.in_flight).try_acquire_owned() else {
+        let mut response = ApiError(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many data API requests in progress; try again shortly".into(),
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return response;
+    };
+    next.run(request).await
+}
+
 /// An API failure as a Kubernetes-style JSON error; never carries a token.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
@@ -98,68 +217,98 @@ impl From<AccessError> for ApiError {
     }
 }
 
-/// Recent authorization decisions, keyed by a hash of the token and the
-/// connector, so a dashboard polling the API does not cost two API-server
-/// reviews per request, and junk tokens cannot make it review them as fast as
-/// they arrive. Ten seconds: an RBAC change or a revoked token applies within
-/// that. The token itself is never stored.
-#[derive(Default)]
-pub struct DecisionCache {
-    entries: std::sync::Mutex<HashMap<DecisionKey, (std::time::Instant, Decision)>>,
+/// Decides who may read, remembering decisions so that a dashboard polling
+/// the API, or a flood of junk tokens, costs at most one TokenReview per
+/// distinct token and one SubjectAccessReview per token and connector within
+/// the TTL. Both caches are size-capped and keyed by a SHA-256 of the token;
+/// the token itself is never stored. Also caps requests in progress.
+pub struct AccessGate {
+    settings: DataApiSettings,
+    /// Token hash → who it is, or the refusal.
+    identities: TtlCache<[u8; 32], Result<UserInfo, ApiError>>,
+    /// (token hash, namespace, connector) → allowed, or the refusal.
+    permissions: TtlCache<([u8; 32], String, String), Result<(), ApiError>>,
+    in_flight: Arc<Semaphore>,
+    token_reviews: AtomicU64,
+    access_reviews: AtomicU64,
 }
 
-/// SHA-256 of the token, namespace, connector name.
-type DecisionKey = (Vec<u8>, String, String);
-/// Allowed, or the refusal to repeat.
-type Decision = Result<(), (StatusCode, String)>;
-
-const DECISION_TTL: std::time::Duration = std::time::Duration::from_secs(10);
-
-impl DecisionCache {
-    fn get(&self, key: &DecisionKey) -> Option<Result<(), ApiError>> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let (at, decision) = entries.get(key)?;
-        (at.elapsed() < DECISION_TTL).then(|| decision.clone().map_err(|(code, message)| ApiError(code, message)))
+impl Default for AccessGate {
+    fn default() -> Self {
+        AccessGate::new(DataApiSettings::default())
     }
+}
 
-    fn put(&self, key: DecisionKey, decision: &Result<(), ApiError>) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if entries.len() >= 1024 {
-            entries.retain(|_, (at, _)| at.elapsed() < DECISION_TTL);
-            if entries.len() >= 1024 {
-                entries.clear();
-            }
+impl AccessGate {
+    pub fn new(settings: DataApiSettings) -> Self {
+        AccessGate {
+            identities: TtlCache::new(settings.cache_entries, settings.cache_ttl),
+            permissions: TtlCache::new(settings.cache_entries, settings.cache_ttl),
+            in_flight: Arc::new(Semaphore::new(settings.max_concurrent.max(1))),
+            token_reviews: AtomicU64::new(0),
+            access_reviews: AtomicU64::new(0),
+            settings,
         }
-        let stored = match decision {
-            Ok(()) => Ok(()),
-            Err(ApiError(code, message)) => Err((*code, message.clone())),
-        };
-        entries.insert(key, (std::time::Instant::now(), stored));
+    }
+
+    pub fn settings(&self) -> &DataApiSettings {
+        &self.settings
+    }
+
+    /// Decisions held (identities, permissions): never above the capacity.
+    pub fn cached_decisions(&self) -> (usize, usize) {
+        (self.identities.len(), self.permissions.len())
+    }
+
+    /// TokenReviews and SubjectAccessReviews sent so far (for metrics).
+    pub fn reviews_sent(&self) -> (u64, u64) {
+        (
+            self.token_reviews.load(Ordering::Relaxed),
+            self.access_reviews.load(Ordering::Relaxed),
+        )
     }
 }
+
+/// Longest bearer token sent for review; service-account tokens are about
+/// 1 KiB.
+const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
 /// TokenReview, then SubjectAccessReview for `get bitbucketconnectors/data`,
-/// remembered for a few seconds (see [`DecisionCache`]).
+/// each remembered (see [`AccessGate`]).
 async fn authorize(state: &ApiState, headers: &HeaderMap, ns: &str, name: &str) -> Result<(), ApiError> {
+    check_names(ns, name)?;
     let token = bearer(headers)?;
-    let key = (
-        Sha256::digest(token.as_bytes()).to_vec(),
-        ns.to_owned(),
-        name.to_owned(),
-    );
-    if let Some(decision) = state.decisions.get(&key) {
-        return decision;
+    let gate = &state.decisions;
+    let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    let user = gate
+        .identities
+        .get_or_decide(hash, || authenticate(state, token))
+        .await??;
+    gate.permissions
+        .get_or_decide((hash, ns.to_owned(), name.to_owned()), || {
+            may_read(state, user, ns, name)
+        })
+        .await?
+}
+
+/// Names are checked before anything else so that cache keys stay small and
+/// a junk path costs no review.
+fn check_names(ns: &str, name: &str) -> Result<(), ApiError> {
+    let dns = |s: &str, max: usize, dots: bool| {
+        !s.is_empty()
+            && s.len() <= max
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.'))
+            && !s.starts_with(['-', '.'])
+            && !s.ends_with(['-', '.'])
+    };
+    if !dns(ns, 63, false) || !dns(name, 253, true) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "the namespace or connector name is not a valid Kubernetes name".into(),
+        ));
     }
-    let decision = review(state, token, ns, name).await;
-    // Review failures (the API server unavailable) are not remembered.
-    if decision
-        .as_ref()
-        .err()
-        .is_none_or(|e| e.0 != StatusCode::SERVICE_UNAVAILABLE)
-    {
-        state.decisions.put(key, &decision);
-    }
-    decision
+    Ok(())
 }
 
 fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
@@ -168,27 +317,45 @@ fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
-        .filter(|t| !t.is_empty())
+        .filter(|t| !t.is_empty() && t.len() <= MAX_TOKEN_BYTES)
         .ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, "a bearer token is required".into()))
 }
 
-async fn review(state: &ApiState, token: &str, ns: &str, name: &str) -> Result<(), ApiError> {
+/// The outer `Err` is a failed review (not remembered); the inner one a
+/// refusal (remembered).
+type Reviewed<T> = Result<Result<T, ApiError>, ApiError>;
+
+async fn authenticate(state: &ApiState, token: &str) -> Reviewed<UserInfo> {
+    let audience = &state.decisions.settings.audience;
     let review = TokenReview {
         spec: TokenReviewSpec {
             token: Some(token.to_owned()),
-            ..Default::default()
+            audiences: Some(vec![audience.clone()]),
         },
         ..Default::default()
     };
+    state.decisions.token_reviews.fetch_add(1, Ordering::Relaxed);
     let reviewed = Api::<TokenReview>::all(state.kube.clone())
         .create(&PostParams::default(), &review)
         .await
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("token review failed: {e}")))?;
     let status = reviewed.status.unwrap_or_default();
-    let user = match (status.authenticated, status.user) {
-        (Some(true), Some(user)) => user,
-        _ => return Err(ApiError(StatusCode::UNAUTHORIZED, "the token was not accepted".into())),
-    };
+    // An audience-unaware authenticator answers without audiences: the token
+    // is then one for the API server, not for us.
+    let for_us = status.audiences.as_ref().is_some_and(|a| a.contains(audience));
+    Ok(match (status.authenticated, status.user) {
+        (Some(true), Some(user)) if for_us => Ok(user),
+        (Some(true), Some(_)) => Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "the token was not issued for the audience {audience:?} (kubectl create token … --audience {audience})"
+            ),
+        )),
+        _ => Err(ApiError(StatusCode::UNAUTHORIZED, "the token was not accepted".into())),
+    })
+}
+
+async fn may_read(state: &ApiState, user: UserInfo, ns: &str, name: &str) -> Reviewed<()> {
     let access = SubjectAccessReview {
         spec: SubjectAccessReviewSpec {
             user: user.username.clone(),
@@ -208,11 +375,12 @@ async fn review(state: &ApiState, token: &str, ns: &str, name: &str) -> Result<(
         },
         ..Default::default()
     };
+    state.decisions.access_reviews.fetch_add(1, Ordering::Relaxed);
     let decided = Api::<SubjectAccessReview>::all(state.kube.clone())
         .create(&PostParams::default(), &access)
         .await
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("access review failed: {e}")))?;
-    if decided.status.is_some_and(|s| s.allowed) {
+    Ok(if decided.status.is_some_and(|s| s.allowed) {
         Ok(())
     } else {
         let who = user.username.unwrap_or_else(|| "the caller".into());
@@ -220,7 +388,7 @@ async fn review(state: &ApiState, token: &str, ns: &str, name: &str) -> Result<(
             StatusCode::FORBIDDEN,
             format!("{who} may not get bitbucketconnectors/data of {ns}/{name}"),
         ))
-    }
+    })
 }
 
 /// Authorizes, then runs a store read off the async runtime.
@@ -250,6 +418,46 @@ where
     .map_err(internal)?
 }
 
+/// Authorizes, reads a whole listing, and answers one page of it, with a
+/// `continue` token bound to the listing (`what`) and the store's current
+/// generations of the connector.
+async fn read_page<T, F>(
+    state: ApiState,
+    headers: HeaderMap,
+    (ns, name): (String, String),
+    what: String,
+    query: PageQuery,
+    f: F,
+) -> Result<Response, ApiError>
+where
+    T: Serialize + Send + 'static,
+    F: FnOnce(&Store, &str) -> Result<Vec<T>, ApiError> + Send + 'static,
+{
+    let (items, snapshot) = read(state, headers, ns, name, move |store, c| {
+        let mut parts = vec![what];
+        for kind in SyncKind::ALL {
+            let generation = store.current_generation(c, kind).map_err(internal)?;
+            parts.push(format!("{kind:?}={generation:?}"));
+        }
+        let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+        Ok((f(store, c)?, paging::snapshot(&parts)))
+    })
+    .await?;
+    let page = paging::page(items, &query, snapshot).map_err(|e| match e {
+        PageError::Invalid(message) => ApiError(StatusCode::BAD_REQUEST, message),
+        PageError::Expired => ApiError(
+            StatusCode::GONE,
+            "the continue token has expired: the data changed since the first page; list again without it".into(),
+        ),
+    })?;
+    let mut metadata = serde_json::Map::new();
+    if let Some(token) = page.continue_token {
+        metadata.insert("continue".into(), json!(token));
+        metadata.insert("remainingItemCount".into(), json!(page.remaining));
+    }
+    Ok(axum::Json(json!({ "items": page.items, "metadata": metadata })).into_response())
+}
+
 fn internal(err: impl std::fmt::Display) -> ApiError {
     ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())
 }
@@ -265,6 +473,7 @@ async fn resources(
     headers: HeaderMap,
     Path((ns, name)): Path<(String, String)>,
     Query(query): Query<TypeQuery>,
+    Query(paged): Query<PageQuery>,
 ) -> Result<Response, ApiError> {
     let resource_type = match query.resource_type.as_deref() {
         None => None,
@@ -275,20 +484,23 @@ async fn resources(
             )
         })?),
     };
-    let resources = read(state, headers, ns, name, move |store, c| {
+    let what = format!("resources?type={}", query.resource_type.unwrap_or_default());
+    read_page(state, headers, (ns, name), what, paged, move |store, c| {
         store.resources(c, resource_type).map_err(internal)
     })
-    .await?;
-    Ok(axum::Json(json!({ "items": resources })).into_response())
+    .await
 }
 
 async fn grants(
     State(state): State<ApiState>,
     headers: HeaderMap,
-    Path((ns, name)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
+    Query(paged): Query<PageQuery>,
 ) -> Result<Response, ApiError> {
-    let grants = read(state, headers, ns, name, |store, c| store.grants(c).map_err(internal)).await?;
-    Ok(axum::Json(json!({ "items": grants })).into_response())
+    read_page(state, headers, path, "grants".into(), paged, |store, c| {
+        store.grants(c).map_err(internal)
+    })
+    .await
 }
 
 async fn grants_csv(
@@ -364,14 +576,15 @@ struct RepositoryQuery {
 async fn who_can(
     State(state): State<ApiState>,
     headers: HeaderMap,
-    Path((ns, name)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
     Query(query): Query<RepositoryQuery>,
+    Query(paged): Query<PageQuery>,
 ) -> Result<Response, ApiError> {
-    let entries = read(state, headers, ns, name, move |store, c| {
+    let what = format!("who-can?repository={}", query.repository);
+    read_page(state, headers, path, what, paged, move |store, c| {
         Ok(access::who_can(store, c, &query.repository)?)
     })
-    .await?;
-    Ok(axum::Json(json!({ "items": entries })).into_response())
+    .await
 }
 
 #[derive(Deserialize)]
@@ -404,6 +617,89 @@ async fn runs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn requests_beyond_the_concurrency_cap_get_429_at_once() {
+        let gate = Arc::new(AccessGate::new(DataApiSettings {
+            max_concurrent: 2,
+            ..DataApiSettings::default()
+        }));
+        let release = Arc::new(tokio::sync::Notify::new());
+        let app = Router::new()
+            .route(
+                "/slow",
+                get({
+                    let release = Arc::clone(&release);
+                    move || async move {
+                        release.notified().await;
+                        "done"
+                    }
+                }),
+            )
+            .route_layer(middleware::from_fn_with_state(Arc::clone(&gate), admit));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/slow", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let http = reqwest::Client::new();
+        let held: Vec<_> = (0..2).map(|_| tokio::spawn(http.get(&url).send())).collect();
+        while gate.in_flight.available_permits() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let refused = http.get(&url).send().await.unwrap();
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(refused.headers()[header::RETRY_AFTER], "1");
+        release.notify_waiters();
+        for request in held {
+            assert_eq!(request.await.unwrap().unwrap().status(), StatusCode::OK);
+        }
+        assert_eq!(gate.in_flight.available_permits(), 2, "slots come back");
+        server.abort();
+    }
+
+    #[test]
+    fn names_are_checked_before_any_review() {
+        assert!(check_names("team-a", "acme.v2").is_ok());
+        for (ns, name) in [
+            ("", "a"),
+            ("a", ""),
+            ("Team", "a"),
+            ("a", "-x"),
+            ("a.b", "x"),
+            ("a", "x/y"),
+        ] {
+            assert!(check_names(ns, name).is_err(), "{ns}/{name}");
+        }
+        assert!(check_names(&"a".repeat(64), "x").is_err());
+        assert!(check_names("a", &"b".repeat(254)).is_err());
+    }
+
+    #[test]
+    fn data_api_args_parse() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            api: DataApiArgs,
+        }
+        let cli = Cli::parse_from(["x"]);
+        assert_eq!(cli.api.settings(), DataApiSettings::default());
+        assert_eq!(cli.api.tls(), None);
+        let cli = Cli::parse_from([
+            "x",
+            "--data-api-audience",
+            "aud",
+            "--data-api-tls-cert",
+            "/c",
+            "--data-api-tls-key",
+            "/k",
+        ]);
+        assert_eq!(cli.api.settings().audience, "aud");
+        assert_eq!(cli.api.tls().unwrap().key, PathBuf::from("/k"));
+        assert!(
+            Cli::try_parse_from(["x", "--data-api-tls-cert", "/c"]).is_err(),
+            "a cert needs its key"
+        );
+    }
 
     #[test]
     fn csv_fields_are_quoted_and_formula_safe() {

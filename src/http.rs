@@ -1,7 +1,10 @@
 //! The operator's HTTP endpoints on one port: `/healthz` (the process
 //! answers), `/readyz` (the watch caches have synced, whether or not this
 //! replica leads), `/metrics` (Prometheus text format), and the
-//! authenticated read-only data API under `/api/v1` ([`crate::api`]).
+//! authenticated read-only data API under `/api/v1` ([`crate::api`]), which
+//! can instead be served alone over TLS ([`serve_data_api`]).
+
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -66,5 +69,31 @@ pub async fn serve(
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await?;
+    Ok(())
+}
+
+/// Serves the data API alone on `addr` (no probes, no metrics), over TLS
+/// when `tls` is given, until `shutdown` resolves. With TLS the certificate
+/// is loaded before listening (a bad one fails here) and reloaded when its
+/// files change.
+pub async fn serve_data_api(
+    addr: SocketAddr,
+    api: ApiState,
+    tls: Option<tls::TlsFiles>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let app = crate::api::router(api);
+    match tls {
+        Some(files) => {
+            let listener = tls::TlsListener::bind(addr, files).await?;
+            tracing::info!(addr = %axum::serve::Listener::local_addr(&listener)?, "data API listening (TLS)");
+            axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+        }
+        None => {
+            let listener = tokio::net::TcpListener::bind(addr).await?;
+            tracing::info!(addr = %listener.local_addr()?, "data API listening (plain HTTP)");
+            axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+        }
+    }
     Ok(())
 }

@@ -15,6 +15,8 @@
 //! - [`provision`]: grants and revokes (group membership, project and
 //!   repository permissions), idempotent and precise, for the CLI and the
 //!   access-grant controller.
+//! - [`egress`]: the administrator's allow-list of base URLs the operator
+//!   may send credentials to.
 //! - [`crd`]: the custom resources (`BitbucketConnector`,
 //!   `BitbucketAccessGrant`) and their condition helpers.
 
@@ -24,6 +26,7 @@ pub mod backoff;
 pub mod bitbucket;
 pub mod controller;
 pub mod crd;
+pub mod egress;
 pub mod http;
 pub mod metrics;
 pub mod model;

@@ -26,7 +26,7 @@ use url::Url;
 
 use super::credentials::Credentials;
 use super::error::{EMAIL_HINT, EndpointClass, Error, ErrorKind};
-use super::limiter::{Limiter, Limits};
+use super::limiter::{Limiter, LimiterShare, Limits};
 use super::models::*;
 
 /// Bitbucket Cloud's API root (`/2.0` and `/1.0` live below it).
@@ -52,7 +52,22 @@ pub struct ClientConfig {
     pub backoff_max: Duration,
     /// `pagelen` for listings; Bitbucket's maximum is 100.
     pub page_len: u32,
+    /// Largest 2xx body read, in bytes: a bigger one (or one that never
+    /// ends) is an error naming the cap and the URL path, never buffered.
+    pub max_body_bytes: usize,
+    /// Most pages one listing may take before it ends in an error: a server
+    /// that keeps handing out `next` links must not walk (and hold the
+    /// credential's budget) for ever.
+    pub max_pages: u32,
 }
+
+/// 32 MiB: a 1.0 groups answer (every group with its members, one array)
+/// for tens of thousands of users fits; a 100-item page is about 100 KiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+/// 1,000 pages of 100: 100,000 members, repositories or grants per listing.
+pub const DEFAULT_MAX_PAGES: u32 = 1000;
+/// Error bodies are read only for Bitbucket's message: the rest is dropped.
+const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
 
 impl ClientConfig {
     pub fn new(api_url: &str) -> Result<Self, Error> {
@@ -76,6 +91,8 @@ impl ClientConfig {
             backoff_base: Duration::from_millis(250),
             backoff_max: Duration::from_secs(30),
             page_len: 100,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_pages: DEFAULT_MAX_PAGES,
         })
     }
 
@@ -125,7 +142,8 @@ struct Inner {
 
 struct Auth {
     credentials: Credentials,
-    limiter: Arc<Limiter>,
+    /// This client's share of the limiter of its whole credential.
+    limiter: LimiterShare,
     /// Cached OAuth access token; a tokio mutex so that one refresh serves
     /// every waiting request.
     oauth: tokio::sync::Mutex<Option<CachedToken>>,
@@ -221,10 +239,16 @@ impl Client {
         }
     }
 
-    /// Applies new pacing settings to the shared limiter.
+    /// Replaces this client's pacing settings. The shared limiter applies
+    /// the strictest settings of the clients presenting the same credential.
     pub fn set_limits(&self, limits: Limits) {
         *self.inner.limits.write().unwrap_or_else(|e| e.into_inner()) = limits;
-        self.auth().limiter.reconfigure(limits);
+        self.auth().limiter.set_limits(limits);
+    }
+
+    /// The pacing actually in force for this credential (see [`Client::set_limits`]).
+    pub fn effective_limits(&self) -> Limits {
+        self.auth().limiter.limiter().limits()
     }
 
     /// HTTP attempts made by this client (retries included).
@@ -283,7 +307,7 @@ impl Client {
         loop {
             let auth = self.auth();
             let authorization = auth.authorization(self).await?;
-            let permit = auth.limiter.acquire().await;
+            let permit = auth.limiter.limiter().acquire().await;
             let mut request = self
                 .inner
                 .http
@@ -312,14 +336,9 @@ impl Client {
             let status = response.status();
             self.observe(class, Some(status.as_u16()));
             if status.is_success() {
-                let bytes = response.bytes().await.map_err(|e| {
-                    Error::new(
-                        class,
-                        ErrorKind::Transport,
-                        Some(status.as_u16()),
-                        transport_message(&e),
-                    )
-                })?;
+                let bytes = read_capped(response, config.max_body_bytes)
+                    .await
+                    .map_err(|e| e.into_error(class, status, &url, config.max_body_bytes))?;
                 return Ok((status, bytes));
             }
             let retry_after = parse_retry_after(response.headers().get(RETRY_AFTER));
@@ -329,7 +348,7 @@ impl Client {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_owned();
-            let body = response.bytes().await.unwrap_or_default();
+            let body = read_truncated(response, MAX_ERROR_BODY_BYTES).await;
             let mut error = error_from_response(class, status, &content_type, &body);
             error.retry_after = retry_after;
 
@@ -340,7 +359,7 @@ impl Client {
                         return Err(error);
                     }
                     let wait = retry_after.unwrap_or_else(|| backoff(config, throttled));
-                    auth.limiter.pause_until(Instant::now() + wait);
+                    auth.limiter.limiter().pause_until(Instant::now() + wait);
                     tracing::warn!(%class, wait_ms = wait.as_millis() as u64, "Bitbucket rate limit hit; waiting");
                     tokio::time::sleep(wait).await;
                 }
@@ -389,8 +408,9 @@ impl Client {
 
     /// Streams a paginated listing page by page, following `next` exactly as
     /// given until it is absent. A `next` on another origin is refused (it
-    /// would receive our credentials); a `next` seen twice ends with an error
-    /// instead of looping forever.
+    /// would receive our credentials); a `next` seen twice, or more than
+    /// `max_pages` pages, ends with an error instead of walking for ever.
+    /// Nothing accumulates here beyond the links seen (at most `max_pages`).
     pub fn pages<T>(
         &self,
         class: EndpointClass,
@@ -401,12 +421,23 @@ impl Client {
     {
         let client = self.clone();
         let origin = first.origin();
+        let max_pages = self.inner.config.max_pages.max(1);
+        let listing = first.path().to_owned();
         let state = (Some(first), HashSet::new());
         futures::stream::try_unfold(state, move |(next, mut seen)| {
             let client = client.clone();
             let origin = origin.clone();
+            let listing = listing.clone();
             async move {
                 let Some(url) = next else { return Ok(None) };
+                if seen.len() >= max_pages as usize {
+                    return Err(Error::invalid(
+                        class,
+                        format!(
+                            "the listing {listing} still links to more pages after {max_pages} pages (the page cap); stopping"
+                        ),
+                    ));
+                }
                 if !seen.insert(url.to_string()) {
                     return Err(Error::invalid(class, format!("pagination loops back to {url}")));
                 }
@@ -743,12 +774,16 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned();
-        let body = response.bytes().await.unwrap_or_default();
         if !status.is_success() {
+            let body = read_truncated(response, MAX_ERROR_BODY_BYTES).await;
             let mut error = error_from_response(class, status, &content_type, &body);
             error.message = format!("OAuth consumer token exchange failed: {}", error.message);
             return Err(error);
         }
+        // A token answer is a few hundred bytes.
+        let body = read_capped(response, MAX_ERROR_BODY_BYTES)
+            .await
+            .map_err(|e| e.into_error(class, status, &url, MAX_ERROR_BODY_BYTES))?;
         let token: TokenResponse = decode(class, status, &body)?;
         // Refresh at 90% of the lifetime, and at least a minute early. The
         // lifetime is clamped so that a nonsensical answer can neither
@@ -764,13 +799,9 @@ impl Client {
 
 impl Auth {
     fn new(credentials: Credentials, config: &ClientConfig, limits: Limits) -> Self {
-        let identity = format!(
-            "{}|{}",
-            config.api_url.origin().ascii_serialization(),
-            credentials.rate_limit_identity()
-        );
+        let key = credentials.limiter_key(&config.api_url.origin().ascii_serialization());
         Auth {
-            limiter: Limiter::shared(&identity, limits),
+            limiter: Limiter::share(&key, limits),
             credentials,
             oauth: tokio::sync::Mutex::new(None),
         }
@@ -909,6 +940,65 @@ fn error_from_response(class: EndpointClass, status: StatusCode, content_type: &
         Some(status.as_u16()),
         truncate(message, 500),
     )
+}
+
+/// Why a body could not be read whole.
+enum BodyError {
+    TooLarge,
+    Transport(reqwest::Error),
+}
+
+impl BodyError {
+    /// The error names the cap and the URL path, never the body (nor the
+    /// query, which may be long).
+    fn into_error(self, class: EndpointClass, status: StatusCode, url: &Url, cap: usize) -> Error {
+        match self {
+            BodyError::TooLarge => Error::invalid(
+                class,
+                format!(
+                    "the response body of {} is larger than the {cap}-byte cap; not read",
+                    url.path()
+                ),
+            ),
+            BodyError::Transport(e) => Error::new(
+                class,
+                ErrorKind::Transport,
+                Some(status.as_u16()),
+                transport_message(&e),
+            ),
+        }
+    }
+}
+
+/// Reads a body chunk by chunk, refusing at once a declared length over
+/// `cap` and stopping as soon as the bytes read pass it: a huge or endless
+/// body costs at most `cap` bytes of memory.
+async fn read_capped(mut response: reqwest::Response, cap: usize) -> Result<bytes::Bytes, BodyError> {
+    if response.content_length().is_some_and(|len| len > cap as u64) {
+        return Err(BodyError::TooLarge);
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await.map_err(BodyError::Transport)? {
+        if body.len() + chunk.len() > cap {
+            return Err(BodyError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// At most `cap` bytes of an error body (the rest is dropped with the
+/// connection); a body that fails halfway gives what arrived.
+async fn read_truncated(mut response: reqwest::Response, cap: usize) -> bytes::Bytes {
+    let mut body = bytes::BytesMut::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        let room = cap - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= cap {
+            break;
+        }
+    }
+    body.freeze()
 }
 
 fn truncate(mut text: String, max: usize) -> String {

@@ -28,15 +28,35 @@ impl Credentials {
         }
     }
 
-    /// The identity Bitbucket counts requests against (per user, per token or
-    /// per consumer), hashed. Clients with the same identity share a limiter.
-    pub fn rate_limit_identity(&self) -> String {
-        let identity = match self {
-            Credentials::ApiToken { username, .. } => format!("user:{}", username.to_lowercase()),
-            Credentials::AccessToken { token } => format!("token:{token}"),
-            Credentials::OAuthConsumer { key, .. } => format!("consumer:{key}"),
-        };
-        hex_prefix(&Sha256::digest(identity.as_bytes()), 16)
+    /// The key under which clients share a rate limiter: SHA-256 of the API
+    /// origin and the *whole* credential (username and secret, token, or
+    /// consumer key and secret), hex. Only someone holding the same secret
+    /// can share (and so tighten) a limiter; a username alone is not enough.
+    /// Never logged: a hash of a low-entropy secret is still worth guarding.
+    pub fn limiter_key(&self, origin: &str) -> String {
+        let mut hasher = Sha256::new();
+        hasher.update(b"limiter\0");
+        hasher.update(origin.as_bytes());
+        hasher.update(b"\0");
+        match self {
+            Credentials::ApiToken { username, token } => {
+                hasher.update(b"api-token\0");
+                hasher.update(username.to_lowercase().as_bytes());
+                hasher.update(b"\0");
+                hasher.update(token.as_bytes());
+            }
+            Credentials::AccessToken { token } => {
+                hasher.update(b"access-token\0");
+                hasher.update(token.as_bytes());
+            }
+            Credentials::OAuthConsumer { key, secret } => {
+                hasher.update(b"oauth-consumer\0");
+                hasher.update(key.as_bytes());
+                hasher.update(b"\0");
+                hasher.update(secret.as_bytes());
+            }
+        }
+        hex_prefix(&hasher.finalize(), 64)
     }
 
     /// A 12-hex-digit SHA-256 fingerprint of the whole credential, secret
@@ -140,8 +160,22 @@ mod tests {
         assert_ne!(a.fingerprint(), b.fingerprint());
         assert_eq!(a.fingerprint().len(), 12);
         assert_eq!(a.fingerprint(), a.clone().fingerprint());
-        // Same user, other token: still one rate-limit identity.
-        assert_eq!(a.rate_limit_identity(), b.rate_limit_identity());
+        // Same user, other token: another limiter (a fake token must not
+        // share, and so tighten, the real one's).
+        let origin = "https://api.bitbucket.org";
+        assert_ne!(a.limiter_key(origin), b.limiter_key(origin));
+        assert_eq!(a.limiter_key(origin), a.clone().limiter_key(origin));
+        assert_ne!(a.limiter_key(origin), a.limiter_key("http://127.0.0.1:1"));
+        assert_eq!(a.limiter_key(origin).len(), 64);
+        let upper = Credentials::ApiToken {
+            username: "A@B.C".into(),
+            token: "one".into(),
+        };
+        assert_eq!(
+            a.limiter_key(origin),
+            upper.limiter_key(origin),
+            "emails compare case-insensitively"
+        );
     }
 
     #[test]

@@ -9,8 +9,17 @@
 //! The limiter also caps requests in flight and, after a 429, pauses every
 //! caller sharing it until `Retry-After` has passed, so one throttled request
 //! does not let its siblings keep hammering the API.
+//!
+//! Sharing is keyed by the *whole* credential (origin and secret included,
+//! see [`crate::bitbucket::Credentials::limiter_key`]), never by a username
+//! alone: otherwise a tenant could name someone else's username with a fake
+//! token and a tiny budget and throttle the victim. Each sharer registers
+//! its own settings through a [`LimiterShare`]; the strictest of them apply
+//! (fewest requests, longest window, fewest in flight), and a sharer's
+//! settings stop counting when it is dropped.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -48,7 +57,12 @@ pub struct Limiter {
 
 #[derive(Debug)]
 struct State {
+    /// The limits in force: the strictest of `requested`, else `base`.
     limits: Limits,
+    /// What [`Limiter::new`] was given; used while nobody shares it.
+    base: Limits,
+    /// Each sharer's settings, by share id.
+    requested: BTreeMap<u64, Limits>,
     /// Start times of the requests in the current window, oldest first.
     log: VecDeque<Instant>,
     /// No request starts before this (set after a 429).
@@ -96,6 +110,8 @@ impl Limiter {
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
             state: Mutex::new(State {
                 limits,
+                base: limits,
+                requested: BTreeMap::new(),
                 log: VecDeque::new(),
                 paused_until: None,
                 in_flight_permits: limits.max_in_flight,
@@ -104,33 +120,65 @@ impl Limiter {
         }
     }
 
-    /// The limiter for `identity`, shared process-wide with every other client
-    /// that asks for the same identity. The latest `limits` win, so a changed
-    /// setting applies to everyone sharing the credential. The registry keeps
-    /// a limiter while anyone uses it or its window still holds requests, so a
-    /// client rebuilt within the hour (a connector suspended and resumed, a
-    /// Secret briefly missing) does not start with a fresh budget.
-    pub fn shared(identity: &str, limits: Limits) -> Arc<Limiter> {
+    /// A share of the limiter for `key` (a credential's
+    /// [`limiter_key`](crate::bitbucket::Credentials::limiter_key)), shared
+    /// process-wide with every other client presenting the same credential,
+    /// with this sharer's `limits` registered: the strictest registered
+    /// settings apply. The registry keeps a limiter while anyone uses it or
+    /// its window still holds requests, so a client rebuilt within the hour
+    /// (a connector suspended and resumed, a Secret briefly missing) does
+    /// not start with a fresh budget.
+    pub fn share(key: &str, limits: Limits) -> LimiterShare {
         static REGISTRY: LazyLock<Mutex<HashMap<String, Arc<Limiter>>>> = LazyLock::new(Default::default);
-        let mut registry = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
-        registry.retain(|_, limiter| Arc::strong_count(limiter) > 1 || limiter.used_in_window() > 0);
-        if let Some(existing) = registry.get(identity) {
-            existing.reconfigure(limits);
-            return Arc::clone(existing);
-        }
-        let limiter = Arc::new(Limiter::new(limits));
-        registry.insert(identity.to_owned(), Arc::clone(&limiter));
-        limiter
+        static NEXT_SHARE: AtomicU64 = AtomicU64::new(1);
+        let limiter = {
+            let mut registry = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+            registry.retain(|_, limiter| Arc::strong_count(limiter) > 1 || limiter.used_in_window() > 0);
+            Arc::clone(
+                registry
+                    .entry(key.to_owned())
+                    .or_insert_with(|| Arc::new(Limiter::new(limits))),
+            )
+        };
+        let id = NEXT_SHARE.fetch_add(1, Ordering::Relaxed);
+        limiter.register(id, Some(limits));
+        LimiterShare { limiter, id }
     }
 
+    /// The limits in force.
     pub fn limits(&self) -> Limits {
         self.lock().limits
     }
 
-    /// Applies new limits; requests already logged still count.
+    /// Records (or with `None` forgets) one sharer's settings and applies
+    /// the strictest of all.
+    fn register(&self, share: u64, limits: Option<Limits>) {
+        let mut state = self.lock();
+        match limits {
+            Some(limits) => state.requested.insert(share, sanitize(limits)),
+            None => state.requested.remove(&share),
+        };
+        let effective = state
+            .requested
+            .values()
+            .copied()
+            .reduce(strictest)
+            .unwrap_or(state.base);
+        self.apply(&mut state, effective);
+    }
+
+    /// Applies new limits (while nobody shares the limiter; with sharers,
+    /// their settings decide). Requests already logged still count.
     pub fn reconfigure(&self, limits: Limits) {
         let limits = sanitize(limits);
         let mut state = self.lock();
+        if state.requested.is_empty() {
+            state.base = limits;
+            self.apply(&mut state, limits);
+        }
+    }
+
+    fn apply(&self, state: &mut State, limits: Limits) {
         state.limits = limits;
         // Undo a pending reduction first, then grow or shrink.
         let effective = state.in_flight_permits - state.in_flight_deficit;
@@ -228,6 +276,40 @@ impl State {
     }
 }
 
+/// One sharer's hold on a shared [`Limiter`]: its settings count while it
+/// lives.
+#[derive(Debug)]
+pub struct LimiterShare {
+    limiter: Arc<Limiter>,
+    id: u64,
+}
+
+impl LimiterShare {
+    pub fn limiter(&self) -> &Arc<Limiter> {
+        &self.limiter
+    }
+
+    /// Replaces this sharer's settings; the strictest of all sharers apply.
+    pub fn set_limits(&self, limits: Limits) {
+        self.limiter.register(self.id, Some(limits));
+    }
+}
+
+impl Drop for LimiterShare {
+    fn drop(&mut self) {
+        self.limiter.register(self.id, None);
+    }
+}
+
+/// The stricter of two settings in every part.
+fn strictest(a: Limits, b: Limits) -> Limits {
+    Limits {
+        max_requests: a.max_requests.min(b.max_requests),
+        window: a.window.max(b.window),
+        max_in_flight: a.max_in_flight.min(b.max_in_flight),
+    }
+}
+
 fn sanitize(limits: Limits) -> Limits {
     Limits {
         max_requests: limits.max_requests.max(1),
@@ -311,19 +393,41 @@ mod tests {
     }
 
     #[test]
-    fn shared_by_identity() {
-        let a = Limiter::shared("test-identity-a", Limits::default());
-        let b = Limiter::shared(
+    fn shared_by_key_and_the_strictest_settings_apply() {
+        let a = Limiter::share("test-identity-a", Limits::default());
+        let b = Limiter::share(
             "test-identity-a",
             Limits {
                 max_requests: 7,
-                ..Limits::default()
+                window: Duration::from_secs(60),
+                max_in_flight: 9,
             },
         );
-        let c = Limiter::shared("test-identity-c", Limits::default());
-        assert!(Arc::ptr_eq(&a, &b));
-        assert!(!Arc::ptr_eq(&a, &c));
-        assert_eq!(a.limits().max_requests, 7, "latest settings apply to every sharer");
+        let c = Limiter::share("test-identity-c", Limits::default());
+        assert!(Arc::ptr_eq(a.limiter(), b.limiter()));
+        assert!(!Arc::ptr_eq(a.limiter(), c.limiter()));
+        let both = a.limiter().limits();
+        assert_eq!(
+            (both.max_requests, both.window, both.max_in_flight),
+            (7, Duration::from_secs(3600), 4),
+            "fewest requests, longest window, fewest in flight"
+        );
+        b.set_limits(Limits {
+            max_requests: 5000,
+            ..Limits::default()
+        });
+        assert_eq!(
+            a.limiter().limits().max_requests,
+            1000,
+            "raising one share cannot lift another's"
+        );
+        drop(a);
+        assert_eq!(
+            b.limiter().limits().max_requests,
+            5000,
+            "a dropped share stops counting"
+        );
+        assert_eq!(c.limiter().limits(), Limits::default());
     }
 
     #[tokio::test(start_paused = true)]
@@ -349,12 +453,12 @@ mod tests {
             max_requests: 5,
             ..Limits::default()
         };
-        let first = Limiter::shared("test-identity-window", limits);
-        first.lock().log.push_back(Instant::now());
+        let first = Limiter::share("test-identity-window", limits);
+        first.limiter().lock().log.push_back(Instant::now());
         drop(first);
-        let again = Limiter::shared("test-identity-window", limits);
+        let again = Limiter::share("test-identity-window", limits);
         assert_eq!(
-            again.used_in_window(),
+            again.limiter().used_in_window(),
             1,
             "the request made before the rebuild still counts"
         );

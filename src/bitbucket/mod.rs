@@ -5,7 +5,7 @@
 //! - [`Credentials`]: API token (Basic, email + token), access token (Bearer)
 //!   or OAuth consumer (client credentials); secrets redacted in `Debug`.
 //! - [`Limiter`]: a rolling-window limiter plus in-flight cap, shared by every
-//!   client using the same credential.
+//!   client presenting the same whole credential (never just a username).
 //! - [`Client`]: typed endpoints, paginated listings as streams of pages,
 //!   retries, and one typed [`Error`].
 
@@ -16,9 +16,9 @@ mod limiter;
 pub mod models;
 
 pub use client::{
-    Client, ClientConfig, DEFAULT_API_URL, DEFAULT_TOKEN_URL, Holder, MembershipChange, PermissionScope,
-    RequestObserver,
+    Client, ClientConfig, DEFAULT_API_URL, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PAGES, DEFAULT_TOKEN_URL, Holder,
+    MembershipChange, PermissionScope, RequestObserver,
 };
 pub use credentials::Credentials;
 pub use error::{EMAIL_HINT, EndpointClass, Error, ErrorKind};
-pub use limiter::{Limiter, Limits, Permit};
+pub use limiter::{Limiter, LimiterShare, Limits, Permit};

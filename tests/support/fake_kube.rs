@@ -140,6 +140,8 @@ struct State {
     closed: bool,
     /// TokenReview: bearer token -> (username, groups).
     tokens: BTreeMap<String, (String, Vec<String>)>,
+    /// TokenReview: audiences a token is limited to (absent: any requested).
+    token_audiences: BTreeMap<String, Vec<String>>,
     /// SubjectAccessReview: (user, verb, group, resource, subresource, namespace) that are allowed.
     rbac: Vec<AccessRule>,
 }
@@ -547,6 +549,7 @@ impl FakeKube {
                 requests: Vec::new(),
                 closed: false,
                 tokens: BTreeMap::new(),
+                token_audiences: BTreeMap::new(),
                 rbac: Vec::new(),
             }),
             notify: tx,
@@ -675,6 +678,13 @@ impl FakeKube {
             .lock()
             .tokens
             .insert(token.to_owned(), (username.to_owned(), groups));
+    }
+
+    /// Limits `token` to `audiences` (by default a token suits whatever
+    /// audience a TokenReview asks for); empty: an API-server-only token.
+    pub fn set_token_audiences(&self, token: &str, audiences: &[&str]) {
+        let audiences = audiences.iter().map(|a| a.to_string()).collect();
+        self.shared.lock().token_audiences.insert(token.to_owned(), audiences);
     }
 
     /// Allows a SubjectAccessReview matching `rule`.
@@ -1005,9 +1015,19 @@ fn review(st: &State, ki: &KindInfo, body: &[u8]) -> Result<(StatusCode, Value),
     let spec = obj.get("spec").cloned().unwrap_or(Value::Null);
     let status = if ki.kind == "TokenReview" {
         let token = spec["token"].as_str().unwrap_or_default();
+        // Like the API server: the audiences both the review asked for and
+        // the token carries; a token without audiences is for the API server.
+        let requested: Vec<String> = spec["audiences"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default();
+        let audiences: Vec<String> = match st.token_audiences.get(token) {
+            Some(own) => requested.into_iter().filter(|a| own.contains(a)).collect(),
+            None => requested,
+        };
         match st.tokens.get(token) {
             Some((username, groups)) => {
-                json!({"authenticated": true, "user": {"username": username, "groups": groups}})
+                json!({"authenticated": true, "user": {"username": username, "groups": groups}, "audiences": audiences})
             }
             None => json!({"authenticated": false, "error": "invalid bearer token"}),
         }
