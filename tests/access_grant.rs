@@ -1088,3 +1088,33 @@ async fn a_provisioning_switch_that_is_not_text_is_reported_not_read_as_off() {
     assert!(condition(&g, "Stalled").is_none());
     op.stop().await;
 }
+
+/// The grant controller reads the connector's Secret under the same opt-in
+/// rule as the connector: once the label is removed, it does not read the
+/// provisioning switch, says why by the label's name, and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_that_no_longer_opts_in_is_not_read_by_the_grant_controller() {
+    let (e, op) = env(23, true).await;
+    e.set_level(Some("read")).await;
+    let mut secret = e
+        .fake
+        .get("v1", "Secret", Some(NS), "bitbucket-credentials")
+        .unwrap();
+    secret["metadata"]["labels"] = json!({});
+    e.fake.put(secret);
+    e.create("unlabelled", "write", json!({})).await;
+    let g = e
+        .fake
+        .wait_for(API, GRANT, Some(NS), "unlabelled", WAIT, |g| {
+            condition(g, "Ready").is_some_and(|r| r["reason"] == "ConnectorNotReady")
+        })
+        .await;
+    let message = condition(&g, "Ready").unwrap()["message"].as_str().unwrap();
+    assert!(
+        message.contains("connectors.dev/bitbucket-credentials"),
+        "names the label: {message}"
+    );
+    assert!(!g.to_string().contains(&e.sim.credentials().api_token));
+    assert_eq!(e.truth().as_deref(), Some("read"), "nothing written to Bitbucket");
+    op.stop().await;
+}
