@@ -1096,10 +1096,7 @@ async fn a_provisioning_switch_that_is_not_text_is_reported_not_read_as_off() {
 async fn a_secret_that_no_longer_opts_in_is_not_read_by_the_grant_controller() {
     let (e, op) = env(23, true).await;
     e.set_level(Some("read")).await;
-    let mut secret = e
-        .fake
-        .get("v1", "Secret", Some(NS), "bitbucket-credentials")
-        .unwrap();
+    let mut secret = e.fake.get("v1", "Secret", Some(NS), "bitbucket-credentials").unwrap();
     secret["metadata"]["labels"] = json!({});
     e.fake.put(secret);
     e.create("unlabelled", "write", json!({})).await;
