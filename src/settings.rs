@@ -8,6 +8,18 @@
 //! the CLI's credential flags ([`CredentialArgs`]). So the operator, the grant
 //! controller and the CLI accept exactly the same Secret.
 //!
+//! Which Secrets and keys are read (issue 12: the operator must never be a
+//! way around RBAC): only Secrets labelled [`OPT_IN_LABEL`]`: "true"`, and
+//! in them only the nine keys [`SecretKeys`] names. A rename
+//! (`spec.secretKeys`) must be a valid Secret key name, and the nine names in
+//! effect must be distinct ([`SecretKeys::validate`], also a CEL rule in the
+//! CRD): no field can be pointed at another field's value, so
+//! `workspaces: BATON_APP_PASSWORD` is refused instead of parsing a
+//! password as a workspace list. And no message ever repeats a value: errors
+//! name the key and the rule ([`SettingsError`]), and [`SecretValues`]
+//! scrubs what was read from any text that may carry a value back (a
+//! workspace slug echoed by Bitbucket's "not found").
+//!
 //! Credential choice when several are present: an API token
 //! (`BATON_USERNAME` + `BATON_APP_PASSWORD`) first, because it is the only
 //! credential that can read and write permissions; then an access token
@@ -39,46 +51,167 @@ pub mod secret_key {
     pub const CLIENT_SECRET: &str = "BATON_CLIENT_SECRET";
 }
 
+/// The label a Secret must carry (value `"true"`) for the operator to read
+/// it: whoever may label a Secret opts it in; whoever may only create a
+/// `BitbucketConnector` cannot make the operator read any other Secret.
+pub const OPT_IN_LABEL: &str = "connectors.dev/bitbucket-credentials";
+/// The value of [`OPT_IN_LABEL`] that opts a Secret in.
+pub const OPT_IN_VALUE: &str = "true";
+
+/// Whether a Secret's metadata opts it in to being read.
+pub fn opted_in(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
+    meta.labels
+        .as_ref()
+        .and_then(|labels| labels.get(OPT_IN_LABEL))
+        .is_some_and(|value| value == OPT_IN_VALUE)
+}
+
+/// The label selector of opted-in Secrets (for list and watch requests).
+pub fn opt_in_selector() -> String {
+    format!("{OPT_IN_LABEL}={OPT_IN_VALUE}")
+}
+
+/// The status message of a Secret that has not opted in: names the label and
+/// how to set it, nothing of the Secret's content.
+pub fn not_opted_in_message(namespace: &str, name: &str) -> String {
+    format!(
+        "Secret {namespace}/{name} is not labelled {OPT_IN_LABEL}: \"{OPT_IN_VALUE}\"; the operator reads only Secrets that opt in (kubectl label secret {name} -n {namespace} {OPT_IN_LABEL}={OPT_IN_VALUE})"
+    )
+}
+
+/// Pattern of a Secret key name (Kubernetes: `[-._a-zA-Z0-9]+`); empty
+/// means "the default name".
+pub const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]*$";
+/// Longest Secret key name Kubernetes accepts.
+pub const SECRET_KEY_MAX_LEN: usize = 253;
+
+/// The CRD's CEL rule for `spec.secretKeys`: the nine key names in effect
+/// (a rename, else the default) are pairwise distinct. Generated from the
+/// same table as the code's check, so they cannot drift apart.
+pub fn distinct_secret_keys_rule() -> kube::core::Rule {
+    let names: Vec<String> = SecretKeys::FIELDS
+        .iter()
+        .map(|(field, default)| format!("(has(self.{field}) && self.{field} != '' ? self.{field} : '{default}')"))
+        .collect();
+    let list = format!("[{}]", names.join(", "));
+    kube::core::Rule::new(format!("{list}.all(k, {list}.exists_one(j, j == k))")).message(
+        "secretKeys: every key name in effect (a rename, else its BATON_* default) must be distinct: a field may not read another field's key",
+    )
+}
+
 /// Names of the Secret's keys. Every field is optional; unset ones use
-/// baton-bitbucket's key names.
+/// baton-bitbucket's key names. A rename must be a valid Secret key name and
+/// the nine names in effect must be distinct (so no field reads another
+/// field's value).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = distinct_secret_keys_rule())]
 pub struct SecretKeys {
     /// Key of the Bitbucket login (for an Atlassian API token, the account's
     /// email). Default BATON_USERNAME.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]*$"), length(max = 253))]
     pub username: Option<String>,
     /// Key of the API token or legacy app password. Default BATON_APP_PASSWORD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]*$"), length(max = 253))]
     pub app_password: Option<String>,
     /// Key of a workspace, project or repository access token (Bearer), used
     /// instead of username and app password; it cannot read or change
     /// permissions. Default BATON_TOKEN.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]*$"), length(max = 253))]
     pub token: Option<String>,
     /// Key of an OAuth consumer key (client-credentials grant). Default
     /// BATON_CONSUMER_KEY.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]*$"), length(max = 253))]
     pub consumer_key: Option<String>,
     /// Key of the OAuth consumer secret. Default BATON_CONSUMER_SECRET.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]*$"), length(max = 253))]
     pub consumer_secret: Option<String>,
     /// Key of the comma-separated workspace slugs. Default BATON_WORKSPACES.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]*$"), length(max = 253))]
     pub workspaces: Option<String>,
     /// Key of the provisioning switch ("true" allows grants and revokes).
     /// Default BATON_PROVISIONING.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]*$"), length(max = 253))]
     pub provisioning: Option<String>,
     /// Key of the platform client ID. Default BATON_CLIENT_ID.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]*$"), length(max = 253))]
     pub client_id: Option<String>,
     /// Key of the platform client secret. Default BATON_CLIENT_SECRET.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]*$"), length(max = 253))]
     pub client_secret: Option<String>,
 }
 
 impl SecretKeys {
+    /// Each field's name in `spec.secretKeys` and its default key, in the
+    /// order of [`SecretKeys::all`].
+    pub const FIELDS: [(&'static str, &'static str); 9] = [
+        ("username", secret_key::USERNAME),
+        ("appPassword", secret_key::APP_PASSWORD),
+        ("token", secret_key::TOKEN),
+        ("consumerKey", secret_key::CONSUMER_KEY),
+        ("consumerSecret", secret_key::CONSUMER_SECRET),
+        ("workspaces", secret_key::WORKSPACES),
+        ("provisioning", secret_key::PROVISIONING),
+        ("clientId", secret_key::CLIENT_ID),
+        ("clientSecret", secret_key::CLIENT_SECRET),
+    ];
+
+    /// The rule of renames, checked again here whatever the API server
+    /// enforced (an older CRD, a CLI path): each rename is a valid Secret
+    /// key name, and the nine names in effect are distinct. Messages name
+    /// fields and keys (the spec's own text), never a Secret value.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let set = [
+            &self.username,
+            &self.app_password,
+            &self.token,
+            &self.consumer_key,
+            &self.consumer_secret,
+            &self.workspaces,
+            &self.provisioning,
+            &self.client_id,
+            &self.client_secret,
+        ];
+        for ((field, _), rename) in Self::FIELDS.iter().zip(set) {
+            let Some(rename) = rename.as_deref().filter(|r| !r.is_empty()) else {
+                continue;
+            };
+            let valid = rename.len() <= SECRET_KEY_MAX_LEN
+                && rename
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+            if !valid {
+                return Err(SettingsError::InvalidSecretKeys {
+                    message: format!(
+                        "secretKeys.{field} is not a valid Secret key name (letters, digits, '-', '_' and '.', at most {SECRET_KEY_MAX_LEN})"
+                    ),
+                });
+            }
+        }
+        let names = self.all();
+        for (i, name) in names.iter().enumerate() {
+            if let Some(j) = names[..i].iter().position(|other| other == name) {
+                return Err(SettingsError::InvalidSecretKeys {
+                    message: format!(
+                        "secretKeys.{} and secretKeys.{} both read the key {name}: every field must read its own key",
+                        Self::FIELDS[j].0,
+                        Self::FIELDS[i].0
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn pick<'a>(value: &'a Option<String>, default: &'static str) -> &'a str {
         value.as_deref().filter(|s| !s.is_empty()).unwrap_or(default)
     }
@@ -173,6 +306,9 @@ pub enum SettingsError {
     /// A key the connector reads holds bytes that are not UTF-8 text.
     #[error("key {key} is not UTF-8 text")]
     NotText { key: String },
+    /// `spec.secretKeys` breaks the rename rule ([`SecretKeys::validate`]).
+    #[error("{message}")]
+    InvalidSecretKeys { message: String },
 }
 
 impl SettingsError {
@@ -182,7 +318,7 @@ impl SettingsError {
             SettingsError::KeyMissing { missing, .. } => Some(missing),
             SettingsError::NoCredentials { username, .. } => Some(username),
             SettingsError::NotText { key } => Some(key),
-            SettingsError::Invalid { .. } => None,
+            SettingsError::Invalid { .. } | SettingsError::InvalidSecretKeys { .. } => None,
         }
     }
 }
@@ -191,6 +327,7 @@ impl ConnectorSettings {
     /// Reads settings from key/value pairs (a Secret's decoded data, or the
     /// environment). Empty values count as absent.
     pub fn from_map(data: &BTreeMap<String, String>, keys: &SecretKeys) -> Result<Self, SettingsError> {
+        keys.validate()?;
         let get = |key: &str| data.get(key).map(|v| v.trim()).filter(|v| !v.is_empty());
         let pair = |a: &str, b: &str| -> Result<Option<(String, String)>, SettingsError> {
             match (get(a), get(b)) {
@@ -260,10 +397,97 @@ impl ConnectorSettings {
     /// Reads a Kubernetes Secret (`data` overlaid by `stringData`, as the
     /// API server merges them).
     pub fn from_secret(secret: &Secret, keys: &SecretKeys) -> Result<Self, SettingsError> {
+        Self::read_secret(secret, keys).map(|(settings, _)| settings)
+    }
+
+    /// [`Self::from_secret`], also returning the values read, to scrub them
+    /// from texts that may carry one back.
+    pub fn read_secret(secret: &Secret, keys: &SecretKeys) -> Result<(Self, SecretValues), SettingsError> {
         let data = secret.data.iter().flatten().map(|(k, v)| (k.clone(), v.0.clone()));
         let string_data = secret.string_data.iter().flatten().map(|(k, v)| (k.clone(), v.clone()));
-        Self::from_map(&decode_entries(data, string_data, keys)?, keys)
+        let entries = decode_entries(data, string_data, keys)?;
+        let values = SecretValues::from_entries(&entries, keys);
+        Ok((Self::from_map(&entries, keys)?, values))
     }
+}
+
+/// The values read from a Secret, kept only to scrub them out of texts that
+/// come back from elsewhere and may repeat one (Bitbucket's "workspace x not
+/// found", a sync error). Debug shows none of them.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SecretValues(Vec<String>);
+
+impl fmt::Debug for SecretValues {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretValues(<{} redacted>)", self.0.len())
+    }
+}
+
+/// Shorter values are scrubbed only where they stand alone (between
+/// characters that cannot be part of a slug or token), so a short workspace
+/// slug does not garble every word that contains it.
+const SCRUB_ANYWHERE_LEN: usize = 8;
+/// What a scrubbed value is replaced with.
+pub const REDACTED: &str = "<redacted>";
+
+impl SecretValues {
+    /// Every value read, each workspace of a list on its own too; a
+    /// provisioning switch that reads as true or false is not a secret.
+    pub fn from_entries(entries: &BTreeMap<String, String>, keys: &SecretKeys) -> Self {
+        let mut values = Vec::new();
+        for (key, value) in entries {
+            let value = value.trim();
+            if value.is_empty() || (key == keys.provisioning() && parse_bool(value).is_some()) {
+                continue;
+            }
+            values.push(value.to_owned());
+            if key == keys.workspaces() {
+                values.extend(
+                    value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned),
+                );
+            }
+        }
+        values.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        values.dedup();
+        SecretValues(values)
+    }
+
+    /// `text` with every value replaced by [`REDACTED`].
+    pub fn scrub(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for value in &self.0 {
+            out = if value.len() >= SCRUB_ANYWHERE_LEN {
+                out.replace(value.as_str(), REDACTED)
+            } else {
+                replace_standalone(&out, value)
+            };
+        }
+        out
+    }
+}
+
+/// Replaces `needle` where it is not part of a longer slug or token.
+fn replace_standalone(text: &str, needle: &str) -> String {
+    let part_of_word = |c: char| c.is_alphanumeric() || matches!(c, '-' | '_' | '@' | '+' | '/' | '=');
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(needle) {
+        let before = rest[..at].chars().next_back();
+        let after = rest[at + needle.len()..].chars().next();
+        out.push_str(&rest[..at]);
+        if before.is_some_and(part_of_word) || after.is_some_and(part_of_word) {
+            out.push_str(needle);
+        } else {
+            out.push_str(REDACTED);
+        }
+        rest = &rest[at + needle.len()..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The one decoder of a Secret's entries: the keys the connector reads
@@ -275,6 +499,7 @@ pub fn decode_entries(
     string_data: impl IntoIterator<Item = (String, String)>,
     keys: &SecretKeys,
 ) -> Result<BTreeMap<String, String>, SettingsError> {
+    keys.validate()?;
     let wanted = keys.all();
     let mut out = BTreeMap::new();
     for (key, bytes) in data.into_iter().filter(|(k, _)| wanted.contains(&k.as_str())) {
@@ -426,16 +651,21 @@ pub fn parse_api_url(value: &str) -> Result<String, String> {
     Ok(value.to_owned())
 }
 
-/// Splits `a, b,c` into validated workspace slugs.
+/// Splits `a, b,c` into validated workspace slugs. The error names the
+/// entry's position and the rule, never its text: the list may come from a
+/// Secret, and a mistaken key mapping must not echo what that key holds.
 pub fn parse_workspaces(list: &str) -> Result<Vec<String>, String> {
     let mut slugs = Vec::new();
-    for slug in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+    for (position, slug) in list.split(',').map(str::trim).filter(|s| !s.is_empty()).enumerate() {
         let valid = slug
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'))
             || (slug.starts_with('{') && slug.ends_with('}'));
         if !valid {
-            return Err(format!("{slug:?} is not a workspace slug"));
+            return Err(format!(
+                "entry {} is not a workspace slug (lowercase letters, digits, '-', '_', '.', or a {{uuid}})",
+                position + 1
+            ));
         }
         if !slugs.iter().any(|s| s == slug) {
             slugs.push(slug.to_owned());
@@ -621,6 +851,120 @@ mod tests {
         )
         .unwrap();
         assert!(settings.platform.is_none());
+    }
+
+    #[test]
+    fn renames_must_be_key_names_and_distinct() {
+        assert!(SecretKeys::default().validate().is_ok());
+        let ok = SecretKeys {
+            username: Some("login".into()),
+            app_password: Some("bb.api-token_1".into()),
+            ..SecretKeys::default()
+        };
+        assert!(ok.validate().is_ok());
+        // The attack: read the password through the workspaces field.
+        let attack = SecretKeys {
+            workspaces: Some("BATON_APP_PASSWORD".into()),
+            ..SecretKeys::default()
+        };
+        let err = attack.validate().unwrap_err();
+        assert!(matches!(err, SettingsError::InvalidSecretKeys { .. }));
+        assert_eq!(
+            err.to_string(),
+            "secretKeys.appPassword and secretKeys.workspaces both read the key BATON_APP_PASSWORD: every field must read its own key"
+        );
+        // Two renames onto one key, and a rename onto a renamed key.
+        let twice = SecretKeys {
+            provisioning: Some("shared".into()),
+            client_id: Some("shared".into()),
+            ..SecretKeys::default()
+        };
+        assert!(twice.validate().is_err());
+        let swapped = SecretKeys {
+            token: Some("BATON_CONSUMER_SECRET".into()),
+            consumer_secret: Some("other".into()),
+            ..SecretKeys::default()
+        };
+        assert!(swapped.validate().is_ok(), "a default given up by its field is free");
+        for bad in ["with space", "slash/key", "ünï", &"k".repeat(254)] {
+            let keys = SecretKeys {
+                token: Some(bad.to_owned()),
+                ..SecretKeys::default()
+            };
+            let err = keys.validate().unwrap_err().to_string();
+            assert!(
+                err.starts_with("secretKeys.token is not a valid Secret key name"),
+                "{err}"
+            );
+        }
+        // Every path refuses before reading anything.
+        let data = map(&[("BATON_TOKEN", "t"), ("BATON_APP_PASSWORD", "pw-value")]);
+        assert!(matches!(
+            ConnectorSettings::from_map(&data, &attack),
+            Err(SettingsError::InvalidSecretKeys { .. })
+        ));
+        assert!(decode_entries(vec![], vec![], &attack).is_err());
+    }
+
+    #[test]
+    fn the_cel_rule_lists_every_field_with_its_default() {
+        let rule = serde_json::to_value(distinct_secret_keys_rule()).unwrap();
+        let text = rule["rule"].as_str().unwrap();
+        for (field, default) in SecretKeys::FIELDS {
+            assert!(text.contains(&format!("has(self.{field})")), "{text}");
+            assert!(text.contains(&format!("'{default}'")), "{text}");
+        }
+        assert!(text.contains("exists_one"));
+    }
+
+    #[test]
+    fn invalid_values_are_never_echoed() {
+        let keys = SecretKeys::default();
+        let err = ConnectorSettings::from_map(
+            &map(&[("BATON_TOKEN", "t"), ("BATON_WORKSPACES", "acme, Hunter2-Secret")]),
+            &keys,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!err.contains("Hunter2"), "{err}");
+        assert!(err.contains("BATON_WORKSPACES") && err.contains("entry 2"), "{err}");
+        let err = ConnectorSettings::from_map(&map(&[("BATON_TOKEN", "t"), ("BATON_PROVISIONING", "hunter2")]), &keys)
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn secret_values_are_scrubbed_and_never_debugged() {
+        let keys = SecretKeys::default();
+        let entries = map(&[
+            ("BATON_TOKEN", "tok-0123456789"),
+            ("BATON_WORKSPACES", "acme, ws"),
+            ("BATON_PROVISIONING", "true"),
+        ]);
+        let values = SecretValues::from_entries(&entries, &keys);
+        assert!(!format!("{values:?}").contains("tok-"));
+        assert_eq!(
+            values.scrub("workspace ws not found; token tok-0123456789x; wsx true"),
+            "workspace <redacted> not found; token <redacted>x; wsx true"
+        );
+        assert_eq!(values.scrub("acme-labs and acme."), "acme-labs and <redacted>.");
+    }
+
+    #[test]
+    fn opt_in_is_the_label_with_value_true() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+        let meta = |value: Option<&str>| ObjectMeta {
+            labels: value.map(|v| [(OPT_IN_LABEL.to_owned(), v.to_owned())].into()),
+            ..ObjectMeta::default()
+        };
+        assert!(opted_in(&meta(Some("true"))));
+        assert!(!opted_in(&meta(Some("True"))));
+        assert!(!opted_in(&meta(Some("false"))));
+        assert!(!opted_in(&meta(None)));
+        assert_eq!(opt_in_selector(), "connectors.dev/bitbucket-credentials=true");
+        let message = not_opted_in_message("ns", "bb");
+        assert!(message.contains("connectors.dev/bitbucket-credentials") && message.contains("kubectl label"));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use bitbucket_operator::bitbucket::{Client, ClientConfig, Credentials};
 use bitbucket_operator::controller::{Operator, wait_for};
+use bitbucket_operator::egress::{EgressArgs, EgressPolicy};
 use bitbucket_operator::metrics::Metrics;
 use bitbucket_operator::provision::{
     AccessRequest, GrantMode, Permission, PrincipalRef, Provisioner, TargetRef, parse_level,
@@ -52,16 +53,34 @@ impl Running {
     }
 }
 
-fn start_operator(fake: &FakeKube, store: &Arc<Store>) -> Running {
+/// The operator, allowed to send credentials to `api_url` only (the
+/// simulator on loopback must be listed, as an administrator would).
+fn start_operator(fake: &FakeKube, store: &Arc<Store>, api_url: &str) -> Running {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
     let metrics = Arc::new(Metrics::default());
-    let operator = Operator::new(fake.client(), Arc::clone(store), Arc::clone(&metrics), vec![]);
+    let operator = Operator::new(
+        fake.client(),
+        Arc::clone(store),
+        Arc::clone(&metrics),
+        vec![],
+        allow(api_url),
+    );
     let (stop, rx) = watch::channel(false);
     let task = tokio::spawn(async move { operator.run_controllers(wait_for(rx)).await });
     Running { stop, task, metrics }
+}
+
+/// An allow-list of exactly `api_url`.
+fn allow(api_url: &str) -> EgressPolicy {
+    EgressArgs {
+        allowed_api_urls: vec![api_url.to_owned()],
+        ..EgressArgs::default()
+    }
+    .policy()
+    .expect("a valid allow-list")
 }
 
 /// Names in workspace 0: a plain member, a user of no workspace 0 membership,
@@ -119,7 +138,8 @@ async fn env(seed: u64, provisioning: bool) -> (Env, Running) {
     let secret: Secret = serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": "bitbucket-credentials", "namespace": NS},
+        "metadata": {"name": "bitbucket-credentials", "namespace": NS,
+                     "labels": {"connectors.dev/bitbucket-credentials": "true"}},
         "stringData": {
             "BATON_USERNAME": creds.email,
             "BATON_APP_PASSWORD": creds.api_token,
@@ -139,7 +159,7 @@ async fn env(seed: u64, provisioning: bool) -> (Env, Running) {
         },
     }));
     let store = Arc::new(Store::open_in_memory().unwrap());
-    let running = start_operator(&fake, &store);
+    let running = start_operator(&fake, &store, &sim.base_url());
     fake.wait_for(API, CONNECTOR, Some(NS), "bb", Duration::from_secs(60), |c| {
         condition(c, "Ready").is_some_and(|r| r["status"] == "True")
     })
@@ -450,7 +470,7 @@ async fn expiry_happens_promptly_after_an_operator_restart() {
     assert_eq!(e.truth().as_deref(), Some("write"));
 
     let started = std::time::Instant::now();
-    let op = start_operator(&e.fake, &e.store);
+    let op = start_operator(&e.fake, &e.store, &e.sim.base_url());
     e.wait_state("restart", "Expired").await;
     assert_eq!(e.truth().as_deref(), Some("read"), "the previous level is restored");
     assert!(
@@ -722,7 +742,7 @@ async fn a_grant_of_the_previous_version_is_taken_to_hold_its_spec() {
     }).to_string()});
     e.fake.put(obj);
 
-    let op = start_operator(&e.fake, &e.store);
+    let op = start_operator(&e.fake, &e.store, &e.sim.base_url());
     let g = e
         .fake
         .wait_for(API, GRANT, Some(NS), "legacy", WAIT, |g| {
@@ -741,7 +761,7 @@ async fn a_grant_of_the_previous_version_is_taken_to_hold_its_spec() {
 async fn a_missing_connector_is_reported_and_deletion_is_not_blocked() {
     let fake = FakeKube::start().await;
     let store = Arc::new(Store::open_in_memory().unwrap());
-    let op = start_operator(&fake, &store);
+    let op = start_operator(&fake, &store, bitbucket_operator::bitbucket::DEFAULT_API_URL);
     fake.put(grant_json("orphan", "jdoe", "api", "acme", "read", json!({})));
     let g = fake
         .wait_for(API, GRANT, Some(NS), "orphan", WAIT, |g| {
@@ -846,7 +866,8 @@ async fn real_cluster_grant_lifecycle() {
         .create(
             &PostParams::default(),
             &serde_json::from_value(json!({
-                "metadata": {"name": "bitbucket-credentials"},
+                "metadata": {"name": "bitbucket-credentials",
+                             "labels": {"connectors.dev/bitbucket-credentials": "true"}},
                 "stringData": {"BATON_USERNAME": email, "BATON_APP_PASSWORD": token, "BATON_WORKSPACES": ws},
             }))
             .unwrap(),
@@ -870,7 +891,13 @@ async fn real_cluster_grant_lifecycle() {
 
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("store.db")).unwrap());
-    let operator = Operator::new(client.clone(), store, Arc::new(Metrics::default()), vec![ns.clone()]);
+    let operator = Operator::new(
+        client.clone(),
+        store,
+        Arc::new(Metrics::default()),
+        vec![ns.clone()],
+        allow(&api_url),
+    );
     let (stop, rx) = watch::channel(false);
     let task = tokio::spawn(async move { operator.run_controllers(wait_for(rx)).await });
 
@@ -1023,6 +1050,7 @@ async fn a_provisioning_switch_that_is_not_text_is_reported_not_read_as_off() {
         metadata: kube::api::ObjectMeta {
             name: Some("bitbucket-credentials".into()),
             namespace: Some(NS.into()),
+            labels: Some([("connectors.dev/bitbucket-credentials".to_owned(), "true".to_owned())].into()),
             ..Default::default()
         },
         data: Some(
@@ -1058,5 +1086,32 @@ async fn a_provisioning_switch_that_is_not_text_is_reported_not_read_as_off() {
     assert!(message.contains("BATON_PROVISIONING is not UTF-8 text"), "{message}");
     assert_eq!(g["status"]["state"], "Pending", "retried, not Failed");
     assert!(condition(&g, "Stalled").is_none());
+    op.stop().await;
+}
+
+/// The grant controller reads the connector's Secret under the same opt-in
+/// rule as the connector: once the label is removed, it does not read the
+/// provisioning switch, says why by the label's name, and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_that_no_longer_opts_in_is_not_read_by_the_grant_controller() {
+    let (e, op) = env(23, true).await;
+    e.set_level(Some("read")).await;
+    let mut secret = e.fake.get("v1", "Secret", Some(NS), "bitbucket-credentials").unwrap();
+    secret["metadata"]["labels"] = json!({});
+    e.fake.put(secret);
+    e.create("unlabelled", "write", json!({})).await;
+    let g = e
+        .fake
+        .wait_for(API, GRANT, Some(NS), "unlabelled", WAIT, |g| {
+            condition(g, "Ready").is_some_and(|r| r["reason"] == "ConnectorNotReady")
+        })
+        .await;
+    let message = condition(&g, "Ready").unwrap()["message"].as_str().unwrap();
+    assert!(
+        message.contains("connectors.dev/bitbucket-credentials"),
+        "names the label: {message}"
+    );
+    assert!(!g.to_string().contains(&e.sim.credentials().api_token));
+    assert_eq!(e.truth().as_deref(), Some("read"), "nothing written to Bitbucket");
     op.stop().await;
 }

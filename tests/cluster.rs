@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use bitbucket_operator::controller::{Operator, wait_for};
 use bitbucket_operator::crd::{BitbucketConnector, find_condition};
+use bitbucket_operator::egress::EgressArgs;
 use bitbucket_operator::metrics::Metrics;
 use bitbucket_operator::model::SyncKind;
 use bitbucket_operator::simulator::{SimConfig, Simulator};
@@ -92,7 +93,9 @@ fn secret_config(data: &[(&str, &str)]) -> serde_json::Value {
             )
         })
         .collect();
-    json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "baton-bitbucket"}, "data": data})
+    json!({"apiVersion": "v1", "kind": "Secret",
+           "metadata": {"name": "baton-bitbucket", "labels": {"connectors.dev/bitbucket-credentials": "true"}},
+           "data": data})
 }
 
 fn ready(c: &BitbucketConnector) -> bool {
@@ -148,6 +151,13 @@ async fn lifecycle(client: Client, namespace: String) {
         Arc::clone(&store),
         Arc::new(Metrics::default()),
         vec![namespace.clone()],
+        // The simulator listens on loopback: allowed as an administrator would.
+        EgressArgs {
+            allowed_api_urls: vec![sim.base_url()],
+            ..EgressArgs::default()
+        }
+        .policy()
+        .unwrap(),
     ));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let controllers = tokio::spawn({

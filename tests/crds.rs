@@ -218,7 +218,18 @@ fn connector_crd_schema() {
         "clientSecret",
     ] {
         assert!(keys.contains_key(k), "secretKeys.{k}");
+        // A rename is a Secret key name, nothing else.
+        assert_eq!(keys[k]["pattern"], "^[-._a-zA-Z0-9]*$", "secretKeys.{k}");
+        assert_eq!(keys[k]["maxLength"], 253, "secretKeys.{k}");
     }
+    // The API server refuses a rename that reads another field's key (the
+    // operator checks again, with reason InvalidSecretKeys).
+    let key_rules = rules(&sp["secretKeys"]);
+    assert_eq!(
+        key_rules,
+        [bitbucket_operator::settings::distinct_secret_keys_rule().rule],
+        "secretKeys carries the distinct-keys rule"
+    );
     let res = &sp["resources"];
     assert!(res.get("additionalProperties").is_none() && res.get("x-kubernetes-preserve-unknown-fields").is_none());
     let names: Vec<&String> = res["properties"].as_object().unwrap().keys().collect();

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bitbucket_operator::controller::{Operator, wait_for};
+use bitbucket_operator::egress::{EgressArgs, EgressPolicy};
 use bitbucket_operator::metrics::Metrics;
 use bitbucket_operator::model::SyncKind;
 use bitbucket_operator::simulator::{SimConfig, Simulator, SimulatorHandle};
@@ -22,6 +23,8 @@ const API: &str = "connectors.dev/v1alpha1";
 const KIND: &str = "BitbucketConnector";
 const NS: &str = "identity";
 const WAIT: Duration = Duration::from_secs(30);
+/// The label a Secret needs for the operator to read it.
+const OPT_IN_LABEL: &str = "connectors.dev/bitbucket-credentials";
 
 struct Harness {
     kube: FakeKube,
@@ -39,7 +42,7 @@ impl Harness {
             .await
             .unwrap();
         let store = Arc::new(Store::open_in_memory().unwrap());
-        let (operator, stop, task) = start_operator(&kube, &store);
+        let (operator, stop, task) = start_operator(&kube, &store, &sim.base_url());
         Harness {
             kube,
             sim,
@@ -59,10 +62,11 @@ impl Harness {
         self.sim.shutdown().await;
     }
 
+    /// A Secret that opts in (labelled for the operator).
     fn secret(&self, name: &str, data: Value) {
         self.kube.put(json!({
             "apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": name, "namespace": NS},
+            "metadata": {"name": name, "namespace": NS, "labels": {OPT_IN_LABEL: "true"}},
             "type": "Opaque",
             "stringData": data,
         }));
@@ -90,6 +94,13 @@ impl Harness {
         self.kube.put(obj);
     }
 
+    /// Replaces the Secret's labels, keeping its data.
+    fn update_secret_labels(&self, name: &str, labels: Value) {
+        let mut secret = self.kube.get("v1", "Secret", Some(NS), name).expect("Secret exists");
+        secret["metadata"]["labels"] = labels;
+        self.kube.put(secret);
+    }
+
     async fn wait(&self, name: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let _ = what;
         self.kube.wait_for(API, KIND, Some(NS), name, WAIT, pred).await
@@ -106,15 +117,28 @@ impl Harness {
     }
 }
 
+/// An allow-list of exactly `api_url` (the simulator on loopback must be
+/// listed, as an administrator would).
+fn allow(api_url: &str) -> EgressPolicy {
+    EgressArgs {
+        allowed_api_urls: vec![api_url.to_owned()],
+        ..EgressArgs::default()
+    }
+    .policy()
+    .expect("a valid allow-list")
+}
+
 fn start_operator(
     kube: &FakeKube,
     store: &Arc<Store>,
+    api_url: &str,
 ) -> (Arc<Operator>, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
     let operator = Arc::new(Operator::new(
         kube.client(),
         Arc::clone(store),
         Arc::new(Metrics::default()),
         vec![],
+        allow(api_url),
     ));
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn({
@@ -243,7 +267,7 @@ async fn a_secret_in_another_namespace_is_never_read() {
     let c = h.sim.credentials();
     h.kube.put(json!({
         "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "bb", "namespace": "other"},
+        "metadata": {"name": "bb", "namespace": "other", "labels": {OPT_IN_LABEL: "true"}},
         "stringData": {"BATON_USERNAME": c.email, "BATON_APP_PASSWORD": c.api_token},
     }));
     h.connector("acme", "bb");
@@ -256,6 +280,113 @@ async fn a_secret_in_another_namespace_is_never_read() {
             .all(|r| !r.path.contains("/namespaces/other/secrets")),
         "no request for another namespace's Secret"
     );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_secret_without_the_opt_in_label_is_not_read_until_labelled() {
+    let h = Harness::start().await;
+    let c = h.sim.credentials();
+    // The Secret exists with good credentials, but has not opted in.
+    h.kube.put(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "bb", "namespace": NS},
+        "stringData": {"BATON_USERNAME": c.email, "BATON_APP_PASSWORD": c.api_token},
+    }));
+    h.connector("acme", "bb");
+    let obj = h.wait("acme", "Stalled", |o| is(o, "Stalled", "True")).await;
+    assert_eq!(reason(&obj, "Connected"), "SecretNotOptedIn");
+    assert_eq!(reason(&obj, "Stalled"), "SecretNotOptedIn");
+    assert!(is(&obj, "Connected", "False"));
+    let message = condition(&obj, "Connected").unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.contains(OPT_IN_LABEL) && message.contains("kubectl label secret bb"),
+        "{message}"
+    );
+    assert!(!obj.to_string().contains(&c.api_token) && !obj.to_string().contains(&c.email));
+    let warnings: Vec<Value> = h
+        .kube
+        .events()
+        .into_iter()
+        .filter(|e| e["reason"] == "SecretNotOptedIn")
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(warnings[0]["type"], "Warning");
+    assert!(h.operator.manager.runtime(&format!("{NS}/acme")).is_none());
+    assert_eq!(h.sim.stats().total, 0, "nothing was sent to Bitbucket");
+    // Only the Secret's metadata was fetched, never its data.
+    let secret_reads: Vec<_> = h
+        .kube
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path.ends_with("/secrets/bb"))
+        .collect();
+    assert!(!secret_reads.is_empty());
+    // The Secret watch asks for opted-in Secrets only.
+    let watches: Vec<_> = h
+        .kube
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/secrets") && r.param("watch").is_some())
+        .collect();
+    assert!(!watches.is_empty());
+    for watch in &watches {
+        assert_eq!(
+            watch.param("labelSelector").as_deref(),
+            Some("connectors.dev/bitbucket-credentials=true")
+        );
+    }
+
+    // Labelling it is the opt-in: the filtered watch sees it appear.
+    h.update_secret_labels("bb", json!({OPT_IN_LABEL: "true"}));
+    h.wait("acme", "Ready", ready).await;
+    // Removing the label withdraws it: the watch sees it go, loops stop.
+    h.update_secret_labels("bb", json!({}));
+    h.wait("acme", "not opted in again", |o| {
+        reason(o, "Connected") == "SecretNotOptedIn"
+    })
+    .await;
+    assert!(
+        h.operator.manager.runtime(&format!("{NS}/acme")).is_none(),
+        "loops stopped"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_secret_key_rename_cannot_read_another_fields_value() {
+    let h = Harness::start().await;
+    h.good_secret("bb");
+    // The attack: whoever may create a connector but not read the Secret maps
+    // `workspaces` to the password's key, hoping for "<password> is not a
+    // workspace slug" in status and Events.
+    h.kube.put(json!({
+        "apiVersion": API, "kind": KIND,
+        "metadata": {"name": "acme", "namespace": NS},
+        "spec": {"secretRef": {"name": "bb"}, "apiUrl": h.sim.base_url(),
+                 "secretKeys": {"workspaces": "BATON_APP_PASSWORD"}},
+    }));
+    let obj = h.wait("acme", "Stalled", |o| is(o, "Stalled", "True")).await;
+    assert_eq!(reason(&obj, "Connected"), "InvalidSecretKeys");
+    let message = condition(&obj, "Connected").unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.contains("secretKeys.workspaces") && message.contains("BATON_APP_PASSWORD"),
+        "{message}"
+    );
+    let token = h.sim.credentials().api_token.clone();
+    assert!(!obj.to_string().contains(&token), "{obj}");
+    assert!(
+        h.kube.events().iter().all(|e| !e.to_string().contains(&token)),
+        "no Event carries the password"
+    );
+    assert_eq!(events_with_reason(&h.kube, "InvalidSecretKeys"), 1);
+    assert_eq!(h.sim.stats().total, 0, "nothing was sent to Bitbucket");
     h.stop().await;
 }
 
@@ -477,15 +608,14 @@ async fn restarts_keep_the_cadence_instead_of_resyncing() {
         .unwrap();
     let store = Arc::new(Store::open_in_memory().unwrap());
     let c = sim.credentials();
-    kube.put(
-        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bb", "namespace": NS},
-        "stringData": {"BATON_USERNAME": c.email, "BATON_APP_PASSWORD": c.api_token}}),
-    );
+    kube.put(json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "bb", "namespace": NS, "labels": {OPT_IN_LABEL: "true"}},
+        "stringData": {"BATON_USERNAME": c.email, "BATON_APP_PASSWORD": c.api_token}}));
     kube.put(
         json!({"apiVersion": API, "kind": KIND, "metadata": {"name": "acme", "namespace": NS},
         "spec": {"secretRef": {"name": "bb"}, "apiUrl": sim.base_url(), "interval": "1h"}}),
     );
-    let (_, stop, task) = start_operator(&kube, &store);
+    let (_, stop, task) = start_operator(&kube, &store, &sim.base_url());
     kube.wait_for(API, KIND, Some(NS), "acme", WAIT, ready).await;
     let _ = stop.send(true);
     task.await.unwrap();
@@ -494,7 +624,7 @@ async fn restarts_keep_the_cadence_instead_of_resyncing() {
         .runs_of_kind(&format!("{NS}/acme"), SyncKind::Groups, 100)
         .unwrap()
         .len();
-    let (_, stop, task) = start_operator(&kube, &store);
+    let (_, stop, task) = start_operator(&kube, &store, &sim.base_url());
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         store
@@ -523,6 +653,7 @@ async fn only_the_lease_holder_syncs_and_a_successor_takes_over_on_shutdown() {
             Arc::new(Store::open_in_memory().unwrap()),
             Arc::new(Metrics::default()),
             vec![],
+            allow(&h.sim.base_url()),
         ));
         let lease = Lease {
             name: "bitbucket-operator".into(),
@@ -788,6 +919,8 @@ async fn the_run_binary_serves_probes_syncs_and_stops_cleanly_on_sigterm() {
             "--leader-election=true",
             "--lease-name",
             "bbo",
+            "--allowed-api-urls",
+            &format!("https://api.bitbucket.org,{}", h.sim.base_url()),
         ])
         .arg("--db")
         .arg(dir.path().join("store.db"))

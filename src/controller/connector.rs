@@ -1,7 +1,8 @@
 //! The `BitbucketConnector` reconciler.
 //!
-//! One pass: honour `suspend`; read the referenced Secret from the
-//! connector's own namespace; configure the connector's runtime (hot-reloading
+//! One pass: honour `suspend`; refuse an `apiUrl` off the administrator's
+//! allow-list before anything else; read the referenced Secret from the
+//! connector's own namespace, only if it opts in ([`super::secret`]); configure the connector's runtime (hot-reloading
 //! credentials); check the credentials when anything they depend on changed;
 //! start, retune or stop the sync loops; handle Flux's
 //! `reconcile.fluxcd.io/requestedAt`; compute the status
@@ -29,7 +30,8 @@ use kube::runtime::{Controller, WatchStreamExt, predicates, watcher};
 use tokio::sync::mpsc;
 
 use super::common::{MetricLabel, Scaffold};
-use super::loops::{ConnectorRuntime, EngineSettings, Manager, loop_statuses, runtime_key};
+use super::loops::{ConfigureError, ConnectorRuntime, EngineSettings, Manager, loop_statuses, runtime_key};
+use super::secret::{SecretRead, read_opted_in};
 use super::status::{self, Health, Observation};
 use crate::bitbucket::{DEFAULT_API_URL, Limits};
 use crate::crd::{
@@ -38,7 +40,7 @@ use crate::crd::{
 };
 use crate::metrics::{ConnectorLabels, Metrics, ObjectLabels};
 use crate::model::SyncKind;
-use crate::settings::{ConnectorSettings, SettingsError};
+use crate::settings::{ConnectorSettings, SecretValues, SettingsError, not_opted_in_message, opt_in_selector};
 use crate::store::{Store, StoreError};
 use crate::sync::{FailureClass, SyncError};
 
@@ -144,8 +146,10 @@ pub async fn controller(
             Default::default(),
         );
     let mapper_reader = reader.clone();
-    // Metadata only: Secret data never sits in this cache.
-    let secret_changes = watcher(secrets, watcher::Config::default())
+    // Metadata only, and only Secrets that opted in: Secret data never sits
+    // in this cache. Labelling a Secret arrives as an add, unlabelling as a
+    // delete; both reconcile the connectors that name it.
+    let secret_changes = watcher(secrets, watcher::Config::default().labels(&opt_in_selector()))
         .default_backoff()
         .touched_objects();
     Controller::for_stream(connector_changes, reader)
@@ -197,7 +201,7 @@ pub fn error_policy(obj: Arc<BitbucketConnector>, err: &ReconcileError, ctx: Arc
 
 /// What the Secret gave, or why it could not.
 enum SecretOutcome {
-    Settings(ConnectorSettings),
+    Settings(ConnectorSettings, SecretValues),
     Problem { reason: Reason, message: String },
 }
 
@@ -209,36 +213,55 @@ async fn read_settings(
     let secret_name = &obj.spec.secret_ref.name;
     // Only the connector's own namespace: a connector can never read another
     // namespace's Secret.
-    let secrets: Api<Secret> = Api::namespaced(ctx.scaffold.client.clone(), namespace);
-    let Some(secret) = secrets.get_opt(secret_name).await? else {
-        return Ok(SecretOutcome::Problem {
-            reason: Reason::SecretNotFound,
-            message: format!("Secret {namespace}/{secret_name} not found"),
-        });
+    let secret = match read_opted_in(&ctx.scaffold.client, namespace, secret_name).await? {
+        SecretRead::Found(secret) => secret,
+        SecretRead::NotFound => {
+            return Ok(SecretOutcome::Problem {
+                reason: Reason::SecretNotFound,
+                message: format!("Secret {namespace}/{secret_name} not found"),
+            });
+        }
+        SecretRead::NotOptedIn => {
+            return Ok(SecretOutcome::Problem {
+                reason: Reason::SecretNotOptedIn,
+                message: not_opted_in_message(namespace, secret_name),
+            });
+        }
     };
     Ok(match settings_for(obj, &secret) {
-        Ok(settings) => SecretOutcome::Settings(settings),
+        Ok((settings, values)) => SecretOutcome::Settings(settings, values),
         Err(err) => SecretOutcome::Problem {
-            reason: match err {
-                SettingsError::Invalid { .. } => Reason::InvalidSpec,
-                _ => Reason::SecretKeyMissing,
-            },
+            reason: settings_reason(&err),
             message: format!("Secret {secret_name}: {err}"),
         },
     })
 }
 
+/// The condition reason of a Secret that cannot be turned into settings.
+pub(crate) fn settings_reason(err: &SettingsError) -> Reason {
+    match err {
+        SettingsError::InvalidSecretKeys { .. } => Reason::InvalidSecretKeys,
+        SettingsError::Invalid { .. } => Reason::InvalidSpec,
+        SettingsError::NoCredentials { .. } | SettingsError::KeyMissing { .. } | SettingsError::NotText { .. } => {
+            Reason::SecretKeyMissing
+        }
+    }
+}
+
 /// The connector's settings: its Secret, read with its key names, and the
 /// spec's overrides. The grant controller reads provisioning the same way.
-pub(crate) fn settings_for(obj: &BitbucketConnector, secret: &Secret) -> Result<ConnectorSettings, SettingsError> {
-    let mut settings = ConnectorSettings::from_secret(secret, &obj.spec.secret_keys())?;
+pub(crate) fn settings_for(
+    obj: &BitbucketConnector,
+    secret: &Secret,
+) -> Result<(ConnectorSettings, SecretValues), SettingsError> {
+    let (mut settings, values) = ConnectorSettings::read_secret(secret, &obj.spec.secret_keys())?;
     if let Some(workspaces) = &obj.spec.workspaces {
         settings.workspaces = workspaces.clone();
     }
     if let Some(provisioning) = obj.spec.provisioning {
         settings.provisioning = provisioning;
     }
-    Ok(settings)
+    Ok((settings, values))
 }
 
 /// Interval per enabled kind; `None` for disabled ones. At least a minute,
@@ -343,8 +366,8 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
     })
 }
 
-/// Reads the Secret and, when it is usable, configures the runtime and
-/// checks the connection.
+/// Refuses an `apiUrl` off the allow-list, then reads the Secret and, when
+/// it is usable, configures the runtime and checks the connection.
 async fn observe(
     obj: &Arc<BitbucketConnector>,
     ctx: &Context,
@@ -353,6 +376,13 @@ async fn observe(
     newly_requested: bool,
 ) -> Result<Pass, ReconcileError> {
     let problem = |reason, message| Health::SecretProblem { reason, message };
+    let api_url = obj.spec.api_url.clone().unwrap_or_else(|| DEFAULT_API_URL.to_owned());
+    // Before the Secret is even read: a refused connector sends nothing anywhere.
+    if let Err(err) = ctx.manager.egress().check_bitbucket_url(&api_url) {
+        ctx.manager.remove(key).await;
+        let message = format!("spec.apiUrl: {err}; an administrator allows base URLs with --allowed-api-urls");
+        return Ok(Pass::new(problem(Reason::ApiUrlNotAllowed, message), STALLED_REQUEUE));
+    }
     match (read_settings(obj, ctx, namespace).await?, desired_loops(obj)) {
         (_, Err(message)) => {
             ctx.manager.remove(key).await;
@@ -362,10 +392,10 @@ async fn observe(
             ctx.manager.remove(key).await;
             Ok(Pass::new(problem(reason, message), STALLED_REQUEUE))
         }
-        (SecretOutcome::Settings(settings), Ok(desired)) => {
+        (SecretOutcome::Settings(settings, values), Ok(desired)) => {
             let limits = obj.spec.rate_limit();
             let engine = EngineSettings {
-                api_url: obj.spec.api_url.clone().unwrap_or_else(|| DEFAULT_API_URL.to_owned()),
+                api_url,
                 workspaces: settings.workspaces.clone(),
                 limits: Limits {
                     max_requests: limits.requests_per_hour.max(1),
@@ -375,14 +405,15 @@ async fn observe(
             };
             match ctx
                 .manager
-                .configure(ObjectRef::from_obj(obj.as_ref()), &settings, engine)
+                .configure(ObjectRef::from_obj(obj.as_ref()), &settings, values, engine)
             {
                 Err(err) => {
                     ctx.manager.remove(key).await;
-                    Ok(Pass::new(
-                        problem(Reason::InvalidSpec, err.to_string()),
-                        DEFAULT_REQUEUE,
-                    ))
+                    let reason = match err {
+                        ConfigureError::NotAllowed(_) => Reason::ApiUrlNotAllowed,
+                        ConfigureError::Client(_) => Reason::InvalidSpec,
+                    };
+                    Ok(Pass::new(problem(reason, err.to_string()), DEFAULT_REQUEUE))
                 }
                 Ok((runtime, changed)) => {
                     let mut pass = connect(&runtime, &desired, newly_requested).await;
@@ -416,7 +447,7 @@ async fn connect(
                 Some(err) => Pass::new(
                     Health::ConnectFailed {
                         reason: Reason::from(&err),
-                        message: err.to_string(),
+                        message: runtime.scrub(&err.to_string()),
                         stalled: true,
                     },
                     STALLED_REQUEUE,
@@ -431,7 +462,7 @@ async fn connect(
             let stalled = err.is_configuration_error();
             let health = Health::ConnectFailed {
                 reason: Reason::from(&err),
-                message: err.to_string(),
+                message: runtime.scrub(&err.to_string()),
                 stalled,
             };
             let mut pass = Pass::new(health, if stalled { STALLED_REQUEUE } else { DEFAULT_REQUEUE });

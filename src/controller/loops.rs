@@ -24,9 +24,10 @@ use tokio::time::Instant;
 use super::status::LoopStatus;
 use crate::bitbucket::{Client, ClientConfig, Limits};
 use crate::crd::BitbucketConnector;
+use crate::egress::{EgressError, EgressPolicy};
 use crate::metrics::Metrics;
 use crate::model::SyncKind;
-use crate::settings::ConnectorSettings;
+use crate::settings::{ConnectorSettings, SecretValues};
 use crate::store::{RunStatus, Store};
 use crate::sync::{SyncEngine, SyncError, discover_and_run_into_store};
 
@@ -51,10 +52,22 @@ pub struct Connection {
 /// Sends reconcile requests to one controller.
 pub type ReconcileTrigger = mpsc::UnboundedSender<ObjectRef<BitbucketConnector>>;
 
+/// Why a connector's runtime could not be configured.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigureError {
+    /// `apiUrl` is not on the administrator's allow-list: no client is built.
+    #[error(transparent)]
+    NotAllowed(#[from] EgressError),
+    #[error(transparent)]
+    Client(#[from] crate::bitbucket::Error),
+}
+
 /// All connectors' runtimes.
 pub struct Manager {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
+    /// Where credentials may be sent: checked before any client is built.
+    egress: Arc<EgressPolicy>,
     runtimes: Mutex<HashMap<String, Arc<ConnectorRuntime>>>,
     /// Reconcile triggers, one channel per controller (by namespace; `None`
     /// watches every namespace).
@@ -62,10 +75,11 @@ pub struct Manager {
 }
 
 impl Manager {
-    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>, egress: Arc<EgressPolicy>) -> Arc<Self> {
         Arc::new(Manager {
             store,
             metrics,
+            egress,
             runtimes: Mutex::default(),
             triggers: Mutex::default(),
         })
@@ -73,6 +87,11 @@ impl Manager {
 
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// The administrator's allow-list of Bitbucket base URLs.
+    pub fn egress(&self) -> &EgressPolicy {
+        &self.egress
     }
 
     /// Registers the trigger channel of a controller watching `namespace`.
@@ -95,13 +114,17 @@ impl Manager {
     }
 
     /// Creates the connector's runtime, or applies new settings to it. Returns
-    /// whether the credentials changed (hot reload; loops keep running).
+    /// whether the credentials changed (hot reload; loops keep running). An
+    /// `api_url` off the allow-list is refused here too, whatever the caller
+    /// checked: no client for it is ever built.
     pub fn configure(
         self: &Arc<Self>,
         target: ObjectRef<BitbucketConnector>,
         settings: &ConnectorSettings,
+        values: SecretValues,
         engine: EngineSettings,
-    ) -> Result<(Arc<ConnectorRuntime>, bool), crate::bitbucket::Error> {
+    ) -> Result<(Arc<ConnectorRuntime>, bool), ConfigureError> {
+        self.egress.check_bitbucket_url(&engine.api_url)?;
         let key = runtime_key(&target);
         let existing = self.runtime(&key);
         let fingerprint = settings.credentials.fingerprint();
@@ -114,6 +137,7 @@ impl Manager {
                     manager: Arc::downgrade(self),
                     engine: RwLock::new((engine.clone(), SyncEngine::new(client, engine.workspaces.clone()))),
                     fingerprint: Mutex::new((fingerprint, Timestamp::now())),
+                    secret_values: Mutex::new(values),
                     connection: Mutex::new(None),
                     loops: Mutex::default(),
                     running: Mutex::default(),
@@ -131,6 +155,7 @@ impl Manager {
                     }
                     changed
                 };
+                *lock(&runtime.secret_values) = values;
                 let mut guard = runtime.engine.write().unwrap_or_else(|e| e.into_inner());
                 if guard.0.api_url != engine.api_url {
                     let client = self.build_client(&engine, settings)?;
@@ -206,6 +231,8 @@ pub struct ConnectorRuntime {
     engine: RwLock<(EngineSettings, SyncEngine)>,
     /// Credential fingerprint and when it last changed.
     fingerprint: Mutex<(String, Timestamp)>,
+    /// What the Secret held, to scrub from errors before they are reported.
+    secret_values: Mutex<SecretValues>,
     connection: Mutex<Option<Connection>>,
     loops: Mutex<BTreeMap<SyncKind, LoopHandle>>,
     running: Mutex<BTreeSet<SyncKind>>,
@@ -221,6 +248,11 @@ impl ConnectorRuntime {
 
     pub fn fingerprint(&self) -> (String, Timestamp) {
         lock(&self.fingerprint).clone()
+    }
+
+    /// `text` without any value read from the Secret.
+    pub fn scrub(&self, text: &str) -> String {
+        lock(&self.secret_values).scrub(text)
     }
 
     /// Whether the credential check must run again: never ran, settings or
@@ -368,7 +400,11 @@ impl ConnectorRuntime {
     /// Each loop's status, from the store's run history plus what runs now.
     pub fn loop_statuses(&self, store: &Store, enabled: &BTreeMap<SyncKind, bool>) -> BTreeMap<SyncKind, LoopStatus> {
         let running = lock(&self.running).clone();
-        loop_statuses(store, &self.key, enabled, &running)
+        let mut statuses = loop_statuses(store, &self.key, enabled, &running);
+        for status in statuses.values_mut() {
+            status.last_error = status.last_error.as_deref().map(|e| self.scrub(e));
+        }
+        statuses
     }
 
     fn notify(&self) {
@@ -490,7 +526,8 @@ async fn run_loop(
                 } else {
                     lock(&runtime.config_errors).remove(&kind);
                 }
-                tracing::warn!(connector = %runtime.key, kind = kind.as_str(), error = %err, "sync run failed");
+                let error = runtime.scrub(&err.to_string());
+                tracing::warn!(connector = %runtime.key, kind = kind.as_str(), %error, "sync run failed");
             }
         }
         last_end_instant = Some(Instant::now());

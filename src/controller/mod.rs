@@ -21,6 +21,7 @@ pub mod common;
 pub mod connector;
 pub mod grant;
 pub mod loops;
+pub mod secret;
 pub mod status;
 
 use std::net::SocketAddr;
@@ -40,6 +41,7 @@ use tokio::sync::watch;
 
 use crate::api::ApiState;
 use crate::crd::BitbucketConnector;
+use crate::egress::{EgressArgs, EgressPolicy};
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -73,9 +75,18 @@ pub struct RunArgs {
     /// Only watch these namespaces (comma-separated); default: all.
     #[arg(long, env = "WATCH_NAMESPACES", value_delimiter = ',')]
     pub watch_namespaces: Vec<String>,
+    /// Where connectors may send credentials (`--allowed-api-urls`).
+    #[command(flatten)]
+    pub egress: EgressArgs,
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    // A bad allow-list is a usage error found before anything starts.
+    let egress = args
+        .egress
+        .policy()
+        .context("--allowed-api-urls / --allowed-conductorone-urls")?;
+    tracing::info!(allowed_api_urls = ?egress.bitbucket.entries(), "egress allow-list");
     let client = Client::try_default()
         .await
         .context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
@@ -93,7 +104,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         tracing::info!("shutdown requested");
         let _ = shutdown_tx.send(true);
     });
-    let operator = Operator::new(client, store, metrics, args.watch_namespaces.clone());
+    let operator = Operator::new(client, store, metrics, args.watch_namespaces.clone(), egress);
     let ready = Arc::new(AtomicBool::new(false));
     let http = tokio::spawn(http::serve(
         args.http_addr,
@@ -154,8 +165,16 @@ pub struct Operator {
 }
 
 impl Operator {
-    pub fn new(client: Client, store: Arc<Store>, metrics: Arc<Metrics>, namespaces: Vec<String>) -> Self {
-        let manager = Manager::new(store, Arc::clone(&metrics));
+    /// `egress`: the administrator's allow-list; a connector whose `apiUrl`
+    /// is not on it is refused before any request.
+    pub fn new(
+        client: Client,
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        namespaces: Vec<String>,
+        egress: EgressPolicy,
+    ) -> Self {
+        let manager = Manager::new(store, Arc::clone(&metrics), Arc::new(egress));
         Operator {
             client,
             manager,

@@ -33,7 +33,8 @@ use crate::model::SyncKind;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Health {
     Suspended,
-    /// The Secret is missing or unusable (`SecretNotFound`, `SecretKeyMissing`).
+    /// The connector cannot be used as configured: the Secret is missing,
+    /// not opted in or unusable, or `apiUrl` is not allowed. Stalled.
     SecretProblem {
         reason: Reason,
         message: String,
@@ -201,7 +202,10 @@ fn secret_problem(reason: Reason, message: &str) -> Verdict {
             ct::SYNCING,
             ConditionStatus::False,
             reason,
-            "Sync loops are stopped until the Secret is usable",
+            match reason {
+                Reason::ApiUrlNotAllowed => "Sync loops are stopped until spec.apiUrl is on the allow-list",
+                _ => "Sync loops are stopped until the Secret is usable",
+            },
         )
         .set(ct::READY, ConditionStatus::False, reason, message);
     verdict.stalled = Some((reason, message.to_owned()));

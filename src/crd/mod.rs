@@ -123,7 +123,13 @@ wire_enum! {
     /// DESIGN.md lists (`SecretNotFound` … `RateLimited`).
     pub enum Reason {
         SecretNotFound = "SecretNotFound",
+        /// The Secret exists but lacks the opt-in label: it is not read.
+        SecretNotOptedIn = "SecretNotOptedIn",
         SecretKeyMissing = "SecretKeyMissing",
+        /// `spec.secretKeys` breaks the rename rule (distinct key names).
+        InvalidSecretKeys = "InvalidSecretKeys",
+        /// `spec.apiUrl` is not on the administrator's allow-list.
+        ApiUrlNotAllowed = "ApiUrlNotAllowed",
         InvalidCredentials = "InvalidCredentials",
         InsufficientScopes = "InsufficientScopes",
         WorkspaceNotFound = "WorkspaceNotFound",
@@ -398,6 +404,9 @@ mod tests {
         for (reason, text) in [
             (Reason::SecretNotFound, "SecretNotFound"),
             (Reason::SecretKeyMissing, "SecretKeyMissing"),
+            (Reason::SecretNotOptedIn, "SecretNotOptedIn"),
+            (Reason::InvalidSecretKeys, "InvalidSecretKeys"),
+            (Reason::ApiUrlNotAllowed, "ApiUrlNotAllowed"),
             (Reason::InvalidCredentials, "InvalidCredentials"),
             (Reason::InsufficientScopes, "InsufficientScopes"),
             (Reason::WorkspaceNotFound, "WorkspaceNotFound"),

@@ -662,6 +662,46 @@ def test_grant_cel_rules_accept_valid_combinations(overrides):
     assert cel_failures("BitbucketAccessGrant", g) == []
 
 
+def _connector_with_keys(secret_keys):
+    return {
+        "apiVersion": "connectors.dev/v1alpha1", "kind": "BitbucketConnector",
+        "metadata": {"name": "c", "namespace": "ns"},
+        "spec": {"secretRef": {"name": "s"}, "secretKeys": secret_keys},
+    }
+
+
+DISTINCT_KEYS = "every key name in effect"
+
+
+@pytest.mark.parametrize("secret_keys", [
+    {"workspaces": "BATON_APP_PASSWORD"},  # the attack: read the password as a workspace list
+    {"provisioning": "BATON_TOKEN"},
+    {"clientId": "shared", "clientSecret": "shared"},
+    {"username": "BATON_TOKEN", "token": ""},  # empty means the default name
+])
+def test_secret_keys_cel_refuses_a_field_reading_another_fields_key(secret_keys):
+    failures = cel_failures("BitbucketConnector", _connector_with_keys(secret_keys))
+    assert any(DISTINCT_KEYS in f for f in failures), failures
+
+
+@pytest.mark.parametrize("secret_keys", [
+    {},
+    {"username": "login", "appPassword": "api-token"},
+    {"token": "BATON_CONSUMER_SECRET", "consumerSecret": "oauth.secret"},  # a default given up is free
+    {"token": ""},
+])
+def test_secret_keys_cel_accepts_distinct_names(secret_keys):
+    obj = _connector_with_keys(secret_keys)
+    jsonschema.validate(obj, chartlib.crd_json_schema("BitbucketConnector"))
+    assert cel_failures("BitbucketConnector", obj) == []
+
+
+@pytest.mark.parametrize("name", ["with space", "a/b", "k" * 254])
+def test_secret_keys_schema_refuses_names_that_are_not_secret_keys(name):
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(_connector_with_keys({"token": name}), chartlib.crd_json_schema("BitbucketConnector"))
+
+
 def test_grant_permission_enum():
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(_grant(permission="owner"), chartlib.crd_json_schema("BitbucketAccessGrant"))
@@ -670,6 +710,8 @@ def test_grant_permission_enum():
 def test_secret_example_uses_the_baton_keys():
     secret = _example("secret.yaml")
     assert secret["kind"] == "Secret"
+    # The operator reads only Secrets that opt in with this label.
+    assert secret["metadata"]["labels"]["connectors.dev/bitbucket-credentials"] == "true"
     keys = set(secret["stringData"])
     assert {"BATON_USERNAME", "BATON_APP_PASSWORD", "BATON_WORKSPACES", "BATON_PROVISIONING"} <= keys
     kubernetes_validate.validate(secret, K8S_VERSION, strict=True)

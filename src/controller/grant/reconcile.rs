@@ -22,12 +22,13 @@ use kube::runtime::{Controller, WatchStreamExt, predicates, watcher};
 use super::decide::{self, Peer, Step};
 use super::status::{self, GrantRecord, Outcome};
 use super::{GrantContext, GrantError};
+use crate::controller::secret::{SecretRead, read_opted_in};
 use crate::crd::{
     AppliedAccess, BitbucketAccessGrant, BitbucketAccessGrantStatus, BitbucketConnector, EventReason, GRANT_FINALIZER,
     GrantState, Reason, condition_type as ct, find_condition,
 };
 use crate::provision::{AccessRequest, AfterRefresh, GrantMode, ProvisionError, Provisioner, StoreInventory};
-use crate::settings::ConnectorSettings;
+use crate::settings::{ConnectorSettings, not_opted_in_message};
 
 /// Deletion waits at most this long for an unusable connector.
 const DELETION_GRACE: Duration = Duration::from_secs(600);
@@ -198,9 +199,10 @@ async fn provisioning_enabled(
         return Ok(Ok(enabled));
     }
     let name = &obj.spec.secret_ref.name;
-    let secrets: Api<Secret> = Api::namespaced(ctx.scaffold.client.clone(), namespace);
-    let Some(secret) = secrets.get_opt(name).await? else {
-        return Ok(Err(format!("Secret {namespace}/{name} of the connector not found")));
+    let secret = match read_opted_in(&ctx.scaffold.client, namespace, name).await? {
+        SecretRead::Found(secret) => secret,
+        SecretRead::NotFound => return Ok(Err(format!("Secret {namespace}/{name} of the connector not found"))),
+        SecretRead::NotOptedIn => return Ok(Err(not_opted_in_message(namespace, name))),
     };
     Ok(provisioning_from_secret(obj, &secret).map_err(|e| format!("Secret {namespace}/{name}: {e}")))
 }
