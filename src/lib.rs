@@ -15,6 +15,7 @@
 //! - [`provision`]: grants and revokes (group membership, project and
 //!   repository permissions), idempotent and precise, for the CLI and the
 //!   access-grant controller.
+//! - [`conductorone`]: ConductorOne service mode and c1z files.
 //! - [`crd`]: the custom resources (`BitbucketConnector`,
 //!   `BitbucketAccessGrant`) and their condition helpers.
 
@@ -22,6 +23,7 @@ pub mod access;
 pub mod api;
 pub mod backoff;
 pub mod bitbucket;
+pub mod conductorone;
 pub mod controller;
 pub mod crd;
 pub mod http;

@@ -57,6 +57,9 @@ pub struct SyncArgs {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 4)]
     max_in_flight: usize,
+    /// After a successful sync, also write the data as a ConductorOne c1z file.
+    #[arg(long, value_name = "FILE")]
+    c1z: Option<PathBuf>,
 }
 
 /// Bitbucket credentials and API root, shared by every command that talks to
@@ -260,6 +263,9 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let first_error = outcomes.values().find_map(|o| o.as_ref().err());
+    if let (None, Some(path)) = (first_error, &args.c1z) {
+        crate::conductorone::cli::write_after_sync(&store, &args.connector, path).await?;
+    }
     Ok(first_error.map(exit_code).unwrap_or(ExitCode::SUCCESS))
 }
 
