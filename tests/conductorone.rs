@@ -1026,3 +1026,64 @@ async fn connect_runs_the_loop_until_sigterm() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_refreshed_before_expiry_and_counted_in_metrics() {
+    let h = harness(demo_config(), true).await;
+    let fake = FakeC1::start(FakeOptions {
+        token_lifetime: 2,
+        ..FakeOptions::default()
+    })
+    .await;
+    let mut registry = prometheus_client::registry::Registry::with_prefix("bitbucket_operator");
+    let metrics = bitbucket_operator::conductorone::C1Metrics::register(&mut registry);
+    let credentials = ClientCredentials::parse(&fake.client_id, &fake.client_secret).unwrap();
+    let backend = Backend {
+        store: Arc::clone(&h.store),
+        engine: h.engine.clone(),
+        provisioner: Provisioner::new(h.engine.client().clone(), false),
+    };
+    let session = ServiceSession::new(
+        settings(&h, &fake, true, Duration::from_secs(3600)),
+        credentials,
+        backend,
+        Some(metrics),
+    )
+    .unwrap();
+    let (mut status, stop, handle) = spawn(session);
+    wait_status(&mut status, "connected", |s| s.connected).await;
+    let task = sync_full_task();
+    fake.push_task(task.clone());
+    fake.wait_for("the upload", Duration::from_secs(30), |r| {
+        r.finished.iter().any(|f| f.task_id == task.id)
+    })
+    .await;
+    // A 2 s token is replaced after 1 s; polling goes on with fresh tokens.
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    let issued = fake.recorded().token_requests;
+    assert!((3..=5).contains(&issued), "{issued} tokens in about 3 s");
+    assert_eq!(fake.recorded().unauthenticated_calls, 0, "never an expired token");
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains(r#"bitbucket_operator_conductorone_tasks_total{task_type="sync_full",result="succeeded"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "bitbucket_operator_conductorone_token_refreshes_total {issued}"
+        )),
+        "{text}"
+    );
+    let bytes = fake.recorded().uploads[0].bytes.len();
+    assert!(
+        text.contains(&format!("bitbucket_operator_conductorone_upload_bytes_total {bytes}")),
+        "{text}"
+    );
+    assert!(
+        !text.contains(&fake.client_secret) && !text.contains("token-"),
+        "no secrets in metrics"
+    );
+}

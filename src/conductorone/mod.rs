@@ -8,7 +8,36 @@
 //! - [`export`]: store → c1z in one call (`sync --c1z`, `export`, `sync_full`).
 //! - [`ksuid`]: sync run ids.
 //! - [`proto`]: generated protobuf/gRPC code (`build.rs`, `proto/`).
-//! - [`cli`]: the `export` command.
+//! - [`cli`]: the `export` command; [`connect`]: the `connect` command.
+//! - [`credentials`], [`token`]: client id/secret, EdDSA assertion, token cache.
+//! - [`rpc`]: the authenticated `BatonService` client over rustls.
+//! - [`session`]: the service loop ([`ServiceSession`]); [`snapshot`]: the
+//!   budget-aware refresh before an upload; [`provisioning`]: grant/revoke
+//!   tasks → [`crate::provision::Provisioner`]; [`status`], [`metrics`]: what
+//!   the operator shows.
+//!
+//! # For the operator (one session per connector, on the leader)
+//!
+//! ```text
+//! // once, where the registry is built (crate::metrics):
+//! let c1 = C1Metrics::register(&mut registry);
+//! // per connector whose Secret has BATON_CLIENT_ID / BATON_CLIENT_SECRET:
+//! let credentials = ClientCredentials::parse(id, secret)?;        // Err: ConductorOneConnected=False,
+//!                                                                 //      reason InvalidClientCredentials
+//! let settings = ServiceSettings {
+//!     connector: <store connector key>, host_id: <stable id, e.g. BATON_HOST_ID or ns/name>,
+//!     endpoint: C1Endpoint { tenant_host: credentials.client_id().host.clone(),
+//!                            api_host_override: spec.conductorOne.apiHost, extra_ca_pem: spec caBundle },
+//!     max_snapshot_age: spec.conductorOne.maxSnapshotAge (default 1h), work_dir: <dir of the store>,
+//!     on_rejected: OnRejected::Retry, timing: Timing::default() };
+//! let backend = Backend { store, engine: SyncEngine::new(<the connector's Client>, workspaces),
+//!                         provisioner: <the connector's Provisioner> };
+//! let session = ServiceSession::new(settings, credentials, backend, Some(c1.clone()))?;
+//! let status = session.status();                 // watch::Receiver<SessionStatus>
+//! tokio::spawn(session.run(cancel.clone()));     // cancel on leadership loss, deletion, Secret change
+//! // on status.changed(): status.borrow().condition() → ConductorOneConnected;
+//! //                      status.conductorOne ← host_id, last_task, last_upload, task_counts (serde camelCase)
+//! ```
 
 pub mod c1z;
 pub mod cli;
@@ -30,11 +59,12 @@ use std::path::Path;
 use serde::Serialize;
 
 pub use c1z::WriteSummary;
+pub use connect::parse_age;
 pub use credentials::{ClientCredentials, CredentialError};
 pub use inventory::{Inventory, InventoryError, TypeAge};
 pub use metrics::C1Metrics;
 pub use session::{Backend, OnRejected, ServiceSession, ServiceSettings, SessionError, Timing, default_host_id};
-pub use status::{ConnectionReason, SessionStatus};
+pub use status::{ConditionView, ConnectionReason, SessionStatus};
 pub use token::C1Endpoint;
 
 use crate::store::Store;

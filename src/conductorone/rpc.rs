@@ -110,7 +110,12 @@ impl C1Client {
     /// Builds the channel (connected lazily, so an unreachable server is an
     /// error of the first call, not of construction). Fails on a bad extra
     /// CA bundle or an unusable host.
-    pub fn new(credentials: Arc<ClientCredentials>, endpoint: C1Endpoint, host_id: &str) -> Result<Self, String> {
+    pub fn new(
+        credentials: Arc<ClientCredentials>,
+        endpoint: C1Endpoint,
+        host_id: &str,
+        token_counter: Option<prometheus_client::metrics::counter::Counter>,
+    ) -> Result<Self, String> {
         let mut tls = ClientTlsConfig::new().with_webpki_roots();
         if let Some(pem) = &endpoint.extra_ca_pem {
             tls = tls.ca_certificate(Certificate::from_pem(pem));
@@ -124,7 +129,11 @@ impl C1Client {
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true)
             .connect_lazy();
-        let tokens = Arc::new(TokenSource::new(credentials, endpoint)?);
+        let mut tokens = TokenSource::new(credentials, endpoint)?;
+        if let Some(counter) = token_counter {
+            tokens = tokens.with_counter(counter);
+        }
+        let tokens = Arc::new(tokens);
         Ok(C1Client {
             grpc: BatonServiceClient::new(channel),
             tokens,

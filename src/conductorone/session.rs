@@ -178,15 +178,21 @@ impl ServiceSession {
         if settings.host_id.is_empty() || settings.host_id.chars().count() > 256 {
             return Err(SessionError::Setup("the host id must be 1 to 256 characters".into()));
         }
-        let client = C1Client::new(Arc::new(credentials), settings.endpoint.clone(), &settings.host_id)
-            .map_err(SessionError::Setup)?;
+        let metrics = metrics.unwrap_or_default();
+        let client = C1Client::new(
+            Arc::new(credentials),
+            settings.endpoint.clone(),
+            &settings.host_id,
+            Some(metrics.token_refreshes.clone()),
+        )
+        .map_err(SessionError::Setup)?;
         let (status, _) = watch::channel(SessionStatus::new(&settings.host_id));
         Ok(ServiceSession {
             settings,
             client,
             backend,
             status,
-            metrics: metrics.unwrap_or_default(),
+            metrics,
             sync_lock: tokio::sync::Mutex::new(()),
         })
     }
@@ -241,7 +247,6 @@ impl ServiceSession {
                 _ = shutdown.cancelled() => return HelloEnd::Shutdown,
                 r = self.client.hello("") => r,
             };
-            self.count_token_refreshes();
             match result {
                 Ok(()) => {
                     tracing::info!(host_id = %self.settings.host_id, "ConductorOne accepted Hello");
@@ -282,7 +287,6 @@ impl ServiceSession {
                 _ = shutdown.cancelled() => break None,
                 r = self.client.get_task() => r,
             };
-            self.count_token_refreshes();
             let wait = match result {
                 Err(err) if err.is_permanent() => break Some(err),
                 Err(err) => {
@@ -330,14 +334,6 @@ impl ServiceSession {
             s.set_connection(ConnectionReason::Connected, "Hello accepted; polling for tasks");
             true
         });
-    }
-
-    fn count_token_refreshes(&self) {
-        let fetched = self.client.tokens().fetch_count();
-        let counted = self.metrics.token_refreshes.get();
-        if fetched > counted {
-            self.metrics.token_refreshes.inc_by(fetched - counted);
-        }
     }
 
     /// Runs one task and records how it ended.

@@ -174,6 +174,66 @@ impl SessionStatus {
     }
 }
 
+/// The `ConductorOneConnected` condition a status stands for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConditionView {
+    /// `True`, `False` or `Unknown` (still connecting).
+    pub status: &'static str,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl SessionStatus {
+    /// `True` once Hello is accepted and polling works; `Unknown` while
+    /// connecting; `False` with the reason otherwise.
+    pub fn condition(&self) -> ConditionView {
+        let status = match self.reason {
+            ConnectionReason::Connected => "True",
+            ConnectionReason::Connecting => "Unknown",
+            _ => "False",
+        };
+        ConditionView {
+            status,
+            reason: self.reason.as_str(),
+            message: self.message.clone(),
+        }
+    }
+}
+
 pub fn now_ms() -> i64 {
     jiff::Timestamp::now().as_millisecond()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn condition_follows_the_reason_and_transitions_only_on_change() {
+        let mut s = SessionStatus::new("h");
+        assert_eq!(s.condition().status, "Unknown");
+        s.set_connection(ConnectionReason::TlsError, "bad CA");
+        assert_eq!((s.condition().status, s.condition().reason), ("False", "TLSError"));
+        let at = s.last_transition;
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        s.set_connection(ConnectionReason::TlsError, "still bad");
+        assert_eq!(s.last_transition, at, "same reason: no transition");
+        s.set_connection(ConnectionReason::Connected, "ok");
+        assert_eq!(s.condition().status, "True");
+        assert!(s.last_transition > at);
+        s.record_task(TaskRecord {
+            task_type: TaskType::Grant,
+            id: "x".into(),
+            result: TaskResult::Failed,
+            message: String::new(),
+            finished_at: 0,
+        });
+        assert_eq!(
+            s.task_counts["grant"],
+            TaskCounts {
+                succeeded: 0,
+                failed: 1
+            }
+        );
+    }
 }

@@ -119,6 +119,8 @@ pub struct TokenSource {
     http: reqwest::Client,
     cache: tokio::sync::Mutex<Option<Cached>>,
     fetched: AtomicU64,
+    /// Also counts fetches (the operator's `conductorone_token_refreshes`).
+    counter: Option<prometheus_client::metrics::counter::Counter>,
 }
 
 impl std::fmt::Debug for TokenSource {
@@ -153,7 +155,14 @@ impl TokenSource {
             http,
             cache: tokio::sync::Mutex::new(None),
             fetched: AtomicU64::new(0),
+            counter: None,
         })
+    }
+
+    /// Counts every fetched token into `counter` too.
+    pub fn with_counter(mut self, counter: prometheus_client::metrics::counter::Counter) -> Self {
+        self.counter = Some(counter);
+        self
     }
 
     /// How many tokens were fetched (the first and every refresh).
@@ -171,6 +180,9 @@ impl TokenSource {
         }
         let (token, lifetime) = self.fetch().await?;
         self.fetched.fetch_add(1, Ordering::Relaxed);
+        if let Some(counter) = &self.counter {
+            counter.inc();
+        }
         let refresh_in = lifetime.saturating_sub(REFRESH_MARGIN.min(lifetime / 2));
         *cache = Some(Cached {
             token: token.clone(),
