@@ -344,7 +344,16 @@ impl ServiceSession {
                 Ok(()) => (TaskType::Hello, TaskResult::Succeeded, "Hello sent".to_owned()),
                 Err(err) => (TaskType::Hello, TaskResult::Failed, err.describe()),
             },
-            Some(Kind::SyncFull(_)) => {
+            Some(Kind::SyncFull(options)) => {
+                // Always a complete v1 snapshot; say what was asked for and not honoured.
+                tracing::info!(
+                    task_id = %id,
+                    storage_engine = %options.storage_engine,
+                    targeted_resources = options.targeted_sync_resources.len(),
+                    resource_type_filter = ?options.sync_resource_type_ids,
+                    skip_grants = options.skip_grants || options.skip_entitlements_and_grants,
+                    "sync_full: writing a complete c1z v1 whatever the options"
+                );
                 let (result, message) = self.sync_full(&id, heartbeat, shutdown).await;
                 (TaskType::SyncFull, result, message)
             }
