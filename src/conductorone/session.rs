@@ -288,7 +288,9 @@ impl ServiceSession {
                 r = self.client.get_task() => r,
             };
             let wait = match result {
-                Err(err) if err.is_permanent() => break Some(err),
+                // A token refused mid-session is dropped by the client; one more
+                // try with a fresh token tells an expired token from a revoked credential.
+                Err(err) if err.is_permanent() && errors > 0 => break Some(err),
                 Err(err) => {
                     errors = errors.saturating_add(1);
                     let wait = (timing.error_unit * errors.saturating_mul(errors)).min(timing.max_error_backoff);
