@@ -431,6 +431,7 @@ fn decode<M: Message + Default>(table: &str, id: &str, blob: &[u8]) -> Result<M,
     M::decode(blob).map_err(|e| C1zError::Format(format!("{table} row {id:?}: data is not a valid protobuf: {e}")))
 }
 
+// One query and row mapping per table, in schema order: long, but flat.
 fn read_tables(conn: &Connection) -> Result<C1z, C1zError> {
     let mut out = C1z::default();
     let mut stmt = conn.prepare(
