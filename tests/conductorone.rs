@@ -1131,3 +1131,33 @@ async fn a_credential_revoked_while_connected_is_detected_without_a_tight_loop()
     stop.cancel();
     handle.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_c1z_files_never_panic_the_reader() {
+    let h = harness(SimConfig::default(), true).await;
+    let path = h.dir.path().join("small.c1z");
+    export(&h.store, CONNECTOR, &path).unwrap();
+    let good = std::fs::read(&path).unwrap();
+    c1z::read_bytes(&good).unwrap().verify().unwrap();
+    let mut rng = rand::rng();
+    let mut rejected = 0;
+    for round in 0..150 {
+        let mut bad = good.clone();
+        if round % 3 == 0 {
+            bad.truncate(rand::Rng::random_range(&mut rng, 0..good.len()));
+        } else {
+            for _ in 0..1 + round % 5 {
+                let i = rand::Rng::random_range(&mut rng, 0..bad.len());
+                bad[i] ^= rand::Rng::random_range(&mut rng, 1..=255u8);
+            }
+        }
+        // Either an error, or a file whose problems verify() lists: never a panic.
+        match c1z::read_bytes(&bad) {
+            Err(_) => rejected += 1,
+            Ok(file) => {
+                let _ = file.verify();
+            }
+        }
+    }
+    assert!(rejected > 0, "corruption is detected");
+}
