@@ -1161,3 +1161,29 @@ async fn damaged_c1z_files_never_panic_the_reader() {
     }
     assert!(rejected > 0, "corruption is detected");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_a_sync_fails_the_task_as_cancelled_and_retryable() {
+    let mut config = demo_config();
+    config.latency = Duration::from_millis(40);
+    let h = harness(config, true).await;
+    let fake = FakeC1::start(FakeOptions::default()).await;
+    let (mut status, stop, handle) = spawn(session(&h, &fake, settings(&h, &fake, true, Duration::ZERO), false));
+    wait_status(&mut status, "connected", |s| s.connected).await;
+    let task = sync_full_task();
+    fake.push_task(task.clone());
+    fake.wait_for("the first heartbeat", Duration::from_secs(10), |r| {
+        r.heartbeats.contains(&task.id)
+    })
+    .await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(20), handle)
+        .await
+        .expect("the session stops promptly")
+        .unwrap()
+        .unwrap();
+    let (code, message, non_retryable) = error_of(&finished(&fake, &task.id));
+    assert_eq!(code, tonic::Code::Cancelled as i32);
+    assert!(message.contains("shutting down") && !non_retryable, "{message}");
+    assert!(fake.recorded().uploads.is_empty());
+}
