@@ -14,13 +14,21 @@ use prometheus_client::registry::Registry;
 use crate::bitbucket::{EndpointClass, RequestObserver};
 use crate::model::SyncKind;
 
+/// Which controller a reconcile series belongs to (`connector`, `grant`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabels {
+    pub controller: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
+    pub controller: &'static str,
     pub result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
+    pub controller: &'static str,
     pub reason: &'static str,
 }
 
@@ -59,7 +67,7 @@ pub struct Metrics {
     registry: Registry,
     pub reconciles: Family<ResultLabels, Counter>,
     pub reconcile_errors: Family<ReasonLabels, Counter>,
-    pub reconcile_duration: Histogram,
+    pub reconcile_duration: Family<ControllerLabels, Histogram>,
     pub sync_runs: Family<SyncLabels, Counter>,
     pub sync_duration: Family<TypeLabels, Histogram>,
     pub bitbucket_requests: Family<RequestLabels, Counter>,
@@ -71,17 +79,19 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("bitbucket_operator");
         let reconciles = Family::<ResultLabels, Counter>::default();
-        registry.register("reconciles", "Reconciles by result", reconciles.clone());
+        registry.register("reconciles", "Reconciles by controller and result", reconciles.clone());
         let reconcile_errors = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "reconcile_errors",
-            "Reconcile errors by reason",
+            "Reconcile errors by controller and reason",
             reconcile_errors.clone(),
         );
-        let reconcile_duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
+        let reconcile_duration = Family::<ControllerLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.005, 2.0, 12))
+        });
         registry.register(
             "reconcile_duration_seconds",
-            "Reconcile duration",
+            "Reconcile duration by controller",
             reconcile_duration.clone(),
         );
         let sync_runs = Family::<SyncLabels, Counter>::default();
@@ -156,6 +166,24 @@ impl Metrics {
         })
     }
 
+    /// One finished reconcile of `controller`: its duration and result.
+    pub fn record_reconcile(&self, controller: &'static str, ok: bool, seconds: f64) {
+        let result = if ok { "ok" } else { "error" };
+        self.reconciles
+            .get_or_create(&ResultLabels { controller, result })
+            .inc();
+        self.reconcile_duration
+            .get_or_create(&ControllerLabels { controller })
+            .observe(seconds);
+    }
+
+    /// One failed reconcile of `controller`, by a bounded reason label.
+    pub fn record_reconcile_error(&self, controller: &'static str, reason: &'static str) {
+        self.reconcile_errors
+            .get_or_create(&ReasonLabels { controller, reason })
+            .inc();
+    }
+
     pub fn record_sync(&self, kind: SyncKind, ok: bool, seconds: f64) {
         let outcome = if ok { "success" } else { "failure" };
         self.sync_runs
@@ -194,13 +222,20 @@ mod tests {
     #[test]
     fn exposition_names_every_family() {
         let metrics = Arc::new(Metrics::default());
-        metrics.reconciles.get_or_create(&ResultLabels { result: "ok" }).inc();
+        metrics.record_reconcile("grant", true, 0.01);
+        metrics.record_reconcile_error("connector", "kubernetes");
         (metrics.request_observer())(EndpointClass::Members, Some(429));
         metrics.record_sync(SyncKind::Groups, true, 0.2);
         let text = metrics.encode();
         assert!(
-            text.contains("bitbucket_operator_reconciles_total{result=\"ok\"} 1"),
+            text.contains("bitbucket_operator_reconciles_total{controller=\"grant\",result=\"ok\"} 1"),
             "{text}"
+        );
+        assert!(text.contains("bitbucket_operator_reconcile_duration_seconds_count{controller=\"grant\"} 1"));
+        assert!(
+            text.contains(
+                "bitbucket_operator_reconcile_errors_total{controller=\"connector\",reason=\"kubernetes\"} 1"
+            )
         );
         assert!(
             text.contains("bitbucket_operator_bitbucket_requests_total{endpoint=\"members\",status_class=\"429\"} 1")

@@ -6,7 +6,7 @@
 //! `real_cluster_grant_lifecycle` (ignored) runs the lifecycle against a real
 //! cluster (`KUBECONFIG`), with the simulator or real Bitbucket.
 
-mod support;
+pub mod support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -39,6 +39,7 @@ const WAIT: Duration = Duration::from_secs(30);
 struct Running {
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    metrics: Arc<Metrics>,
 }
 
 impl Running {
@@ -56,10 +57,11 @@ fn start_operator(fake: &FakeKube, store: &Arc<Store>) -> Running {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    let operator = Operator::new(fake.client(), Arc::clone(store), Arc::new(Metrics::default()), vec![]);
+    let metrics = Arc::new(Metrics::default());
+    let operator = Operator::new(fake.client(), Arc::clone(store), Arc::clone(&metrics), vec![]);
     let (stop, rx) = watch::channel(false);
     let task = tokio::spawn(async move { operator.run_controllers(wait_for(rx)).await });
-    Running { stop, task }
+    Running { stop, task, metrics }
 }
 
 /// Names in workspace 0: a plain member, a user of no workspace 0 membership,
@@ -389,6 +391,15 @@ async fn grant_lands_in_bitbucket_and_deletion_restores_the_previous_level() {
     assert_eq!(e.truth().as_deref(), Some("read"), "the previous level is back");
     let note = e.wait_event("jdoe-write", "Revoked").await;
     assert!(note.contains("restored the previous level read"), "{note}");
+    // Grant reconciles are timed and counted under their own label.
+    let metrics = op.metrics.encode();
+    for series in [
+        "bitbucket_operator_reconciles_total{controller=\"grant\",result=\"ok\"}",
+        "bitbucket_operator_reconcile_duration_seconds_count{controller=\"grant\"}",
+        "bitbucket_operator_reconciles_total{controller=\"connector\",result=\"ok\"}",
+    ] {
+        assert!(metrics.contains(series), "{series} missing:\n{metrics}");
+    }
     op.stop().await;
 }
 
@@ -927,4 +938,125 @@ async fn real_cluster_grant_lifecycle() {
     if let Some(sim) = sim {
         sim.shutdown().await;
     }
+}
+
+/// The grant controller compares status with its own last write, not with
+/// the watch cache: a reconcile that gets a copy older than that write (the
+/// cache lags) neither writes the same status again nor decides from the
+/// old one. (It used to compare with, and decide from, the cached copy.)
+#[tokio::test]
+async fn the_grant_status_writer_compares_with_its_own_last_write_not_a_stale_copy() {
+    use bitbucket_operator::controller::common::Scaffold;
+    use bitbucket_operator::controller::grant::is_held;
+    use bitbucket_operator::crd::{BitbucketAccessGrant, BitbucketAccessGrantStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use kube::runtime::events::{Recorder, Reporter};
+
+    let fake = FakeKube::start().await;
+    fake.put(grant_json("g", "jdoe", "api", "acme", "write", json!({})));
+    let api: Api<BitbucketAccessGrant> = Api::namespaced(fake.client(), NS);
+    // What a lagging cache hands the reconcile: the grant before our write.
+    let stale = Arc::new(api.get("g").await.unwrap());
+    assert!(stale.status.is_none());
+    let reporter = Reporter {
+        controller: "test".into(),
+        instance: None,
+    };
+    let scaffold = Scaffold::<BitbucketAccessGrant>::new(
+        "grant",
+        fake.client(),
+        Recorder::new(fake.client(), reporter),
+        Arc::new(Metrics::default()),
+    );
+    let granted = BitbucketAccessGrantStatus {
+        state: Some("Granted".into()),
+        granted_at: Some(Time(k8s_openapi::jiff::Timestamp::from_second(1_000).unwrap())),
+        previous_permission: Some("read".into()),
+        ..Default::default()
+    };
+    assert!(
+        scaffold.write_status(&stale, &granted).await.unwrap(),
+        "first write lands"
+    );
+    assert_eq!(api.get_status("g").await.unwrap().status.as_ref(), Some(&granted));
+    let status_writes = || {
+        fake.requests()
+            .iter()
+            .filter(|r| r.method == "PATCH" && r.path.ends_with("/g/status"))
+            .count()
+    };
+    assert_eq!(status_writes(), 1);
+
+    // The stale copy again: the same status is not written twice.
+    assert!(!scaffold.write_status(&stale, &granted).await.unwrap());
+    assert_eq!(status_writes(), 1, "no duplicate status write");
+    // And the reconcile decides from what it wrote: the grant is held, so
+    // it is not granted again (which would record the level it put in place
+    // as `previousPermission`).
+    let current = scaffold.with_current_status(Arc::clone(&stale));
+    assert!(is_held(current.status.as_ref()));
+    assert_eq!(current.status.as_ref(), Some(&granted));
+
+    // A grant re-created under the same name (new uid) starts afresh.
+    api.delete("g", &DeleteParams::default()).await.unwrap();
+    fake.put(grant_json("g", "jdoe", "api", "acme", "write", json!({})));
+    let recreated = Arc::new(api.get("g").await.unwrap());
+    assert_ne!(recreated.metadata.uid, stale.metadata.uid);
+    assert!(scaffold.with_current_status(recreated).status.is_none());
+}
+
+/// The grant controller reads the connector's Secret with the connector's
+/// decoder: a provisioning switch whose bytes are not text is reported by
+/// key (the connector is not ready), not silently read as "off" (which
+/// used to fail the grant as ProvisioningDisabled, Stalled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provisioning_switch_that_is_not_text_is_reported_not_read_as_off() {
+    use k8s_openapi::ByteString;
+    let (e, op) = env(22, true).await;
+    let secrets: Api<Secret> = Api::namespaced(e.fake.client(), NS);
+    let creds = e.sim.credentials().clone();
+    secrets
+        .delete("bitbucket-credentials", &DeleteParams::default())
+        .await
+        .unwrap();
+    let binary = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("bitbucket-credentials".into()),
+            namespace: Some(NS.into()),
+            ..Default::default()
+        },
+        data: Some(
+            [
+                ("BATON_USERNAME".to_owned(), ByteString(creds.email.into_bytes())),
+                (
+                    "BATON_APP_PASSWORD".to_owned(),
+                    ByteString(creds.api_token.into_bytes()),
+                ),
+                ("BATON_PROVISIONING".to_owned(), ByteString(vec![0xff, 0xfe, 0x00])),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    secrets.create(&PostParams::default(), &binary).await.unwrap();
+    e.fake
+        .wait_for(API, CONNECTOR, Some(NS), "bb", WAIT, |c| {
+            condition(c, "Ready").is_some_and(|r| r["reason"] == "SecretKeyMissing")
+        })
+        .await;
+
+    e.create("binary", "write", json!({})).await;
+    let g = e
+        .fake
+        .wait_for(API, GRANT, Some(NS), "binary", WAIT, |g| {
+            condition(g, "Ready").is_some()
+        })
+        .await;
+    let ready = condition(&g, "Ready").unwrap();
+    assert_eq!(ready["reason"], "ConnectorNotReady", "{g}");
+    let message = ready["message"].as_str().unwrap();
+    assert!(message.contains("BATON_PROVISIONING is not UTF-8 text"), "{message}");
+    assert_eq!(g["status"]["state"], "Pending", "retried, not Failed");
+    assert!(condition(&g, "Stalled").is_none());
+    op.stop().await;
 }

@@ -10,9 +10,17 @@
 //! server, and the Bitbucket simulator on this machine's loopback, so no
 //! image, registry or Bitbucket account is needed. The test applies the CRDs
 //! from `crds/` (server-side apply), works in a fresh namespace, and deletes
-//! that namespace at the end.
+//! that namespace at the end, also when a step fails.
+//!
+//! The same steps also run, not ignored, against the in-process fake API
+//! server, which follows the real server's write rules (server-side apply
+//! field ownership, Secret `stringData`), so a step that cannot work on a real
+//! cluster fails here first.
+
+pub mod support;
 
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +30,7 @@ use bitbucket_operator::metrics::Metrics;
 use bitbucket_operator::model::SyncKind;
 use bitbucket_operator::simulator::{SimConfig, Simulator};
 use bitbucket_operator::store::Store;
+use futures::FutureExt;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -68,11 +77,35 @@ async fn apply_crds(client: &Client) {
     }
 }
 
+/// The Secret as a server-side apply configuration of `data`. Not `stringData`: that field is
+/// write-only, the API server merges it into `data` and never stores it, so the applier owns
+/// only `stringData` keys, and leaving a key out of a later apply cannot remove the `data` key
+/// it produced (the old API token would stay, and win). Owning `data` keys makes that work.
+fn secret_config(data: &[(&str, &str)]) -> serde_json::Value {
+    use base64::Engine as _;
+    let data: serde_json::Map<String, serde_json::Value> = data
+        .iter()
+        .map(|(k, v)| {
+            (
+                (*k).to_owned(),
+                json!(base64::engine::general_purpose::STANDARD.encode(v)),
+            )
+        })
+        .collect();
+    json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "baton-bitbucket"}, "data": data})
+}
+
 fn ready(c: &BitbucketConnector) -> bool {
     c.status.as_ref().is_some_and(|s| {
         find_condition(&s.conditions, "Ready").is_some_and(|r| r.status == "True")
             && s.observed_generation == c.metadata.generation
     })
+}
+
+#[tokio::test]
+async fn connector_lifecycle_on_the_fake_api_server() {
+    let fake = support::fake_kube::FakeKube::start().await;
+    lifecycle(fake.client(), "bbo-e2e".to_owned()).await;
 }
 
 #[tokio::test]
@@ -91,6 +124,21 @@ async fn connector_lifecycle_on_a_real_cluster() {
         .await
         .expect("create namespace");
 
+    // The namespace is deleted even when a step fails.
+    let outcome = AssertUnwindSafe(lifecycle(client, namespace.clone()))
+        .catch_unwind()
+        .await;
+    namespaces
+        .delete(&namespace, &DeleteParams::default())
+        .await
+        .expect("delete namespace");
+    if let Err(failure) = outcome {
+        std::panic::resume_unwind(failure);
+    }
+}
+
+/// Create, sync, rotate the credentials of, and delete a connector in `namespace`.
+async fn lifecycle(client: Client, namespace: String) {
     let sim = Simulator::start(SimConfig::default(), SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .unwrap();
@@ -110,14 +158,14 @@ async fn connector_lifecycle_on_a_real_cluster() {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
     let connectors: Api<BitbucketConnector> = Api::namespaced(client.clone(), &namespace);
     let creds = sim.credentials().clone();
-    let secret = |data: serde_json::Value| json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "baton-bitbucket"}, "stringData": data});
     secrets
         .patch(
             "baton-bitbucket",
             &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(secret(
-                json!({"BATON_USERNAME": creds.email, "BATON_APP_PASSWORD": creds.api_token}),
-            )),
+            &Patch::Apply(secret_config(&[
+                ("BATON_USERNAME", creds.email.as_str()),
+                ("BATON_APP_PASSWORD", creds.api_token.as_str()),
+            ])),
         )
         .await
         .expect("create Secret");
@@ -146,18 +194,26 @@ async fn connector_lifecycle_on_a_real_cluster() {
     let key = format!("{namespace}/acme");
     assert!(store.counts(&key, SyncKind::Accounts).unwrap().resources > 0);
 
-    // Rotate: the OAuth consumer replaces the API token; the fingerprint changes.
+    // Rotate: the OAuth consumer replaces the API token; the fingerprint changes. This apply
+    // owns every `data` key it names, so the API-token keys it leaves out are removed.
     let old = status.credentials.unwrap().fingerprint.unwrap();
-    secrets
+    let rotated = secrets
         .patch(
             "baton-bitbucket",
             &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(secret(
-                json!({"BATON_CONSUMER_KEY": creds.consumer_key, "BATON_CONSUMER_SECRET": creds.consumer_secret}),
-            )),
+            &Patch::Apply(secret_config(&[
+                ("BATON_CONSUMER_KEY", creds.consumer_key.as_str()),
+                ("BATON_CONSUMER_SECRET", creds.consumer_secret.as_str()),
+            ])),
         )
         .await
         .expect("rotate Secret");
+    let keys: Vec<&String> = rotated.data.iter().flat_map(|d| d.keys()).collect();
+    assert_eq!(
+        keys,
+        ["BATON_CONSUMER_KEY", "BATON_CONSUMER_SECRET"],
+        "the rotation removed the API token"
+    );
     poll("new fingerprint", Duration::from_secs(60), async || {
         let c = connectors.get("acme").await.ok()?;
         let fingerprint = c.status?.credentials?.fingerprint?;
@@ -184,8 +240,4 @@ async fn connector_lifecycle_on_a_real_cluster() {
     let _ = stop.send(true);
     controllers.await.unwrap();
     sim.shutdown().await;
-    namespaces
-        .delete(&namespace, &DeleteParams::default())
-        .await
-        .expect("delete namespace");
 }

@@ -1,6 +1,6 @@
 //! Self-tests of the in-process fake Kubernetes API server, through a real `kube::Client`.
 
-mod support;
+pub mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -681,4 +681,499 @@ async fn lease_manager_single_leader_and_failover() {
     assert_ne!(lease["spec"]["holderIdentity"], leader_id);
     drop(follower_rx);
     follower_handle.await.unwrap().unwrap();
+}
+
+// ---------- fidelity: what a real kube-apiserver does and tests depend on ----------
+
+fn secret_data(s: &Secret) -> Vec<(String, String)> {
+    s.data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), String::from_utf8_lossy(&v.0).into_owned()))
+        .collect()
+}
+
+/// Field paths (`f:a.f:b`, list entries as `k:…`) a manager owns, from the object's `managedFields`.
+fn owned(obj: &kube::api::ObjectMeta, manager: &str) -> Vec<String> {
+    fn walk(v: &Value, prefix: &str, out: &mut Vec<String>) {
+        let Some(m) = v.as_object().filter(|m| !m.is_empty()) else {
+            out.push(prefix.to_owned());
+            return;
+        };
+        for (k, child) in m {
+            let path = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            walk(child, &path, out);
+        }
+    }
+    let mut out = Vec::new();
+    for entry in obj
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|e| e.manager.as_deref() == Some(manager))
+    {
+        walk(&entry.fields_v1.as_ref().unwrap().0, "", &mut out);
+    }
+    out.sort();
+    out
+}
+
+fn apply_secret(body: Value) -> Patch<Value> {
+    let mut obj = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"}});
+    obj.as_object_mut().unwrap().extend(body.as_object().unwrap().clone());
+    Patch::Apply(obj)
+}
+
+/// The bug `tests/cluster.rs` hit on a real API server: `stringData` is write-only, merged into
+/// `data`, so an applier owns only `stringData` keys and dropping one removes nothing.
+#[tokio::test]
+async fn ssa_of_string_data_with_only_new_keys_keeps_the_old_data_key() {
+    let fake = FakeKube::start().await;
+    let api: Api<Secret> = Api::default_namespaced(fake.client());
+    let ssa = PatchParams::apply("rotator").force();
+    api.patch(
+        "creds",
+        &ssa,
+        &apply_secret(json!({"stringData": {"BATON_USERNAME": "ops", "BATON_APP_PASSWORD": "token"}})),
+    )
+    .await
+    .unwrap();
+    let rotated = api
+        .patch(
+            "creds",
+            &ssa,
+            &apply_secret(json!({"stringData": {"BATON_CONSUMER_KEY": "key", "BATON_CONSUMER_SECRET": "secret"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        secret_data(&rotated),
+        [
+            ("BATON_APP_PASSWORD".to_owned(), "token".to_owned()),
+            ("BATON_CONSUMER_KEY".to_owned(), "key".to_owned()),
+            ("BATON_CONSUMER_SECRET".to_owned(), "secret".to_owned()),
+            ("BATON_USERNAME".to_owned(), "ops".to_owned()),
+        ],
+        "the old keys stay in data"
+    );
+    assert!(rotated.string_data.is_none(), "stringData is never returned");
+    assert_eq!(
+        owned(&rotated.metadata, "rotator"),
+        [
+            "f:stringData.f:BATON_CONSUMER_KEY",
+            "f:stringData.f:BATON_CONSUMER_SECRET"
+        ],
+        "the applier owns stringData keys, never the data keys they became"
+    );
+    let stored = fake.get("v1", "Secret", Some("default"), "creds").unwrap();
+    assert!(stored.get("stringData").is_none(), "stringData is never stored");
+}
+
+/// The two ways a rotation really removes the old keys: applying `data` (the applier owns each
+/// key) or a merge patch setting them to null.
+#[tokio::test]
+async fn rotation_removes_old_keys_by_applying_data_or_patching_them_to_null() {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let fake = FakeKube::start().await;
+    let api: Api<Secret> = Api::default_namespaced(fake.client());
+    let ssa = PatchParams::apply("rotator").force();
+    api.patch(
+        "creds",
+        &ssa,
+        &apply_secret(json!({"data": {"BATON_USERNAME": b64("ops"), "BATON_APP_PASSWORD": b64("token")}})),
+    )
+    .await
+    .unwrap();
+    let rotated = api
+        .patch(
+            "creds",
+            &ssa,
+            &apply_secret(json!({"data": {"BATON_CONSUMER_KEY": b64("key")}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        secret_data(&rotated),
+        [("BATON_CONSUMER_KEY".to_owned(), "key".to_owned())]
+    );
+
+    let patched = api
+        .patch(
+            "creds",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"BATON_CONSUMER_KEY": null}, "stringData": {"BATON_TOKEN": "t"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(secret_data(&patched), [("BATON_TOKEN".to_owned(), "t".to_owned())]);
+    assert!(
+        owned(&patched.metadata, "rotator").is_empty(),
+        "a removed key is nobody's"
+    );
+}
+
+#[tokio::test]
+async fn string_data_is_merged_into_data_on_every_write() {
+    let fake = FakeKube::start().await;
+    let api: Api<Secret> = Api::default_namespaced(fake.client());
+    let s: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "s"},
+        "data": {"a": "YQ==", "b": "Yg=="},
+        "stringData": {"b": "B"},
+    }))
+    .unwrap();
+    let created = api.create(&PostParams::default(), &s).await.unwrap();
+    assert_eq!(
+        secret_data(&created),
+        [("a".to_owned(), "a".to_owned()), ("b".to_owned(), "B".to_owned())],
+        "stringData wins over data"
+    );
+    assert!(created.string_data.is_none());
+    assert_eq!(created.type_.as_deref(), Some("Opaque"));
+
+    // An update replaces data: keys it leaves out are gone, stringData is merged into the new data.
+    let mut update = created.clone();
+    update.data = Some([("a".to_owned(), k8s_openapi::ByteString(b"A".to_vec()))].into());
+    update.string_data = Some([("c".to_owned(), "C".to_owned())].into());
+    let replaced = api.replace("s", &PostParams::default(), &update).await.unwrap();
+    assert_eq!(
+        secret_data(&replaced),
+        [("a".to_owned(), "A".to_owned()), ("c".to_owned(), "C".to_owned())]
+    );
+    let patched = api
+        .patch(
+            "s",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"d": "D"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(secret_data(&patched).len(), 3);
+    assert!(patched.string_data.is_none());
+
+    // Not base64: rejected, and nothing is lost.
+    let err = api
+        .patch(
+            "s",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"a": "not base64!"}})),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(api_code(err), 422);
+    assert_eq!(secret_data(&api.get("s").await.unwrap()), secret_data(&patched));
+    let raw: Api<DynamicObject> = Api::default_namespaced_with(fake.client(), &ApiResource::erase::<Secret>(&()));
+    let bad: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bad"}, "data": {"a": "not base64!"},
+    }))
+    .unwrap();
+    assert_eq!(
+        api_code(raw.create(&PostParams::default(), &bad).await.unwrap_err()),
+        400
+    );
+    assert!(api.get_opt("bad").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn apply_removes_a_dropped_field_only_when_no_other_manager_owns_it() {
+    let fake = FakeKube::start().await;
+    let api = connectors(fake.client());
+    let config = |spec: Value, labels: Value| {
+        Patch::Apply(json!({
+            "apiVersion": CR_API, "kind": CONNECTOR,
+            "metadata": {"name": "c", "labels": labels}, "spec": spec,
+        }))
+    };
+    api.patch(
+        "c",
+        &PatchParams::apply("gitops"),
+        &config(
+            json!({"workspace": "acme", "interval": "1h", "suspend": true}),
+            json!({"team": "a", "tier": "1"}),
+        ),
+    )
+    .await
+    .unwrap();
+    // Another writer sets a field of its own; leaving `suspend` as it was does not take it over.
+    api.patch(
+        "c",
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({"metadata": {"labels": {"owner": "ops"}}, "spec": {"apiUrl": "http://x", "suspend": true}}),
+        ),
+    )
+    .await
+    .unwrap();
+    let tuner = Patch::Apply(json!({"apiVersion": CR_API, "kind": CONNECTOR, "spec": {"interval": "1h"}}));
+    api.patch("c", &PatchParams::apply("tuner"), &tuner).await.unwrap();
+
+    let obj = api
+        .patch(
+            "c",
+            &PatchParams::apply("gitops"),
+            &config(json!({"workspace": "acme"}), json!({"team": "a"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        obj.data["spec"],
+        json!({"workspace": "acme", "interval": "1h", "apiUrl": "http://x"})
+    );
+    let labels = obj.metadata.labels.clone().unwrap();
+    assert_eq!(labels.get("tier"), None, "dropped and owned by gitops alone");
+    assert_eq!(labels["team"], "a");
+    assert_eq!(labels["owner"], "ops", "set by another writer");
+    assert_eq!(
+        owned(&obj.metadata, "gitops"),
+        ["f:metadata.f:labels.f:team", "f:spec.f:workspace"]
+    );
+    assert_eq!(owned(&obj.metadata, "tuner"), ["f:spec.f:interval"]);
+    assert_eq!(obj.metadata.generation, Some(3), "apiUrl added, then suspend removed");
+}
+
+#[tokio::test]
+async fn apply_conflicts_with_another_managers_field_unless_forced() {
+    let fake = FakeKube::start().await;
+    let api = connectors(fake.client());
+    let config = |workspace: &str| {
+        Patch::Apply(json!({
+            "apiVersion": CR_API, "kind": CONNECTOR, "metadata": {"name": "c"},
+            "spec": {"workspace": workspace},
+        }))
+    };
+    api.patch("c", &PatchParams::apply("gitops"), &config("acme"))
+        .await
+        .unwrap();
+    // Same value: no conflict, shared ownership.
+    api.patch("c", &PatchParams::apply("tuner"), &config("acme"))
+        .await
+        .unwrap();
+    let err = api
+        .patch("c", &PatchParams::apply("tuner"), &config("other"))
+        .await
+        .unwrap_err();
+    let kube::Error::Api(status) = err else {
+        panic!("expected an API error")
+    };
+    assert_eq!((status.code, status.reason.as_str()), (409, "Conflict"));
+    assert!(
+        status.message.contains("conflict with \"gitops\": .spec.workspace"),
+        "{}",
+        status.message
+    );
+    assert_eq!(
+        api.get("c").await.unwrap().data["spec"]["workspace"],
+        "acme",
+        "nothing changed"
+    );
+
+    // Forced: the value changes and the field changes hands.
+    let obj = api
+        .patch("c", &PatchParams::apply("tuner").force(), &config("other"))
+        .await
+        .unwrap();
+    assert_eq!(obj.data["spec"]["workspace"], "other");
+    assert!(owned(&obj.metadata, "gitops").is_empty());
+    assert_eq!(owned(&obj.metadata, "tuner"), ["f:spec.f:workspace"]);
+
+    // A plain update owns what it changes too: applying over it conflicts.
+    api.patch(
+        "c",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"workspace": "edited"}})),
+    )
+    .await
+    .unwrap();
+    let err = api
+        .patch("c", &PatchParams::apply("tuner"), &config("other"))
+        .await
+        .unwrap_err();
+    assert_eq!(api_code(err), 409);
+
+    // An applied configuration must not carry managedFields (e.g. an object read back).
+    let mut read_back = serde_json::to_value(api.get("c").await.unwrap()).unwrap();
+    read_back["apiVersion"] = json!(CR_API);
+    read_back["kind"] = json!(CONNECTOR);
+    let err = api
+        .patch("c", &PatchParams::apply("tuner").force(), &Patch::Apply(read_back))
+        .await
+        .unwrap_err();
+    assert_eq!(api_code(err), 400);
+}
+
+#[tokio::test]
+async fn status_conditions_are_applied_entry_by_entry() {
+    let fake = FakeKube::start().await;
+    let api = connectors(fake.client());
+    fake.put(connector("c"));
+    let status = |conditions: Value| {
+        Patch::Apply(json!({"apiVersion": CR_API, "kind": CONNECTOR, "status": {"conditions": conditions}}))
+    };
+    let cond = |t: &str, s: &str| json!({"type": t, "status": s, "reason": "R", "message": "m"});
+    let ctl = PatchParams::apply("controller").force();
+    api.patch_status(
+        "c",
+        &ctl,
+        &status(json!([cond("Ready", "False"), cond("Reconciling", "True")])),
+    )
+    .await
+    .unwrap();
+    api.patch_status(
+        "c",
+        &PatchParams::apply("auditor"),
+        &status(json!([cond("Audited", "True")])),
+    )
+    .await
+    .unwrap();
+    let obj = api
+        .patch_status(
+            "c",
+            &ctl,
+            &status(json!([{"type": "Ready", "status": "True", "reason": "R"}])),
+        )
+        .await
+        .unwrap();
+    let conditions = obj.data["status"]["conditions"].as_array().unwrap();
+    let types: Vec<&str> = conditions.iter().map(|c| c["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["Ready", "Audited"], "Reconciling dropped by its only owner");
+    assert_eq!(
+        conditions[0],
+        json!({"type": "Ready", "status": "True", "reason": "R"}),
+        "message dropped"
+    );
+    assert!(
+        owned(&obj.metadata, "controller")
+            .contains(&"f:status.f:conditions.k:{\"type\":\"Ready\"}.f:status".to_owned())
+    );
+    let entry = obj
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .find(|e| e.manager.as_deref() == Some("controller"));
+    assert_eq!(entry.unwrap().subresource.as_deref(), Some("status"));
+    assert_eq!(obj.metadata.generation, Some(1));
+}
+
+#[tokio::test]
+async fn a_stale_resource_version_is_a_conflict_on_every_write() {
+    let fake = FakeKube::start().await;
+    let api = connectors(fake.client());
+    fake.put(connector("c"));
+    let stale = api.get("c").await.unwrap();
+    let rv = stale.metadata.resource_version.clone().unwrap();
+    api.patch(
+        "c",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"workspace": "b"}})),
+    )
+    .await
+    .unwrap();
+
+    let merge = Patch::Merge(json!({"metadata": {"resourceVersion": rv}, "spec": {"workspace": "c"}}));
+    assert_eq!(
+        api_code(api.patch("c", &PatchParams::default(), &merge).await.unwrap_err()),
+        409
+    );
+    let json_patch: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "replace", "path": "/metadata/resourceVersion", "value": rv},
+        {"op": "replace", "path": "/spec/workspace", "value": "c"},
+    ]))
+    .unwrap();
+    let err = api
+        .patch("c", &PatchParams::default(), &Patch::Json::<()>(json_patch))
+        .await
+        .unwrap_err();
+    assert_eq!(api_code(err), 409);
+    let apply = Patch::Apply(json!({
+        "apiVersion": CR_API, "kind": CONNECTOR, "metadata": {"name": "c", "resourceVersion": rv},
+        "spec": {"workspace": "c"},
+    }));
+    assert_eq!(
+        api_code(
+            api.patch("c", &PatchParams::apply("m").force(), &apply)
+                .await
+                .unwrap_err()
+        ),
+        409
+    );
+    assert_eq!(
+        api_code(api.replace("c", &PostParams::default(), &stale).await.unwrap_err()),
+        409
+    );
+    assert_eq!(
+        api_code(
+            api.replace_status("c", &PostParams::default(), &stale)
+                .await
+                .unwrap_err()
+        ),
+        409
+    );
+    assert_eq!(
+        api.get("c").await.unwrap().data["spec"]["workspace"],
+        "b",
+        "nothing written"
+    );
+
+    // Without a resourceVersion an update is unconditional.
+    let mut unconditional = stale;
+    unconditional.metadata.resource_version = None;
+    let replaced = api.replace("c", &PostParams::default(), &unconditional).await.unwrap();
+    assert_eq!(replaced.data["spec"]["workspace"], "acme");
+}
+
+#[tokio::test]
+async fn main_resource_and_status_subresource_change_only_their_own_part() {
+    let fake = FakeKube::start().await;
+    let api = connectors(fake.client());
+    let created = api
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": CR_API, "kind": CONNECTOR, "metadata": {"name": "c"},
+                "spec": {"workspace": "acme"}, "status": {"state": "Forged"},
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert!(created.data.get("status").is_none(), "status dropped on create");
+
+    // PUT /status: status only; spec, labels and annotations are ignored.
+    let mut obj = created.clone();
+    obj.data["status"] = json!({"state": "Connected"});
+    obj.data["spec"]["workspace"] = json!("other");
+    obj.metadata.labels = Some([("l".to_owned(), "v".to_owned())].into());
+    let after = api.replace_status("c", &PostParams::default(), &obj).await.unwrap();
+    assert_eq!(after.data["status"]["state"], "Connected");
+    assert_eq!(after.data["spec"]["workspace"], "acme");
+    assert!(after.metadata.labels.is_none());
+    assert_eq!(after.metadata.generation, Some(1), "status does not move generation");
+
+    // PUT on the main resource: everything but status; metadata alone keeps the generation.
+    let mut obj = after.clone();
+    obj.data["status"] = json!({"state": "Forged"});
+    obj.metadata.labels = Some([("l".to_owned(), "v".to_owned())].into());
+    let after = api.replace("c", &PostParams::default(), &obj).await.unwrap();
+    assert_eq!(after.data["status"]["state"], "Connected");
+    assert_eq!(after.metadata.labels.as_ref().unwrap()["l"], "v");
+    assert_eq!(after.metadata.generation, Some(1));
+
+    // Applying status through the main resource neither writes nor owns it.
+    let applied = api
+        .patch(
+            "c",
+            &PatchParams::apply("m").force(),
+            &Patch::Apply(json!({"apiVersion": CR_API, "kind": CONNECTOR, "spec": {"workspace": "b"}, "status": {"state": "Forged"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(applied.data["status"]["state"], "Connected");
+    assert_eq!(owned(&applied.metadata, "m"), ["f:spec.f:workspace"]);
+    assert_eq!(applied.metadata.generation, Some(2), "spec changed");
 }

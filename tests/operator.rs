@@ -2,7 +2,7 @@
 //! server speaking the real wire format) and the Bitbucket simulator: the
 //! BitbucketConnector lifecycle end to end, with no cluster.
 
-mod support;
+pub mod support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -11,7 +11,7 @@ use bitbucket_operator::bitbucket::{Client, ClientConfig, Credentials, EndpointC
 use bitbucket_operator::model::SyncKind;
 use bitbucket_operator::provision::{
     AccessRequest, AfterRefresh, GrantMode, GrantResult, Permission, PrincipalRef, ProvisionError, Provisioner,
-    RevokeResult, StoreRefresh, TargetRef, level_to_restore,
+    RevokeResult, StoreInventory, StoreRefresh, TargetRef, level_to_restore,
 };
 use bitbucket_operator::simulator::{Organisation, SimConfig, Simulator, SimulatorHandle};
 use bitbucket_operator::store::Store;
@@ -701,9 +701,9 @@ async fn store_refresh_equals_what_a_fresh_sync_stores() {
     let refreshed = Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = Arc::clone(&refreshed);
     let hook = AfterRefresh(Arc::new(move |kind| seen.lock().unwrap().push(kind)));
-    let p = provisioner(&sim)
-        .with_store(Arc::clone(&store), "prov")
-        .after_refresh(hook);
+    let p = provisioner(&sim).with_inventory(Arc::new(
+        StoreInventory::new(Arc::clone(&store), "prov").after_refresh(hook),
+    ));
     let cases = [
         (user(&n), TargetRef::Project(n.project.clone()), Permission::CreateRepo),
         (group(&n), TargetRef::Repository(n.repo.clone()), Permission::Write),

@@ -26,9 +26,9 @@ use super::status::ConnectionReason;
 use super::token::C1Endpoint;
 use crate::bitbucket::{Client, ClientConfig, Limits};
 use crate::provision::Provisioner;
+use crate::settings::CredentialArgs;
 use crate::settings::parse_workspaces;
 use crate::store::Store;
-use crate::sync::cli::CredentialArgs;
 use crate::sync::{SyncEngine, SyncError};
 
 #[derive(Debug, clap::Args)]

@@ -4,71 +4,58 @@
 //! connector's own namespace; configure the connector's runtime (hot-reloading
 //! credentials); check the credentials when anything they depend on changed;
 //! start, retune or stop the sync loops; handle Flux's
-//! `reconcile.fluxcd.io/requestedAt`; compute the status and write it with
-//! server-side apply only when it changed; emit Events on transitions only.
-//! Deletion (finalizer) stops the loops and deletes the connector's data.
+//! `reconcile.fluxcd.io/requestedAt`; compute the status
+//! ([`super::status::compute`]) and write it only when it changed; emit
+//! Events on transitions only. Deletion (finalizer) stops the loops and
+//! deletes the connector's data. Backoff, the status writer, the error policy
+//! and metrics come from [`super::common::Scaffold`]; [`controller`] wires
+//! the watches.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, Patch, PatchParams};
+use kube::ResourceExt;
+use kube::api::Api;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{self, finalizer};
-use kube::runtime::reflector::ObjectRef;
-use kube::{Resource, ResourceExt};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::utils::Predicate;
+use kube::runtime::{Controller, WatchStreamExt, predicates, watcher};
+use tokio::sync::mpsc;
 
-use super::loops::{EngineSettings, Manager, loop_statuses, runtime_key};
+use super::common::{MetricLabel, Scaffold};
+use super::loops::{ConnectorRuntime, EngineSettings, Manager, loop_statuses, runtime_key};
 use super::status::{self, Health, Observation};
 use crate::bitbucket::{DEFAULT_API_URL, Limits};
 use crate::crd::{
-    BitbucketConnector, BitbucketConnectorStatus, CONNECTOR_FINALIZER, RECONCILE_REQUESTED_AT_ANNOTATION,
-    condition_type as ct, find_condition, reason,
+    BitbucketConnector, BitbucketConnectorStatus, CONNECTOR_FINALIZER, ConditionStatus, EventReason,
+    RECONCILE_REQUESTED_AT_ANNOTATION, Reason, condition_status, condition_type as ct,
 };
-use crate::metrics::{ConnectorLabels, Metrics, ObjectLabels, ResultLabels};
+use crate::metrics::{ConnectorLabels, Metrics, ObjectLabels};
 use crate::model::SyncKind;
-use crate::settings::{ConnectorSettings, SecretKeys, SettingsError};
-use crate::store::Store;
+use crate::settings::{ConnectorSettings, SettingsError};
+use crate::store::{Store, StoreError};
+use crate::sync::SyncError;
 
-/// The field manager of every write this controller makes.
-pub const FIELD_MANAGER: &str = "bitbucket-operator";
+pub use super::common::FIELD_MANAGER;
 
 /// Shared by every reconcile.
 pub struct Context {
-    pub client: kube::Client,
+    pub scaffold: Scaffold<BitbucketConnector>,
     pub manager: Arc<Manager>,
-    pub recorder: Recorder,
-    pub metrics: Arc<Metrics>,
-    /// Consecutive failures per connector, for exponential backoff.
-    failures: Mutex<HashMap<String, u32>>,
-    /// The status this controller last wrote, per connector (and object uid).
-    /// The watch cache can lag behind our own writes; comparing with what we
-    /// wrote keeps a late reconcile from writing the same status again or
-    /// moving a condition's lastTransitionTime.
-    written: Mutex<HashMap<String, (Option<String>, BitbucketConnectorStatus)>>,
 }
 
 impl Context {
     pub fn new(client: kube::Client, manager: Arc<Manager>, recorder: Recorder, metrics: Arc<Metrics>) -> Self {
         Context {
-            client,
+            scaffold: Scaffold::new("connector", client, recorder, metrics),
             manager,
-            recorder,
-            metrics,
-            failures: Mutex::default(),
-            written: Mutex::default(),
         }
-    }
-
-    /// What we last wrote for this object, if it is the same object (uid).
-    fn last_written(&self, key: &str, uid: &Option<String>) -> Option<BitbucketConnectorStatus> {
-        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
-        written
-            .get(key)
-            .filter(|(written_uid, _)| written_uid == uid)
-            .map(|(_, status)| status.clone())
     }
 
     fn store(&self) -> &Arc<Store> {
@@ -81,85 +68,130 @@ pub enum ReconcileError {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
     /// Bitbucket is unavailable or throttling: status says so, retry with backoff.
-    #[error("{0}")]
-    Transient(String),
+    #[error("Bitbucket: {0}")]
+    Bitbucket(#[source] SyncError),
     #[error("store: {0}")]
-    Store(String),
+    Store(#[from] StoreError),
+    #[error("background task: {0}")]
+    Task(#[from] tokio::task::JoinError),
     #[error("finalizer: {0}")]
-    Finalizer(Box<finalizer::Error<ReconcileError>>),
+    Finalizer(#[source] Box<finalizer::Error<ReconcileError>>),
     #[error("object has no namespace")]
     NotNamespaced,
 }
 
-impl ReconcileError {
-    /// A bounded label for metrics.
-    pub fn metric_reason(&self) -> &'static str {
+impl MetricLabel for ReconcileError {
+    fn metric_label(&self) -> &'static str {
         match self {
             ReconcileError::Kube(_) => "kubernetes",
-            ReconcileError::Transient(_) => "bitbucket",
-            ReconcileError::Store(_) => "store",
-            ReconcileError::Finalizer(inner) => match inner.as_ref() {
-                finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e.metric_reason(),
-                _ => "finalizer",
-            },
+            ReconcileError::Bitbucket(_) => "bitbucket",
+            ReconcileError::Store(_) | ReconcileError::Task(_) => "store",
+            ReconcileError::Finalizer(inner) => inner.metric_label(),
             ReconcileError::NotNamespaced => "invalid",
         }
     }
 }
 
+impl From<&SyncError> for Reason {
+    /// The condition reason of a failed credential check or sync.
+    fn from(err: &SyncError) -> Self {
+        match err {
+            SyncError::InvalidCredentials(_) => Reason::InvalidCredentials,
+            SyncError::InsufficientScopes(_) => Reason::InsufficientScopes,
+            SyncError::WorkspaceNotFound { .. } | SyncError::NoWorkspaces => Reason::WorkspaceNotFound,
+            SyncError::RateLimited(_) => Reason::RateLimited,
+            SyncError::Unavailable(_) => Reason::BitbucketUnavailable,
+            SyncError::Api(_) => Reason::SyncFailed,
+            SyncError::Store(_) => Reason::StoreError,
+        }
+    }
+}
+
+/// Runs the connector controller for one namespace scope (`None`: all)
+/// until `shutdown`. Sync loops ask for reconciles through the trigger
+/// channel registered with the manager.
+pub async fn controller(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.scaffold.client.clone();
+    let (connectors, secrets): (Api<BitbucketConnector>, Api<PartialObjectMeta<Secret>>) = match &namespace {
+        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client, ns)),
+        None => (Api::all(client.clone()), Api::all(client)),
+    };
+    let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<ObjectRef<BitbucketConnector>>();
+    ctx.manager.register_trigger(namespace, trigger_tx);
+    let (reader, writer) = reflector::store();
+    // Generation (spec, deletion), annotation (Flux) and finalizer changes
+    // only: status writes do not come back as reconciles.
+    let connector_changes = watcher(connectors, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(
+            (predicates::generation as fn(&BitbucketConnector) -> Option<u64>)
+                .combine(predicates::annotations as fn(&BitbucketConnector) -> Option<u64>)
+                // The finalizer helper waits for its own write to come back.
+                .combine(predicates::finalizers as fn(&BitbucketConnector) -> Option<u64>),
+            Default::default(),
+        );
+    let mapper_reader = reader.clone();
+    // Metadata only: Secret data never sits in this cache.
+    let secret_changes = watcher(secrets, watcher::Config::default())
+        .default_backoff()
+        .touched_objects();
+    Controller::for_stream(connector_changes, reader)
+        .watches_stream(secret_changes, move |secret| {
+            let namespace = secret.namespace();
+            let name = secret.name_any();
+            mapper_reader
+                .state()
+                .into_iter()
+                .filter(|c| c.namespace() == namespace && c.spec.secret_ref.name == name)
+                .map(|c| ObjectRef::from_obj(c.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .reconcile_on(futures::stream::poll_fn({
+            let mut triggers = trigger_rx;
+            move |cx| triggers.poll_recv(cx)
+        }))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "controller event");
+            }
+        })
+        .await;
+}
+
 /// The controller's entry point for one connector.
 pub async fn reconcile(obj: Arc<BitbucketConnector>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
-    let clock = std::time::Instant::now();
     let namespace = obj.namespace().ok_or(ReconcileError::NotNamespaced)?;
     let span = tracing::info_span!("reconcile", namespace = %namespace, name = %obj.name_any());
-    let api: Api<BitbucketConnector> = Api::namespaced(ctx.client.clone(), &namespace);
-    let result = tracing::Instrument::instrument(
-        finalizer(&api, CONNECTOR_FINALIZER, obj, |event| async {
-            match event {
-                finalizer::Event::Apply(obj) => apply(obj, &ctx).await,
-                finalizer::Event::Cleanup(obj) => cleanup(obj, &ctx).await,
-            }
-        }),
-        span,
-    )
-    .await
-    .map_err(|e| ReconcileError::Finalizer(Box::new(e)));
-    ctx.metrics.reconcile_duration.observe(clock.elapsed().as_secs_f64());
-    let label = if result.is_ok() { "ok" } else { "error" };
-    ctx.metrics
-        .reconciles
-        .get_or_create(&ResultLabels { result: label })
-        .inc();
-    result
+    let api: Api<BitbucketConnector> = Api::namespaced(ctx.scaffold.client.clone(), &namespace);
+    let pass = finalizer(&api, CONNECTOR_FINALIZER, obj, |event| async {
+        match event {
+            finalizer::Event::Apply(obj) => apply(obj, &ctx).await,
+            finalizer::Event::Cleanup(obj) => cleanup(obj, &ctx).await,
+        }
+    });
+    ctx.scaffold
+        .timed(tracing::Instrument::instrument(pass, span))
+        .await
+        .map_err(|e| ReconcileError::Finalizer(Box::new(e)))
 }
 
-/// Per-object exponential backoff with jitter: 5 s, 10 s, 20 s … capped at 5 min.
+/// Per-object exponential backoff ([`super::common::backoff`]).
 pub fn error_policy(obj: Arc<BitbucketConnector>, err: &ReconcileError, ctx: Arc<Context>) -> Action {
-    let key = format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any());
-    ctx.metrics
-        .reconcile_errors
-        .get_or_create(&crate::metrics::ReasonLabels {
-            reason: err.metric_reason(),
-        })
-        .inc();
-    let failures = {
-        let mut failures = ctx.failures.lock().unwrap_or_else(|e| e.into_inner());
-        let n = failures.entry(key.clone()).or_default();
-        *n = n.saturating_add(1);
-        *n
-    };
-    tracing::warn!(connector = %key, failures, error = %err, "reconcile failed");
-    Action::requeue(backoff(failures))
-}
-
-fn backoff(failures: u32) -> Duration {
-    crate::backoff::exponential(Duration::from_secs(5), Duration::from_secs(300), failures)
+    ctx.scaffold.error_policy(obj.as_ref(), err)
 }
 
 /// What the Secret gave, or why it could not.
 enum SecretOutcome {
     Settings(ConnectorSettings),
-    Problem { reason: &'static str, message: String },
+    Problem { reason: Reason, message: String },
 }
 
 async fn read_settings(
@@ -170,70 +202,36 @@ async fn read_settings(
     let secret_name = &obj.spec.secret_ref.name;
     // Only the connector's own namespace: a connector can never read another
     // namespace's Secret.
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let secrets: Api<Secret> = Api::namespaced(ctx.scaffold.client.clone(), namespace);
     let Some(secret) = secrets.get_opt(secret_name).await? else {
         return Ok(SecretOutcome::Problem {
-            reason: reason::SECRET_NOT_FOUND,
+            reason: Reason::SecretNotFound,
             message: format!("Secret {namespace}/{secret_name} not found"),
         });
     };
-    let keys = secret_keys(obj);
-    let wanted = keys.all();
-    let mut data = BTreeMap::new();
-    // Only the keys the connector reads: other entries (a binary CA bundle,
-    // say) are none of its business.
-    for (key, value) in secret
-        .data
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|(k, _)| wanted.contains(&k.as_str()))
-    {
-        match String::from_utf8(value.0) {
-            Ok(text) => {
-                data.insert(key, text);
-            }
-            Err(_) => {
-                return Ok(SecretOutcome::Problem {
-                    reason: reason::SECRET_KEY_MISSING,
-                    message: format!("Secret {secret_name}: key {key} is not UTF-8 text"),
-                });
-            }
-        }
-    }
-    data.extend(secret.string_data.unwrap_or_default());
-    match ConnectorSettings::from_map(&data, &keys) {
-        Ok(mut settings) => {
-            if let Some(workspaces) = &obj.spec.workspaces {
-                settings.workspaces = workspaces.clone();
-            }
-            if let Some(provisioning) = obj.spec.provisioning {
-                settings.provisioning = provisioning;
-            }
-            Ok(SecretOutcome::Settings(settings))
-        }
-        Err(err) => Ok(SecretOutcome::Problem {
+    Ok(match settings_for(obj, &secret) {
+        Ok(settings) => SecretOutcome::Settings(settings),
+        Err(err) => SecretOutcome::Problem {
             reason: match err {
-                SettingsError::Invalid { .. } => reason::INVALID_SPEC,
-                _ => reason::SECRET_KEY_MISSING,
+                SettingsError::Invalid { .. } => Reason::InvalidSpec,
+                _ => Reason::SecretKeyMissing,
             },
             message: format!("Secret {secret_name}: {err}"),
-        }),
-    }
+        },
+    })
 }
 
-pub(crate) fn secret_keys(obj: &BitbucketConnector) -> SecretKeys {
-    let k = obj.spec.secret_keys();
-    SecretKeys {
-        username: k.username().to_owned(),
-        app_password: k.app_password().to_owned(),
-        token: k.token().to_owned(),
-        consumer_key: k.consumer_key().to_owned(),
-        consumer_secret: k.consumer_secret().to_owned(),
-        workspaces: k.workspaces().to_owned(),
-        provisioning: k.provisioning().to_owned(),
-        client_id: k.client_id().to_owned(),
-        client_secret: k.client_secret().to_owned(),
+/// The connector's settings: its Secret, read with its key names, and the
+/// spec's overrides. The grant controller reads provisioning the same way.
+pub(crate) fn settings_for(obj: &BitbucketConnector, secret: &Secret) -> Result<ConnectorSettings, SettingsError> {
+    let mut settings = ConnectorSettings::from_secret(secret, &obj.spec.secret_keys())?;
+    if let Some(workspaces) = &obj.spec.workspaces {
+        settings.workspaces = workspaces.clone();
     }
+    if let Some(provisioning) = obj.spec.provisioning {
+        settings.provisioning = provisioning;
+    }
+    Ok(settings)
 }
 
 /// Interval per enabled kind; `None` for disabled ones. At least a minute,
@@ -251,22 +249,44 @@ fn desired_loops(obj: &BitbucketConnector) -> Result<BTreeMap<SyncKind, Option<D
         .collect()
 }
 
+/// What one pass found, before the status is computed from it.
+struct Pass {
+    health: Health,
+    requeue: Duration,
+    fingerprint: Option<(String, jiff::Timestamp)>,
+    credentials_changed: bool,
+    /// A transient Bitbucket failure: status says so, and the reconcile
+    /// returns it as an error so the controller backs off.
+    transient: Option<SyncError>,
+    running: BTreeSet<SyncKind>,
+}
+
+impl Pass {
+    fn new(health: Health, requeue: Duration) -> Self {
+        Pass {
+            health,
+            requeue,
+            fingerprint: None,
+            credentials_changed: false,
+            transient: None,
+            running: BTreeSet::new(),
+        }
+    }
+}
+
+const DEFAULT_REQUEUE: Duration = Duration::from_secs(600);
+const STALLED_REQUEUE: Duration = Duration::from_secs(300);
+
 async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, ReconcileError> {
     let namespace = obj.namespace().ok_or(ReconcileError::NotNamespaced)?;
-    let target = ObjectRef::from_obj(obj.as_ref());
-    let key = runtime_key(&target);
-    let enabled: BTreeMap<SyncKind, bool> = SyncKind::ALL.iter().map(|&k| (k, obj.spec.is_enabled(k))).collect();
-    let requested = obj.annotations().get(RECONCILE_REQUESTED_AT_ANNOTATION).cloned();
+    let key = runtime_key(&ObjectRef::from_obj(obj.as_ref()));
     // The newest status we know of: ours if the cache has not caught up yet.
-    let current = ctx.last_written(&key, &obj.metadata.uid).or_else(|| obj.status.clone());
+    let current = ctx.scaffold.current_status(&obj);
+    let requested = obj.annotations().get(RECONCILE_REQUESTED_AT_ANNOTATION).cloned();
     let already_handled = current.as_ref().and_then(|s| s.last_handled_reconcile_at.clone());
-
-    let mut handled = None;
-    let mut fingerprint = None;
-    let mut credentials_changed = false;
-    let mut transient: Option<String> = None;
-    let mut running = BTreeSet::new();
-    let mut requeue = Duration::from_secs(600);
+    // Flux waits for its request to be acknowledged: record it whatever the
+    // outcome (a stalled connector must say so rather than time out).
+    let newly_requested = requested.is_some() && requested != already_handled;
 
     if current.is_none() && !obj.spec.suspend {
         // Say "Pending" at once, before the credential check talks to Bitbucket.
@@ -279,175 +299,177 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
             fingerprint: None,
             handled_reconcile_at: None,
         });
-        write_status(ctx, &obj, &key, &pending).await?;
+        ctx.scaffold.write_status(&obj, &pending).await?;
     }
 
-    let health = if obj.spec.suspend {
+    let mut pass = if obj.spec.suspend {
         ctx.manager.remove(&key).await;
-        Health::Suspended
+        Pass::new(Health::Suspended, DEFAULT_REQUEUE)
     } else {
-        match (read_settings(&obj, ctx, &namespace).await?, desired_loops(&obj)) {
-            (_, Err(message)) => {
-                ctx.manager.remove(&key).await;
-                Health::SecretProblem {
-                    reason: reason::INVALID_SPEC,
-                    message,
-                }
-            }
-            (SecretOutcome::Problem { reason, message }, _) => {
-                ctx.manager.remove(&key).await;
-                requeue = Duration::from_secs(300);
-                Health::SecretProblem { reason, message }
-            }
-            (SecretOutcome::Settings(settings), Ok(desired)) => {
-                let limits = obj.spec.rate_limit();
-                let engine = EngineSettings {
-                    api_url: obj.spec.api_url.clone().unwrap_or_else(|| DEFAULT_API_URL.to_owned()),
-                    workspaces: settings.workspaces.clone(),
-                    limits: Limits {
-                        max_requests: limits.requests_per_hour.max(1),
-                        window: Duration::from_secs(3600),
-                        max_in_flight: limits.max_in_flight.max(1) as usize,
-                    },
-                };
-                match ctx.manager.configure(target.clone(), &settings, engine) {
-                    Err(err) => {
-                        ctx.manager.remove(&key).await;
-                        Health::SecretProblem {
-                            reason: reason::INVALID_SPEC,
-                            message: err.to_string(),
-                        }
-                    }
-                    Ok((runtime, changed)) => {
-                        credentials_changed = changed;
-                        fingerprint = Some(runtime.fingerprint());
-                        let connection = match runtime.connection() {
-                            Some(last) if !runtime.needs_connection_check() => last,
-                            _ => runtime.check_connection().await,
-                        };
-                        match connection.result {
-                            Ok(workspaces) => {
-                                let started = runtime.ensure_loops(&desired).await;
-                                if requested.is_some() && requested != already_handled {
-                                    runtime.trigger_all(&started);
-                                }
-                                running = runtime.loop_kinds();
-                                match runtime.refusal() {
-                                    // Loops keep retrying; recovery clears it.
-                                    Some(err) => {
-                                        requeue = Duration::from_secs(300);
-                                        Health::ConnectFailed {
-                                            reason: err.reason(),
-                                            message: err.to_string(),
-                                            stalled: true,
-                                        }
-                                    }
-                                    None => Health::Connected { workspaces },
-                                }
-                            }
-                            Err(err) => {
-                                runtime.stop_loops().await;
-                                let stalled = err.is_configuration_error();
-                                if stalled {
-                                    requeue = Duration::from_secs(300);
-                                } else {
-                                    transient = Some(err.to_string());
-                                }
-                                Health::ConnectFailed {
-                                    reason: err.reason(),
-                                    message: err.to_string(),
-                                    stalled,
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        observe(&obj, ctx, &namespace, &key, newly_requested).await?
     };
-
-    // Flux waits for its request to be acknowledged: record it whatever the
-    // outcome (a stalled connector must say so rather than time out).
-    if requested.is_some() && requested != already_handled {
-        handled = requested.clone();
+    let loops = current_loops(&obj, ctx, &key).await?;
+    if let Health::Connected { .. } = pass.health {
+        pass.requeue = next_due(&obj, &loops, &pass.running).unwrap_or(pass.requeue);
     }
-
-    let loops = {
-        let store = Arc::clone(ctx.store());
-        let runtime = ctx.manager.runtime(&key);
-        let key = key.clone();
-        let enabled = enabled.clone();
-        tokio::task::spawn_blocking(move || match runtime {
-            Some(runtime) => runtime.loop_statuses(&store, &enabled),
-            None => loop_statuses(&store, &key, &enabled, &BTreeSet::new()),
-        })
-        .await
-        .map_err(|e| ReconcileError::Store(e.to_string()))?
-    };
-    if let Health::Connected { .. } = health {
-        requeue = next_due(&obj, &loops, &running).unwrap_or(requeue);
-    }
-
     let new_status = status::compute(&Observation {
         generation: obj.metadata.generation,
         spec: &obj.spec,
         previous: current.as_ref(),
-        health,
+        health: pass.health,
         loops,
-        fingerprint,
-        handled_reconcile_at: handled,
+        fingerprint: pass.fingerprint,
+        handled_reconcile_at: if newly_requested { requested } else { None },
     });
-    publish_transitions(&obj, current.as_ref(), &new_status, credentials_changed, ctx).await;
-    let new_generation = current.as_ref().and_then(|s| s.observed_generation) != obj.metadata.generation;
+    publish_transitions(&obj, current.as_ref(), &new_status, pass.credentials_changed, ctx).await;
+    warn_rotation_not_implemented(&obj, current.as_ref(), ctx).await;
+    record_gauges(&obj, &namespace, &new_status, &ctx.scaffold.metrics);
+    ctx.scaffold.write_status(&obj, &new_status).await?;
+    if let Some(err) = pass.transient {
+        return Err(ReconcileError::Bitbucket(err));
+    }
+    ctx.scaffold.succeeded(&key);
+    Ok(if obj.spec.suspend {
+        Action::await_change()
+    } else {
+        Action::requeue(pass.requeue)
+    })
+}
+
+/// Reads the Secret and, when it is usable, configures the runtime and
+/// checks the connection.
+async fn observe(
+    obj: &Arc<BitbucketConnector>,
+    ctx: &Context,
+    namespace: &str,
+    key: &str,
+    newly_requested: bool,
+) -> Result<Pass, ReconcileError> {
+    let problem = |reason, message| Health::SecretProblem { reason, message };
+    match (read_settings(obj, ctx, namespace).await?, desired_loops(obj)) {
+        (_, Err(message)) => {
+            ctx.manager.remove(key).await;
+            Ok(Pass::new(problem(Reason::InvalidSpec, message), DEFAULT_REQUEUE))
+        }
+        (SecretOutcome::Problem { reason, message }, _) => {
+            ctx.manager.remove(key).await;
+            Ok(Pass::new(problem(reason, message), STALLED_REQUEUE))
+        }
+        (SecretOutcome::Settings(settings), Ok(desired)) => {
+            let limits = obj.spec.rate_limit();
+            let engine = EngineSettings {
+                api_url: obj.spec.api_url.clone().unwrap_or_else(|| DEFAULT_API_URL.to_owned()),
+                workspaces: settings.workspaces.clone(),
+                limits: Limits {
+                    max_requests: limits.requests_per_hour.max(1),
+                    window: Duration::from_secs(3600),
+                    max_in_flight: limits.max_in_flight.max(1) as usize,
+                },
+            };
+            match ctx
+                .manager
+                .configure(ObjectRef::from_obj(obj.as_ref()), &settings, engine)
+            {
+                Err(err) => {
+                    ctx.manager.remove(key).await;
+                    Ok(Pass::new(
+                        problem(Reason::InvalidSpec, err.to_string()),
+                        DEFAULT_REQUEUE,
+                    ))
+                }
+                Ok((runtime, changed)) => {
+                    let mut pass = connect(&runtime, &desired, newly_requested).await;
+                    pass.credentials_changed = changed;
+                    pass.fingerprint = Some(runtime.fingerprint());
+                    Ok(pass)
+                }
+            }
+        }
+    }
+}
+
+/// Checks the credentials when needed, then starts or stops the loops.
+async fn connect(
+    runtime: &Arc<ConnectorRuntime>,
+    desired: &BTreeMap<SyncKind, Option<Duration>>,
+    newly_requested: bool,
+) -> Pass {
+    let connection = match runtime.connection() {
+        Some(last) if !runtime.needs_connection_check() => last,
+        _ => runtime.check_connection().await,
+    };
+    match connection.result {
+        Ok(workspaces) => {
+            let started = runtime.ensure_loops(desired).await;
+            if newly_requested {
+                runtime.trigger_all(&started);
+            }
+            let mut pass = match runtime.refusal() {
+                // Loops keep retrying; recovery clears it.
+                Some(err) => Pass::new(
+                    Health::ConnectFailed {
+                        reason: Reason::from(&err),
+                        message: err.to_string(),
+                        stalled: true,
+                    },
+                    STALLED_REQUEUE,
+                ),
+                None => Pass::new(Health::Connected { workspaces }, DEFAULT_REQUEUE),
+            };
+            pass.running = runtime.loop_kinds();
+            pass
+        }
+        Err(err) => {
+            runtime.stop_loops().await;
+            let stalled = err.is_configuration_error();
+            let health = Health::ConnectFailed {
+                reason: Reason::from(&err),
+                message: err.to_string(),
+                stalled,
+            };
+            let mut pass = Pass::new(health, if stalled { STALLED_REQUEUE } else { DEFAULT_REQUEUE });
+            if !stalled {
+                pass.transient = Some(err);
+            }
+            pass
+        }
+    }
+}
+
+/// Every loop's status, from the runtime when there is one, else from the store.
+async fn current_loops(
+    obj: &BitbucketConnector,
+    ctx: &Context,
+    key: &str,
+) -> Result<BTreeMap<SyncKind, status::LoopStatus>, ReconcileError> {
+    let enabled: BTreeMap<SyncKind, bool> = SyncKind::ALL.iter().map(|&k| (k, obj.spec.is_enabled(k))).collect();
+    let store = Arc::clone(ctx.store());
+    let runtime = ctx.manager.runtime(key);
+    let key = key.to_owned();
+    Ok(tokio::task::spawn_blocking(move || match runtime {
+        Some(runtime) => runtime.loop_statuses(&store, &enabled),
+        None => loop_statuses(&store, &key, &enabled, &BTreeSet::new()),
+    })
+    .await?)
+}
+
+/// `spec.credentialRotation` is accepted but not acted on: say so once per generation.
+async fn warn_rotation_not_implemented(
+    obj: &BitbucketConnector,
+    current: Option<&BitbucketConnectorStatus>,
+    ctx: &Context,
+) {
+    let new_generation = current.and_then(|s| s.observed_generation) != obj.metadata.generation;
     if new_generation && obj.spec.credential_rotation.as_ref().is_some_and(|r| r.enabled) {
         let event = Event {
             type_: EventType::Warning,
-            reason: "RotationNotImplemented".into(),
+            reason: EventReason::RotationNotImplemented.as_str().into(),
             note: Some("spec.credentialRotation is accepted but not acted on by this version".into()),
             action: "Reconcile".into(),
             secondary: None,
         };
-        if let Err(err) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
-            tracing::warn!(error = %err, "could not publish an event");
-        }
+        ctx.scaffold.publish(obj, event).await;
     }
-    record_gauges(&obj, &namespace, &new_status, &ctx.metrics);
-    if current.as_ref() != Some(&new_status) {
-        write_status(ctx, &obj, &key, &new_status).await?;
-    }
-    if let Some(message) = transient {
-        return Err(ReconcileError::Transient(message));
-    }
-    ctx.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
-    Ok(if obj.spec.suspend {
-        Action::await_change()
-    } else {
-        Action::requeue(requeue)
-    })
-}
-
-/// Server-side apply of the whole status on the status subresource.
-async fn write_status(
-    ctx: &Context,
-    obj: &BitbucketConnector,
-    key: &str,
-    status: &BitbucketConnectorStatus,
-) -> Result<(), ReconcileError> {
-    let namespace = obj.namespace().ok_or(ReconcileError::NotNamespaced)?;
-    let name = obj.name_any();
-    let api: Api<BitbucketConnector> = Api::namespaced(ctx.client.clone(), &namespace);
-    let patch = serde_json::json!({
-        "apiVersion": BitbucketConnector::api_version(&()),
-        "kind": BitbucketConnector::kind(&()),
-        "status": status,
-    });
-    api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-        .await?;
-    ctx.written
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key.to_owned(), (obj.metadata.uid.clone(), status.clone()));
-    Ok(())
 }
 
 /// When the next loop run is due, so a requeue lands right after it.
@@ -477,20 +499,17 @@ async fn cleanup(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, 
     ctx.manager.remove(&key).await;
     let store = Arc::clone(ctx.store());
     let store_key = key.clone();
-    tokio::task::spawn_blocking(move || store.delete_connector(&store_key))
-        .await
-        .map_err(|e| ReconcileError::Store(e.to_string()))?
-        .map_err(|e| ReconcileError::Store(e.to_string()))?;
-    ctx.metrics
+    tokio::task::spawn_blocking(move || store.delete_connector(&store_key)).await??;
+    ctx.scaffold
+        .metrics
         .forget_connector(target.namespace.as_deref().unwrap_or_default(), &target.name);
-    ctx.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
-    ctx.written.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+    ctx.scaffold.forget(&key);
     tracing::info!(connector = %key, "connector deleted: loops stopped, data removed");
     Ok(Action::await_change())
 }
 
 fn record_gauges(obj: &BitbucketConnector, namespace: &str, status: &BitbucketConnectorStatus, metrics: &Metrics) {
-    let ready = find_condition(&status.conditions, ct::READY).is_some_and(|c| c.status == "True");
+    let ready = condition_status(&status.conditions, ct::READY) == Some(ConditionStatus::True);
     metrics
         .connector_ready
         .get_or_create(&ConnectorLabels {
@@ -521,42 +540,34 @@ pub fn transition_events(
     new: &BitbucketConnectorStatus,
     credentials_changed: bool,
 ) -> Vec<Event> {
-    let condition = |s: Option<&BitbucketConnectorStatus>, t: &str| {
-        s.and_then(|s| find_condition(&s.conditions, t))
-            .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
-    };
     let mut events = Vec::new();
-    let event = |type_, reason: &str, note: String| Event {
-        type_,
-        reason: reason.to_owned(),
-        note: Some(note),
-        action: "Reconcile".to_owned(),
-        secondary: None,
-    };
-    let before = condition(previous, ct::CONNECTED);
-    let after = condition(Some(new), ct::CONNECTED);
+    let before = typed_condition(previous, ct::CONNECTED);
+    let after = typed_condition(Some(new), ct::CONNECTED);
     if after != before
         && let Some((status, why, message)) = &after
     {
-        let was = before.as_ref().map(|b| (b.0.as_str(), b.1.as_str()));
-        if status == "True" && was.map(|w| w.0) != Some("True") {
-            events.push(event(EventType::Normal, "Connected", message.clone()));
-        } else if status == "False" && was != Some(("False", why.as_str())) {
-            let name = match why.as_str() {
-                reason::SECRET_NOT_FOUND => "SecretMissing",
-                reason::INVALID_CREDENTIALS => "CredentialsRejected",
-                other => other,
+        let was = before.as_ref().map(|b| (b.0, b.1.as_str()));
+        if *status == Some(ConditionStatus::True) && was.map(|w| w.0) != Some(Some(ConditionStatus::True)) {
+            events.push(event(
+                EventType::Normal,
+                EventReason::Connected.as_str(),
+                message.clone(),
+            ));
+        } else if *status == Some(ConditionStatus::False) && was != Some((Some(ConditionStatus::False), why.as_str())) {
+            let name = match Reason::parse(why) {
+                Some(reason) => EventReason::for_connection_failure(reason),
+                None => why.as_str(),
             };
             events.push(event(EventType::Warning, name, message.clone()));
         }
     }
-    let ready_before = condition(previous, ct::READY);
-    if let Some((status, why, message)) = condition(Some(new), ct::READY)
-        && status == "False"
-        && why == reason::SYNC_FAILED
-        && ready_before.as_ref().map(|r| r.1.as_str()) != Some(reason::SYNC_FAILED)
+    let ready_before = typed_condition(previous, ct::READY);
+    if let Some((status, why, message)) = typed_condition(Some(new), ct::READY)
+        && status == Some(ConditionStatus::False)
+        && why == Reason::SyncFailed.as_str()
+        && ready_before.as_ref().map(|r| r.1.as_str()) != Some(Reason::SyncFailed.as_str())
     {
-        events.push(event(EventType::Warning, "SyncFailed", message));
+        events.push(event(EventType::Warning, EventReason::SyncFailed.as_str(), message));
     }
     if credentials_changed {
         let fingerprint = new
@@ -566,11 +577,34 @@ pub fn transition_events(
             .unwrap_or_default();
         events.push(event(
             EventType::Normal,
-            "CredentialsChanged",
+            EventReason::CredentialsChanged.as_str(),
             format!("Credentials reloaded from the Secret (fingerprint {fingerprint})"),
         ));
     }
     events
+}
+
+fn event(type_: EventType, reason: &str, note: String) -> Event {
+    Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "Reconcile".to_owned(),
+        secondary: None,
+    }
+}
+
+/// A condition's status (typed), reason and message.
+fn typed_condition(
+    status: Option<&BitbucketConnectorStatus>,
+    type_: &str,
+) -> Option<(Option<ConditionStatus>, String, String)> {
+    let condition = status.and_then(|s| crate::crd::find_condition(&s.conditions, type_))?;
+    Some((
+        ConditionStatus::parse(&condition.status),
+        condition.reason.clone(),
+        condition.message.clone(),
+    ))
 }
 
 async fn publish_transitions(
@@ -580,11 +614,8 @@ async fn publish_transitions(
     credentials_changed: bool,
     ctx: &Context,
 ) {
-    let reference = obj.object_ref(&());
     for event in transition_events(previous, new, credentials_changed) {
-        if let Err(err) = ctx.recorder.publish(&event, &reference).await {
-            tracing::warn!(error = %err, reason = %event.reason, "could not publish an event");
-        }
+        ctx.scaffold.publish(obj, event).await;
     }
 }
 
@@ -593,12 +624,12 @@ mod tests {
     use super::*;
     use crate::crd::{new_condition, set_condition};
 
-    fn with(conditions: &[(&str, bool, &str)]) -> BitbucketConnectorStatus {
+    fn with(conditions: &[(&str, bool, Reason)]) -> BitbucketConnectorStatus {
         let mut status = BitbucketConnectorStatus::default();
         for (t, s, r) in conditions {
             set_condition(
                 &mut status.conditions,
-                new_condition(t, *s, r, format!("{r} message"), Some(1)),
+                new_condition(t, *s, *r, format!("{r} message"), Some(1)),
             );
         }
         status
@@ -610,27 +641,33 @@ mod tests {
 
     #[test]
     fn events_fire_on_transitions_only() {
-        let connected = with(&[("Connected", true, "Connected"), ("Ready", true, "SyncSucceeded")]);
+        let connected = with(&[
+            ("Connected", true, Reason::Connected),
+            ("Ready", true, Reason::SyncSucceeded),
+        ]);
         assert_eq!(reasons(&transition_events(None, &connected, false)), ["Connected"]);
         assert!(
             transition_events(Some(&connected), &connected, false).is_empty(),
             "steady state is quiet"
         );
 
-        let rejected = with(&[("Connected", false, "InvalidCredentials")]);
+        let rejected = with(&[("Connected", false, Reason::InvalidCredentials)]);
         assert_eq!(
             reasons(&transition_events(Some(&connected), &rejected, false)),
             ["CredentialsRejected"]
         );
         assert!(transition_events(Some(&rejected), &rejected, false).is_empty());
 
-        let missing = with(&[("Connected", false, "SecretNotFound")]);
+        let missing = with(&[("Connected", false, Reason::SecretNotFound)]);
         assert_eq!(
             reasons(&transition_events(Some(&rejected), &missing, false)),
             ["SecretMissing"]
         );
 
-        let failed = with(&[("Connected", true, "Connected"), ("Ready", false, "SyncFailed")]);
+        let failed = with(&[
+            ("Connected", true, Reason::Connected),
+            ("Ready", false, Reason::SyncFailed),
+        ]);
         assert_eq!(
             reasons(&transition_events(Some(&connected), &failed, false)),
             ["SyncFailed"]
@@ -644,9 +681,41 @@ mod tests {
     }
 
     #[test]
-    fn backoff_is_bounded() {
-        assert!(backoff(1) <= Duration::from_secs(6));
-        assert!(backoff(20) <= Duration::from_secs(360));
-        assert!(backoff(3) >= Duration::from_secs(16));
+    fn sync_errors_map_to_the_reasons_the_sync_layer_names() {
+        use crate::bitbucket::{EndpointClass, Error as ApiError, ErrorKind};
+        let api = |kind| ApiError {
+            class: EndpointClass::Members,
+            kind,
+            status: None,
+            message: "m".into(),
+            retry_after: None,
+        };
+        for err in [
+            SyncError::from(api(ErrorKind::Unauthorized)),
+            SyncError::from(api(ErrorKind::Forbidden)),
+            SyncError::from(api(ErrorKind::RateLimited)),
+            SyncError::from(api(ErrorKind::Server)),
+            SyncError::from(api(ErrorKind::Decode)),
+            SyncError::WorkspaceNotFound { slug: "x".into() },
+            SyncError::NoWorkspaces,
+            SyncError::Store("disk full".into()),
+        ] {
+            // The typed reason keeps the spelling status always had.
+            assert_eq!(Reason::from(&err).as_str(), err.reason(), "{err}");
+        }
+    }
+
+    #[test]
+    fn errors_keep_their_source_and_a_bounded_label() {
+        use std::error::Error as _;
+        let err = ReconcileError::Bitbucket(SyncError::NoWorkspaces);
+        assert_eq!(err.metric_label(), "bitbucket");
+        assert!(
+            err.source()
+                .is_some_and(|s| s.to_string().contains("administer no workspace"))
+        );
+        let wrapped = ReconcileError::Finalizer(Box::new(finalizer::Error::ApplyFailed(err)));
+        assert_eq!(wrapped.metric_label(), "bitbucket");
+        assert_eq!(ReconcileError::NotNamespaced.metric_label(), "invalid");
     }
 }

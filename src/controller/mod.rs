@@ -1,18 +1,23 @@
-//! `bitbucket-operator run`: the Kubernetes controller.
+//! `bitbucket-operator run`: the Kubernetes controllers.
 //!
-//! Structure (after `kube-rs/controller-rs`): a `Controller` per watched
-//! namespace (or one for all) reconciles `BitbucketConnector`s; it is fed by a
-//! watcher filtered on generation and annotation changes, so the operator's
-//! own status writes never trigger a reconcile. Secrets are watched by
-//! metadata only (their data never sits in the cache) and mapped to the
-//! connectors that reference them. Sync loops ask for reconciles through a
-//! channel when runs start and end.
+//! Shape: two controllers on one scaffold ([`common`]: per-object backoff,
+//! the status writer that compares with its own last write, the error
+//! policy, reconcile metrics labelled per controller). Each has its own
+//! `controller()` constructor, run once per watched namespace (or once for
+//! all): [`connector`] reconciles `BitbucketConnector`s (status from the pure
+//! [`status::compute`]; sync loops in [`loops`] ask for reconciles through a
+//! channel when runs start and end; Secrets are watched by metadata only and
+//! mapped to the connectors that reference them), and [`grant`] reconciles
+//! `BitbucketAccessGrant`s (pure decisions, pure status, I/O apart). Both
+//! watch on generation, annotation or finalizer changes only, so their own
+//! status writes never trigger a reconcile.
 //!
 //! With `--leader-election`, a `Lease` (kube-lease-manager) decides which
 //! replica runs the controllers and loops; the other replicas serve probes and
 //! metrics and wait. Losing the lease stops the loops; SIGTERM stops them and
 //! releases the lease.
 
+pub mod common;
 pub mod connector;
 pub mod grant;
 pub mod loops;
@@ -26,15 +31,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::Secret;
+use kube::Client;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef};
-use kube::runtime::utils::Predicate;
-use kube::runtime::{Controller, WatchStreamExt, predicates, watcher};
-use kube::{Client, ResourceExt};
-use tokio::sync::{mpsc, watch};
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::watch;
 
 use crate::api::ApiState;
 use crate::crd::BitbucketConnector;
@@ -198,61 +200,15 @@ impl Operator {
         } else {
             self.namespaces.iter().cloned().map(Some).collect()
         };
-        // BitbucketAccessGrants: one controller per scope, next to the connectors'.
-        let grant_controllers = scopes
+        // One connector and one grant controller per scope.
+        let controllers: Vec<_> = scopes
             .iter()
             .cloned()
-            .map(|namespace| grant::run(self.client.clone(), namespace, Arc::clone(&grant_ctx), shutdown.clone()))
-            .collect::<Vec<_>>();
-        let controllers = scopes.into_iter().map(|namespace| {
-            let (connectors, secrets): (Api<BitbucketConnector>, Api<PartialObjectMeta<Secret>>) = match &namespace {
-                Some(ns) => (
-                    Api::namespaced(self.client.clone(), ns),
-                    Api::namespaced(self.client.clone(), ns),
-                ),
-                None => (Api::all(self.client.clone()), Api::all(self.client.clone())),
-            };
-            let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<ObjectRef<BitbucketConnector>>();
-            self.manager.register_trigger(namespace.clone(), trigger_tx);
-            let (reader, writer) = reflector::store();
-            // Generation (spec, deletion), annotation (Flux) and finalizer
-            // changes only: status writes do not come back as reconciles.
-            let connector_changes = watcher(connectors, watcher::Config::default().any_semantic())
-                .default_backoff()
-                .reflect(writer)
-                .applied_objects()
-                .predicate_filter(
-                    (predicates::generation as fn(&BitbucketConnector) -> Option<u64>)
-                        .combine(predicates::annotations as fn(&BitbucketConnector) -> Option<u64>)
-                        // The finalizer helper waits for its own write to come back.
-                        .combine(predicates::finalizers as fn(&BitbucketConnector) -> Option<u64>),
-                    Default::default(),
-                );
-            let mapper_reader = reader.clone();
-            // Metadata only: Secret data never sits in this cache.
-            let secret_changes = watcher(secrets, watcher::Config::default())
-                .default_backoff()
-                .touched_objects();
-            Controller::for_stream(connector_changes, reader)
-                .watches_stream(secret_changes, move |secret| {
-                    let namespace = secret.namespace();
-                    let name = secret.name_any();
-                    mapper_reader
-                        .state()
-                        .into_iter()
-                        .filter(|c| c.namespace() == namespace && c.spec.secret_ref.name == name)
-                        .map(|c| ObjectRef::from_obj(c.as_ref()))
-                        .collect::<Vec<_>>()
-                })
-                .reconcile_on(tokio_stream_from(trigger_rx))
-                .graceful_shutdown_on(shutdown.clone())
-                .run(connector::reconcile, connector::error_policy, Arc::clone(&ctx))
-                .for_each(|result| async move {
-                    if let Err(err) = result {
-                        tracing::debug!(error = %err, "controller event");
-                    }
-                })
-        });
+            .map(|namespace| connector::controller(Arc::clone(&ctx), namespace, shutdown.clone()))
+            .collect();
+        let grant_controllers = scopes
+            .into_iter()
+            .map(|namespace| grant::controller(Arc::clone(&grant_ctx), namespace, shutdown.clone()));
         self.leading.store(true, Ordering::Relaxed);
         futures::future::join(
             futures::future::join_all(controllers),
@@ -354,10 +310,6 @@ pub async fn track_readiness(client: Client, namespaces: Vec<String>, ready: Arc
             }
         }
     }
-}
-
-fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> + Send {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 /// Resolves when the flag turns true (or its sender is gone).

@@ -14,6 +14,9 @@
 //!
 //! `state` is the one word for people: `Suspended`, `Error`, `Syncing` (a loop
 //! runs), `Connected` (Ready), or `Pending`.
+//!
+//! Each [`Health`] gives a `Verdict` (state, conditions, kstatus) in its own
+//! small function; [`compute`] merges it into the previous status.
 
 use std::collections::BTreeMap;
 
@@ -21,8 +24,8 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::{
-    BitbucketConnectorSpec, BitbucketConnectorStatus, CredentialStatus, ResourceStatuses, ResourceSyncStatus,
-    condition_type as ct, connector_state as st, new_condition, reason, remove_condition, set_condition,
+    BitbucketConnectorSpec, BitbucketConnectorStatus, ConditionStatus, ConnectorState, CredentialStatus, Reason,
+    ResourceStatuses, ResourceSyncStatus, condition_type as ct, new_condition, remove_condition, set_condition,
 };
 use crate::model::SyncKind;
 
@@ -32,14 +35,14 @@ pub enum Health {
     Suspended,
     /// The Secret is missing or unusable (`SecretNotFound`, `SecretKeyMissing`).
     SecretProblem {
-        reason: &'static str,
+        reason: Reason,
         message: String,
     },
     /// The first credential check has not finished.
     Connecting,
     /// The credential check failed; `stalled` when retrying cannot help.
     ConnectFailed {
-        reason: &'static str,
+        reason: Reason,
         message: String,
         stalled: bool,
     },
@@ -85,211 +88,69 @@ pub struct Observation<'a> {
     pub handled_reconcile_at: Option<String>,
 }
 
+/// The conditions and state one [`Health`] gives, before kstatus and resources.
+struct Verdict {
+    state: ConnectorState,
+    /// Conditions to set: type, status, reason, message.
+    conditions: Vec<(&'static str, ConditionStatus, Reason, String)>,
+    /// kstatus `Stalled` (progress needs a human), present only while True.
+    stalled: Option<(Reason, String)>,
+    /// kstatus `Reconciling` (the operator is working on it), present only while True.
+    reconciling: Option<(Reason, String)>,
+}
+
+impl Verdict {
+    fn new(state: ConnectorState) -> Self {
+        Verdict {
+            state,
+            conditions: Vec::new(),
+            stalled: None,
+            reconciling: None,
+        }
+    }
+
+    fn set(mut self, type_: &'static str, status: ConditionStatus, reason: Reason, message: impl Into<String>) -> Self {
+        self.conditions.push((type_, status, reason, message.into()));
+        self
+    }
+}
+
 /// Computes the new status. Conditions whose status does not change keep
 /// their `lastTransitionTime`.
 pub fn compute(obs: &Observation<'_>) -> BitbucketConnectorStatus {
     let previous = obs.previous.cloned().unwrap_or_default();
     let mut conditions: Vec<Condition> = previous.conditions.clone();
     let generation = obs.generation;
-    let set = |conditions: &mut Vec<Condition>, type_: &str, status: &str, reason: &str, message: String| {
-        let mut condition = new_condition(type_, status == "True", reason, message, generation);
-        condition.status = status.to_owned();
-        set_condition(conditions, condition);
-    };
-    let state;
-    let mut stalled: Option<(&str, String)> = None;
-    let mut reconciling: Option<(&str, String)> = None;
-
-    match &obs.health {
-        Health::Suspended => {
-            set(
-                &mut conditions,
-                ct::CONNECTED,
-                "Unknown",
-                reason::SUSPENDED,
-                "Not checked while suspended".into(),
-            );
-            set(
-                &mut conditions,
-                ct::SYNCING,
-                "False",
-                reason::SUSPENDED,
-                "Sync loops are stopped: spec.suspend is true".into(),
-            );
-            set(
-                &mut conditions,
-                ct::READY,
-                "False",
-                reason::SUSPENDED,
-                "Suspended".into(),
-            );
-            state = st::SUSPENDED;
-        }
-        Health::SecretProblem { reason: why, message } => {
-            set(&mut conditions, ct::CONNECTED, "False", why, message.clone());
-            set(
-                &mut conditions,
-                ct::SYNCING,
-                "False",
-                why,
-                "Sync loops are stopped until the Secret is usable".into(),
-            );
-            set(&mut conditions, ct::READY, "False", why, message.clone());
-            stalled = Some((why, message.clone()));
-            state = st::ERROR;
-        }
-        Health::Connecting => {
-            set(
-                &mut conditions,
-                ct::CONNECTED,
-                "Unknown",
-                reason::PROGRESSING,
-                "Checking the credentials with Bitbucket".into(),
-            );
-            set(
-                &mut conditions,
-                ct::READY,
-                "False",
-                reason::PROGRESSING,
-                "Checking the credentials with Bitbucket".into(),
-            );
-            reconciling = Some((reason::PROGRESSING, "Checking the credentials with Bitbucket".into()));
-            state = st::PENDING;
-        }
+    let verdict = match &obs.health {
+        Health::Suspended => suspended(),
+        Health::SecretProblem { reason, message } => secret_problem(*reason, message),
+        Health::Connecting => connecting(),
         Health::ConnectFailed {
-            reason: why,
+            reason,
             message,
-            stalled: is_stalled,
-        } => {
-            set(&mut conditions, ct::CONNECTED, "False", why, message.clone());
-            set(
-                &mut conditions,
-                ct::SYNCING,
-                "False",
-                why,
-                format!("No sync can succeed until this is fixed: {message}"),
-            );
-            set(&mut conditions, ct::READY, "False", why, message.clone());
-            if *is_stalled {
-                stalled = Some((why, message.clone()));
-            } else {
-                reconciling = Some((why, format!("Retrying: {message}")));
-            }
-            state = st::ERROR;
-        }
-        Health::Connected { workspaces } => {
-            set(
-                &mut conditions,
-                ct::CONNECTED,
-                "True",
-                reason::CONNECTED,
-                format!(
-                    "Credentials accepted; {} workspace(s) reachable: {}",
-                    workspaces.len(),
-                    workspaces.join(", ")
-                ),
-            );
-            let enabled: Vec<(SyncKind, &LoopStatus)> = obs
-                .loops
-                .iter()
-                .filter(|(_, l)| l.enabled)
-                .map(|(k, l)| (*k, l))
-                .collect();
-            let running: Vec<&str> = enabled
-                .iter()
-                .filter(|(_, l)| l.running)
-                .map(|(k, _)| k.as_str())
-                .collect();
-            if running.is_empty() {
-                set(
-                    &mut conditions,
-                    ct::SYNCING,
-                    "False",
-                    reason::IDLE,
-                    "No sync is running".into(),
-                );
-            } else {
-                set(
-                    &mut conditions,
-                    ct::SYNCING,
-                    "True",
-                    reason::SYNC_IN_PROGRESS,
-                    format!("Syncing {}", running.join(", ")),
-                );
-            }
-            let failed: Vec<String> = enabled
-                .iter()
-                .filter_map(|(k, l)| l.last_error.as_ref().map(|e| format!("{k}: {e}")))
-                .collect();
-            let waiting: Vec<&str> = enabled
-                .iter()
-                .filter(|(_, l)| l.last_success.is_none())
-                .map(|(k, _)| k.as_str())
-                .collect();
-            let ready = enabled.iter().all(|(_, l)| l.current());
-            if ready {
-                set(
-                    &mut conditions,
-                    ct::READY,
-                    "True",
-                    reason::SYNC_SUCCEEDED,
-                    "Every enabled resource type is synced".into(),
-                );
-            } else if !failed.is_empty() {
-                let message = format!("Last sync failed (previous data kept): {}", failed.join("; "));
-                set(
-                    &mut conditions,
-                    ct::READY,
-                    "False",
-                    reason::SYNC_FAILED,
-                    message.clone(),
-                );
-                reconciling = Some((reason::SYNC_FAILED, message));
-            } else {
-                let message = format!("Waiting for the first sync of {}", waiting.join(", "));
-                set(
-                    &mut conditions,
-                    ct::READY,
-                    "False",
-                    reason::PROGRESSING,
-                    message.clone(),
-                );
-                reconciling = Some((reason::PROGRESSING, message));
-            }
-            state = if !running.is_empty() {
-                st::SYNCING
-            } else if ready {
-                st::CONNECTED
-            } else if !failed.is_empty() {
-                st::ERROR
-            } else {
-                st::PENDING
-            };
-        }
+            stalled,
+        } => connect_failed(*reason, message, *stalled),
+        Health::Connected { workspaces } => connected(workspaces, &obs.loops),
+    };
+    for (type_, status, reason, message) in verdict.conditions {
+        set_condition(
+            &mut conditions,
+            new_condition(type_, status, reason, message, generation),
+        );
     }
-
-    match stalled {
-        Some((why, message)) => set(&mut conditions, ct::STALLED, "True", why, message),
-        None => {
-            remove_condition(&mut conditions, ct::STALLED);
-        }
-    }
-    match reconciling {
-        Some((why, message)) => set(&mut conditions, ct::RECONCILING, "True", why, message),
-        None => {
-            remove_condition(&mut conditions, ct::RECONCILING);
+    for (type_, value) in [(ct::STALLED, verdict.stalled), (ct::RECONCILING, verdict.reconciling)] {
+        match value {
+            Some((reason, message)) => set_condition(
+                &mut conditions,
+                new_condition(type_, ConditionStatus::True, reason, message, generation),
+            ),
+            None => {
+                remove_condition(&mut conditions, type_);
+            }
         }
     }
     conditions.sort_by_key(|c| condition_order(&c.type_));
 
-    let mut resources = previous.resources.clone().unwrap_or_default();
-    for (kind, l) in &obs.loops {
-        *resources.get_mut(*kind) = if l.enabled || l.last_end.is_some() {
-            Some(resource_status(l))
-        } else {
-            None
-        };
-    }
     let last_sync_time = obs
         .loops
         .values()
@@ -305,16 +166,144 @@ pub fn compute(obs: &Observation<'_>) -> BitbucketConnectorStatus {
         }),
         None => previous.credentials.clone(),
     };
-
     BitbucketConnectorStatus {
-        observed_generation: obs.generation,
+        observed_generation: generation,
         conditions,
-        state: Some(state.to_owned()),
+        state: Some(verdict.state.as_str().to_owned()),
         last_sync_time,
-        resources: if is_empty(&resources) { None } else { Some(resources) },
+        resources: resources(previous.resources.clone().unwrap_or_default(), &obs.loops),
         credentials,
         last_handled_reconcile_at: obs.handled_reconcile_at.clone().or(previous.last_handled_reconcile_at),
     }
+}
+
+fn suspended() -> Verdict {
+    Verdict::new(ConnectorState::Suspended)
+        .set(
+            ct::CONNECTED,
+            ConditionStatus::Unknown,
+            Reason::Suspended,
+            "Not checked while suspended",
+        )
+        .set(
+            ct::SYNCING,
+            ConditionStatus::False,
+            Reason::Suspended,
+            "Sync loops are stopped: spec.suspend is true",
+        )
+        .set(ct::READY, ConditionStatus::False, Reason::Suspended, "Suspended")
+}
+
+fn secret_problem(reason: Reason, message: &str) -> Verdict {
+    let mut verdict = Verdict::new(ConnectorState::Error)
+        .set(ct::CONNECTED, ConditionStatus::False, reason, message)
+        .set(
+            ct::SYNCING,
+            ConditionStatus::False,
+            reason,
+            "Sync loops are stopped until the Secret is usable",
+        )
+        .set(ct::READY, ConditionStatus::False, reason, message);
+    verdict.stalled = Some((reason, message.to_owned()));
+    verdict
+}
+
+fn connecting() -> Verdict {
+    const CHECKING: &str = "Checking the credentials with Bitbucket";
+    let mut verdict = Verdict::new(ConnectorState::Pending)
+        .set(ct::CONNECTED, ConditionStatus::Unknown, Reason::Progressing, CHECKING)
+        .set(ct::READY, ConditionStatus::False, Reason::Progressing, CHECKING);
+    verdict.reconciling = Some((Reason::Progressing, CHECKING.to_owned()));
+    verdict
+}
+
+fn connect_failed(reason: Reason, message: &str, stalled: bool) -> Verdict {
+    let mut verdict = Verdict::new(ConnectorState::Error)
+        .set(ct::CONNECTED, ConditionStatus::False, reason, message)
+        .set(
+            ct::SYNCING,
+            ConditionStatus::False,
+            reason,
+            format!("No sync can succeed until this is fixed: {message}"),
+        )
+        .set(ct::READY, ConditionStatus::False, reason, message);
+    if stalled {
+        verdict.stalled = Some((reason, message.to_owned()));
+    } else {
+        verdict.reconciling = Some((reason, format!("Retrying: {message}")));
+    }
+    verdict
+}
+
+fn connected(workspaces: &[String], loops: &BTreeMap<SyncKind, LoopStatus>) -> Verdict {
+    let enabled: Vec<(SyncKind, &LoopStatus)> = loops.iter().filter(|(_, l)| l.enabled).map(|(k, l)| (*k, l)).collect();
+    let running: Vec<&str> = enabled
+        .iter()
+        .filter(|(_, l)| l.running)
+        .map(|(k, _)| k.as_str())
+        .collect();
+    let failed: Vec<String> = enabled
+        .iter()
+        .filter_map(|(k, l)| l.last_error.as_ref().map(|e| format!("{k}: {e}")))
+        .collect();
+    let waiting: Vec<&str> = enabled
+        .iter()
+        .filter(|(_, l)| l.last_success.is_none())
+        .map(|(k, _)| k.as_str())
+        .collect();
+    let ready = enabled.iter().all(|(_, l)| l.current());
+    let state = if !running.is_empty() {
+        ConnectorState::Syncing
+    } else if ready {
+        ConnectorState::Connected
+    } else if !failed.is_empty() {
+        ConnectorState::Error
+    } else {
+        ConnectorState::Pending
+    };
+    let mut verdict = Verdict::new(state).set(
+        ct::CONNECTED,
+        ConditionStatus::True,
+        Reason::Connected,
+        format!(
+            "Credentials accepted; {} workspace(s) reachable: {}",
+            workspaces.len(),
+            workspaces.join(", ")
+        ),
+    );
+    verdict = if running.is_empty() {
+        verdict.set(ct::SYNCING, ConditionStatus::False, Reason::Idle, "No sync is running")
+    } else {
+        let message = format!("Syncing {}", running.join(", "));
+        verdict.set(ct::SYNCING, ConditionStatus::True, Reason::SyncInProgress, message)
+    };
+    if ready {
+        let message = "Every enabled resource type is synced";
+        return verdict.set(ct::READY, ConditionStatus::True, Reason::SyncSucceeded, message);
+    }
+    let (reason, message) = if failed.is_empty() {
+        (
+            Reason::Progressing,
+            format!("Waiting for the first sync of {}", waiting.join(", ")),
+        )
+    } else {
+        let message = format!("Last sync failed (previous data kept): {}", failed.join("; "));
+        (Reason::SyncFailed, message)
+    };
+    verdict.reconciling = Some((reason, message.clone()));
+    verdict.set(ct::READY, ConditionStatus::False, reason, message)
+}
+
+/// Per-type status: every enabled type, and disabled ones that have run.
+fn resources(mut resources: ResourceStatuses, loops: &BTreeMap<SyncKind, LoopStatus>) -> Option<ResourceStatuses> {
+    for (kind, l) in loops {
+        *resources.get_mut(*kind) = if l.enabled || l.last_end.is_some() {
+            Some(resource_status(l))
+        } else {
+            None
+        };
+    }
+    if is_empty(&resources) { None } else { Some(resources) }
 }
 
 fn resource_status(l: &LoopStatus) -> ResourceSyncStatus {
@@ -479,7 +468,7 @@ mod tests {
         let s = compute(&obs(
             &spec,
             Health::SecretProblem {
-                reason: reason::SECRET_NOT_FOUND,
+                reason: Reason::SecretNotFound,
                 message: "Secret s not found".into(),
             },
             BTreeMap::new(),
@@ -495,7 +484,7 @@ mod tests {
         let s = compute(&obs(
             &spec,
             Health::ConnectFailed {
-                reason: reason::INVALID_CREDENTIALS,
+                reason: Reason::InvalidCredentials,
                 message: "401: use the email".into(),
                 stalled: true,
             },
@@ -516,7 +505,7 @@ mod tests {
         let s = compute(&obs(
             &spec,
             Health::ConnectFailed {
-                reason: reason::BITBUCKET_UNAVAILABLE,
+                reason: Reason::BitbucketUnavailable,
                 message: "503".into(),
                 stalled: false,
             },
@@ -532,7 +521,7 @@ mod tests {
         let failed = compute(&obs(
             &spec,
             Health::SecretProblem {
-                reason: reason::SECRET_NOT_FOUND,
+                reason: Reason::SecretNotFound,
                 message: "missing".into(),
             },
             BTreeMap::new(),
@@ -564,6 +553,11 @@ mod tests {
         let s = compute(&o);
         assert_eq!(s.state.as_deref(), Some("Suspended"));
         assert_eq!(status_of(&s, "Ready"), Some("False"));
+        assert_eq!(status_of(&s, "Connected"), Some("Unknown"));
+        let connecting = compute(&obs(&spec, Health::Connecting, BTreeMap::new()));
+        assert_eq!(status_of(&connecting, "Connected"), Some("Unknown"));
+        assert_eq!(status_of(&connecting, "Reconciling"), Some("True"));
+        assert_eq!(connecting.state.as_deref(), Some("Pending"));
         assert_eq!(
             s.credentials.as_ref().unwrap().fingerprint.as_deref(),
             Some("abc123def456")

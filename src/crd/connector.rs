@@ -8,32 +8,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-/// Default Secret key names: those of baton-bitbucket, so its Secret works unchanged.
-pub mod secret_key {
-    pub const USERNAME: &str = "BATON_USERNAME";
-    pub const APP_PASSWORD: &str = "BATON_APP_PASSWORD";
-    pub const TOKEN: &str = "BATON_TOKEN";
-    pub const CONSUMER_KEY: &str = "BATON_CONSUMER_KEY";
-    pub const CONSUMER_SECRET: &str = "BATON_CONSUMER_SECRET";
-    pub const WORKSPACES: &str = "BATON_WORKSPACES";
-    pub const PROVISIONING: &str = "BATON_PROVISIONING";
-    pub const CLIENT_ID: &str = "BATON_CLIENT_ID";
-    pub const CLIENT_SECRET: &str = "BATON_CLIENT_SECRET";
-}
-
 /// Default sync interval when `spec.interval` is not set.
 pub const DEFAULT_INTERVAL: &str = "1h";
 /// Default credential rotation interval (30 days).
 pub const DEFAULT_ROTATION_INTERVAL: &str = "720h";
-
-/// Values of `status.state`.
-pub mod connector_state {
-    pub const PENDING: &str = "Pending";
-    pub const SYNCING: &str = "Syncing";
-    pub const CONNECTED: &str = "Connected";
-    pub const ERROR: &str = "Error";
-    pub const SUSPENDED: &str = "Suspended";
-}
 
 fn default_interval() -> Option<String> {
     Some(DEFAULT_INTERVAL.to_owned())
@@ -168,77 +146,7 @@ pub struct SecretRef {
     pub name: String,
 }
 
-/// Names of the Secret's keys. Every field is optional; unset ones use
-/// baton-bitbucket's key names.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
-#[serde(rename_all = "camelCase")]
-pub struct SecretKeys {
-    /// Key of the Bitbucket login (for an Atlassian API token, the account's
-    /// email). Default BATON_USERNAME.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub username: Option<String>,
-    /// Key of the API token or legacy app password. Default BATON_APP_PASSWORD.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub app_password: Option<String>,
-    /// Key of a workspace, project or repository access token (Bearer), used
-    /// instead of username and app password; it cannot read or change
-    /// permissions. Default BATON_TOKEN.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
-    /// Key of an OAuth consumer key (client-credentials grant). Default
-    /// BATON_CONSUMER_KEY.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub consumer_key: Option<String>,
-    /// Key of the OAuth consumer secret. Default BATON_CONSUMER_SECRET.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub consumer_secret: Option<String>,
-    /// Key of the comma-separated workspace slugs. Default BATON_WORKSPACES.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub workspaces: Option<String>,
-    /// Key of the provisioning switch ("true" allows grants and revokes).
-    /// Default BATON_PROVISIONING.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub provisioning: Option<String>,
-    /// Key of the platform client ID. Default BATON_CLIENT_ID.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client_id: Option<String>,
-    /// Key of the platform client secret. Default BATON_CLIENT_SECRET.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client_secret: Option<String>,
-}
-
-impl SecretKeys {
-    fn pick<'a>(value: &'a Option<String>, default: &'static str) -> &'a str {
-        value.as_deref().filter(|s| !s.is_empty()).unwrap_or(default)
-    }
-    pub fn username(&self) -> &str {
-        Self::pick(&self.username, secret_key::USERNAME)
-    }
-    pub fn app_password(&self) -> &str {
-        Self::pick(&self.app_password, secret_key::APP_PASSWORD)
-    }
-    pub fn token(&self) -> &str {
-        Self::pick(&self.token, secret_key::TOKEN)
-    }
-    pub fn consumer_key(&self) -> &str {
-        Self::pick(&self.consumer_key, secret_key::CONSUMER_KEY)
-    }
-    pub fn consumer_secret(&self) -> &str {
-        Self::pick(&self.consumer_secret, secret_key::CONSUMER_SECRET)
-    }
-    pub fn workspaces(&self) -> &str {
-        Self::pick(&self.workspaces, secret_key::WORKSPACES)
-    }
-    pub fn provisioning(&self) -> &str {
-        Self::pick(&self.provisioning, secret_key::PROVISIONING)
-    }
-    pub fn client_id(&self) -> &str {
-        Self::pick(&self.client_id, secret_key::CLIENT_ID)
-    }
-    pub fn client_secret(&self) -> &str {
-        Self::pick(&self.client_secret, secret_key::CLIENT_SECRET)
-    }
-}
+pub use crate::settings::SecretKeys;
 
 /// Per-resource-type sync settings. Only these five names are accepted.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
@@ -515,7 +423,7 @@ mod tests {
         for t in SyncKind::ALL {
             c.spec.interval_for(t).unwrap();
         }
-        assert_eq!(c.spec.secret_keys().username(), secret_key::USERNAME);
+        assert_eq!(c.spec.secret_keys().username(), crate::settings::secret_key::USERNAME);
     }
 
     #[test]

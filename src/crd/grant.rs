@@ -7,15 +7,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-/// Values of `status.state`.
-pub mod grant_state {
-    pub const PENDING: &str = "Pending";
-    pub const GRANTED: &str = "Granted";
-    pub const EXPIRED: &str = "Expired";
-    pub const REVOKED: &str = "Revoked";
-    pub const FAILED: &str = "Failed";
-}
-
 /// A permission for a Bitbucket user or group on a workspace group, project or
 /// repository, granted through a BitbucketConnector with provisioning
 /// enabled, optionally only for a time (just-in-time access).

@@ -1,7 +1,11 @@
 //! The custom resources (`connectors.dev/v1alpha1`): [`BitbucketConnector`]
-//! and [`BitbucketAccessGrant`], the pure helpers the controllers use to
-//! maintain their status conditions, and the `crd` subcommand that prints the
-//! generated CustomResourceDefinitions.
+//! and [`BitbucketAccessGrant`], the typed contracts of their status and
+//! Events (wire enums [`ConditionStatus`], [`Reason`], [`EventReason`],
+//! [`ConnectorState`], [`GrantState`]: each value spelled once, tested), the
+//! pure helpers the controllers use to maintain their status conditions, and
+//! the `crd` subcommand that prints the generated CustomResourceDefinitions.
+//! The status fields stay strings on the wire (the schema is unchanged); the
+//! controllers write them only through these enums.
 //!
 //! Conditions follow the Kubernetes API conventions (`metav1.Condition`, with
 //! `observedGeneration`) and kstatus: `Reconciling` and `Stalled` are present
@@ -55,51 +59,174 @@ pub mod condition_type {
     pub const STALLED: &str = "Stalled";
 }
 
-/// Condition reasons (CamelCase, as the API conventions require).
-pub mod reason {
-    pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
-    pub const SECRET_KEY_MISSING: &str = "SecretKeyMissing";
-    pub const INVALID_CREDENTIALS: &str = "InvalidCredentials";
-    pub const INSUFFICIENT_SCOPES: &str = "InsufficientScopes";
-    pub const WORKSPACE_NOT_FOUND: &str = "WorkspaceNotFound";
-    pub const BITBUCKET_UNAVAILABLE: &str = "BitbucketUnavailable";
-    pub const RATE_LIMITED: &str = "RateLimited";
-    pub const CONNECTED: &str = "Connected";
-    pub const SYNC_STARTED: &str = "SyncStarted";
-    pub const SYNC_IN_PROGRESS: &str = "SyncInProgress";
-    pub const SYNC_SUCCEEDED: &str = "SyncSucceeded";
-    pub const SYNC_FAILED: &str = "SyncFailed";
-    pub const IDLE: &str = "Idle";
-    pub const SUSPENDED: &str = "Suspended";
-    pub const PROGRESSING: &str = "Progressing";
-    pub const RECONCILED: &str = "Reconciled";
-    pub const INVALID_SPEC: &str = "InvalidSpec";
-    pub const ROTATION_FAILED: &str = "RotationFailed";
-    // BitbucketAccessGrant
-    pub const CONNECTOR_NOT_FOUND: &str = "ConnectorNotFound";
-    pub const CONNECTOR_NOT_READY: &str = "ConnectorNotReady";
-    pub const PROVISIONING_DISABLED: &str = "ProvisioningDisabled";
-    pub const PRINCIPAL_NOT_FOUND: &str = "PrincipalNotFound";
-    pub const TARGET_NOT_FOUND: &str = "TargetNotFound";
-    pub const GRANTED: &str = "Granted";
-    pub const GRANT_FAILED: &str = "GrantFailed";
-    pub const EXPIRED: &str = "Expired";
-    pub const REVOKED: &str = "Revoked";
+/// Declares an enum whose values have one fixed wire spelling: `as_str`
+/// gives it, `parse` reads it back, `ALL` lists every value.
+macro_rules! wire_enum {
+    ($(#[$meta:meta])* pub enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)*
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)*];
+
+            /// The spelling on the wire (status, Events).
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)*
+                }
+            }
+
+            /// The value of a wire spelling, if it is one.
+            pub fn parse(text: &str) -> Option<Self> {
+                match text {
+                    $($text => Some($name::$variant),)*
+                    _ => None,
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
 }
 
-/// Builds a condition stamped with the current time. `status` maps to
-/// `"True"`/`"False"`.
+wire_enum! {
+    /// A condition's `status` (metav1.ConditionStatus).
+    pub enum ConditionStatus {
+        True = "True",
+        False = "False",
+        /// Not known yet (the first credential check runs) or not checked (suspended).
+        Unknown = "Unknown",
+    }
+}
+
+impl From<bool> for ConditionStatus {
+    fn from(value: bool) -> Self {
+        if value {
+            ConditionStatus::True
+        } else {
+            ConditionStatus::False
+        }
+    }
+}
+
+wire_enum! {
+    /// Condition reasons (CamelCase, as the API conventions require). Both
+    /// resources' conditions use these; `Connected=False` takes the ones
+    /// DESIGN.md lists (`SecretNotFound` … `RateLimited`).
+    pub enum Reason {
+        SecretNotFound = "SecretNotFound",
+        SecretKeyMissing = "SecretKeyMissing",
+        InvalidCredentials = "InvalidCredentials",
+        InsufficientScopes = "InsufficientScopes",
+        WorkspaceNotFound = "WorkspaceNotFound",
+        BitbucketUnavailable = "BitbucketUnavailable",
+        RateLimited = "RateLimited",
+        /// The store failed during the credential check.
+        StoreError = "StoreError",
+        Connected = "Connected",
+        SyncInProgress = "SyncInProgress",
+        SyncSucceeded = "SyncSucceeded",
+        SyncFailed = "SyncFailed",
+        Idle = "Idle",
+        Suspended = "Suspended",
+        Progressing = "Progressing",
+        InvalidSpec = "InvalidSpec",
+        // BitbucketAccessGrant
+        ConnectorNotFound = "ConnectorNotFound",
+        ConnectorNotReady = "ConnectorNotReady",
+        ProvisioningDisabled = "ProvisioningDisabled",
+        PrincipalNotFound = "PrincipalNotFound",
+        NotWorkspaceMember = "NotWorkspaceMember",
+        TargetNotFound = "TargetNotFound",
+        NotProvisionable = "NotProvisionable",
+        InvalidPermission = "InvalidPermission",
+        Conflict = "Conflict",
+        Forbidden = "Forbidden",
+        Granted = "Granted",
+        GrantFailed = "GrantFailed",
+        Expired = "Expired",
+    }
+}
+
+wire_enum! {
+    /// Event reasons (`events.k8s.io`): the audit trail, emitted on
+    /// transitions only. Documented in the README.
+    pub enum EventReason {
+        // BitbucketConnector
+        Connected = "Connected",
+        SecretMissing = "SecretMissing",
+        CredentialsRejected = "CredentialsRejected",
+        CredentialsChanged = "CredentialsChanged",
+        SyncFailed = "SyncFailed",
+        RotationNotImplemented = "RotationNotImplemented",
+        // BitbucketAccessGrant
+        Granted = "Granted",
+        Revoked = "Revoked",
+        Expired = "Expired",
+        GrantFailed = "GrantFailed",
+        ConnectorNotFound = "ConnectorNotFound",
+        ConnectorNotReady = "ConnectorNotReady",
+        RevokeSkipped = "RevokeSkipped",
+    }
+}
+
+impl EventReason {
+    /// The Event for a connector's `Connected=False` reason: the two a person
+    /// most often fixes get their own name; the others keep the condition's
+    /// reason.
+    pub fn for_connection_failure(reason: Reason) -> &'static str {
+        match reason {
+            Reason::SecretNotFound => EventReason::SecretMissing.as_str(),
+            Reason::InvalidCredentials => EventReason::CredentialsRejected.as_str(),
+            other => other.as_str(),
+        }
+    }
+}
+
+wire_enum! {
+    /// `status.state` of a `BitbucketConnector`: one word for people.
+    pub enum ConnectorState {
+        Pending = "Pending",
+        Syncing = "Syncing",
+        Connected = "Connected",
+        Error = "Error",
+        Suspended = "Suspended",
+    }
+}
+
+wire_enum! {
+    /// `status.state` of a `BitbucketAccessGrant`: one word for people.
+    pub enum GrantState {
+        Pending = "Pending",
+        Granted = "Granted",
+        Expired = "Expired",
+        /// Listed in the resource's documentation; not written by this version
+        /// (a deleted grant is gone, a spec change grants afresh).
+        Revoked = "Revoked",
+        Failed = "Failed",
+    }
+}
+
+/// Builds a condition stamped with the current time.
 pub fn new_condition(
     type_: &str,
-    status: bool,
-    reason: &str,
+    status: impl Into<ConditionStatus>,
+    reason: Reason,
     message: impl Into<String>,
     observed_generation: Option<i64>,
 ) -> Condition {
     Condition {
         type_: type_.to_owned(),
-        status: if status { "True" } else { "False" }.to_owned(),
-        reason: reason.to_owned(),
+        status: status.into().as_str().to_owned(),
+        reason: reason.as_str().to_owned(),
         message: message.into(),
         observed_generation,
         last_transition_time: Time(k8s_openapi::jiff::Timestamp::now()),
@@ -134,9 +261,14 @@ pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'
     conditions.iter().find(|c| c.type_ == type_)
 }
 
-/// Whether the condition of `type_` is present with status `"True"`.
+/// The status of the condition of `type_`, if present and well-formed.
+pub fn condition_status(conditions: &[Condition], type_: &str) -> Option<ConditionStatus> {
+    find_condition(conditions, type_).and_then(|c| ConditionStatus::parse(&c.status))
+}
+
+/// Whether the condition of `type_` is present with status `True`.
 pub fn is_condition_true(conditions: &[Condition], type_: &str) -> bool {
-    find_condition(conditions, type_).is_some_and(|c| c.status == "True")
+    condition_status(conditions, type_) == Some(ConditionStatus::True)
 }
 
 /// Parses a Go-style duration (`90s`, `1h30m`) as used by `interval`,
@@ -216,19 +348,19 @@ mod tests {
     #[test]
     fn set_condition_keeps_transition_time_when_status_unchanged() {
         let mut conds = vec![];
-        let mut c = new_condition(condition_type::READY, false, reason::PROGRESSING, "a", Some(1));
+        let mut c = new_condition(condition_type::READY, false, Reason::Progressing, "a", Some(1));
         c.last_transition_time = at(100);
         set_condition(&mut conds, c);
-        let mut c = new_condition(condition_type::READY, false, reason::SYNC_FAILED, "b", Some(2));
+        let mut c = new_condition(condition_type::READY, false, Reason::SyncFailed, "b", Some(2));
         c.last_transition_time = at(200);
         set_condition(&mut conds, c);
         assert_eq!(conds.len(), 1);
         assert_eq!(conds[0].last_transition_time, at(100));
-        assert_eq!(conds[0].reason, reason::SYNC_FAILED);
+        assert_eq!(conds[0].reason, "SyncFailed");
         assert_eq!(conds[0].message, "b");
         assert_eq!(conds[0].observed_generation, Some(2));
 
-        let mut c = new_condition(condition_type::READY, true, reason::SYNC_SUCCEEDED, "c", Some(2));
+        let mut c = new_condition(condition_type::READY, true, Reason::SyncSucceeded, "c", Some(2));
         c.last_transition_time = at(300);
         set_condition(&mut conds, c);
         assert_eq!(conds[0].status, "True");
@@ -236,13 +368,86 @@ mod tests {
 
         set_condition(
             &mut conds,
-            new_condition(condition_type::STALLED, true, reason::INVALID_SPEC, "x", None),
+            new_condition(condition_type::STALLED, true, Reason::InvalidSpec, "x", None),
         );
         assert_eq!(conds.len(), 2);
         assert!(is_condition_true(&conds, condition_type::STALLED));
         assert!(remove_condition(&mut conds, condition_type::STALLED));
         assert!(!remove_condition(&mut conds, condition_type::STALLED));
         assert!(find_condition(&conds, condition_type::STALLED).is_none());
+    }
+
+    #[test]
+    fn contract_enums_have_their_wire_spelling() {
+        assert_eq!(
+            ConditionStatus::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            ["True", "False", "Unknown"]
+        );
+        assert_eq!(ConditionStatus::from(true), ConditionStatus::True);
+        assert_eq!(ConditionStatus::from(false), ConditionStatus::False);
+        // The states the printcolumns and DESIGN.md promise, in that order.
+        assert_eq!(
+            ConnectorState::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            ["Pending", "Syncing", "Connected", "Error", "Suspended"]
+        );
+        assert_eq!(
+            GrantState::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            ["Pending", "Granted", "Expired", "Revoked", "Failed"]
+        );
+        // DESIGN.md's Connected=False reasons, spelled as documented.
+        for (reason, text) in [
+            (Reason::SecretNotFound, "SecretNotFound"),
+            (Reason::SecretKeyMissing, "SecretKeyMissing"),
+            (Reason::InvalidCredentials, "InvalidCredentials"),
+            (Reason::InsufficientScopes, "InsufficientScopes"),
+            (Reason::WorkspaceNotFound, "WorkspaceNotFound"),
+            (Reason::BitbucketUnavailable, "BitbucketUnavailable"),
+            (Reason::RateLimited, "RateLimited"),
+            (Reason::SyncFailed, "SyncFailed"),
+            (Reason::Granted, "Granted"),
+            (Reason::ConnectorNotReady, "ConnectorNotReady"),
+        ] {
+            assert_eq!(reason.as_str(), text);
+            assert_eq!(Reason::parse(text), Some(reason));
+        }
+        // Every reason is CamelCase (API conventions) and reads back as itself.
+        for reason in Reason::ALL {
+            let text = reason.as_str();
+            assert!(text.chars().next().is_some_and(|c| c.is_ascii_uppercase()), "{text}");
+            assert!(text.chars().all(|c| c.is_ascii_alphanumeric()), "{text}");
+            assert_eq!(Reason::parse(text), Some(*reason));
+        }
+        for reason in EventReason::ALL {
+            assert_eq!(EventReason::parse(reason.as_str()), Some(*reason));
+        }
+        assert_eq!(
+            EventReason::for_connection_failure(Reason::SecretNotFound),
+            "SecretMissing"
+        );
+        assert_eq!(
+            EventReason::for_connection_failure(Reason::InvalidCredentials),
+            "CredentialsRejected"
+        );
+        assert_eq!(EventReason::for_connection_failure(Reason::RateLimited), "RateLimited");
+        assert_eq!(ConnectorState::parse("Bogus"), None);
+    }
+
+    #[test]
+    fn conditions_carry_typed_status_and_reason() {
+        let c = new_condition(
+            condition_type::CONNECTED,
+            ConditionStatus::Unknown,
+            Reason::Suspended,
+            "m",
+            None,
+        );
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("Unknown", "Suspended"));
+        let conds = vec![c];
+        assert_eq!(
+            condition_status(&conds, condition_type::CONNECTED),
+            Some(ConditionStatus::Unknown)
+        );
+        assert!(!is_condition_true(&conds, condition_type::CONNECTED));
     }
 
     #[test]

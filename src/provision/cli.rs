@@ -12,8 +12,8 @@ use serde::Serialize;
 
 use super::{AccessRequest, GrantMode, Permission, PrincipalRef, ProvisionError, Provisioner, TargetRef, parse_level};
 use crate::bitbucket::{Client, ClientConfig};
+use crate::settings::CredentialArgs;
 use crate::store::Store;
-use crate::sync::cli::CredentialArgs;
 
 /// What to grant or revoke, and how to report it.
 #[derive(Debug, Clone, clap::Args)]

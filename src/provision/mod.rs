@@ -65,13 +65,20 @@
 //!   accepts a user who has left the workspace, named by UUID: Bitbucket keeps
 //!   their explicit permissions, and removing them is what an access review
 //!   asks for.
-//! - **Store refresh.** With a store attached ([`Provisioner::with_store`],
-//!   CLI `--db`), a change re-reads that one resource's explicit user and
-//!   group permissions (or the group's members) and replaces its grants in
-//!   the current generation with [`crate::store::Store::replace_resource_grants`],
-//!   built by the syncers' own code, so ids and flags equal the next full
-//!   sync's. A resource the store has not synced yet is skipped and reported
-//!   ([`StoreRefresh::Skipped`]); the Bitbucket change stands either way.
+//! - **Store refresh.** With an [`Inventory`] attached
+//!   ([`Provisioner::with_inventory`]; [`StoreInventory`] over the store's
+//!   own API, CLI `--db`), a change re-reads that one resource's explicit
+//!   user and group permissions (or the group's members), builds its grants
+//!   with the syncers' own code (so ids and flags equal the next full
+//!   sync's), and hands them to the inventory, which replaces them in the
+//!   current generation ([`crate::store::Store::replace_resource_grants`])
+//!   and then calls its [`AfterRefresh`] hook (the operator's narrow callback
+//!   into the sync loops). A resource the store has not synced yet is skipped
+//!   and reported ([`StoreRefresh::Skipped`]); the Bitbucket change stands
+//!   either way.
+//! - **Its own shapes.** Provisioning knows nothing of the custom resources:
+//!   a request is an [`AccessRequest`], what happened a [`GrantOutcome`] or
+//!   [`RevokeOutcome`]; the grant controller converts its spec and status.
 //! - Errors are one enum, [`ProvisionError`], whose [`ProvisionError::reason`]
 //!   is the CamelCase condition reason the controller reports. Messages carry
 //!   Bitbucket's message, never a secret.
@@ -106,10 +113,9 @@ mod provisioner;
 use serde::Serialize;
 
 use crate::bitbucket::Error as ApiError;
-use crate::crd::grant::{BitbucketAccessGrantSpec, Principal as SpecPrincipal, Target as SpecTarget};
 pub use crate::model::Permission;
 
-pub use provisioner::{AfterRefresh, Provisioner};
+pub use provisioner::{AfterRefresh, Inventory, Provisioner, StoreInventory};
 
 /// Who receives (or loses) the access, as given by a person or a spec.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -158,56 +164,6 @@ impl AccessRequest {
             target,
             permission,
         }
-    }
-
-    /// The request a `BitbucketAccessGrant` spec describes.
-    pub fn from_spec(spec: &BitbucketAccessGrantSpec) -> Result<Self, ProvisionError> {
-        let principal = match &spec.principal {
-            SpecPrincipal {
-                user: Some(user),
-                group: None,
-            } => PrincipalRef::User(user.clone()),
-            SpecPrincipal {
-                user: None,
-                group: Some(group),
-            } => PrincipalRef::Group(group.clone()),
-            _ => {
-                return Err(ProvisionError::InvalidRequest {
-                    message: "set exactly one of principal.user or principal.group".into(),
-                });
-            }
-        };
-        let target = match &spec.target {
-            SpecTarget {
-                group: Some(g),
-                project: None,
-                repository: None,
-                ..
-            } => TargetRef::Group(g.clone()),
-            SpecTarget {
-                group: None,
-                project: Some(p),
-                repository: None,
-                ..
-            } => TargetRef::Project(p.clone()),
-            SpecTarget {
-                group: None,
-                project: None,
-                repository: Some(r),
-                ..
-            } => TargetRef::Repository(r.clone()),
-            _ => {
-                return Err(ProvisionError::InvalidRequest {
-                    message: "set exactly one of target.group, target.project or target.repository".into(),
-                });
-            }
-        };
-        Ok(AccessRequest::new(
-            spec.target.workspace.clone(),
-            principal,
-            target,
-            spec.permission,
-        ))
     }
 
     /// Checks, without any request, that the permission fits the target and
@@ -653,28 +609,6 @@ mod tests {
         assert_eq!(level_to_restore(before, &[Permission::Admin]), Some(Permission::Admin));
         assert_eq!(level_to_restore(before, &[]), before);
         assert_eq!(level_to_restore(None, &[]), None);
-    }
-
-    #[test]
-    fn the_example_access_grant_becomes_a_request() {
-        let grant: crate::crd::grant::BitbucketAccessGrant =
-            serde_yaml::from_str(include_str!("../../examples/accessgrant.yaml")).unwrap();
-        let request = AccessRequest::from_spec(&grant.spec).unwrap();
-        assert_eq!(request.workspace, "example-workspace");
-        assert_eq!(
-            request.principal,
-            PrincipalRef::User("{5f1c2a44-8d1e-4c1b-9f6e-0a2b3c4d5e6f}".into())
-        );
-        assert_eq!(request.target, TargetRef::Repository("api".into()));
-        assert_eq!(request.permission, Permission::Write);
-        request.validate().unwrap();
-
-        let mut two_targets = grant.spec.clone();
-        two_targets.target.project = Some("P".into());
-        assert_eq!(
-            AccessRequest::from_spec(&two_targets).unwrap_err().reason(),
-            "InvalidSpec"
-        );
     }
 
     #[test]

@@ -14,16 +14,36 @@ use crate::bitbucket::models::{Group, User, Workspace};
 use crate::bitbucket::{
     Client, EndpointClass, Error as ApiError, ErrorKind, Holder, MembershipChange, PermissionScope,
 };
-use crate::model::{ResourceType, SyncKind, group_id, project_id, repository_id};
+use crate::model::{Grant, ResourceType, SyncKind, group_id, project_id, repository_id};
 use crate::store::Store;
 
 /// Grants and revokes access through one Bitbucket client. Cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Provisioner {
     client: Client,
     enabled: bool,
-    store: Option<(Arc<Store>, String)>,
-    after_refresh: Option<AfterRefresh>,
+    inventory: Option<Arc<dyn Inventory>>,
+}
+
+impl std::fmt::Debug for Provisioner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provisioner")
+            .field("client", &self.client)
+            .field("enabled", &self.enabled)
+            .field("inventory", &self.inventory.as_ref().map(|i| i.connector().to_owned()))
+            .finish()
+    }
+}
+
+/// Where a change's effect on the inventory goes: the narrow interface
+/// between provisioning and the store (provisioning reads Bitbucket and
+/// builds the grants; it never writes the store's tables itself).
+pub trait Inventory: Send + Sync {
+    /// The connector the data is stored under (for reports).
+    fn connector(&self) -> &str;
+    /// Replaces one resource's grants in the current snapshot. Blocking
+    /// (called on a blocking thread). Messages never carry a secret.
+    fn replace_resource_grants(&self, kind: SyncKind, resource_id: &str, grants: &[Grant]) -> Result<(), String>;
 }
 
 /// Called with the resource type whose stored grants a change refreshed.
@@ -33,6 +53,49 @@ pub struct AfterRefresh(pub Arc<dyn Fn(SyncKind) + Send + Sync>);
 impl std::fmt::Debug for AfterRefresh {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("AfterRefresh")
+    }
+}
+
+/// The store as an [`Inventory`], through its public API, with an optional
+/// hook after each refresh.
+pub struct StoreInventory {
+    store: Arc<Store>,
+    connector: String,
+    after_refresh: Option<AfterRefresh>,
+}
+
+impl StoreInventory {
+    pub fn new(store: Arc<Store>, connector: impl Into<String>) -> Self {
+        StoreInventory {
+            store,
+            connector: connector.into(),
+            after_refresh: None,
+        }
+    }
+
+    /// Calls `hook` after each refresh. The operator uses it to sync the
+    /// type again when a run was already in flight: that run read Bitbucket
+    /// before the change and would otherwise replace the refreshed grants
+    /// with stale ones until the next interval.
+    pub fn after_refresh(mut self, hook: AfterRefresh) -> Self {
+        self.after_refresh = Some(hook);
+        self
+    }
+}
+
+impl Inventory for StoreInventory {
+    fn connector(&self) -> &str {
+        &self.connector
+    }
+
+    fn replace_resource_grants(&self, kind: SyncKind, resource_id: &str, grants: &[Grant]) -> Result<(), String> {
+        self.store
+            .replace_resource_grants(&self.connector, kind, resource_id, grants)
+            .map_err(|e| e.to_string())?;
+        if let Some(hook) = &self.after_refresh {
+            (hook.0)(kind);
+        }
+        Ok(())
     }
 }
 
@@ -64,25 +127,20 @@ impl Provisioner {
         Provisioner {
             client,
             enabled: provisioning_enabled,
-            store: None,
-            after_refresh: None,
+            inventory: None,
         }
     }
 
-    /// Calls `hook` after each store refresh. The operator uses it to sync the
-    /// type again when a run was already in flight: that run read Bitbucket
-    /// before the change and would otherwise replace the refreshed grants
-    /// with stale ones until the next interval.
-    pub fn after_refresh(mut self, hook: AfterRefresh) -> Self {
-        self.after_refresh = Some(hook);
+    /// Hand the changed resource's fresh grants to `inventory` after every change.
+    pub fn with_inventory(mut self, inventory: Arc<dyn Inventory>) -> Self {
+        self.inventory = Some(inventory);
         self
     }
 
-    /// Refresh the changed resource's grants in `store` under `connector`
-    /// after every change.
-    pub fn with_store(mut self, store: Arc<Store>, connector: impl Into<String>) -> Self {
-        self.store = Some((store, connector.into()));
-        self
+    /// Shorthand: refresh the changed resource's grants in `store` under
+    /// `connector` after every change.
+    pub fn with_store(self, store: Arc<Store>, connector: impl Into<String>) -> Self {
+        self.with_inventory(Arc::new(StoreInventory::new(store, connector)))
     }
 
     pub fn client(&self) -> &Client {
@@ -291,25 +349,66 @@ impl Provisioner {
             }
             Err(err) => return Err(err.into()),
         };
-        let ws = workspace.slug.clone();
-        let mut groups: Option<Vec<Group>> = None;
+        let (target, mut groups) = self.resolve_target(&workspace, &request.target).await?;
+        let (principal, members) = match &request.principal {
+            PrincipalRef::User(needle) => {
+                let (principal, listing) = self.resolve_user(&workspace.slug, needle, purpose).await?;
+                (principal, Some(listing))
+            }
+            PrincipalRef::Group(slug) => {
+                if groups.is_none() {
+                    groups = Some(self.client.groups(&workspace.slug).await?);
+                }
+                let all = groups.as_deref().unwrap_or_default();
+                let group = find_group(all, slug).ok_or_else(|| ProvisionError::PrincipalNotFound {
+                    principal: format!("group {slug}"),
+                    workspace: workspace.slug.clone(),
+                })?;
+                let principal = ResolvedPrincipal {
+                    kind: PrincipalKind::Group,
+                    key: group.slug.clone(),
+                    id: group_id(&workspace.uuid, &group.slug),
+                    name: group.slug.clone(),
+                };
+                (principal, None)
+            }
+        };
+        let current = self.current_level(&target, &principal, groups.as_deref()).await?;
+        Ok(Resolved {
+            workspace,
+            principal,
+            target,
+            current,
+            members,
+        })
+    }
 
-        let target = match &request.target {
-            TargetRef::Workspace => unreachable!("refused by validate()"),
+    /// The target, with the group listing when it was fetched on the way.
+    async fn resolve_target(
+        &self,
+        workspace: &Workspace,
+        target: &TargetRef,
+    ) -> Result<(ResolvedTarget, Option<Vec<Group>>), ProvisionError> {
+        let ws = workspace.slug.clone();
+        let resolved = |kind, key: String, resource_id| ResolvedTarget {
+            kind,
+            workspace: ws.clone(),
+            workspace_uuid: workspace.uuid.clone(),
+            key,
+            resource_id,
+        };
+        match target {
+            TargetRef::Workspace => Err(ProvisionError::NotProvisionable {
+                message: "workspace membership cannot be provisioned".into(),
+            }),
             TargetRef::Group(slug) => {
                 let all = self.client.groups(&ws).await?;
                 let group = find_group(&all, slug).ok_or_else(|| ProvisionError::TargetNotFound {
                     target: format!("group {ws}/{slug}"),
                 })?;
-                let target = ResolvedTarget {
-                    kind: TargetKind::Group,
-                    workspace: ws.clone(),
-                    workspace_uuid: workspace.uuid.clone(),
-                    key: group.slug.clone(),
-                    resource_id: group_id(&workspace.uuid, &group.slug),
-                };
-                groups = Some(all);
-                target
+                let id = group_id(&workspace.uuid, &group.slug);
+                let target = resolved(TargetKind::Group, group.slug.clone(), id);
+                Ok((target, Some(all)))
             }
             TargetRef::Project(key) => {
                 let project = self.client.project(&ws, key).await.map_err(|err| {
@@ -322,13 +421,8 @@ impl Provisioner {
                 } else {
                     project.key
                 };
-                ResolvedTarget {
-                    kind: TargetKind::Project,
-                    workspace: ws.clone(),
-                    workspace_uuid: workspace.uuid.clone(),
-                    resource_id: project_id(&workspace.uuid, &project.uuid, &key),
-                    key,
-                }
+                let id = project_id(&workspace.uuid, &project.uuid, &key);
+                Ok((resolved(TargetKind::Project, key, id), None))
             }
             TargetRef::Repository(slug) => {
                 let repository = self.client.repository(&ws, slug).await.map_err(|err| {
@@ -341,83 +435,56 @@ impl Provisioner {
                     "" => slug.clone(),
                     s => s.to_owned(),
                 };
-                ResolvedTarget {
-                    kind: TargetKind::Repository,
-                    workspace: ws.clone(),
-                    workspace_uuid: workspace.uuid.clone(),
-                    resource_id: repository_id(&workspace.uuid, &project.uuid, &project.key, &repository.uuid),
-                    key,
-                }
+                let id = repository_id(&workspace.uuid, &project.uuid, &project.key, &repository.uuid);
+                Ok((resolved(TargetKind::Repository, key, id), None))
+            }
+        }
+    }
+
+    /// A user among the workspace members (returned too, for the store
+    /// refresh); for a revoke, also a former member named by UUID.
+    async fn resolve_user(
+        &self,
+        ws: &str,
+        needle: &str,
+        purpose: Purpose,
+    ) -> Result<(ResolvedPrincipal, Vec<User>), ProvisionError> {
+        let listing: Vec<User> = self
+            .client
+            .workspace_members(ws)
+            .try_concat()
+            .await?
+            .into_iter()
+            .map(|m| m.user)
+            .collect();
+        let principal = match (find_member(&listing, needle), purpose, braced_uuid(needle)) {
+            (Some(user), _, _) => ResolvedPrincipal {
+                kind: PrincipalKind::User,
+                key: user.uuid.clone(),
+                id: user.uuid.clone(),
+                name: user
+                    .nickname
+                    .clone()
+                    .or_else(|| user.display_name.clone())
+                    .unwrap_or_else(|| user.uuid.clone()),
+            },
+            // Former members keep explicit permissions (Bitbucket does not
+            // remove them): revoking those, named by UUID, is exactly what
+            // an access review needs.
+            (None, Purpose::Revoke, Some(uuid)) => ResolvedPrincipal {
+                kind: PrincipalKind::User,
+                key: uuid.clone(),
+                id: uuid.clone(),
+                name: uuid,
+            },
+            (None, _, _) => {
+                return Err(ProvisionError::NotWorkspaceMember {
+                    user: needle.to_owned(),
+                    workspace: ws.to_owned(),
+                });
             }
         };
-
-        let mut members = None;
-        let principal = match &request.principal {
-            PrincipalRef::User(needle) => {
-                let listing: Vec<User> = self
-                    .client
-                    .workspace_members(&ws)
-                    .try_concat()
-                    .await?
-                    .into_iter()
-                    .map(|m| m.user)
-                    .collect();
-                let principal = match (find_member(&listing, needle), purpose, braced_uuid(needle)) {
-                    (Some(user), _, _) => ResolvedPrincipal {
-                        kind: PrincipalKind::User,
-                        key: user.uuid.clone(),
-                        id: user.uuid.clone(),
-                        name: user
-                            .nickname
-                            .clone()
-                            .or_else(|| user.display_name.clone())
-                            .unwrap_or_else(|| user.uuid.clone()),
-                    },
-                    // Former members keep explicit permissions (Bitbucket does
-                    // not remove them): revoking those, named by UUID, is
-                    // exactly what an access review needs.
-                    (None, Purpose::Revoke, Some(uuid)) => ResolvedPrincipal {
-                        kind: PrincipalKind::User,
-                        key: uuid.clone(),
-                        id: uuid.clone(),
-                        name: uuid,
-                    },
-                    (None, _, _) => {
-                        return Err(ProvisionError::NotWorkspaceMember {
-                            user: needle.clone(),
-                            workspace: ws.clone(),
-                        });
-                    }
-                };
-                members = Some(listing);
-                principal
-            }
-            PrincipalRef::Group(slug) => {
-                if groups.is_none() {
-                    groups = Some(self.client.groups(&ws).await?);
-                }
-                let all = groups.as_deref().unwrap_or_default();
-                let group = find_group(all, slug).ok_or_else(|| ProvisionError::PrincipalNotFound {
-                    principal: format!("group {slug}"),
-                    workspace: ws.clone(),
-                })?;
-                ResolvedPrincipal {
-                    kind: PrincipalKind::Group,
-                    key: group.slug.clone(),
-                    id: group_id(&workspace.uuid, &group.slug),
-                    name: group.slug.clone(),
-                }
-            }
-        };
-
-        let current = self.current_level(&target, &principal, groups.as_deref()).await?;
-        Ok(Resolved {
-            workspace,
-            principal,
-            target,
-            current,
-            members,
-        })
+        Ok((principal, listing))
     }
 
     /// One read of the principal's explicit level: the permissions-config
@@ -491,7 +558,8 @@ impl Provisioner {
     // ---- store refresh -----------------------------------------------------------
 
     async fn refresh(&self, r: &Resolved) -> Option<StoreRefresh> {
-        let (store, connector) = self.store.as_ref()?;
+        let inventory = self.inventory.as_ref()?;
+        let connector = inventory.connector().to_owned();
         let skipped = |reason: String| {
             tracing::warn!(connector = %connector, resource = %r.target.resource_id, %reason, "store not refreshed");
             Some(StoreRefresh::Skipped {
@@ -506,27 +574,21 @@ impl Provisioner {
         let count = grants.len();
         let resource_id = r.target.resource_id.clone();
         let task = {
-            let store = Arc::clone(store);
-            let connector = connector.clone();
-            tokio::task::spawn_blocking(move || store.replace_resource_grants(&connector, kind, &resource_id, &grants))
+            let inventory = Arc::clone(inventory);
+            tokio::task::spawn_blocking(move || inventory.replace_resource_grants(kind, &resource_id, &grants))
         };
         match task.await {
-            Ok(Ok(())) => {
-                if let Some(hook) = &self.after_refresh {
-                    (hook.0)(kind);
-                }
-                Some(StoreRefresh::Refreshed {
-                    connector: connector.clone(),
-                    grants: count,
-                })
-            }
-            Ok(Err(err)) => skipped(err.to_string()),
+            Ok(Ok(())) => Some(StoreRefresh::Refreshed {
+                connector: connector.clone(),
+                grants: count,
+            }),
+            Ok(Err(err)) => skipped(err),
             Err(err) => skipped(format!("store task failed: {err}")),
         }
     }
 
     /// The resource's grants read afresh, built by the syncers' code.
-    async fn fresh_grants(&self, r: &Resolved) -> Result<(SyncKind, Vec<crate::model::Grant>), ApiError> {
+    async fn fresh_grants(&self, r: &Resolved) -> Result<(SyncKind, Vec<Grant>), ApiError> {
         let ws = &r.workspace;
         let key = r.target.key.as_str();
         if r.target.kind == TargetKind::Group {

@@ -20,9 +20,9 @@ use anyhow::Context as _;
 use futures::StreamExt;
 
 use super::{RunReport, SyncEngine, SyncError, run_into_store};
-use crate::bitbucket::{Client, ClientConfig, DEFAULT_API_URL, Limits};
+use crate::bitbucket::{Client, ClientConfig, Limits};
 use crate::model::SyncKind;
-use crate::settings::{ConnectorSettings, SecretKeys, parse_workspaces, secret_manifest_data};
+use crate::settings::{ConnectorSettings, CredentialArgs, SecretKeys, parse_workspaces, secret_key};
 use crate::simulator::{SimConfig, Simulator};
 use crate::store::Store;
 
@@ -62,70 +62,6 @@ pub struct SyncArgs {
     c1z: Option<PathBuf>,
 }
 
-/// Bitbucket credentials and API root, shared by every command that talks to
-/// Bitbucket without a cluster (`sync`, `grant`, `revoke`): flags, `BATON_*`
-/// variables, or a Secret manifest in the seed format.
-#[derive(Debug, Clone, clap::Args)]
-pub struct CredentialArgs {
-    /// Bitbucket API root.
-    #[arg(long, env = "BITBUCKET_API_URL", default_value = DEFAULT_API_URL)]
-    pub api_url: String,
-    /// Read credentials from a Kubernetes Secret manifest (stringData or
-    /// base64 data, `BATON_*` keys).
-    #[arg(long, value_name = "FILE")]
-    pub secret_file: Option<PathBuf>,
-    /// Atlassian account email for an API token.
-    #[arg(long, env = "BATON_USERNAME", hide_env_values = true)]
-    pub username: Option<String>,
-    /// API token (or legacy app password).
-    #[arg(long, env = "BATON_APP_PASSWORD", hide_env_values = true)]
-    pub app_password: Option<String>,
-    /// Workspace, project or repository access token.
-    #[arg(long, env = "BATON_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// OAuth consumer key.
-    #[arg(long, env = "BATON_CONSUMER_KEY", hide_env_values = true)]
-    pub consumer_key: Option<String>,
-    /// OAuth consumer secret.
-    #[arg(long, env = "BATON_CONSUMER_SECRET", hide_env_values = true)]
-    pub consumer_secret: Option<String>,
-}
-
-impl CredentialArgs {
-    /// Settings from `--secret-file`, else from flags and `BATON_*`
-    /// variables (`BATON_WORKSPACES` and `BATON_PROVISIONING` from the
-    /// environment). Messages name keys, never values.
-    pub fn settings(&self) -> Result<ConnectorSettings, String> {
-        let keys = SecretKeys::default();
-        let data = match &self.secret_file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-                secret_manifest_data(&text).map_err(|e| format!("{}: {e}", path.display()))?
-            }
-            None => {
-                let mut data = BTreeMap::new();
-                let mut put = |key: &str, value: &Option<String>| {
-                    if let Some(value) = value {
-                        data.insert(key.to_owned(), value.clone());
-                    }
-                };
-                put(&keys.username, &self.username);
-                put(&keys.app_password, &self.app_password);
-                put(&keys.token, &self.token);
-                put(&keys.consumer_key, &self.consumer_key);
-                put(&keys.consumer_secret, &self.consumer_secret);
-                for key in [&keys.workspaces, &keys.provisioning] {
-                    if let Ok(value) = std::env::var(key) {
-                        data.insert(key.clone(), value);
-                    }
-                }
-                data
-            }
-        };
-        ConnectorSettings::from_map(&data, &keys).map_err(|e| e.to_string())
-    }
-}
-
 fn parse_kind(value: &str) -> Result<SyncKind, String> {
     SyncKind::parse(value.trim()).ok_or_else(|| {
         format!("unknown resource type {value:?}; expected accounts, workspaces, groups, projects or repositories")
@@ -160,8 +96,8 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<ExitCode> {
         Some(sim) => {
             let creds = sim.credentials();
             let mut data = BTreeMap::new();
-            data.insert("BATON_USERNAME".to_owned(), creds.email.clone());
-            data.insert("BATON_APP_PASSWORD".to_owned(), creds.api_token.clone());
+            data.insert(secret_key::USERNAME.to_owned(), creds.email.clone());
+            data.insert(secret_key::APP_PASSWORD.to_owned(), creds.api_token.clone());
             (
                 sim.base_url(),
                 ConnectorSettings::from_map(&data, &SecretKeys::default())?,

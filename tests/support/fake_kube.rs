@@ -4,14 +4,28 @@
 //! for `kube::Client`, `kube::runtime` watchers/reflectors/controllers, the finalizer helper,
 //! the events `Recorder`, server-side apply and `kube-lease-manager`.
 //!
-//! Known simplifications: strategic merge patch is a JSON merge patch; server-side apply is a deep
-//! merge of the applied fields with a per-field owner table used only for conflict detection
-//! (no `managedFields`, no removal of fields dropped from an apply, lists replaced atomically);
-//! `limit`/`continue`/`resourceVersionMatch` are ignored (lists return everything at the current RV);
-//! metadata-only (`as=PartialObjectMetadata`) requests get full objects; no admission, validation,
-//! defaulting (except Secret `stringData`), RBAC, ownerReference garbage collection or namespace
-//! lifecycle; BOOKMARKs are sent every 2s on idle watches that allow them.
-#![allow(dead_code)]
+//! Strict where the real API server is strict and tests depend on it (see `writes` and
+//! `fields`): Secret `stringData` is merged into `data` on write and never stored; server-side
+//! apply tracks `managedFields` per manager, prunes only fields the applier alone owned, and
+//! conflicts unless forced; a stale `metadata.resourceVersion` is a 409; `/status` and the main
+//! resource each change only their part; `generation` moves only on spec changes.
+//!
+//! Known simplifications: strategic merge patch is a JSON merge patch; list semantics are known
+//! only for `status.conditions` (map by `type`), `metadata.ownerReferences` (map by `uid`) and
+//! `metadata.finalizers` (set), other lists are atomic; `limit`/`continue`/`resourceVersionMatch`
+//! are ignored (lists return everything at the current RV); metadata-only
+//! (`as=PartialObjectMetadata`) requests get full objects; no admission, schema validation,
+//! defaulting, RBAC, ownerReference garbage collection or namespace lifecycle; BOOKMARKs are sent
+//! every 2s on idle watches that allow them.
+
+mod fields;
+mod selectors;
+mod watch;
+mod writes;
+
+use selectors::Filter;
+use watch::watch;
+use writes::{create, delete, patch, replace};
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -19,16 +33,19 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State as AxState;
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use fields::{ManagedFields, ManagerKey, Operation};
 use serde_json::{Map, Value, json};
 
 /// Maximum number of watch events kept for resuming watches; older resourceVersions get a 410.
 const DEFAULT_HISTORY_LIMIT: usize = 50_000;
 /// Interval of BOOKMARK events on idle watches that asked for them.
 const BOOKMARK_INTERVAL: Duration = Duration::from_secs(2);
+/// Field manager of objects written with [`FakeKube::put`].
+const TEST_MANAGER: &str = "fake-kube-test";
 
 /// A resource kind served by the fake.
 #[derive(Clone, Debug)]
@@ -39,7 +56,8 @@ pub struct KindInfo {
     pub plural: String,
     pub namespaced: bool,
     pub status_subresource: bool,
-    /// Maintain `metadata.generation` (bumped on `.spec` changes and on deletion).
+    /// Maintain `metadata.generation` (bumped on changes outside metadata and a status
+    /// subresource, and when deletion starts).
     /// Defaults to true for kinds outside the core group that have a status subresource (i.e. CRs).
     pub generation: bool,
 }
@@ -55,10 +73,6 @@ impl KindInfo {
             status_subresource: status,
             generation: status && !group.is_empty(),
         }
-    }
-
-    pub fn with_generation(self, generation: bool) -> Self {
-        KindInfo { generation, ..self }
     }
 
     pub fn api_version(&self) -> String {
@@ -102,8 +116,7 @@ type Key = (String, String, String);
 
 struct Stored {
     obj: Value,
-    /// JSON pointer of a leaf field -> field manager that last set it.
-    owners: BTreeMap<String, String>,
+    managed: ManagedFields,
 }
 
 struct WatchEvent {
@@ -297,187 +310,6 @@ fn set_or_remove(obj: &mut Value, field: &str, v: Option<Value>) {
     }
 }
 
-/// Leaf fields of `v` as JSON pointers (arrays and scalars are leaves; empty objects too).
-fn leaf_paths(v: &Value, prefix: &str, out: &mut Vec<(String, Value)>) {
-    match v {
-        Value::Object(m) if !m.is_empty() => {
-            for (k, child) in m {
-                let esc = k.replace('~', "~0").replace('/', "~1");
-                leaf_paths(child, &format!("{prefix}/{esc}"), out);
-            }
-        }
-        _ => out.push((prefix.to_string(), v.clone())),
-    }
-}
-
-/// Deep merge for server-side apply: objects merge recursively, everything else replaces.
-fn deep_merge(target: &mut Value, patch: &Value) {
-    match (target, patch) {
-        (Value::Object(t), Value::Object(p)) => {
-            for (k, pv) in p {
-                match t.get_mut(k) {
-                    Some(tv) if tv.is_object() && pv.is_object() => deep_merge(tv, pv),
-                    _ => {
-                        t.insert(k.clone(), pv.clone());
-                    }
-                }
-            }
-        }
-        (t, p) => *t = p.clone(),
-    }
-}
-
-const SYSTEM_PATHS: &[&str] = &[
-    "/apiVersion",
-    "/kind",
-    "/metadata/name",
-    "/metadata/namespace",
-    "/metadata/resourceVersion",
-    "/metadata/uid",
-    "/metadata/generation",
-    "/metadata/creationTimestamp",
-    "/metadata/managedFields",
-];
-
-// ---------- selectors ----------
-
-#[derive(Debug)]
-enum LabelReq {
-    Eq(String, String),
-    Ne(String, String),
-    In(String, Vec<String>),
-    NotIn(String, Vec<String>),
-    Exists(String),
-    NotExists(String),
-}
-
-fn split_top_level(s: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut depth = 0;
-    let mut cur = String::new();
-    for c in s.chars() {
-        match c {
-            '(' => {
-                depth += 1;
-                cur.push(c)
-            }
-            ')' => {
-                depth -= 1;
-                cur.push(c)
-            }
-            ',' if depth == 0 => out.push(std::mem::take(&mut cur)),
-            _ => cur.push(c),
-        }
-    }
-    out.push(cur);
-    out.into_iter()
-        .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty())
-        .collect()
-}
-
-fn parse_set(s: &str) -> Vec<String> {
-    s.trim()
-        .trim_start_matches('(')
-        .trim_end_matches(')')
-        .split(',')
-        .map(|v| v.trim().to_string())
-        .collect()
-}
-
-fn parse_label_selector(s: &str) -> Vec<LabelReq> {
-    split_top_level(s)
-        .into_iter()
-        .map(|t| {
-            if let Some(k) = t.strip_prefix('!') {
-                LabelReq::NotExists(k.trim().to_string())
-            } else if let Some((k, v)) = t.split_once(" notin ") {
-                LabelReq::NotIn(k.trim().to_string(), parse_set(v))
-            } else if let Some((k, v)) = t.split_once(" in ") {
-                LabelReq::In(k.trim().to_string(), parse_set(v))
-            } else if let Some((k, v)) = t.split_once("!=") {
-                LabelReq::Ne(k.trim().to_string(), v.trim().to_string())
-            } else if let Some((k, v)) = t.split_once("==") {
-                LabelReq::Eq(k.trim().to_string(), v.trim().to_string())
-            } else if let Some((k, v)) = t.split_once('=') {
-                LabelReq::Eq(k.trim().to_string(), v.trim().to_string())
-            } else {
-                LabelReq::Exists(t.trim().to_string())
-            }
-        })
-        .collect()
-}
-
-fn labels_match(reqs: &[LabelReq], obj: &Value) -> bool {
-    let labels = meta(obj).get("labels");
-    let get = |k: &str| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
-    reqs.iter().all(|r| match r {
-        LabelReq::Eq(k, v) => get(k) == Some(v.as_str()),
-        LabelReq::Ne(k, v) => get(k) != Some(v.as_str()),
-        LabelReq::In(k, vs) => get(k).is_some_and(|x| vs.iter().any(|v| v == x)),
-        LabelReq::NotIn(k, vs) => get(k).is_none_or(|x| vs.iter().all(|v| v != x)),
-        LabelReq::Exists(k) => get(k).is_some(),
-        LabelReq::NotExists(k) => get(k).is_none(),
-    })
-}
-
-fn parse_field_selector(s: &str) -> Vec<(String, bool, String)> {
-    split_top_level(s)
-        .into_iter()
-        .filter_map(|t| {
-            if let Some((k, v)) = t.split_once("!=") {
-                Some((k.trim().to_string(), false, v.trim().to_string()))
-            } else if let Some((k, v)) = t.split_once("==") {
-                Some((k.trim().to_string(), true, v.trim().to_string()))
-            } else {
-                t.split_once('=')
-                    .map(|(k, v)| (k.trim().to_string(), true, v.trim().to_string()))
-            }
-        })
-        .collect()
-}
-
-fn fields_match(reqs: &[(String, bool, String)], obj: &Value) -> bool {
-    reqs.iter().all(|(path, eq, want)| {
-        let mut cur = obj;
-        for part in path.split('.') {
-            cur = cur.get(part).unwrap_or(&Value::Null);
-        }
-        let got = match cur {
-            Value::Null => String::new(),
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
-        (got == *want) == *eq
-    })
-}
-
-struct Filter {
-    ns: Option<String>,
-    labels: Vec<LabelReq>,
-    fields: Vec<(String, bool, String)>,
-}
-
-impl Filter {
-    fn from_query(ns: Option<String>, q: &BTreeMap<String, String>) -> Self {
-        Filter {
-            ns,
-            labels: q
-                .get("labelSelector")
-                .map(|s| parse_label_selector(s))
-                .unwrap_or_default(),
-            fields: q
-                .get("fieldSelector")
-                .map(|s| parse_field_selector(s))
-                .unwrap_or_default(),
-        }
-    }
-
-    fn matches(&self, ns: &str, obj: &Value) -> bool {
-        self.ns.as_deref().is_none_or(|n| n == ns) && labels_match(&self.labels, obj) && fields_match(&self.fields, obj)
-    }
-}
-
 // ---------- state operations ----------
 
 impl State {
@@ -518,78 +350,30 @@ impl State {
 
     /// Persist `new` under `key`, maintaining system metadata, resourceVersion, generation,
     /// finalizer-driven removal and watch events. No-op writes leave the object untouched.
-    fn store(&mut self, ki: &KindInfo, key: &Key, mut new: Value, owners: Option<BTreeMap<String, String>>) -> Value {
+    fn store(&mut self, ki: &KindInfo, key: &Key, mut new: Value, managed: Option<ManagedFields>) -> Value {
         let old = self.objects.get(key).map(|s| s.obj.clone());
+        let managed = managed
+            .or_else(|| self.objects.get(key).map(|s| s.managed.clone()))
+            .unwrap_or_default();
         {
             let o = new.as_object_mut().expect("object");
             o.insert("apiVersion".into(), json!(ki.api_version()));
             o.insert("kind".into(), json!(ki.kind));
         }
         if ki.kind == "Secret" && ki.group.is_empty() {
-            normalize_secret(&mut new);
+            writes::normalize_secret(&mut new);
         }
-        {
-            let m = meta_mut(&mut new);
-            m.insert("name".into(), json!(key.2));
-            if ki.namespaced {
-                m.insert("namespace".into(), json!(key.1));
-            } else {
-                m.remove("namespace");
-            }
-            m.remove("generateName");
-            m.remove("managedFields");
-            if m.get("finalizers")
-                .and_then(Value::as_array)
-                .is_some_and(|f| f.is_empty())
-            {
-                m.remove("finalizers");
-            }
-            match &old {
-                None => {
-                    m.insert("uid".into(), json!(new_uid()));
-                    m.insert("creationTimestamp".into(), json!(now_rfc3339()));
-                    m.remove("deletionTimestamp");
-                    if ki.generation {
-                        m.insert("generation".into(), json!(1));
-                    } else {
-                        m.remove("generation");
-                    }
-                }
-                Some(old) => {
-                    let om = meta(old);
-                    for f in ["uid", "creationTimestamp", "resourceVersion"] {
-                        if let Some(v) = om.get(f) {
-                            m.insert(f.into(), v.clone());
-                        }
-                    }
-                    if let Some(dt) = om.get("deletionTimestamp") {
-                        m.insert("deletionTimestamp".into(), dt.clone());
-                    }
-                    if ki.generation {
-                        let g = om.get("generation").and_then(Value::as_i64).unwrap_or(1);
-                        m.insert("generation".into(), json!(g));
-                    } else {
-                        m.remove("generation");
-                    }
-                }
-            }
+        system_metadata(ki, key, old.as_ref(), &mut new);
+        let rendered = managed.render(&ki.api_version());
+        if rendered.as_array().is_some_and(|a| !a.is_empty()) {
+            meta_mut(&mut new).insert("managedFields".into(), rendered);
         }
         if let Some(old) = &old {
-            if ki.generation {
-                let spec_changed = old.get("spec") != new.get("spec");
-                let deleting =
-                    meta(old).get("deletionTimestamp").is_none() && meta(&new).get("deletionTimestamp").is_some();
-                if spec_changed || deleting {
-                    let g = meta(&new).get("generation").and_then(Value::as_i64).unwrap_or(1);
-                    meta_mut(&mut new).insert("generation".into(), json!(g + 1));
-                }
+            if ki.generation && spec_changed(ki, old, &new) {
+                let g = meta(&new).get("generation").and_then(Value::as_i64).unwrap_or(1);
+                meta_mut(&mut new).insert("generation".into(), json!(g + 1));
             }
             if *old == new {
-                if let Some(owners) = owners
-                    && let Some(s) = self.objects.get_mut(key)
-                {
-                    s.owners = owners;
-                }
                 return new;
             }
         }
@@ -603,14 +387,11 @@ impl State {
             }
             return new;
         }
-        let owners = owners
-            .or_else(|| self.objects.get(key).map(|s| s.owners.clone()))
-            .unwrap_or_default();
         self.objects.insert(
             key.clone(),
             Stored {
                 obj: new.clone(),
-                owners,
+                managed,
             },
         );
         self.emit(
@@ -646,20 +427,67 @@ impl State {
     }
 }
 
-fn normalize_secret(obj: &mut Value) {
-    use base64::Engine as _;
-    let Some(o) = obj.as_object_mut() else { return };
-    if let Some(Value::Object(sd)) = o.remove("stringData") {
-        let data = o.entry("data").or_insert_with(|| json!({}));
-        if !data.is_object() {
-            *data = json!({});
+/// Server-maintained metadata: name/namespace from the URL, uid and creationTimestamp set once,
+/// deletionTimestamp only through DELETE, generation carried over (bumped by `store`).
+fn system_metadata(ki: &KindInfo, key: &Key, old: Option<&Value>, new: &mut Value) {
+    let m = meta_mut(new);
+    m.insert("name".into(), json!(key.2));
+    if ki.namespaced {
+        m.insert("namespace".into(), json!(key.1));
+    } else {
+        m.remove("namespace");
+    }
+    m.remove("generateName");
+    m.remove("managedFields");
+    if m.get("finalizers")
+        .and_then(Value::as_array)
+        .is_some_and(|f| f.is_empty())
+    {
+        m.remove("finalizers");
+    }
+    match old {
+        None => {
+            m.insert("uid".into(), json!(new_uid()));
+            m.insert("creationTimestamp".into(), json!(now_rfc3339()));
+            m.remove("deletionTimestamp");
+            if ki.generation {
+                m.insert("generation".into(), json!(1));
+            } else {
+                m.remove("generation");
+            }
         }
-        for (k, v) in sd {
-            let s = v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
-            data[k.as_str()] = json!(base64::engine::general_purpose::STANDARD.encode(s));
+        Some(old) => {
+            let om = meta(old);
+            // A new deletionTimestamp comes from `State::delete`; API writes cannot set one
+            // (`writes::restrict`).
+            for f in ["uid", "creationTimestamp", "resourceVersion", "deletionTimestamp"] {
+                if let Some(v) = om.get(f) {
+                    m.insert(f.into(), v.clone());
+                }
+            }
+            if ki.generation {
+                let g = om.get("generation").and_then(Value::as_i64).unwrap_or(1);
+                m.insert("generation".into(), json!(g));
+            } else {
+                m.remove("generation");
+            }
         }
     }
-    o.entry("type").or_insert_with(|| json!("Opaque"));
+}
+
+/// Whether `metadata.generation` moves: like the real server for custom resources, on any change
+/// outside metadata (and outside status when it is a subresource), and when deletion starts.
+fn spec_changed(ki: &KindInfo, old: &Value, new: &Value) -> bool {
+    let desired = |obj: &Value| {
+        let mut o = obj.as_object().cloned().unwrap_or_default();
+        o.remove("metadata");
+        if ki.status_subresource {
+            o.remove("status");
+        }
+        o
+    };
+    let deleting = meta(old).get("deletionTimestamp").is_none() && meta(new).get("deletionTimestamp").is_some();
+    deleting || desired(old) != desired(new)
 }
 
 // ---------- public API ----------
@@ -777,7 +605,8 @@ impl FakeKube {
             .unwrap_or_else(|| panic!("fake kube: kind {api_version}/{kind} not registered"))
     }
 
-    /// Create or replace an object (status included, no conflict checks). Emits watch events.
+    /// Create or replace an object (status included, no conflict checks), as field manager
+    /// `fake-kube-test`. Emits watch events.
     pub fn put(&self, obj: Value) {
         let api_version = obj["apiVersion"].as_str().expect("apiVersion").to_string();
         let kind = obj["kind"].as_str().expect("kind").to_string();
@@ -787,7 +616,17 @@ impl FakeKube {
         {
             let mut st = self.shared.lock();
             let key = State::key(&ki, ns.as_deref(), &name);
-            st.store(&ki, &key, obj, None);
+            let (old, mut managed) = match st.objects.get(&key) {
+                Some(s) => (s.obj.clone(), s.managed.clone()),
+                None => (json!({}), ManagedFields::default()),
+            };
+            let writer = ManagerKey {
+                manager: TEST_MANAGER.into(),
+                operation: Operation::Update,
+                subresource: None,
+            };
+            managed.update(&old, &obj, &writer, &now_rfc3339());
+            st.store(&ki, &key, obj, Some(managed));
         }
         self.shared.notify();
     }
@@ -822,10 +661,6 @@ impl FakeKube {
 
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.shared.lock().requests.clone()
-    }
-
-    pub fn clear_requests(&self) {
-        self.shared.lock().requests.clear();
     }
 
     /// `events.k8s.io/v1` Events currently stored (all namespaces).
@@ -1014,7 +849,19 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let query_str = uri.query().unwrap_or("").to_string();
-    let query: BTreeMap<String, String> = url::form_urlencoded::parse(query_str.as_bytes()).into_owned().collect();
+    let mut query: BTreeMap<String, String> = url::form_urlencoded::parse(query_str.as_bytes()).into_owned().collect();
+    let applying = content_type
+        .as_deref()
+        .is_some_and(|ct| ct.starts_with("application/apply-patch"));
+    if !applying && !query.contains_key("fieldManager") {
+        let agent = headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|ua| ua.split('/').next())
+            .filter(|m| !m.is_empty())
+            .unwrap_or("unknown");
+        query.insert("fieldManager".into(), agent.to_string());
+    }
     let route = {
         let mut st = shared.lock();
         st.requests.push(RecordedRequest {
@@ -1151,27 +998,6 @@ fn check_ns(ki: &KindInfo, ns: &Option<String>, obj: &Value) -> Result<(), ApiEr
     Ok(())
 }
 
-fn owners_after_update(old: &Stored, new: &Value, manager: &str) -> BTreeMap<String, String> {
-    let mut paths = Vec::new();
-    leaf_paths(new, "", &mut paths);
-    let mut owners = BTreeMap::new();
-    for (p, v) in paths {
-        if SYSTEM_PATHS.contains(&p.as_str()) {
-            continue;
-        }
-        let prev = old.obj.pointer(&p);
-        match old.owners.get(&p) {
-            Some(o) if prev == Some(&v) => {
-                owners.insert(p, o.clone());
-            }
-            _ => {
-                owners.insert(p, manager.to_string());
-            }
-        }
-    }
-    owners
-}
-
 /// TokenReview and SubjectAccessReview: answered from the tokens and rules
 /// the test registered, never stored (like the real API server).
 fn review(st: &State, ki: &KindInfo, body: &[u8]) -> Result<(StatusCode, Value), ApiErr> {
@@ -1201,432 +1027,4 @@ fn review(st: &State, ki: &KindInfo, body: &[u8]) -> Result<(StatusCode, Value),
     };
     obj["status"] = status;
     Ok((StatusCode::CREATED, obj))
-}
-
-fn create(
-    st: &mut State,
-    ki: &KindInfo,
-    ns: Option<String>,
-    q: &BTreeMap<String, String>,
-    body: &[u8],
-) -> Result<(StatusCode, Value), ApiErr> {
-    let mut obj = body_json(body)?;
-    check_ns(ki, &ns, &obj)?;
-    let name = match meta_str(&obj, "name").filter(|s| !s.is_empty()) {
-        Some(n) => n.to_string(),
-        None => match meta_str(&obj, "generateName") {
-            Some(g) => format!("{g}{}", random_suffix()),
-            None => return Err(ApiErr::new(422, "Invalid", "metadata.name: Required value")),
-        },
-    };
-    let key = State::key(ki, ns.as_deref(), &name);
-    if st.objects.contains_key(&key) {
-        return Err(ApiErr::new(
-            409,
-            "AlreadyExists",
-            format!("{}.{} \"{name}\" already exists", ki.plural, ki.group),
-        ));
-    }
-    if ki.status_subresource {
-        set_or_remove(&mut obj, "status", None);
-    }
-    for f in ["resourceVersion", "deletionTimestamp", "uid"] {
-        meta_mut(&mut obj).remove(f);
-    }
-    let manager = q.get("fieldManager").cloned().unwrap_or_else(|| "unknown".into());
-    let empty = Stored {
-        obj: Value::Null,
-        owners: BTreeMap::new(),
-    };
-    let owners = owners_after_update(&empty, &obj, &manager);
-    let stored = st.store(ki, &key, obj, Some(owners));
-    Ok((StatusCode::CREATED, stored))
-}
-
-/// Restrict a candidate new object to what the endpoint may change.
-fn restrict(ki: &KindInfo, sub: Option<&str>, old: &Value, mut candidate: Value) -> Value {
-    // deletionTimestamp can only be set through DELETE
-    let dt = meta(old).get("deletionTimestamp").cloned();
-    match dt {
-        Some(dt) => meta_mut(&mut candidate).insert("deletionTimestamp".into(), dt),
-        None => meta_mut(&mut candidate).remove("deletionTimestamp"),
-    };
-    if sub == Some("status") {
-        let mut out = old.clone();
-        set_or_remove(&mut out, "status", candidate.get("status").cloned());
-        return out;
-    }
-    if ki.status_subresource {
-        set_or_remove(&mut candidate, "status", old.get("status").cloned());
-    }
-    candidate
-}
-
-fn replace(
-    st: &mut State,
-    ki: &KindInfo,
-    ns: Option<String>,
-    name: &str,
-    sub: Option<&str>,
-    q: &BTreeMap<String, String>,
-    body: &[u8],
-) -> Result<(StatusCode, Value), ApiErr> {
-    let obj = body_json(body)?;
-    check_ns(ki, &ns, &obj)?;
-    let key = State::key(ki, ns.as_deref(), name);
-    let Some(old) = st.objects.get(&key) else {
-        return Err(ApiErr::not_found(ki, name));
-    };
-    if let Some(rv) = meta_str(&obj, "resourceVersion")
-        && Some(rv) != meta_str(&old.obj, "resourceVersion")
-    {
-        return Err(ApiErr::new(
-            409,
-            "Conflict",
-            format!(
-                "Operation cannot be fulfilled on {}.{} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
-                ki.plural, ki.group
-            ),
-        ));
-    }
-    let new = restrict(ki, sub, &old.obj, obj);
-    let manager = q.get("fieldManager").cloned().unwrap_or_else(|| "unknown".into());
-    let owners = owners_after_update(old, &new, &manager);
-    let stored = st.store(ki, &key, new, Some(owners));
-    Ok((StatusCode::OK, stored))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn patch(
-    st: &mut State,
-    ki: &KindInfo,
-    ns: Option<String>,
-    name: &str,
-    sub: Option<&str>,
-    q: &BTreeMap<String, String>,
-    content_type: &str,
-    body: &[u8],
-) -> Result<(StatusCode, Value), ApiErr> {
-    let ct = content_type.split(';').next().unwrap_or("").trim();
-    let key = State::key(ki, ns.as_deref(), name);
-    let manager = q.get("fieldManager").cloned();
-    let force = matches!(q.get("force").map(String::as_str), Some("true" | "1"));
-    let conflict_rv = |patch: &Value, old: &Value| -> Result<(), ApiErr> {
-        match meta_str(patch, "resourceVersion") {
-            Some(rv) if Some(rv) != meta_str(old, "resourceVersion") => Err(ApiErr::new(
-                409,
-                "Conflict",
-                format!(
-                    "Operation cannot be fulfilled on {}.{} \"{name}\": the object has been modified",
-                    ki.plural, ki.group
-                ),
-            )),
-            _ => Ok(()),
-        }
-    };
-    match ct {
-        "application/apply-patch+yaml" => {
-            let Some(manager) = manager else {
-                return Err(ApiErr::new(
-                    400,
-                    "BadRequest",
-                    "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
-                ));
-            };
-            let applied = body_json(body)?;
-            if applied.get("apiVersion").is_none() || applied.get("kind").is_none() {
-                return Err(ApiErr::new(
-                    400,
-                    "BadRequest",
-                    "apply patch requires apiVersion and kind",
-                ));
-            }
-            if applied["apiVersion"] != json!(ki.api_version()) || applied["kind"] != json!(ki.kind) {
-                return Err(ApiErr::new(
-                    400,
-                    "BadRequest",
-                    "apply patch apiVersion/kind do not match the resource",
-                ));
-            }
-            if let Some(n) = meta_str(&applied, "name")
-                && n != name
-            {
-                return Err(ApiErr::new(
-                    400,
-                    "BadRequest",
-                    "the name of the object does not match the name on the URL",
-                ));
-            }
-            check_ns(ki, &ns, &applied)?;
-            let mut applied_paths = Vec::new();
-            leaf_paths(&applied, "", &mut applied_paths);
-            applied_paths.retain(|(p, _)| {
-                let in_status = p == "/status" || p.starts_with("/status/");
-                !SYSTEM_PATHS.contains(&p.as_str())
-                    && match sub {
-                        Some(_) => in_status,
-                        None => !(ki.status_subresource && in_status),
-                    }
-            });
-            let Some(old) = st.objects.get(&key) else {
-                if sub.is_some() {
-                    return Err(ApiErr::not_found(ki, name));
-                }
-                let mut obj = applied;
-                if ki.status_subresource {
-                    set_or_remove(&mut obj, "status", None);
-                }
-                let owners = applied_paths
-                    .iter()
-                    .map(|(p, _)| (p.clone(), manager.clone()))
-                    .collect();
-                meta_mut(&mut obj).remove("resourceVersion");
-                let stored = st.store(ki, &key, obj, Some(owners));
-                return Ok((StatusCode::CREATED, stored));
-            };
-            conflict_rv(&applied, &old.obj)?;
-            if !force {
-                let conflicts: Vec<String> = applied_paths
-                    .iter()
-                    .filter(|(p, v)| {
-                        old.obj.pointer(p).is_some_and(|cur| cur != v)
-                            && old.owners.get(p).is_some_and(|o| *o != manager)
-                    })
-                    .map(|(p, _)| format!("conflict with \"{}\": {p}", old.owners[p]))
-                    .collect();
-                if !conflicts.is_empty() {
-                    return Err(ApiErr::new(
-                        409,
-                        "Conflict",
-                        format!(
-                            "Apply failed with {} conflicts: {}",
-                            conflicts.len(),
-                            conflicts.join(", ")
-                        ),
-                    ));
-                }
-            }
-            let mut merged = old.obj.clone();
-            deep_merge(&mut merged, &applied);
-            let new = restrict(ki, sub, &old.obj, merged);
-            let mut owners = old.owners.clone();
-            for (p, _) in &applied_paths {
-                if new.pointer(p).is_some() {
-                    owners.insert(p.clone(), manager.clone());
-                }
-            }
-            owners.retain(|p, _| new.pointer(p).is_some());
-            let stored = st.store(ki, &key, new, Some(owners));
-            Ok((StatusCode::OK, stored))
-        }
-        "application/merge-patch+json" | "application/strategic-merge-patch+json" | "application/json-patch+json" => {
-            let Some(old) = st.objects.get(&key) else {
-                return Err(ApiErr::not_found(ki, name));
-            };
-            let mut merged = old.obj.clone();
-            if ct == "application/json-patch+json" {
-                let mut ops: Vec<Value> = serde_json::from_slice(body)
-                    .map_err(|e| ApiErr::new(400, "BadRequest", format!("invalid json patch: {e}")))?;
-                // Like the API server (evanphx/json-patch), `test` of a missing path against null succeeds.
-                ops.retain(|op| {
-                    !(op["op"] == "test"
-                        && op["value"].is_null()
-                        && op["path"].as_str().is_some_and(|p| merged.pointer(p).is_none()))
-                });
-                let p: json_patch::Patch = serde_json::from_value(Value::Array(ops))
-                    .map_err(|e| ApiErr::new(400, "BadRequest", format!("invalid json patch: {e}")))?;
-                json_patch::patch(&mut merged, &p)
-                    .map_err(|e| ApiErr::new(422, "Invalid", format!("the server rejected our request: {e}")))?;
-            } else {
-                let p = body_json(body)?;
-                conflict_rv(&p, &old.obj)?;
-                json_patch::merge(&mut merged, &p);
-            }
-            if !merged.is_object() {
-                return Err(ApiErr::new(422, "Invalid", "patch produced a non-object"));
-            }
-            let new = restrict(ki, sub, &old.obj, merged);
-            let owners = owners_after_update(old, &new, manager.as_deref().unwrap_or("unknown"));
-            let stored = st.store(ki, &key, new, Some(owners));
-            Ok((StatusCode::OK, stored))
-        }
-        other => Err(ApiErr::new(
-            415,
-            "UnsupportedMediaType",
-            format!("the body of the request was in an unknown format: {other}"),
-        )),
-    }
-}
-
-fn delete(
-    st: &mut State,
-    ki: &KindInfo,
-    ns: Option<String>,
-    name: &str,
-    body: &[u8],
-) -> Result<(StatusCode, Value), ApiErr> {
-    let key = State::key(ki, ns.as_deref(), name);
-    let Some(cur) = st.objects.get(&key) else {
-        return Err(ApiErr::not_found(ki, name));
-    };
-    if let Some(pre) = parse_body(body).and_then(|b| b.get("preconditions").cloned()) {
-        let uid_ok = pre
-            .get("uid")
-            .and_then(Value::as_str)
-            .is_none_or(|u| Some(u) == meta_str(&cur.obj, "uid"));
-        let rv_ok = pre
-            .get("resourceVersion")
-            .and_then(Value::as_str)
-            .is_none_or(|r| Some(r) == meta_str(&cur.obj, "resourceVersion"));
-        if !uid_ok || !rv_ok {
-            return Err(ApiErr::new(409, "Conflict", "Precondition failed"));
-        }
-    }
-    let (obj, gone) = st.delete(ki, &key).ok_or_else(|| ApiErr::not_found(ki, name))?;
-    if gone {
-        Ok((
-            StatusCode::OK,
-            json!({
-                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
-                "details": {"name": name, "group": ki.group, "kind": ki.plural, "uid": meta_str(&obj, "uid")},
-            }),
-        ))
-    } else {
-        Ok((StatusCode::OK, obj))
-    }
-}
-
-// ---------- watch ----------
-
-struct WatchCtx {
-    shared: Arc<Shared>,
-    resource: String,
-    ki: KindInfo,
-    filter: Filter,
-    last_rv: u64,
-    deadline: tokio::time::Instant,
-    bookmarks: bool,
-    pending: VecDeque<Bytes>,
-    done: bool,
-    rx: tokio::sync::watch::Receiver<u64>,
-}
-
-fn line(typ: &str, object: &Value) -> Bytes {
-    let mut s = json!({"type": typ, "object": object}).to_string();
-    s.push('\n');
-    Bytes::from(s)
-}
-
-fn bookmark(ki: &KindInfo, rv: u64, initial_end: bool) -> Value {
-    let mut m = json!({"resourceVersion": rv.to_string()});
-    if initial_end {
-        m["annotations"] = json!({"k8s.io/initial-events-end": "true"});
-    }
-    json!({"kind": ki.kind, "apiVersion": ki.api_version(), "metadata": m})
-}
-
-fn watch(shared: Arc<Shared>, ki: KindInfo, ns: Option<String>, q: &BTreeMap<String, String>) -> Response {
-    let timeout = q
-        .get("timeoutSeconds")
-        .and_then(|s| s.parse::<u64>().ok())
-        .unwrap_or(1800);
-    let bookmarks = matches!(q.get("allowWatchBookmarks").map(String::as_str), Some("true" | "1"));
-    let send_initial = matches!(q.get("sendInitialEvents").map(String::as_str), Some("true" | "1"));
-    let rv_param = q.get("resourceVersion").cloned().unwrap_or_default();
-    let mut rx = shared.notify.subscribe();
-    rx.borrow_and_update();
-    let mut ctx = WatchCtx {
-        shared: shared.clone(),
-        resource: ki.resource_key(),
-        filter: Filter::from_query(ns, q),
-        ki: ki.clone(),
-        last_rv: 0,
-        deadline: tokio::time::Instant::now() + Duration::from_secs(timeout),
-        bookmarks,
-        pending: VecDeque::new(),
-        done: false,
-        rx,
-    };
-    {
-        let st = shared.lock();
-        if send_initial || rv_param.is_empty() || rv_param == "0" {
-            for ((r, n, _), s) in st.objects.iter() {
-                if *r == ctx.resource && ctx.filter.matches(n, &s.obj) {
-                    ctx.pending.push_back(line("ADDED", &s.obj));
-                }
-            }
-            ctx.last_rv = st.rv;
-            if send_initial && bookmarks {
-                ctx.pending.push_back(line("BOOKMARK", &bookmark(&ki, st.rv, true)));
-            }
-        } else {
-            match rv_param.parse::<u64>() {
-                Ok(rv) if rv >= st.history_floor => ctx.last_rv = rv,
-                _ => {
-                    let status = ApiErr::new(410, "Expired", format!("too old resource version: {rv_param}"));
-                    ctx.pending.push_back(line("ERROR", &status.status_json()));
-                    ctx.done = true;
-                }
-            }
-        }
-    }
-    let stream = futures::stream::unfold(ctx, |mut ctx| async move {
-        loop {
-            if let Some(b) = ctx.pending.pop_front() {
-                return Some((Ok::<Bytes, std::convert::Infallible>(b), ctx));
-            }
-            if ctx.done {
-                return None;
-            }
-            ctx.rx.borrow_and_update();
-            {
-                let st = ctx.shared.lock();
-                if st.closed {
-                    return None;
-                }
-                for ev in st.history.iter().filter(|e| e.rv > ctx.last_rv) {
-                    if ev.resource != ctx.resource {
-                        continue;
-                    }
-                    let now = ctx.filter.matches(&ev.ns, &ev.object);
-                    let before = ev.previous.as_ref().map(|p| ctx.filter.matches(&ev.ns, p));
-                    // like the watch cache: objects entering/leaving a selector are ADDED/DELETED
-                    let typ = match (ev.typ, before, now) {
-                        ("MODIFIED", Some(false), true) => "ADDED",
-                        ("MODIFIED", Some(true), false) => "DELETED",
-                        (t, _, true) => t,
-                        _ => continue,
-                    };
-                    ctx.pending.push_back(line(typ, &ev.object));
-                }
-                ctx.last_rv = ctx.last_rv.max(st.rv);
-            }
-            if !ctx.pending.is_empty() {
-                continue;
-            }
-            let bookmark_sleep = if ctx.bookmarks {
-                BOOKMARK_INTERVAL
-            } else {
-                Duration::from_secs(3600)
-            };
-            tokio::select! {
-                r = ctx.rx.changed() => {
-                    if r.is_err() {
-                        return None;
-                    }
-                }
-                _ = tokio::time::sleep_until(ctx.deadline) => return None,
-                _ = tokio::time::sleep(bookmark_sleep) => {
-                    if ctx.bookmarks {
-                        ctx.pending.push_back(line("BOOKMARK", &bookmark(&ctx.ki, ctx.last_rv, false)));
-                    }
-                }
-            }
-        }
-    });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from_stream(stream))
-        .expect("watch response")
 }

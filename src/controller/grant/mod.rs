@@ -1,0 +1,242 @@
+//! The `BitbucketAccessGrant` reconciler: provisioning as a resource, with
+//! just-in-time expiry.
+//!
+//! # Rules
+//!
+//! - **Same namespace.** `spec.connectorRef.name` is looked up in the grant's
+//!   own namespace only. Missing: `Ready=False`, reason `ConnectorNotFound`
+//!   (Stalled, retried every 5 minutes and whenever a connector changes).
+//!   Present but suspended, being deleted, or not connected yet (no runtime
+//!   with accepted credentials): `ConnectorNotReady`, retried every 30 s and
+//!   whenever the connector's status changes (connectors are watched and
+//!   mapped to the grants that reference them).
+//! - **Provisioning must be enabled** for the connector (`spec.provisioning`,
+//!   else the Secret's `BATON_PROVISIONING`): otherwise `Ready=False`, reason
+//!   `ProvisioningDisabled`, state `Failed` (Stalled), and nothing is written
+//!   to Bitbucket.
+//! - **Grant.** The finalizer goes on first; then the provisioner ensures *at
+//!   least* the permission ([`GrantMode::AtLeast`]: a higher level already
+//!   held is left alone). On success the status records `previousPermission`
+//!   (what the principal held before; absent when nothing), `grantedAt`,
+//!   `expiresAt` (`spec.expiresAt`, or `grantedAt + spec.duration`),
+//!   `principalId`, `target`, `applied` (below), state `Granted`, `Ready=True`
+//!   reason `Granted`, and a `Granted` Event names what changed ("granted
+//!   write on repository acme/api to user jdoe (previously read)"). Failures
+//!   set `Ready=False` with [`ProvisionError::reason`] (`PrincipalNotFound`,
+//!   `NotWorkspaceMember`, `TargetNotFound`, `Conflict`, `NotProvisionable`,
+//!   …); permanent ones are `Stalled` (state `Failed`, retried every 5
+//!   minutes), transient ones `Reconciling` with exponential backoff. A
+//!   `GrantFailed` Warning Event is emitted on the transition only.
+//! - **`previousPermission` is recorded once.** It is written when the grant
+//!   goes from not-held to held, and never rewritten while the grant holds:
+//!   a later reconcile does not call Bitbucket at all (the grant holds until
+//!   expiry, deletion or a spec change), so it can never record the level the
+//!   grant itself put in place.
+//!   One window remains: if the status cannot be written (after a few
+//!   retries, or the operator stops) right after Bitbucket was changed, the
+//!   grant is not recorded as held: the next reconcile grants again, finds
+//!   the level already held and records *that* as previous, so expiry
+//!   leaves the access in place rather than guessing (and a deletion before
+//!   then revokes nothing).
+//! - **The applied access** (`status.applied`: connector, principal as
+//!   resolved — user UUID or group slug —, workspace, target, permission) is
+//!   recorded in the same status write that marks the grant held, before
+//!   the reconcile returns. Expiry, deletion and spec changes end *that*
+//!   access, not whatever the spec says now, and the revoke names the
+//!   principal by the resolved id. It lives in status, not metadata, on
+//!   purpose: status is written only by the operator (`/status` RBAC is
+//!   separate), whereas annotations can be rewritten by anyone who may patch
+//!   the grant — an earlier version kept it in the annotation
+//!   `connectors.dev/applied-access`, which let such a person point the
+//!   operator's revoke at someone else's access. That annotation is ignored.
+//!   A held grant recorded by that version (no `status.applied`) is taken to
+//!   hold its current spec, its user named by `status.principalId`; the next
+//!   reconcile records that as `status.applied`.
+//! - **Expiry** is driven by `status` timestamps, so it survives restarts:
+//!   a held grant is requeued at `expiresAt`, and any reconcile at or after
+//!   `expiresAt` revokes it and restores the previous level
+//!   ([`Provisioner::revoke_and_restore`]). The state becomes `Expired`,
+//!   condition `Expired=True`, `Ready=False` reason `Expired`, an `Expired`
+//!   Event is emitted. The object stays (GitOps owns its lifecycle) and is
+//!   never granted again, whatever its spec becomes: to grant again, create a
+//!   new grant (or delete and re-apply this one). A grant whose `expiresAt`
+//!   has passed before it was ever granted goes straight to `Expired` with no
+//!   Bitbucket write.
+//! - **Spec change** (new generation) of a held grant: if the access
+//!   (connector, principal, target, permission) is unchanged (only
+//!   `duration`/`expiresAt` changed), nothing is written and the expiry is
+//!   recomputed from the original `grantedAt`. Otherwise the old access is
+//!   ended exactly as on deletion (revoke and restore, honouring overlapping
+//!   grants; a `Revoked` Event) and the new spec is granted as a new grant
+//!   (new `grantedAt`, `previousPermission` recorded afresh — for the same
+//!   target this is the restored level, i.e. the same value). The principal
+//!   may briefly hold the restored level in between.
+//! - **Deletion** (finalizer): a held grant is revoked and the previous level
+//!   restored (a `Revoked` Event), then the finalizer is removed. *Deletion
+//!   is never blocked for ever*: when the connector is gone, provisioning was
+//!   disabled since, the revoke fails permanently (credentials rejected,
+//!   target deleted, …), or the connector has not been usable for 10 minutes
+//!   since the deletion was requested, a Warning Event `RevokeSkipped` says
+//!   that the access could not be revoked and why, and the finalizer is
+//!   removed anyway. Rationale: a finalizer that can never be satisfied
+//!   blocks namespace deletion and GitOps pruning; the Event (and the
+//!   connector's inventory, which still shows the permission) is the audit
+//!   trail for a person to finish the job. Transient failures are retried
+//!   until then.
+//! - **Overlapping grants** (several live grants of one connector, principal
+//!   and target): the highest level wins while they coexist (each grant
+//!   ensures *at least* its level); ending one restores
+//!   [`level_to_restore`]`(before, levels of the others)`, so the others'
+//!   highest level stays and the last one out restores `before`. `before` is
+//!   the `previousPermission` of the earliest grant (by `grantedAt`): a grant
+//!   made while others hold copies the earliest one's `previousPermission`
+//!   instead of recording the level the others put in place, so every grant
+//!   of the set carries the level held before any of them. "Live" means
+//!   state `Granted` and not being deleted; peers are matched by connector,
+//!   target and the resolved principal id (`status.principalId`), from a
+//!   fresh list of the namespace's grants (each peer's access from its
+//!   `status.applied`). Operations on one connector/target are serialised
+//!   in-process.
+//! - **Store refresh.** Every change refreshes the connector's store
+//!   (`namespace/connector`) through the provisioner's narrow
+//!   [`Inventory`](crate::provision::Inventory) interface.
+//! - **Events** (`events.k8s.io`, the audit trail), on transitions only:
+//!   `Granted` (what was granted to whom, and what was held before),
+//!   `Revoked` (deletion or spec change: what was revoked and restored),
+//!   `Expired`, and Warnings `GrantFailed`, `ConnectorNotFound`,
+//!   `ConnectorNotReady` (when the Ready reason changes, not on every retry)
+//!   and `RevokeSkipped`.
+//! - **Status** is written by server-side apply on `/status` (field manager
+//!   `bitbucket-operator`) only when it changed; kstatus `Reconciling` and
+//!   `Stalled` are present only while True. Grants are watched on generation
+//!   and finalizer changes only, so status writes never loop. It is compared
+//!   with the status this controller last wrote (not the lagging watch
+//!   cache), and every reconcile decides from that newest status.
+//!
+//! # Shape
+//!
+//! - [`decide`]: the pure rules (decision table, expiry, overlap levels,
+//!   spec → request → applied access conversions).
+//! - [`status`]: the status as a pure function of what happened ([`status::Outcome`]).
+//! - `reconcile`: the I/O (Secret, peers, Bitbucket through the
+//!   provisioner, Events) and [`controller`], the watch wiring.
+//!
+//! Backoff, the status writer, the error policy and metrics are the shared
+//! [`super::common::Scaffold`].
+//!
+//!
+//! [`GrantMode::AtLeast`]: crate::provision::GrantMode::AtLeast
+//! [`ProvisionError::reason`]: crate::provision::ProvisionError::reason
+//! [`Provisioner::revoke_and_restore`]: crate::provision::Provisioner::revoke_and_restore
+//! [`level_to_restore`]: crate::provision::level_to_restore
+
+pub mod decide;
+mod reconcile;
+pub mod status;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use kube::runtime::events::Recorder;
+use kube::runtime::finalizer;
+
+use super::common::{MetricLabel, Scaffold};
+use super::loops::Manager;
+use crate::crd::{BitbucketAccessGrant, Reason};
+use crate::metrics::Metrics;
+use crate::provision::ProvisionError;
+
+pub use decide::{
+    Peer, Step, applied_access, decide, expiry, held_access, is_held, previous_to_record, request_for, restore_level,
+    revoke_request, same_access,
+};
+pub use reconcile::{Blocker, controller, error_policy, reconcile};
+pub use status::EXPIRED_CONDITION;
+
+/// Shared by every grant reconcile.
+pub struct GrantContext {
+    pub scaffold: Scaffold<BitbucketAccessGrant>,
+    pub manager: Arc<Manager>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl GrantContext {
+    pub fn new(client: kube::Client, manager: Arc<Manager>, recorder: Recorder, metrics: Arc<Metrics>) -> Self {
+        GrantContext {
+            scaffold: Scaffold::new("grant", client, recorder, metrics),
+            manager,
+            locks: Mutex::default(),
+        }
+    }
+
+    /// One lock per namespace/connector/workspace/target: overlapping grants
+    /// are granted and revoked one at a time. (Not per principal: before a
+    /// grant the principal is not resolved yet, and one user may be named
+    /// by nickname, account ID or UUID.)
+    fn lock_for(
+        &self,
+        namespace: &str,
+        connector: &str,
+        request: &crate::provision::AccessRequest,
+    ) -> Arc<tokio::sync::Mutex<()>> {
+        let key = format!(
+            "{namespace}/{connector}/{}/{}",
+            request.workspace,
+            decide::target_path(&request.target)
+        );
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(locks.entry(key).or_default())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GrantError {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// During deletion, the connector cannot act yet: retried with backoff.
+    #[error("cannot revoke yet: {}", .0.message())]
+    Blocked(Blocker),
+    /// A revoke failed transiently (Bitbucket unavailable, rate limited).
+    #[error("revoke failed: {0}")]
+    Revoke(#[source] ProvisionError),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<finalizer::Error<GrantError>>),
+    #[error("object has no namespace")]
+    NotNamespaced,
+}
+
+impl MetricLabel for GrantError {
+    fn metric_label(&self) -> &'static str {
+        match self {
+            GrantError::Kube(_) => "kubernetes",
+            GrantError::Blocked(_) => "connector_not_ready",
+            GrantError::Revoke(_) => "bitbucket",
+            GrantError::Finalizer(inner) => inner.metric_label(),
+            GrantError::NotNamespaced => "invalid",
+        }
+    }
+}
+
+impl From<&ProvisionError> for Reason {
+    /// The condition reason of a failed grant or revoke.
+    fn from(err: &ProvisionError) -> Self {
+        match err {
+            ProvisionError::ProvisioningDisabled => Reason::ProvisioningDisabled,
+            ProvisionError::PrincipalNotFound { .. } => Reason::PrincipalNotFound,
+            ProvisionError::NotWorkspaceMember { .. } => Reason::NotWorkspaceMember,
+            ProvisionError::TargetNotFound { .. } => Reason::TargetNotFound,
+            ProvisionError::NotProvisionable { .. } => Reason::NotProvisionable,
+            ProvisionError::InvalidPermission { .. } => Reason::InvalidPermission,
+            ProvisionError::InvalidRequest { .. } => Reason::InvalidSpec,
+            ProvisionError::Conflict(_) => Reason::Conflict,
+            ProvisionError::InvalidCredentials(_) => Reason::InvalidCredentials,
+            ProvisionError::Forbidden(_) => Reason::Forbidden,
+            ProvisionError::BitbucketUnavailable(_) => Reason::BitbucketUnavailable,
+            ProvisionError::RateLimited(_) => Reason::RateLimited,
+            ProvisionError::Api(_) => Reason::GrantFailed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

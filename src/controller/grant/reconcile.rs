@@ -1,0 +1,668 @@
+//! The grant controller's I/O: the watch wiring ([`controller`]), the
+//! connector's provisioner (Secret, runtime), the peer listing, Bitbucket
+//! writes through the provisioner, status writes and Events. Every decision
+//! is [`super::decide`]'s, every status [`super::status::compute`]'s.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{self, finalizer};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::utils::Predicate;
+use kube::runtime::{Controller, WatchStreamExt, predicates, watcher};
+
+use super::decide::{self, Peer, Step};
+use super::status::{self, GrantRecord, Outcome};
+use super::{GrantContext, GrantError};
+use crate::crd::{
+    AppliedAccess, BitbucketAccessGrant, BitbucketAccessGrantStatus, BitbucketConnector, EventReason, GRANT_FINALIZER,
+    GrantState, Reason, condition_type as ct, find_condition,
+};
+use crate::provision::{AccessRequest, AfterRefresh, GrantMode, ProvisionError, Provisioner, StoreInventory};
+use crate::settings::ConnectorSettings;
+
+/// Deletion waits at most this long for an unusable connector.
+const DELETION_GRACE: Duration = Duration::from_secs(600);
+const SLOW_RETRY: Duration = Duration::from_secs(300);
+const NOT_READY_RETRY: Duration = Duration::from_secs(30);
+/// A held grant without expiry is looked at again this often (cheap: no Bitbucket call).
+const HOLD_RECHECK: Duration = Duration::from_secs(3600);
+
+/// Why the connector cannot act for a grant now.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Blocker {
+    NotFound(String),
+    NotReady(String),
+    Disabled(String),
+}
+
+impl Blocker {
+    pub fn reason(&self) -> Reason {
+        match self {
+            Blocker::NotFound(_) => Reason::ConnectorNotFound,
+            Blocker::NotReady(_) => Reason::ConnectorNotReady,
+            Blocker::Disabled(_) => Reason::ProvisioningDisabled,
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            Blocker::NotFound(m) | Blocker::NotReady(m) | Blocker::Disabled(m) => m,
+        }
+    }
+}
+
+// ---- wiring -------------------------------------------------------------------
+
+/// Runs the grant controller for one namespace scope (`None`: all) until `shutdown`.
+pub async fn controller(
+    ctx: Arc<GrantContext>,
+    namespace: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.scaffold.client.clone();
+    let (grants, connectors): (Api<BitbucketAccessGrant>, Api<BitbucketConnector>) = match &namespace {
+        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client, ns)),
+        None => (Api::all(client.clone()), Api::all(client)),
+    };
+    let (reader, writer) = reflector::store();
+    // Generation (spec, deletion) and finalizer changes only (the finalizer
+    // helper waits for its own patch to come back): status writes do not
+    // come back as reconciles.
+    let grant_changes = watcher(grants, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(
+            (predicates::generation as fn(&BitbucketAccessGrant) -> Option<u64>)
+                .combine(predicates::finalizers as fn(&BitbucketAccessGrant) -> Option<u64>),
+            Default::default(),
+        );
+    let mapper_reader = reader.clone();
+    Controller::for_stream(grant_changes, reader)
+        // Any connector change (a status write included: becoming connected)
+        // re-triggers the grants that reference it.
+        .watches(connectors, watcher::Config::default(), move |connector| {
+            let namespace = connector.namespace();
+            let name = connector.name_any();
+            mapper_reader
+                .state()
+                .into_iter()
+                .filter(|g| g.namespace() == namespace && g.spec.connector_ref.name == name)
+                .map(|g| ObjectRef::from_obj(g.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "grant controller event");
+            }
+        })
+        .await;
+}
+
+/// The controller's entry point for one grant.
+pub async fn reconcile(obj: Arc<BitbucketAccessGrant>, ctx: Arc<GrantContext>) -> Result<Action, GrantError> {
+    let namespace = obj.namespace().ok_or(GrantError::NotNamespaced)?;
+    let span = tracing::info_span!("reconcile_grant", namespace = %namespace, name = %obj.name_any());
+    let api: Api<BitbucketAccessGrant> = Api::namespaced(ctx.scaffold.client.clone(), &namespace);
+    let pass = finalizer(&api, GRANT_FINALIZER, obj, |event| async {
+        match event {
+            // Decide from the newest status: ours when the cache lags.
+            finalizer::Event::Apply(obj) => apply(ctx.scaffold.with_current_status(obj), &ctx).await,
+            finalizer::Event::Cleanup(obj) => cleanup(ctx.scaffold.with_current_status(obj), &ctx).await,
+        }
+    });
+    ctx.scaffold
+        .timed(tracing::Instrument::instrument(pass, span))
+        .await
+        .map_err(|e| GrantError::Finalizer(Box::new(e)))
+}
+
+/// Per-object exponential backoff ([`crate::controller::common::backoff`]).
+pub fn error_policy(obj: Arc<BitbucketAccessGrant>, err: &GrantError, ctx: Arc<GrantContext>) -> Action {
+    ctx.scaffold.error_policy(obj.as_ref(), err)
+}
+
+// ---- the connector's provisioner ----------------------------------------------
+
+/// The connector's provisioner, or why there is none.
+async fn provisioner_for(
+    ctx: &GrantContext,
+    namespace: &str,
+    connector: &str,
+) -> Result<Result<Provisioner, Blocker>, kube::Error> {
+    let name = format!("BitbucketConnector {namespace}/{connector}");
+    let api: Api<BitbucketConnector> = Api::namespaced(ctx.scaffold.client.clone(), namespace);
+    let Some(obj) = api.get_opt(connector).await? else {
+        return Ok(Err(Blocker::NotFound(format!(
+            "{name} not found (it must be in the grant's namespace)"
+        ))));
+    };
+    if obj.metadata.deletion_timestamp.is_some() {
+        return Ok(Err(Blocker::NotReady(format!("{name} is being deleted"))));
+    }
+    if obj.spec.suspend {
+        return Ok(Err(Blocker::NotReady(format!("{name} is suspended"))));
+    }
+    match provisioning_enabled(&obj, ctx, namespace).await? {
+        Ok(true) => {}
+        Ok(false) => {
+            return Ok(Err(Blocker::Disabled(format!(
+                "provisioning is disabled for {name}: set spec.provisioning: true or {}=true in its Secret",
+                obj.spec.secret_keys().provisioning()
+            ))));
+        }
+        Err(message) => return Ok(Err(Blocker::NotReady(message))),
+    }
+    let key = format!("{namespace}/{connector}");
+    let Some(runtime) = ctx.manager.runtime(&key) else {
+        return Ok(Err(Blocker::NotReady(format!("{name} is not connected yet"))));
+    };
+    match runtime.connection().map(|c| c.result) {
+        Some(Ok(_)) => {}
+        Some(Err(err)) => return Ok(Err(Blocker::NotReady(format!("{name} is not connected: {err}")))),
+        None => {
+            return Ok(Err(Blocker::NotReady(format!(
+                "{name} is still checking its credentials"
+            ))));
+        }
+    }
+    let client = runtime.engine().client().clone();
+    // The narrow callback into the sync loops: sync a type again when a run
+    // in flight read Bitbucket before this change.
+    let resync = Arc::clone(&runtime);
+    let hook = AfterRefresh(Arc::new(move |kind| resync.resync_if_running(kind)));
+    let inventory = StoreInventory::new(Arc::clone(ctx.manager.store()), key).after_refresh(hook);
+    Ok(Ok(Provisioner::new(client, true).with_inventory(Arc::new(inventory))))
+}
+
+/// `spec.provisioning`, else the Secret's provisioning key (same namespace),
+/// read by the same decoder as the connector's (a value that is not text is
+/// reported, not taken as "off").
+async fn provisioning_enabled(
+    obj: &BitbucketConnector,
+    ctx: &GrantContext,
+    namespace: &str,
+) -> Result<Result<bool, String>, kube::Error> {
+    if let Some(enabled) = obj.spec.provisioning {
+        return Ok(Ok(enabled));
+    }
+    let name = &obj.spec.secret_ref.name;
+    let secrets: Api<Secret> = Api::namespaced(ctx.scaffold.client.clone(), namespace);
+    let Some(secret) = secrets.get_opt(name).await? else {
+        return Ok(Err(format!("Secret {namespace}/{name} of the connector not found")));
+    };
+    Ok(provisioning_from_secret(obj, &secret).map_err(|e| format!("Secret {namespace}/{name}: {e}")))
+}
+
+/// Whether the connector's Secret enables provisioning.
+pub(super) fn provisioning_from_secret(
+    obj: &BitbucketConnector,
+    secret: &Secret,
+) -> Result<bool, crate::settings::SettingsError> {
+    ConnectorSettings::from_secret(secret, &obj.spec.secret_keys()).map(|s| s.provisioning)
+}
+
+/// The other live grants of the same connector, principal and target.
+async fn peers(
+    ctx: &GrantContext,
+    namespace: &str,
+    own_name: &str,
+    access: &AppliedAccess,
+    principal_id: &str,
+) -> Result<Vec<Peer>, kube::Error> {
+    let api: Api<BitbucketAccessGrant> = Api::namespaced(ctx.scaffold.client.clone(), namespace);
+    let all = api.list(&ListParams::default()).await?;
+    Ok(all
+        .items
+        .iter()
+        .filter(|g| g.name_any() != own_name)
+        .filter_map(|g| decide::as_peer(g, access, principal_id))
+        .collect())
+}
+
+// ---- status and Events ----------------------------------------------------------
+
+fn next_status(obj: &BitbucketAccessGrant, outcome: Outcome) -> BitbucketAccessGrantStatus {
+    status::compute(
+        obj.status.as_ref(),
+        obj.metadata.generation,
+        obj.spec.target.display(),
+        outcome,
+    )
+}
+
+async fn publish(ctx: &GrantContext, obj: &BitbucketAccessGrant, type_: EventType, why: &str, note: String) {
+    let event = Event {
+        type_,
+        reason: why.to_owned(),
+        note: Some(note),
+        action: "Provision".to_owned(),
+        secondary: None,
+    };
+    ctx.scaffold.publish(obj, event).await;
+}
+
+/// Whether the Ready condition changes from `before` to `after` (status or reason).
+fn ready_transition(before: Option<&BitbucketAccessGrantStatus>, after: &BitbucketAccessGrantStatus) -> bool {
+    let ready = |s: Option<&BitbucketAccessGrantStatus>| {
+        s.and_then(|s| find_condition(&s.conditions, ct::READY))
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    ready(before) != ready(Some(after))
+}
+
+/// Reports a problem on status (an Event on transitions only).
+async fn report_problem(
+    obj: &BitbucketAccessGrant,
+    ctx: &GrantContext,
+    reason: Reason,
+    message: &str,
+    stalled: bool,
+    state_if_not_held: GrantState,
+) -> Result<(), kube::Error> {
+    let status = next_status(
+        obj,
+        Outcome::Problem {
+            reason,
+            message: message.to_owned(),
+            stalled,
+            state_if_not_held,
+        },
+    );
+    if ready_transition(obj.status.as_ref(), &status) {
+        let event_reason = match reason {
+            Reason::ConnectorNotFound => EventReason::ConnectorNotFound,
+            Reason::ConnectorNotReady => EventReason::ConnectorNotReady,
+            _ => EventReason::GrantFailed,
+        };
+        let note = format!("{reason}: {message}");
+        publish(ctx, obj, EventType::Warning, event_reason.as_str(), note).await;
+    }
+    ctx.scaffold.write_status(obj, &status).await.map(drop)
+}
+
+async fn report_blocker(
+    obj: &BitbucketAccessGrant,
+    ctx: &GrantContext,
+    blocker: &Blocker,
+) -> Result<Action, GrantError> {
+    let key = crate::controller::common::object_key(obj);
+    let (stalled, state, retry) = match blocker {
+        Blocker::NotFound(_) => (true, GrantState::Pending, SLOW_RETRY),
+        // 2 s, 4 s … 30 s: right after an operator restart the connector's
+        // runtime appears within seconds, and a due expiry must not wait.
+        Blocker::NotReady(_) => {
+            let n = ctx.scaffold.failed(&key);
+            let retry = Duration::from_secs(2).saturating_mul(1 << n.saturating_sub(1).min(4));
+            (false, GrantState::Pending, retry.min(NOT_READY_RETRY))
+        }
+        Blocker::Disabled(_) => (true, GrantState::Failed, SLOW_RETRY),
+    };
+    report_problem(obj, ctx, blocker.reason(), blocker.message(), stalled, state).await?;
+    Ok(Action::requeue(retry))
+}
+
+async fn report_provision_error(
+    obj: &BitbucketAccessGrant,
+    ctx: &GrantContext,
+    err: &ProvisionError,
+) -> Result<Action, GrantError> {
+    let key = crate::controller::common::object_key(obj);
+    let permanent = err.is_permanent();
+    let state = if permanent {
+        GrantState::Failed
+    } else {
+        GrantState::Pending
+    };
+    report_problem(obj, ctx, Reason::from(err), &err.to_string(), permanent, state).await?;
+    if permanent {
+        ctx.scaffold.succeeded(&key);
+        Ok(Action::requeue(SLOW_RETRY))
+    } else {
+        Ok(Action::requeue(crate::controller::common::backoff(
+            ctx.scaffold.failed(&key),
+        )))
+    }
+}
+
+fn requeue_until(until: Option<Timestamp>, now: Timestamp) -> Action {
+    match until {
+        None => Action::requeue(HOLD_RECHECK),
+        Some(at) => {
+            let wait = Duration::try_from(at.duration_since(now)).unwrap_or_default();
+            Action::requeue(wait.clamp(Duration::from_millis(200), HOLD_RECHECK))
+        }
+    }
+}
+
+// ---- apply ----------------------------------------------------------------------
+
+async fn apply(obj: Arc<BitbucketAccessGrant>, ctx: &GrantContext) -> Result<Action, GrantError> {
+    let namespace = obj.namespace().ok_or(GrantError::NotNamespaced)?;
+    let key = crate::controller::common::object_key(obj.as_ref());
+    let now = Timestamp::now();
+    // Only a held grant has applied anything.
+    let applied = decide::is_held(obj.status.as_ref()).then(|| decide::held_access(&obj));
+    let step = decide::decide(
+        &obj.spec,
+        obj.status.as_ref(),
+        applied.as_ref().and_then(|a| a.as_ref().ok()),
+        now,
+    );
+    tracing::debug!(?step, "grant step");
+    match step {
+        Step::Done => {
+            // Keep observedGeneration current; nothing else changes.
+            ctx.scaffold
+                .write_status(&obj, &next_status(&obj, Outcome::Unchanged))
+                .await?;
+            ctx.scaffold.succeeded(&key);
+            Ok(Action::await_change())
+        }
+        Step::Invalid(message) => {
+            report_problem(&obj, ctx, Reason::InvalidSpec, &message, true, GrantState::Failed).await?;
+            Ok(Action::await_change())
+        }
+        Step::Hold { until } => hold(&obj, ctx, until, applied.and_then(Result::ok), now).await,
+        Step::ExpireUngranted => {
+            let message = "expired before it was granted: nothing was changed in Bitbucket".to_owned();
+            let expires_at = obj.spec.expires_at.clone();
+            let status = next_status(
+                &obj,
+                Outcome::Expired {
+                    expires_at,
+                    message: message.clone(),
+                },
+            );
+            ctx.scaffold.write_status(&obj, &status).await?;
+            publish(ctx, &obj, EventType::Normal, EventReason::Expired.as_str(), message).await;
+            Ok(Action::await_change())
+        }
+        Step::Expire => match required(applied) {
+            Ok(applied) => expire(&obj, ctx, &namespace, &applied).await,
+            Err(err) => report_provision_error(&obj, ctx, &err).await,
+        },
+        Step::Regrant => match required(applied) {
+            Ok(applied) => regrant(&obj, ctx, &namespace, &applied, now).await,
+            Err(err) => report_provision_error(&obj, ctx, &err).await,
+        },
+        Step::Grant => grant(&obj, ctx, &namespace, now).await,
+    }
+}
+
+/// The applied access of a held grant (`None`: not held, which
+/// [`decide::decide`] never pairs with Expire or Regrant).
+fn required(applied: Option<Result<AppliedAccess, ProvisionError>>) -> Result<AppliedAccess, ProvisionError> {
+    applied.unwrap_or_else(|| {
+        Err(ProvisionError::InvalidRequest {
+            message: "the grant holds no access".into(),
+        })
+    })
+}
+
+/// Held and current: no Bitbucket call; keep status fresh and look again at expiry.
+async fn hold(
+    obj: &BitbucketAccessGrant,
+    ctx: &GrantContext,
+    until: Option<Timestamp>,
+    applied: Option<AppliedAccess>,
+    now: Timestamp,
+) -> Result<Action, GrantError> {
+    let outcome = Outcome::Held {
+        expires_at: until.map(Time),
+        message: format!("{} held on {}", obj.spec.permission, obj.spec.target.display()),
+        // Granted by an earlier version: record what it is taken to hold.
+        backfill: applied,
+    };
+    ctx.scaffold.write_status(obj, &next_status(obj, outcome)).await?;
+    ctx.scaffold.succeeded(&crate::controller::common::object_key(obj));
+    Ok(requeue_until(until, now))
+}
+
+async fn expire(
+    obj: &BitbucketAccessGrant,
+    ctx: &GrantContext,
+    namespace: &str,
+    applied: &AppliedAccess,
+) -> Result<Action, GrantError> {
+    match end_access(obj, ctx, namespace, applied).await? {
+        Ended::Done(note) => {
+            let expires_at = obj.status.as_ref().and_then(|s| s.expires_at.clone());
+            let at = expires_at.as_ref().map(|t| t.0.to_string()).unwrap_or_default();
+            let message = format!("expired at {at}: {note}");
+            let status = next_status(
+                obj,
+                Outcome::Expired {
+                    expires_at,
+                    message: message.clone(),
+                },
+            );
+            ctx.scaffold.write_status(obj, &status).await?;
+            publish(ctx, obj, EventType::Normal, EventReason::Expired.as_str(), message).await;
+            ctx.scaffold.succeeded(&crate::controller::common::object_key(obj));
+            Ok(Action::await_change())
+        }
+        Ended::Blocked(blocker) => report_blocker(obj, ctx, &blocker).await,
+        Ended::Failed(err) => report_provision_error(obj, ctx, &err).await,
+    }
+}
+
+/// The spec names another access: end the old one, then grant the new as a new grant.
+async fn regrant(
+    obj: &BitbucketAccessGrant,
+    ctx: &GrantContext,
+    namespace: &str,
+    applied: &AppliedAccess,
+    now: Timestamp,
+) -> Result<Action, GrantError> {
+    match end_access(obj, ctx, namespace, applied).await? {
+        Ended::Done(note) => {
+            let note = format!("spec changed: {note}");
+            publish(ctx, obj, EventType::Normal, EventReason::Revoked.as_str(), note).await;
+            // The old access is gone: start over as a new grant. Recorded
+            // first (no longer held, nothing applied), so an interruption
+            // here re-grants rather than holds.
+            let status = next_status(obj, Outcome::Released);
+            ctx.scaffold.write_status(obj, &status).await?;
+            let mut released = obj.clone();
+            released.status = Some(status);
+            grant(&released, ctx, namespace, now).await
+        }
+        Ended::Blocked(blocker) => report_blocker(obj, ctx, &blocker).await,
+        Ended::Failed(err) => report_provision_error(obj, ctx, &err).await,
+    }
+}
+
+/// Grants the spec (the grant is not held) and records it.
+async fn grant(
+    obj: &BitbucketAccessGrant,
+    ctx: &GrantContext,
+    namespace: &str,
+    now: Timestamp,
+) -> Result<Action, GrantError> {
+    let connector = obj.spec.connector_ref.name.as_str();
+    let request = match decide::request_for(&obj.spec) {
+        Ok(request) => request,
+        Err(err) => return report_provision_error(obj, ctx, &err).await,
+    };
+    let lock = ctx.lock_for(namespace, connector, &request);
+    let _guard = lock.lock().await;
+    let provisioner = match provisioner_for(ctx, namespace, connector).await? {
+        Ok(p) => p,
+        Err(blocker) => return report_blocker(obj, ctx, &blocker).await,
+    };
+    let outcome = match provisioner.grant(&request, GrantMode::AtLeast).await {
+        Ok(outcome) => outcome,
+        Err(err) => return report_provision_error(obj, ctx, &err).await,
+    };
+    // What expiry and deletion will revoke: the principal as Bitbucket
+    // resolved it now. Recorded in the same write as `grantedAt`.
+    let applied = match decide::applied_access(connector, &request, &outcome.principal.key) {
+        Ok(applied) => applied,
+        Err(err) => return report_provision_error(obj, ctx, &err).await,
+    };
+    let peers = peers(ctx, namespace, &obj.name_any(), &applied, &outcome.principal.id).await?;
+    let granted_at = Time(now);
+    let expires_at = obj.spec.expiry(&granted_at).ok().flatten();
+    let mut message = outcome.message();
+    if !peers.is_empty() {
+        message.push_str(&format!(
+            " ({} other grant(s) of this principal and target hold; the highest level wins)",
+            peers.len()
+        ));
+    }
+    let record = GrantRecord {
+        previous: decide::previous_to_record(outcome.previous, &peers),
+        granted_at,
+        expires_at: expires_at.clone(),
+        principal_id: outcome.principal.id.clone(),
+        applied,
+    };
+    let status = next_status(
+        obj,
+        Outcome::Granted {
+            record,
+            message: message.clone(),
+        },
+    );
+    record_grant(obj, ctx, &status).await?;
+    publish(ctx, obj, EventType::Normal, EventReason::Granted.as_str(), message).await;
+    ctx.scaffold.succeeded(&crate::controller::common::object_key(obj));
+    Ok(requeue_until(expires_at.map(|t| t.0), now))
+}
+
+/// Bitbucket has changed: the record of what was applied and what was held
+/// before must land, so a failed write is retried a few times before giving up.
+async fn record_grant(
+    obj: &BitbucketAccessGrant,
+    ctx: &GrantContext,
+    status: &BitbucketAccessGrantStatus,
+) -> Result<(), GrantError> {
+    let mut attempt = 0u32;
+    while let Err(err) = ctx.scaffold.write_status(obj, status).await {
+        attempt += 1;
+        if attempt >= 4 {
+            return Err(err.into());
+        }
+        tracing::warn!(error = %err, attempt, "recording a grant on status failed; retrying");
+        tokio::time::sleep(Duration::from_millis(250) * attempt).await;
+    }
+    Ok(())
+}
+
+// ---- ending access ----------------------------------------------------------------
+
+enum Ended {
+    /// Revoked (or nothing to do); a note for people.
+    Done(String),
+    Blocked(Blocker),
+    Failed(ProvisionError),
+}
+
+/// Ends the held access `applied` of `obj`: revoke and restore the level
+/// the overlap rule gives.
+async fn end_access(
+    obj: &BitbucketAccessGrant,
+    ctx: &GrantContext,
+    namespace: &str,
+    applied: &AppliedAccess,
+) -> Result<Ended, GrantError> {
+    let request: AccessRequest = decide::revoke_request(applied);
+    let lock = ctx.lock_for(namespace, &applied.connector, &request);
+    let _guard = lock.lock().await;
+    let provisioner = match provisioner_for(ctx, namespace, &applied.connector).await? {
+        Ok(p) => p,
+        Err(blocker) => return Ok(Ended::Blocked(blocker)),
+    };
+    let status = obj.status.clone().unwrap_or_default();
+    let principal_id = status.principal_id.clone().unwrap_or_default();
+    let peers = peers(ctx, namespace, &obj.name_any(), applied, &principal_id).await?;
+    let granted_at = status.granted_at.as_ref().map(|t| t.0);
+    let restore = decide::restore_level(decide::parse_previous(&status), granted_at, &peers);
+    match provisioner.revoke_and_restore(&request, restore).await {
+        Ok(outcome) => Ok(Ended::Done(outcome.message())),
+        // The target (or workspace) is gone: so is the access.
+        Err(ProvisionError::TargetNotFound { target }) => Ok(Ended::Done(format!(
+            "{target} no longer exists; nothing left to revoke"
+        ))),
+        Err(err) => Ok(Ended::Failed(err)),
+    }
+}
+
+async fn cleanup(obj: Arc<BitbucketAccessGrant>, ctx: &GrantContext) -> Result<Action, GrantError> {
+    let namespace = obj.namespace().ok_or(GrantError::NotNamespaced)?;
+    let key = crate::controller::common::object_key(obj.as_ref());
+    if !decide::is_held(obj.status.as_ref()) {
+        ctx.scaffold.forget(&key);
+        return Ok(Action::await_change());
+    }
+    let applied = match decide::held_access(&obj) {
+        Ok(applied) => applied,
+        Err(err) => {
+            let why = format!("{}: {err}", Reason::from(&err));
+            return give_up(&obj, ctx, &obj.spec.target.display(), why).await;
+        }
+    };
+    let what = format!(
+        "{} on {} {}",
+        applied.permission,
+        applied.workspace,
+        applied.target.display()
+    );
+    let waited_long = obj.metadata.deletion_timestamp.as_ref().is_some_and(|t| {
+        Timestamp::now()
+            .duration_since(t.0)
+            .try_into()
+            .is_ok_and(|d: Duration| d >= DELETION_GRACE)
+    });
+    match end_access(&obj, ctx, &namespace, &applied).await? {
+        Ended::Done(note) => {
+            let note = format!("grant deleted: {note}");
+            publish(ctx, &obj, EventType::Normal, EventReason::Revoked.as_str(), note).await;
+            ctx.scaffold.forget(&key);
+            Ok(Action::await_change())
+        }
+        Ended::Blocked(blocker @ (Blocker::NotFound(_) | Blocker::Disabled(_))) => {
+            let why = format!("{}: {}", blocker.reason(), blocker.message());
+            give_up(&obj, ctx, &what, why).await
+        }
+        Ended::Blocked(blocker) if waited_long => {
+            let minutes = DELETION_GRACE.as_secs() / 60;
+            let why = format!("{}: {} (waited {minutes} minutes)", blocker.reason(), blocker.message());
+            give_up(&obj, ctx, &what, why).await
+        }
+        Ended::Blocked(blocker) => Err(GrantError::Blocked(blocker)),
+        Ended::Failed(err) if err.is_permanent() || waited_long => {
+            let why = format!("{}: {err}", Reason::from(&err));
+            give_up(&obj, ctx, &what, why).await
+        }
+        Ended::Failed(err) => Err(GrantError::Revoke(err)),
+    }
+}
+
+/// Lets a deletion go without revoking: a Warning Event says what was left and why.
+async fn give_up(
+    obj: &BitbucketAccessGrant,
+    ctx: &GrantContext,
+    what: &str,
+    why: String,
+) -> Result<Action, GrantError> {
+    let note = format!(
+        "the access could not be revoked ({what}): {why}; the grant is deleted anyway, remove the permission in \
+         Bitbucket by hand if it is still there"
+    );
+    publish(ctx, obj, EventType::Warning, EventReason::RevokeSkipped.as_str(), note).await;
+    ctx.scaffold.forget(&crate::controller::common::object_key(obj));
+    Ok(Action::await_change())
+}
