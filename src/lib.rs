@@ -19,6 +19,7 @@
 //!   access-grant controller.
 //! - [`egress`]: the administrator's allow-list of base URLs the operator
 //!   may send credentials to.
+//! - [`conductorone`]: ConductorOne service mode and c1z files.
 //! - [`crd`]: the custom resources (`BitbucketConnector`,
 //!   `BitbucketAccessGrant`) and their condition helpers.
 
@@ -26,6 +27,7 @@ pub mod access;
 pub mod api;
 pub mod backoff;
 pub mod bitbucket;
+pub mod conductorone;
 pub mod controller;
 pub mod crd;
 pub mod egress;

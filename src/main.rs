@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use bitbucket_operator::{access, controller, crd, provision, simulator, sync, telemetry};
+use bitbucket_operator::{access, conductorone, controller, crd, provision, simulator, sync, telemetry};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -37,6 +37,10 @@ enum Command {
     Grant(provision::cli::GrantArgs),
     /// Revoke access granted with `grant` (optionally restoring a previous level).
     Revoke(provision::cli::RevokeArgs),
+    /// Write a ConductorOne c1z file from a store, without touching Bitbucket.
+    Export(conductorone::cli::ExportArgs),
+    /// Run as a ConductorOne service-mode connector until stopped.
+    Connect(conductorone::connect::ConnectArgs),
 }
 
 #[tokio::main]
@@ -45,7 +49,12 @@ async fn main() -> ExitCode {
     // One-shot commands keep stderr for their own progress lines; services
     // log at info.
     let default_level = match cli.command {
-        Command::Sync(_) | Command::Access(_) | Command::Crd(_) | Command::Grant(_) | Command::Revoke(_) => "warn",
+        Command::Sync(_)
+        | Command::Access(_)
+        | Command::Crd(_)
+        | Command::Grant(_)
+        | Command::Revoke(_)
+        | Command::Export(_) => "warn",
         _ => "info",
     };
     telemetry::init(cli.log_format, default_level);
@@ -57,6 +66,8 @@ async fn main() -> ExitCode {
         Command::Crd(args) => crd::cli::run(args),
         Command::Grant(args) => provision::cli::grant(args).await,
         Command::Revoke(args) => provision::cli::revoke(args).await,
+        Command::Export(args) => conductorone::cli::run(args).await,
+        Command::Connect(args) => conductorone::connect::run(args).await,
     };
     match result {
         Ok(code) => code,

@@ -397,6 +397,18 @@ impl Profile {
         }
     }
 
+    /// The slug of the workspace this resource lives in (its own, for a
+    /// workspace; none for a user, who may be in several).
+    pub fn workspace_slug(&self) -> Option<&str> {
+        match self {
+            Profile::User(_) => None,
+            Profile::Workspace(p) => Some(&p.slug),
+            Profile::Group(p) => Some(&p.workspace_slug),
+            Profile::Project(p) => Some(&p.workspace_slug),
+            Profile::Repository(p) => Some(&p.workspace_slug),
+        }
+    }
+
     /// The slug a person would type: workspace, group and repository slug,
     /// project key, user nickname.
     pub fn slug(&self) -> Option<&str> {

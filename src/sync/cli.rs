@@ -74,6 +74,9 @@ pub struct SyncArgs {
     /// Seconds between plain progress lines when stderr is not a terminal.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..), hide = true)]
     progress_every: u64,
+    /// After a successful sync, also write the data as a ConductorOne c1z file.
+    #[arg(long, value_name = "FILE")]
+    c1z: Option<PathBuf>,
 }
 
 /// Where `sync` writes, and where `access` reads, unless told otherwise.
@@ -340,6 +343,9 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<ExitCode> {
     }
     crate::access::cli::print_stdout(&out)?;
     let first_error = outcomes.values().find_map(|o| o.result.as_ref().err());
+    if let (None, Some(path)) = (first_error, &args.c1z) {
+        crate::conductorone::cli::write_after_sync(&store, &args.connector, path).await?;
+    }
     Ok(first_error.map(exit_code).unwrap_or(ExitCode::SUCCESS))
 }
 
