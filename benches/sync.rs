@@ -555,7 +555,19 @@ fn resumed_and_queries(
         .iter()
         .flat_map(|w| w.repositories.iter().map(move |r| format!("{}/{}", w.slug, r.slug)))
         .collect();
-    let users: Vec<String> = org.users.iter().map(|u| u.nickname.clone()).collect();
+    // Only workspace members are accounts in the store; the generated
+    // organisation also has a few accounts outside every workspace.
+    let members: std::collections::HashSet<&str> = org
+        .workspaces
+        .iter()
+        .flat_map(|w| w.members.iter().map(|m| m.user_uuid.as_str()))
+        .collect();
+    let users: Vec<String> = org
+        .users
+        .iter()
+        .filter(|u| members.contains(u.uuid.as_str()))
+        .map(|u| u.nickname.clone())
+        .collect();
     let who_can = latency(clean_db, "who-can", &repositories)?;
     let access_of = latency(clean_db, "access-of", &users)?;
     Ok(Extra {

@@ -70,11 +70,9 @@ proptest! {
         let _ = ConnectorSettings::from_map(&data, &SecretKeys::default());
     }
 
-    /// The issue-12 leak: today an invalid `BATON_WORKSPACES` value is
-    /// quoted in the error (and so in status and Events). Fails on main;
-    /// un-ignore with the controller's no-echo fix.
+    /// The issue-12 leak: an invalid `BATON_WORKSPACES` value used to be
+    /// quoted in the error (and so in status and Events).
     #[test]
-    #[ignore = "settings still quotes an invalid BATON_WORKSPACES value (issue 12 no-echo fix, lead)"]
     fn secret_decoder_errors_never_echo_values(data in secret_maps()) {
         if let Err(err) = ConnectorSettings::from_map(&data, &SecretKeys::default()) {
             let text = format!("{err} {err:?}");
