@@ -725,16 +725,30 @@ fn the_plain_manifest_args_are_accepted_by_run() {
         .map(|a| a.as_str().unwrap().to_owned())
         .collect();
     assert_eq!(args[0], "run");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bitbucket-operator"))
-        .args(&args)
-        .env("KUBECONFIG", "/nonexistent/kubeconfig")
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .env("POD_NAMESPACE", "bitbucket-operator")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("connecting to the Kubernetes API"), "{stderr}");
+    // The chart's optional data API flags (audience, TLS) parse too.
+    let data_api = [
+        "--data-api-audience",
+        "auditors",
+        "--data-api-addr",
+        "0.0.0.0:8443",
+        "--data-api-tls-cert",
+        "/etc/bitbucket-operator/data-api-tls/tls.crt",
+        "--data-api-tls-key",
+        "/etc/bitbucket-operator/data-api-tls/tls.key",
+    ];
+    let with_data_api: Vec<String> = args.iter().cloned().chain(data_api.map(String::from)).collect();
+    for args in [args, with_data_api] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_bitbucket-operator"))
+            .args(&args)
+            .env("KUBECONFIG", "/nonexistent/kubeconfig")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env("POD_NAMESPACE", "bitbucket-operator")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("connecting to the Kubernetes API"), "{stderr}");
+    }
 }
 
 #[tokio::test]

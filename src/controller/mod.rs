@@ -25,7 +25,7 @@ pub mod secret;
 pub mod status;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,7 +39,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::watch;
 
-use crate::api::ApiState;
+use crate::api::{AccessGate, ApiState, DataApiArgs};
 use crate::crd::BitbucketConnector;
 use crate::egress::{EgressArgs, EgressPolicy};
 use crate::http::{self, HttpState};
@@ -53,9 +53,12 @@ pub struct RunArgs {
     /// Address of the HTTP endpoints (/healthz, /readyz, /metrics).
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: SocketAddr,
-    /// SQLite store file.
-    #[arg(long, env = "STORE_DB", default_value = "/var/lib/bitbucket-operator/store.db")]
-    pub db: PathBuf,
+    /// SQLite store file; its directory is created when missing. Default:
+    /// `/var/lib/bitbucket-operator/store.db` in a pod (the chart's volume),
+    /// `bitbucket-operator-store.db` in the working directory elsewhere (a
+    /// laptop against kind).
+    #[arg(long, env = "STORE_DB")]
+    pub db: Option<PathBuf>,
     /// Run controllers only while holding the Lease (for several replicas).
     #[arg(long, env = "LEADER_ELECTION", num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub leader_election: bool,
@@ -78,6 +81,32 @@ pub struct RunArgs {
     /// Where connectors may send credentials (`--allowed-api-urls`).
     #[command(flatten)]
     pub egress: EgressArgs,
+    /// The authenticated data API: audience, TLS, limits.
+    #[command(flatten)]
+    pub data_api: DataApiArgs,
+}
+
+/// The store file `run` uses: the flag, else the pod's volume when running
+/// in a pod, else a file in the working directory.
+pub fn store_path(flag: Option<&Path>, in_pod: bool) -> PathBuf {
+    match flag {
+        Some(path) => path.to_owned(),
+        None if in_pod => PathBuf::from("/var/lib/bitbucket-operator/store.db"),
+        None => PathBuf::from("bitbucket-operator-store.db"),
+    }
+}
+
+/// Opens (creating its directory if needed) the operator's store; the error
+/// says in one line which path failed and why.
+async fn open_store(db: PathBuf) -> anyhow::Result<Store> {
+    tokio::task::spawn_blocking(move || {
+        if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| anyhow::anyhow!("cannot create the store directory {}: {e}", dir.display()))?;
+        }
+        Store::open(&db).map_err(|e| anyhow::anyhow!("{e}"))
+    })
+    .await?
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -90,13 +119,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let client = Client::try_default()
         .await
         .context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
-    let store = {
-        let db = args.db.clone();
-        tokio::task::spawn_blocking(move || Store::open(&db))
-            .await?
-            .with_context(|| format!("opening the store {}", args.db.display()))?
-    };
-    let store = Arc::new(store);
+    let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let store = Arc::new(open_store(store_path(args.db.as_deref(), in_pod)).await?);
     let metrics = Arc::new(Metrics::default());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -106,17 +130,30 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     });
     let operator = Operator::new(client, store, metrics, args.watch_namespaces.clone(), egress);
     let ready = Arc::new(AtomicBool::new(false));
+    let api = ApiState {
+        kube: operator.client.clone(),
+        store: Arc::clone(operator.manager.store()),
+        leading: Arc::clone(&operator.leading),
+        decisions: Arc::new(AccessGate::new(args.data_api.settings())),
+    };
+    // With a certificate the data API moves to its own TLS listener, and the
+    // plain port keeps only probes and metrics.
+    let tls = args.data_api.tls();
+    let plain_api = if tls.is_some() { None } else { Some(api.clone()) };
+    if let Some(files) = tls {
+        let (addr, shutdown) = (args.data_api.addr, wait_for(shutdown_rx.clone()));
+        tokio::spawn(async move {
+            if let Err(err) = http::serve_data_api(addr, api, Some(files), shutdown).await {
+                tracing::error!(error = %format!("{err:#}"), "data API listener failed");
+            }
+        });
+    }
     let http = tokio::spawn(http::serve(
         args.http_addr,
         HttpState {
             metrics: Arc::clone(&operator.metrics),
             ready: Arc::clone(&ready),
-            api: Some(ApiState {
-                kube: operator.client.clone(),
-                store: Arc::clone(operator.manager.store()),
-                leading: Arc::clone(&operator.leading),
-                decisions: Default::default(),
-            }),
+            api: plain_api,
         },
         wait_for(shutdown_rx.clone()),
     ));
@@ -359,5 +396,33 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_store_defaults_to_the_pod_volume_in_a_pod_and_a_local_file_elsewhere() {
+        assert_eq!(
+            store_path(None, true),
+            Path::new("/var/lib/bitbucket-operator/store.db")
+        );
+        assert_eq!(store_path(None, false), Path::new("bitbucket-operator-store.db"));
+        assert_eq!(store_path(Some(Path::new("/x/y.db")), true), Path::new("/x/y.db"));
+    }
+
+    #[tokio::test]
+    async fn the_store_directory_is_created_or_the_error_says_why_in_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("a/b/store.db");
+        open_store(db.clone()).await.unwrap();
+        assert!(db.exists());
+        let blocker = dir.path().join("file");
+        std::fs::write(&blocker, b"x").unwrap();
+        let err = open_store(blocker.join("sub/store.db")).await.unwrap_err().to_string();
+        assert!(err.starts_with("cannot create the store directory"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
     }
 }
