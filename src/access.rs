@@ -371,6 +371,8 @@ fn permission_of(g: &HeldGrant) -> Option<Permission> {
 
 /// Every user with access to `repository` (full name `workspace/slug` or
 /// repository resource id), highest permission first, then by nickname.
+// Long: the four paths to a repository (owner, project, group, direct) in
+// one place, so the precedence between them reads top to bottom.
 pub fn who_can(store: &Store, connector: &str, repository: &str) -> Result<Vec<AccessEntry>, AccessError> {
     let repo = find_repository(store, connector, repository)?;
     let mut paths = Paths::default();
@@ -468,6 +470,8 @@ pub fn who_can(store: &Store, connector: &str, repository: &str) -> Result<Vec<A
 }
 
 /// Everything `user` (uuid, account id or nickname) can reach.
+// Long: one pass per path kind (workspace, groups, projects, repositories),
+// each reading the previous ones' results; split, they would pass five maps around.
 pub fn access_of(store: &Store, connector: &str, user: &str) -> Result<UserAccess, AccessError> {
     let user = find_user(store, connector, user)?;
     let held = store.grants_held_by(connector, &user.id)?;

@@ -1410,6 +1410,8 @@ fn owner_is_gone(owner: Option<&str>) -> bool {
     }
 }
 
+// Long: one transaction's steps (generation row, batch inserts, scope
+// carry-over, switch, prune) must stay in this order.
 /// The body of [`Store::commit_run`], inside its transaction.
 fn commit_tx(
     tx: &Connection,

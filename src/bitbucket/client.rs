@@ -305,6 +305,8 @@ impl Client {
 
     // ---- transport -------------------------------------------------------
 
+    // Long: the retry loop keeps every rule of one attempt (limiter slot, 401
+    // refresh, 429 pause, 5xx backoff, outage horizon) in one visible order.
     /// Sends one logical request with retries, returning the 2xx body.
     async fn execute(
         &self,

@@ -89,7 +89,7 @@ pub fn parse_age(value: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(n.saturating_mul(seconds)))
 }
 
-// One linear setup sequence with an exit code per failure; splitting it would scatter them.
+// Long: one linear setup sequence with an exit code per failure; splitting it would scatter them.
 pub async fn run(args: ConnectArgs) -> anyhow::Result<ExitCode> {
     let settings = match args.credentials.settings() {
         Ok(s) => s,

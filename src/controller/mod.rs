@@ -130,33 +130,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     });
     let operator = Operator::new(client, store, metrics, args.watch_namespaces.clone(), egress);
     let ready = Arc::new(AtomicBool::new(false));
-    let api = ApiState {
-        kube: operator.client.clone(),
-        store: Arc::clone(operator.manager.store()),
-        leading: Arc::clone(&operator.leading),
-        decisions: Arc::new(AccessGate::new(args.data_api.settings())),
-    };
-    // With a certificate the data API moves to its own TLS listener, and the
-    // plain port keeps only probes and metrics.
-    let tls = args.data_api.tls();
-    let plain_api = if tls.is_some() { None } else { Some(api.clone()) };
-    if let Some(files) = tls {
-        let (addr, shutdown) = (args.data_api.addr, wait_for(shutdown_rx.clone()));
-        tokio::spawn(async move {
-            if let Err(err) = http::serve_data_api(addr, api, Some(files), shutdown).await {
-                tracing::error!(error = %format!("{err:#}"), "data API listener failed");
-            }
-        });
-    }
-    let http = tokio::spawn(http::serve(
-        args.http_addr,
-        HttpState {
-            metrics: Arc::clone(&operator.metrics),
-            ready: Arc::clone(&ready),
-            api: plain_api,
-        },
-        wait_for(shutdown_rx.clone()),
-    ));
+    let http = serve_endpoints(&args, &operator, Arc::clone(&ready), &shutdown_rx);
     tokio::spawn(track_readiness(
         operator.client.clone(),
         args.watch_namespaces.clone(),
@@ -189,6 +163,42 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let _ = http.await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the probe/metrics listener and the data API (on the plain port, or
+/// with a certificate on its own TLS listener, leaving the plain port to
+/// probes and metrics).
+fn serve_endpoints(
+    args: &RunArgs,
+    operator: &Operator,
+    ready: Arc<AtomicBool>,
+    shutdown_rx: &watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    let api = ApiState {
+        kube: operator.client.clone(),
+        store: Arc::clone(operator.manager.store()),
+        leading: Arc::clone(&operator.leading),
+        decisions: Arc::new(AccessGate::new(args.data_api.settings())),
+    };
+    let tls = args.data_api.tls();
+    let plain_api = if tls.is_some() { None } else { Some(api.clone()) };
+    if let Some(files) = tls {
+        let (addr, shutdown) = (args.data_api.addr, wait_for(shutdown_rx.clone()));
+        tokio::spawn(async move {
+            if let Err(err) = http::serve_data_api(addr, api, Some(files), shutdown).await {
+                tracing::error!(error = %format!("{err:#}"), "data API listener failed");
+            }
+        });
+    }
+    tokio::spawn(http::serve(
+        args.http_addr,
+        HttpState {
+            metrics: Arc::clone(&operator.metrics),
+            ready,
+            api: plain_api,
+        },
+        wait_for(shutdown_rx.clone()),
+    ))
 }
 
 /// The controllers and what they share; tests drive it against an API double.

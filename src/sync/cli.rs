@@ -204,6 +204,8 @@ impl Demo {
     }
 }
 
+// The command's whole story in order (simulator, settings, store check,
+// connect, runs with progress, summary); each step is a few lines.
 pub async fn run(args: SyncArgs) -> anyhow::Result<ExitCode> {
     let demo = if args.demo { Some(Demo::start().await?) } else { None };
     let (api_url, settings) = match &demo {
