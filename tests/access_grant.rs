@@ -852,7 +852,20 @@ async fn real_cluster_grant_lifecycle() {
         .await
         .unwrap();
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Wait until the API server serves the new types (Established), not a
+    // fixed time: a slow cluster takes longer.
+    for crd in bitbucket_operator::crd::crds() {
+        let name = crd.metadata.name.clone().unwrap();
+        let established = kube::runtime::wait::await_condition(
+            crds.clone(),
+            &name,
+            kube::runtime::wait::conditions::is_crd_established(),
+        );
+        tokio::time::timeout(Duration::from_secs(60), established)
+            .await
+            .unwrap_or_else(|_| panic!("CRD {name} not Established within 60 s"))
+            .unwrap();
+    }
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
     namespaces
         .create(
