@@ -331,8 +331,10 @@ pub struct ConductorOneStatus {
     /// The host id sent to ConductorOne (shown there for this connector).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_id: Option<String>,
+    /// The last task ConductorOne gave this connector.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_task: Option<ConductorOneTask>,
+    /// The last snapshot (c1z) uploaded to ConductorOne.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_upload: Option<ConductorOneUpload>,
     /// Tasks handled since the session started, per task type.
@@ -347,11 +349,14 @@ pub struct ConductorOneTask {
     /// hello, sync_full, grant, revoke or unsupported.
     #[serde(rename = "type")]
     pub type_: String,
+    /// ConductorOne's task id.
     pub id: String,
     /// succeeded, failed, cancelled or dropped.
     pub result: String,
+    /// One line: what was done, or why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// When the task ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time: Option<Time>,
 }
@@ -360,9 +365,12 @@ pub struct ConductorOneTask {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ConductorOneUpload {
+    /// When the upload finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time: Option<Time>,
+    /// Size of the uploaded c1z file.
     pub bytes: i64,
+    /// Resources in the uploaded snapshot.
     pub resources: i64,
 }
 
@@ -370,7 +378,9 @@ pub struct ConductorOneUpload {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ConductorOneTaskCounts {
+    /// Tasks that succeeded.
     pub succeeded: i64,
+    /// Tasks that failed, were cancelled or dropped.
     pub failed: i64,
 }
 
