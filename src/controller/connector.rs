@@ -762,6 +762,29 @@ mod tests {
     }
 
     #[test]
+    fn conductorone_events_fire_on_transitions_only() {
+        let c1 = |status: bool, reason| with(&[(ct::CONDUCTORONE_CONNECTED, status, reason)]);
+        let connected = c1(true, Reason::Connected);
+        assert_eq!(
+            reasons(&transition_events(None, &connected, false)),
+            ["ConductorOneConnected"]
+        );
+        assert!(transition_events(Some(&connected), &connected, false).is_empty());
+        let tls = c1(false, Reason::TlsError);
+        assert_eq!(
+            reasons(&transition_events(Some(&connected), &tls, false)),
+            ["ConductorOneDisconnected"]
+        );
+        assert!(transition_events(Some(&tls), &tls, false).is_empty());
+        let unreachable = c1(false, Reason::Unreachable);
+        assert_eq!(
+            reasons(&transition_events(Some(&tls), &unreachable, false)),
+            ["ConductorOneDisconnected"],
+            "a new reason is a new Event"
+        );
+    }
+
+    #[test]
     fn sync_failures_map_to_the_reasons_status_always_had() {
         use crate::bitbucket::{EndpointClass, Error as ApiError, ErrorKind};
         let api = |kind| ApiError {
