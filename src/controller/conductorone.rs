@@ -104,64 +104,12 @@ pub async fn reconcile_session(
     engine: &EngineSettings,
 ) -> C1Health {
     let key = runtime.key.clone();
-    let c1 = spec.conductor_one.clone().unwrap_or_default();
-    if !c1.enabled.unwrap_or(settings.platform.is_some()) {
-        manager.sessions().stop(&key).await;
-        return C1Health::NotConfigured;
-    }
-    let refuse = |reason, message: String| C1Health::Refused {
-        reason,
-        message: runtime.scrub(&message),
-    };
-    let Some(platform) = settings.platform.clone() else {
-        manager.sessions().stop(&key).await;
-        let keys = spec.secret_keys();
-        return refuse(
-            Reason::SecretKeyMissing,
-            format!(
-                "spec.conductorOne.enabled is true but the Secret lacks {} or {}",
-                keys.client_id(),
-                keys.client_secret()
-            ),
-        );
-    };
-    let credentials = match ClientCredentials::parse(&platform.client_id, &platform.client_secret) {
-        Ok(credentials) => credentials,
-        Err(err) => {
+    let (config, credentials, endpoint) = match desired_session(manager, runtime, spec, settings, engine) {
+        Ok(desired) => desired,
+        Err(health) => {
             manager.sessions().stop(&key).await;
-            return refuse(Reason::InvalidClientCredentials, err.to_string());
+            return *health;
         }
-    };
-    let max_snapshot_age = match c1.max_snapshot_age() {
-        Ok(age) => age,
-        Err(message) => {
-            manager.sessions().stop(&key).await;
-            return refuse(Reason::InvalidSpec, message);
-        }
-    };
-    let endpoint = C1Endpoint {
-        tenant_host: credentials.client_id().host.clone(),
-        api_host_override: c1.api_host.clone().filter(|h| !h.trim().is_empty()),
-        extra_ca_pem: c1.ca_bundle.clone().map(String::into_bytes),
-    };
-    // Before any request: a refused host is never contacted.
-    if let Err(err) = manager.egress().check_conductorone_host(endpoint.api_host()) {
-        manager.sessions().stop(&key).await;
-        return refuse(
-            Reason::ApiUrlNotAllowed,
-            format!(
-                "ConductorOne host {}: {err}; an administrator allows hosts with --allowed-conductorone-urls",
-                endpoint.api_host()
-            ),
-        );
-    }
-    let config = SessionConfig {
-        credentials: platform,
-        api_host: c1.api_host,
-        ca_bundle: c1.ca_bundle,
-        max_snapshot_age,
-        provisioning: settings.provisioning,
-        engine: engine.clone(),
     };
     if let Some(status) = manager.sessions().current(&key, &config) {
         return C1Health::Session(scrubbed(runtime, status));
@@ -172,7 +120,7 @@ pub async fn reconcile_session(
         connector: key.clone(),
         host_id: key.chars().take(256).collect(),
         endpoint,
-        max_snapshot_age,
+        max_snapshot_age: config.max_snapshot_age,
         work_dir: std::env::temp_dir(),
         on_rejected: OnRejected::Retry,
         timing: Timing::default(),
@@ -184,7 +132,12 @@ pub async fn reconcile_session(
         Some(manager.metrics().c1.clone()),
     ) {
         Ok(session) => session,
-        Err(err) => return refuse(Reason::InvalidSpec, format!("spec.conductorOne: {err}")),
+        Err(err) => {
+            return C1Health::Refused {
+                reason: Reason::InvalidSpec,
+                message: runtime.scrub(&format!("spec.conductorOne: {err}")),
+            };
+        }
     };
     let status = session.status();
     let cancel = CancellationToken::new();
@@ -201,6 +154,67 @@ pub async fn reconcile_session(
         },
     );
     C1Health::Session(scrubbed(runtime, first))
+}
+
+/// What the session must be built from, or why none may run
+/// ([`C1Health::NotConfigured`] or [`C1Health::Refused`]).
+fn desired_session(
+    manager: &Manager,
+    runtime: &ConnectorRuntime,
+    spec: &BitbucketConnectorSpec,
+    settings: &ConnectorSettings,
+    engine: &EngineSettings,
+) -> Result<(SessionConfig, ClientCredentials, C1Endpoint), Box<C1Health>> {
+    let c1 = spec.conductor_one.clone().unwrap_or_default();
+    if !c1.enabled.unwrap_or(settings.platform.is_some()) {
+        return Err(Box::new(C1Health::NotConfigured));
+    }
+    let refuse = |reason, message: String| {
+        Box::new(C1Health::Refused {
+            reason,
+            message: runtime.scrub(&message),
+        })
+    };
+    let Some(platform) = settings.platform.clone() else {
+        let keys = spec.secret_keys();
+        return Err(refuse(
+            Reason::SecretKeyMissing,
+            format!(
+                "spec.conductorOne.enabled is true but the Secret lacks {} or {}",
+                keys.client_id(),
+                keys.client_secret()
+            ),
+        ));
+    };
+    let credentials = ClientCredentials::parse(&platform.client_id, &platform.client_secret)
+        .map_err(|err| refuse(Reason::InvalidClientCredentials, err.to_string()))?;
+    let max_snapshot_age = c1
+        .max_snapshot_age()
+        .map_err(|message| refuse(Reason::InvalidSpec, message))?;
+    let endpoint = C1Endpoint {
+        tenant_host: credentials.client_id().host.clone(),
+        api_host_override: c1.api_host.clone().filter(|h| !h.trim().is_empty()),
+        extra_ca_pem: c1.ca_bundle.clone().map(String::into_bytes),
+    };
+    // Before any request: a refused host is never contacted.
+    if let Err(err) = manager.egress().check_conductorone_host(endpoint.api_host()) {
+        return Err(refuse(
+            Reason::ApiUrlNotAllowed,
+            format!(
+                "ConductorOne host {}: {err}; an administrator allows hosts with --allowed-conductorone-urls",
+                endpoint.api_host()
+            ),
+        ));
+    }
+    let config = SessionConfig {
+        credentials: platform,
+        api_host: c1.api_host,
+        ca_bundle: c1.ca_bundle,
+        max_snapshot_age,
+        provisioning: settings.provisioning,
+        engine: engine.clone(),
+    };
+    Ok((config, credentials, endpoint))
 }
 
 /// The Bitbucket side: the connector's own client (and limiter), and a
