@@ -73,6 +73,8 @@ pub struct Metrics {
     pub bitbucket_requests: Family<RequestLabels, Counter>,
     pub objects: Family<ObjectLabels, Gauge>,
     pub connector_ready: Family<ConnectorLabels, Gauge>,
+    /// ConductorOne sessions' tasks, uploads and token refreshes.
+    pub c1: crate::conductorone::C1Metrics,
 }
 
 impl Default for Metrics {
@@ -122,7 +124,9 @@ impl Default for Metrics {
             "1 when the connector is Ready, else 0",
             connector_ready.clone(),
         );
+        let c1 = crate::conductorone::C1Metrics::register(&mut registry);
         Metrics {
+            c1,
             registry,
             reconciles,
             reconcile_errors,

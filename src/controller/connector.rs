@@ -30,9 +30,10 @@ use kube::runtime::{Controller, WatchStreamExt, predicates, watcher};
 use tokio::sync::mpsc;
 
 use super::common::{MetricLabel, Scaffold};
+use super::conductorone::reconcile_session;
 use super::loops::{ConfigureError, ConnectorRuntime, EngineSettings, Manager, loop_statuses, runtime_key};
 use super::secret::{SecretRead, read_opted_in};
-use super::status::{self, Health, Observation};
+use super::status::{self, C1Health, Health, Observation};
 use crate::bitbucket::{DEFAULT_API_URL, Limits};
 use crate::crd::{
     BitbucketConnector, BitbucketConnectorStatus, CONNECTOR_FINALIZER, ConditionStatus, EventReason,
@@ -289,6 +290,7 @@ struct Pass {
     /// returns it as an error so the controller backs off.
     transient: Option<SyncError>,
     running: BTreeSet<SyncKind>,
+    conductor_one: C1Health,
 }
 
 impl Pass {
@@ -300,7 +302,16 @@ impl Pass {
             credentials_changed: false,
             transient: None,
             running: BTreeSet::new(),
+            conductor_one: C1Health::Unobserved,
         }
+    }
+
+    /// A pass after which no ConductorOne session runs, and why.
+    fn without_session(mut self, why: &str) -> Self {
+        self.conductor_one = C1Health::Stopped {
+            message: format!("The ConductorOne session is not running: {why}"),
+        };
+        self
     }
 }
 
@@ -328,13 +339,14 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
             loops: BTreeMap::new(),
             fingerprint: None,
             handled_reconcile_at: None,
+            conductor_one: C1Health::Unobserved,
         });
         ctx.scaffold.write_status(&obj, &pending).await?;
     }
 
     let mut pass = if obj.spec.suspend {
         ctx.manager.remove(&key).await;
-        Pass::new(Health::Suspended, DEFAULT_REQUEUE)
+        Pass::new(Health::Suspended, DEFAULT_REQUEUE).without_session("spec.suspend is true")
     } else {
         observe(&obj, ctx, &namespace, &key, newly_requested).await?
     };
@@ -350,6 +362,7 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
         loops,
         fingerprint: pass.fingerprint,
         handled_reconcile_at: if newly_requested { requested } else { None },
+        conductor_one: pass.conductor_one,
     });
     publish_transitions(&obj, current.as_ref(), &new_status, pass.credentials_changed, ctx).await;
     warn_rotation_not_implemented(&obj, current.as_ref(), ctx).await;
@@ -381,20 +394,24 @@ async fn observe(
     if let Err(err) = ctx.manager.egress().check_bitbucket_url(&api_url) {
         ctx.manager.remove(key).await;
         let message = format!("spec.apiUrl: {err}; an administrator allows base URLs with --allowed-api-urls");
-        return Ok(Pass::new(problem(Reason::ApiUrlNotAllowed, message), STALLED_REQUEUE));
+        return Ok(Pass::new(problem(Reason::ApiUrlNotAllowed, message), STALLED_REQUEUE)
+            .without_session("spec.apiUrl is not allowed"));
     }
     match (read_settings(obj, ctx, namespace).await?, desired_loops(obj)) {
         (_, Err(message)) => {
             ctx.manager.remove(key).await;
-            Ok(Pass::new(problem(Reason::InvalidSpec, message), DEFAULT_REQUEUE))
+            Ok(
+                Pass::new(problem(Reason::InvalidSpec, message), DEFAULT_REQUEUE)
+                    .without_session("the spec is invalid"),
+            )
         }
         (SecretOutcome::Problem { reason, message }, _) => {
             ctx.manager.remove(key).await;
-            Ok(Pass::new(problem(reason, message), STALLED_REQUEUE))
+            Ok(Pass::new(problem(reason, message), STALLED_REQUEUE).without_session("the Secret is not usable"))
         }
         (SecretOutcome::Settings(settings, values), Ok(desired)) => {
             let limits = obj.spec.rate_limit();
-            let engine = EngineSettings {
+            let engine_settings = EngineSettings {
                 api_url,
                 workspaces: settings.workspaces.clone(),
                 limits: Limits {
@@ -403,20 +420,25 @@ async fn observe(
                     max_in_flight: limits.max_in_flight.max(1) as usize,
                 },
             };
-            match ctx
-                .manager
-                .configure(ObjectRef::from_obj(obj.as_ref()), &settings, values, engine)
-            {
+            match ctx.manager.configure(
+                ObjectRef::from_obj(obj.as_ref()),
+                &settings,
+                values,
+                engine_settings.clone(),
+            ) {
                 Err(err) => {
                     ctx.manager.remove(key).await;
                     let reason = match err {
                         ConfigureError::NotAllowed(_) => Reason::ApiUrlNotAllowed,
                         ConfigureError::Client(_) => Reason::InvalidSpec,
                     };
-                    Ok(Pass::new(problem(reason, err.to_string()), DEFAULT_REQUEUE))
+                    Ok(Pass::new(problem(reason, err.to_string()), DEFAULT_REQUEUE)
+                        .without_session("the Bitbucket client cannot be built"))
                 }
                 Ok((runtime, changed)) => {
                     let mut pass = connect(&runtime, &desired, newly_requested).await;
+                    pass.conductor_one =
+                        reconcile_session(&ctx.manager, &runtime, &obj.spec, &settings, &engine_settings).await;
                     pass.credentials_changed = changed;
                     pass.fingerprint = Some(runtime.fingerprint());
                     Ok(pass)
@@ -607,6 +629,7 @@ pub fn transition_events(
     {
         events.push(event(EventType::Warning, EventReason::SyncFailed.as_str(), message));
     }
+    events.extend(conductorone_event(previous, new));
     if credentials_changed {
         let fingerprint = new
             .credentials
@@ -620,6 +643,26 @@ pub fn transition_events(
         ));
     }
     events
+}
+
+/// `ConductorOneConnected` became True, or became False (or changed reason).
+fn conductorone_event(previous: Option<&BitbucketConnectorStatus>, new: &BitbucketConnectorStatus) -> Option<Event> {
+    let before = typed_condition(previous, ct::CONDUCTORONE_CONNECTED);
+    let (status, why, message) = typed_condition(Some(new), ct::CONDUCTORONE_CONNECTED)?;
+    let was = before.as_ref().map(|b| (b.0, b.1.as_str()));
+    match status {
+        Some(ConditionStatus::True) if was.map(|w| w.0) != Some(Some(ConditionStatus::True)) => Some(event(
+            EventType::Normal,
+            EventReason::ConductorOneConnected.as_str(),
+            message,
+        )),
+        Some(ConditionStatus::False) if was != Some((Some(ConditionStatus::False), why.as_str())) => Some(event(
+            EventType::Warning,
+            EventReason::ConductorOneDisconnected.as_str(),
+            format!("{why}: {message}"),
+        )),
+        _ => None,
+    }
 }
 
 fn event(type_: EventType, reason: &str, note: String) -> Event {
@@ -715,6 +758,29 @@ mod tests {
         assert_eq!(
             reasons(&transition_events(Some(&connected), &connected, true)),
             ["CredentialsChanged"]
+        );
+    }
+
+    #[test]
+    fn conductorone_events_fire_on_transitions_only() {
+        let c1 = |status: bool, reason| with(&[(ct::CONDUCTORONE_CONNECTED, status, reason)]);
+        let connected = c1(true, Reason::Connected);
+        assert_eq!(
+            reasons(&transition_events(None, &connected, false)),
+            ["ConductorOneConnected"]
+        );
+        assert!(transition_events(Some(&connected), &connected, false).is_empty());
+        let tls = c1(false, Reason::TlsError);
+        assert_eq!(
+            reasons(&transition_events(Some(&connected), &tls, false)),
+            ["ConductorOneDisconnected"]
+        );
+        assert!(transition_events(Some(&tls), &tls, false).is_empty());
+        let unreachable = c1(false, Reason::Unreachable);
+        assert_eq!(
+            reasons(&transition_events(Some(&tls), &unreachable, false)),
+            ["ConductorOneDisconnected"],
+            "a new reason is a new Event"
         );
     }
 

@@ -21,6 +21,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::conductorone::Sessions;
 use super::status::LoopStatus;
 use crate::bitbucket::{Client, ClientConfig, Limits};
 use crate::crd::BitbucketConnector;
@@ -72,6 +73,8 @@ pub struct Manager {
     /// Reconcile triggers, one channel per controller (by namespace; `None`
     /// watches every namespace).
     triggers: Mutex<Vec<(Option<String>, ReconcileTrigger)>>,
+    /// ConductorOne sessions, one per connector that has it configured.
+    sessions: Sessions,
 }
 
 impl Manager {
@@ -82,11 +85,21 @@ impl Manager {
             egress,
             runtimes: Mutex::default(),
             triggers: Mutex::default(),
+            sessions: Sessions::default(),
         })
     }
 
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The connectors' ConductorOne sessions.
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
     }
 
     /// The administrator's allow-list of Bitbucket base URLs.
@@ -188,16 +201,18 @@ impl Manager {
         )
     }
 
-    /// Stops the connector's loops and forgets it.
+    /// Stops the connector's ConductorOne session and loops, and forgets it.
     pub async fn remove(&self, key: &str) {
+        self.sessions.stop(key).await;
         let runtime = lock(&self.runtimes).remove(key);
         if let Some(runtime) = runtime {
             runtime.stop_loops().await;
         }
     }
 
-    /// Stops every loop (lost leadership, shutdown).
+    /// Stops every ConductorOne session and loop (lost leadership, shutdown).
     pub async fn stop_all(&self) {
+        self.sessions.stop_all().await;
         let runtimes: Vec<_> = lock(&self.runtimes).drain().map(|(_, r)| r).collect();
         for runtime in runtimes {
             runtime.stop_loops().await;
@@ -407,7 +422,8 @@ impl ConnectorRuntime {
         statuses
     }
 
-    fn notify(&self) {
+    /// Asks for a reconcile of this connector.
+    pub(crate) fn notify(&self) {
         if let Some(manager) = self.manager.upgrade() {
             manager.request_reconcile(&self.target);
         }

@@ -18,6 +18,7 @@
 //! releases the lease.
 
 pub mod common;
+pub mod conductorone;
 pub mod connector;
 pub mod grant;
 pub mod loops;

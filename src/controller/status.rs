@@ -23,9 +23,11 @@ use std::collections::BTreeMap;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
+use crate::conductorone::{ConnectionReason, SessionStatus};
 use crate::crd::{
-    BitbucketConnectorSpec, BitbucketConnectorStatus, ConditionStatus, ConnectorState, CredentialStatus, Reason,
-    ResourceStatuses, ResourceSyncStatus, condition_type as ct, new_condition, remove_condition, set_condition,
+    BitbucketConnectorSpec, BitbucketConnectorStatus, ConditionStatus, ConductorOneStatus, ConductorOneTask,
+    ConductorOneTaskCounts, ConductorOneUpload, ConnectorState, CredentialStatus, Reason, ResourceStatuses,
+    ResourceSyncStatus, condition_type as ct, new_condition, remove_condition, set_condition,
 };
 use crate::model::SyncKind;
 
@@ -51,6 +53,22 @@ pub enum Health {
     Connected {
         workspaces: Vec<String>,
     },
+}
+
+/// The connector's ConductorOne session, as the reconciler found it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum C1Health {
+    /// Not configured: no `ConductorOneConnected` condition, no `status.conductorOne`.
+    NotConfigured,
+    /// Not looked at in this pass: the status keeps what it said.
+    Unobserved,
+    /// Not running because of the connector (suspended, Secret unusable):
+    /// `Unknown`, if ConductorOne was configured.
+    Stopped { message: String },
+    /// Cannot run as configured: `False` with this reason.
+    Refused { reason: Reason, message: String },
+    /// The running session's published state.
+    Session(SessionStatus),
 }
 
 /// One resource loop as the status reports it.
@@ -87,6 +105,7 @@ pub struct Observation<'a> {
     pub fingerprint: Option<(String, Timestamp)>,
     /// The Flux `reconcile.fluxcd.io/requestedAt` value handled in this pass.
     pub handled_reconcile_at: Option<String>,
+    pub conductor_one: C1Health,
 }
 
 /// The conditions and state one [`Health`] gives, before kstatus and resources.
@@ -150,6 +169,7 @@ pub fn compute(obs: &Observation<'_>) -> BitbucketConnectorStatus {
             }
         }
     }
+    let conductor_one = conductor_one(obs, &previous, &mut conditions);
     conditions.sort_by_key(|c| condition_order(&c.type_));
 
     let last_sync_time = obs
@@ -175,6 +195,101 @@ pub fn compute(obs: &Observation<'_>) -> BitbucketConnectorStatus {
         resources: resources(previous.resources.clone().unwrap_or_default(), &obs.loops),
         credentials,
         last_handled_reconcile_at: obs.handled_reconcile_at.clone().or(previous.last_handled_reconcile_at),
+        conductor_one,
+    }
+}
+
+/// Sets or removes `ConductorOneConnected` and gives `status.conductorOne`.
+fn conductor_one(
+    obs: &Observation<'_>,
+    previous: &BitbucketConnectorStatus,
+    conditions: &mut Vec<Condition>,
+) -> Option<ConductorOneStatus> {
+    let generation = obs.generation;
+    let mut set = |status, reason, message: &str| {
+        set_condition(
+            conditions,
+            new_condition(
+                ct::CONDUCTORONE_CONNECTED,
+                status,
+                reason,
+                message.to_owned(),
+                generation,
+            ),
+        )
+    };
+    match &obs.conductor_one {
+        C1Health::NotConfigured => {
+            remove_condition(conditions, ct::CONDUCTORONE_CONNECTED);
+            None
+        }
+        C1Health::Unobserved => previous.conductor_one.clone(),
+        C1Health::Stopped { message } => {
+            let configured = obs.spec.conductor_one.is_some()
+                || crate::crd::find_condition(&previous.conditions, ct::CONDUCTORONE_CONNECTED).is_some();
+            if configured {
+                set(ConditionStatus::Unknown, Reason::Stopped, message);
+            }
+            previous.conductor_one.clone()
+        }
+        C1Health::Refused { reason, message } => {
+            set(ConditionStatus::False, *reason, message);
+            previous.conductor_one.clone()
+        }
+        C1Health::Session(session) => {
+            let view = session.condition();
+            let status = ConditionStatus::parse(view.status).unwrap_or(ConditionStatus::Unknown);
+            set(status, c1_reason(session.reason), &view.message);
+            Some(session_status(session))
+        }
+    }
+}
+
+/// The condition reason of a session state.
+fn c1_reason(reason: ConnectionReason) -> Reason {
+    match reason {
+        ConnectionReason::Connecting => Reason::Connecting,
+        ConnectionReason::Connected => Reason::Connected,
+        ConnectionReason::InvalidClientCredentials => Reason::InvalidClientCredentials,
+        ConnectionReason::TlsError => Reason::TlsError,
+        ConnectionReason::Unreachable => Reason::Unreachable,
+        ConnectionReason::HelloRejected => Reason::HelloRejected,
+        ConnectionReason::Stopped => Reason::Stopped,
+    }
+}
+
+fn ms_time(ms: i64) -> Option<Time> {
+    Timestamp::from_millisecond(ms).ok().map(Time)
+}
+
+fn session_status(session: &SessionStatus) -> ConductorOneStatus {
+    ConductorOneStatus {
+        host_id: Some(session.host_id.clone()),
+        last_task: session.last_task.as_ref().map(|t| ConductorOneTask {
+            type_: t.task_type.as_str().to_owned(),
+            id: t.id.clone(),
+            result: t.result.as_str().to_owned(),
+            message: Some(t.message.clone()).filter(|m| !m.is_empty()),
+            time: ms_time(t.finished_at),
+        }),
+        last_upload: session.last_upload.as_ref().map(|u| ConductorOneUpload {
+            time: ms_time(u.at),
+            bytes: i64::try_from(u.bytes).unwrap_or(i64::MAX),
+            resources: i64::try_from(u.resources).unwrap_or(i64::MAX),
+        }),
+        task_counts: session
+            .task_counts
+            .iter()
+            .map(|(k, c)| {
+                (
+                    k.clone(),
+                    ConductorOneTaskCounts {
+                        succeeded: i64::try_from(c.succeeded).unwrap_or(i64::MAX),
+                        failed: i64::try_from(c.failed).unwrap_or(i64::MAX),
+                    },
+                )
+            })
+            .collect(),
     }
 }
 
@@ -327,10 +442,17 @@ fn is_empty(r: &ResourceStatuses) -> bool {
 }
 
 fn condition_order(type_: &str) -> usize {
-    [ct::READY, ct::CONNECTED, ct::SYNCING, ct::RECONCILING, ct::STALLED]
-        .iter()
-        .position(|t| *t == type_)
-        .unwrap_or(usize::MAX)
+    [
+        ct::READY,
+        ct::CONNECTED,
+        ct::SYNCING,
+        ct::RECONCILING,
+        ct::STALLED,
+        ct::CONDUCTORONE_CONNECTED,
+    ]
+    .iter()
+    .position(|t| *t == type_)
+    .unwrap_or(usize::MAX)
 }
 
 #[cfg(test)]
@@ -350,7 +472,45 @@ mod tests {
             rate_limit: None,
             api_url: None,
             credential_rotation: None,
+            conductor_one: None,
         }
+    }
+
+    #[test]
+    fn conductorone_condition_follows_the_session_and_is_absent_when_not_configured() {
+        use crate::conductorone::{ConnectionReason, SessionStatus};
+        let spec = spec();
+        let mut session = SessionStatus::new("identity/c");
+        let mut o = obs(&spec, connected(), BTreeMap::new());
+        o.conductor_one = C1Health::Session(session.clone());
+        let s = compute(&o);
+        assert_eq!(status_of(&s, ct::CONDUCTORONE_CONNECTED), Some("Unknown"));
+        assert_eq!(s.conductor_one.as_ref().unwrap().host_id.as_deref(), Some("identity/c"));
+
+        session.set_connection(ConnectionReason::TlsError, "unknown CA");
+        o.conductor_one = C1Health::Session(session.clone());
+        o.previous = Some(&s);
+        let failed = compute(&o);
+        let c = find_condition(&failed.conditions, ct::CONDUCTORONE_CONNECTED).unwrap();
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "TLSError"));
+
+        let mut o = obs(&spec, connected(), BTreeMap::new());
+        o.previous = Some(&failed);
+        o.conductor_one = C1Health::Refused {
+            reason: Reason::ApiUrlNotAllowed,
+            message: "no".into(),
+        };
+        let refused = compute(&o);
+        let c = find_condition(&refused.conditions, ct::CONDUCTORONE_CONNECTED).unwrap();
+        assert_eq!(c.reason, "ApiUrlNotAllowed");
+
+        o.previous = Some(&refused);
+        o.conductor_one = C1Health::Unobserved;
+        assert_eq!(status_of(&compute(&o), ct::CONDUCTORONE_CONNECTED), Some("False"));
+        o.conductor_one = C1Health::NotConfigured;
+        let gone = compute(&o);
+        assert_eq!(status_of(&gone, ct::CONDUCTORONE_CONNECTED), None);
+        assert!(gone.conductor_one.is_none());
     }
 
     fn synced(at: i64) -> LoopStatus {
@@ -374,6 +534,7 @@ mod tests {
             loops,
             fingerprint: None,
             handled_reconcile_at: None,
+            conductor_one: C1Health::NotConfigured,
         }
     }
 

@@ -1,6 +1,7 @@
 //! `BitbucketConnector`: one Bitbucket Cloud credential (a Secret in the same
 //! namespace) whose workspaces the operator keeps in its inventory.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::model::SyncKind;
@@ -135,6 +136,49 @@ pub struct BitbucketConnectorSpec {
     /// regardless.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_rotation: Option<CredentialRotation>,
+
+    /// Connect this connector to ConductorOne in service mode, with the
+    /// client credential in the Secret (BATON_CLIENT_ID /
+    /// BATON_CLIENT_SECRET). Only the leader runs the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conductor_one: Option<ConductorOneSpec>,
+}
+
+/// The ConductorOne service-mode session of a connector.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ConductorOneSpec {
+    /// Run the session. Default: on when the Secret holds both
+    /// BATON_CLIENT_ID and BATON_CLIENT_SECRET.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// host[:port] to send requests to instead of the tenant host of the
+    /// client id (proxies, private tenants). It must be on the
+    /// administrator's allow-list (--allowed-conductorone-urls).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9.\[\]:-]+$"), length(min = 1, max = 261))]
+    pub api_host: Option<String>,
+    /// PEM certificates trusted in addition to the public roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    pub ca_bundle: Option<String>,
+    /// Resource types whose data is older than this are synced again before
+    /// an upload: 90s, 30m, 1h, 2d, or 0 to always sync. Default 1h.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]{1,9}(s|m|h|d)?$"))]
+    pub max_snapshot_age: Option<String>,
+}
+
+impl ConductorOneSpec {
+    /// `maxSnapshotAge`, default one hour.
+    pub fn max_snapshot_age(&self) -> Result<Duration, String> {
+        match &self.max_snapshot_age {
+            None => Ok(Duration::from_secs(3600)),
+            Some(age) => {
+                crate::conductorone::parse_age(age).map_err(|e| format!("spec.conductorOne.maxSnapshotAge: {e}"))
+            }
+        }
+    }
 }
 
 /// Reference to a Secret in the same namespace.
@@ -275,6 +319,69 @@ pub struct BitbucketConnectorStatus {
     /// (each new value triggers a full sync).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_reconcile_at: Option<String>,
+    /// The ConductorOne session (only when ConductorOne is configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conductor_one: Option<ConductorOneStatus>,
+}
+
+/// What the ConductorOne session did last. Never holds a secret.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ConductorOneStatus {
+    /// The host id sent to ConductorOne (shown there for this connector).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_id: Option<String>,
+    /// The last task ConductorOne gave this connector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_task: Option<ConductorOneTask>,
+    /// The last snapshot (c1z) uploaded to ConductorOne.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_upload: Option<ConductorOneUpload>,
+    /// Tasks handled since the session started, per task type.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub task_counts: BTreeMap<String, ConductorOneTaskCounts>,
+}
+
+/// The last task ConductorOne gave this connector.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ConductorOneTask {
+    /// hello, sync_full, grant, revoke or unsupported.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// ConductorOne's task id.
+    pub id: String,
+    /// succeeded, failed, cancelled or dropped.
+    pub result: String,
+    /// One line: what was done, or why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the task ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<Time>,
+}
+
+/// The last c1z uploaded to ConductorOne.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ConductorOneUpload {
+    /// When the upload finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<Time>,
+    /// Size of the uploaded c1z file.
+    pub bytes: i64,
+    /// Resources in the uploaded snapshot.
+    pub resources: i64,
+}
+
+/// Tasks of one type, by outcome.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ConductorOneTaskCounts {
+    /// Tasks that succeeded.
+    pub succeeded: i64,
+    /// Tasks that failed, were cancelled or dropped.
+    pub failed: i64,
 }
 
 /// Sync status of each resource type.

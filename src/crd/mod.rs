@@ -57,6 +57,9 @@ pub mod condition_type {
     pub const RECONCILING: &str = "Reconciling";
     /// kstatus: present (True) only while progress needs a human.
     pub const STALLED: &str = "Stalled";
+    /// The ConductorOne session's Hello was accepted and polling works
+    /// (present only when ConductorOne is configured).
+    pub const CONDUCTORONE_CONNECTED: &str = "ConductorOneConnected";
 }
 
 /// Declares an enum whose values have one fixed wire spelling: `as_str`
@@ -159,6 +162,19 @@ wire_enum! {
         Granted = "Granted",
         GrantFailed = "GrantFailed",
         Expired = "Expired",
+        // ConductorOneConnected
+        /// No Hello answered yet.
+        Connecting = "Connecting",
+        /// The client id or secret is malformed, or the tenant refused it.
+        InvalidClientCredentials = "InvalidClientCredentials",
+        /// The TLS handshake with ConductorOne failed.
+        TlsError = "TLSError",
+        /// ConductorOne cannot be reached.
+        Unreachable = "Unreachable",
+        /// ConductorOne refused Hello for another reason.
+        HelloRejected = "HelloRejected",
+        /// The session is not running (suspended, or the connector is unusable).
+        Stopped = "Stopped",
     }
 }
 
@@ -173,6 +189,8 @@ wire_enum! {
         CredentialsChanged = "CredentialsChanged",
         SyncFailed = "SyncFailed",
         RotationNotImplemented = "RotationNotImplemented",
+        ConductorOneConnected = "ConductorOneConnected",
+        ConductorOneDisconnected = "ConductorOneDisconnected",
         // BitbucketAccessGrant
         Granted = "Granted",
         Revoked = "Revoked",
