@@ -36,6 +36,8 @@ pub struct ConnectorRef {
 pub struct CredentialInfo {
     pub id: String,
     pub client_id: String,
+    /// When it was issued (the schedule counts from here before the first rotation).
+    pub created_at: Option<jiff::Timestamp>,
     /// When the credential stops working, if it expires.
     pub expires_time: Option<jiff::Timestamp>,
     /// Set once it was revoked (soft delete).
@@ -110,6 +112,8 @@ struct WireCredential {
     #[serde(default)]
     client_secret: Option<String>,
     #[serde(default)]
+    created_at: Option<String>,
+    #[serde(default)]
     expires_time: Option<String>,
     #[serde(default)]
     deleted_at: Option<String>,
@@ -131,6 +135,7 @@ impl WireCredential {
         CredentialInfo {
             id: self.id.clone(),
             client_id: self.client_id.clone(),
+            created_at: timestamp(self.created_at.as_deref()),
             expires_time: timestamp(self.expires_time.as_deref()),
             deleted_at: timestamp(self.deleted_at.as_deref()),
         }
@@ -295,6 +300,7 @@ mod tests {
             info: CredentialInfo {
                 id: "c1".into(),
                 client_id: "x@acme.conductor.one/ccc".into(),
+                created_at: None,
                 expires_time: None,
                 deleted_at: None,
             },

@@ -617,6 +617,18 @@ impl<S: RotationStore> Rotator<S> {
         Ok(Outcome::RolledBack { reason })
     }
 
+    /// GetCredentials of the credential in use (its expiry and issue time).
+    pub async fn describe_current(&self) -> Result<Option<CredentialInfo>, Failure> {
+        let state = self.store.load().await.map_err(|e| Failure {
+            step: "describe",
+            kind: FailureKind::Failed,
+            message: e.to_string(),
+        })?;
+        let (id, own) = self.current(&state);
+        let Some(id) = id else { return Ok(None) };
+        Ok(Some(self.authority.describe(&own, &id).await?))
+    }
+
     /// GetCredentials of the credential in use: its expiry, if any.
     pub async fn current_expiry(&self) -> Result<Option<Timestamp>, Failure> {
         let state = self.store.load().await.map_err(|e| Failure {

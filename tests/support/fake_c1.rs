@@ -174,7 +174,7 @@ impl FakeC1 {
         let client_id = format!("bitbucket-connector@{tenant}/ccc");
         let client_secret = secret_from_seed(&rand::random::<[u8; 32]>(), Some("key-1"));
         let initial = FakeCredential {
-            id: "cred-initial".into(),
+            id: format!("cred-initial-{:x}", rand::random::<u32>()),
             client_id: client_id.clone(),
             kind: CredentialKind::Connector,
             revoked: false,
@@ -645,7 +645,7 @@ fn rest_caller(
     recorded: &mut Recorded,
     headers: &axum::http::HeaderMap,
     call: RestCall,
-) -> Result<String, axum::response::Response> {
+) -> Result<String, Box<axum::response::Response>> {
     let token = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -653,11 +653,11 @@ fn rest_caller(
     let Some(caller) = recorded.token_credential(token).cloned() else {
         recorded.unauthenticated_calls += 1;
         recorded.rest_calls.push((call, String::new(), 401));
-        return Err(rest_error(
+        return Err(Box::new(rest_error(
             StatusCode::UNAUTHORIZED,
             16,
             "invalid or missing bearer token",
-        ));
+        )));
     };
     let refused = match caller.kind {
         CredentialKind::Connector => recorded.refuse_connector_callers,
@@ -665,13 +665,13 @@ fn rest_caller(
     };
     if refused {
         recorded.rest_calls.push((call, caller.id, 403));
-        return Err(rest_error(StatusCode::FORBIDDEN, 7, "permission denied"));
+        return Err(Box::new(rest_error(StatusCode::FORBIDDEN, 7, "permission denied")));
     }
     if let Some(i) = recorded.failures.iter().position(|(c, _)| *c == call) {
         let (_, status) = recorded.failures.remove(i);
         recorded.rest_calls.push((call, caller.id, status));
         let status = StatusCode::from_u16(status).unwrap();
-        return Err(rest_error(status, 14, "injected failure"));
+        return Err(Box::new(rest_error(status, 14, "injected failure")));
     }
     recorded.rest_calls.push((call, caller.id.clone(), 200));
     Ok(caller.id)
@@ -690,7 +690,7 @@ fn credential_json(c: &FakeCredential, app: &str, connector: &str, secret: Optio
         "id": c.id, "clientId": c.client_id, "appId": app, "connectorId": connector,
         "displayName": c.client_id, "createdAt": "2026-12-01T00:00:00Z",
         "expiresTime": c.expires_time.map(|t| t.to_string()),
-        "deletedAt": c.revoked.then(|| "2026-12-01T00:00:00Z"),
+        "deletedAt": c.revoked.then_some("2026-12-01T00:00:00Z"),
     });
     if let Some(secret) = secret {
         v["clientSecret"] = secret.into();
@@ -712,7 +712,7 @@ async fn rest_rotate(
 ) -> axum::response::Response {
     let mut recorded = shared.recorded.lock().unwrap();
     if let Err(response) = rest_caller(&mut recorded, &headers, RestCall::Rotate) {
-        return response;
+        return *response;
     }
     if body.app_id.is_empty() || body.connector_id.is_empty() {
         return rest_error(StatusCode::BAD_REQUEST, 3, "appId and connectorId are required");
@@ -752,7 +752,7 @@ async fn rest_get(
 ) -> axum::response::Response {
     let mut recorded = shared.recorded.lock().unwrap();
     if let Err(response) = rest_caller(&mut recorded, &headers, RestCall::Get) {
-        return response;
+        return *response;
     }
     match recorded.credentials.iter().find(|c| c.id == id) {
         Some(c) => {
@@ -769,7 +769,7 @@ async fn rest_revoke(
 ) -> axum::response::Response {
     let mut recorded = shared.recorded.lock().unwrap();
     if let Err(response) = rest_caller(&mut recorded, &headers, RestCall::Revoke) {
-        return response;
+        return *response;
     }
     match recorded.credentials.iter_mut().find(|c| c.id == id && !c.revoked) {
         Some(c) => {
