@@ -57,7 +57,6 @@ impl Harness {
         let egress = EgressArgs {
             allowed_api_urls: vec![sim.base_url()],
             allowed_conductorone_urls: vec![format!("https://{}", c1.api_host())],
-            ..EgressArgs::default()
         };
         let operator = Arc::new(Operator::new(
             kube.client(),
