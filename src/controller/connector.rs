@@ -548,6 +548,7 @@ async fn cleanup(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, 
     let target = ObjectRef::from_obj(obj.as_ref());
     let key = runtime_key(&target);
     ctx.manager.remove(&key).await;
+    super::rotation::forget_expiry(ctx, &obj);
     let store = Arc::clone(ctx.store());
     let store_key = key.clone();
     tokio::task::spawn_blocking(move || store.delete_connector(&store_key)).await??;

@@ -641,7 +641,12 @@ async fn describe(
             message: "no credential id".into(),
         });
     };
-    let key = format!("{}/{}", rotator.authority.endpoint.api_host(), id);
+    // The caller is part of the key: a new API key is asked afresh.
+    let caller = match &rotator.authority.caller {
+        Caller::ApiKey(key) => key.fingerprint(),
+        Caller::Own => "own".to_owned(),
+    };
+    let key = format!("{}/{id}/{caller}", rotator.authority.endpoint.api_host());
     if let Some(cached) = ctx.manager.rotation_cache().get(&key) {
         return cached;
     }
