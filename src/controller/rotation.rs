@@ -563,7 +563,7 @@ async fn run_pass(
         Some(a) => (Some(a.info.credential_id.clone()), a.pair.clone()),
         None => (rotator.base.credential_id.clone(), rotator.base.pair.clone()),
     };
-    let info = if state.active.as_ref().map(|a| &a.info.credential_id) != info.as_ref().ok().map(|i| &i.id) {
+    let info = if credential_id.as_ref() != info.as_ref().ok().map(|i| &i.id) {
         describe(ctx, &rotator, &state).await
     } else {
         info
@@ -572,26 +572,7 @@ async fn run_pass(
     record_expiry(ctx, obj, expires);
     status.credential_id = credential_id;
     status.fingerprint = Some(pair.fingerprint());
-    status.expires_time = time(expires);
-    status.last_rotation_time = time(state.last.as_ref().map(|l| l.rotated_at));
-    status.step = state.journal.as_ref().map(|j| j.step.as_str().to_owned());
-    let since = state
-        .last
-        .as_ref()
-        .map(|l| l.rotated_at)
-        .or_else(|| info.as_ref().ok().and_then(|i| i.created_at));
-    status.next_rotation_time = time(
-        due(&DueInputs {
-            now,
-            enabled: true,
-            schedule,
-            before_expiry,
-            since,
-            expires,
-            ..DueInputs::default()
-        })
-        .next,
-    );
+    fill_times(&mut status, &state, &info, schedule, before_expiry, now);
     if condition.is_none() {
         condition = standing_condition(&state, &info, expires, before_expiry, now, previous);
         if let Some((ConditionStatus::False, Reason::CredentialExpiringSoon, message)) = &condition
@@ -616,6 +597,37 @@ async fn run_pass(
         }),
         requeue,
     }))
+}
+
+/// The times of `status.credentialRotation` and the step in progress.
+fn fill_times(
+    status: &mut CredentialRotationStatus,
+    state: &RotationState,
+    info: &Described,
+    schedule: Option<Duration>,
+    before_expiry: Option<Duration>,
+    now: Timestamp,
+) {
+    let expires = info.as_ref().ok().and_then(|i| i.expires_time);
+    status.expires_time = time(expires);
+    status.last_rotation_time = time(state.last.as_ref().map(|l| l.rotated_at));
+    status.step = state.journal.as_ref().map(|j| j.step.as_str().to_owned());
+    let since = state
+        .last
+        .as_ref()
+        .map(|l| l.rotated_at)
+        .or_else(|| info.as_ref().ok().and_then(|i| i.created_at));
+    let next = due(&DueInputs {
+        now,
+        enabled: true,
+        schedule,
+        before_expiry,
+        since,
+        expires,
+        ..DueInputs::default()
+    })
+    .next;
+    status.next_rotation_time = time(next);
 }
 
 fn until(now: Timestamp, t: Timestamp) -> Duration {
