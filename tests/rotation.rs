@@ -490,4 +490,9 @@ async fn the_cli_exits_9_when_conductorone_refuses_the_caller() {
     assert_eq!(output.status.code(), Some(9));
     assert!(String::from_utf8_lossy(&output.stderr).contains("API key"));
     assert!(output.stdout.is_empty());
+    assert!(
+        !dir.path().join("bitbucket-operator-rotation.journal.json").exists(),
+        "nothing was issued: no journal is left"
+    );
+    assert_eq!(fake.active_credentials(), vec![fake.initial_credential_id()]);
 }

@@ -212,6 +212,10 @@ pub async fn run(args: RotateArgs) -> anyhow::Result<ExitCode> {
         }
         Outcome::Failed(failure) => {
             eprintln!("error: {failure}");
+            if state == RotationState::default() {
+                // Nothing was issued: no journal to keep.
+                journal.remove()?;
+            }
             if state.journal.is_some() {
                 eprintln!(
                     "the rotation is recorded in {}; run the same command again to finish it",
