@@ -41,6 +41,9 @@ enum Command {
     Export(conductorone::cli::ExportArgs),
     /// Run as a ConductorOne service-mode connector until stopped.
     Connect(conductorone::connect::ConnectArgs),
+    /// Rotate the ConductorOne client credential once (plain host): issue a
+    /// new pair, prove it, then revoke the old one; resumable after a crash.
+    RotateCredentials(conductorone::rotate_cli::RotateArgs),
 }
 
 #[tokio::main]
@@ -54,7 +57,8 @@ async fn main() -> ExitCode {
         | Command::Crd(_)
         | Command::Grant(_)
         | Command::Revoke(_)
-        | Command::Export(_) => "warn",
+        | Command::Export(_)
+        | Command::RotateCredentials(_) => "warn",
         _ => "info",
     };
     telemetry::init(cli.log_format, default_level);
@@ -68,6 +72,7 @@ async fn main() -> ExitCode {
         Command::Revoke(args) => provision::cli::revoke(args).await,
         Command::Export(args) => conductorone::cli::run(args).await,
         Command::Connect(args) => conductorone::connect::run(args).await,
+        Command::RotateCredentials(args) => conductorone::rotate_cli::run(args).await,
     };
     match result {
         Ok(code) => code,

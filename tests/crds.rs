@@ -257,7 +257,11 @@ fn connector_crd_schema() {
     );
     assert_eq!(rl["maxInFlight"]["default"], 4);
     let rot = &sp["credentialRotation"]["properties"];
-    assert!(rules(&rot["interval"]).contains(&"duration(self) >= duration('1h')".to_owned()));
+    assert!(rules(&rot["schedule"]).contains(&"duration(self) >= duration('1h')".to_owned()));
+    assert_eq!(
+        sp["credentialRotation"]["required"],
+        serde_json::json!(["appId", "connectorId"])
+    );
 
     let status = &s["properties"]["status"];
     assert_list_map_conditions(status);
@@ -268,6 +272,7 @@ fn connector_crd_schema() {
         "resources",
         "credentials",
         "lastHandledReconcileAt",
+        "credentialRotation",
     ] {
         assert!(status["properties"][f].is_object(), "status.{f}");
     }
@@ -285,8 +290,19 @@ fn connector_crd_schema() {
         assert!(repo[f].is_object(), "status.resources.repositories.{f}");
     }
     let creds = &status["properties"]["credentials"]["properties"];
-    for f in ["fingerprint", "lastChanged", "lastRotated", "nextRotation"] {
+    for f in ["fingerprint", "lastChanged"] {
         assert!(creds[f].is_object(), "status.credentials.{f}");
+    }
+    let rotation = &status["properties"]["credentialRotation"]["properties"];
+    for f in [
+        "credentialId",
+        "expiresTime",
+        "lastRotationTime",
+        "nextRotationTime",
+        "fingerprint",
+        "lastHandledRotateAt",
+    ] {
+        assert!(rotation[f].is_object(), "status.credentialRotation.{f}");
     }
 }
 

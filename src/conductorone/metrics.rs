@@ -5,6 +5,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use super::status::{TaskResult, TaskType};
@@ -12,6 +13,19 @@ use super::status::{TaskResult, TaskType};
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TaskLabels {
     pub task_type: &'static str,
+    pub result: &'static str,
+}
+
+/// One connector (bounded: the connectors of the cluster).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectorKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// A rotation's result: `succeeded`, `failed`, `not_authorized`, `rolled_back`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RotationLabels {
     pub result: &'static str,
 }
 
@@ -24,6 +38,11 @@ pub struct C1Metrics {
     pub upload_bytes: Counter,
     /// `conductorone_token_refreshes_total`: access tokens fetched.
     pub token_refreshes: Counter,
+    /// `credential_expiry_timestamp_seconds{namespace, name}`: when the
+    /// connector's ConductorOne credential expires (absent if it does not).
+    pub credential_expiry: Family<ConnectorKey, Gauge>,
+    /// `credential_rotations_total{result}`.
+    pub rotations: Family<RotationLabels, Counter>,
 }
 
 impl C1Metrics {
@@ -45,7 +64,21 @@ impl C1Metrics {
             "ConductorOne access tokens fetched",
             metrics.token_refreshes.clone(),
         );
+        registry.register(
+            "credential_expiry_timestamp_seconds",
+            "When the connector's ConductorOne client credential expires (Unix seconds)",
+            metrics.credential_expiry.clone(),
+        );
+        registry.register(
+            "credential_rotations",
+            "ConductorOne credential rotations, by result",
+            metrics.rotations.clone(),
+        );
         metrics
+    }
+
+    pub fn rotation(&self, result: &'static str) {
+        self.rotations.get_or_create(&RotationLabels { result }).inc();
     }
 
     pub fn task(&self, task_type: TaskType, result: TaskResult) {

@@ -15,6 +15,9 @@
 //!   budget-aware refresh before an upload; [`provisioning`]: grant/revoke
 //!   tasks → [`crate::provision::Provisioner`]; [`status`], [`metrics`]: what
 //!   the operator shows.
+//! - [`credential_api`]: the credential REST calls (Rotate, Get, Revoke);
+//!   [`rotation`]: the crash-safe rotation state machine; [`rotation_file`]:
+//!   its state in a file; [`rotate_cli`]: the `rotate-credentials` command.
 //!
 //! # For the operator (one session per connector, on the leader)
 //!
@@ -42,12 +45,16 @@
 pub mod c1z;
 pub mod cli;
 pub mod connect;
+pub mod credential_api;
 pub mod credentials;
 pub mod inventory;
 pub mod ksuid;
 pub mod metrics;
 pub mod proto;
 pub mod provisioning;
+pub mod rotate_cli;
+pub mod rotation;
+pub mod rotation_file;
 pub mod rpc;
 pub mod session;
 pub mod snapshot;

@@ -58,6 +58,26 @@ impl C1Endpoint {
     }
 }
 
+/// An HTTPS client for ConductorOne: public roots plus the endpoint's extra
+/// CA bundle (the token exchange and the credential REST calls share it).
+/// Fails only on an unreadable extra CA bundle.
+pub fn http_client(endpoint: &C1Endpoint, timeout: Duration) -> Result<reqwest::Client, String> {
+    let mut http = reqwest::Client::builder()
+        .timeout(timeout)
+        .user_agent(concat!("bitbucket-operator/", env!("CARGO_PKG_VERSION")));
+    if let Some(pem) = &endpoint.extra_ca_pem {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| format!("the extra CA bundle is not PEM certificates: {e}"))?;
+        if certs.is_empty() {
+            return Err("the extra CA bundle holds no certificate".into());
+        }
+        for cert in certs {
+            http = http.add_root_certificate(cert);
+        }
+    }
+    http.build().map_err(|e| format!("HTTP client: {e}"))
+}
+
 /// Why no token could be had.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TokenError {
@@ -135,20 +155,7 @@ impl std::fmt::Debug for TokenSource {
 impl TokenSource {
     /// Fails only on an unreadable extra CA bundle.
     pub fn new(credentials: Arc<ClientCredentials>, endpoint: C1Endpoint) -> Result<Self, String> {
-        let mut http = reqwest::Client::builder()
-            .timeout(TOKEN_TIMEOUT)
-            .user_agent(concat!("bitbucket-operator/", env!("CARGO_PKG_VERSION")));
-        if let Some(pem) = &endpoint.extra_ca_pem {
-            let certs = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| format!("the extra CA bundle is not PEM certificates: {e}"))?;
-            if certs.is_empty() {
-                return Err("the extra CA bundle holds no certificate".into());
-            }
-            for cert in certs {
-                http = http.add_root_certificate(cert);
-            }
-        }
-        let http = http.build().map_err(|e| format!("HTTP client: {e}"))?;
+        let http = http_client(&endpoint, TOKEN_TIMEOUT)?;
         Ok(TokenSource {
             credentials,
             endpoint,
@@ -248,7 +255,7 @@ impl TokenSource {
 }
 
 /// The server's own error text, short and without anything we sent.
-fn error_message(body: &str) -> String {
+pub(crate) fn error_message(body: &str) -> String {
     let parsed: Option<serde_json::Value> = serde_json::from_str(body).ok();
     let message = parsed
         .as_ref()
@@ -264,7 +271,7 @@ fn error_message(body: &str) -> String {
 
 /// TLS failures are told apart from other transport failures, because the
 /// fix differs (a CA bundle, not patience).
-fn classify_transport(host: &str, err: &reqwest::Error) -> TokenError {
+pub(crate) fn classify_transport(host: &str, err: &reqwest::Error) -> TokenError {
     let message = error_chain(err);
     if is_tls_error(err) || looks_like_tls(&message) {
         TokenError::Tls {

@@ -32,6 +32,7 @@ use tokio::sync::mpsc;
 use super::common::{MetricLabel, Scaffold};
 use super::conductorone::reconcile_session;
 use super::loops::{ConfigureError, ConnectorRuntime, EngineSettings, Manager, loop_statuses, runtime_key};
+use super::rotation::{RotationView, reconcile_rotation};
 use super::secret::{SecretRead, read_opted_in};
 use super::status::{self, C1Health, Health, Observation};
 use crate::bitbucket::{DEFAULT_API_URL, Limits};
@@ -291,6 +292,7 @@ struct Pass {
     transient: Option<SyncError>,
     running: BTreeSet<SyncKind>,
     conductor_one: C1Health,
+    rotation: RotationView,
 }
 
 impl Pass {
@@ -303,6 +305,7 @@ impl Pass {
             transient: None,
             running: BTreeSet::new(),
             conductor_one: C1Health::Unobserved,
+            rotation: RotationView::Unobserved,
         }
     }
 
@@ -348,13 +351,16 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
         ctx.manager.remove(&key).await;
         Pass::new(Health::Suspended, DEFAULT_REQUEUE).without_session("spec.suspend is true")
     } else {
-        observe(&obj, ctx, &namespace, &key, newly_requested).await?
+        observe(&obj, ctx, &namespace, &key, newly_requested, current.as_ref()).await?
     };
     let loops = current_loops(&obj, ctx, &key).await?;
     if let Health::Connected { .. } = pass.health {
         pass.requeue = next_due(&obj, &loops, &pass.running).unwrap_or(pass.requeue);
     }
-    let new_status = status::compute(&Observation {
+    if let Some(due) = pass.rotation.requeue() {
+        pass.requeue = pass.requeue.min(due);
+    }
+    let mut new_status = status::compute(&Observation {
         generation: obj.metadata.generation,
         spec: &obj.spec,
         previous: current.as_ref(),
@@ -364,8 +370,8 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
         handled_reconcile_at: if newly_requested { requested } else { None },
         conductor_one: pass.conductor_one,
     });
+    pass.rotation.apply_status(&mut new_status, obj.metadata.generation);
     publish_transitions(&obj, current.as_ref(), &new_status, pass.credentials_changed, ctx).await;
-    warn_rotation_not_implemented(&obj, current.as_ref(), ctx).await;
     record_gauges(&obj, &namespace, &new_status, &ctx.scaffold.metrics);
     ctx.scaffold.write_status(&obj, &new_status).await?;
     if let Some(err) = pass.transient {
@@ -387,6 +393,7 @@ async fn observe(
     namespace: &str,
     key: &str,
     newly_requested: bool,
+    current: Option<&BitbucketConnectorStatus>,
 ) -> Result<Pass, ReconcileError> {
     let problem = |reason, message| Health::SecretProblem { reason, message };
     let api_url = obj.spec.api_url.clone().unwrap_or_else(|| DEFAULT_API_URL.to_owned());
@@ -437,8 +444,11 @@ async fn observe(
                 }
                 Ok((runtime, changed)) => {
                     let mut pass = connect(&runtime, &desired, newly_requested).await;
+                    // Before the session: a promoted pair is what the session must use.
+                    pass.rotation = reconcile_rotation(ctx, obj, &settings, current).await;
+                    let session_settings = pass.rotation.session_settings(&settings);
                     pass.conductor_one =
-                        reconcile_session(&ctx.manager, &runtime, &obj.spec, &settings, &engine_settings).await;
+                        reconcile_session(&ctx.manager, &runtime, &obj.spec, &session_settings, &engine_settings).await;
                     pass.credentials_changed = changed;
                     pass.fingerprint = Some(runtime.fingerprint());
                     Ok(pass)
@@ -513,25 +523,6 @@ async fn current_loops(
     .await?)
 }
 
-/// `spec.credentialRotation` is accepted but not acted on: say so once per generation.
-async fn warn_rotation_not_implemented(
-    obj: &BitbucketConnector,
-    current: Option<&BitbucketConnectorStatus>,
-    ctx: &Context,
-) {
-    let new_generation = current.and_then(|s| s.observed_generation) != obj.metadata.generation;
-    if new_generation && obj.spec.credential_rotation.as_ref().is_some_and(|r| r.enabled) {
-        let event = Event {
-            type_: EventType::Warning,
-            reason: EventReason::RotationNotImplemented.as_str().into(),
-            note: Some("spec.credentialRotation is accepted but not acted on by this version".into()),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        ctx.scaffold.publish(obj, event).await;
-    }
-}
-
 /// When the next loop run is due, so a requeue lands right after it.
 fn next_due(
     obj: &BitbucketConnector,
@@ -557,6 +548,7 @@ async fn cleanup(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, 
     let target = ObjectRef::from_obj(obj.as_ref());
     let key = runtime_key(&target);
     ctx.manager.remove(&key).await;
+    super::rotation::forget_expiry(ctx, &obj);
     let store = Arc::clone(ctx.store());
     let store_key = key.clone();
     tokio::task::spawn_blocking(move || store.delete_connector(&store_key)).await??;

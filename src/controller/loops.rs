@@ -75,6 +75,8 @@ pub struct Manager {
     triggers: Mutex<Vec<(Option<String>, ReconcileTrigger)>>,
     /// ConductorOne sessions, one per connector that has it configured.
     sessions: Sessions,
+    /// GetCredentials answers of the credential rotation.
+    rotation_cache: super::rotation::DescribeCache,
 }
 
 impl Manager {
@@ -86,6 +88,7 @@ impl Manager {
             runtimes: Mutex::default(),
             triggers: Mutex::default(),
             sessions: Sessions::default(),
+            rotation_cache: Default::default(),
         })
     }
 
@@ -100,6 +103,11 @@ impl Manager {
     /// The connectors' ConductorOne sessions.
     pub fn sessions(&self) -> &Sessions {
         &self.sessions
+    }
+
+    /// GetCredentials answers of the credential rotation, per credential.
+    pub fn rotation_cache(&self) -> &super::rotation::DescribeCache {
+        &self.rotation_cache
     }
 
     /// The administrator's allow-list of Bitbucket base URLs.

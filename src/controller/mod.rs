@@ -22,6 +22,7 @@ pub mod conductorone;
 pub mod connector;
 pub mod grant;
 pub mod loops;
+pub mod rotation;
 pub mod secret;
 pub mod status;
 

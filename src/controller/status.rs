@@ -183,7 +183,6 @@ pub fn compute(obs: &Observation<'_>) -> BitbucketConnectorStatus {
         Some((fingerprint, changed)) => Some(CredentialStatus {
             fingerprint: Some(fingerprint.clone()),
             last_changed: Some(Time(*changed)),
-            ..previous.credentials.clone().unwrap_or_default()
         }),
         None => previous.credentials.clone(),
     };
@@ -196,6 +195,8 @@ pub fn compute(obs: &Observation<'_>) -> BitbucketConnectorStatus {
         credentials,
         last_handled_reconcile_at: obs.handled_reconcile_at.clone().or(previous.last_handled_reconcile_at),
         conductor_one,
+        // The rotation's part is written by `super::rotation` after this.
+        credential_rotation: previous.credential_rotation.clone(),
     }
 }
 

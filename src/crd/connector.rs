@@ -11,8 +11,6 @@ use serde::{Deserialize, Serialize};
 
 /// Default sync interval when `spec.interval` is not set.
 pub const DEFAULT_INTERVAL: &str = "1h";
-/// Default credential rotation interval (30 days).
-pub const DEFAULT_ROTATION_INTERVAL: &str = "720h";
 
 fn default_interval() -> Option<String> {
     Some(DEFAULT_INTERVAL.to_owned())
@@ -25,9 +23,6 @@ fn default_requests_per_hour() -> u32 {
 }
 fn default_max_in_flight() -> u32 {
     4
-}
-fn default_rotation_interval() -> String {
-    DEFAULT_ROTATION_INTERVAL.to_owned()
 }
 
 /// A connection to Bitbucket Cloud: the operator reads the credentials from a
@@ -126,15 +121,12 @@ pub struct BitbucketConnectorSpec {
     #[schemars(regex(pattern = r"^https?://"), length(max = 2048))]
     pub api_url: Option<String>,
 
-    /// Rotation of the identity-governance platform's client credentials
-    /// (BATON_CLIENT_ID / BATON_CLIENT_SECRET in the Secret): create a new
-    /// credential, write it into the Secret, prove it works, and only then
-    /// revoke the old one. NOT IMPLEMENTED YET in this version: the field is
-    /// accepted so that manifests stay valid across upgrades, and the
-    /// operator reports `RotationNotImplemented` in an Event when it is
-    /// enabled. Bitbucket credential changes in the Secret are hot-reloaded
-    /// regardless.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Rotation of the ConductorOne client credential (BATON_CLIENT_ID /
+    /// BATON_CLIENT_SECRET): ConductorOne issues a new pair, the operator
+    /// stores it in its own Secret (never the user's), proves it, switches
+    /// the session to it and only then revokes the old credential. Triggers:
+    /// `schedule`, `beforeExpiry`, and the annotation
+    /// connectors.dev/rotate-requested-at. `suspend` pauses it.
     pub credential_rotation: Option<CredentialRotation>,
 
     /// Connect this connector to ConductorOne in service mode, with the
@@ -261,34 +253,103 @@ impl Default for RateLimit {
     }
 }
 
-/// Rotation of the platform client credentials.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+/// Rotation of the ConductorOne client credential (see the README,
+/// "Credential rotation").
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct CredentialRotation {
-    /// Rotate on a schedule. Needs write access to the Secret (the chart's
-    /// rbac.secretWrite). Default false.
-    #[serde(default)]
-    pub enabled: bool,
-    /// Time between two rotations, as a Go duration (at least 1h). Default 720h (30 days).
-    #[serde(default = "default_rotation_interval")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"), length(max = 32))]
-    #[x_kube(validation = kube::core::Rule::new("duration(self) >= duration('1h')").message("credentialRotation.interval must be at least 1h"))]
-    pub interval: String,
-    /// Rotate this long before the current credential expires, when the
-    /// platform reports an expiry (Go duration, for example 72h).
+    /// Set to false to stop starting rotations (one in progress is still
+    /// finished or rolled back). Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// A Secret in this namespace with a ConductorOne API key
+    /// (BATON_CLIENT_ID / BATON_CLIENT_SECRET of a personal or service
+    /// client allowed to manage this connector) that calls the credential
+    /// API. Without it the connector's own credential calls it; if
+    /// ConductorOne refuses, the status says RotationNotAuthorized.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret_ref: Option<SecretRef>,
+    /// The ConductorOne app the connector belongs to.
+    #[schemars(length(min = 1, max = 128))]
+    pub app_id: String,
+    /// The ConductorOne connector whose credential is rotated.
+    #[schemars(length(min = 1, max = 128))]
+    pub connector_id: String,
+    /// ConductorOne's id of the credential in the Secret (shown next to it in
+    /// ConductorOne), needed to revoke it after the first rotation; later
+    /// rotations use the id the operator recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub credential_id: Option<String>,
+    /// The operator-owned Secret the rotated pair is written to. Default
+    /// `<connector name>-conductorone`. Never the Secret of spec.secretRef.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"), length(min = 1, max = 253))]
+    pub target_secret_name: Option<String>,
+    /// Rotate this long after the last rotation, as a Go duration (at least
+    /// 1h, for example 720h). Unset: no scheduled rotation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"), length(max = 32))]
-    pub rotate_before: Option<String>,
+    #[x_kube(validation = kube::core::Rule::new("duration(self) >= duration('1h')").message("credentialRotation.schedule must be at least 1h"))]
+    pub schedule: Option<String>,
+    /// Rotate when the credential's expiresTime (read with GetCredentials)
+    /// is this close, as a Go duration (for example 72h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"), length(max = 32))]
+    pub before_expiry: Option<String>,
 }
 
-impl Default for CredentialRotation {
-    fn default() -> Self {
-        Self {
-            enabled: false,
-            interval: default_rotation_interval(),
-            rotate_before: None,
-        }
+impl CredentialRotation {
+    /// Whether new rotations may start.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.unwrap_or(true)
     }
+
+    /// The operator-owned Secret of connector `name`.
+    pub fn target_secret(&self, name: &str) -> String {
+        self.target_secret_name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| format!("{name}-conductorone"))
+    }
+
+    /// `schedule` parsed.
+    pub fn schedule(&self) -> anyhow::Result<Option<Duration>> {
+        self.schedule.as_deref().map(super::parse_duration).transpose()
+    }
+
+    /// `beforeExpiry` parsed.
+    pub fn before_expiry(&self) -> anyhow::Result<Option<Duration>> {
+        self.before_expiry.as_deref().map(super::parse_duration).transpose()
+    }
+}
+
+/// What the last credential rotation did. Never holds a secret.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialRotationStatus {
+    /// ConductorOne's id of the credential in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_id: Option<String>,
+    /// When the credential in use expires, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_time: Option<Time>,
+    /// When the operator last rotated the credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotation_time: Option<Time>,
+    /// When the next scheduled or expiry-driven rotation is due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_rotation_time: Option<Time>,
+    /// Short hash of the pair in use (never the secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    /// The last connectors.dev/rotate-requested-at value handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_rotate_at: Option<String>,
+    /// The step a rotation in progress reached (rotate, prove, promote,
+    /// revoke-old, record, revoke-new).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
 }
 
 /// Observed state of a BitbucketConnector.
@@ -322,6 +383,9 @@ pub struct BitbucketConnectorStatus {
     /// The ConductorOne session (only when ConductorOne is configured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conductor_one: Option<ConductorOneStatus>,
+    /// The ConductorOne credential rotation (only with spec.credentialRotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_rotation: Option<CredentialRotationStatus>,
 }
 
 /// What the ConductorOne session did last. Never holds a secret.
@@ -466,12 +530,6 @@ pub struct CredentialStatus {
     /// When the operator last saw the credentials change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_changed: Option<Time>,
-    /// When the platform client credentials were last rotated by the operator.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_rotated: Option<Time>,
-    /// When the next rotation is due.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_rotation: Option<Time>,
 }
 
 impl BitbucketConnectorSpec {

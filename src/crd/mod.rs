@@ -30,6 +30,9 @@ pub const VERSION: &str = "v1alpha1";
 
 /// Annotation (Flux convention) whose new value triggers an immediate full sync.
 pub const RECONCILE_REQUESTED_AT_ANNOTATION: &str = "reconcile.fluxcd.io/requestedAt";
+/// Annotation whose new value asks for one rotation of the ConductorOne
+/// credential (acknowledged in `status.credentialRotation.lastHandledRotateAt`).
+pub const ROTATE_REQUESTED_AT_ANNOTATION: &str = "connectors.dev/rotate-requested-at";
 
 /// Finalizer on BitbucketConnector: the operator stops its loops and removes
 /// its data from the store before the resource goes.
@@ -60,6 +63,9 @@ pub mod condition_type {
     /// The ConductorOne session's Hello was accepted and polling works
     /// (present only when ConductorOne is configured).
     pub const CONDUCTORONE_CONNECTED: &str = "ConductorOneConnected";
+    /// The last ConductorOne credential rotation and the credential's expiry
+    /// (present only with `spec.credentialRotation`; not part of `Ready`).
+    pub const CREDENTIALS_ROTATED: &str = "CredentialsRotated";
 }
 
 /// Declares an enum whose values have one fixed wire spelling: `as_str`
@@ -175,6 +181,14 @@ wire_enum! {
         HelloRejected = "HelloRejected",
         /// The session is not running (suspended, or the connector is unusable).
         Stopped = "Stopped",
+        // CredentialsRotated
+        RotationSucceeded = "RotationSucceeded",
+        /// A step failed (the message names it); retried.
+        RotationFailed = "RotationFailed",
+        /// ConductorOne refused the caller of the credential API.
+        RotationNotAuthorized = "RotationNotAuthorized",
+        /// The credential in use expires within `beforeExpiry` (or 7 days).
+        CredentialExpiringSoon = "CredentialExpiringSoon",
     }
 }
 
@@ -188,7 +202,10 @@ wire_enum! {
         CredentialsRejected = "CredentialsRejected",
         CredentialsChanged = "CredentialsChanged",
         SyncFailed = "SyncFailed",
-        RotationNotImplemented = "RotationNotImplemented",
+        CredentialsRotated = "CredentialsRotated",
+        RotationFailed = "RotationFailed",
+        RotationNotAuthorized = "RotationNotAuthorized",
+        CredentialExpiringSoon = "CredentialExpiringSoon",
         ConductorOneConnected = "ConductorOneConnected",
         ConductorOneDisconnected = "ConductorOneDisconnected",
         // BitbucketAccessGrant
@@ -457,6 +474,23 @@ mod tests {
         );
         assert_eq!(EventReason::for_connection_failure(Reason::RateLimited), "RateLimited");
         assert_eq!(ConnectorState::parse("Bogus"), None);
+        // The credential rotation's condition reasons and Events (README).
+        for (reason, text) in [
+            (Reason::RotationSucceeded, "RotationSucceeded"),
+            (Reason::RotationFailed, "RotationFailed"),
+            (Reason::RotationNotAuthorized, "RotationNotAuthorized"),
+            (Reason::CredentialExpiringSoon, "CredentialExpiringSoon"),
+        ] {
+            assert_eq!((reason.as_str(), Reason::parse(text)), (text, Some(reason)));
+        }
+        for (reason, text) in [
+            (EventReason::CredentialsRotated, "CredentialsRotated"),
+            (EventReason::RotationFailed, "RotationFailed"),
+            (EventReason::RotationNotAuthorized, "RotationNotAuthorized"),
+            (EventReason::CredentialExpiringSoon, "CredentialExpiringSoon"),
+        ] {
+            assert_eq!((reason.as_str(), EventReason::parse(text)), (text, Some(reason)));
+        }
     }
 
     #[test]

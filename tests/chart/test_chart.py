@@ -369,9 +369,9 @@ def test_watch_namespaces_scopes_secrets_and_resources_to_those_namespaces():
 
 def test_secret_write_only_with_credential_rotation():
     objs = render({"credentialRotation": {"enabled": True}, "watchNamespaces": ["*"]})
-    assert _grants(objs, "ClusterRole", "secrets") == {"get", "list", "watch", "update", "patch"}
+    assert _grants(objs, "ClusterRole", "secrets") == {"get", "list", "watch", "create", "update", "patch"}
     objs = render({"credentialRotation": {"enabled": True}, "watchNamespaces": ["team-a"]})
-    assert _grants(objs, "Role", "secrets", "team-a") == {"get", "list", "watch", "update", "patch"}
+    assert _grants(objs, "Role", "secrets", "team-a") == {"get", "list", "watch", "create", "update", "patch"}
 
 
 def _assert_bindings_point_at_the_service_account(objs):
@@ -621,7 +621,7 @@ def test_connector_secret_ref_name_is_required_and_not_empty():
 @pytest.mark.parametrize("spec,message", [
     ({"interval": "30s"}, "interval must be at least 1m"),
     ({"resources": {"accounts": {"interval": "10s"}}}, "interval must be at least 1m"),
-    ({"credentialRotation": {"enabled": True, "interval": "30m"}}, "at least 1h"),
+    ({"credentialRotation": {"appId": "a", "connectorId": "c", "schedule": "30m"}}, "schedule must be at least 1h"),
 ])
 def test_connector_cel_rules_refuse(spec, message):
     failures = cel_failures("BitbucketConnector", _connector(**spec))

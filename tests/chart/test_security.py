@@ -61,21 +61,24 @@ def test_cluster_wide_only_when_asked_for_explicitly():
             chart.validate_schema({"watchNamespaces": bad})
 
 
-def test_secret_write_only_with_rotation_and_never_create_or_delete():
+def test_secret_write_only_with_rotation_create_namespace_wide_and_never_delete():
     for values in ({}, {"watchNamespaces": ["team-a"]}, {"watchNamespaces": ["*"]}):
         verbs = {v for r in secret_rules(render(values)) for v in r["verbs"]}
         assert verbs == {"get", "list", "watch"}, values
     objs = render({"watchNamespaces": ["team-a"], "credentialRotation": {"enabled": True}})
-    write = [r for r in secret_rules(objs, namespace="team-a") if "update" in r["verbs"]]
-    assert write == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["update", "patch"]}]
+    write = [r for r in secret_rules(objs, namespace="team-a") if set(r["verbs"]) & {"create", "update"}]
+    assert write == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+                     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["update", "patch"]}]
+    # RBAC cannot limit create by name: only update and patch carry resourceNames.
     objs = render({"watchNamespaces": ["team-a"],
-                   "credentialRotation": {"enabled": True, "secretNames": ["bb-creds"]}})
-    write = [r for r in secret_rules(objs, namespace="team-a") if "update" in r["verbs"]]
-    assert write == [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["bb-creds"],
+                   "credentialRotation": {"enabled": True, "secretNames": ["acme-conductorone"]}})
+    write = [r for r in secret_rules(objs, namespace="team-a") if set(r["verbs"]) & {"create", "update"}]
+    assert write == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+                     {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["acme-conductorone"],
                       "verbs": ["update", "patch"]}]
     for values in ({"credentialRotation": {"enabled": True}}, {"watchNamespaces": ["*"], "credentialRotation": {"enabled": True}}):
         verbs = {v for r in secret_rules(render(values)) for v in r["verbs"]}
-        assert not verbs & {"create", "delete", "deletecollection", "*"}, values
+        assert not verbs & {"delete", "deletecollection", "*"}, values
 
 
 def test_network_policy_is_on_by_default_with_dns_https_and_api_server_only():

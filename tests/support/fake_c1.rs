@@ -12,19 +12,27 @@
 //!   project's own c1z reader.
 //! - [`FakeC1::stop_listening`] / [`FakeC1::start_listening`] make the port
 //!   refuse connections for a while.
+//! - The credential REST calls (PROTOCOL.md §4): RotateCredential issues a new
+//!   connector credential (the old stays valid), GetCredentials describes one,
+//!   RevokeCredential revokes it (its tokens stop working at once). They need
+//!   a bearer token like the gRPC calls. The fake can refuse connector
+//!   credentials or API keys as callers ([`FakeC1::set_refusals`]), fail a
+//!   chosen call ([`FakeC1::fail_next`]), issue pairs that cannot
+//!   authenticate ([`FakeC1::issue_broken_pairs`]), and say which
+//!   credentials are active ([`FakeC1::active_credentials`]).
 
 #![allow(dead_code)]
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Form, State as AxumState};
+use axum::extract::{Form, Path as AxumPath, State as AxumState};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::post;
+use axum::routing::{get, post};
 use bitbucket_operator::conductorone::c1z::{self, C1z};
 use bitbucket_operator::conductorone::credentials::{ClientCredentials, secret_from_seed, verify_assertion};
 use bitbucket_operator::conductorone::proto::baton::baton_service_server::BatonServiceServer;
@@ -64,15 +72,65 @@ pub struct Recorded {
     pub finished: Vec<baton::BatonServiceFinishTaskRequest>,
     pub uploads: Vec<Upload>,
     pub unauthenticated_calls: u32,
+    /// Every credential the tenant knows, the initial connector one first.
+    pub credentials: Vec<FakeCredential>,
+    /// REST calls: (name, id of the calling credential, HTTP status answered).
+    pub rest_calls: Vec<(RestCall, String, u16)>,
     tasks: VecDeque<baton::Task>,
     cancelled: HashSet<String>,
-    revoked: bool,
+    /// Issued token → the credential it was issued to.
+    token_owner: HashMap<String, String>,
+    refuse_connector_callers: bool,
+    refuse_api_keys: bool,
+    broken_pairs: bool,
+    /// Lifetime of issued credentials (`expiresTime`), if they expire.
+    credential_lifetime: Option<jiff::SignedDuration>,
+    failures: Vec<(RestCall, u16)>,
+}
+
+/// Which credential REST call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestCall {
+    Rotate,
+    Get,
+    Revoke,
+}
+
+/// Who a credential belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialKind {
+    /// A connector credential (`…/ccc`).
+    Connector,
+    /// A personal API key (`…/pcc`).
+    ApiKey,
+}
+
+/// A credential of the fake tenant.
+#[derive(Debug, Clone)]
+pub struct FakeCredential {
+    pub id: String,
+    pub client_id: String,
+    pub kind: CredentialKind,
+    pub revoked: bool,
+    pub expires_time: Option<jiff::Timestamp>,
+    kid: Option<String>,
+    public_key: Vec<u8>,
+}
+
+impl Recorded {
+    fn credential_by_client_id(&self, client_id: &str) -> Option<&FakeCredential> {
+        self.credentials.iter().find(|c| c.client_id == client_id)
+    }
+
+    /// The live credential a bearer token was issued to.
+    fn token_credential(&self, token: Option<&str>) -> Option<&FakeCredential> {
+        let id = self.token_owner.get(token?)?;
+        self.credentials.iter().find(|c| &c.id == id && !c.revoked)
+    }
 }
 
 struct Shared {
-    client_id: String,
     audience: String,
-    public_key: Vec<u8>,
     next_poll: Duration,
     next_heartbeat: Duration,
     token_lifetime: u64,
@@ -115,18 +173,27 @@ impl FakeC1 {
         let tenant = "acme.conductor.one";
         let client_id = format!("bitbucket-connector@{tenant}/ccc");
         let client_secret = secret_from_seed(&rand::random::<[u8; 32]>(), Some("key-1"));
-        let public_key = ClientCredentials::parse(&client_id, &client_secret)
-            .unwrap()
-            .public_key()
-            .to_vec();
-        let shared = Arc::new(Shared {
+        let initial = FakeCredential {
+            id: format!("cred-initial-{:x}", rand::random::<u32>()),
             client_id: client_id.clone(),
+            kind: CredentialKind::Connector,
+            revoked: false,
+            expires_time: None,
+            kid: Some("key-1".into()),
+            public_key: ClientCredentials::parse(&client_id, &client_secret)
+                .unwrap()
+                .public_key()
+                .to_vec(),
+        };
+        let shared = Arc::new(Shared {
             audience: tenant.to_owned(),
-            public_key,
             next_poll: options.next_poll,
             next_heartbeat: options.next_heartbeat,
             token_lifetime: options.token_lifetime,
-            recorded: Mutex::new(Recorded::default()),
+            recorded: Mutex::new(Recorded {
+                credentials: vec![initial],
+                ..Recorded::default()
+            }),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -161,9 +228,88 @@ impl FakeC1 {
         self.recorded().cancelled.insert(task_id.to_owned());
     }
 
-    /// The credential is revoked: token requests get 401, issued tokens stop working.
+    /// The initial credential is revoked: token requests get 401, issued tokens stop working.
     pub fn revoke_credential(&self) {
-        self.recorded().revoked = true;
+        self.recorded().credentials[0].revoked = true;
+    }
+
+    /// ConductorOne's id of the initial connector credential.
+    pub fn initial_credential_id(&self) -> String {
+        self.recorded().credentials[0].id.clone()
+    }
+
+    /// Registers a new credential of `kind` and returns its (client id, secret).
+    pub fn add_credential(&self, kind: CredentialKind) -> (String, String) {
+        let mut recorded = self.recorded();
+        let n = recorded.credentials.len();
+        let (name, suffix) = match kind {
+            CredentialKind::Connector => (format!("bitbucket-connector-{n}"), "ccc"),
+            CredentialKind::ApiKey => (format!("rotation-key-{n}"), "pcc"),
+        };
+        let client_id = format!("{name}@{}/{suffix}", self.shared.audience);
+        let id = format!("cred-{n}-{:x}", rand::random::<u32>());
+        let secret = secret_from_seed(&rand::random::<[u8; 32]>(), Some(&id));
+        let public_key = ClientCredentials::parse(&client_id, &secret)
+            .unwrap()
+            .public_key()
+            .to_vec();
+        let expires_time = recorded.credential_lifetime.map(|d| jiff::Timestamp::now() + d);
+        // The kid is the credential id (as ConductorOne's JWKs name their key).
+        recorded.credentials.push(FakeCredential {
+            kid: Some(id.clone()),
+            id,
+            client_id: client_id.clone(),
+            kind,
+            revoked: false,
+            expires_time,
+            public_key,
+        });
+        (client_id, secret)
+    }
+
+    /// Refuse REST calls from connector credentials and/or API keys (403, gRPC code 7).
+    pub fn set_refusals(&self, connector_callers: bool, api_keys: bool) {
+        let mut recorded = self.recorded();
+        recorded.refuse_connector_callers = connector_callers;
+        recorded.refuse_api_keys = api_keys;
+    }
+
+    /// The next `call` answers HTTP `status` (queued; each failure is used once).
+    pub fn fail_next(&self, call: RestCall, status: u16) {
+        self.recorded().failures.push((call, status));
+    }
+
+    /// RotateCredential issues pairs whose secret does not match the key
+    /// ConductorOne holds: they cannot authenticate.
+    pub fn issue_broken_pairs(&self, broken: bool) {
+        self.recorded().broken_pairs = broken;
+    }
+
+    /// Credentials issued from now on expire this long after issue.
+    pub fn set_credential_lifetime(&self, lifetime: Option<jiff::SignedDuration>) {
+        self.recorded().credential_lifetime = lifetime;
+    }
+
+    /// Sets the expiry of a credential.
+    pub fn set_expiry(&self, id: &str, expires_time: Option<jiff::Timestamp>) {
+        if let Some(c) = self.recorded().credentials.iter_mut().find(|c| c.id == id) {
+            c.expires_time = expires_time;
+        }
+    }
+
+    /// Ids of the connector credentials not revoked.
+    pub fn active_credentials(&self) -> Vec<String> {
+        self.recorded()
+            .credentials
+            .iter()
+            .filter(|c| c.kind == CredentialKind::Connector && !c.revoked)
+            .map(|c| c.id.clone())
+            .collect()
+    }
+
+    /// Whether `id` is known and not revoked.
+    pub fn is_active(&self, id: &str) -> bool {
+        self.recorded().credentials.iter().any(|c| c.id == id && !c.revoked)
     }
 
     /// Closes the port and every open connection.
@@ -182,6 +328,11 @@ impl FakeC1 {
     fn serve(&self, listener: TcpListener) {
         let router = Router::new()
             .route("/auth/v1/token", post(token))
+            .route("/api/v1/apps/connectors/credentials", post(rest_rotate))
+            .route(
+                "/api/v1/apps/{app}/connectors/{connector}/credentials/{id}",
+                get(rest_get).post(rest_revoke),
+            )
             .with_state(Arc::clone(&self.shared))
             .route_service(
                 "/c1.connectorapi.baton.v1.BatonService/{*method}",
@@ -284,30 +435,35 @@ async fn token(AxumState(shared): AxumState<Arc<Shared>>, Form(form): Form<Token
         )
             .into_response()
     };
-    if recorded.revoked {
-        return reject(&mut recorded, StatusCode::UNAUTHORIZED, "credential revoked".into());
-    }
-    if form.client_id != shared.client_id
-        || form.grant_type != "client_credentials"
+    if form.grant_type != "client_credentials"
         || form.client_assertion_type != "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
     {
         return reject(&mut recorded, StatusCode::BAD_REQUEST, "bad form".into());
     }
-    let (header, claims) = match verify_assertion(&form.client_assertion, &shared.public_key) {
+    let Some(credential) = recorded.credential_by_client_id(&form.client_id).cloned() else {
+        return reject(
+            &mut recorded,
+            StatusCode::BAD_REQUEST,
+            "bad form: unknown client".into(),
+        );
+    };
+    if credential.revoked {
+        return reject(&mut recorded, StatusCode::UNAUTHORIZED, "credential revoked".into());
+    }
+    let (header, claims) = match verify_assertion(&form.client_assertion, &credential.public_key) {
         Ok(v) => v,
         Err(why) => return reject(&mut recorded, StatusCode::UNAUTHORIZED, why),
     };
     let now = jiff::Timestamp::now().as_second();
-    let claims_ok = claims.iss == shared.client_id
-        && claims.sub == shared.client_id
+    let claims_ok = claims.iss == credential.client_id
+        && claims.sub == credential.client_id
         && claims.aud == shared.audience
         && claims.nbf <= now
         && now < claims.exp
         && claims.exp - claims.nbf == 240
         && (claims.iat - now).abs() < 10;
-    let header_ok = header.nonce.len() == 32
-        && header.nonce.bytes().all(|b| b.is_ascii_hexdigit())
-        && header.kid.as_deref() == Some("key-1");
+    let header_ok =
+        header.nonce.len() == 32 && header.nonce.bytes().all(|b| b.is_ascii_hexdigit()) && header.kid == credential.kid;
     if !claims_ok || !header_ok {
         return reject(
             &mut recorded,
@@ -317,6 +473,7 @@ async fn token(AxumState(shared): AxumState<Arc<Shared>>, Form(form): Form<Token
     }
     let token = format!("token-{}-{:x}", recorded.issued.len(), rand::random::<u64>());
     recorded.issued.push(token.clone());
+    recorded.token_owner.insert(token.clone(), credential.id.clone());
     axum::Json(serde_json::json!({
         "access_token": token, "token_type": "Bearer", "expires_in": shared.token_lifetime,
     }))
@@ -334,7 +491,9 @@ impl Service {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::to_owned);
-        let valid = presented.is_some_and(|t| recorded.issued.contains(&t)) && !recorded.revoked;
+        let valid = recorded
+            .token_credential(presented.as_deref())
+            .is_some_and(|c| c.kind == CredentialKind::Connector);
         if valid {
             Ok(())
         } else {
@@ -477,5 +636,146 @@ pub fn hello_task() -> baton::Task {
         id: task_id(),
         task_type: Some(baton::task::TaskType::Hello(Default::default())),
         ..Default::default()
+    }
+}
+
+/// The REST caller: the credential of a valid bearer token, unless refused.
+/// Records the call and applies a queued failure.
+fn rest_caller(
+    recorded: &mut Recorded,
+    headers: &axum::http::HeaderMap,
+    call: RestCall,
+) -> Result<String, Box<axum::response::Response>> {
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let Some(caller) = recorded.token_credential(token).cloned() else {
+        recorded.unauthenticated_calls += 1;
+        recorded.rest_calls.push((call, String::new(), 401));
+        return Err(Box::new(rest_error(
+            StatusCode::UNAUTHORIZED,
+            16,
+            "invalid or missing bearer token",
+        )));
+    };
+    let refused = match caller.kind {
+        CredentialKind::Connector => recorded.refuse_connector_callers,
+        CredentialKind::ApiKey => recorded.refuse_api_keys,
+    };
+    if refused {
+        recorded.rest_calls.push((call, caller.id, 403));
+        return Err(Box::new(rest_error(StatusCode::FORBIDDEN, 7, "permission denied")));
+    }
+    if let Some(i) = recorded.failures.iter().position(|(c, _)| *c == call) {
+        let (_, status) = recorded.failures.remove(i);
+        recorded.rest_calls.push((call, caller.id, status));
+        let status = StatusCode::from_u16(status).unwrap();
+        return Err(Box::new(rest_error(status, 14, "injected failure")));
+    }
+    recorded.rest_calls.push((call, caller.id.clone(), 200));
+    Ok(caller.id)
+}
+
+fn rest_error(status: StatusCode, code: i32, message: &str) -> axum::response::Response {
+    (
+        status,
+        axum::Json(serde_json::json!({"code": code, "message": message})),
+    )
+        .into_response()
+}
+
+fn credential_json(c: &FakeCredential, app: &str, connector: &str, secret: Option<&str>) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "id": c.id, "clientId": c.client_id, "appId": app, "connectorId": connector,
+        "displayName": c.client_id, "createdAt": "2026-12-01T00:00:00Z",
+        "expiresTime": c.expires_time.map(|t| t.to_string()),
+        "deletedAt": c.revoked.then_some("2026-12-01T00:00:00Z"),
+    });
+    if let Some(secret) = secret {
+        v["clientSecret"] = secret.into();
+    }
+    v
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RotateBody {
+    app_id: String,
+    connector_id: String,
+}
+
+async fn rest_rotate(
+    AxumState(shared): AxumState<Arc<Shared>>,
+    headers: axum::http::HeaderMap,
+    axum::Json(body): axum::Json<RotateBody>,
+) -> axum::response::Response {
+    let mut recorded = shared.recorded.lock().unwrap();
+    if let Err(response) = rest_caller(&mut recorded, &headers, RestCall::Rotate) {
+        return *response;
+    }
+    if body.app_id.is_empty() || body.connector_id.is_empty() {
+        return rest_error(StatusCode::BAD_REQUEST, 3, "appId and connectorId are required");
+    }
+    let n = recorded.credentials.len();
+    let client_id = format!("bitbucket-connector-{n}@{}/ccc", shared.audience);
+    let id = format!("cred-{n}-{:x}", rand::random::<u32>());
+    let secret = secret_from_seed(&rand::random::<[u8; 32]>(), Some(&id));
+    // A broken pair: ConductorOne holds another key than the one handed out.
+    let key_source = if recorded.broken_pairs {
+        secret_from_seed(&rand::random::<[u8; 32]>(), Some(&id))
+    } else {
+        secret.clone()
+    };
+    let public_key = ClientCredentials::parse(&client_id, &key_source)
+        .unwrap()
+        .public_key()
+        .to_vec();
+    let credential = FakeCredential {
+        kid: Some(id.clone()),
+        id,
+        client_id,
+        kind: CredentialKind::Connector,
+        revoked: false,
+        expires_time: recorded.credential_lifetime.map(|d| jiff::Timestamp::now() + d),
+        public_key,
+    };
+    let json = credential_json(&credential, &body.app_id, &body.connector_id, Some(&secret));
+    recorded.credentials.push(credential);
+    axum::Json(serde_json::json!({ "credential": json })).into_response()
+}
+
+async fn rest_get(
+    AxumState(shared): AxumState<Arc<Shared>>,
+    AxumPath((app, connector, id)): AxumPath<(String, String, String)>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    let mut recorded = shared.recorded.lock().unwrap();
+    if let Err(response) = rest_caller(&mut recorded, &headers, RestCall::Get) {
+        return *response;
+    }
+    match recorded.credentials.iter().find(|c| c.id == id) {
+        Some(c) => {
+            axum::Json(serde_json::json!({"credential": credential_json(c, &app, &connector, None)})).into_response()
+        }
+        None => rest_error(StatusCode::NOT_FOUND, 5, "credential not found"),
+    }
+}
+
+async fn rest_revoke(
+    AxumState(shared): AxumState<Arc<Shared>>,
+    AxumPath((_app, _connector, id)): AxumPath<(String, String, String)>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    let mut recorded = shared.recorded.lock().unwrap();
+    if let Err(response) = rest_caller(&mut recorded, &headers, RestCall::Revoke) {
+        return *response;
+    }
+    match recorded.credentials.iter_mut().find(|c| c.id == id && !c.revoked) {
+        Some(c) => {
+            c.revoked = true;
+            axum::Json(serde_json::json!({})).into_response()
+        }
+        None => rest_error(StatusCode::NOT_FOUND, 5, "credential not found"),
     }
 }

@@ -71,8 +71,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   resources: ["secrets"]
   verbs: ["get", "list", "watch"]
 {{- if .Values.credentialRotation.enabled }}
-# Credential rotation writes into the connector's existing Secret: update and
-# patch only (never create or delete), by name when secretNames is set.
+# Credential rotation writes the rotated ConductorOne pair into an
+# operator-owned Secret (<connector>-conductorone by default), never the
+# user's. RBAC cannot limit create by name, so create is namespace-wide;
+# update and patch are limited to secretNames when set. Never delete: the
+# Secret is garbage-collected with its connector (owner reference).
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create"]
 - apiGroups: [""]
   resources: ["secrets"]
   {{- with .Values.credentialRotation.secretNames }}
