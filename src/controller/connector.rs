@@ -51,6 +51,8 @@ pub use super::common::FIELD_MANAGER;
 pub struct Context {
     pub scaffold: Scaffold<BitbucketConnector>,
     pub manager: Arc<Manager>,
+    /// The watched namespaces (empty: all), where a deleted connector's grants are looked for.
+    pub(super) watched: Vec<String>,
 }
 
 impl Context {
@@ -58,7 +60,14 @@ impl Context {
         Context {
             scaffold: Scaffold::new("connector", client, recorder, metrics),
             manager,
+            watched: Vec::new(),
         }
+    }
+
+    /// Scopes the context to the watched namespaces (`run --watch-namespaces`; empty: all).
+    pub fn watching(mut self, namespaces: Vec<String>) -> Self {
+        self.watched = namespaces;
+        self
     }
 
     fn store(&self) -> &Arc<Store> {
@@ -183,6 +192,10 @@ pub async fn reconcile(obj: Arc<BitbucketConnector>, ctx: Arc<Context>) -> Resul
     let namespace = obj.namespace().ok_or(ReconcileError::NotNamespaced)?;
     let span = tracing::info_span!("reconcile", namespace = %namespace, name = %obj.name_any());
     let api: Api<BitbucketConnector> = Api::namespaced(ctx.scaffold.client.clone(), &namespace);
+    // Held grants are revoked before the finalizer's cleanup may run.
+    if let Some(action) = super::connector_deletion::hold_for_grants(&obj, &ctx, &namespace).await? {
+        return Ok(action);
+    }
     let pass = finalizer(&api, CONNECTOR_FINALIZER, obj, |event| async {
         match event {
             finalizer::Event::Apply(obj) => apply(obj, &ctx).await,
@@ -201,12 +214,12 @@ pub fn error_policy(obj: Arc<BitbucketConnector>, err: &ReconcileError, ctx: Arc
 }
 
 /// What the Secret gave, or why it could not.
-enum SecretOutcome {
+pub(super) enum SecretOutcome {
     Settings(ConnectorSettings, SecretValues),
     Problem { reason: Reason, message: String },
 }
 
-async fn read_settings(
+pub(super) async fn read_settings(
     obj: &BitbucketConnector,
     ctx: &Context,
     namespace: &str,
@@ -259,9 +272,9 @@ pub(crate) fn settings_for(
     if let Some(workspaces) = &obj.spec.workspaces {
         settings.workspaces = workspaces.clone();
     }
-    if let Some(provisioning) = obj.spec.provisioning {
-        settings.provisioning = provisioning;
-    }
+    // The one rule for the CR's switch against the Secret's (a Secret's
+    // explicit false is a veto): see `grant::policy::resolve_switch`.
+    settings.provisioning = super::grant::lookup::switch_of(obj, secret)?.enabled;
     Ok((settings, values))
 }
 
@@ -410,16 +423,7 @@ async fn observe(
             Ok(Pass::new(problem(reason, message), STALLED_REQUEUE).without_session("the Secret is not usable"))
         }
         (SecretOutcome::Settings(settings, values), Ok(desired)) => {
-            let limits = obj.spec.rate_limit();
-            let engine_settings = EngineSettings {
-                api_url,
-                workspaces: settings.workspaces.clone(),
-                limits: Limits {
-                    max_requests: limits.requests_per_hour.max(1),
-                    window: Duration::from_secs(3600),
-                    max_in_flight: limits.max_in_flight.max(1) as usize,
-                },
-            };
+            let engine_settings = engine_settings(obj, &settings, api_url);
             match ctx.manager.configure(
                 ObjectRef::from_obj(obj.as_ref()),
                 &settings,
@@ -445,6 +449,24 @@ async fn observe(
                 }
             }
         }
+    }
+}
+
+/// What the connector's engine is built from: its URL, workspaces and pacing.
+pub(super) fn engine_settings(
+    obj: &BitbucketConnector,
+    settings: &ConnectorSettings,
+    api_url: String,
+) -> EngineSettings {
+    let limits = obj.spec.rate_limit();
+    EngineSettings {
+        api_url,
+        workspaces: settings.workspaces.clone(),
+        limits: Limits {
+            max_requests: limits.requests_per_hour.max(1),
+            window: Duration::from_secs(3600),
+            max_in_flight: limits.max_in_flight.max(1) as usize,
+        },
     }
 }
 

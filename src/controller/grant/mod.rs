@@ -131,6 +131,8 @@
 //! [`level_to_restore`]: crate::provision::level_to_restore
 
 pub mod decide;
+pub mod lookup;
+pub mod policy;
 mod reconcile;
 pub mod status;
 
@@ -150,6 +152,7 @@ pub use decide::{
     Peer, Step, applied_access, decide, expiry, held_access, is_held, previous_to_record, request_for, restore_level,
     revoke_request, same_access,
 };
+pub use policy::{Violation, resolve_switch};
 pub use reconcile::{Blocker, controller, error_policy, reconcile};
 pub use status::EXPIRED_CONDITION;
 
@@ -158,6 +161,9 @@ pub struct GrantContext {
     pub scaffold: Scaffold<BitbucketAccessGrant>,
     pub manager: Arc<Manager>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The namespaces the operator watches (empty: all). A grant may use a
+    /// connector of any of them, so connectors and peers are looked for there.
+    watched: Vec<String>,
 }
 
 impl GrantContext {
@@ -166,7 +172,40 @@ impl GrantContext {
             scaffold: Scaffold::new("grant", client, recorder, metrics),
             manager,
             locks: Mutex::default(),
+            watched: Vec::new(),
         }
+    }
+
+    /// Scopes the context to the watched namespaces (`run --watch-namespaces`; empty: all).
+    pub fn watching(mut self, namespaces: Vec<String>) -> Self {
+        self.watched = namespaces;
+        self
+    }
+
+    fn apis<K>(&self) -> Vec<kube::Api<K>>
+    where
+        K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        let client = &self.scaffold.client;
+        if self.watched.is_empty() {
+            vec![kube::Api::all(client.clone())]
+        } else {
+            self.watched
+                .iter()
+                .map(|ns| kube::Api::namespaced(client.clone(), ns))
+                .collect()
+        }
+    }
+
+    /// Grants in every watched namespace.
+    fn grant_apis(&self) -> Vec<kube::Api<BitbucketAccessGrant>> {
+        self.apis()
+    }
+
+    /// Connectors in every watched namespace.
+    fn connector_apis(&self) -> Vec<kube::Api<crate::crd::BitbucketConnector>> {
+        self.apis()
     }
 
     /// One lock per namespace/connector/workspace/target: overlapping grants
