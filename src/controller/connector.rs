@@ -215,8 +215,12 @@ pub fn error_policy(obj: Arc<BitbucketConnector>, err: &ReconcileError, ctx: Arc
 
 /// What the Secret gave, or why it could not.
 pub(super) enum SecretOutcome {
-    Settings(ConnectorSettings, SecretValues),
-    Problem { reason: Reason, message: String },
+    /// The settings, the values read (to scrub) and the provisioning switch.
+    Settings(ConnectorSettings, SecretValues, super::grant::policy::Switch),
+    Problem {
+        reason: Reason,
+        message: String,
+    },
 }
 
 pub(super) async fn read_settings(
@@ -242,8 +246,10 @@ pub(super) async fn read_settings(
             });
         }
     };
-    Ok(match settings_for(obj, &secret) {
-        Ok((settings, values)) => SecretOutcome::Settings(settings, values),
+    let read = settings_for(obj, &secret)
+        .and_then(|(settings, values)| Ok((settings, values, super::grant::lookup::switch_of(obj, &secret)?)));
+    Ok(match read {
+        Ok((settings, values, switch)) => SecretOutcome::Settings(settings, values, switch),
         Err(err) => SecretOutcome::Problem {
             reason: settings_reason(&err),
             message: format!("Secret {secret_name}: {err}"),
@@ -304,6 +310,8 @@ struct Pass {
     transient: Option<SyncError>,
     running: BTreeSet<SyncKind>,
     conductor_one: C1Health,
+    /// The provisioning switch, when the Secret could be read.
+    provisioning: Option<super::grant::policy::Switch>,
 }
 
 impl Pass {
@@ -316,6 +324,7 @@ impl Pass {
             transient: None,
             running: BTreeSet::new(),
             conductor_one: C1Health::Unobserved,
+            provisioning: None,
         }
     }
 
@@ -367,7 +376,7 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
     if let Health::Connected { .. } = pass.health {
         pass.requeue = next_due(&obj, &loops, &pass.running).unwrap_or(pass.requeue);
     }
-    let new_status = status::compute(&Observation {
+    let mut new_status = status::compute(&Observation {
         generation: obj.metadata.generation,
         spec: &obj.spec,
         previous: current.as_ref(),
@@ -377,6 +386,9 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
         handled_reconcile_at: if newly_requested { requested } else { None },
         conductor_one: pass.conductor_one,
     });
+    if let Some(switch) = &pass.provisioning {
+        set_provisioning_condition(&mut new_status, switch, obj.metadata.generation);
+    }
     publish_transitions(&obj, current.as_ref(), &new_status, pass.credentials_changed, ctx).await;
     warn_rotation_not_implemented(&obj, current.as_ref(), ctx).await;
     record_gauges(&obj, &namespace, &new_status, &ctx.scaffold.metrics);
@@ -422,7 +434,7 @@ async fn observe(
             ctx.manager.remove(key).await;
             Ok(Pass::new(problem(reason, message), STALLED_REQUEUE).without_session("the Secret is not usable"))
         }
-        (SecretOutcome::Settings(settings, values), Ok(desired)) => {
+        (SecretOutcome::Settings(settings, values, switch), Ok(desired)) => {
             let engine_settings = engine_settings(obj, &settings, api_url);
             match ctx.manager.configure(
                 ObjectRef::from_obj(obj.as_ref()),
@@ -441,6 +453,7 @@ async fn observe(
                 }
                 Ok((runtime, changed)) => {
                     let mut pass = connect(&runtime, &desired, newly_requested).await;
+                    pass.provisioning = Some(switch);
                     pass.conductor_one =
                         reconcile_session(&ctx.manager, &runtime, &obj.spec, &settings, &engine_settings).await;
                     pass.credentials_changed = changed;
@@ -533,6 +546,26 @@ async fn current_loops(
         None => loop_statuses(&store, &key, &enabled, &BTreeSet::new()),
     })
     .await?)
+}
+
+/// The `Provisioning` condition: whether this connector grants access, and
+/// why (a Secret's veto of `enabled: true` is `ProvisioningConflict`, never
+/// silent). Informational: it does not affect `Ready`.
+fn set_provisioning_condition(
+    status: &mut BitbucketConnectorStatus,
+    switch: &super::grant::policy::Switch,
+    generation: Option<i64>,
+) {
+    crate::crd::set_condition(
+        &mut status.conditions,
+        crate::crd::new_condition(
+            ct::PROVISIONING,
+            switch.enabled,
+            switch.reason,
+            switch.message.clone(),
+            generation,
+        ),
+    );
 }
 
 /// `spec.credentialRotation` is accepted but not acted on: say so once per generation.
@@ -652,6 +685,19 @@ pub fn transition_events(
         events.push(event(EventType::Warning, EventReason::SyncFailed.as_str(), message));
     }
     events.extend(conductorone_event(previous, new));
+    let conflict = |s: Option<&BitbucketConnectorStatus>| {
+        typed_condition(s, ct::PROVISIONING).is_some_and(|c| c.1 == Reason::ProvisioningConflict.as_str())
+    };
+    if conflict(Some(new))
+        && !conflict(previous)
+        && let Some((_, _, message)) = typed_condition(Some(new), ct::PROVISIONING)
+    {
+        events.push(event(
+            EventType::Warning,
+            EventReason::ProvisioningConflict.as_str(),
+            message,
+        ));
+    }
     if credentials_changed {
         let fingerprint = new
             .credentials

@@ -104,7 +104,7 @@ async fn keep_client(obj: &Arc<BitbucketConnector>, ctx: &Context, namespace: &s
         return Ok(format!("; they cannot be revoked: spec.apiUrl: {err}"));
     }
     let (settings, values) = match read_settings(obj, ctx, namespace).await? {
-        SecretOutcome::Settings(settings, values) => (settings, values),
+        SecretOutcome::Settings(settings, values, _) => (settings, values),
         SecretOutcome::Problem { reason, message } => {
             return Ok(format!("; they cannot be revoked yet ({reason}: {message})"));
         }
