@@ -1093,9 +1093,15 @@ def grant(status=None, spec=None):
     (grant({"observedGeneration": 1, "state": "Granted", "conditions": [cond("Ready", "True")]}), "Progressing"),
     (grant({"observedGeneration": 2, "state": "Pending", "conditions": [cond("Ready", "False")]}), "Progressing"),
     (grant({"observedGeneration": 2, "state": "Expired", "conditions": [cond("Ready", "False")]}), "Healthy"),
+    (grant({"observedGeneration": 2, "state": "Denied", "conditions": [cond("Ready", "False", "PermissionNotAllowed"),
+                                                                   cond("Stalled", "True", "PermissionNotAllowed")]}),
+     "Degraded"),
+    (grant({"observedGeneration": 2, "state": "Revoked", "conditions": [cond("Ready", "False", "ConnectorDeleted")]}),
+     "Degraded"),
     (grant({"observedGeneration": 2, "state": "Granted", "conditions": [cond("Ready", "True")]},
            spec={"permission": "write", "suspend": True}), "Healthy"),
-], ids=["granted", "failed", "stalled", "no-status", "stale-generation", "pending", "expired", "never-suspended"])
+], ids=["granted", "failed", "stalled", "no-status", "stale-generation", "pending", "expired", "denied", "revoked",
+        "never-suspended"])
 def test_access_grant_health(obj, expected, tmp_path):
     status, msg = run_health(GRANT_LUA, obj, tmp_path)
     assert status == expected, msg
