@@ -669,12 +669,18 @@ async fn a_spec_change_the_api_server_let_through_never_widens_access() {
         })
         .await;
     let ready = condition(&g, "Ready").unwrap();
-    assert_eq!((ready["status"].as_str(), ready["reason"].as_str()), (Some("False"), Some("SpecImmutable")));
+    assert_eq!(
+        (ready["status"].as_str(), ready["reason"].as_str()),
+        (Some("False"), Some("SpecImmutable"))
+    );
     assert!(ready["message"].as_str().unwrap().contains("write on"), "{ready}");
     assert_eq!(condition(&g, "Stalled").unwrap()["status"], "True");
     assert_eq!(g["status"]["state"], "Granted", "the access it holds is in place");
     assert_eq!(g["status"]["applied"]["permission"], "write");
-    assert_eq!(g["status"]["expiresAt"], expires, "a longer duration does not extend it");
+    assert_eq!(
+        g["status"]["expiresAt"], expires,
+        "a longer duration does not extend it"
+    );
     assert_eq!(e.truth().as_deref(), Some("write"), "nothing written");
     assert!(e.events_of("change").iter().all(|(r, _)| r != "Revoked"));
 
