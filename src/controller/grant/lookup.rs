@@ -17,7 +17,7 @@ use super::GrantContext;
 use super::policy::{self, Switch, Violation};
 use super::reconcile::Blocker;
 use crate::controller::secret::{SecretRead, read_opted_in};
-use crate::crd::{BitbucketAccessGrant, BitbucketConnector, ProvisioningPolicy};
+use crate::crd::{BitbucketAccessGrant, BitbucketConnector};
 use crate::provision::{AfterRefresh, Provisioner, StoreInventory};
 use crate::settings::not_opted_in_message;
 
@@ -187,19 +187,6 @@ fn runtime_provisioner(ctx: &GrantContext, namespace: &str, connector: &str) -> 
     let hook = AfterRefresh(Arc::new(move |kind| resync.resync_if_running(kind)));
     let inventory = StoreInventory::new(Arc::clone(ctx.manager.store()), key).after_refresh(hook);
     Ok(Provisioner::new(client, true).with_inventory(Arc::new(inventory)))
-}
-
-/// The namespaces whose grants may reference a connector: its own and its
-/// `grantNamespaces`. Peers of a grant, and the grants a deleted connector
-/// must revoke, are looked for there.
-pub fn grant_namespaces(connector_namespace: &str, policy: Option<&ProvisioningPolicy>) -> Vec<String> {
-    let mut namespaces = vec![connector_namespace.to_owned()];
-    for ns in policy.map(|p| p.grant_namespaces.as_slice()).unwrap_or_default() {
-        if !namespaces.contains(ns) {
-            namespaces.push(ns.clone());
-        }
-    }
-    namespaces
 }
 
 /// Whether `grant` (in `grant_namespace`) references the connector `namespace/name`.

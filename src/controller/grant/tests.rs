@@ -463,3 +463,76 @@ fn provisioning_is_read_with_the_connector_decoder() {
     let err = switch(&connector, &[0xff, 0xfe]).unwrap_err();
     assert_eq!(err.to_string(), "key BATON_PROVISIONING is not UTF-8 text");
 }
+
+#[test]
+fn a_denial_is_new_once_per_rule_and_a_revoked_grant_holds_nothing() {
+    let denied = |reason| {
+        compute(
+            None,
+            Some(1),
+            "repository/api".into(),
+            problem(reason, true, GrantState::Denied),
+        )
+    };
+    let by_permission = denied(Reason::PermissionNotAllowed);
+    assert_eq!(by_permission.state.as_deref(), Some("Denied"));
+    assert!(super::status::is_new_denial(None, &by_permission));
+    assert!(
+        !super::status::is_new_denial(Some(&by_permission), &by_permission),
+        "the same denial again is not new"
+    );
+    let by_duration = denied(Reason::DurationExceedsMaximum);
+    assert!(
+        super::status::is_new_denial(Some(&by_permission), &by_duration),
+        "another rule is"
+    );
+    let failed = compute(
+        None,
+        Some(1),
+        "repository/api".into(),
+        problem(Reason::ProvisioningDisabled, true, GrantState::Failed),
+    );
+    assert!(
+        !super::status::is_new_denial(None, &failed),
+        "a failure is not a denial"
+    );
+
+    let held = granted(100, None);
+    let revoked = compute(
+        Some(&held),
+        Some(1),
+        "repository/api".into(),
+        Outcome::Revoked {
+            message: "the connector is being deleted".into(),
+        },
+    );
+    assert_eq!(revoked.state.as_deref(), Some("Revoked"));
+    assert!(!is_held(Some(&revoked)) && revoked.applied.is_none());
+    let ready = find_condition(&revoked.conditions, ct::READY).unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "ConnectorDeleted")
+    );
+}
+
+#[test]
+fn grants_reference_a_connector_by_namespace_and_name() {
+    let grant = |ns: &str, connector_ns: Option<&str>| {
+        let mut g = BitbucketAccessGrant::new("g", spec());
+        g.metadata.namespace = Some(ns.into());
+        g.spec.connector_ref.namespace = connector_ns.map(str::to_owned);
+        g
+    };
+    assert!(super::lookup::references(&grant("bitbucket", None), "bitbucket", "c"));
+    assert!(!super::lookup::references(&grant("team-a", None), "bitbucket", "c"));
+    assert!(super::lookup::references(
+        &grant("team-a", Some("bitbucket")),
+        "bitbucket",
+        "c"
+    ));
+    assert!(!super::lookup::references(
+        &grant("team-a", Some("bitbucket")),
+        "bitbucket",
+        "other"
+    ));
+}
