@@ -1,7 +1,8 @@
 //! Deleting a connector that still holds access: its held grants are
 //! revoked first. The connector's finalizer is not released while any
-//! grant that referenced it (in its namespace or a `grantNamespaces` one,
-//! among the watched namespaces) still holds access; meanwhile the
+//! grant of a watched namespace still holds access it granted (matched by
+//! `status.applied`, so a namespace dropped from `grantNamespaces` since
+//! still counts); meanwhile the
 //! connector reports `Ready=False`, reason `RevokingGrants`, with their
 //! count and names, and its Bitbucket client stays alive (sync loops and
 //! the ConductorOne session stop) so that the grant controller can revoke
