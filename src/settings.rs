@@ -411,6 +411,27 @@ impl ConnectorSettings {
     }
 }
 
+/// The Secret's provisioning switch as written: `Some(false)` for an
+/// explicit "off" (a veto the connector's spec cannot override), `None`
+/// when the key is absent or empty. A value that is not a boolean, or not
+/// text, is an error (never read as off).
+pub fn provisioning_switch(secret: &Secret, keys: &SecretKeys) -> Result<Option<bool>, SettingsError> {
+    let data = secret.data.iter().flatten().map(|(k, v)| (k.clone(), v.0.clone()));
+    let string_data = secret.string_data.iter().flatten().map(|(k, v)| (k.clone(), v.clone()));
+    let entries = decode_entries(data, string_data, keys)?;
+    match entries
+        .get(keys.provisioning())
+        .map(|v| v.trim())
+        .filter(|v| !v.is_empty())
+    {
+        None => Ok(None),
+        Some(value) => parse_bool(value).map(Some).ok_or_else(|| SettingsError::Invalid {
+            key: keys.provisioning().to_owned(),
+            reason: "must be true or false".into(),
+        }),
+    }
+}
+
 /// The values read from a Secret, kept only to scrub them out of texts that
 /// come back from elsewhere and may repeat one (Bitbucket's "workspace x not
 /// found", a sync error). Debug shows none of them.

@@ -156,6 +156,12 @@ async fn env(seed: u64, provisioning: bool) -> (Env, Running) {
             "secretRef": {"name": "bitbucket-credentials"},
             "apiUrl": sim.base_url(),
             "rateLimit": {"requestsPerHour": 100000, "maxInFlight": 8},
+            // These tests are about the grant lifecycle: a policy that allows
+            // every level, without an end (tests/grant_policy.rs tests the rules).
+            "provisioning": {
+                "requireDuration": false,
+                "allowedPermissions": ["member", "read", "write", "create-repo", "admin"],
+            },
         },
     }));
     let store = Arc::new(Store::open_in_memory().unwrap());
@@ -289,6 +295,13 @@ impl Env {
             }
         }
         assert_eq!(self.truth_of(uuid).as_deref(), level);
+    }
+
+    /// The nickname of another plain member of the workspace than the test user.
+    fn other_member_nick(&self) -> String {
+        let uuid = self.other_member_uuid();
+        let org = self.sim.organisation();
+        org.users.iter().find(|u| u.uuid == uuid).unwrap().nickname.clone()
     }
 
     /// Another plain member of the workspace than the test user.
@@ -499,28 +512,34 @@ async fn provisioning_disabled_is_refused_without_a_write() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deletion_is_not_blocked_when_provisioning_was_disabled_since() {
+async fn disabling_provisioning_stops_new_grants_but_deletion_still_revokes() {
     let (e, op) = env(18, true).await;
     e.set_level(None).await;
-    e.create("stuck", "write", json!({})).await;
-    e.wait_state("stuck", "Granted").await;
+    e.create("held", "write", json!({})).await;
+    e.wait_state("held", "Granted").await;
     assert_eq!(e.truth().as_deref(), Some("write"));
     let connectors: Api<bitbucket_operator::crd::BitbucketConnector> = Api::namespaced(e.fake.client(), NS);
     connectors
         .patch(
             "bb",
             &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"provisioning": false}})),
+            &Patch::Merge(json!({"spec": {"provisioning": {"enabled": false}}})),
         )
         .await
         .unwrap();
-    e.delete("stuck").await;
-    let note = e.wait_event("stuck", "RevokeSkipped").await;
+    // A new grant is refused, without a write.
+    e.create_for("new", &e.other_member_nick(), "read", json!({})).await;
+    let g = e.wait_state("new", "Failed").await;
+    assert_eq!(condition(&g, "Ready").unwrap()["reason"], "ProvisioningDisabled");
+    // Deleting the held one revokes it: disabling stops new grants only.
+    e.delete("held").await;
+    let note = e.wait_event("held", "Revoked").await;
+    assert!(note.contains("revoked write"), "{note}");
+    assert_eq!(e.truth(), None, "revoked although provisioning is off");
     assert!(
-        note.contains("could not be revoked") && note.contains("ProvisioningDisabled"),
-        "{note}"
+        e.events_of("held").iter().all(|(r, _)| r != "RevokeSkipped"),
+        "nothing is skipped any more"
     );
-    assert_eq!(e.truth().as_deref(), Some("write"), "left for a person, and said so");
     op.stop().await;
 }
 
@@ -621,58 +640,69 @@ async fn overlapping_grants_higher_wins_and_removal_restores_the_other() {
     op.stop().await;
 }
 
+/// The CRD makes the request immutable (CEL, tested in tests/chart); an
+/// API server that lets a change through anyway (the fake here enforces no
+/// CEL) changes nothing in Bitbucket: the held access stays exactly as
+/// granted, its end never moves later, and the grant says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spec_change_applies_the_new_level_and_keeps_the_original_for_restore() {
+async fn a_spec_change_the_api_server_let_through_never_widens_access() {
     let (e, op) = env(17, true).await;
     e.set_level(Some("read")).await;
-    e.create("change", "write", json!({})).await;
-    e.wait_state("change", "Granted").await;
+    e.create("change", "write", json!({"duration": "1h"})).await;
+    let granted = e.wait_state("change", "Granted").await;
     assert_eq!(e.truth().as_deref(), Some("write"));
+    let expires = granted["status"]["expiresAt"].clone();
+    assert!(expires.is_string());
 
     e.grants()
         .patch(
             "change",
             &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"permission": "admin"}})),
+            &Patch::Merge(json!({"spec": {"permission": "admin", "duration": "100h"}})),
         )
         .await
         .unwrap();
     let g = e
         .fake
         .wait_for(API, GRANT, Some(NS), "change", WAIT, |g| {
-            g["status"]["observedGeneration"] == 2 && g["status"]["state"] == "Granted"
+            g["status"]["observedGeneration"] == 2
         })
         .await;
-    assert_eq!(e.truth().as_deref(), Some("admin"));
-    assert_eq!(g["status"]["previousPermission"], "read");
+    let ready = condition(&g, "Ready").unwrap();
     assert_eq!(
-        g["status"]["applied"]["permission"], "admin",
-        "status.applied follows the regrant"
+        (ready["status"].as_str(), ready["reason"].as_str()),
+        (Some("False"), Some("SpecImmutable"))
     );
+    assert!(ready["message"].as_str().unwrap().contains("write on"), "{ready}");
+    assert_eq!(condition(&g, "Stalled").unwrap()["status"], "True");
+    assert_eq!(g["status"]["state"], "Granted", "the access it holds is in place");
+    assert_eq!(g["status"]["applied"]["permission"], "write");
+    assert_eq!(
+        g["status"]["expiresAt"], expires,
+        "a longer duration does not extend it"
+    );
+    assert_eq!(e.truth().as_deref(), Some("write"), "nothing written");
+    assert!(e.events_of("change").iter().all(|(r, _)| r != "Revoked"));
 
-    // Only the expiry changes: nothing is written.
+    // Back to the original request, with a shorter duration: held again, ending sooner.
     e.grants()
         .patch(
             "change",
             &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"duration": "1h"}})),
+            &Patch::Merge(json!({"spec": {"permission": "write", "duration": "30m"}})),
         )
         .await
         .unwrap();
     let g = e
         .fake
         .wait_for(API, GRANT, Some(NS), "change", WAIT, |g| {
-            g["status"]["observedGeneration"] == 3 && g["status"]["expiresAt"].is_string()
+            g["status"]["observedGeneration"] == 3
         })
         .await;
-    assert_eq!(g["status"]["state"], "Granted");
-    assert_eq!(e.truth().as_deref(), Some("admin"));
-    let revoked = e
-        .events_of("change")
-        .into_iter()
-        .filter(|(r, _)| r == "Revoked")
-        .count();
-    assert_eq!(revoked, 1, "only the permission change ended the old access");
+    assert_eq!(condition(&g, "Ready").unwrap()["status"], "True");
+    let before: jiff::Timestamp = expires.as_str().unwrap().parse().unwrap();
+    let now: jiff::Timestamp = g["status"]["expiresAt"].as_str().unwrap().parse().unwrap();
+    assert_eq!(before.duration_since(now).as_secs(), 1800, "30 minutes sooner");
 
     e.delete("change").await;
     assert_eq!(e.truth().as_deref(), Some("read"));
@@ -776,7 +806,7 @@ async fn a_missing_connector_is_reported_and_deletion_is_not_blocked() {
         "apiVersion": API,
         "kind": CONNECTOR,
         "metadata": {"name": "bb", "namespace": "other"},
-        "spec": {"secretRef": {"name": "x"}, "provisioning": true},
+        "spec": {"secretRef": {"name": "x"}, "provisioning": {"enabled": true}},
     }));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let g = fake.get(API, GRANT, Some(NS), "orphan").unwrap();
@@ -788,7 +818,7 @@ async fn a_missing_connector_is_reported_and_deletion_is_not_blocked() {
         "apiVersion": API,
         "kind": CONNECTOR,
         "metadata": {"name": "bb", "namespace": NS},
-        "spec": {"secretRef": {"name": "missing"}, "provisioning": true},
+        "spec": {"secretRef": {"name": "missing"}, "provisioning": {"enabled": true}},
     }));
     fake.wait_for(API, GRANT, Some(NS), "orphan", Duration::from_secs(10), |g| {
         condition(g, "Ready").is_some_and(|r| r["reason"] == "ConnectorNotReady")
@@ -893,7 +923,8 @@ async fn real_cluster_grant_lifecycle() {
             &PostParams::default(),
             &serde_json::from_value(json!({
                 "metadata": {"name": "bb"},
-                "spec": {"secretRef": {"name": "bitbucket-credentials"}, "provisioning": true, "apiUrl": api_url,
+                "spec": {"secretRef": {"name": "bitbucket-credentials"},
+                         "provisioning": {"enabled": true, "requireDuration": false}, "apiUrl": api_url,
                          "resources": {"accounts": {"enabled": false}, "groups": {"enabled": false},
                                        "projects": {"enabled": false}}},
             }))

@@ -256,6 +256,30 @@ fn connector_crd_schema() {
         (Some(1.0), Some(64.0))
     );
     assert_eq!(rl["maxInFlight"]["default"], 4);
+    // spec.provisioning is the grant policy, an object with safe defaults
+    // (the boolean of earlier versions is refused by its type).
+    let prov = &sp["provisioning"];
+    assert_eq!(prov["type"], "object");
+    let pp = &prov["properties"];
+    assert_eq!(pp["maxDuration"]["default"], "168h");
+    assert!(rules(&pp["maxDuration"]).contains(&"duration(self) >= duration('1m')".to_owned()));
+    assert_eq!(pp["requireDuration"]["default"], true);
+    assert_eq!(
+        pp["allowedPermissions"]["default"],
+        serde_json::json!(["read", "write"])
+    );
+    assert_eq!(pp["enabled"]["type"], "boolean");
+    assert!(pp["enabled"].get("default").is_none(), "absent: the Secret decides");
+    for kind in ["repositories", "projects", "groups"] {
+        assert_eq!(
+            pp["allowedTargets"]["properties"][kind]["items"]["pattern"], "^[A-Za-z0-9_.*-]+/[A-Za-z0-9_.*-]+$",
+            "allowedTargets.{kind}"
+        );
+    }
+    assert_eq!(
+        pp["grantNamespaces"]["items"]["pattern"],
+        "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+    );
     let rot = &sp["credentialRotation"]["properties"];
     assert!(rules(&rot["schedule"]).contains(&"duration(self) >= duration('1h')".to_owned()));
     assert_eq!(
@@ -350,8 +374,55 @@ fn access_grant_crd_schema() {
             "spec CEL rules miss {needle}: {spec_rules}"
         );
     }
+    // The request is immutable; its end can only come sooner (transition rules).
+    let immutable = [
+        ("self.principal == oldSelf.principal", "spec.principal is immutable"),
+        ("self.target == oldSelf.target", "spec.target is immutable"),
+        ("self.permission == oldSelf.permission", "spec.permission is immutable"),
+        (
+            "self.connectorRef == oldSelf.connectorRef",
+            "spec.connectorRef is immutable",
+        ),
+    ];
+    let spec_rules: Vec<(String, String)> = spec["x-kubernetes-validations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["rule"].as_str().unwrap().to_owned(),
+                r["message"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    for (rule, message) in immutable {
+        assert!(
+            spec_rules.iter().any(|(r, m)| r == rule && m.starts_with(message)),
+            "missing {rule}: {spec_rules:?}"
+        );
+    }
+    for (field, needle) in [
+        ("duration", "duration(self.duration) <= duration(oldSelf.duration)"),
+        ("expiresAt", "self.expiresAt <= oldSelf.expiresAt"),
+    ] {
+        assert!(
+            spec_rules
+                .iter()
+                .any(|(r, _)| r.contains(needle)
+                    && r.starts_with(&format!("!has(oldSelf.{field}) || (has(self.{field})"))),
+            "{field} may only shrink, and not be removed: {spec_rules:?}"
+        );
+    }
+    assert_eq!(sp["expiresAt"]["format"], "date-time", "compared as a timestamp by CEL");
+    let cref = &sp["connectorRef"]["properties"];
+    assert_eq!(cref["namespace"]["pattern"], "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$");
+    assert_eq!(sp["connectorRef"]["required"], serde_json::json!(["name"]));
     let status = &s["properties"]["status"];
     assert_list_map_conditions(status);
+    assert!(
+        status["properties"]["applied"]["properties"]["connectorNamespace"].is_object(),
+        "status.applied records the connector's namespace"
+    );
     for f in [
         "observedGeneration",
         "state",

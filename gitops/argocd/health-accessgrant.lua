@@ -1,6 +1,8 @@
 -- Argo CD health check for connectors.dev/BitbucketAccessGrant.
 -- Healthy: Ready=True, or state Expired (the grant ran its course and was
--- revoked as asked). Degraded: state Failed or Stalled=True. Progressing:
+-- revoked as asked). Degraded: state Failed, Denied (outside the
+-- connector's policy; Stalled=True too) or Revoked (its connector was
+-- deleted), or Stalled=True. Progressing:
 -- anything else, including no status yet and an unobserved generation.
 -- A grant is never Suspended.
 local hs = { status = "Progressing", message = "Waiting for the operator to report status" }
@@ -26,7 +28,8 @@ if obj.status.conditions ~= nil then
     end
   end
 end
-if obj.status.state == "Failed" or (stalled ~= nil and stalled.status == "True") then
+local state = obj.status.state
+if state == "Failed" or state == "Denied" or state == "Revoked" or (stalled ~= nil and stalled.status == "True") then
   hs.status = "Degraded"
   if stalled ~= nil and stalled.status == "True" and stalled.message ~= nil then
     hs.message = stalled.message

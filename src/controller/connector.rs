@@ -52,6 +52,8 @@ pub use super::common::FIELD_MANAGER;
 pub struct Context {
     pub scaffold: Scaffold<BitbucketConnector>,
     pub manager: Arc<Manager>,
+    /// The watched namespaces (empty: all), where a deleted connector's grants are looked for.
+    pub(super) watched: Vec<String>,
 }
 
 impl Context {
@@ -59,7 +61,14 @@ impl Context {
         Context {
             scaffold: Scaffold::new("connector", client, recorder, metrics),
             manager,
+            watched: Vec::new(),
         }
+    }
+
+    /// Scopes the context to the watched namespaces (`run --watch-namespaces`; empty: all).
+    pub fn watching(mut self, namespaces: Vec<String>) -> Self {
+        self.watched = namespaces;
+        self
     }
 
     fn store(&self) -> &Arc<Store> {
@@ -184,6 +193,10 @@ pub async fn reconcile(obj: Arc<BitbucketConnector>, ctx: Arc<Context>) -> Resul
     let namespace = obj.namespace().ok_or(ReconcileError::NotNamespaced)?;
     let span = tracing::info_span!("reconcile", namespace = %namespace, name = %obj.name_any());
     let api: Api<BitbucketConnector> = Api::namespaced(ctx.scaffold.client.clone(), &namespace);
+    // Held grants are revoked before the finalizer's cleanup may run.
+    if let Some(action) = super::connector_deletion::hold_for_grants(&obj, &ctx, &namespace).await? {
+        return Ok(action);
+    }
     let pass = finalizer(&api, CONNECTOR_FINALIZER, obj, |event| async {
         match event {
             finalizer::Event::Apply(obj) => apply(obj, &ctx).await,
@@ -202,12 +215,16 @@ pub fn error_policy(obj: Arc<BitbucketConnector>, err: &ReconcileError, ctx: Arc
 }
 
 /// What the Secret gave, or why it could not.
-enum SecretOutcome {
-    Settings(ConnectorSettings, SecretValues),
-    Problem { reason: Reason, message: String },
+pub(super) enum SecretOutcome {
+    /// The settings, the values read (to scrub) and the provisioning switch.
+    Settings(ConnectorSettings, SecretValues, super::grant::policy::Switch),
+    Problem {
+        reason: Reason,
+        message: String,
+    },
 }
 
-async fn read_settings(
+pub(super) async fn read_settings(
     obj: &BitbucketConnector,
     ctx: &Context,
     namespace: &str,
@@ -230,8 +247,10 @@ async fn read_settings(
             });
         }
     };
-    Ok(match settings_for(obj, &secret) {
-        Ok((settings, values)) => SecretOutcome::Settings(settings, values),
+    let read = settings_for(obj, &secret)
+        .and_then(|(settings, values)| Ok((settings, values, super::grant::lookup::switch_of(obj, &secret)?)));
+    Ok(match read {
+        Ok((settings, values, switch)) => SecretOutcome::Settings(settings, values, switch),
         Err(err) => SecretOutcome::Problem {
             reason: settings_reason(&err),
             message: format!("Secret {secret_name}: {err}"),
@@ -260,9 +279,9 @@ pub(crate) fn settings_for(
     if let Some(workspaces) = &obj.spec.workspaces {
         settings.workspaces = workspaces.clone();
     }
-    if let Some(provisioning) = obj.spec.provisioning {
-        settings.provisioning = provisioning;
-    }
+    // The one rule for the CR's switch against the Secret's (a Secret's
+    // explicit false is a veto): see `grant::policy::resolve_switch`.
+    settings.provisioning = super::grant::lookup::switch_of(obj, secret)?.enabled;
     Ok((settings, values))
 }
 
@@ -293,6 +312,8 @@ struct Pass {
     running: BTreeSet<SyncKind>,
     conductor_one: C1Health,
     rotation: RotationView,
+    /// The provisioning switch, when the Secret could be read.
+    provisioning: Option<super::grant::policy::Switch>,
 }
 
 impl Pass {
@@ -306,6 +327,7 @@ impl Pass {
             running: BTreeSet::new(),
             conductor_one: C1Health::Unobserved,
             rotation: RotationView::Unobserved,
+            provisioning: None,
         }
     }
 
@@ -371,6 +393,9 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
         conductor_one: pass.conductor_one,
     });
     pass.rotation.apply_status(&mut new_status, obj.metadata.generation);
+    if let Some(switch) = &pass.provisioning {
+        set_provisioning_condition(&mut new_status, switch, obj.metadata.generation);
+    }
     publish_transitions(&obj, current.as_ref(), &new_status, pass.credentials_changed, ctx).await;
     record_gauges(&obj, &namespace, &new_status, &ctx.scaffold.metrics);
     ctx.scaffold.write_status(&obj, &new_status).await?;
@@ -416,17 +441,8 @@ async fn observe(
             ctx.manager.remove(key).await;
             Ok(Pass::new(problem(reason, message), STALLED_REQUEUE).without_session("the Secret is not usable"))
         }
-        (SecretOutcome::Settings(settings, values), Ok(desired)) => {
-            let limits = obj.spec.rate_limit();
-            let engine_settings = EngineSettings {
-                api_url,
-                workspaces: settings.workspaces.clone(),
-                limits: Limits {
-                    max_requests: limits.requests_per_hour.max(1),
-                    window: Duration::from_secs(3600),
-                    max_in_flight: limits.max_in_flight.max(1) as usize,
-                },
-            };
+        (SecretOutcome::Settings(settings, values, switch), Ok(desired)) => {
+            let engine_settings = engine_settings(obj, &settings, api_url);
             match ctx.manager.configure(
                 ObjectRef::from_obj(obj.as_ref()),
                 &settings,
@@ -447,6 +463,7 @@ async fn observe(
                     // Before the session: a promoted pair is what the session must use.
                     pass.rotation = reconcile_rotation(ctx, obj, &settings, current).await;
                     let session_settings = pass.rotation.session_settings(&settings);
+                    pass.provisioning = Some(switch);
                     pass.conductor_one =
                         reconcile_session(&ctx.manager, &runtime, &obj.spec, &session_settings, &engine_settings).await;
                     pass.credentials_changed = changed;
@@ -455,6 +472,24 @@ async fn observe(
                 }
             }
         }
+    }
+}
+
+/// What the connector's engine is built from: its URL, workspaces and pacing.
+pub(super) fn engine_settings(
+    obj: &BitbucketConnector,
+    settings: &ConnectorSettings,
+    api_url: String,
+) -> EngineSettings {
+    let limits = obj.spec.rate_limit();
+    EngineSettings {
+        api_url,
+        workspaces: settings.workspaces.clone(),
+        limits: Limits {
+            max_requests: limits.requests_per_hour.max(1),
+            window: Duration::from_secs(3600),
+            max_in_flight: limits.max_in_flight.max(1) as usize,
+        },
     }
 }
 
@@ -521,6 +556,26 @@ async fn current_loops(
         None => loop_statuses(&store, &key, &enabled, &BTreeSet::new()),
     })
     .await?)
+}
+
+/// The `Provisioning` condition: whether this connector grants access, and
+/// why (a Secret's veto of `enabled: true` is `ProvisioningConflict`, never
+/// silent). Informational: it does not affect `Ready`.
+fn set_provisioning_condition(
+    status: &mut BitbucketConnectorStatus,
+    switch: &super::grant::policy::Switch,
+    generation: Option<i64>,
+) {
+    crate::crd::set_condition(
+        &mut status.conditions,
+        crate::crd::new_condition(
+            ct::PROVISIONING,
+            switch.enabled,
+            switch.reason,
+            switch.message.clone(),
+            generation,
+        ),
+    );
 }
 
 /// When the next loop run is due, so a requeue lands right after it.
@@ -622,6 +677,19 @@ pub fn transition_events(
         events.push(event(EventType::Warning, EventReason::SyncFailed.as_str(), message));
     }
     events.extend(conductorone_event(previous, new));
+    let conflict = |s: Option<&BitbucketConnectorStatus>| {
+        typed_condition(s, ct::PROVISIONING).is_some_and(|c| c.1 == Reason::ProvisioningConflict.as_str())
+    };
+    if conflict(Some(new))
+        && !conflict(previous)
+        && let Some((_, _, message)) = typed_condition(Some(new), ct::PROVISIONING)
+    {
+        events.push(event(
+            EventType::Warning,
+            EventReason::ProvisioningConflict.as_str(),
+            message,
+        ));
+    }
     if credentials_changed {
         let fingerprint = new
             .credentials

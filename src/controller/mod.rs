@@ -20,6 +20,7 @@
 pub mod common;
 pub mod conductorone;
 pub mod connector;
+mod connector_deletion;
 pub mod grant;
 pub mod loops;
 pub mod rotation;
@@ -251,18 +252,24 @@ impl Operator {
             controller: "bitbucket-operator".into(),
             instance: std::env::var("POD_NAME").ok(),
         };
-        let ctx = Arc::new(Context::new(
-            self.client.clone(),
-            Arc::clone(&self.manager),
-            Recorder::new(self.client.clone(), reporter.clone()),
-            Arc::clone(&self.metrics),
-        ));
-        let grant_ctx = Arc::new(grant::GrantContext::new(
-            self.client.clone(),
-            Arc::clone(&self.manager),
-            Recorder::new(self.client.clone(), reporter),
-            Arc::clone(&self.metrics),
-        ));
+        let ctx = Arc::new(
+            Context::new(
+                self.client.clone(),
+                Arc::clone(&self.manager),
+                Recorder::new(self.client.clone(), reporter.clone()),
+                Arc::clone(&self.metrics),
+            )
+            .watching(self.namespaces.clone()),
+        );
+        let grant_ctx = Arc::new(
+            grant::GrantContext::new(
+                self.client.clone(),
+                Arc::clone(&self.manager),
+                Recorder::new(self.client.clone(), reporter),
+                Arc::clone(&self.metrics),
+            )
+            .watching(self.namespaces.clone()),
+        );
         let scopes: Vec<Option<String>> = if self.namespaces.is_empty() {
             vec![None]
         } else {

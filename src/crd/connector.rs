@@ -85,11 +85,15 @@ pub struct BitbucketConnectorSpec {
     )]
     pub workspaces: Option<Vec<String>>,
 
-    /// Allow this connector to grant and revoke access
-    /// (BitbucketAccessGrant). Overrides the Secret's BATON_PROVISIONING;
-    /// when neither is set, provisioning is off.
+    /// Whether this connector grants access (BitbucketAccessGrant), and the
+    /// policy every grant must satisfy. An object (the boolean form of
+    /// earlier versions is refused). Absent: provisioning follows the
+    /// Secret's BATON_PROVISIONING, under the default policy (grants of read
+    /// or write, for at most 168h, only from this namespace). The Secret's
+    /// explicit BATON_PROVISIONING=false is a veto that `enabled: true`
+    /// cannot override. Revokes and expiries run whatever this says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub provisioning: Option<bool>,
+    pub provisioning: Option<ProvisioningPolicy>,
 
     /// Stop every sync loop and provisioning action. Data already synced is
     /// kept and still served. Set back to false to resume.
@@ -171,6 +175,125 @@ impl ConductorOneSpec {
             }
         }
     }
+}
+
+/// Default `spec.provisioning.maxDuration`: one week.
+pub const DEFAULT_MAX_GRANT_DURATION: &str = "168h";
+
+fn default_max_grant_duration() -> String {
+    DEFAULT_MAX_GRANT_DURATION.to_owned()
+}
+
+fn default_allowed_permissions() -> Vec<crate::model::Permission> {
+    vec![crate::model::Permission::Read, crate::model::Permission::Write]
+}
+
+/// `spec.provisioning`: the switch and the policy of this connector's
+/// grants, owned by whoever may edit the connector (not by those who create
+/// grants). A grant outside it is `Denied` with the rule it broke and
+/// nothing is written to Bitbucket. The defaults are the safe side: a
+/// maximum of a week, an expiry required, no `admin`, `create-repo` or
+/// group membership unless listed, only the connector's workspaces, only
+/// grants from the connector's own namespace. The policy is checked when a
+/// grant is made; tightening it later does not revoke held grants (they end
+/// at their expiry, which the maximum bounded).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProvisioningPolicy {
+    /// Grant access through this connector. Absent: the Secret's
+    /// BATON_PROVISIONING decides (off when that is absent too). The
+    /// Secret's explicit `false` wins over `true` here (a veto, reported as
+    /// ProvisioningConflict on the connector's `Provisioning` condition).
+    /// Disabling stops new grants only: held grants still expire and are
+    /// revoked on deletion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Longest access a grant may ask for, as a Go duration (at least 1m).
+    /// A `duration` above it, or an `expiresAt` further than this from the
+    /// grant's creation, is denied (DurationExceedsMaximum). Default 168h.
+    #[serde(default = "default_max_grant_duration")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"), length(max = 32))]
+    #[x_kube(validation = kube::core::Rule::new("duration(self) >= duration('1m')").message("provisioning.maxDuration must be at least 1m"))]
+    pub max_duration: String,
+    /// Every grant must set `duration` or `expiresAt` (DurationRequired).
+    /// Default true; false allows grants that last until deleted.
+    #[serde(default = "default_true")]
+    pub require_duration: bool,
+    /// Permissions a grant may ask for (PermissionNotAllowed). Default
+    /// [read, write]: `admin`, `create-repo` and `member` (group membership,
+    /// which carries whatever the group may do) are opt-in.
+    #[serde(default = "default_allowed_permissions")]
+    #[schemars(length(max = 5))]
+    pub allowed_permissions: Vec<crate::model::Permission>,
+    /// Workspace slugs a grant may target (WorkspaceNotAllowed). Default:
+    /// the connector's workspaces (spec.workspaces, else the Secret's
+    /// BATON_WORKSPACES); when those are empty too, every workspace the
+    /// credential can reach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 100),
+        inner(regex(pattern = r"^[a-z0-9][a-z0-9_.-]*$"), length(min = 1, max = 62))
+    )]
+    pub allowed_workspaces: Option<Vec<String>>,
+    /// Name patterns of the targets a grant may name, per kind
+    /// (TargetNotAllowed). Absent: every target. Present: a kind not listed
+    /// allows no target of that kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_targets: Option<AllowedTargets>,
+    /// Other namespaces whose BitbucketAccessGrants may use this connector
+    /// (their `spec.connectorRef.namespace` names this connector's
+    /// namespace), like the Gateway API's ReferenceGrant. The connector's
+    /// own namespace is always allowed. Default: none. The operator only
+    /// sees the namespaces it watches (chart value watchNamespaces).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 100),
+        inner(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(min = 1, max = 63))
+    )]
+    pub grant_namespaces: Vec<String>,
+}
+
+impl Default for ProvisioningPolicy {
+    fn default() -> Self {
+        ProvisioningPolicy {
+            enabled: None,
+            max_duration: default_max_grant_duration(),
+            require_duration: true,
+            allowed_permissions: default_allowed_permissions(),
+            allowed_workspaces: None,
+            allowed_targets: None,
+            grant_namespaces: Vec::new(),
+        }
+    }
+}
+
+/// Name patterns per target kind, each `<workspace>/<name>` where `*`
+/// matches any run of characters (for example `acme/api-*`, `acme/PRJ*`,
+/// `*/*`). Matching ignores ASCII case, as Bitbucket does for slugs and keys.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AllowedTargets {
+    /// Repository patterns, `<workspace>/<repository slug>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 100),
+        inner(regex(pattern = r"^[A-Za-z0-9_.*-]+/[A-Za-z0-9_.*-]+$"), length(max = 256))
+    )]
+    pub repositories: Vec<String>,
+    /// Project patterns, `<workspace>/<project key>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 100),
+        inner(regex(pattern = r"^[A-Za-z0-9_.*-]+/[A-Za-z0-9_.*-]+$"), length(max = 256))
+    )]
+    pub projects: Vec<String>,
+    /// Workspace group patterns, `<workspace>/<group slug>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 100),
+        inner(regex(pattern = r"^[A-Za-z0-9_.*-]+/[A-Za-z0-9_.*-]+$"), length(max = 256))
+    )]
+    pub groups: Vec<String>,
 }
 
 /// Reference to a Secret in the same namespace.

@@ -45,7 +45,7 @@ use serde::{Deserialize, Serialize};
         name = "State",
         type_ = "string",
         json_path = ".status.state",
-        description = "Pending, Granted, Expired, Revoked or Failed"
+        description = "Pending, Granted, Expired, Revoked, Denied or Failed"
     ),
     printcolumn(
         name = "Expires",
@@ -60,11 +60,23 @@ use serde::{Deserialize, Serialize};
     validation = kube::core::Rule::new("!has(self.target.group) || (self.permission == 'member' && has(self.principal.user))").message("a group target takes permission 'member' and a user principal"),
     validation = kube::core::Rule::new("!has(self.target.project) || self.permission in ['read', 'write', 'create-repo', 'admin']").message("a project target takes permission read, write, create-repo or admin"),
     validation = kube::core::Rule::new("!has(self.target.repository) || self.permission in ['read', 'write', 'admin']").message("a repository target takes permission read, write or admin"),
-    validation = kube::core::Rule::new("!(has(self.duration) && has(self.expiresAt))").message("set duration or expiresAt, not both")
+    validation = kube::core::Rule::new("!(has(self.duration) && has(self.expiresAt))").message("set duration or expiresAt, not both"),
+    // The request is immutable (transition rules, checked on update only;
+    // expiresAt has format date-time, so CEL compares it as a timestamp):
+    // the access a grant holds can never be redirected or widened by an
+    // edit, and its end can only come sooner.
+    validation = kube::core::Rule::new("self.principal == oldSelf.principal").message("spec.principal is immutable: create a new grant"),
+    validation = kube::core::Rule::new("self.target == oldSelf.target").message("spec.target is immutable: create a new grant"),
+    validation = kube::core::Rule::new("self.permission == oldSelf.permission").message("spec.permission is immutable: create a new grant"),
+    validation = kube::core::Rule::new("self.connectorRef == oldSelf.connectorRef").message("spec.connectorRef is immutable: create a new grant"),
+    validation = kube::core::Rule::new("!has(oldSelf.duration) || (has(self.duration) && duration(self.duration) <= duration(oldSelf.duration))").message("spec.duration may only shrink: it cannot grow or be removed"),
+    validation = kube::core::Rule::new("!has(oldSelf.expiresAt) || (has(self.expiresAt) && self.expiresAt <= oldSelf.expiresAt)").message("spec.expiresAt may only move earlier: it cannot move later or be removed")
 )]
 pub struct BitbucketAccessGrantSpec {
-    /// The BitbucketConnector (same namespace) that performs the grant. It
-    /// must have provisioning enabled.
+    /// The BitbucketConnector that performs the grant: in this namespace, or
+    /// in `namespace` when that connector lists this namespace in its
+    /// `spec.provisioning.grantNamespaces`. It must have provisioning
+    /// enabled, and its policy decides what may be granted. Immutable.
     pub connector_ref: ConnectorRef,
 
     /// Who receives the permission: exactly one of user or group.
@@ -109,14 +121,35 @@ impl BitbucketAccessGrantSpec {
     }
 }
 
-/// Reference to a BitbucketConnector in the same namespace.
+/// Reference to a BitbucketConnector.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectorRef {
-    /// Name of the BitbucketConnector, in this resource's namespace.
+    /// Name of the BitbucketConnector.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
+    /// Namespace of the BitbucketConnector. Default: this grant's
+    /// namespace. Another namespace is allowed only when that connector
+    /// lists this grant's namespace in `spec.provisioning.grantNamespaces`
+    /// (else the grant is Denied, reason NamespaceNotAllowed); no right on
+    /// the connector's namespace is needed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(min = 1, max = 63))]
+    pub namespace: Option<String>,
 }
+
+impl ConnectorRef {
+    /// The connector's namespace, for a grant in `grant_namespace`.
+    pub fn namespace_or<'a>(&'a self, grant_namespace: &'a str) -> &'a str {
+        self.namespace.as_deref().unwrap_or(grant_namespace)
+    }
+}
+
+/// Annotation naming who asked for a grant: the chart's
+/// ValidatingAdmissionPolicy requires it to equal the creating user's name
+/// (`request.userInfo.username`) and forbids changing it, so it cannot be
+/// forged; the audit trail reads the requester from it.
+pub const REQUESTED_BY_ANNOTATION: &str = "connectors.dev/requested-by";
 
 /// The principal: exactly one of user or group.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
@@ -185,7 +218,9 @@ pub struct BitbucketAccessGrantStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".to_owned()]))]
     pub conditions: Vec<Condition>,
-    /// One word for people: Pending, Granted, Expired, Revoked or Failed.
+    /// One word for people: Pending, Granted, Expired, Revoked (its
+    /// connector was deleted), Denied (outside the connector's policy) or
+    /// Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
     /// The target as shown by kubectl: group/<slug>, project/<KEY> or repository/<slug>.
@@ -219,8 +254,11 @@ pub struct BitbucketAccessGrantStatus {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct AppliedAccess {
-    /// The BitbucketConnector (in the grant's namespace) that granted it.
+    /// The BitbucketConnector that granted it.
     pub connector: String,
+    /// The connector's namespace; absent: the grant's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connector_namespace: Option<String>,
     /// The principal that received the permission.
     pub principal: AppliedPrincipal,
     /// Workspace slug.

@@ -66,6 +66,8 @@ pub mod condition_type {
     /// The last ConductorOne credential rotation and the credential's expiry
     /// (present only with `spec.credentialRotation`; not part of `Ready`).
     pub const CREDENTIALS_ROTATED: &str = "CredentialsRotated";
+    /// Whether the connector grants access, and why (connector only).
+    pub const PROVISIONING: &str = "Provisioning";
 }
 
 /// Declares an enum whose values have one fixed wire spelling: `as_str`
@@ -168,6 +170,24 @@ wire_enum! {
         Granted = "Granted",
         GrantFailed = "GrantFailed",
         Expired = "Expired",
+        /// The connector is being deleted: its held grants are revoked
+        /// first (connector), or were (grant, state Revoked).
+        RevokingGrants = "RevokingGrants",
+        ConnectorDeleted = "ConnectorDeleted",
+        /// The spec of a held grant changed although the request is
+        /// immutable (CEL not enforced): the change is ignored.
+        SpecImmutable = "SpecImmutable",
+        // Grant policy (`spec.provisioning` of the connector): the rule broken.
+        DurationRequired = "DurationRequired",
+        DurationExceedsMaximum = "DurationExceedsMaximum",
+        PermissionNotAllowed = "PermissionNotAllowed",
+        WorkspaceNotAllowed = "WorkspaceNotAllowed",
+        TargetNotAllowed = "TargetNotAllowed",
+        NamespaceNotAllowed = "NamespaceNotAllowed",
+        // Provisioning condition of a connector
+        ProvisioningEnabled = "ProvisioningEnabled",
+        /// The CR says enabled, the Secret's BATON_PROVISIONING=false vetoes it.
+        ProvisioningConflict = "ProvisioningConflict",
         // ConductorOneConnected
         /// No Hello answered yet.
         Connecting = "Connecting",
@@ -216,6 +236,12 @@ wire_enum! {
         ConnectorNotFound = "ConnectorNotFound",
         ConnectorNotReady = "ConnectorNotReady",
         RevokeSkipped = "RevokeSkipped",
+        /// Outside the connector's policy: nothing written.
+        Denied = "Denied",
+        /// A connector being deleted waits for its held grants to be revoked.
+        RevokingGrants = "RevokingGrants",
+        /// The connector's `Provisioning` condition reports a conflict.
+        ProvisioningConflict = "ProvisioningConflict",
     }
 }
 
@@ -249,10 +275,12 @@ wire_enum! {
         Pending = "Pending",
         Granted = "Granted",
         Expired = "Expired",
-        /// Listed in the resource's documentation; not written by this version
-        /// (a deleted grant is gone, a spec change grants afresh).
+        /// Its connector was deleted: the access was revoked first. Terminal.
         Revoked = "Revoked",
         Failed = "Failed",
+        /// Outside the connector's policy (`spec.provisioning`); nothing was
+        /// written. Looked at again when the connector changes.
+        Denied = "Denied",
     }
 }
 
@@ -433,8 +461,23 @@ mod tests {
         );
         assert_eq!(
             GrantState::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-            ["Pending", "Granted", "Expired", "Revoked", "Failed"]
+            ["Pending", "Granted", "Expired", "Revoked", "Failed", "Denied"]
         );
+        assert_eq!(GrantState::parse("Denied"), Some(GrantState::Denied));
+        // The rules a grant policy denies by, spelled as the README documents them.
+        for (reason, text) in [
+            (Reason::DurationRequired, "DurationRequired"),
+            (Reason::DurationExceedsMaximum, "DurationExceedsMaximum"),
+            (Reason::PermissionNotAllowed, "PermissionNotAllowed"),
+            (Reason::WorkspaceNotAllowed, "WorkspaceNotAllowed"),
+            (Reason::TargetNotAllowed, "TargetNotAllowed"),
+            (Reason::NamespaceNotAllowed, "NamespaceNotAllowed"),
+            (Reason::RevokingGrants, "RevokingGrants"),
+            (Reason::ProvisioningConflict, "ProvisioningConflict"),
+        ] {
+            assert_eq!(reason.as_str(), text);
+        }
+        assert_eq!(EventReason::Denied.as_str(), "Denied");
         // DESIGN.md's Connected=False reasons, spelled as documented.
         for (reason, text) in [
             (Reason::SecretNotFound, "SecretNotFound"),

@@ -475,7 +475,7 @@ pub struct Held {
 pub enum ProvisionError {
     /// Provisioning is not enabled for this connector (or CLI run).
     #[error(
-        "provisioning is disabled: set BATON_PROVISIONING=true (or spec.provisioning: true; the CLI also takes \
+        "provisioning is disabled: set BATON_PROVISIONING=true (or spec.provisioning.enabled: true; the CLI also takes \
          --allow-provisioning)"
     )]
     ProvisioningDisabled,

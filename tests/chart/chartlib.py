@@ -24,7 +24,10 @@ INSTALL_ORDER = [
     "PriorityClass", "Namespace", "NetworkPolicy", "ResourceQuota", "LimitRange",
     "PodSecurityPolicy", "PodDisruptionBudget", "ServiceAccount", "Secret",
     "SecretList", "ConfigMap", "StorageClass", "PersistentVolume",
-    "PersistentVolumeClaim", "CustomResourceDefinition", "ClusterRole",
+    "PersistentVolumeClaim", "CustomResourceDefinition",
+    # Not in Helm's list (Helm installs unknown kinds last): placed with the
+    # CRDs, so no grant can be created before the requester policy holds.
+    "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding", "ClusterRole",
     "ClusterRoleList", "ClusterRoleBinding", "ClusterRoleBindingList", "Role",
     "RoleList", "RoleBinding", "RoleBindingList", "Service", "DaemonSet", "Pod",
     "ReplicationController", "ReplicaSet", "Deployment",

@@ -34,7 +34,10 @@ FULL = {
                       "ingressFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]},
     "podDisruptionBudget": {"enabled": True},
     "connector": {"create": True, "name": "acme", "secretName": "bb-creds",
-                  "workspaces": ["acme", "acme-labs"], "interval": "30m", "provisioning": True},
+                  "workspaces": ["acme", "acme-labs"], "interval": "30m",
+                  "provisioning": {"enabled": True, "maxDuration": "8h", "allowedPermissions": ["read"],
+                                   "allowedTargets": {"repositories": ["acme/api-*"]},
+                                   "grantNamespaces": ["team-a"]}},
     "image": {"tag": "1.2.3"},
     "imagePullSecrets": [{"name": "regcred"}],
     "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
@@ -85,15 +88,19 @@ def test_default_render_has_the_operator_objects():
         "CustomResourceDefinition", "CustomResourceDefinition",
         "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
         "Role", "RoleBinding", "Role", "RoleBinding", "Service", "Deployment",
-        "NetworkPolicy",
+        "NetworkPolicy", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
     ])
     # Opt-in objects are off by default.
     for kind in ("ServiceMonitor", "PodDisruptionBudget",
                  "PersistentVolumeClaim", "BitbucketConnector"):
         assert not by_kind(objs, kind), kind
     for o in objs:
-        if o["kind"] not in ("ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"):
+        if o["kind"] not in CLUSTER_SCOPED:
             assert o["metadata"]["namespace"] == NS, o["metadata"]
+
+
+CLUSTER_SCOPED = ("ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
+                  "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
 
 
 def test_all_features_render():
@@ -170,7 +177,7 @@ def test_custom_typed_objects_validate_against_their_own_schemas():
     assert connector["metadata"]["namespace"] == NS
     assert connector["spec"] == {
         "secretRef": {"name": "bb-creds"}, "workspaces": ["acme", "acme-labs"],
-        "interval": "30m", "provisioning": True,
+        "interval": "30m", "provisioning": FULL["connector"]["provisioning"],
     }
 
 
@@ -179,8 +186,14 @@ def test_chart_connector_omits_provisioning_when_null():
     spec = one(objs, "BitbucketConnector")["spec"]
     assert "provisioning" not in spec and "workspaces" not in spec
     assert spec["secretRef"]["name"] == "bitbucket-credentials"
-    spec = one(render({"connector": {"create": True, "provisioning": False}}), "BitbucketConnector")["spec"]
-    assert spec["provisioning"] is False
+    spec = one(render({"connector": {"create": True, "provisioning": {"enabled": False}}}),
+               "BitbucketConnector")["spec"]
+    assert spec["provisioning"] == {"enabled": False}
+
+
+def test_chart_connector_provisioning_is_an_object_not_the_old_boolean():
+    with pytest.raises(helm.HelmError, match="provisioning"):
+        render({"connector": {"create": True, "provisioning": True}})
 
 
 def test_chart_connector_outside_watched_namespaces_is_refused():
@@ -517,11 +530,13 @@ def test_deploy_manifest_starts_with_its_namespace_and_validates():
     docs = [d for d in yaml.safe_load_all(chartlib.DEPLOY.read_text()) if d]
     assert docs[0]["kind"] == "Namespace" and docs[0]["metadata"]["name"] == NS
     kinds = [d["kind"] for d in docs]
-    # CRDs before anything that could use them, Deployment last.
+    # CRDs before anything that could use them, the requester policy with
+    # them (no grant is created unchecked), Deployment last.
     assert kinds.index("CustomResourceDefinition") < kinds.index("Deployment")
+    assert kinds.index("ValidatingAdmissionPolicyBinding") < kinds.index("Deployment")
     assert kinds[-1] == "Deployment"
     for d in docs[1:]:
-        if d["kind"] not in ("ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"):
+        if d["kind"] not in CLUSTER_SCOPED:
             assert d["metadata"]["namespace"] == NS
     assert _validate_kubernetes(docs) == len(docs)
 
@@ -533,10 +548,33 @@ def _example(path):
     return yaml.safe_load((ROOT / "examples" / path).read_text())
 
 
-def _cel_eval(rule, value):
+def _to_cel(value, schema):
+    """A JSON value as the API server hands it to CEL: strings of format
+    date-time become timestamps (so they compare as times, not text)."""
+    schema = schema or {}
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        return celpy.celtypes.MapType({celpy.celtypes.StringType(k): _to_cel(v, props.get(k))
+                                       for k, v in value.items()})
+    if isinstance(value, list):
+        return celpy.celtypes.ListType([_to_cel(v, schema.get("items")) for v in value])
+    if isinstance(value, str) and schema.get("format") == "date-time":
+        return celpy.celtypes.TimestampType(value)
+    return celpy.json_to_cel(value)
+
+
+def _cel_eval(rule, value, old=None, schema=None):
+    """Evaluates a CRD rule with `self` (and `oldSelf` for a transition rule)."""
     env = celpy.Environment()
     program = env.program(env.compile(rule))
-    return program.evaluate({"self": celpy.json_to_cel(value)})
+    bindings = {"self": _to_cel(value, schema)}
+    if old is not None:
+        bindings["oldSelf"] = _to_cel(old, schema)
+    return program.evaluate(bindings)
+
+
+def _is_transition_rule(rule):
+    return "oldSelf" in rule
 
 
 def _at(obj, path):
@@ -551,14 +589,30 @@ def _at(obj, path):
     return cur
 
 
-def cel_failures(kind, obj):
+def _schema_at(schema, path):
+    for part in [p for p in path.split(".") if p]:
+        schema = schema.get("properties", {}).get(part, {})
+    return schema
+
+
+def cel_failures(kind, obj, old=None):
+    """Messages of the CRD rules `obj` breaks; with `old`, as an update from
+    `old` (transition rules, which bind oldSelf, run only then and only
+    where the field is set on both sides, as on the API server)."""
     schema = chartlib.crd_for(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     failures = []
     for path, rule, message in chartlib.cel_rules(schema):
         value = _at(obj, path)
         if value is None:
             continue  # rules apply only to fields that are set
-        if not bool(_cel_eval(rule, value)):
+        if _is_transition_rule(rule):
+            old_value = None if old is None else _at(old, path)
+            if old_value is None:
+                continue
+            ok = _cel_eval(rule, value, old_value, _schema_at(schema, path))
+        else:
+            ok = _cel_eval(rule, value, schema=_schema_at(schema, path))
+        if not bool(ok):
             failures.append(message or rule)
     return failures
 
@@ -707,6 +761,220 @@ def test_grant_permission_enum():
         jsonschema.validate(_grant(permission="owner"), chartlib.crd_json_schema("BitbucketAccessGrant"))
 
 
+# ---------------------------------------------------------------- immutable request (transition rules)
+
+
+def _updated(old, **spec):
+    new = copy.deepcopy(old)
+    for k, v in spec.items():
+        if v is None:
+            new["spec"].pop(k, None)
+        else:
+            new["spec"][k] = v
+    return new
+
+
+def test_grant_crd_has_the_immutability_rules():
+    schema = chartlib.crd_for("BitbucketAccessGrant")["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    transition = [rule for _, rule, _ in chartlib.cel_rules(schema) if _is_transition_rule(rule)]
+    for field in ("principal", "target", "permission", "connectorRef", "duration", "expiresAt"):
+        assert any(f"oldSelf.{field}" in r for r in transition), (field, transition)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"principal": {"user": "mallory"}}, "spec.principal is immutable"),
+    ({"principal": {"group": "admins"}}, "spec.principal is immutable"),
+    ({"target": {"workspace": "example-workspace", "repository": "billing"}}, "spec.target is immutable"),
+    ({"permission": "admin"}, "spec.permission is immutable"),
+    ({"connectorRef": {"name": "other"}}, "spec.connectorRef is immutable"),
+    ({"connectorRef": {"name": "example", "namespace": "bitbucket"}}, "spec.connectorRef is immutable"),
+    ({"duration": "9h"}, "may only shrink"),
+    ({"duration": None}, "may only shrink"),
+    ({"duration": None, "expiresAt": "2030-01-01T00:00:00Z"}, "may only shrink"),
+])
+def test_an_edit_of_the_request_is_refused(change, message):
+    old = _example("accessgrant.yaml")  # write, duration 8h
+    failures = cel_failures("BitbucketAccessGrant", _updated(old, **change), old=old)
+    assert any(message in f for f in failures), failures
+
+
+@pytest.mark.parametrize("old_expiry,new_expiry,ok", [
+    ("2030-01-01T10:00:00Z", "2030-01-01T09:00:00Z", True),
+    ("2030-01-01T10:00:00Z", "2030-01-01T10:00:00+00:00", True),
+    # Later in time although "smaller" as text: a timestamp, not a string, is compared.
+    ("2030-01-01T10:00:00Z", "2030-01-01T09:30:00-01:00", False),
+    ("2030-01-01T10:00:00Z", "2030-01-02T00:00:00Z", False),
+    ("2030-01-01T10:00:00Z", None, False),
+])
+def test_expires_at_may_only_move_earlier(old_expiry, new_expiry, ok):
+    old = _updated(_example("accessgrant.yaml"), duration=None, expiresAt=old_expiry)
+    new = _updated(old, expiresAt=new_expiry)
+    failures = cel_failures("BitbucketAccessGrant", new, old=old)
+    assert (failures == []) == ok, failures
+
+
+@pytest.mark.parametrize("change", [
+    {"duration": "1h"},           # shorter
+    {"duration": "8h"},           # unchanged
+])
+def test_shortening_the_duration_is_allowed(change):
+    old = _example("accessgrant.yaml")
+    assert cel_failures("BitbucketAccessGrant", _updated(old, **change), old=old) == []
+
+
+def test_adding_an_end_where_there_was_none_is_allowed():
+    old = _updated(_example("accessgrant.yaml"), duration=None)
+    for change in ({"duration": "1h"}, {"expiresAt": "2030-01-01T00:00:00Z"}):
+        assert cel_failures("BitbucketAccessGrant", _updated(old, **change), old=old) == [], change
+
+
+def test_metadata_edits_are_not_spec_edits():
+    old = _example("accessgrant.yaml")
+    new = copy.deepcopy(old)
+    new["metadata"]["labels"] = {"team": "a"}
+    assert cel_failures("BitbucketAccessGrant", new, old=old) == []
+
+
+# ---------------------------------------------------------------- connector policy (spec.provisioning)
+
+
+def test_connector_provisioning_boolean_form_is_refused_by_the_schema():
+    with pytest.raises(jsonschema.ValidationError, match="is not of type 'object'"):
+        jsonschema.validate(_connector(provisioning=True), chartlib.crd_json_schema("BitbucketConnector"))
+
+
+@pytest.mark.parametrize("provisioning", [
+    {"allowedPermissions": ["owner"]},
+    {"allowedTargets": {"repositories": ["no-slash"]}},
+    {"allowedTargets": {"pipelines": ["a/b"]}},
+    {"grantNamespaces": ["Not_A_Namespace"]},
+    {"maxDuration": "1 week"},
+])
+def test_connector_policy_schema_refuses(provisioning):
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(_connector(provisioning=provisioning), chartlib.crd_json_schema("BitbucketConnector"))
+
+
+def test_connector_policy_max_duration_is_at_least_a_minute():
+    failures = cel_failures("BitbucketConnector", _connector(provisioning={"maxDuration": "30s"}))
+    assert any("maxDuration must be at least 1m" in f for f in failures), failures
+    assert cel_failures("BitbucketConnector", _connector(provisioning={"maxDuration": "8h"})) == []
+
+
+def test_connector_policy_defaults_are_the_safe_side():
+    props = (chartlib.crd_for("BitbucketConnector")["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+             ["properties"]["spec"]["properties"]["provisioning"]["properties"])
+    assert props["maxDuration"]["default"] == "168h"
+    assert props["requireDuration"]["default"] is True
+    assert props["allowedPermissions"]["default"] == ["read", "write"]
+    assert "default" not in props["enabled"], "absent: the Secret decides"
+
+
+# ---------------------------------------------------------------- ValidatingAdmissionPolicy (requested-by)
+
+
+REQUESTED_BY = "connectors.dev/requested-by"
+
+
+def _policy(values=None):
+    return one(render(values), "ValidatingAdmissionPolicy")
+
+
+def _grant_object(requested_by=None):
+    g = copy.deepcopy(_example("accessgrant.yaml"))
+    if requested_by is not None:
+        g["metadata"]["annotations"] = {REQUESTED_BY: requested_by}
+    return g
+
+
+def admission(policy, operation, username, obj, old=None):
+    """Evaluates the policy as the API server does for one request: its
+    variables in order, then every validation. Returns the messages of the
+    validations that fail (empty: admitted)."""
+    env = celpy.Environment()
+    request = {"operation": operation, "userInfo": {"username": username, "groups": ["system:authenticated"]}}
+    bindings = {
+        "object": celpy.json_to_cel(obj),
+        "oldObject": celpy.json_to_cel(old),
+        "request": celpy.json_to_cel(request),
+    }
+    variables = {}
+    for var in policy["spec"].get("variables", []):
+        bindings["variables"] = celpy.json_to_cel(variables)
+        value = env.program(env.compile(var["expression"])).evaluate(bindings)
+        variables[var["name"]] = str(value) if isinstance(value, celpy.celtypes.StringType) else value
+    bindings["variables"] = celpy.json_to_cel(variables)
+    failures = []
+    for v in policy["spec"]["validations"]:
+        result = env.program(env.compile(v["expression"])).evaluate(bindings)
+        assert isinstance(result, celpy.celtypes.BoolType), (v["expression"], result)
+        if not result:
+            if "messageExpression" in v:
+                failures.append(str(env.program(env.compile(v["messageExpression"])).evaluate(bindings)))
+            else:
+                failures.append(v["message"])
+    return failures
+
+
+def test_requested_by_policy_matches_grant_creates_and_updates_only():
+    policy = _policy()
+    rules = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert rules == [{"apiGroups": ["connectors.dev"], "apiVersions": ["*"],
+                      "operations": ["CREATE", "UPDATE"], "resources": ["bitbucketaccessgrants"]}]
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    binding = one(render(), "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+
+
+def test_create_requires_the_requesters_own_name():
+    policy = _policy()
+    assert admission(policy, "CREATE", "alice", _grant_object("alice")) == []
+    forged = admission(policy, "CREATE", "alice", _grant_object("bob"))
+    assert forged == ['metadata.annotations["connectors.dev/requested-by"] must be your user name, "alice"'], forged
+    assert admission(policy, "CREATE", "alice", _grant_object()) != [], "missing annotation"
+    other = _grant_object()
+    other["metadata"]["annotations"] = {"team": "a"}
+    assert admission(policy, "CREATE", "alice", other) != [], "annotations without it"
+    sa = "system:serviceaccount:flux-system:kustomize-controller"
+    assert admission(policy, "CREATE", sa, _grant_object(sa)) == []
+
+
+def test_update_cannot_change_or_remove_the_requester():
+    policy = _policy()
+    old = _grant_object("alice")
+    assert admission(policy, "UPDATE", "operator", copy.deepcopy(old), old) == [], "finalizer or label edits pass"
+    assert admission(policy, "UPDATE", "bob", _grant_object("bob"), old) != [], "rewritten"
+    assert admission(policy, "UPDATE", "alice", _grant_object(), old) != [], "removed"
+    legacy = _grant_object()
+    assert admission(policy, "UPDATE", "bob", copy.deepcopy(legacy), legacy) == [], "grants made before the policy"
+    assert admission(policy, "UPDATE", "bob", _grant_object("bob"), legacy) != [], "cannot be added later"
+
+
+def test_requested_by_policy_can_be_turned_off_and_follows_watched_namespaces():
+    off = render({"admissionPolicy": {"requestedBy": {"enabled": False}}})
+    assert not by_kind(off, "ValidatingAdmissionPolicy") and not by_kind(off, "ValidatingAdmissionPolicyBinding")
+    binding = one(render({"watchNamespaces": ["team-a", NS]}), "ValidatingAdmissionPolicyBinding")
+    selector = binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"]
+    assert selector == [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", NS]}]
+    everywhere = one(render({"watchNamespaces": ["*"]}), "ValidatingAdmissionPolicyBinding")
+    assert "matchResources" not in everywhere["spec"]
+
+
+def test_requested_by_policy_validates_and_a_broken_one_would_not():
+    for o in by_kind(render(), "ValidatingAdmissionPolicy") + by_kind(render(), "ValidatingAdmissionPolicyBinding"):
+        kubernetes_validate.validate(o, K8S_VERSION, strict=True)
+    broken = copy.deepcopy(_policy())
+    broken["spec"]["validations"][0]["expresion"] = broken["spec"]["validations"][0].pop("expression")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+def test_requested_by_policy_is_in_the_plain_manifests():
+    docs = [d for d in yaml.safe_load_all(chartlib.DEPLOY.read_text()) if d]
+    assert one(docs, "ValidatingAdmissionPolicy")["spec"] == _policy()["spec"]
+
+
 def test_secret_example_uses_the_baton_keys():
     secret = _example("secret.yaml")
     assert secret["kind"] == "Secret"
@@ -825,9 +1093,15 @@ def grant(status=None, spec=None):
     (grant({"observedGeneration": 1, "state": "Granted", "conditions": [cond("Ready", "True")]}), "Progressing"),
     (grant({"observedGeneration": 2, "state": "Pending", "conditions": [cond("Ready", "False")]}), "Progressing"),
     (grant({"observedGeneration": 2, "state": "Expired", "conditions": [cond("Ready", "False")]}), "Healthy"),
+    (grant({"observedGeneration": 2, "state": "Denied", "conditions": [cond("Ready", "False", "PermissionNotAllowed"),
+                                                                   cond("Stalled", "True", "PermissionNotAllowed")]}),
+     "Degraded"),
+    (grant({"observedGeneration": 2, "state": "Revoked", "conditions": [cond("Ready", "False", "ConnectorDeleted")]}),
+     "Degraded"),
     (grant({"observedGeneration": 2, "state": "Granted", "conditions": [cond("Ready", "True")]},
            spec={"permission": "write", "suspend": True}), "Healthy"),
-], ids=["granted", "failed", "stalled", "no-status", "stale-generation", "pending", "expired", "never-suspended"])
+], ids=["granted", "failed", "stalled", "no-status", "stale-generation", "pending", "expired", "denied", "revoked",
+        "never-suspended"])
 def test_access_grant_health(obj, expected, tmp_path):
     status, msg = run_health(GRANT_LUA, obj, tmp_path)
     assert status == expected, msg

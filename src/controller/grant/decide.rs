@@ -71,10 +71,11 @@ fn invalid(message: &str) -> ProvisionError {
 }
 
 /// What a grant records in `status.applied`: the access of `request`
-/// through `connector`, its principal named `resolved` as Bitbucket
-/// resolved it (user UUID or group slug).
+/// through `connector` (`spec.connectorRef`'s namespace, if set, and
+/// name), its principal named `resolved` as Bitbucket resolved it (user
+/// UUID or group slug).
 pub fn applied_access(
-    connector: &str,
+    connector: (Option<&str>, &str),
     request: &AccessRequest,
     resolved: &str,
 ) -> Result<AppliedAccess, ProvisionError> {
@@ -93,7 +94,8 @@ pub fn applied_access(
         }
     };
     Ok(AppliedAccess {
-        connector: connector.to_owned(),
+        connector: connector.1.to_owned(),
+        connector_namespace: connector.0.map(str::to_owned),
         principal: AppliedPrincipal {
             kind,
             id: resolved.to_owned(),
@@ -138,7 +140,7 @@ pub fn target_path(target: &TargetRef) -> String {
 /// `duration`/`expiresAt` may differ; resolving the principal is no change).
 pub fn same_access(applied: &AppliedAccess, spec: &BitbucketAccessGrantSpec) -> bool {
     request_for(spec)
-        .and_then(|request| applied_access(&spec.connector_ref.name, &request, &applied.principal.id))
+        .and_then(|request| applied_access(spec_connector(spec), &request, &applied.principal.id))
         .is_ok_and(|wanted| &wanted == applied)
 }
 
@@ -157,7 +159,15 @@ pub fn held_access(obj: &BitbucketAccessGrant) -> Result<AppliedAccess, Provisio
         (PrincipalRef::User(_), Some(id)) if !id.is_empty() => id.to_owned(),
         (PrincipalRef::User(name) | PrincipalRef::Group(name), _) => name.clone(),
     };
-    applied_access(&obj.spec.connector_ref.name, &request, &resolved)
+    applied_access(spec_connector(&obj.spec), &request, &resolved)
+}
+
+/// `spec.connectorRef` as [`applied_access`] takes it.
+fn spec_connector(spec: &BitbucketAccessGrantSpec) -> (Option<&str>, &str) {
+    (
+        spec.connector_ref.namespace.as_deref(),
+        spec.connector_ref.name.as_str(),
+    )
 }
 
 /// The state of a status, typed (`None`: absent or unknown).
@@ -175,31 +185,41 @@ pub fn is_held(status: Option<&BitbucketAccessGrantStatus>) -> bool {
 pub enum Step {
     /// Not held: grant the spec.
     Grant,
-    /// Held, but the spec now names another access: end the old one, grant the new.
-    Regrant,
+    /// Held, but the spec now names another access. The request is
+    /// immutable (CEL on the CRD); an API server that did not enforce it
+    /// changes nothing: the held access stays exactly as applied, and ends
+    /// at `until` as before.
+    KeepDespiteChange { until: Option<Timestamp> },
     /// Held and `now >= expiresAt`: revoke and restore.
     Expire,
     /// `spec.expiresAt` passed before anything was granted: mark Expired, no write.
     ExpireUngranted,
     /// Held and current: nothing to write; look again at `until` (expiry), if any.
     Hold { until: Option<Timestamp> },
-    /// Expired: terminal.
+    /// Expired, or revoked with its connector: terminal.
     Done,
     /// The spec cannot be interpreted (an unparsable duration).
     Invalid(String),
 }
 
 /// When a held grant expires: `spec.expiresAt`, else `grantedAt + duration`,
-/// else never. Before a grant, only an explicit `expiresAt` counts.
+/// else never, but never later than the expiry recorded in status: an
+/// edit can bring the end forward, never push it back or remove it (the
+/// CRD refuses such edits; this holds when the API server did not).
+/// Before a grant, only an explicit `expiresAt` counts.
 pub fn expiry(
     spec: &BitbucketAccessGrantSpec,
     status: Option<&BitbucketAccessGrantStatus>,
 ) -> Result<Option<Timestamp>, String> {
     match status.and_then(|s| s.granted_at.as_ref()) {
-        Some(granted_at) if is_held(status) => spec
-            .expiry(granted_at)
-            .map(|at| at.map(|t| t.0))
-            .map_err(|e| e.to_string()),
+        Some(granted_at) if is_held(status) => {
+            let from_spec = spec.expiry(granted_at).map_err(|e| e.to_string())?.map(|t| t.0);
+            let recorded = status.and_then(|s| s.expires_at.as_ref()).map(|t| t.0);
+            Ok(match (from_spec, recorded) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            })
+        }
         _ => Ok(spec.expires_at.as_ref().map(|t| t.0)),
     }
 }
@@ -211,7 +231,7 @@ pub fn decide(
     applied: Option<&AppliedAccess>,
     now: Timestamp,
 ) -> Step {
-    if state_of(status) == Some(GrantState::Expired) {
+    if matches!(state_of(status), Some(GrantState::Expired | GrantState::Revoked)) {
         return Step::Done;
     }
     let expires = match expiry(spec, status) {
@@ -226,7 +246,7 @@ pub fn decide(
         return Step::Expire;
     }
     if applied.is_some_and(|a| !same_access(a, spec)) {
-        return Step::Regrant;
+        return Step::KeepDespiteChange { until: expires };
     }
     Step::Hold { until: expires }
 }
@@ -239,10 +259,16 @@ pub struct Peer {
     pub granted_at: Timestamp,
 }
 
-/// The peer `other` is to a grant of `access` by `principal_id`: live
-/// (held, not being deleted), same resolved principal, connector, workspace
-/// and target. `None` otherwise.
-pub fn as_peer(other: &BitbucketAccessGrant, access: &AppliedAccess, principal_id: &str) -> Option<Peer> {
+/// The peer `other` is to a grant of `access` (through the connector in
+/// `connector_namespace`) by `principal_id`: live (held, not being
+/// deleted), same resolved principal, connector, workspace and target.
+/// `None` otherwise.
+pub fn as_peer(
+    other: &BitbucketAccessGrant,
+    connector_namespace: &str,
+    access: &AppliedAccess,
+    principal_id: &str,
+) -> Option<Peer> {
     let status = other.status.as_ref()?;
     if other.metadata.deletion_timestamp.is_some()
         || !is_held(Some(status))
@@ -251,7 +277,11 @@ pub fn as_peer(other: &BitbucketAccessGrant, access: &AppliedAccess, principal_i
         return None;
     }
     let applied = held_access(other).ok()?;
-    if applied.connector != access.connector || applied.workspace != access.workspace || applied.target != access.target
+    let other_namespace = other.metadata.namespace.as_deref().unwrap_or_default();
+    if applied.connector != access.connector
+        || applied.connector_namespace.as_deref().unwrap_or(other_namespace) != connector_namespace
+        || applied.workspace != access.workspace
+        || applied.target != access.target
     {
         return None;
     }

@@ -3,17 +3,37 @@
 //!
 //! # Rules
 //!
-//! - **Same namespace.** `spec.connectorRef.name` is looked up in the grant's
-//!   own namespace only. Missing: `Ready=False`, reason `ConnectorNotFound`
-//!   (Stalled, retried every 5 minutes and whenever a connector changes).
-//!   Present but suspended, being deleted, or not connected yet (no runtime
-//!   with accepted credentials): `ConnectorNotReady`, retried every 30 s and
-//!   whenever the connector's status changes (connectors are watched and
-//!   mapped to the grants that reference them).
-//! - **Provisioning must be enabled** for the connector (`spec.provisioning`,
-//!   else the Secret's `BATON_PROVISIONING`): otherwise `Ready=False`, reason
-//!   `ProvisioningDisabled`, state `Failed` (Stalled), and nothing is written
-//!   to Bitbucket.
+//! - **The connector** is `spec.connectorRef.name` in
+//!   `spec.connectorRef.namespace` (default: the grant's namespace). Another
+//!   namespace is allowed only when that connector lists the grant's
+//!   namespace in `spec.provisioning.grantNamespaces` (like the Gateway
+//!   API's ReferenceGrant): otherwise, and when there is no such connector
+//!   there (the two read the same, so a grant's author learns nothing of
+//!   other namespaces), the grant is `Denied`, reason `NamespaceNotAllowed`.
+//!   Missing in the grant's own namespace: `Ready=False`, reason
+//!   `ConnectorNotFound` (Stalled, retried every 5 minutes and whenever a
+//!   connector changes). Present but suspended, being deleted, or not
+//!   connected yet (no runtime with accepted credentials):
+//!   `ConnectorNotReady`, retried every 30 s and whenever the connector's
+//!   status changes (connectors of every watched namespace are watched and
+//!   mapped to the grants that reference them). The operator sees only the
+//!   namespaces it watches (`run --watch-namespaces`).
+//! - **Provisioning must be enabled** for a new grant
+//!   ([`policy::resolve_switch`]: `spec.provisioning.enabled`, else the
+//!   Secret's `BATON_PROVISIONING`, whose explicit `false` is a veto):
+//!   otherwise `Ready=False`, reason `ProvisioningDisabled`, state `Failed`
+//!   (Stalled), and nothing is written to Bitbucket. The switch gates new
+//!   grants only: expiry, deletion and a deleted connector revoke whatever
+//!   it says ([`lookup::for_revoke`]).
+//! - **Policy.** A new grant must be within the connector's
+//!   `spec.provisioning` ([`policy::check`]): otherwise state `Denied`,
+//!   `Ready=False` with the rule as reason (`NamespaceNotAllowed`,
+//!   `PermissionNotAllowed`, `WorkspaceNotAllowed`, `TargetNotAllowed`,
+//!   `DurationRequired`, `DurationExceedsMaximum`), `Stalled=True`, one
+//!   Warning Event `Denied` per transition ([`status::is_new_denial`]),
+//!   nothing written. A denied grant is looked at again when the connector
+//!   changes (a wider policy lets it through). The policy is checked when a
+//!   grant is made; a held grant is not re-checked.
 //! - **Grant.** The finalizer goes on first; then the provisioner ensures *at
 //!   least* the permission ([`GrantMode::AtLeast`]: a higher level already
 //!   held is left alone). On success the status records `previousPermission`
@@ -62,23 +82,27 @@
 //!   new grant (or delete and re-apply this one). A grant whose `expiresAt`
 //!   has passed before it was ever granted goes straight to `Expired` with no
 //!   Bitbucket write.
-//! - **Spec change** (new generation) of a held grant: if the access
-//!   (connector, principal, target, permission) is unchanged (only
-//!   `duration`/`expiresAt` changed), nothing is written and the expiry is
-//!   recomputed from the original `grantedAt`. Otherwise the old access is
-//!   ended exactly as on deletion (revoke and restore, honouring overlapping
-//!   grants; a `Revoked` Event) and the new spec is granted as a new grant
-//!   (new `grantedAt`, `previousPermission` recorded afresh — for the same
-//!   target this is the restored level, i.e. the same value). The principal
-//!   may briefly hold the restored level in between.
+//! - **The request is immutable.** CEL on the CRD refuses a change of
+//!   principal, target, permission or connector, and lets `duration` and
+//!   `expiresAt` only shrink. Should an API server let a change through
+//!   anyway, a held grant never widens: another access in the spec is
+//!   ignored (`Ready=False`, reason `SpecImmutable`, Stalled; the access
+//!   stays exactly as applied), and the expiry is never later than the one
+//!   recorded in status ([`decide::expiry`]); a shorter one applies.
 //! - **Deletion** (finalizer): a held grant is revoked and the previous level
-//!   restored (a `Revoked` Event), then the finalizer is removed. *Deletion
-//!   is never blocked for ever*: when the connector is gone, provisioning was
-//!   disabled since, the revoke fails permanently (credentials rejected,
-//!   target deleted, …), or the connector has not been usable for 10 minutes
-//!   since the deletion was requested, a Warning Event `RevokeSkipped` says
-//!   that the access could not be revoked and why, and the finalizer is
-//!   removed anyway. Rationale: a finalizer that can never be satisfied
+//!   restored (a `Revoked` Event), then the finalizer is removed, also when
+//!   provisioning was disabled since. *Deletion is never blocked for ever*:
+//!   when the connector is gone, the revoke fails permanently (credentials
+//!   rejected, target deleted, …), or the connector has not been usable for
+//!   10 minutes since the deletion was requested, a Warning Event
+//!   `RevokeSkipped` says that the access could not be revoked and why, and
+//!   the finalizer is removed anyway. Removing the finalizer by hand skips
+//!   the revoke entirely: the operator cannot prevent that (RBAC on
+//!   `bitbucketaccessgrants` update can).
+//! - **A connector being deleted** keeps its client and its finalizer until
+//!   every grant it made holds nothing (`connector_deletion`): such a held
+//!   grant is revoked and restored like an expiry, and ends as `Revoked`
+//!   (`Ready=False`, reason `ConnectorDeleted`; terminal, like `Expired`). Rationale: a finalizer that can never be satisfied
 //!   blocks namespace deletion and GitOps pruning; the Event (and the
 //!   connector's inventory, which still shows the permission) is the audit
 //!   trail for a person to finish the job. Transient failures are retried
@@ -92,20 +116,20 @@
 //!   made while others hold copies the earliest one's `previousPermission`
 //!   instead of recording the level the others put in place, so every grant
 //!   of the set carries the level held before any of them. "Live" means
-//!   state `Granted` and not being deleted; peers are matched by connector,
-//!   target and the resolved principal id (`status.principalId`), from a
-//!   fresh list of the namespace's grants (each peer's access from its
-//!   `status.applied`). Operations on one connector/target are serialised
+//!   state `Granted` and not being deleted; peers are matched by connector
+//!   (namespace and name), target and the resolved principal id
+//!   (`status.principalId`), from a fresh list of the grants of every
+//!   watched namespace (each peer's access from its `status.applied`). Operations on one connector/target are serialised
 //!   in-process.
 //! - **Store refresh.** Every change refreshes the connector's store
 //!   (`namespace/connector`) through the provisioner's narrow
 //!   [`Inventory`](crate::provision::Inventory) interface.
-//! - **Events** (`events.k8s.io`, the audit trail), on transitions only:
+//! - **Events** (`events.k8s.io`), on transitions only:
 //!   `Granted` (what was granted to whom, and what was held before),
-//!   `Revoked` (deletion or spec change: what was revoked and restored),
-//!   `Expired`, and Warnings `GrantFailed`, `ConnectorNotFound`,
-//!   `ConnectorNotReady` (when the Ready reason changes, not on every retry)
-//!   and `RevokeSkipped`.
+//!   `Revoked` (deletion or connector deletion: what was revoked and
+//!   restored), `Expired`, and Warnings `Denied`, `GrantFailed`,
+//!   `ConnectorNotFound`, `ConnectorNotReady` (when the Ready reason
+//!   changes, not on every retry) and `RevokeSkipped`.
 //! - **Status** is written by server-side apply on `/status` (field manager
 //!   `bitbucket-operator`) only when it changed; kstatus `Reconciling` and
 //!   `Stalled` are present only while True. Grants are watched on generation
@@ -117,6 +141,8 @@
 //!
 //! - [`decide`]: the pure rules (decision table, expiry, overlap levels,
 //!   spec → request → applied access conversions).
+//! - [`policy`]: the connector's switch and policy, pure.
+//! - [`lookup`]: the connector for a new grant (switch, policy) or a revoke.
 //! - [`status`]: the status as a pure function of what happened ([`status::Outcome`]).
 //! - `reconcile`: the I/O (Secret, peers, Bitbucket through the
 //!   provisioner, Events) and [`controller`], the watch wiring.
@@ -131,6 +157,8 @@
 //! [`level_to_restore`]: crate::provision::level_to_restore
 
 pub mod decide;
+pub mod lookup;
+pub mod policy;
 mod reconcile;
 pub mod status;
 
@@ -150,6 +178,7 @@ pub use decide::{
     Peer, Step, applied_access, decide, expiry, held_access, is_held, previous_to_record, request_for, restore_level,
     revoke_request, same_access,
 };
+pub use policy::{Violation, resolve_switch};
 pub use reconcile::{Blocker, controller, error_policy, reconcile};
 pub use status::EXPIRED_CONDITION;
 
@@ -158,6 +187,9 @@ pub struct GrantContext {
     pub scaffold: Scaffold<BitbucketAccessGrant>,
     pub manager: Arc<Manager>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The namespaces the operator watches (empty: all). A grant may use a
+    /// connector of any of them, so connectors and peers are looked for there.
+    watched: Vec<String>,
 }
 
 impl GrantContext {
@@ -166,7 +198,40 @@ impl GrantContext {
             scaffold: Scaffold::new("grant", client, recorder, metrics),
             manager,
             locks: Mutex::default(),
+            watched: Vec::new(),
         }
+    }
+
+    /// Scopes the context to the watched namespaces (`run --watch-namespaces`; empty: all).
+    pub fn watching(mut self, namespaces: Vec<String>) -> Self {
+        self.watched = namespaces;
+        self
+    }
+
+    fn apis<K>(&self) -> Vec<kube::Api<K>>
+    where
+        K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        let client = &self.scaffold.client;
+        if self.watched.is_empty() {
+            vec![kube::Api::all(client.clone())]
+        } else {
+            self.watched
+                .iter()
+                .map(|ns| kube::Api::namespaced(client.clone(), ns))
+                .collect()
+        }
+    }
+
+    /// Grants in every watched namespace.
+    fn grant_apis(&self) -> Vec<kube::Api<BitbucketAccessGrant>> {
+        self.apis()
+    }
+
+    /// Connectors in every watched namespace.
+    fn connector_apis(&self) -> Vec<kube::Api<crate::crd::BitbucketConnector>> {
+        self.apis()
     }
 
     /// One lock per namespace/connector/workspace/target: overlapping grants

@@ -1,5 +1,5 @@
 //! The grant controller's I/O: the watch wiring ([`controller`]), the
-//! connector's provisioner (Secret, runtime), the peer listing, Bitbucket
+//! connector's provisioner (through [`super::lookup`]), the peer listing, Bitbucket
 //! writes through the provisioner, status writes and Events. Every decision
 //! is [`super::decide`]'s, every status [`super::status::compute`]'s.
 
@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
@@ -20,15 +19,15 @@ use kube::runtime::utils::Predicate;
 use kube::runtime::{Controller, WatchStreamExt, predicates, watcher};
 
 use super::decide::{self, Peer, Step};
+use super::lookup::{self, Refusal};
+use super::policy::Violation;
 use super::status::{self, GrantRecord, Outcome};
 use super::{GrantContext, GrantError};
-use crate::controller::secret::{SecretRead, read_opted_in};
 use crate::crd::{
-    AppliedAccess, BitbucketAccessGrant, BitbucketAccessGrantStatus, BitbucketConnector, EventReason, GRANT_FINALIZER,
-    GrantState, Reason, condition_type as ct, find_condition,
+    AppliedAccess, BitbucketAccessGrant, BitbucketAccessGrantStatus, EventReason, GRANT_FINALIZER, GrantState, Reason,
+    condition_type as ct, find_condition,
 };
-use crate::provision::{AccessRequest, AfterRefresh, GrantMode, ProvisionError, Provisioner, StoreInventory};
-use crate::settings::{ConnectorSettings, not_opted_in_message};
+use crate::provision::{AccessRequest, GrantMode, ProvisionError};
 
 /// Deletion waits at most this long for an unusable connector.
 const DELETION_GRACE: Duration = Duration::from_secs(600);
@@ -70,10 +69,17 @@ pub async fn controller(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.scaffold.client.clone();
-    let (grants, connectors): (Api<BitbucketAccessGrant>, Api<BitbucketConnector>) = match &namespace {
-        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client, ns)),
-        None => (Api::all(client.clone()), Api::all(client)),
+    let grants: Api<BitbucketAccessGrant> = match &namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
     };
+    // A grant may use a connector of another watched namespace: watch them all.
+    let connector_changes = futures::stream::select_all(ctx.connector_apis().into_iter().map(|api| {
+        watcher(api, watcher::Config::default())
+            .default_backoff()
+            .touched_objects()
+            .boxed()
+    }));
     let (reader, writer) = reflector::store();
     // Generation (spec, deletion) and finalizer changes only (the finalizer
     // helper waits for its own patch to come back): status writes do not
@@ -91,13 +97,13 @@ pub async fn controller(
     Controller::for_stream(grant_changes, reader)
         // Any connector change (a status write included: becoming connected)
         // re-triggers the grants that reference it.
-        .watches(connectors, watcher::Config::default(), move |connector| {
-            let namespace = connector.namespace();
+        .watches_stream(connector_changes, move |connector| {
+            let namespace = connector.namespace().unwrap_or_default();
             let name = connector.name_any();
             mapper_reader
                 .state()
                 .into_iter()
-                .filter(|g| g.namespace() == namespace && g.spec.connector_ref.name == name)
+                .filter(|g| super::lookup::references(g, &namespace, &name))
                 .map(|g| ObjectRef::from_obj(g.as_ref()))
                 .collect::<Vec<_>>()
         })
@@ -134,86 +140,7 @@ pub fn error_policy(obj: Arc<BitbucketAccessGrant>, err: &GrantError, ctx: Arc<G
     ctx.scaffold.error_policy(obj.as_ref(), err)
 }
 
-// ---- the connector's provisioner ----------------------------------------------
-
-/// The connector's provisioner, or why there is none.
-async fn provisioner_for(
-    ctx: &GrantContext,
-    namespace: &str,
-    connector: &str,
-) -> Result<Result<Provisioner, Blocker>, kube::Error> {
-    let name = format!("BitbucketConnector {namespace}/{connector}");
-    let api: Api<BitbucketConnector> = Api::namespaced(ctx.scaffold.client.clone(), namespace);
-    let Some(obj) = api.get_opt(connector).await? else {
-        return Ok(Err(Blocker::NotFound(format!(
-            "{name} not found (it must be in the grant's namespace)"
-        ))));
-    };
-    if obj.metadata.deletion_timestamp.is_some() {
-        return Ok(Err(Blocker::NotReady(format!("{name} is being deleted"))));
-    }
-    if obj.spec.suspend {
-        return Ok(Err(Blocker::NotReady(format!("{name} is suspended"))));
-    }
-    match provisioning_enabled(&obj, ctx, namespace).await? {
-        Ok(true) => {}
-        Ok(false) => {
-            return Ok(Err(Blocker::Disabled(format!(
-                "provisioning is disabled for {name}: set spec.provisioning: true or {}=true in its Secret",
-                obj.spec.secret_keys().provisioning()
-            ))));
-        }
-        Err(message) => return Ok(Err(Blocker::NotReady(message))),
-    }
-    let key = format!("{namespace}/{connector}");
-    let Some(runtime) = ctx.manager.runtime(&key) else {
-        return Ok(Err(Blocker::NotReady(format!("{name} is not connected yet"))));
-    };
-    match runtime.connection().map(|c| c.result) {
-        Some(Ok(_)) => {}
-        Some(Err(err)) => return Ok(Err(Blocker::NotReady(format!("{name} is not connected: {err}")))),
-        None => {
-            return Ok(Err(Blocker::NotReady(format!(
-                "{name} is still checking its credentials"
-            ))));
-        }
-    }
-    let client = runtime.engine().client().clone();
-    // The narrow callback into the sync loops: sync a type again when a run
-    // in flight read Bitbucket before this change.
-    let resync = Arc::clone(&runtime);
-    let hook = AfterRefresh(Arc::new(move |kind| resync.resync_if_running(kind)));
-    let inventory = StoreInventory::new(Arc::clone(ctx.manager.store()), key).after_refresh(hook);
-    Ok(Ok(Provisioner::new(client, true).with_inventory(Arc::new(inventory))))
-}
-
-/// `spec.provisioning`, else the Secret's provisioning key (same namespace),
-/// read by the same decoder as the connector's (a value that is not text is
-/// reported, not taken as "off").
-async fn provisioning_enabled(
-    obj: &BitbucketConnector,
-    ctx: &GrantContext,
-    namespace: &str,
-) -> Result<Result<bool, String>, kube::Error> {
-    if let Some(enabled) = obj.spec.provisioning {
-        return Ok(Ok(enabled));
-    }
-    let name = &obj.spec.secret_ref.name;
-    let secret = match read_opted_in(&ctx.scaffold.client, namespace, name).await? {
-        SecretRead::Found(secret) => secret,
-        SecretRead::NotFound => return Ok(Err(format!("Secret {namespace}/{name} of the connector not found"))),
-        SecretRead::NotOptedIn => return Ok(Err(not_opted_in_message(namespace, name))),
-    };
-    Ok(provisioning_from_secret(obj, &secret).map_err(|e| format!("Secret {namespace}/{name}: {e}")))
-}
-
-/// Whether the connector's Secret enables provisioning.
-pub(super) fn provisioning_from_secret(
-    obj: &BitbucketConnector,
-    secret: &Secret,
-) -> Result<bool, crate::settings::SettingsError> {
-    ConnectorSettings::from_secret(secret, &obj.spec.secret_keys()).map(|s| s.provisioning)
-}
+// ---- peers ----------------------------------------------------------------------
 
 /// The other live grants of the same connector, principal and target.
 async fn peers(
@@ -223,13 +150,16 @@ async fn peers(
     access: &AppliedAccess,
     principal_id: &str,
 ) -> Result<Vec<Peer>, kube::Error> {
-    let api: Api<BitbucketAccessGrant> = Api::namespaced(ctx.scaffold.client.clone(), namespace);
-    let all = api.list(&ListParams::default()).await?;
+    // Grants of one connector may live in several namespaces (grantNamespaces).
+    let mut all = Vec::new();
+    for api in ctx.grant_apis() {
+        all.extend(api.list(&ListParams::default()).await?.items);
+    }
+    let connector_namespace = access.connector_namespace.as_deref().unwrap_or(namespace);
     Ok(all
-        .items
         .iter()
-        .filter(|g| g.name_any() != own_name)
-        .filter_map(|g| decide::as_peer(g, access, principal_id))
+        .filter(|g| !(g.name_any() == own_name && g.namespace().as_deref() == Some(namespace)))
+        .filter_map(|g| decide::as_peer(g, connector_namespace, access, principal_id))
         .collect())
 }
 
@@ -356,6 +286,11 @@ async fn apply(obj: Arc<BitbucketAccessGrant>, ctx: &GrantContext) -> Result<Act
     let now = Timestamp::now();
     // Only a held grant has applied anything.
     let applied = decide::is_held(obj.status.as_ref()).then(|| decide::held_access(&obj));
+    if let Some(Ok(held)) = &applied
+        && lookup::connector_deleting(ctx, &namespace, held).await?
+    {
+        return revoke_for_deleted_connector(&obj, ctx, &namespace, held).await;
+    }
     let step = decide::decide(
         &obj.spec,
         obj.status.as_ref(),
@@ -395,10 +330,16 @@ async fn apply(obj: Arc<BitbucketAccessGrant>, ctx: &GrantContext) -> Result<Act
             Ok(applied) => expire(&obj, ctx, &namespace, &applied).await,
             Err(err) => report_provision_error(&obj, ctx, &err).await,
         },
-        Step::Regrant => match required(applied) {
-            Ok(applied) => regrant(&obj, ctx, &namespace, &applied, now).await,
-            Err(err) => report_provision_error(&obj, ctx, &err).await,
-        },
+        Step::KeepDespiteChange { until } => {
+            let message = format!(
+                "the spec was changed but the request is immutable: the access stays as granted ({}); delete this \
+                 grant and create a new one to ask for another",
+                describe(applied.and_then(Result::ok).as_ref())
+            );
+            report_problem(&obj, ctx, Reason::SpecImmutable, &message, true, GrantState::Granted).await?;
+            ctx.scaffold.succeeded(&key);
+            Ok(requeue_until(until, now))
+        }
         Step::Grant => grant(&obj, ctx, &namespace, now).await,
     }
 }
@@ -460,30 +401,66 @@ async fn expire(
     }
 }
 
-/// The spec names another access: end the old one, then grant the new as a new grant.
-async fn regrant(
+/// One line naming an applied access, for messages.
+fn describe(applied: Option<&AppliedAccess>) -> String {
+    applied.map_or_else(
+        || "nothing applied".to_owned(),
+        |a| format!("{} on {} {}", a.permission, a.workspace, a.target.display()),
+    )
+}
+
+/// The grant's connector is being deleted: end the access first (its
+/// finalizer waits for this), then the grant is Revoked for good.
+async fn revoke_for_deleted_connector(
     obj: &BitbucketAccessGrant,
     ctx: &GrantContext,
     namespace: &str,
     applied: &AppliedAccess,
-    now: Timestamp,
 ) -> Result<Action, GrantError> {
     match end_access(obj, ctx, namespace, applied).await? {
         Ended::Done(note) => {
-            let note = format!("spec changed: {note}");
-            publish(ctx, obj, EventType::Normal, EventReason::Revoked.as_str(), note).await;
-            // The old access is gone: start over as a new grant. Recorded
-            // first (no longer held, nothing applied), so an interruption
-            // here re-grants rather than holds.
-            let status = next_status(obj, Outcome::Released);
+            let message = format!("the connector is being deleted: {note}");
+            let status = next_status(
+                obj,
+                Outcome::Revoked {
+                    message: message.clone(),
+                },
+            );
             ctx.scaffold.write_status(obj, &status).await?;
-            let mut released = obj.clone();
-            released.status = Some(status);
-            grant(&released, ctx, namespace, now).await
+            publish(ctx, obj, EventType::Normal, EventReason::Revoked.as_str(), message).await;
+            ctx.scaffold.succeeded(&crate::controller::common::object_key(obj));
+            Ok(Action::await_change())
         }
         Ended::Blocked(blocker) => report_blocker(obj, ctx, &blocker).await,
         Ended::Failed(err) => report_provision_error(obj, ctx, &err).await,
     }
+}
+
+/// Outside the connector's policy: `Denied`, Stalled, and a Warning Event
+/// on the transition only ([`status::is_new_denial`], where an audit
+/// entry belongs too). Nothing was written to Bitbucket. Looked at again
+/// when the connector changes (its policy may allow it then).
+async fn report_denied(
+    obj: &BitbucketAccessGrant,
+    ctx: &GrantContext,
+    violation: &Violation,
+) -> Result<Action, GrantError> {
+    let reason = violation.reason();
+    let message = format!("denied by the connector's policy: {violation}");
+    let outcome = Outcome::Problem {
+        reason,
+        message: message.clone(),
+        stalled: true,
+        state_if_not_held: GrantState::Denied,
+    };
+    let status = next_status(obj, outcome);
+    if status::is_new_denial(obj.status.as_ref(), &status) {
+        let note = format!("{reason}: {message}");
+        publish(ctx, obj, EventType::Warning, EventReason::Denied.as_str(), note).await;
+    }
+    ctx.scaffold.write_status(obj, &status).await?;
+    ctx.scaffold.succeeded(&crate::controller::common::object_key(obj));
+    Ok(Action::requeue(SLOW_RETRY))
 }
 
 /// Grants the spec (the grant is not held) and records it.
@@ -498,11 +475,14 @@ async fn grant(
         Ok(request) => request,
         Err(err) => return report_provision_error(obj, ctx, &err).await,
     };
-    let lock = ctx.lock_for(namespace, connector, &request);
+    let connector_namespace = obj.spec.connector_ref.namespace_or(namespace);
+    let lock = ctx.lock_for(connector_namespace, connector, &request);
     let _guard = lock.lock().await;
-    let provisioner = match provisioner_for(ctx, namespace, connector).await? {
+    // The connector's switch and policy: a denied grant writes nothing.
+    let provisioner = match lookup::for_grant(ctx, obj, namespace).await? {
         Ok(p) => p,
-        Err(blocker) => return report_blocker(obj, ctx, &blocker).await,
+        Err(Refusal::Blocked(blocker)) => return report_blocker(obj, ctx, &blocker).await,
+        Err(Refusal::Denied(violation)) => return report_denied(obj, ctx, &violation).await,
     };
     let outcome = match provisioner.grant(&request, GrantMode::AtLeast).await {
         Ok(outcome) => outcome,
@@ -510,7 +490,8 @@ async fn grant(
     };
     // What expiry and deletion will revoke: the principal as Bitbucket
     // resolved it now. Recorded in the same write as `grantedAt`.
-    let applied = match decide::applied_access(connector, &request, &outcome.principal.key) {
+    let connector_ref = (obj.spec.connector_ref.namespace.as_deref(), connector);
+    let applied = match decide::applied_access(connector_ref, &request, &outcome.principal.key) {
         Ok(applied) => applied,
         Err(err) => return report_provision_error(obj, ctx, &err).await,
     };
@@ -581,9 +562,11 @@ async fn end_access(
     applied: &AppliedAccess,
 ) -> Result<Ended, GrantError> {
     let request: AccessRequest = decide::revoke_request(applied);
-    let lock = ctx.lock_for(namespace, &applied.connector, &request);
+    let connector_namespace = applied.connector_namespace.as_deref().unwrap_or(namespace);
+    let lock = ctx.lock_for(connector_namespace, &applied.connector, &request);
     let _guard = lock.lock().await;
-    let provisioner = match provisioner_for(ctx, namespace, &applied.connector).await? {
+    // Revocation is always possible: neither the switch nor the policy counts here.
+    let provisioner = match lookup::for_revoke(ctx, connector_namespace, &applied.connector).await? {
         Ok(p) => p,
         Err(blocker) => return Ok(Ended::Blocked(blocker)),
     };
@@ -635,7 +618,7 @@ async fn cleanup(obj: Arc<BitbucketAccessGrant>, ctx: &GrantContext) -> Result<A
             ctx.scaffold.forget(&key);
             Ok(Action::await_change())
         }
-        Ended::Blocked(blocker @ (Blocker::NotFound(_) | Blocker::Disabled(_))) => {
+        Ended::Blocked(blocker @ Blocker::NotFound(_)) => {
             let why = format!("{}: {}", blocker.reason(), blocker.message());
             give_up(&obj, ctx, &what, why).await
         }

@@ -57,6 +57,9 @@ pub enum Outcome {
     },
     /// Expired: nothing applied any more.
     Expired { expires_at: Option<Time>, message: String },
+    /// Revoked because its connector is being deleted: terminal, nothing
+    /// applied any more.
+    Revoked { message: String },
 }
 
 /// Computes the new status from the previous one.
@@ -110,8 +113,37 @@ pub fn compute(
             status.applied = None;
             mark_expired(&mut status, generation, &message);
         }
+        Outcome::Revoked { message } => {
+            status.applied = None;
+            status.state = Some(GrantState::Revoked.as_str().to_owned());
+            set_condition(
+                &mut status.conditions,
+                new_condition(
+                    ct::READY,
+                    ConditionStatus::False,
+                    Reason::ConnectorDeleted,
+                    message,
+                    generation,
+                ),
+            );
+            remove_condition(&mut status.conditions, ct::RECONCILING);
+            remove_condition(&mut status.conditions, ct::STALLED);
+        }
     }
     status
+}
+
+/// Whether `after` is a denial that `before` was not (or a denial by
+/// another rule): the one point where a denial is reported (Warning Event,
+/// audit entry), so a grant that stays denied is reported once.
+pub fn is_new_denial(before: Option<&BitbucketAccessGrantStatus>, after: &BitbucketAccessGrantStatus) -> bool {
+    let denial = |s: &BitbucketAccessGrantStatus| {
+        (s.state.as_deref() == Some(GrantState::Denied.as_str()))
+            .then(|| crate::crd::find_condition(&s.conditions, ct::READY).map(|c| c.reason.clone()))
+            .flatten()
+    };
+    let now = denial(after);
+    now.is_some() && before.and_then(denial) != now
 }
 
 /// The message of a Ready condition that is True.

@@ -83,7 +83,7 @@ fn decide_grants_holds_and_expires_on_status_timestamps() {
 }
 
 #[test]
-fn decide_regrants_only_when_the_access_changes() {
+fn decide_never_widens_a_held_grant_on_a_spec_change() {
     let mut spec = spec();
     let status = granted(100, None);
     let applied = applied(&spec, "{u}");
@@ -97,15 +97,54 @@ fn decide_regrants_only_when_the_access_changes() {
         decide(&spec, Some(&status), Some(&applied), ts(200)),
         Step::Hold { until: Some(ts(3700)) }
     );
-    // Another permission or target: end the old access, grant the new.
+    // Another permission or target (the CRD refuses it; an API server
+    // that did not): the held access stays as applied, nothing is written.
     spec.permission = Permission::Admin;
-    assert_eq!(decide(&spec, Some(&status), Some(&applied), ts(200)), Step::Regrant);
+    assert_eq!(
+        decide(&spec, Some(&status), Some(&applied), ts(200)),
+        Step::KeepDespiteChange { until: Some(ts(3700)) }
+    );
     let mut spec2 = self::spec();
     spec2.target.repository = Some("web".into());
-    assert_eq!(decide(&spec2, Some(&status), Some(&applied), ts(200)), Step::Regrant);
+    assert_eq!(
+        decide(&spec2, Some(&status), Some(&applied), ts(200)),
+        Step::KeepDespiteChange { until: None }
+    );
     // Past expiry, expiry wins over a pending change.
     spec.duration = Some("1m".into());
     assert_eq!(decide(&spec, Some(&status), Some(&applied), ts(200)), Step::Expire);
+}
+
+#[test]
+fn an_edit_can_bring_the_end_forward_never_push_it_back() {
+    let mut spec = spec();
+    spec.duration = Some("1h".into());
+    // Granted at 100 for an hour: recorded expiry 3700.
+    let status = granted(100, Some(3700));
+    let applied = applied(&spec, "{u}");
+    spec.duration = Some("10h".into());
+    assert_eq!(
+        decide(&spec, Some(&status), Some(&applied), ts(200)),
+        Step::Hold { until: Some(ts(3700)) },
+        "a longer duration does not extend"
+    );
+    spec.duration = None;
+    assert_eq!(
+        decide(&spec, Some(&status), Some(&applied), ts(200)),
+        Step::Hold { until: Some(ts(3700)) },
+        "removing the duration does not remove the end"
+    );
+    assert_eq!(decide(&spec, Some(&status), Some(&applied), ts(3700)), Step::Expire);
+    spec.duration = Some("30m".into());
+    assert_eq!(
+        decide(&spec, Some(&status), Some(&applied), ts(200)),
+        Step::Hold { until: Some(ts(1900)) },
+        "a shorter one does"
+    );
+    // A grant revoked with its connector is done, whatever its spec.
+    let mut revoked = granted(100, None);
+    revoked.state = Some(GrantState::Revoked.as_str().into());
+    assert_eq!(decide(&spec, Some(&revoked), None, ts(200)), Step::Done);
 }
 
 #[test]
@@ -236,7 +275,11 @@ fn a_held_grant_keeps_its_ready_message_and_a_release_clears_the_record() {
 }
 
 fn applied(spec: &BitbucketAccessGrantSpec, id: &str) -> AppliedAccess {
-    applied_access(&spec.connector_ref.name, &request_for(spec).unwrap(), id).unwrap()
+    let connector = (
+        spec.connector_ref.namespace.as_deref(),
+        spec.connector_ref.name.as_str(),
+    );
+    applied_access(connector, &request_for(spec).unwrap(), id).unwrap()
 }
 
 #[test]
@@ -400,10 +443,96 @@ fn provisioning_is_read_with_the_connector_decoder() {
     };
     let mut connector = connector;
     connector.spec.provisioning = None;
-    assert!(reconcile::provisioning_from_secret(&connector, &secret(b"true")).unwrap());
-    assert!(!reconcile::provisioning_from_secret(&connector, &secret(b"false")).unwrap());
+    let switch = |c: &crate::crd::BitbucketConnector, v: &[u8]| super::lookup::switch_of(c, &secret(v));
+    assert!(switch(&connector, b"true").unwrap().enabled);
+    assert!(!switch(&connector, b"false").unwrap().enabled);
+    // The Secret's explicit false is a veto the spec cannot override, and says so.
+    connector.spec.provisioning = Some(crate::crd::ProvisioningPolicy {
+        enabled: Some(true),
+        ..Default::default()
+    });
+    let vetoed = switch(&connector, b"false").unwrap();
+    assert!(!vetoed.enabled);
+    assert_eq!(vetoed.reason, Reason::ProvisioningConflict);
+    assert!(
+        switch(&connector, b"").unwrap().enabled,
+        "absent in the Secret: the spec decides"
+    );
     // Not text: reported (the connector says SecretKeyMissing), where this
     // path used to drop the key and read provisioning as off.
-    let err = reconcile::provisioning_from_secret(&connector, &secret(&[0xff, 0xfe])).unwrap_err();
+    let err = switch(&connector, &[0xff, 0xfe]).unwrap_err();
     assert_eq!(err.to_string(), "key BATON_PROVISIONING is not UTF-8 text");
+}
+
+#[test]
+fn a_denial_is_new_once_per_rule_and_a_revoked_grant_holds_nothing() {
+    let denied = |reason| {
+        compute(
+            None,
+            Some(1),
+            "repository/api".into(),
+            problem(reason, true, GrantState::Denied),
+        )
+    };
+    let by_permission = denied(Reason::PermissionNotAllowed);
+    assert_eq!(by_permission.state.as_deref(), Some("Denied"));
+    assert!(super::status::is_new_denial(None, &by_permission));
+    assert!(
+        !super::status::is_new_denial(Some(&by_permission), &by_permission),
+        "the same denial again is not new"
+    );
+    let by_duration = denied(Reason::DurationExceedsMaximum);
+    assert!(
+        super::status::is_new_denial(Some(&by_permission), &by_duration),
+        "another rule is"
+    );
+    let failed = compute(
+        None,
+        Some(1),
+        "repository/api".into(),
+        problem(Reason::ProvisioningDisabled, true, GrantState::Failed),
+    );
+    assert!(
+        !super::status::is_new_denial(None, &failed),
+        "a failure is not a denial"
+    );
+
+    let held = granted(100, None);
+    let revoked = compute(
+        Some(&held),
+        Some(1),
+        "repository/api".into(),
+        Outcome::Revoked {
+            message: "the connector is being deleted".into(),
+        },
+    );
+    assert_eq!(revoked.state.as_deref(), Some("Revoked"));
+    assert!(!is_held(Some(&revoked)) && revoked.applied.is_none());
+    let ready = find_condition(&revoked.conditions, ct::READY).unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "ConnectorDeleted")
+    );
+}
+
+#[test]
+fn grants_reference_a_connector_by_namespace_and_name() {
+    let grant = |ns: &str, connector_ns: Option<&str>| {
+        let mut g = BitbucketAccessGrant::new("g", spec());
+        g.metadata.namespace = Some(ns.into());
+        g.spec.connector_ref.namespace = connector_ns.map(str::to_owned);
+        g
+    };
+    assert!(super::lookup::references(&grant("bitbucket", None), "bitbucket", "c"));
+    assert!(!super::lookup::references(&grant("team-a", None), "bitbucket", "c"));
+    assert!(super::lookup::references(
+        &grant("team-a", Some("bitbucket")),
+        "bitbucket",
+        "c"
+    ));
+    assert!(!super::lookup::references(
+        &grant("team-a", Some("bitbucket")),
+        "bitbucket",
+        "other"
+    ));
 }
