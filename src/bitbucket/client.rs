@@ -587,11 +587,12 @@ impl Client {
     }
 
     /// `GET /2.0/workspaces/{ws}/members/{member}` (UUID or account id): one
-    /// membership; a 404 means not a member.
+    /// membership, with the email when the caller may see it; a 404 means
+    /// not a member.
     pub async fn workspace_member(&self, workspace: &str, member: &str) -> Result<WorkspaceMembership, Error> {
         let url = self.url(
             &["2.0", "workspaces", workspace, "members", member],
-            &[("fields", "user,permission")],
+            &[("fields", "-links,-workspace,-user.links,+user.email")],
         );
         self.get_json(EndpointClass::Members, url).await
     }
