@@ -163,6 +163,13 @@ impl Provisioner {
         self.with_inventory(Arc::new(StoreInventory::new(store, connector)))
     }
 
+    /// The same provisioner with its requests in `lane` (benchmarks compare
+    /// against the sync lane; the operator keeps the provisioning lane).
+    pub fn in_lane(mut self, lane: Lane) -> Self {
+        self.client = self.client.for_lane(lane);
+        self
+    }
+
     pub fn client(&self) -> &Client {
         &self.client
     }
