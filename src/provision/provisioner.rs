@@ -672,7 +672,8 @@ fn braced_uuid(text: &str) -> Option<String> {
     is_uuid.then(|| format!("{{{}}}", bare.to_ascii_lowercase()))
 }
 
-/// A member by UUID (with or without braces), account id, or nickname.
+/// A member by UUID (with or without braces), account id, nickname, or
+/// email (when the listing shows emails, as it does to admins).
 fn find_member<'a>(members: &'a [User], needle: &str) -> Option<&'a User> {
     let needle = needle.trim();
     if needle.is_empty() {
@@ -688,6 +689,11 @@ fn find_member<'a>(members: &'a [User], needle: &str) -> Option<&'a User> {
                 .iter()
                 .find(|u| u.nickname.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(needle)))
         })
+        .or_else(|| {
+            members
+                .iter()
+                .find(|u| u.email.as_deref().is_some_and(|e| e.eq_ignore_ascii_case(needle)))
+        })
 }
 
 #[cfg(test)]
@@ -695,14 +701,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn members_match_by_uuid_account_id_or_nickname() {
+    fn members_match_by_uuid_account_id_nickname_or_email() {
         let users = vec![User {
             uuid: "{0a1b2c3d-0000-4000-8000-000000000001}".into(),
             account_id: Some("557058:abc".into()),
             nickname: Some("JDoe".into()),
+            email: Some("jdoe@example.com".into()),
             ..User::default()
         }];
         for needle in [
+            "JDoe@Example.com",
             "{0a1b2c3d-0000-4000-8000-000000000001}",
             "0a1b2c3d-0000-4000-8000-000000000001",
             "557058:abc",
