@@ -10,6 +10,10 @@
 //!
 //! # What runs
 //!
+//! Without `--bench` (as `cargo test --all-targets` runs it) only a small
+//! `lane` run is made (the `small` organisation, 100 requests per 4 s, 4
+//! grants), a smoke test of the benchmark, not a measurement.
+//!
 //! Everything in this process, against the simulator with 30 ms latency per
 //! request: the full sync of the benchmark's `medium` organisation (2
 //! workspaces, 1,000 users, 1,000 repositories; about 2,150 requests), every
@@ -71,13 +75,17 @@ use bitbucket_operator::sync::{SyncEngine, run_into_store};
 use serde_json::json;
 
 const LATENCY: Duration = Duration::from_millis(30);
-const BUDGET: u32 = 1000;
 const IN_FLIGHT: usize = 4;
 const FIRST_EXPIRY: Duration = Duration::from_secs(1);
 const EXPIRY_SPACING: Duration = Duration::from_millis(1500);
 const LANE_TARGET: Duration = Duration::from_secs(5);
 
 struct Options {
+    /// `cargo test --all-targets` runs this binary without `--bench`: then
+    /// only a small `lane` run, as a smoke test that keeps it working.
+    smoke: bool,
+    /// Requests per window.
+    budget: u32,
     grants: usize,
     window: Duration,
     retry_after: Duration,
@@ -85,9 +93,12 @@ struct Options {
 }
 
 fn parse_args() -> anyhow::Result<Options> {
+    let smoke = !std::env::args().any(|a| a == "--bench");
     let mut options = Options {
-        grants: 24,
-        window: Duration::from_secs(20),
+        smoke,
+        budget: if smoke { 100 } else { 1000 },
+        grants: if smoke { 4 } else { 24 },
+        window: Duration::from_secs(if smoke { 4 } else { 20 }),
         retry_after: Duration::from_secs(10),
         json: false,
     };
@@ -197,7 +208,12 @@ fn run() -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     let mut outcomes = Vec::new();
-    for scenario in [Scenario::Lane, Scenario::LaneWith429, Scenario::NoLane] {
+    let scenarios = if options.smoke {
+        vec![Scenario::Lane]
+    } else {
+        vec![Scenario::Lane, Scenario::LaneWith429, Scenario::NoLane]
+    };
+    for scenario in scenarios {
         eprintln!("expiry lateness: {} ...", scenario.name());
         let outcome = runtime.block_on(bench(scenario, &options))?;
         if options.json {
@@ -207,7 +223,8 @@ fn run() -> anyhow::Result<()> {
     }
     if !options.json {
         println!(
-            "budget {BUDGET} per {} s window (scaled hour), {IN_FLIGHT} in flight, reserve {}, latency {} ms, {} grants",
+            "budget {} per {} s window (scaled hour), {IN_FLIGHT} in flight, reserve {}, latency {} ms, {} grants",
+            options.budget,
             options.window.as_secs(),
             ProvisioningReserve::default(),
             LATENCY.as_millis(),
@@ -301,12 +318,13 @@ async fn bench(scenario: Scenario, options: &Options) -> anyhow::Result<Outcome>
     set_default_provisioning_reserve(reserve);
     let sim = Simulator::start(
         SimConfig {
-            seed: 7,
+            // `medium` of the sync benchmark; `small` for the smoke test.
+            seed: if options.smoke { 42 } else { 7 },
             workspaces: 2,
-            users: 1000,
-            groups: 40,
-            projects: 60,
-            repositories: 1000,
+            users: if options.smoke { 120 } else { 1000 },
+            groups: if options.smoke { 12 } else { 40 },
+            projects: if options.smoke { 10 } else { 60 },
+            repositories: if options.smoke { 80 } else { 1000 },
             latency: LATENCY,
             ..SimConfig::default()
         },
@@ -319,7 +337,7 @@ async fn bench(scenario: Scenario, options: &Options) -> anyhow::Result<Outcome>
     sim.reset_stats();
 
     let limits = Limits {
-        max_requests: BUDGET,
+        max_requests: options.budget,
         window: options.window,
         max_in_flight: IN_FLIGHT,
     };

@@ -19,7 +19,7 @@
 //! - **A reserved share of the budget.** Sync requests may start only while
 //!   fewer than `max_requests - reserved` requests are in the window, where
 //!   `reserved` is the [`ProvisioningReserve`] (default 10 %) of the budget,
-//!   rounded up (but sync always keeps at least one request). Provisioning
+//!   rounded down (and sync always keeps at least one request). Provisioning
 //!   may use the whole budget. A sync that spends its share therefore leaves
 //!   `reserved` requests for revokes, whatever it does.
 //! - **First in line.** While any provisioning request waits (for budget, for
@@ -102,10 +102,12 @@ impl ProvisioningReserve {
         self.0
     }
 
-    /// Requests of a `max_requests` budget reserved for provisioning: rounded
-    /// up, but leaving sync at least one.
+    /// Requests of a `max_requests` budget reserved for provisioning:
+    /// rounded down, so that a tiny budget (under 10 requests at 10 %) keeps
+    /// what its owner asked for; and sync always keeps at least one.
     pub fn reserved(self, max_requests: u32) -> u32 {
-        let reserved = (f64::from(max_requests) * self.0).ceil() as u32;
+        // The epsilon keeps 0.29 x 100 (28.999…) at 29.
+        let reserved = (f64::from(max_requests) * self.0 + 1e-9).floor() as u32;
         reserved.min(max_requests.saturating_sub(1))
     }
 }
@@ -721,7 +723,10 @@ mod tests {
         let default = ProvisioningReserve::default();
         assert_eq!(default.reserved(1000), 100);
         assert_eq!(default.reserved(1), 0, "sync keeps at least one request");
-        assert_eq!(ProvisioningReserve::new(0.15).unwrap().reserved(10), 2, "rounded up");
+        assert_eq!(ProvisioningReserve::new(0.15).unwrap().reserved(10), 1, "rounded down");
+        assert_eq!(ProvisioningReserve::new(0.29).unwrap().reserved(100), 29);
+        assert_eq!(default.reserved(2), 0, "a budget of 2 keeps both for sync");
+        assert_eq!(ProvisioningReserve::new(0.5).unwrap().reserved(1000), 500);
         assert_eq!(ProvisioningReserve::new(0.0).unwrap().reserved(1000), 0);
     }
 
