@@ -3,6 +3,7 @@
 //! cannot grow with Bitbucket data.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -73,6 +74,8 @@ pub struct Metrics {
     pub bitbucket_requests: Family<RequestLabels, Counter>,
     pub objects: Family<ObjectLabels, Gauge>,
     pub connector_ready: Family<ConnectorLabels, Gauge>,
+    /// How long after its expiry time each grant's access actually ended.
+    pub grant_expiry_lateness: Histogram,
     /// ConductorOne sessions' tasks, uploads and token refreshes.
     pub c1: crate::conductorone::C1Metrics,
 }
@@ -124,6 +127,15 @@ impl Default for Metrics {
             "1 when the connector is Ready, else 0",
             connector_ready.clone(),
         );
+        // From a quarter second to over two hours: an expiry that slips
+        // behind an hour's budget or a long Retry-After must still land in
+        // a bucket of its own.
+        let grant_expiry_lateness = Histogram::new(exponential_buckets(0.25, 2.0, 16));
+        registry.register(
+            "grant_expiry_lateness_seconds",
+            "Time from a grant's expiresAt to the end of its access in Bitbucket",
+            grant_expiry_lateness.clone(),
+        );
         let c1 = crate::conductorone::C1Metrics::register(&mut registry);
         Metrics {
             c1,
@@ -136,6 +148,7 @@ impl Default for Metrics {
             bitbucket_requests,
             objects,
             connector_ready,
+            grant_expiry_lateness,
         }
     }
 }
@@ -203,6 +216,17 @@ impl Metrics {
             .observe(seconds);
     }
 
+    /// One expiry completed `lateness` after the grant's `expiresAt` (an
+    /// expiry handled early counts as zero).
+    pub fn observe_grant_expiry_lateness(&self, lateness: Duration) {
+        self.grant_expiry_lateness.observe(lateness.as_secs_f64());
+    }
+
+    /// Seconds from `expires_at` to `ended_at`, zero when not late.
+    pub fn expiry_lateness(expires_at: jiff::Timestamp, ended_at: jiff::Timestamp) -> Duration {
+        Duration::try_from(ended_at.duration_since(expires_at)).unwrap_or(Duration::ZERO)
+    }
+
     /// Drops the series of a deleted connector.
     pub fn forget_connector(&self, namespace: &str, name: &str) {
         self.connector_ready.remove(&ConnectorLabels {
@@ -246,5 +270,34 @@ mod tests {
         );
         assert!(text.contains("bitbucket_operator_sync_runs_total{resource_type=\"groups\",outcome=\"success\"} 1"));
         assert!(text.contains("bitbucket_operator_sync_duration_seconds_bucket"));
+    }
+
+    #[test]
+    fn expiry_lateness_is_observed_in_seconds_and_never_negative() {
+        let metrics = Metrics::default();
+        let expires: jiff::Timestamp = "2026-12-01T10:00:00Z".parse().unwrap();
+        let late = Metrics::expiry_lateness(expires, "2026-12-01T10:00:03.5Z".parse().unwrap());
+        assert_eq!(late, Duration::from_millis(3500));
+        let early = Metrics::expiry_lateness(expires, "2026-12-01T09:59:59Z".parse().unwrap());
+        assert_eq!(early, Duration::ZERO);
+        metrics.observe_grant_expiry_lateness(late);
+        metrics.observe_grant_expiry_lateness(early);
+        let text = metrics.encode();
+        assert!(
+            text.contains("bitbucket_operator_grant_expiry_lateness_seconds_count 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bitbucket_operator_grant_expiry_lateness_seconds_sum 3.5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bitbucket_operator_grant_expiry_lateness_seconds_bucket{le=\"4.0\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bitbucket_operator_grant_expiry_lateness_seconds_bucket{le=\"2.0\"} 1"),
+            "{text}"
+        );
     }
 }

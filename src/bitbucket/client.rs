@@ -6,7 +6,9 @@
 //! 5xx and transport failures back off up to `max_retries`; every other 4xx is
 //! final. An OAuth token is refreshed before it expires and once more after a
 //! 401. Every attempt takes a slot from the shared [`Limiter`], because
-//! Bitbucket counts every request.
+//! Bitbucket counts every request, in the client's [`Lane`]: sync clients
+//! leave a reserved share of the budget to provisioning clients
+//! ([`Client::for_lane`]), which also go first.
 //!
 //! Never used, by design: `/2.0/workspaces` (retired, CHANGE-2770) and
 //! per-member `/2.0/users/{id}` calls (the membership listings carry the user).
@@ -26,7 +28,7 @@ use url::Url;
 
 use super::credentials::Credentials;
 use super::error::{EMAIL_HINT, EndpointClass, Error, ErrorKind};
-use super::limiter::{Limiter, LimiterShare, Limits};
+use super::limiter::{Lane, Limiter, LimiterShare, Limits};
 use super::models::*;
 
 /// Bitbucket Cloud's API root (`/2.0` and `/1.0` live below it).
@@ -141,6 +143,8 @@ struct Inner {
     /// The pacing in force (starts as `config.limits`); shared by scoped
     /// clones and used for new credentials, so a swap keeps the latest limits.
     limits: Arc<RwLock<Limits>>,
+    /// The limiter lane this client's requests wait in.
+    lane: Lane,
     requests: AtomicU64,
     by_class: Mutex<BTreeMap<(EndpointClass, u16), u64>>,
     observer: Option<RequestObserver>,
@@ -197,6 +201,7 @@ impl Client {
                 config,
                 auth: Arc::new(RwLock::new(auth)),
                 limits: Arc::new(RwLock::new(limits)),
+                lane: Lane::Sync,
                 requests: AtomicU64::new(0),
                 by_class: Mutex::new(BTreeMap::new()),
                 observer,
@@ -208,12 +213,21 @@ impl Client {
     /// with its own request counters: one per sync run, so concurrent runs
     /// each report the requests they made.
     pub fn scoped(&self) -> Client {
+        self.for_lane(self.inner.lane)
+    }
+
+    /// A scoped client (see [`Client::scoped`]) whose requests wait in
+    /// `lane` of the same shared limiter: [`Lane::Provisioning`] for grants,
+    /// revokes and expiries, which then pass sync requests (limiter module
+    /// docs). New clients are in [`Lane::Sync`].
+    pub fn for_lane(&self, lane: Lane) -> Client {
         Client {
             inner: Arc::new(Inner {
                 http: self.inner.http.clone(),
                 config: self.inner.config.clone(),
                 auth: Arc::clone(&self.inner.auth),
                 limits: Arc::clone(&self.inner.limits),
+                lane,
                 requests: AtomicU64::new(0),
                 by_class: Mutex::new(BTreeMap::new()),
                 observer: self.inner.observer.clone(),
@@ -257,10 +271,16 @@ impl Client {
         self.auth().limiter.limiter().limits()
     }
 
-    /// How long until the shared limiter lets the next request start, if it
-    /// is holding requests back (budget spent, or paused after a 429).
+    /// The limiter lane this client's requests wait in.
+    pub fn lane(&self) -> Lane {
+        self.inner.lane
+    }
+
+    /// How long until the shared limiter lets this client's next request
+    /// start, if it is holding its lane back (its share of the budget spent,
+    /// or paused after a 429).
     pub fn budget_wait(&self) -> Option<Duration> {
-        let at = self.auth().limiter.limiter().next_free_slot()?;
+        let at = self.auth().limiter.limiter().next_free_slot_in(self.inner.lane)?;
         Some(at.saturating_duration_since(Instant::now()))
     }
 
@@ -330,7 +350,7 @@ impl Client {
         loop {
             let auth = self.auth();
             let authorization = auth.authorization(self).await?;
-            let permit = auth.limiter.limiter().acquire().await;
+            let permit = auth.limiter.limiter().acquire_in(self.inner.lane).await;
             let mut request = self
                 .inner
                 .http
@@ -567,11 +587,12 @@ impl Client {
     }
 
     /// `GET /2.0/workspaces/{ws}/members/{member}` (UUID or account id): one
-    /// membership; a 404 means not a member.
+    /// membership, with the email when the caller may see it; a 404 means
+    /// not a member.
     pub async fn workspace_member(&self, workspace: &str, member: &str) -> Result<WorkspaceMembership, Error> {
         let url = self.url(
             &["2.0", "workspaces", workspace, "members", member],
-            &[("fields", "user,permission")],
+            &[("fields", "-links,-workspace,-user.links,+user.email")],
         );
         self.get_json(EndpointClass::Members, url).await
     }

@@ -10,21 +10,161 @@
 //! caller sharing it until `Retry-After` has passed, so one throttled request
 //! does not let its siblings keep hammering the API.
 //!
+//! # Lanes
+//!
+//! Every request travels in a [`Lane`]. Grants, revokes and expiries
+//! ([`Lane::Provisioning`]) must not wait behind an hour of sync pages: an
+//! expiring grant is a promise to a person. So:
+//!
+//! - **A reserved share of the budget.** Sync requests may start only while
+//!   fewer than `max_requests - reserved` requests are in the window, where
+//!   `reserved` is the [`ProvisioningReserve`] (default 10 %) of the budget,
+//!   rounded down (and sync always keeps at least one request). Provisioning
+//!   may use the whole budget. A sync that spends its share therefore leaves
+//!   `reserved` requests for revokes, whatever it does.
+//! - **First in line.** While any provisioning request waits (for budget, for
+//!   an in-flight slot, or for a 429 pause to end), no sync request starts;
+//!   when a slot frees, a provisioning request takes it.
+//! - **After a 429, provisioning honours the pause.** Bitbucket said stop for
+//!   the whole credential, and does not say whether refused requests count
+//!   (API-CONTRACT section 6 documents neither `Retry-After` nor a reset
+//!   header), so a probe before `Retry-After` could only earn another 429 and
+//!   possibly lengthen the wait. Provisioning waits out the pause like
+//!   everyone, and is first in line when it ends: its lateness is bounded by
+//!   `Retry-After` plus its own requests (see BENCHMARKS.md).
+//!
 //! Sharing is keyed by the *whole* credential (origin and secret included,
 //! see [`crate::bitbucket::Credentials::limiter_key`]), never by a username
 //! alone: otherwise a tenant could name someone else's username with a fake
 //! token and a tiny budget and throttle the victim. Each sharer registers
 //! its own settings through a [`LimiterShare`]; the strictest of them apply
 //! (fewest requests, longest window, fewest in flight), and a sharer's
-//! settings stop counting when it is dropped.
+//! settings stop counting when it is dropped. The reserve is the operator's
+//! (one process-wide setting, [`set_default_provisioning_reserve`]): a tenant
+//! cannot lower it for a shared credential.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt;
+use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 use tokio::time::Instant;
+
+/// Which queue a request waits in (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Lane {
+    /// Inventory reads: may use the budget less the provisioning reserve.
+    #[default]
+    Sync,
+    /// Grants, revokes, restores and expiries: the whole budget, first in line.
+    Provisioning,
+}
+
+impl Lane {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Sync => "sync",
+            Lane::Provisioning => "provisioning",
+        }
+    }
+}
+
+impl fmt::Display for Lane {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The share of each credential's budget that sync requests leave to
+/// provisioning: a fraction from 0 to 0.5 (`0.1`, or `10%`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProvisioningReserve(f64);
+
+impl ProvisioningReserve {
+    /// Half the budget at most: sync must still make progress.
+    pub const MAX: f64 = 0.5;
+
+    pub fn new(fraction: f64) -> Result<Self, String> {
+        if fraction.is_finite() && (0.0..=Self::MAX).contains(&fraction) {
+            Ok(ProvisioningReserve(fraction))
+        } else {
+            Err(format!(
+                "the provisioning reserve must be a fraction from 0 to {} (e.g. 0.1 or 10%), not {fraction}",
+                Self::MAX
+            ))
+        }
+    }
+
+    pub fn fraction(self) -> f64 {
+        self.0
+    }
+
+    /// Requests of a `max_requests` budget reserved for provisioning:
+    /// rounded down, so that a tiny budget (under 10 requests at 10 %) keeps
+    /// what its owner asked for; and sync always keeps at least one.
+    pub fn reserved(self, max_requests: u32) -> u32 {
+        // The epsilon keeps 0.29 x 100 (28.999…) at 29.
+        let reserved = (f64::from(max_requests) * self.0 + 1e-9).floor() as u32;
+        reserved.min(max_requests.saturating_sub(1))
+    }
+}
+
+impl Default for ProvisioningReserve {
+    /// 10 %: 100 of Bitbucket's 1,000 requests an hour, enough for about a
+    /// dozen grants or revokes while a sync has spent the rest.
+    fn default() -> Self {
+        ProvisioningReserve(0.1)
+    }
+}
+
+impl fmt::Display for ProvisioningReserve {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl FromStr for ProvisioningReserve {
+    type Err = String;
+
+    /// `0.1` or `10%`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let text = s.trim();
+        let parsed = match text.strip_suffix('%') {
+            Some(percent) => percent.trim().parse::<f64>().map(|p| p / 100.0),
+            None => text.parse::<f64>(),
+        };
+        let fraction = parsed.map_err(|_| {
+            format!("invalid provisioning reserve {s:?}: expected a fraction such as 0.1 or a percentage such as 10%")
+        })?;
+        ProvisioningReserve::new(fraction)
+    }
+}
+
+/// The reserve new limiters start with, as `f64` bits (0 = unset: default).
+static DEFAULT_RESERVE_BITS: AtomicU64 = AtomicU64::new(0);
+
+/// Sets the reserve of every limiter created from now on (the operator's
+/// `--provisioning-reserve`, set once at start, before any client exists).
+pub fn set_default_provisioning_reserve(reserve: ProvisioningReserve) {
+    // 0.0 has bits 0; store it as -0.0 so that "unset" stays distinct.
+    let bits = if reserve.0 == 0.0 {
+        (-0.0f64).to_bits()
+    } else {
+        reserve.0.to_bits()
+    };
+    DEFAULT_RESERVE_BITS.store(bits, Ordering::Relaxed);
+}
+
+/// The reserve new limiters start with.
+pub fn default_provisioning_reserve() -> ProvisioningReserve {
+    match DEFAULT_RESERVE_BITS.load(Ordering::Relaxed) {
+        0 => ProvisioningReserve::default(),
+        bits => ProvisioningReserve(f64::from_bits(bits).abs()),
+    }
+}
 
 /// Pacing settings for one credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,11 +188,13 @@ impl Default for Limits {
     }
 }
 
-/// A sliding-window limiter plus an in-flight cap.
+/// A sliding-window limiter plus an in-flight cap, with two lanes.
 #[derive(Debug)]
 pub struct Limiter {
     state: Mutex<State>,
-    in_flight: Arc<Semaphore>,
+    /// Woken whenever a waiter may be able to start: a request finished, a
+    /// provisioning waiter left, the limits changed.
+    changed: Notify,
 }
 
 #[derive(Debug)]
@@ -63,16 +205,23 @@ struct State {
     base: Limits,
     /// Each sharer's settings, by share id.
     requested: BTreeMap<u64, Limits>,
+    reserve: ProvisioningReserve,
     /// Start times of the requests in the current window, oldest first.
     log: VecDeque<Instant>,
     /// No request starts before this (set after a 429).
     paused_until: Option<Instant>,
-    /// Permits the semaphore should hold in all (in flight or free), to
-    /// resize it on reconfigure.
-    in_flight_permits: usize,
-    /// Permits still to be retired after a reduction while they were in use:
-    /// each comes back from a finished request and is forgotten then.
-    in_flight_deficit: usize,
+    /// Requests holding a [`Permit`].
+    in_flight: usize,
+    /// Provisioning requests waiting to start: sync holds back while any do.
+    provisioning_waiting: usize,
+}
+
+/// Why a request cannot start yet.
+enum Wait {
+    /// Look again at this instant (budget or pause), or when woken.
+    Until(Instant),
+    /// Look again when woken (an in-flight slot, or provisioning ahead).
+    Woken,
 }
 
 /// Held while a request is in flight. Dropping it frees the in-flight slot
@@ -83,41 +232,69 @@ struct State {
 pub struct Permit {
     limiter: Arc<Limiter>,
     started: Instant,
-    in_flight: Option<OwnedSemaphorePermit>,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let mut state = self.limiter.lock();
-        if let Some(index) = state.log.iter().position(|&t| t == self.started) {
-            state.log.remove(index);
-            // Every entry is at or before now, so the log stays ordered.
-            state.log.push_back(Instant::now());
-        }
-        if state.in_flight_deficit > 0
-            && let Some(permit) = self.in_flight.take()
         {
-            permit.forget();
-            state.in_flight_deficit -= 1;
+            let mut state = self.limiter.lock();
+            if let Some(index) = state.log.iter().position(|&t| t == self.started) {
+                state.log.remove(index);
+                // Every entry is at or before now, so the log stays ordered.
+                state.log.push_back(Instant::now());
+            }
+            state.in_flight = state.in_flight.saturating_sub(1);
+        }
+        self.limiter.changed.notify_waiters();
+    }
+}
+
+/// Counts one provisioning request as waiting while it lives, so that a
+/// cancelled acquire (a dropped future) stops holding sync back.
+struct Waiting {
+    limiter: Arc<Limiter>,
+    armed: bool,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if self.armed {
+            {
+                let mut state = self.limiter.lock();
+                state.provisioning_waiting = state.provisioning_waiting.saturating_sub(1);
+            }
+            self.limiter.changed.notify_waiters();
         }
     }
 }
 
 impl Limiter {
+    /// A limiter with the process-wide provisioning reserve.
     pub fn new(limits: Limits) -> Self {
         let limits = sanitize(limits);
         Limiter {
-            in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
+            changed: Notify::new(),
             state: Mutex::new(State {
                 limits,
                 base: limits,
                 requested: BTreeMap::new(),
+                reserve: default_provisioning_reserve(),
                 log: VecDeque::new(),
                 paused_until: None,
-                in_flight_permits: limits.max_in_flight,
-                in_flight_deficit: 0,
+                in_flight: 0,
+                provisioning_waiting: 0,
             }),
         }
+    }
+
+    /// Replaces the provisioning reserve of this limiter.
+    pub fn set_reserve(&self, reserve: ProvisioningReserve) {
+        self.lock().reserve = reserve;
+        self.changed.notify_waiters();
+    }
+
+    pub fn reserve(&self) -> ProvisioningReserve {
+        self.lock().reserve
     }
 
     /// A share of the limiter for `key` (a credential's
@@ -153,75 +330,95 @@ impl Limiter {
     /// Records (or with `None` forgets) one sharer's settings and applies
     /// the strictest of all.
     fn register(&self, share: u64, limits: Option<Limits>) {
-        let mut state = self.lock();
-        match limits {
-            Some(limits) => state.requested.insert(share, sanitize(limits)),
-            None => state.requested.remove(&share),
-        };
-        let effective = state
-            .requested
-            .values()
-            .copied()
-            .reduce(strictest)
-            .unwrap_or(state.base);
-        self.apply(&mut state, effective);
+        {
+            let mut state = self.lock();
+            match limits {
+                Some(limits) => state.requested.insert(share, sanitize(limits)),
+                None => state.requested.remove(&share),
+            };
+            state.limits = state
+                .requested
+                .values()
+                .copied()
+                .reduce(strictest)
+                .unwrap_or(state.base);
+        }
+        self.changed.notify_waiters();
     }
 
     /// Applies new limits (while nobody shares the limiter; with sharers,
-    /// their settings decide). Requests already logged still count.
+    /// their settings decide). Requests already logged still count, and a
+    /// smaller in-flight cap takes effect as the requests in flight finish.
     pub fn reconfigure(&self, limits: Limits) {
         let limits = sanitize(limits);
-        let mut state = self.lock();
-        if state.requested.is_empty() {
-            state.base = limits;
-            self.apply(&mut state, limits);
+        {
+            let mut state = self.lock();
+            if state.requested.is_empty() {
+                state.base = limits;
+                state.limits = limits;
+            }
         }
+        self.changed.notify_waiters();
     }
 
-    fn apply(&self, state: &mut State, limits: Limits) {
-        state.limits = limits;
-        // Undo a pending reduction first, then grow or shrink.
-        let effective = state.in_flight_permits - state.in_flight_deficit;
-        if limits.max_in_flight > effective {
-            let mut grow = limits.max_in_flight - effective;
-            let cancelled = grow.min(state.in_flight_deficit);
-            state.in_flight_deficit -= cancelled;
-            grow -= cancelled;
-            self.in_flight.add_permits(grow);
-            state.in_flight_permits += grow;
-        } else if limits.max_in_flight < effective {
-            let surplus = effective - limits.max_in_flight;
-            // Free permits go now; those in use go as their requests finish.
-            let forgotten = self.in_flight.forget_permits(surplus);
-            state.in_flight_permits -= forgotten;
-            state.in_flight_deficit += surplus - forgotten;
-        }
-    }
-
-    /// Waits for an in-flight slot and for room in the window, then records
-    /// the request.
+    /// A sync request: waits for an in-flight slot and for room in the
+    /// sync share of the window, then records the request.
     pub async fn acquire(self: &Arc<Self>) -> Permit {
-        let in_flight = Arc::clone(&self.in_flight)
-            .acquire_owned()
-            .await
-            .expect("the limiter's semaphore is never closed");
+        self.acquire_in(Lane::Sync).await
+    }
+
+    /// Waits, by the rules of `lane` (module docs), for an in-flight slot
+    /// and for room in the window, then records the request.
+    pub async fn acquire_in(self: &Arc<Self>, lane: Lane) -> Permit {
+        let mut waiting: Option<Waiting> = None;
         loop {
-            let wait_until = {
+            // Registered before the state is read, so that a wake-up between
+            // the check and the wait is not lost.
+            let woken = self.changed.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let wait = {
                 let mut state = self.lock();
                 let now = Instant::now();
-                match state.next_slot(now) {
+                match state.wait(lane, now) {
                     None => {
                         state.log.push_back(now);
+                        state.in_flight += 1;
+                        if let Some(mut guard) = waiting.take() {
+                            guard.armed = false;
+                            state.provisioning_waiting = state.provisioning_waiting.saturating_sub(1);
+                            if state.provisioning_waiting == 0 {
+                                // Sync may go again.
+                                drop(state);
+                                self.changed.notify_waiters();
+                            }
+                        }
                         return Permit {
                             limiter: Arc::clone(self),
                             started: now,
-                            in_flight: Some(in_flight),
                         };
                     }
-                    Some(at) => at,
+                    Some(wait) => {
+                        if lane == Lane::Provisioning && waiting.is_none() {
+                            state.provisioning_waiting += 1;
+                            waiting = Some(Waiting {
+                                limiter: Arc::clone(self),
+                                armed: true,
+                            });
+                        }
+                        wait
+                    }
                 }
             };
-            tokio::time::sleep_until(wait_until).await;
+            match wait {
+                Wait::Until(at) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at) => {}
+                        _ = &mut woken => {}
+                    }
+                }
+                Wait::Woken => woken.await,
+            }
         }
     }
 
@@ -233,10 +430,18 @@ impl Limiter {
         }
     }
 
-    /// When the next request may start, if not now (the hourly budget is
-    /// spent, or a 429 paused everyone): for progress displays.
+    /// When the next sync request may start as far as the budget and a 429
+    /// pause go, if not now: for progress displays.
     pub fn next_free_slot(&self) -> Option<Instant> {
-        self.lock().next_slot(Instant::now())
+        self.next_free_slot_in(Lane::Sync)
+    }
+
+    /// When the next request of `lane` may start as far as the budget and a
+    /// 429 pause go (not counting requests in flight), if not now.
+    pub fn next_free_slot_in(&self, lane: Lane) -> Option<Instant> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        state.budget_wait(lane, now)
     }
 
     /// Requests recorded in the current window.
@@ -245,6 +450,11 @@ impl Limiter {
         let now = Instant::now();
         state.expire(now);
         state.log.len()
+    }
+
+    /// Requests of the window that sync may use (the budget less the reserve).
+    pub fn sync_share(&self) -> u32 {
+        self.lock().cap(Lane::Sync) as u32
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -263,8 +473,29 @@ impl State {
         }
     }
 
-    /// `None` if a request may start now, else when to look again.
-    fn next_slot(&mut self, now: Instant) -> Option<Instant> {
+    /// Requests of the window `lane` may fill.
+    fn cap(&self, lane: Lane) -> usize {
+        let max = self.limits.max_requests;
+        match lane {
+            Lane::Provisioning => max as usize,
+            Lane::Sync => (max - self.reserve.reserved(max)) as usize,
+        }
+    }
+
+    /// `None` if a request of `lane` may start now, else how to wait.
+    fn wait(&mut self, lane: Lane, now: Instant) -> Option<Wait> {
+        if let Some(at) = self.budget_wait(lane, now) {
+            return Some(Wait::Until(at));
+        }
+        let behind_provisioning = lane == Lane::Sync && self.provisioning_waiting > 0;
+        if behind_provisioning || self.in_flight >= self.limits.max_in_flight {
+            return Some(Wait::Woken);
+        }
+        None
+    }
+
+    /// When the pause and the window let a request of `lane` start, if not now.
+    fn budget_wait(&mut self, lane: Lane, now: Instant) -> Option<Instant> {
         if let Some(until) = self.paused_until {
             if now < until {
                 return Some(until);
@@ -272,12 +503,13 @@ impl State {
             self.paused_until = None;
         }
         self.expire(now);
-        if self.log.len() < self.limits.max_requests as usize {
+        let cap = self.cap(lane);
+        if self.log.len() < cap {
             return None;
         }
-        // The window is full: the slot frees when the request that makes the
-        // log exceed the limit leaves the window.
-        let excess = self.log.len() - self.limits.max_requests as usize;
+        // The lane's share is full: room comes when the request that makes
+        // the log exceed it leaves the window.
+        let excess = self.log.len() - cap;
         self.log.get(excess).map(|&t| t + self.limits.window)
     }
 }
@@ -328,6 +560,176 @@ fn sanitize(limits: Limits) -> Limits {
 mod tests {
     use super::*;
 
+    fn lanes(max_requests: u32, max_in_flight: usize, reserve: f64) -> Arc<Limiter> {
+        let limiter = Limiter::new(Limits {
+            max_requests,
+            window: Duration::from_secs(60),
+            max_in_flight,
+        });
+        limiter.set_reserve(ProvisioningReserve::new(reserve).unwrap());
+        Arc::new(limiter)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sync_leaves_the_reserve_to_provisioning() {
+        let limiter = lanes(10, 100, 0.2);
+        let start = Instant::now();
+        for _ in 0..8 {
+            drop(limiter.acquire().await);
+        }
+        assert_eq!(Instant::now(), start, "sync may use 8 of 10 at once");
+        let ninth = tokio::time::timeout(Duration::from_secs(1), limiter.acquire()).await;
+        assert!(ninth.is_err(), "sync started a 9th request inside the reserve");
+        assert_eq!(
+            limiter.next_free_slot(),
+            Some(start + Duration::from_secs(60)),
+            "sync waits for the window"
+        );
+        assert_eq!(limiter.next_free_slot_in(Lane::Provisioning), None);
+        let at = Instant::now();
+        drop(limiter.acquire_in(Lane::Provisioning).await);
+        drop(limiter.acquire_in(Lane::Provisioning).await);
+        assert_eq!(Instant::now(), at, "provisioning used the reserve without waiting");
+        // The whole budget is spent: provisioning waits for the window too.
+        drop(limiter.acquire_in(Lane::Provisioning).await);
+        assert_eq!(Instant::now(), start + Duration::from_secs(60));
+    }
+
+    /// Spawns an acquire in `lane` that records its name when it starts and
+    /// holds the permit for a second.
+    fn contender(
+        limiter: &Arc<Limiter>,
+        lane: Lane,
+        name: &'static str,
+        order: &Arc<Mutex<Vec<(&'static str, Duration)>>>,
+        start: Instant,
+    ) -> tokio::task::JoinHandle<()> {
+        let (limiter, order) = (Arc::clone(limiter), Arc::clone(order));
+        tokio::spawn(async move {
+            let permit = limiter.acquire_in(lane).await;
+            order.lock().unwrap().push((name, Instant::now() - start));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            drop(permit);
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn provisioning_takes_the_next_in_flight_slot_before_earlier_sync_waiters() {
+        let limiter = lanes(1000, 1, 0.1);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let start = Instant::now();
+        let held = limiter.acquire().await;
+        let mut tasks = Vec::new();
+        for name in ["sync-1", "sync-2"] {
+            tasks.push(contender(&limiter, Lane::Sync, name, &order, start));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tasks.push(contender(&limiter, Lane::Provisioning, "provisioning", &order, start));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        drop(held);
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let order = order.lock().unwrap().clone();
+        let names: Vec<_> = order.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names[0], "provisioning", "{order:?}");
+        assert_eq!(
+            order[0].1,
+            Duration::from_millis(30),
+            "started as soon as the slot freed"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_429_pause_provisioning_is_first_and_not_earlier() {
+        let limiter = lanes(1000, 1, 0.1);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let start = Instant::now();
+        limiter.pause_until(start + Duration::from_secs(30));
+        let mut tasks = vec![
+            contender(&limiter, Lane::Sync, "sync-1", &order, start),
+            contender(&limiter, Lane::Sync, "sync-2", &order, start),
+        ];
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        tasks.push(contender(&limiter, Lane::Provisioning, "provisioning", &order, start));
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let order = order.lock().unwrap().clone();
+        assert_eq!(
+            order[0],
+            ("provisioning", Duration::from_secs(30)),
+            "provisioning waits out Retry-After, then goes first: {order:?}"
+        );
+        assert!(
+            order[1..].iter().all(|(_, at)| *at >= Duration::from_secs(31)),
+            "{order:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_provisioning_wait_stops_holding_sync_back() {
+        let limiter = lanes(1000, 1, 0.1);
+        let held = limiter.acquire().await;
+        let gave_up = tokio::time::timeout(Duration::from_secs(1), limiter.acquire_in(Lane::Provisioning)).await;
+        assert!(gave_up.is_err());
+        assert_eq!(limiter.lock().provisioning_waiting, 0);
+        let sync = tokio::spawn({
+            let limiter = Arc::clone(&limiter);
+            async move { drop(limiter.acquire().await) }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        drop(held);
+        tokio::time::timeout(Duration::from_secs(1), sync)
+            .await
+            .expect("sync got the slot")
+            .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sync_waiting_for_its_share_does_not_block_provisioning_slots() {
+        // Sync tasks queued behind their spent share must not hold in-flight
+        // slots: provisioning still starts at once.
+        let limiter = lanes(10, 2, 0.1);
+        for _ in 0..9 {
+            drop(limiter.acquire().await);
+        }
+        let waiting: Vec<_> = (0..4)
+            .map(|_| {
+                let limiter = Arc::clone(&limiter);
+                tokio::spawn(async move { drop(limiter.acquire().await) })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let at = Instant::now();
+        let permit = limiter.acquire_in(Lane::Provisioning).await;
+        assert_eq!(Instant::now(), at);
+        drop(permit);
+        for task in waiting {
+            task.abort();
+        }
+    }
+
+    #[test]
+    fn reserve_parses_fractions_and_percentages_within_range() {
+        assert_eq!("0.1".parse::<ProvisioningReserve>().unwrap().fraction(), 0.1);
+        assert_eq!("10%".parse::<ProvisioningReserve>().unwrap().fraction(), 0.1);
+        assert_eq!("0".parse::<ProvisioningReserve>().unwrap().fraction(), 0.0);
+        assert_eq!("0.5".parse::<ProvisioningReserve>().unwrap().fraction(), 0.5);
+        for bad in ["0.6", "-0.1", "NaN", "inf", "ten", "", "%"] {
+            let err = bad.parse::<ProvisioningReserve>().unwrap_err();
+            assert!(err.contains("provisioning reserve"), "{bad}: {err}");
+        }
+        let default = ProvisioningReserve::default();
+        assert_eq!(default.reserved(1000), 100);
+        assert_eq!(default.reserved(1), 0, "sync keeps at least one request");
+        assert_eq!(ProvisioningReserve::new(0.15).unwrap().reserved(10), 1, "rounded down");
+        assert_eq!(ProvisioningReserve::new(0.29).unwrap().reserved(100), 29);
+        assert_eq!(default.reserved(2), 0, "a budget of 2 keeps both for sync");
+        assert_eq!(ProvisioningReserve::new(0.5).unwrap().reserved(1000), 500);
+        assert_eq!(ProvisioningReserve::new(0.0).unwrap().reserved(1000), 0);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn never_exceeds_the_rolling_window() {
         let limiter = Limiter::new(Limits {
@@ -335,6 +737,8 @@ mod tests {
             window: Duration::from_secs(10),
             max_in_flight: 100,
         });
+        // The whole budget, for this test of the window alone.
+        limiter.set_reserve(ProvisioningReserve::new(0.0).unwrap());
         let limiter = Arc::new(limiter);
         let start = Instant::now();
         let mut starts = Vec::new();

@@ -21,4 +21,7 @@ pub use client::{
 };
 pub use credentials::Credentials;
 pub use error::{EMAIL_HINT, EndpointClass, Error, ErrorKind};
-pub use limiter::{Limiter, LimiterShare, Limits, Permit};
+pub use limiter::{
+    Lane, Limiter, LimiterShare, Limits, Permit, ProvisioningReserve, default_provisioning_reserve,
+    set_default_provisioning_reserve,
+};

@@ -87,6 +87,10 @@ pub struct RunArgs {
     /// The authenticated data API: audience, TLS, limits.
     #[command(flatten)]
     pub data_api: DataApiArgs,
+    /// Share of each credential's hourly request budget that sync leaves to
+    /// grants, revokes and expiries (0 to 0.5, e.g. 0.1 or 10%).
+    #[arg(long, env = "PROVISIONING_RESERVE", default_value = "0.1")]
+    pub provisioning_reserve: crate::bitbucket::ProvisioningReserve,
 }
 
 /// The store file `run` uses: the flag, else the pod's volume when running
@@ -119,6 +123,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .policy()
         .context("--allowed-api-urls / --allowed-conductorone-urls")?;
     tracing::info!(allowed_api_urls = ?egress.bitbucket.entries(), "egress allow-list");
+    // Before any client (and so any limiter) exists.
+    crate::bitbucket::set_default_provisioning_reserve(args.provisioning_reserve);
     let client = Client::try_default()
         .await
         .context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;

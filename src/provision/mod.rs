@@ -11,9 +11,12 @@
 //! | a repository (by slug)         | user or group  | `read`, `write`, `admin`                  | 2.0 repository `permissions-config` |
 //! | the workspace itself           | –              | refused: [`ProvisionError::NotProvisionable`] (there is no API to add or remove workspace members; invitations go through the UI) |
 //!
-//! Principals: a user by UUID (`{…}`), Atlassian account id or nickname,
-//! resolved to its UUID through the workspace member listing (a user who is
-//! not a workspace member is refused with
+//! Principals: a user by UUID (`{…}`), Atlassian account id, nickname or
+//! email, checked with the single-member lookup (a nickname or email is
+//! first resolved to a UUID by the [`Inventory`]; only a name nothing else
+//! identifies falls back to the member listing; see
+//! `provisioner/members.rs`) (a user who is not a workspace member is
+//! refused with
 //! [`ProvisionError::NotWorkspaceMember`]: invite them first); a group by
 //! slug (never a composite id), checked against the 1.0 group listing
 //! ([`ProvisionError::PrincipalNotFound`]). Unknown workspaces, projects,

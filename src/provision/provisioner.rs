@@ -6,13 +6,16 @@ use std::sync::Arc;
 
 use futures::TryStreamExt;
 
+mod members;
+use members::Members;
+
 use super::{
     AccessRequest, GrantMode, GrantOutcome, GrantResult, Held, Permission, PrincipalKind, PrincipalRef, ProvisionError,
     ResolvedPrincipal, ResolvedTarget, RevokeOutcome, RevokeResult, StoreRefresh, TargetKind, TargetRef, parse_level,
 };
 use crate::bitbucket::models::{Group, User, Workspace};
 use crate::bitbucket::{
-    Client, EndpointClass, Error as ApiError, ErrorKind, Holder, MembershipChange, PermissionScope,
+    Client, EndpointClass, Error as ApiError, ErrorKind, Holder, Lane, MembershipChange, PermissionScope,
 };
 use crate::model::{Grant, ResourceType, SyncKind, group_id, project_id, repository_id};
 use crate::store::Store;
@@ -44,6 +47,14 @@ pub trait Inventory: Send + Sync {
     /// Replaces one resource's grants in the current snapshot. Blocking
     /// (called on a blocking thread). Messages never carry a secret.
     fn replace_resource_grants(&self, kind: SyncKind, resource_id: &str, grants: &[Grant]) -> Result<(), String>;
+    /// The UUID of the one stored user named `needle` (account id, nickname
+    /// or email), so that provisioning can look up that member alone
+    /// instead of listing every member. Blocking. `None`: unknown or
+    /// ambiguous.
+    fn find_user(&self, needle: &str) -> Option<String> {
+        let _ = needle;
+        None
+    }
 }
 
 /// Called with the resource type whose stored grants a change refreshed.
@@ -97,6 +108,13 @@ impl Inventory for StoreInventory {
         }
         Ok(())
     }
+
+    fn find_user(&self, needle: &str) -> Option<String> {
+        crate::access::find_user(&self.store, &self.connector, needle)
+            .ok()
+            .filter(|user| !user.unknown_principal)
+            .map(|user| user.id)
+    }
 }
 
 /// Why a request is resolved: a grant needs a workspace member; a revoke
@@ -115,7 +133,7 @@ struct Resolved {
     target: ResolvedTarget,
     /// The principal's current explicit level.
     current: Option<Permission>,
-    members: Option<Vec<User>>,
+    members: Members,
 }
 
 impl Provisioner {
@@ -123,9 +141,11 @@ impl Provisioner {
     /// ([`crate::settings::ConnectorSettings::provisioning`] or its spec
     /// override). When false, [`Provisioner::grant`] and the revokes refuse
     /// with [`ProvisionError::ProvisioningDisabled`] before any request.
+    /// Requests go in the limiter's provisioning lane: ahead of sync, with
+    /// the budget's reserve.
     pub fn new(client: Client, provisioning_enabled: bool) -> Self {
         Provisioner {
-            client,
+            client: client.for_lane(Lane::Provisioning),
             enabled: provisioning_enabled,
             inventory: None,
         }
@@ -141,6 +161,13 @@ impl Provisioner {
     /// `connector` after every change.
     pub fn with_store(self, store: Arc<Store>, connector: impl Into<String>) -> Self {
         self.with_inventory(Arc::new(StoreInventory::new(store, connector)))
+    }
+
+    /// The same provisioner with its requests in `lane` (benchmarks compare
+    /// against the sync lane; the operator keeps the provisioning lane).
+    pub fn in_lane(mut self, lane: Lane) -> Self {
+        self.client = self.client.for_lane(lane);
+        self
     }
 
     pub fn client(&self) -> &Client {
@@ -352,8 +379,7 @@ impl Provisioner {
         let (target, mut groups) = self.resolve_target(&workspace, &request.target).await?;
         let (principal, members) = match &request.principal {
             PrincipalRef::User(needle) => {
-                let (principal, listing) = self.resolve_user(&workspace.slug, needle, purpose).await?;
-                (principal, Some(listing))
+                members::resolve_user(&self.client, self.inventory.as_ref(), &workspace.slug, needle, purpose).await?
             }
             PrincipalRef::Group(slug) => {
                 if groups.is_none() {
@@ -370,7 +396,7 @@ impl Provisioner {
                     id: group_id(&workspace.uuid, &group.slug),
                     name: group.slug.clone(),
                 };
-                (principal, None)
+                (principal, Members::Unknown)
             }
         };
         let current = self.current_level(&target, &principal, groups.as_deref()).await?;
@@ -439,52 +465,6 @@ impl Provisioner {
                 Ok((resolved(TargetKind::Repository, key, id), None))
             }
         }
-    }
-
-    /// A user among the workspace members (returned too, for the store
-    /// refresh); for a revoke, also a former member named by UUID.
-    async fn resolve_user(
-        &self,
-        ws: &str,
-        needle: &str,
-        purpose: Purpose,
-    ) -> Result<(ResolvedPrincipal, Vec<User>), ProvisionError> {
-        let listing: Vec<User> = self
-            .client
-            .workspace_members(ws)
-            .try_concat()
-            .await?
-            .into_iter()
-            .map(|m| m.user)
-            .collect();
-        let principal = match (find_member(&listing, needle), purpose, braced_uuid(needle)) {
-            (Some(user), _, _) => ResolvedPrincipal {
-                kind: PrincipalKind::User,
-                key: user.uuid.clone(),
-                id: user.uuid.clone(),
-                name: user
-                    .nickname
-                    .clone()
-                    .or_else(|| user.display_name.clone())
-                    .unwrap_or_else(|| user.uuid.clone()),
-            },
-            // Former members keep explicit permissions (Bitbucket does not
-            // remove them): revoking those, named by UUID, is exactly what
-            // an access review needs.
-            (None, Purpose::Revoke, Some(uuid)) => ResolvedPrincipal {
-                kind: PrincipalKind::User,
-                key: uuid.clone(),
-                id: uuid.clone(),
-                name: uuid,
-            },
-            (None, _, _) => {
-                return Err(ProvisionError::NotWorkspaceMember {
-                    user: needle.to_owned(),
-                    workspace: ws.to_owned(),
-                });
-            }
-        };
-        Ok((principal, listing))
     }
 
     /// One read of the principal's explicit level: the permissions-config
@@ -598,17 +578,6 @@ impl Provisioner {
                 .unwrap_or_default();
             return Ok((SyncKind::Groups, grants));
         }
-        let members: HashSet<String> = match &r.members {
-            Some(listing) => listing.iter().map(|u| u.uuid.clone()).collect(),
-            None => self
-                .client
-                .workspace_members(&ws.slug)
-                .try_concat()
-                .await?
-                .into_iter()
-                .map(|m| m.user.uuid)
-                .collect(),
-        };
         let (kind, resource_type) = if r.target.kind == TargetKind::Project {
             (SyncKind::Projects, ResourceType::Project)
         } else {
@@ -618,6 +587,8 @@ impl Provisioner {
         let users = self.client.explicit_user_permissions(scope).try_concat();
         let groups = self.client.explicit_group_permissions(scope).try_concat();
         let (users, groups) = futures::try_join!(users, groups)?;
+        let holders: Vec<String> = users.iter().map(|p| p.user.uuid.clone()).collect();
+        let members: HashSet<String> = r.members.among(&self.client, &ws.slug, &holders).await?;
         let grants =
             crate::sync::permission_grants(resource_type, &r.target.resource_id, ws, &members, &users, &groups);
         Ok((kind, grants))
@@ -701,7 +672,8 @@ fn braced_uuid(text: &str) -> Option<String> {
     is_uuid.then(|| format!("{{{}}}", bare.to_ascii_lowercase()))
 }
 
-/// A member by UUID (with or without braces), account id, or nickname.
+/// A member by UUID (with or without braces), account id, nickname, or
+/// email (when the listing shows emails, as it does to admins).
 fn find_member<'a>(members: &'a [User], needle: &str) -> Option<&'a User> {
     let needle = needle.trim();
     if needle.is_empty() {
@@ -717,6 +689,11 @@ fn find_member<'a>(members: &'a [User], needle: &str) -> Option<&'a User> {
                 .iter()
                 .find(|u| u.nickname.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(needle)))
         })
+        .or_else(|| {
+            members
+                .iter()
+                .find(|u| u.email.as_deref().is_some_and(|e| e.eq_ignore_ascii_case(needle)))
+        })
 }
 
 #[cfg(test)]
@@ -724,14 +701,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn members_match_by_uuid_account_id_or_nickname() {
+    fn members_match_by_uuid_account_id_nickname_or_email() {
         let users = vec![User {
             uuid: "{0a1b2c3d-0000-4000-8000-000000000001}".into(),
             account_id: Some("557058:abc".into()),
             nickname: Some("JDoe".into()),
+            email: Some("jdoe@example.com".into()),
             ..User::default()
         }];
         for needle in [
+            "JDoe@Example.com",
             "{0a1b2c3d-0000-4000-8000-000000000001}",
             "0a1b2c3d-0000-4000-8000-000000000001",
             "557058:abc",

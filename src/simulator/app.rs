@@ -44,6 +44,9 @@ pub struct App {
     pub auth: Auth,
     pub limiter: Option<RateLimiter>,
     pub fail_rate_bits: AtomicU64,
+    /// Until then every authenticated request answers 429 (an injected
+    /// throttle, [`super::SimulatorHandle::throttle_for`]).
+    pub throttled_until: Mutex<Option<std::time::Instant>>,
     pub counter: AtomicU64,
     pub stats: Mutex<RequestStats>,
     effective_cache: Mutex<HashMap<usize, (u64, Effective)>>,
@@ -75,6 +78,7 @@ impl App {
             auth,
             limiter: config.rate_limit.map(RateLimiter::new),
             fail_rate_bits: AtomicU64::new(config.fail_rate.to_bits()),
+            throttled_until: Mutex::new(None),
             counter: AtomicU64::new(0),
             stats: Mutex::new(RequestStats::default()),
             effective_cache: Mutex::new(HashMap::new()),

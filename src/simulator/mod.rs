@@ -284,6 +284,14 @@ impl SimulatorHandle {
         self.app.fail_rate_bits.store(rate.to_bits(), Ordering::Relaxed);
     }
 
+    /// Answers every authenticated request with 429 and a `Retry-After` of
+    /// the time left, for `duration` from now: Bitbucket saying stop
+    /// mid-run, whatever the client's own pacing.
+    pub fn throttle_for(&self, duration: Duration) {
+        *self.app.throttled_until.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(std::time::Instant::now() + duration);
+    }
+
     /// Stops accepting connections and waits for in-flight requests.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(());

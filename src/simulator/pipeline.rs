@@ -170,8 +170,13 @@ fn authorize(app: &App, headers: &HeaderMap) -> Result<Principal, Refusal> {
         .auth
         .authenticate(authorization)
         .map_err(|e| Refusal::Unauthorized(e.0))?;
+    let now = Instant::now();
+    let throttled = *app.throttled_until.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(until) = throttled.filter(|until| now < *until) {
+        return Err(Refusal::RateLimited(until - now));
+    }
     if let Some(limiter) = &app.limiter {
-        limiter.check(&key, Instant::now()).map_err(Refusal::RateLimited)?;
+        limiter.check(&key, now).map_err(Refusal::RateLimited)?;
     }
     Ok(principal)
 }

@@ -382,6 +382,10 @@ async fn expire(
     match end_access(obj, ctx, namespace, applied).await? {
         Ended::Done(note) => {
             let expires_at = obj.status.as_ref().and_then(|s| s.expires_at.clone());
+            if let Some(due) = &expires_at {
+                let lateness = crate::metrics::Metrics::expiry_lateness(due.0, Timestamp::now());
+                ctx.scaffold.metrics.observe_grant_expiry_lateness(lateness);
+            }
             let at = expires_at.as_ref().map(|t| t.0.to_string()).unwrap_or_default();
             let message = format!("expired at {at}: {note}");
             let status = next_status(
