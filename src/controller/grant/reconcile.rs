@@ -124,6 +124,10 @@ pub async fn reconcile(obj: Arc<BitbucketAccessGrant>, ctx: Arc<GrantContext>) -
     if let Some(point) = ctx.faults.crashed_at() {
         return Err(GrantError::Crashed(point));
     }
+    // Without the lease this replica acts on nothing, status included.
+    if !ctx.fence.holds() {
+        return Err(GrantError::LeaseLost);
+    }
     let namespace = obj.namespace().ok_or(GrantError::NotNamespaced)?;
     let span = tracing::info_span!("reconcile_grant", namespace = %namespace, name = %obj.name_any());
     let api: Api<BitbucketAccessGrant> = Api::namespaced(ctx.scaffold.client.clone(), &namespace);
