@@ -565,3 +565,32 @@ async fn the_audit_log_survives_restarts_and_is_read_by_access_audit() {
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["items"], json!([]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_grant_is_audited_once_and_writes_nothing() {
+    let e = env(250).await;
+    let mut off = connector_json("off", &e.sim.base_url());
+    off["spec"]["provisioning"] = json!(false);
+    e.fake.put(off);
+    e.set_level(Some("read")).await;
+    let op = e.start(Faults::default(), None).await;
+    e.create("refused", "off", "admin", 600).await;
+    let g = e.wait_state("refused", "Failed").await;
+    assert_eq!(condition(&g, "Ready").unwrap()["reason"], "ProvisioningDisabled");
+    // Retries do not repeat the entry.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    op.stop().await;
+    assert_eq!(e.truth().as_deref(), Some("read"), "nothing written");
+    let entries = e.audit_of(&uid(&g));
+    let summary: Vec<(&str, &str, &str)> = entries
+        .iter()
+        .map(|x| (x.action.as_str(), x.outcome.as_str(), x.requester.as_str()))
+        .collect();
+    assert_eq!(summary, [("deny", "denied", REQUESTER)]);
+    assert!(
+        entries[0].message.contains("ProvisioningDisabled"),
+        "{}",
+        entries[0].message
+    );
+    assert_eq!(entries[0].connector, format!("{NS}/off"));
+}
