@@ -61,6 +61,12 @@
 //!   restore with [`level_to_restore`] ([`effective_level`] over the levels
 //!   of the grants that remain plus the level held before the first of
 //!   them).
+//! - **Fenced, announced writes.** Right before each write the provisioner
+//!   checks its [`Fence`] (with leader election: this replica still holds the
+//!   lease; else [`ProvisionError::LeaseLost`] and no write) and calls the
+//!   caller's [`WriteGate`] with the exact [`PlannedWrite`] (principal as
+//!   resolved, level read just before, level after): the grant controller
+//!   records its intent there, and an error from the gate stops the write.
 //! - **Former members.** A grant needs a workspace member. A revoke also
 //!   accepts a user who has left the workspace, named by UUID: Bitbucket keeps
 //!   their explicit permissions, and removing them is what an access review

@@ -384,7 +384,7 @@ fn change_from_intent(intent: &Intent, obj: &BitbucketAccessGrant) -> Option<Pen
 /// `from` → it was not (the step is redone by the caller); anything else →
 /// changed by someone else (recorded, nothing written). Runs before
 /// anything else a reconcile does.
-// One match over operation × level read; splitting it would scatter the rule.
+// One decision over operation × level read; kept whole so the rule reads in one place.
 pub(super) async fn resolve_pending(
     obj: Arc<BitbucketAccessGrant>,
     ctx: &GrantContext,
@@ -447,32 +447,7 @@ pub(super) async fn resolve_pending(
                 .map(|(_, id)| id)
                 .unwrap_or_else(|| access.principal.id.clone());
             let identity = provisioner.credential_identity();
-            let peers = super::overlap::peers(ctx, &obj, &access, &principal_id, &identity).await?;
-            let granted_at = change.started_at.clone();
-            let record = GrantRecord {
-                previous: decide::previous_to_record(change.from, &peers),
-                expires_at: obj.spec.expiry(&granted_at).ok().flatten(),
-                granted_at,
-                principal_id,
-                applied: access.clone(),
-            };
-            let status = io::next_status(
-                &obj,
-                Outcome::Granted {
-                    record,
-                    message: message.clone(),
-                },
-            );
-            io::write_result(&obj, ctx, &status).await?;
-            obj.status = Some(status);
-            io::publish(
-                ctx,
-                &obj,
-                EventType::Normal,
-                EventReason::Granted.as_str(),
-                message.clone(),
-            )
-            .await;
+            record_granted(ctx, &mut obj, &change, principal_id, &identity, &message).await?;
             (message, outcome::SUCCEEDED, None)
         }
         (_, Verdict::NotWritten) => {
@@ -502,32 +477,7 @@ pub(super) async fn resolve_pending(
                 "someone else changed it: left as is, the access is no longer this grant's"
             };
             let message = describe(what);
-            let next = if trigger == Trigger::Expiry {
-                let expires_at = obj.status.as_ref().and_then(|s| s.expires_at.clone());
-                let status = io::next_status(
-                    &obj,
-                    Outcome::Expired {
-                        expires_at,
-                        message: message.clone(),
-                    },
-                );
-                io::write_result(&obj, ctx, &status).await?;
-                obj.status = Some(status);
-                io::publish(
-                    ctx,
-                    &obj,
-                    EventType::Normal,
-                    EventReason::Expired.as_str(),
-                    message.clone(),
-                )
-                .await;
-                Some(Action::await_change())
-            } else {
-                let status = io::next_status(&obj, Outcome::Released);
-                io::write_result(&obj, ctx, &status).await?;
-                obj.status = Some(status);
-                None
-            };
+            let next = record_ended(ctx, &mut obj, trigger, &message).await?;
             let outcome_text = if verdict == Verdict::Written {
                 outcome::SUCCEEDED
             } else {
@@ -558,6 +508,64 @@ pub(super) async fn resolve_pending(
         Some(action) => Resolution::Done(action),
         None => Resolution::Continue(Arc::new(obj)),
     })
+}
+
+/// A grant found written after a stop: recorded as granted when the
+/// change started, with the level from before it as previous.
+async fn record_granted(
+    ctx: &GrantContext,
+    obj: &mut BitbucketAccessGrant,
+    change: &PendingChange,
+    principal_id: String,
+    identity: &str,
+    message: &str,
+) -> Result<(), GrantError> {
+    let peers = super::overlap::peers(ctx, obj, &change.access, &principal_id, identity).await?;
+    let granted_at = change.started_at.clone();
+    let record = GrantRecord {
+        previous: decide::previous_to_record(change.from, &peers),
+        expires_at: obj.spec.expiry(&granted_at).ok().flatten(),
+        granted_at,
+        principal_id,
+        applied: change.access.clone(),
+    };
+    let outcome = Outcome::Granted {
+        record,
+        message: message.to_owned(),
+    };
+    let status = io::next_status(obj, outcome);
+    io::write_result(obj, ctx, &status).await?;
+    obj.status = Some(status);
+    let reason = EventReason::Granted.as_str();
+    io::publish(ctx, obj, EventType::Normal, reason, message.to_owned()).await;
+    Ok(())
+}
+
+/// An ending found done after a stop: recorded as the trigger asked
+/// (expired; else released, so deletion or the new spec carries on).
+async fn record_ended(
+    ctx: &GrantContext,
+    obj: &mut BitbucketAccessGrant,
+    trigger: Trigger,
+    message: &str,
+) -> Result<Option<Action>, GrantError> {
+    if trigger != Trigger::Expiry {
+        let status = io::next_status(obj, Outcome::Released);
+        io::write_result(obj, ctx, &status).await?;
+        obj.status = Some(status);
+        return Ok(None);
+    }
+    let expires_at = obj.status.as_ref().and_then(|s| s.expires_at.clone());
+    let outcome = Outcome::Expired {
+        expires_at,
+        message: message.to_owned(),
+    };
+    let status = io::next_status(obj, outcome);
+    io::write_result(obj, ctx, &status).await?;
+    obj.status = Some(status);
+    let reason = EventReason::Expired.as_str();
+    io::publish(ctx, obj, EventType::Normal, reason, message.to_owned()).await;
+    Ok(Some(Action::await_change()))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

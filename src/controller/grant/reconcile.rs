@@ -554,6 +554,7 @@ async fn regrant(
     }
 }
 
+// The steps of intent-before-write in order; split, their order would be hidden.
 /// Grants the spec (the grant is not held) and records it: intent (store,
 /// then status), Bitbucket, result in status, intent closed with an audit entry.
 async fn grant(
