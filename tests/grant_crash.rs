@@ -594,3 +594,53 @@ async fn a_denied_grant_is_audited_once_and_writes_nothing() {
     );
     assert_eq!(entries[0].connector, format!("{NS}/off"));
 }
+
+// ---- a crash while a deletion restores ----------------------------------------------
+
+/// `read` held, `write` granted, the grant deleted, a crash at `point` of
+/// the restore; after a restart the deletion completes with `read` back.
+async fn deletion_crash(seed: u64, point: FaultPoint) {
+    let e = env(seed).await;
+    e.set_level(Some("read")).await;
+    let faults = Faults::crash_at(ChangeOperation::Restore, point);
+    let first = e.start(faults.clone(), None).await;
+    e.create("deleted", "bb", "write", 600).await;
+    let g = e.wait_state("deleted", "Granted").await;
+    Api::<bitbucket_operator::crd::BitbucketAccessGrant>::namespaced(e.fake.client(), NS)
+        .delete("deleted", &Default::default())
+        .await
+        .unwrap();
+    wait_until("the injected crash", || faults.crashed()).await;
+    let expected = if written_at(point) { "read" } else { "write" };
+    assert_eq!(e.truth().as_deref(), Some(expected), "Bitbucket at the crash");
+    assert!(
+        e.fake.get(API, GRANT, Some(NS), "deleted").is_some(),
+        "held by its finalizer"
+    );
+    first.stop().await;
+
+    let second = e.start(Faults::default(), None).await;
+    e.fake.wait_for_absent(API, GRANT, Some(NS), "deleted", WAIT).await;
+    assert_eq!(
+        e.truth().as_deref(),
+        Some("read"),
+        "the previous level is restored exactly"
+    );
+    wait_until("the store's intent to be closed", || {
+        e.store().pending_intent(&uid(&g)).unwrap().is_none()
+    })
+    .await;
+    second.stop().await;
+    let actions: Vec<String> = e.audit_of(&uid(&g)).into_iter().map(|x| x.action).collect();
+    assert!(actions.contains(&"recover".to_owned()), "{actions:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_crash_after_intent_in_status() {
+    deletion_crash(260, FaultPoint::IntentInStatus).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_crash_after_bitbucket_write() {
+    deletion_crash(261, FaultPoint::BitbucketWritten).await;
+}

@@ -369,6 +369,39 @@ mod tests {
     }
 
     #[test]
+    fn a_version_2_file_migrates_to_3_keeping_its_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v2.db");
+        {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            conn.execute_batch(super::super::MIGRATIONS[0]).unwrap();
+            conn.execute_batch(super::super::MIGRATIONS[1]).unwrap();
+            conn.pragma_update(None, "application_id", super::super::APPLICATION_ID)
+                .unwrap();
+            conn.pragma_update(None, "user_version", 2).unwrap();
+            conn.execute(
+                "INSERT INTO runs (connector, kind, status, started_at, finished_at, requests, data_from)
+                 VALUES ('ns/c', 'groups', 'failed', 1, 2, 7, 1)",
+                [],
+            )
+            .unwrap();
+        }
+        // A reader refuses the old file until a writer migrated it.
+        assert!(matches!(
+            Store::open_read_only(&path),
+            Err(StoreError::NeedsMigration { found: 2, .. })
+        ));
+        let store = Store::open(&path).unwrap();
+        let runs = store.runs("ns/c", 10).unwrap();
+        assert_eq!((runs.len(), runs[0].requests), (1, 7));
+        store.record_intent(&change("uid-1", ChangeOperation::Grant)).unwrap();
+        let version: i64 = store
+            .read(|c| Ok(c.pragma_query_value(None, "user_version", |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(version, 3);
+    }
+
+    #[test]
     fn a_new_intent_supersedes_an_older_pending_one() {
         let store = Store::open_in_memory().unwrap();
         let first = store.record_intent(&change("uid-1", ChangeOperation::Grant)).unwrap();
