@@ -263,6 +263,8 @@ pub(super) enum Resolution {
     Continue(Arc<BitbucketAccessGrant>),
     /// Resolution needs to wait or ended the reconcile.
     Done(Action),
+    /// The connector cannot be used to read the level: nothing resolved.
+    Blocked(Blocker, Arc<BitbucketAccessGrant>),
 }
 
 /// A pending change of `obj`, from its status, else from the store; a
@@ -396,12 +398,9 @@ pub(super) async fn resolve_pending(
     let access = change.access.clone();
     let provisioner = match io::provisioner_for(ctx, namespace, &access.connector).await? {
         Ok(p) => p,
-        Err(blocker @ Blocker::NotReady(_)) => {
-            return io::report_blocker(&obj, ctx, &blocker).await.map(Resolution::Done);
-        }
-        // The connector is gone or may not provision: nothing can be read
-        // or written through it; report it and keep the change pending.
-        Err(blocker) => return io::report_blocker(&obj, ctx, &blocker).await.map(Resolution::Done),
+        // Nothing can be read through the connector now: the change stays
+        // pending; the caller reports it (or, for a deletion, may give up).
+        Err(blocker) => return Ok(Resolution::Blocked(blocker, obj)),
     };
     let request = decide::revoke_request(&access);
     let now_level = match provisioner.inspect(&request).await {

@@ -405,6 +405,7 @@ async fn apply(obj: Arc<BitbucketAccessGrant>, ctx: &GrantContext) -> Result<Act
     let obj = match intent::resolve_pending(obj, ctx, &namespace).await? {
         Resolution::Continue(obj) => obj,
         Resolution::Done(action) => return Ok(action),
+        Resolution::Blocked(blocker, obj) => return report_blocker(&obj, ctx, &blocker).await,
     };
     let key = crate::controller::common::object_key(obj.as_ref());
     let now = Timestamp::now();
@@ -829,16 +830,43 @@ async fn end_access(
 
 async fn cleanup(obj: Arc<BitbucketAccessGrant>, ctx: &GrantContext) -> Result<Action, GrantError> {
     let namespace = obj.namespace().ok_or(GrantError::NotNamespaced)?;
-    let key = crate::controller::common::object_key(obj.as_ref());
-    let obj = match intent::resolve_pending(obj, ctx, &namespace).await? {
-        Resolution::Continue(obj) => obj,
-        // Deletion waits for the pending change to be resolved.
+    let waited_long = obj.metadata.deletion_timestamp.as_ref().is_some_and(|t| {
+        Timestamp::now()
+            .duration_since(t.0)
+            .try_into()
+            .is_ok_and(|d: Duration| d >= DELETION_GRACE)
+    });
+    // Deletion waits for a pending change to be resolved, as long as it
+    // would wait for a revoke (the same give-up rules).
+    let blocker = match intent::resolve_pending(obj, ctx, &namespace).await? {
+        Resolution::Continue(obj) => return end_on_deletion(obj, ctx, &namespace, waited_long).await,
+        Resolution::Blocked(blocker, obj) => (blocker, obj),
         Resolution::Done(_) => {
-            return Err(GrantError::Blocked(Blocker::NotReady(
-                "a change interrupted by a stop is being resolved".into(),
-            )));
+            let message = "a change interrupted by a stop could not be resolved yet".to_owned();
+            return Err(GrantError::Blocked(Blocker::NotReady(message)));
         }
     };
+    match blocker {
+        (blocker @ (Blocker::NotFound(_) | Blocker::Disabled(_)), obj) => {
+            let why = format!("{}: {}", blocker.reason(), blocker.message());
+            give_up(&obj, ctx, &obj.spec.target.display(), why).await
+        }
+        (blocker, obj) if waited_long => {
+            let why = format!("{}: {}", blocker.reason(), blocker.message());
+            give_up(&obj, ctx, &obj.spec.target.display(), why).await
+        }
+        (blocker, _) => Err(GrantError::Blocked(blocker)),
+    }
+}
+
+/// Deletion with nothing pending: ends the held access, if any.
+async fn end_on_deletion(
+    obj: Arc<BitbucketAccessGrant>,
+    ctx: &GrantContext,
+    namespace: &str,
+    waited_long: bool,
+) -> Result<Action, GrantError> {
+    let key = crate::controller::common::object_key(obj.as_ref());
     if !decide::is_held(obj.status.as_ref()) {
         close_intents(ctx, &obj).await;
         ctx.scaffold.forget(&key);
@@ -857,13 +885,7 @@ async fn cleanup(obj: Arc<BitbucketAccessGrant>, ctx: &GrantContext) -> Result<A
         applied.workspace,
         applied.target.display()
     );
-    let waited_long = obj.metadata.deletion_timestamp.as_ref().is_some_and(|t| {
-        Timestamp::now()
-            .duration_since(t.0)
-            .try_into()
-            .is_ok_and(|d: Duration| d >= DELETION_GRACE)
-    });
-    match end_access(&obj, ctx, &namespace, &applied, Trigger::Deletion).await? {
+    match end_access(&obj, ctx, namespace, &applied, Trigger::Deletion).await? {
         Ended::Done(done) => {
             let note = format!("grant deleted: {}", done.note);
             // Recorded before the finalizer goes: a stop here resolves to "ended".
