@@ -644,3 +644,90 @@ async fn deletion_crash_after_intent_in_status() {
 async fn deletion_crash_after_bitbucket_write() {
     deletion_crash(261, FaultPoint::BitbucketWritten).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_lease_taken_over_mid_reconcile_stops_the_write() {
+    use bitbucket_operator::controller::Lease;
+    use std::sync::Mutex;
+    use std::sync::mpsc;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let e = env(270).await;
+    e.set_level(Some("read")).await;
+    // Mid-grant (intent recorded, write next) another replica takes the
+    // Lease; the reconcile is held until this replica's lease manager has
+    // had time to notice (a renewal), as a slow reconcile would be.
+    let (steal_tx, steal_rx) = mpsc::channel::<()>();
+    let (resume_tx, resume_rx) = mpsc::channel::<()>();
+    let resume_rx = Mutex::new(resume_rx);
+    let faults = Faults::run_at(ChangeOperation::Grant, FaultPoint::IntentInStatus, move || {
+        let _ = steal_tx.send(());
+        // Off the runtime's worker, so the lease manager keeps running.
+        tokio::task::block_in_place(|| {
+            let _ = resume_rx.lock().unwrap().recv_timeout(Duration::from_secs(30));
+        });
+    });
+    let store = Arc::new(Store::open(&e.db).unwrap());
+    let operator = Arc::new(
+        Operator::new(
+            e.fake.client(),
+            store,
+            Arc::new(Metrics::default()),
+            vec![],
+            allow(&e.sim.base_url()),
+        )
+        .with_grant_faults(faults.clone()),
+    );
+    let lease = Lease {
+        name: "bitbucket-operator".into(),
+        namespace: NS.into(),
+        identity: "replica-a".into(),
+        duration_seconds: 3,
+    };
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn({
+        let operator = Arc::clone(&operator);
+        async move { operator.run_with_leader_election(&lease, stopped).await.unwrap() }
+    });
+    e.fake
+        .wait_for(API, CONNECTOR, Some(NS), "bb", WAIT, |c| {
+            condition(c, "Ready").is_some_and(|r| r["status"] == "True")
+        })
+        .await;
+    e.create("taken-over", "bb", "write", 600).await;
+    let deadline = Instant::now() + WAIT;
+    while steal_rx.try_recv().is_err() {
+        assert!(Instant::now() < deadline, "the grant never reached its write");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // replica-b holds the Lease and renews it; replica-a notices at its
+    // next renewal and the reconcile then resumes.
+    let hold_for = |secs: u64| {
+        let until = Instant::now() + Duration::from_secs(secs);
+        let fake = &e.fake;
+        async move {
+            while Instant::now() < until {
+                let mut lease = fake
+                    .get("coordination.k8s.io/v1", "Lease", Some(NS), "bitbucket-operator")
+                    .expect("the lease");
+                let now = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
+                lease["spec"]["holderIdentity"] = json!("replica-b");
+                lease["spec"]["leaseDurationSeconds"] = json!(3600);
+                lease["spec"]["renewTime"] = json!(now);
+                fake.put(lease);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    hold_for(4).await;
+    resume_tx.send(()).unwrap();
+    hold_for(2).await;
+    assert_eq!(e.truth().as_deref(), Some("read"), "no write after the lease was lost");
+    let g = e.grant("taken-over");
+    assert_ne!(g["status"]["state"], "Granted");
+    assert!(!g["status"]["pendingChange"].is_null(), "left for the new leader");
+    let _ = stop.send(true);
+    tokio::time::timeout(WAIT, task).await.expect("stops").unwrap();
+}
