@@ -331,10 +331,14 @@ pub(super) async fn report_problem_audited(
         let note = format!("{reason}: {message}");
         publish(ctx, obj, EventType::Warning, event_reason.as_str(), note.clone()).await;
         // A grant refused (by policy, or for good) is audited once per transition.
-        if audited && !decide::is_held(obj.status.as_ref()) && state_if_not_held == GrantState::Failed {
-            let (action, result) = match reason {
-                Reason::ProvisioningDisabled | Reason::InvalidSpec => (AuditAction::Deny, outcome::DENIED),
-                _ => (AuditAction::Grant, outcome::FAILED),
+        if audited && !decide::is_held(obj.status.as_ref()) && state_if_not_held != GrantState::Pending {
+            let (action, result) = match (state_if_not_held, reason) {
+                (GrantState::Failed, Reason::ProvisioningDisabled | Reason::InvalidSpec) => {
+                    (AuditAction::Deny, outcome::DENIED)
+                }
+                (GrantState::Failed, _) => (AuditAction::Grant, outcome::FAILED),
+                // Any other terminal state a refusal leads to (a policy denial).
+                _ => (AuditAction::Deny, outcome::DENIED),
             };
             let entry = audit::entry(obj, action, result, None, (None, None), note);
             audit::append(ctx.manager.store(), entry).await;
