@@ -9,6 +9,7 @@
 //! GET /api/v1/namespaces/{ns}/connectors/{name}/who-can?repository=ws/slug    (paged)
 //! GET /api/v1/namespaces/{ns}/connectors/{name}/access-of?user=nickname
 //! GET /api/v1/namespaces/{ns}/connectors/{name}/runs
+//! GET /api/v1/namespaces/{ns}/connectors/{name}/audit[?since=24h|RFC3339]   (the grant audit log)
 //! ```
 //!
 //! Paged listings take `limit` and `continue` and answer
@@ -170,6 +171,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/namespaces/{ns}/connectors/{name}/who-can", get(who_can))
         .route("/api/v1/namespaces/{ns}/connectors/{name}/access-of", get(access_of))
         .route("/api/v1/namespaces/{ns}/connectors/{name}/runs", get(runs))
+        .route("/api/v1/namespaces/{ns}/connectors/{name}/audit", get(audit))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&state.decisions), admit))
         .with_state(state)
 }
@@ -614,9 +616,62 @@ async fn runs(
     Ok(axum::Json(json!({ "items": runs })).into_response())
 }
 
+#[derive(Deserialize)]
+struct AuditQuery {
+    /// RFC 3339 time, or a duration back from now (`24h`).
+    since: Option<String>,
+}
+
+/// The connector's audit log (oldest first), since `since`. Unlike the
+/// inventory it needs no synced data: a connector that only granted has one.
+async fn audit(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((ns, name)): Path<(String, String)>,
+    Query(query): Query<AuditQuery>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers, &ns, &name).await?;
+    if !state.leading.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this replica is a standby; the data API is served by the lease holder".into(),
+        ));
+    }
+    let since = match query.since.as_deref() {
+        None => None,
+        Some(text) => Some(since_ms(text).map_err(|message| ApiError(StatusCode::BAD_REQUEST, message))?),
+    };
+    let connector = format!("{ns}/{name}");
+    let entries = tokio::task::spawn_blocking(move || state.store.audit(since, Some(&connector)))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    Ok(axum::Json(json!({ "items": entries })).into_response())
+}
+
+/// `since`: RFC 3339, or a duration back from now; Unix milliseconds.
+fn since_ms(text: &str) -> Result<i64, String> {
+    if let Ok(at) = text.trim().parse::<jiff::Timestamp>() {
+        return Ok(at.as_millisecond());
+    }
+    let back = crate::sync::cli::parse_duration(text)
+        .map_err(|_| format!("since: expected an RFC 3339 time or a duration such as 24h, got {text:?}"))?;
+    let back = i64::try_from(back.as_millis()).map_err(|_| format!("since: {text:?} is too far back"))?;
+    Ok(jiff::Timestamp::now().as_millisecond().saturating_sub(back))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn audit_since_takes_a_time_or_a_duration() {
+        assert_eq!(since_ms("2026-12-01T00:00:00Z"), Ok(1_796_083_200_000));
+        let an_hour_ago = since_ms("1h").unwrap();
+        let expected = jiff::Timestamp::now().as_millisecond() - 3_600_000;
+        assert!((an_hour_ago - expected).abs() < 5_000);
+        assert!(since_ms("yesterday").unwrap_err().contains("RFC 3339"));
+    }
 
     #[tokio::test]
     async fn requests_beyond_the_concurrency_cap_get_429_at_once() {

@@ -58,6 +58,10 @@
 //! committed ([`StoreError::InvalidBatch`]) rather than by SQLite, which
 //! would need one more index on the hot insert path.
 //!
+//! Version 3 adds `grant_intents` (the grant controller's record of a
+//! Bitbucket write before it is made, [`Store::record_intent`]) and the
+//! append-only `audit` log ([`Store::append_audit`]).
+//!
 //! Run history: per `(connector, kind)` the newest [`RUN_HISTORY`] finished
 //! runs are kept, plus any run that produced a kept generation.
 //!
@@ -83,13 +87,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Entitlement, Grant, Profile, ProfileField, Resource, ResourceType, SyncBatch, SyncKind};
 
+mod audit;
+mod intent;
+
+pub use audit::{AuditAction, AuditEntry};
+pub use intent::{ChangeOperation, Intent, IntentState, NewIntent};
+
 /// Id of a sync run (`runs.id`).
 pub type RunId = i64;
 /// Id of a generation (`generations.id`), unique across the whole file.
 pub type Generation = i64;
 
 /// Schema version written to `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 /// `PRAGMA application_id` of a store file ("BBOP").
 pub const APPLICATION_ID: i64 = 0x4242_4f50;
 /// Generations kept per `(connector, kind)` unless [`Store::with_history`] says otherwise.
@@ -504,7 +514,7 @@ CREATE TABLE checkpoints (
 "#;
 
 /// Schema steps: `MIGRATIONS[i]` takes version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, intent::SCHEMA_V3];
 
 /// What the file's header says about it.
 fn identify(conn: &Connection, path: &Path) -> Result<(i64, i64, i64), StoreError> {

@@ -7,6 +7,7 @@
 //! bitbucket-operator access [--db FILE] [--json|--csv] resources [--type repository]
 //! bitbucket-operator access [--db FILE] [--json|--csv] grants
 //! bitbucket-operator access [--db FILE] [--json] runs [--limit 20]
+//! bitbucket-operator access [--db FILE] [--connector NS/NAME] [--json|--csv] audit [--since 24h|RFC3339]
 //! ```
 //!
 //! Reads only: the file is opened read-only and never created, so it is safe
@@ -90,6 +91,26 @@ pub enum AccessQuery {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+    /// The audit log of just-in-time access (grants, revokes, restores,
+    /// expiries, denials, recoveries), oldest first; every connector's
+    /// unless `--connector NS/NAME` is given.
+    Audit {
+        /// Only entries since then: a duration back from now (`24h`, `90m`)
+        /// or an RFC 3339 time (`2026-12-01T00:00:00Z`).
+        #[arg(long, value_parser = parse_since)]
+        since: Option<i64>,
+    },
+}
+
+/// `--since`: a duration back from now, or an RFC 3339 time; Unix milliseconds.
+fn parse_since(value: &str) -> Result<i64, String> {
+    if let Ok(at) = value.trim().parse::<jiff::Timestamp>() {
+        return Ok(at.as_millisecond());
+    }
+    let back = parse_duration(value)
+        .map_err(|_| format!("expected a duration such as 24h or an RFC 3339 time, got {value:?}"))?;
+    let back = i64::try_from(back.as_millis()).map_err(|_| format!("{value:?} is too far back"))?;
+    Ok(jiff::Timestamp::now().as_millisecond().saturating_sub(back))
 }
 
 fn non_empty_connector(value: &str) -> Result<String, String> {
@@ -131,7 +152,7 @@ fn needed_kinds(query: &AccessQuery) -> Vec<SyncKind> {
             || SyncKind::ALL.to_vec(),
             |t| SyncKind::ALL.into_iter().filter(|k| k.resource_type() == t).collect(),
         ),
-        AccessQuery::Runs { .. } => Vec::new(),
+        AccessQuery::Runs { .. } | AccessQuery::Audit { .. } => Vec::new(),
     }
 }
 
@@ -410,6 +431,7 @@ fn answer(store: &Store, args: &AccessArgs, report: &DataReport) -> anyhow::Resu
                 )
             }
         }
+        AccessQuery::Audit { since } => audit_answer(store, args, *since)?,
         AccessQuery::Runs { limit } => {
             let runs = store.runs(connector, *limit)?;
             if args.json {
@@ -419,6 +441,88 @@ fn answer(store: &Store, args: &AccessArgs, report: &DataReport) -> anyhow::Resu
             }
         }
     })
+}
+
+const AUDIT_HEADER: &[&str] = &[
+    "time",
+    "action",
+    "outcome",
+    "requester",
+    "grant_namespace",
+    "grant_name",
+    "grant_uid",
+    "connector",
+    "workspace",
+    "target",
+    "principal",
+    "level_before",
+    "level_after",
+    "message",
+];
+
+/// `access audit`: the log of one connector (`--connector`), or of all
+/// when it is left at `default` (the CLI's own connector never grants).
+fn audit_answer(store: &Store, args: &AccessArgs, since: Option<i64>) -> anyhow::Result<String> {
+    let connector = (args.connector != "default").then_some(args.connector.as_str());
+    let entries = store.audit(since, connector)?;
+    if args.json {
+        return Ok(serde_json::to_string_pretty(&json!({ "items": entries }))?);
+    }
+    let level = |l: &Option<String>| l.clone().unwrap_or_else(|| "none".into());
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            vec![
+                format_timestamp(e.at),
+                e.action.clone(),
+                e.outcome.clone(),
+                e.requester.clone(),
+                e.grant_namespace.clone(),
+                e.grant_name.clone(),
+                e.grant_uid.clone(),
+                e.connector.clone(),
+                e.workspace.clone(),
+                e.target.clone(),
+                e.principal.clone(),
+                level(&e.level_before),
+                level(&e.level_after),
+                e.message.clone(),
+            ]
+        })
+        .collect();
+    if args.csv {
+        return Ok(csv(AUDIT_HEADER, &rows));
+    }
+    let cells: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|r| {
+            vec![
+                r[0].clone(),
+                r[1].clone(),
+                r[2].clone(),
+                r[3].clone(),
+                format!("{}/{}", r[4], r[5]),
+                format!("{}/{}", r[8], r[9]),
+                r[10].clone(),
+                format!("{} -> {}", r[11], r[12]),
+                r[13].clone(),
+            ]
+        })
+        .collect();
+    Ok(table(
+        &[
+            "TIME",
+            "ACTION",
+            "OUTCOME",
+            "REQUESTER",
+            "GRANT",
+            "TARGET",
+            "PRINCIPAL",
+            "LEVEL",
+            "MESSAGE",
+        ],
+        &cells,
+    ))
 }
 
 /// The resource id inside an entitlement id `{type}:{resource id}:{slug}`.

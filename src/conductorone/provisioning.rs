@@ -57,6 +57,8 @@ impl TaskRefusal {
                 ProvisionError::BitbucketUnavailable(_) => tonic::Code::Unavailable,
                 ProvisionError::RateLimited(_) => tonic::Code::ResourceExhausted,
                 ProvisionError::Api(_) => tonic::Code::Unknown,
+                ProvisionError::LeaseLost => tonic::Code::Unavailable,
+                ProvisionError::Aborted { .. } => tonic::Code::Aborted,
             },
         }
     }

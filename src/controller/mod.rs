@@ -15,7 +15,9 @@
 //! With `--leader-election`, a `Lease` (kube-lease-manager) decides which
 //! replica runs the controllers and loops; the other replicas serve probes and
 //! metrics and wait. Losing the lease stops the loops; SIGTERM stops them and
-//! releases the lease.
+//! releases the lease. Bitbucket writes are fenced: the provisioner checks
+//! the lease ([`crate::provision::Fence`]) right before each write, so a
+//! replica that lost it makes no write even in a reconcile still running.
 
 pub mod common;
 pub mod conductorone;
@@ -47,6 +49,7 @@ use crate::crd::BitbucketConnector;
 use crate::egress::{EgressArgs, EgressPolicy};
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
+use crate::provision::Fence;
 use crate::store::Store;
 use connector::Context;
 use loops::Manager;
@@ -218,6 +221,10 @@ pub struct Operator {
     /// True while the controllers run (this replica leads).
     pub leading: Arc<AtomicBool>,
     namespaces: Vec<String>,
+    /// Bitbucket writes without leader election (tests may fence them).
+    fence: Fence,
+    /// Fault injection for the grant controller (tests; inert by default).
+    grant_faults: grant::Faults,
 }
 
 impl Operator {
@@ -237,11 +244,35 @@ impl Operator {
             metrics,
             leading: Arc::new(AtomicBool::new(false)),
             namespaces,
+            fence: Fence::unfenced(),
+            grant_faults: grant::Faults::default(),
         }
+    }
+
+    /// Fences Bitbucket writes of [`Operator::run_controllers`] (leader
+    /// election passes the lease's own fence instead).
+    pub fn with_fence(mut self, fence: Fence) -> Self {
+        self.fence = fence;
+        self
+    }
+
+    /// Arms a fault in the grant controller (crash-safety tests).
+    pub fn with_grant_faults(mut self, faults: grant::Faults) -> Self {
+        self.grant_faults = faults;
+        self
     }
 
     /// Runs the connector controllers until `shutdown`, then stops every loop.
     pub async fn run_controllers(&self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.run_controllers_fenced(shutdown, self.fence.clone()).await;
+    }
+
+    /// [`Operator::run_controllers`], Bitbucket writes allowed only while `fence` holds.
+    async fn run_controllers_fenced(
+        &self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+        fence: Fence,
+    ) {
         // Only the replica that runs loops may close runs left `running` by a
         // previous leader or process; a standby must not touch them.
         let store = Arc::clone(self.manager.store());
@@ -267,6 +298,11 @@ impl Operator {
             )
             .watching(self.namespaces.clone()),
         );
+        let scopes: Vec<Option<String>> = if self.namespaces.is_empty() {
+            vec![None]
+        } else {
+            self.namespaces.iter().cloned().map(Some).collect()
+        };
         let grant_ctx = Arc::new(
             grant::GrantContext::new(
                 self.client.clone(),
@@ -274,13 +310,10 @@ impl Operator {
                 Recorder::new(self.client.clone(), reporter),
                 Arc::clone(&self.metrics),
             )
+            .with_fence(fence)
+            .with_faults(self.grant_faults.clone())
             .watching(self.namespaces.clone()),
         );
-        let scopes: Vec<Option<String>> = if self.namespaces.is_empty() {
-            vec![None]
-        } else {
-            self.namespaces.iter().cloned().map(Some).collect()
-        };
         // One connector and one grant controller per scope.
         let controllers: Vec<_> = scopes
             .iter()
@@ -331,7 +364,9 @@ impl Operator {
             tracing::info!(identity, "became leader: starting controllers");
             let (stop_tx, stop_rx) = watch::channel(false);
             let mut lost = leader.clone();
-            let controllers = self.run_controllers(wait_for(stop_rx));
+            // Every Bitbucket write checks the lease itself: in-flight
+            // reconciles stop writing the moment it is lost, not when they end.
+            let controllers = self.run_controllers_fenced(wait_for(stop_rx), Fence::lease(leader.clone()));
             tokio::pin!(controllers);
             tokio::select! {
                 _ = &mut controllers => {}

@@ -247,6 +247,42 @@ pub struct BitbucketAccessGrantStatus {
     /// revoke at someone else's access.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied: Option<AppliedAccess>,
+    /// A Bitbucket change the operator recorded before making it: present
+    /// from just before the write until its result is recorded. An operator
+    /// that stopped in between finds it here after a restart (or on another
+    /// replica) and resolves it by reading the level in Bitbucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_change: Option<PendingChange>,
+}
+
+/// A change announced before the Bitbucket write (`status.pendingChange`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingChange {
+    /// The write: `grant`, `revoke` (remove the level) or `restore` (put the
+    /// level held before back).
+    pub operation: PendingOperation,
+    /// Why: `grant`, `expiry`, `deletion` or `spec-change`.
+    pub trigger: String,
+    /// The level read just before the write; absent when nothing was held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Permission>,
+    /// The level the write leaves; absent when it removes the level.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<Permission>,
+    /// When the change was recorded.
+    pub started_at: Time,
+    /// The access written, with the principal as resolved.
+    pub access: AppliedAccess,
+}
+
+/// The Bitbucket write of a [`PendingChange`].
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum PendingOperation {
+    Grant,
+    Revoke,
+    Restore,
 }
 
 /// The access the operator put in place for a grant (`status.applied`):

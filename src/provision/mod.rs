@@ -64,6 +64,12 @@
 //!   restore with [`level_to_restore`] ([`effective_level`] over the levels
 //!   of the grants that remain plus the level held before the first of
 //!   them).
+//! - **Fenced, announced writes.** Right before each write the provisioner
+//!   checks its [`Fence`] (with leader election: this replica still holds the
+//!   lease; else [`ProvisionError::LeaseLost`] and no write) and calls the
+//!   caller's [`WriteGate`] with the exact [`PlannedWrite`] (principal as
+//!   resolved, level read just before, level after): the grant controller
+//!   records its intent there, and an error from the gate stops the write.
 //! - **Former members.** A grant needs a workspace member. A revoke also
 //!   accepts a user who has left the workspace, named by UUID: Bitbucket keeps
 //!   their explicit permissions, and removing them is what an access review
@@ -111,6 +117,7 @@
 //! - 6: provisioning disabled, or the access is not provisionable.
 
 pub mod cli;
+mod fence;
 mod provisioner;
 
 use serde::Serialize;
@@ -118,7 +125,8 @@ use serde::Serialize;
 use crate::bitbucket::Error as ApiError;
 pub use crate::model::Permission;
 
-pub use provisioner::{AfterRefresh, Inventory, Provisioner, StoreInventory};
+pub use fence::{ChangeOperation, Fence, PlannedWrite, WriteGate};
+pub use provisioner::{AfterRefresh, Inventory, Provisioner, StoreInventory, credential_identity};
 
 /// Who receives (or loses) the access, as given by a person or a spec.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -526,6 +534,14 @@ pub enum ProvisionError {
     /// Anything else Bitbucket answered.
     #[error("{0}")]
     Api(ApiError),
+    /// This replica no longer holds the leader lease ([`Fence`]): the write
+    /// was not made. Not a Bitbucket failure; the new leader carries on.
+    #[error("this replica no longer holds the leader lease: the Bitbucket write was not made")]
+    LeaseLost,
+    /// The [`WriteGate`] refused (the intent could not be recorded, or the
+    /// reconcile was stopped): the write was not made.
+    #[error("the Bitbucket write was not made: {message}")]
+    Aborted { message: String },
 }
 
 impl ProvisionError {
@@ -544,7 +560,8 @@ impl ProvisionError {
             ProvisionError::Forbidden(_) => "Forbidden",
             ProvisionError::BitbucketUnavailable(_) => "BitbucketUnavailable",
             ProvisionError::RateLimited(_) => "RateLimited",
-            ProvisionError::Api(_) => "GrantFailed",
+            ProvisionError::Api(_) | ProvisionError::Aborted { .. } => "GrantFailed",
+            ProvisionError::LeaseLost => "LeaseLost",
         }
     }
 
@@ -553,14 +570,21 @@ impl ProvisionError {
     pub fn is_permanent(&self) -> bool {
         !matches!(
             self,
-            ProvisionError::BitbucketUnavailable(_) | ProvisionError::RateLimited(_) | ProvisionError::Api(_)
+            ProvisionError::BitbucketUnavailable(_)
+                | ProvisionError::RateLimited(_)
+                | ProvisionError::Api(_)
+                | ProvisionError::LeaseLost
+                | ProvisionError::Aborted { .. }
         )
     }
 
     /// The CLI exit code (see the module docs).
     pub fn exit_code(&self) -> u8 {
         match self {
-            ProvisionError::Conflict(_) | ProvisionError::Api(_) => 1,
+            ProvisionError::Conflict(_)
+            | ProvisionError::Api(_)
+            | ProvisionError::LeaseLost
+            | ProvisionError::Aborted { .. } => 1,
             ProvisionError::InvalidPermission { .. } | ProvisionError::InvalidRequest { .. } => 2,
             ProvisionError::InvalidCredentials(_) | ProvisionError::Forbidden(_) => 3,
             ProvisionError::PrincipalNotFound { .. }

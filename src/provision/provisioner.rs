@@ -9,6 +9,7 @@ use futures::TryStreamExt;
 mod members;
 use members::Members;
 
+use super::fence::{ChangeOperation, Fence, PlannedWrite, WriteGate};
 use super::{
     AccessRequest, GrantMode, GrantOutcome, GrantResult, Held, Permission, PrincipalKind, PrincipalRef, ProvisionError,
     ResolvedPrincipal, ResolvedTarget, RevokeOutcome, RevokeResult, StoreRefresh, TargetKind, TargetRef, parse_level,
@@ -26,6 +27,7 @@ pub struct Provisioner {
     client: Client,
     enabled: bool,
     inventory: Option<Arc<dyn Inventory>>,
+    fence: Fence,
 }
 
 impl std::fmt::Debug for Provisioner {
@@ -33,6 +35,7 @@ impl std::fmt::Debug for Provisioner {
         f.debug_struct("Provisioner")
             .field("client", &self.client)
             .field("enabled", &self.enabled)
+            .field("fenced", &!self.fence.holds())
             .field("inventory", &self.inventory.as_ref().map(|i| i.connector().to_owned()))
             .finish()
     }
@@ -148,7 +151,23 @@ impl Provisioner {
             client: client.for_lane(Lane::Provisioning),
             enabled: provisioning_enabled,
             inventory: None,
+            fence: Fence::unfenced(),
         }
+    }
+
+    /// Checks `fence` right before every Bitbucket write: without the lease,
+    /// the write fails with [`ProvisionError::LeaseLost`] and is not made.
+    pub fn with_fence(mut self, fence: Fence) -> Self {
+        self.fence = fence;
+        self
+    }
+
+    /// Who the writes are made as: the credential's rate-limiter key (a
+    /// SHA-256 of the API origin and the whole credential, never logged).
+    /// Connectors with equal identities change the same access in the same
+    /// Bitbucket, so overlapping grants are computed across them.
+    pub fn credential_identity(&self) -> String {
+        credential_identity(&self.client)
     }
 
     /// Hand the changed resource's fresh grants to `inventory` after every change.
@@ -181,6 +200,26 @@ impl Provisioner {
     /// Ensures the principal holds the permission (see [`GrantMode`]).
     /// Writes only when the current level does not already satisfy it.
     pub async fn grant(&self, request: &AccessRequest, mode: GrantMode) -> Result<GrantOutcome, ProvisionError> {
+        self.grant_gated(request, mode, None).await
+    }
+
+    /// [`Provisioner::grant`], calling `gate` with the planned change after
+    /// the current level is read and before the write.
+    pub async fn grant_with(
+        &self,
+        request: &AccessRequest,
+        mode: GrantMode,
+        gate: &dyn WriteGate,
+    ) -> Result<GrantOutcome, ProvisionError> {
+        self.grant_gated(request, mode, Some(gate)).await
+    }
+
+    async fn grant_gated(
+        &self,
+        request: &AccessRequest,
+        mode: GrantMode,
+        gate: Option<&dyn WriteGate>,
+    ) -> Result<GrantOutcome, ProvisionError> {
         self.check_enabled()?;
         let r = self.resolve(request, Purpose::Grant).await?;
         let wanted = request.permission;
@@ -189,6 +228,8 @@ impl Provisioner {
             if previous == Some(Permission::Member) {
                 (GrantResult::AlreadyHeld, previous, previous)
             } else {
+                self.before_write(gate, &r, ChangeOperation::Grant, Some(Permission::Member))
+                    .await?;
                 match self
                     .client
                     .add_group_member(&r.workspace.slug, &r.target.key, &r.principal.key)
@@ -211,6 +252,8 @@ impl Provisioner {
                     (GrantResult::AlreadySatisfied { held }, previous, previous)
                 }
                 _ => {
+                    self.before_write(gate, &r, ChangeOperation::Grant, Some(wanted))
+                        .await?;
                     self.put_level(&r, wanted).await?;
                     (GrantResult::Granted, previous, Some(wanted))
                 }
@@ -252,6 +295,7 @@ impl Provisioner {
         let (result, current) = match r.current {
             None => (RevokeResult::NotHeld, None),
             Some(held) if held == wanted => {
+                self.before_write(None, &r, ChangeOperation::Revoke, None).await?;
                 if self.remove(&r).await? {
                     (RevokeResult::Revoked, None)
                 } else {
@@ -274,6 +318,26 @@ impl Provisioner {
         &self,
         request: &AccessRequest,
         previous: Option<Permission>,
+    ) -> Result<RevokeOutcome, ProvisionError> {
+        self.revoke_and_restore_gated(request, previous, None).await
+    }
+
+    /// [`Provisioner::revoke_and_restore`], calling `gate` with the planned
+    /// change after the current level is read and before the write.
+    pub async fn revoke_and_restore_with(
+        &self,
+        request: &AccessRequest,
+        previous: Option<Permission>,
+        gate: &dyn WriteGate,
+    ) -> Result<RevokeOutcome, ProvisionError> {
+        self.revoke_and_restore_gated(request, previous, Some(gate)).await
+    }
+
+    async fn revoke_and_restore_gated(
+        &self,
+        request: &AccessRequest,
+        previous: Option<Permission>,
+        gate: Option<&dyn WriteGate>,
     ) -> Result<RevokeOutcome, ProvisionError> {
         self.check_enabled()?;
         if let Some(level) = previous {
@@ -298,10 +362,13 @@ impl Provisioner {
                 Some(held) => (RevokeResult::LeftInPlace { held }, Some(held)),
             },
             (Some(held), Some(level)) if held == granted => {
+                self.before_write(gate, &r, ChangeOperation::Restore, Some(level))
+                    .await?;
                 self.put_level(&r, level).await?;
                 (RevokeResult::Restored { level }, Some(level))
             }
             (Some(held), None) if held == granted => {
+                self.before_write(gate, &r, ChangeOperation::Revoke, None).await?;
                 if self.remove(&r).await? {
                     (RevokeResult::Revoked, None)
                 } else {
@@ -502,6 +569,29 @@ impl Provisioner {
 
     // ---- writes ----------------------------------------------------------------
 
+    /// Right before a write: the gate (the caller records its intent), then
+    /// the fence, so a lease lost while the gate ran still stops the write.
+    async fn before_write(
+        &self,
+        gate: Option<&dyn WriteGate>,
+        r: &Resolved,
+        operation: ChangeOperation,
+        to: Option<Permission>,
+    ) -> Result<(), ProvisionError> {
+        self.fence.check()?;
+        if let Some(gate) = gate {
+            let planned = PlannedWrite {
+                operation,
+                principal: &r.principal,
+                target: &r.target,
+                from: r.current,
+                to,
+            };
+            gate.before_write(planned).await?;
+        }
+        self.fence.check()
+    }
+
     /// PUT the explicit level (an upsert).
     async fn put_level(&self, r: &Resolved, level: Permission) -> Result<(), ProvisionError> {
         let scope = permission_scope(&r.target).expect("group membership is not a level");
@@ -593,6 +683,12 @@ impl Provisioner {
             crate::sync::permission_grants(resource_type, &r.target.resource_id, ws, &members, &users, &groups);
         Ok((kind, grants))
     }
+}
+
+/// The identity a client writes as (see [`Provisioner::credential_identity`]).
+pub fn credential_identity(client: &Client) -> String {
+    let origin = client.config().api_url.origin().ascii_serialization();
+    client.credentials().limiter_key(&origin)
 }
 
 /// Where the target's explicit levels live; `None` for group membership.

@@ -186,7 +186,9 @@ fn runtime_provisioner(ctx: &GrantContext, namespace: &str, connector: &str) -> 
     let resync = Arc::clone(&runtime);
     let hook = AfterRefresh(Arc::new(move |kind| resync.resync_if_running(kind)));
     let inventory = StoreInventory::new(Arc::clone(ctx.manager.store()), key).after_refresh(hook);
-    Ok(Provisioner::new(client, true).with_inventory(Arc::new(inventory)))
+    Ok(Provisioner::new(client, true)
+        .with_inventory(Arc::new(inventory))
+        .with_fence(ctx.fence.clone()))
 }
 
 /// Whether `grant` (in `grant_namespace`) references the connector `namespace/name`.

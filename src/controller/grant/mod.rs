@@ -52,12 +52,27 @@
 //!   a later reconcile does not call Bitbucket at all (the grant holds until
 //!   expiry, deletion or a spec change), so it can never record the level the
 //!   grant itself put in place.
-//!   One window remains: if the status cannot be written (after a few
-//!   retries, or the operator stops) right after Bitbucket was changed, the
-//!   grant is not recorded as held: the next reconcile grants again, finds
-//!   the level already held and records *that* as previous, so expiry
-//!   leaves the access in place rather than guessing (and a deletion before
-//!   then revokes nothing).
+//! - **Intent before write** ([`intent`]). Before any Bitbucket write
+//!   (grant, revoke, restore) the change is recorded durably — first in the
+//!   store (`grant_intents`), then in `status.pendingChange` — and only then
+//!   written; the result is recorded in status (clearing `pendingChange`),
+//!   then the store's intent is closed with an audit entry. Store first: it
+//!   is local and cheap, so a status write that fails leaves only a
+//!   store-side orphan, which nobody else sees and the next reconcile closes
+//!   as not written; status second, because it is what survives the store
+//!   (another replica, a lost volume). A reconcile that finds a pending
+//!   change (status first, else the store) resolves it before anything else
+//!   by reading the level in Bitbucket: equal to the change's `to`, the write
+//!   happened and is recorded with `previousPermission` = its `from` (never
+//!   the level read now); equal to `from`, it did not happen and the step is
+//!   redone; anything else, someone else changed it: recorded and reported,
+//!   access never widened. So a stop at any point resolves to exactly one
+//!   of: not granted, or granted and recorded; and a due expiry still
+//!   happens on the first reconcile after the restart.
+//! - **Fencing.** With leader election the provisioner checks the lease
+//!   ([`crate::provision::Fence`]) right before each Bitbucket write: a
+//!   replica that lost it makes no further write (`LeaseLost`, not retried
+//!   as a failure; the pending change is left for the new leader).
 //! - **The applied access** (`status.applied`: connector, principal as
 //!   resolved — user UUID or group slug —, workspace, target, permission) is
 //!   recorded in the same status write that marks the grant held, before
@@ -116,11 +131,17 @@
 //!   made while others hold copies the earliest one's `previousPermission`
 //!   instead of recording the level the others put in place, so every grant
 //!   of the set carries the level held before any of them. "Live" means
-//!   state `Granted` and not being deleted; peers are matched by connector
-//!   (namespace and name), target and the resolved principal id
-//!   (`status.principalId`), from a fresh list of the grants of every
-//!   watched namespace (each peer's access from its `status.applied`). Operations on one connector/target are serialised
+//!   state `Granted` and not being deleted; peers are matched by connector,
+//!   target and the resolved principal id (`status.principalId`) **across
+//!   every connector on the same credential** ([`overlap`]: the rate
+//!   limiter's credential identity, so two connectors writing the same
+//!   Bitbucket see each other's grants) and by the connector's namespace, from a fresh list of the watched
+//!   namespaces' grants (each peer's access from its `status.applied`).
+//!   Operations on one credential/workspace/target are serialised
 //!   in-process.
+//! - **Audit** ([`audit`]): every grant, revoke, restore, expiry, denial and
+//!   recovery is appended to the store's audit log (requester from the
+//!   annotation `connectors.dev/requested-by`).
 //! - **Store refresh.** Every change refreshes the connector's store
 //!   (`namespace/connector`) through the provisioner's narrow
 //!   [`Inventory`](crate::provision::Inventory) interface.
@@ -156,8 +177,12 @@
 //! [`Provisioner::revoke_and_restore`]: crate::provision::Provisioner::revoke_and_restore
 //! [`level_to_restore`]: crate::provision::level_to_restore
 
+pub mod audit;
 pub mod decide;
+pub mod faults;
+mod intent;
 pub mod lookup;
+mod overlap;
 pub mod policy;
 mod reconcile;
 pub mod status;
@@ -172,7 +197,8 @@ use super::common::{MetricLabel, Scaffold};
 use super::loops::Manager;
 use crate::crd::{BitbucketAccessGrant, Reason};
 use crate::metrics::Metrics;
-use crate::provision::ProvisionError;
+use crate::provision::{Fence, ProvisionError};
+pub use faults::{FaultAction, FaultPoint, Faults};
 
 pub use decide::{
     Peer, Step, applied_access, decide, expiry, held_access, is_held, previous_to_record, request_for, restore_level,
@@ -190,6 +216,10 @@ pub struct GrantContext {
     /// The namespaces the operator watches (empty: all). A grant may use a
     /// connector of any of them, so connectors and peers are looked for there.
     watched: Vec<String>,
+    /// Checked before each Bitbucket write (leader election).
+    fence: Fence,
+    /// Inert unless a test arms it.
+    faults: Faults,
 }
 
 impl GrantContext {
@@ -199,6 +229,8 @@ impl GrantContext {
             manager,
             locks: Mutex::default(),
             watched: Vec::new(),
+            fence: Fence::unfenced(),
+            faults: Faults::default(),
         }
     }
 
@@ -234,18 +266,25 @@ impl GrantContext {
         self.apis()
     }
 
-    /// One lock per namespace/connector/workspace/target: overlapping grants
-    /// are granted and revoked one at a time. (Not per principal: before a
-    /// grant the principal is not resolved yet, and one user may be named
-    /// by nickname, account ID or UUID.)
-    fn lock_for(
-        &self,
-        namespace: &str,
-        connector: &str,
-        request: &crate::provision::AccessRequest,
-    ) -> Arc<tokio::sync::Mutex<()>> {
+    /// Bitbucket writes only while `fence` holds.
+    pub fn with_fence(mut self, fence: Fence) -> Self {
+        self.fence = fence;
+        self
+    }
+
+    /// Test-only fault injection (see [`faults`]).
+    pub fn with_faults(mut self, faults: Faults) -> Self {
+        self.faults = faults;
+        self
+    }
+
+    /// One lock per credential/workspace/target: overlapping grants, of any
+    /// connector on that credential, are granted and revoked one at a time.
+    /// (Not per principal: before a grant the principal is not resolved
+    /// yet, and one user may be named by nickname, account ID or UUID.)
+    fn lock_for(&self, credential: &str, request: &crate::provision::AccessRequest) -> Arc<tokio::sync::Mutex<()>> {
         let key = format!(
-            "{namespace}/{connector}/{}/{}",
+            "{credential}/{}/{}",
             request.workspace,
             decide::target_path(&request.target)
         );
@@ -268,6 +307,16 @@ pub enum GrantError {
     Finalizer(#[source] Box<finalizer::Error<GrantError>>),
     #[error("object has no namespace")]
     NotNamespaced,
+    /// This replica lost the lease: no Bitbucket write was made; the new
+    /// leader resolves any pending change. Not retried here.
+    #[error("lease lost: the Bitbucket write was not made")]
+    LeaseLost,
+    /// The store failed while recording an intent or an audit entry.
+    #[error("store: {0}")]
+    Store(String),
+    /// A test stopped the reconcile here as if the process had died.
+    #[error("stopped {0} (injected fault)")]
+    Crashed(FaultPoint),
 }
 
 impl MetricLabel for GrantError {
@@ -278,6 +327,9 @@ impl MetricLabel for GrantError {
             GrantError::Revoke(_) => "bitbucket",
             GrantError::Finalizer(inner) => inner.metric_label(),
             GrantError::NotNamespaced => "invalid",
+            GrantError::LeaseLost => "lease_lost",
+            GrantError::Store(_) => "store",
+            GrantError::Crashed(_) => "injected_fault",
         }
     }
 }
@@ -298,7 +350,7 @@ impl From<&ProvisionError> for Reason {
             ProvisionError::Forbidden(_) => Reason::Forbidden,
             ProvisionError::BitbucketUnavailable(_) => Reason::BitbucketUnavailable,
             ProvisionError::RateLimited(_) => Reason::RateLimited,
-            ProvisionError::Api(_) => Reason::GrantFailed,
+            ProvisionError::Api(_) | ProvisionError::LeaseLost | ProvisionError::Aborted { .. } => Reason::GrantFailed,
         }
     }
 }
