@@ -90,6 +90,8 @@ fn connector_json(name: &str, api_url: &str) -> Value {
             "secretRef": {"name": "bitbucket-credentials"},
             "apiUrl": api_url,
             "rateLimit": {"requestsPerHour": 100000, "maxInFlight": 8},
+            // The Secret's BATON_PROVISIONING=true switches it on; admin is opt-in.
+            "provisioning": {"allowedPermissions": ["read", "write", "admin"]},
         },
     })
 }
@@ -570,7 +572,7 @@ async fn the_audit_log_survives_restarts_and_is_read_by_access_audit() {
 async fn a_denied_grant_is_audited_once_and_writes_nothing() {
     let e = env(250).await;
     let mut off = connector_json("off", &e.sim.base_url());
-    off["spec"]["provisioning"] = json!(false);
+    off["spec"]["provisioning"]["enabled"] = json!(false);
     e.fake.put(off);
     e.set_level(Some("read")).await;
     let op = e.start(Faults::default(), None).await;

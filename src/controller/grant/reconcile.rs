@@ -173,12 +173,12 @@ fn stops_this_replica(err: &GrantError) -> bool {
 // ---- status and Events ----------------------------------------------------------
 
 /// The status after `outcome`. Outcomes that record a result (granted,
-/// released, expired) also clear `pendingChange`: the result and the end of
+/// released, expired, revoked) also clear `pendingChange`: the result and the end of
 /// the intent land in one write.
 pub(super) fn next_status(obj: &BitbucketAccessGrant, outcome: Outcome) -> BitbucketAccessGrantStatus {
     let settles = matches!(
         outcome,
-        Outcome::Granted { .. } | Outcome::Released | Outcome::Expired { .. }
+        Outcome::Granted { .. } | Outcome::Released | Outcome::Expired { .. } | Outcome::Revoked { .. }
     );
     let mut status = status::compute(
         obj.status.as_ref(),
