@@ -33,7 +33,7 @@ use super::common::{MetricLabel, Scaffold};
 use super::conductorone::reconcile_session;
 use super::loops::{ConfigureError, ConnectorRuntime, EngineSettings, Manager, loop_statuses, runtime_key};
 use super::secret::{SecretRead, read_opted_in};
-use super::status::{self, C1Health, Health, Observation};
+use super::status::{self, C1Health, Health, Observation, ProgressObservation};
 use crate::bitbucket::{DEFAULT_API_URL, Limits};
 use crate::crd::{
     BitbucketConnector, BitbucketConnectorStatus, CONNECTOR_FINALIZER, ConditionStatus, EventReason,
@@ -340,6 +340,7 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
             fingerprint: None,
             handled_reconcile_at: None,
             conductor_one: C1Health::Unobserved,
+            progress: ProgressObservation::idle(),
         });
         ctx.scaffold.write_status(&obj, &pending).await?;
     }
@@ -363,6 +364,10 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
         fingerprint: pass.fingerprint,
         handled_reconcile_at: if newly_requested { requested } else { None },
         conductor_one: pass.conductor_one,
+        progress: ctx
+            .manager
+            .runtime(&key)
+            .map_or_else(ProgressObservation::idle, |runtime| runtime.progress()),
     });
     publish_transitions(&obj, current.as_ref(), &new_status, pass.credentials_changed, ctx).await;
     warn_rotation_not_implemented(&obj, current.as_ref(), ctx).await;

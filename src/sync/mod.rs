@@ -88,6 +88,14 @@ impl SyncEngine {
         self
     }
 
+    /// Reports progress on `board` instead of a board of its own, so that
+    /// whoever watches it (the operator's status) keeps seeing runs across a
+    /// rebuilt engine.
+    pub fn with_progress_board(mut self, board: ProgressBoard) -> Self {
+        self.progress = board;
+        self
+    }
+
     pub fn client(&self) -> &Client {
         &self.client
     }
@@ -170,18 +178,20 @@ impl SyncEngine {
             checkpoints,
             progress: &progress,
         };
-        let mut batch = match kind {
-            SyncKind::Accounts => syncers::accounts(&ctx).await?,
-            SyncKind::Workspaces => syncers::workspaces(&ctx).await?,
-            SyncKind::Groups => syncers::groups(&ctx).await?,
-            SyncKind::Projects => syncers::projects(&ctx).await?,
-            SyncKind::Repositories => syncers::repositories(&ctx).await?,
+        let result = match kind {
+            SyncKind::Accounts => syncers::accounts(&ctx).await,
+            SyncKind::Workspaces => syncers::workspaces(&ctx).await,
+            SyncKind::Groups => syncers::groups(&ctx).await,
+            SyncKind::Projects => syncers::projects(&ctx).await,
+            SyncKind::Repositories => syncers::repositories(&ctx).await,
         };
+        // Finished either way: a failed type must not show as still running.
+        progress.finish();
+        let mut batch = result?;
         batch.resources.sort_by(|a, b| a.id.cmp(&b.id));
         batch.entitlements.sort_by(|a, b| a.id.cmp(&b.id));
         batch.grants.sort_by(|a, b| a.id.cmp(&b.id));
         batch.grants.dedup_by(|a, b| a.id == b.id);
-        progress.finish();
         Ok(batch)
     }
 
