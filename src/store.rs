@@ -74,7 +74,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -323,6 +323,8 @@ struct Inner {
     writer: Option<Mutex<Connection>>,
     readers: Mutex<Vec<Connection>>,
     keep: AtomicUsize,
+    /// The file has [`READ_INDEXES`]: lookups may rely on them.
+    indexed: AtomicBool,
 }
 
 impl Drop for Inner {
@@ -503,6 +505,62 @@ CREATE TABLE checkpoints (
 ) WITHOUT ROWID;
 "#;
 
+/// Indexes for the readers' lookups (`access who-can`, `access-of`, the
+/// data API): resources by name, by project and by workspace, grants by
+/// resource and entitlement slug. Not part of a schema version: the writer
+/// creates any missing one when it opens a file (once, on an older file),
+/// and readers use them only when present ([`Store::indexed`]), so a file
+/// written by an older binary still reads, only slower.
+const READ_INDEXES: &[(&str, &str)] = &[
+    (
+        "resources_by_full_name",
+        "CREATE INDEX IF NOT EXISTS resources_by_full_name ON resources (lower(json_extract(profile, '$.full_name')))",
+    ),
+    (
+        "resources_by_nickname",
+        "CREATE INDEX IF NOT EXISTS resources_by_nickname ON resources (lower(json_extract(profile, '$.nickname')))",
+    ),
+    (
+        "resources_by_account_id",
+        "CREATE INDEX IF NOT EXISTS resources_by_account_id ON resources (lower(json_extract(profile, '$.account_id')))",
+    ),
+    (
+        "resources_by_email",
+        "CREATE INDEX IF NOT EXISTS resources_by_email ON resources (lower(json_extract(profile, '$.email')))",
+    ),
+    (
+        "resources_by_project",
+        "CREATE INDEX IF NOT EXISTS resources_by_project ON resources (json_extract(profile, '$.project_id'))",
+    ),
+    (
+        "resources_by_parent",
+        "CREATE INDEX IF NOT EXISTS resources_by_parent ON resources (parent_id, generation)",
+    ),
+    (
+        "grants_by_resource_slug",
+        "CREATE INDEX IF NOT EXISTS grants_by_resource_slug ON grants (resource_id, slug, generation)",
+    ),
+];
+
+/// Creates the missing [`READ_INDEXES`] (the writer, at open).
+fn create_read_indexes(conn: &Connection) -> rusqlite::Result<()> {
+    for (_, sql) in READ_INDEXES {
+        conn.execute_batch(sql)?;
+    }
+    Ok(())
+}
+
+/// Whether the file has every [`READ_INDEXES`] entry.
+fn has_read_indexes(conn: &Connection) -> rusqlite::Result<bool> {
+    let mut stmt = conn.prepare("SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = ?1")?;
+    for (name, _) in READ_INDEXES {
+        if stmt.query_row(params![name], |r| r.get::<_, i64>(0))? == 0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Schema steps: `MIGRATIONS[i]` takes version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
 
@@ -656,7 +714,9 @@ impl Store {
         conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
         // 32 MiB of page cache for the writer, so a big batch's indexes stay in memory.
         conn.pragma_update(None, "cache_size", -32_000)?;
+        create_read_indexes(&conn).map_err(|e| classify(path, e))?;
         let store = Store::new(Some(path.to_owned()), Some(conn));
+        store.inner.indexed.store(true, Ordering::Relaxed);
         let closed = store.close_dead_runs()?;
         if closed > 0 {
             tracing::info!(path = %path.display(), closed, "runs of a stopped process closed as interrupted");
@@ -703,7 +763,9 @@ impl Store {
                 supported: SCHEMA_VERSION,
             });
         }
+        let indexed = has_read_indexes(&conn).map_err(|e| classify(path, e))?;
         let store = Store::new(Some(path.to_owned()), None);
+        store.inner.indexed.store(indexed, Ordering::Relaxed);
         lock(&store.inner.readers).push(conn);
         Ok(store)
     }
@@ -713,7 +775,10 @@ impl Store {
         let mut conn = Connection::open_in_memory()?;
         configure(&conn)?;
         migrate(&mut conn, Path::new(":memory:"))?;
-        Ok(Store::new(None, Some(conn)))
+        create_read_indexes(&conn)?;
+        let store = Store::new(None, Some(conn));
+        store.inner.indexed.store(true, Ordering::Relaxed);
+        Ok(store)
     }
 
     fn new(path: Option<PathBuf>, writer: Option<Connection>) -> Store {
@@ -723,6 +788,7 @@ impl Store {
                 writer: writer.map(Mutex::new),
                 readers: Mutex::new(Vec::new()),
                 keep: AtomicUsize::new(DEFAULT_HISTORY),
+                indexed: AtomicBool::new(false),
             }),
         }
     }
@@ -1088,16 +1154,100 @@ impl Store {
         value: &str,
     ) -> Result<Vec<Resource>, StoreError> {
         let resource_type = field.resource_type();
-        let json_path = format!("$.{}", field.json_key());
+        // `+r.generation` keeps SQLite from scanning the generation by its
+        // primary key when the name index can find the few rows at once.
+        let join = if self.indexed() {
+            "+r.generation"
+        } else {
+            "r.generation"
+        };
+        let sql = format!(
+            "SELECT c.kind, r.id, r.display_name, r.parent_id, r.profile
+             FROM current c JOIN resources r ON {join} = c.generation
+             WHERE c.connector = ?1 AND c.kind = ?2 AND lower(json_extract(r.profile, '$.{}')) = lower(?3)
+             ORDER BY r.id",
+            field.json_key()
+        );
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt.query_map(params![connector, kind_of(resource_type).as_str(), value], resource_row)?;
+            collect_resources(rows)
+        })
+    }
+
+    /// Whether the file has the readers' lookup indexes (always, once a
+    /// writer of this version opened it).
+    pub fn indexed(&self) -> bool {
+        self.inner.indexed.load(Ordering::Relaxed)
+    }
+
+    /// Current resources of `connector` with these ids (any kind), sorted by id.
+    pub fn resources_by_ids(&self, connector: &str, ids: &[&str]) -> Result<Vec<Resource>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = serde_json::Value::from(ids.to_vec()).to_string();
         self.read(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT c.kind, r.id, r.display_name, r.parent_id, r.profile
                  FROM current c JOIN resources r ON r.generation = c.generation
-                 WHERE c.connector = ?1 AND c.kind = ?2 AND lower(json_extract(r.profile, ?3)) = lower(?4)
+                 WHERE c.connector = ?1 AND r.id IN (SELECT value FROM json_each(?2)) ORDER BY r.id",
+            )?;
+            let rows = stmt.query_map(params![connector, ids], resource_row)?;
+            collect_resources(rows)
+        })
+    }
+
+    /// Current resources of one type whose parent is one of `workspaces`
+    /// (projects and repositories of the workspaces a user owns), sorted by id.
+    pub fn resources_in_workspaces(
+        &self,
+        connector: &str,
+        resource_type: ResourceType,
+        workspaces: &[&str],
+    ) -> Result<Vec<Resource>, StoreError> {
+        if workspaces.is_empty() {
+            return Ok(Vec::new());
+        }
+        let workspaces = serde_json::Value::from(workspaces.to_vec()).to_string();
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT c.kind, r.id, r.display_name, r.parent_id, r.profile
+                 FROM current c JOIN resources r ON r.generation = c.generation
+                 WHERE c.connector = ?1 AND c.kind = ?2 AND r.parent_id IN (SELECT value FROM json_each(?3))
                  ORDER BY r.id",
             )?;
             let rows = stmt.query_map(
-                params![connector, kind_of(resource_type).as_str(), json_path, value],
+                params![connector, kind_of(resource_type).as_str(), workspaces],
+                resource_row,
+            )?;
+            collect_resources(rows)
+        })
+    }
+
+    /// Current repositories of `connector` in one of `projects` (project
+    /// resource ids), sorted by id.
+    pub fn repositories_of_projects(&self, connector: &str, projects: &[&str]) -> Result<Vec<Resource>, StoreError> {
+        if projects.is_empty() {
+            return Ok(Vec::new());
+        }
+        let projects = serde_json::Value::from(projects.to_vec()).to_string();
+        let join = if self.indexed() {
+            "+r.generation"
+        } else {
+            "r.generation"
+        };
+        let sql = format!(
+            "SELECT c.kind, r.id, r.display_name, r.parent_id, r.profile
+             FROM current c JOIN resources r ON {join} = c.generation
+             WHERE c.connector = ?1 AND c.kind = ?2
+               AND json_extract(r.profile, '$.project_id') IN (SELECT value FROM json_each(?3))
+             ORDER BY r.id"
+        );
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt.query_map(
+                params![connector, SyncKind::Repositories.as_str(), projects],
                 resource_row,
             )?;
             collect_resources(rows)
@@ -1120,6 +1270,23 @@ impl Store {
                 "{HELD_SELECT} WHERE c.connector = ?1 AND g.resource_id = ?2 ORDER BY g.id"
             ))?;
             let rows = stmt.query_map(params![connector, resource_id], held_row)?;
+            collect_held(rows)
+        })
+    }
+
+    /// Current grants of one entitlement slug on one resource (the owners
+    /// of a workspace, the members of a group), sorted by id.
+    pub fn grants_on_with_slug(
+        &self,
+        connector: &str,
+        resource_id: &str,
+        slug: &str,
+    ) -> Result<Vec<HeldGrant>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "{HELD_SELECT} WHERE c.connector = ?1 AND g.resource_id = ?2 AND g.slug = ?3 ORDER BY g.id"
+            ))?;
+            let rows = stmt.query_map(params![connector, resource_id, slug], held_row)?;
             collect_held(rows)
         })
     }
