@@ -264,6 +264,10 @@ pub struct RunOptions {
     /// kind and scope (newer than the last successful one): its checkpoints
     /// move to the new run.
     pub resume: bool,
+    /// The interval the run is repeated at (the operator's per-type
+    /// interval), so readers can tell stale data by it. Recorded when the
+    /// file's `runs` table has an `interval_ms` column ([`Store::records_intervals`]).
+    pub interval: Option<Duration>,
 }
 
 /// A started run and what it resumed.
@@ -287,6 +291,27 @@ pub struct Freshness {
     pub committed_at: Option<i64>,
     /// The newest run, finished or not.
     pub last_run: Option<SyncRun>,
+    /// The interval the current data's run was repeated at (the operator's
+    /// per-type interval), if recorded; `None` for `sync` runs.
+    #[serde(default)]
+    pub interval_ms: Option<u64>,
+    /// Per workspace, when its data was read, if that differs between
+    /// workspaces (runs scoped to some workspaces replaced only theirs);
+    /// empty when one run read them all. `data_as_of` is then the oldest.
+    #[serde(default)]
+    pub workspaces: Vec<WorkspaceFreshness>,
+}
+
+/// When one workspace's data of one kind was read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceFreshness {
+    /// Workspace resource id (uuid).
+    pub workspace_id: String,
+    /// Its slug, when the workspaces type is synced.
+    pub slug: Option<String>,
+    /// Unix epoch milliseconds; `None`: not in this kind's data (never
+    /// synced for this workspace, or older than the kept run history).
+    pub data_as_of: Option<i64>,
 }
 
 /// Grants that differ between two generations.
@@ -325,6 +350,8 @@ struct Inner {
     keep: AtomicUsize,
     /// The file has [`READ_INDEXES`]: lookups may rely on them.
     indexed: AtomicBool,
+    /// `runs` has an `interval_ms` column (see [`Store::records_intervals`]).
+    intervals: AtomicBool,
 }
 
 impl Drop for Inner {
@@ -561,6 +588,86 @@ fn has_read_indexes(conn: &Connection) -> rusqlite::Result<bool> {
     Ok(true)
 }
 
+/// Whether `runs` has the `interval_ms` column (a later schema version adds
+/// it; until then intervals are not recorded and readers use their default).
+fn has_interval_column(conn: &Connection) -> rusqlite::Result<bool> {
+    let mut stmt = conn.prepare("SELECT count(*) FROM pragma_table_info('runs') WHERE name = 'interval_ms'")?;
+    Ok(stmt.query_row([], |r| r.get::<_, i64>(0))? > 0)
+}
+
+/// Per workspace, when the current data of `(connector, kind)` committed
+/// by `run` was read: a run scoped to some workspaces replaced only theirs
+/// and kept the rest from the data before it, so each workspace's data is
+/// as old as the newest successful run that covered it. Walks back the
+/// successful runs until one covered every workspace. Empty when `run`
+/// itself covered every workspace (the data is of one age).
+fn workspace_freshness(
+    c: &Connection,
+    connector: &str,
+    kind: SyncKind,
+    run: RunId,
+) -> Result<Vec<WorkspaceFreshness>, StoreError> {
+    let mut stmt = c.prepare_cached(
+        "SELECT workspaces, coalesce(data_from, started_at) FROM runs
+         WHERE connector = ?1 AND kind = ?2 AND status = 'ok' AND id <= ?3 ORDER BY id DESC",
+    )?;
+    let mut rows = stmt.query(params![connector, kind.as_str(), run])?;
+    let mut scoped: Vec<(String, i64)> = Vec::new();
+    let mut rest: Option<i64> = None;
+    let mut first = true;
+    while let Some(row) = rows.next()? {
+        let (scope, from): (Option<String>, i64) = (row.get(0)?, row.get(1)?);
+        match parse_workspaces(scope.as_deref())? {
+            None if first => return Ok(Vec::new()),
+            None => {
+                rest = Some(from);
+                break;
+            }
+            Some(ids) => {
+                for id in ids {
+                    if !scoped.iter().any(|(known, _)| *known == id) {
+                        scoped.push((id, from));
+                    }
+                }
+            }
+        }
+        first = false;
+    }
+    let mut slugs: HashMap<String, String> = HashMap::new();
+    let mut stmt = c.prepare_cached(
+        "SELECT r.id, json_extract(r.profile, '$.slug') FROM current c JOIN resources r ON r.generation = c.generation
+         WHERE c.connector = ?1 AND c.kind = 'workspaces'",
+    )?;
+    for row in stmt.query_map(params![connector], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+    })? {
+        let (id, slug) = row?;
+        slugs.insert(id, slug.unwrap_or_default());
+    }
+    let mut out: Vec<WorkspaceFreshness> = scoped
+        .into_iter()
+        .map(|(id, from)| WorkspaceFreshness {
+            slug: slugs.get(&id).cloned(),
+            workspace_id: id,
+            data_as_of: Some(from),
+        })
+        .collect();
+    for (id, slug) in slugs {
+        if !out.iter().any(|w| w.workspace_id == id) {
+            out.push(WorkspaceFreshness {
+                workspace_id: id,
+                slug: Some(slug),
+                data_as_of: rest,
+            });
+        }
+    }
+    if out.windows(2).all(|w| w[0].data_as_of == w[1].data_as_of) && out.iter().all(|w| w.data_as_of.is_some()) {
+        return Ok(Vec::new());
+    }
+    out.sort_by(|a, b| (&a.slug, &a.workspace_id).cmp(&(&b.slug, &b.workspace_id)));
+    Ok(out)
+}
+
 /// Schema steps: `MIGRATIONS[i]` takes version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
 
@@ -715,8 +822,10 @@ impl Store {
         // 32 MiB of page cache for the writer, so a big batch's indexes stay in memory.
         conn.pragma_update(None, "cache_size", -32_000)?;
         create_read_indexes(&conn).map_err(|e| classify(path, e))?;
+        let intervals = has_interval_column(&conn).map_err(|e| classify(path, e))?;
         let store = Store::new(Some(path.to_owned()), Some(conn));
         store.inner.indexed.store(true, Ordering::Relaxed);
+        store.inner.intervals.store(intervals, Ordering::Relaxed);
         let closed = store.close_dead_runs()?;
         if closed > 0 {
             tracing::info!(path = %path.display(), closed, "runs of a stopped process closed as interrupted");
@@ -764,8 +873,10 @@ impl Store {
             });
         }
         let indexed = has_read_indexes(&conn).map_err(|e| classify(path, e))?;
+        let intervals = has_interval_column(&conn).map_err(|e| classify(path, e))?;
         let store = Store::new(Some(path.to_owned()), None);
         store.inner.indexed.store(indexed, Ordering::Relaxed);
+        store.inner.intervals.store(intervals, Ordering::Relaxed);
         lock(&store.inner.readers).push(conn);
         Ok(store)
     }
@@ -776,8 +887,10 @@ impl Store {
         configure(&conn)?;
         migrate(&mut conn, Path::new(":memory:"))?;
         create_read_indexes(&conn)?;
+        let intervals = has_interval_column(&conn)?;
         let store = Store::new(None, Some(conn));
         store.inner.indexed.store(true, Ordering::Relaxed);
+        store.inner.intervals.store(intervals, Ordering::Relaxed);
         Ok(store)
     }
 
@@ -789,6 +902,7 @@ impl Store {
                 readers: Mutex::new(Vec::new()),
                 keep: AtomicUsize::new(DEFAULT_HISTORY),
                 indexed: AtomicBool::new(false),
+                intervals: AtomicBool::new(false),
             }),
         }
     }
@@ -883,6 +997,10 @@ impl Store {
                 ],
             )?;
             let id = tx.last_insert_rowid();
+            if let Some(interval) = options.interval.filter(|_| self.records_intervals()) {
+                let ms = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
+                tx.execute("UPDATE runs SET interval_ms = ?2 WHERE id = ?1", params![id, ms])?;
+            }
             let mut checkpoints = HashMap::new();
             if let Some((old, _)) = previous {
                 tx.execute("UPDATE checkpoints SET run_id = ?2 WHERE run_id = ?1", params![old, id])?;
@@ -1021,14 +1139,17 @@ impl Store {
         })
     }
 
-    /// Per kind: when its current data was read, and its newest run.
+    /// Per kind: when its current data was read (per workspace where runs
+    /// scoped to some workspaces made it differ), the interval it was synced
+    /// at, and its newest run.
     pub fn freshness(&self, connector: &str) -> Result<Vec<Freshness>, StoreError> {
+        let intervals = self.records_intervals();
         self.read(|c| {
             let mut out = Vec::with_capacity(SyncKind::ALL.len());
             for kind in SyncKind::ALL {
                 let current = c
                     .prepare_cached(
-                        "SELECT g.committed_at, r.data_from, r.started_at FROM current c
+                        "SELECT g.committed_at, r.data_from, r.started_at, r.id FROM current c
                          JOIN generations g ON g.id = c.generation LEFT JOIN runs r ON r.id = g.run_id
                          WHERE c.connector = ?1 AND c.kind = ?2",
                     )?
@@ -1037,6 +1158,7 @@ impl Store {
                             r.get::<_, i64>(0)?,
                             r.get::<_, Option<i64>>(1)?,
                             r.get::<_, Option<i64>>(2)?,
+                            r.get::<_, Option<i64>>(3)?,
                         ))
                     })
                     .optional()?;
@@ -1048,15 +1170,38 @@ impl Store {
                     .optional()?
                     .map(RawRun::into_run)
                     .transpose()?;
+                let run_id = current.and_then(|(_, _, _, id)| id);
+                let workspaces = match run_id {
+                    Some(run) => workspace_freshness(c, connector, kind, run)?,
+                    None => Vec::new(),
+                };
+                let interval_ms = match (run_id, intervals) {
+                    (Some(run), true) => c
+                        .query_row("SELECT interval_ms FROM runs WHERE id = ?1", params![run], |r| {
+                            r.get::<_, Option<i64>>(0)
+                        })?
+                        .map(to_u64),
+                    _ => None,
+                };
+                let run_as_of = current.map(|(committed, from, started, _)| from.or(started).unwrap_or(committed));
+                let oldest = workspaces.iter().filter_map(|w| w.data_as_of).min();
                 out.push(Freshness {
                     kind,
-                    data_as_of: current.map(|(committed, from, started)| from.or(started).unwrap_or(committed)),
-                    committed_at: current.map(|(committed, _, _)| committed),
+                    data_as_of: oldest.or(run_as_of),
+                    committed_at: current.map(|(committed, ..)| committed),
                     last_run,
+                    interval_ms,
+                    workspaces,
                 });
             }
             Ok(out)
         })
+    }
+
+    /// Whether runs record their interval (the file's `runs` table has an
+    /// `interval_ms` column).
+    pub fn records_intervals(&self) -> bool {
+        self.inner.intervals.load(Ordering::Relaxed)
     }
 
     /// The current generation of `(connector, kind)`, if any run committed.

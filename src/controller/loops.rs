@@ -562,7 +562,7 @@ async fn run_loop(
             }
         }
 
-        let engine = runtime.engine();
+        let engine = runtime.engine().with_interval(Some(period));
         // Fresh counters before the run shows as running: never the last run's.
         engine.progress().start(kind);
         lock(&runtime.running).insert(kind);

@@ -64,6 +64,9 @@ pub struct SyncEngine {
     scope_only: bool,
     /// Live progress of every type this engine (and its scoped clones) syncs.
     progress: ProgressBoard,
+    /// The interval runs are repeated at, recorded with each run (readers
+    /// judge staleness by it); `None` for one-off `sync` runs.
+    interval: Option<std::time::Duration>,
 }
 
 impl SyncEngine {
@@ -75,6 +78,7 @@ impl SyncEngine {
             concurrency,
             scope_only: false,
             progress: ProgressBoard::default(),
+            interval: None,
         }
     }
 
@@ -85,6 +89,13 @@ impl SyncEngine {
     /// connector's workspace list shrinks).
     pub fn replacing_only_scope(mut self, yes: bool) -> Self {
         self.scope_only = yes;
+        self
+    }
+
+    /// Runs of this engine are repeated every `interval` (the operator's
+    /// per-type interval): recorded with each run for readers.
+    pub fn with_interval(mut self, interval: Option<std::time::Duration>) -> Self {
+        self.interval = interval;
         self
     }
 
