@@ -564,6 +564,12 @@ const READ_INDEXES: &[(&str, &str)] = &[
         "CREATE INDEX IF NOT EXISTS resources_by_parent ON resources (parent_id, generation)",
     ),
     (
+        // `grants_by_principal` leads with the generation, and SQLite then
+        // prefers scanning the whole generation by its primary key.
+        "grants_of_principal",
+        "CREATE INDEX IF NOT EXISTS grants_of_principal ON grants (principal_id, generation)",
+    ),
+    (
         "grants_by_resource_slug",
         "CREATE INDEX IF NOT EXISTS grants_by_resource_slug ON grants (resource_id, slug, generation)",
     ),

@@ -13,9 +13,11 @@
 //! to run next to an operator that is syncing into the same file.
 //!
 //! Honest about its data: every answer says per resource type when its data
-//! was read ("data as of"); a type the answer needs that was never synced,
-//! or whose data is older than `--max-age`, gets a warning on stderr (and
-//! in `--json`), and a never-synced type makes the exit code 8.
+//! was read ("data as of"), per workspace when scoped runs left workspaces
+//! of different ages; a type the answer needs that was never synced (or
+//! never for some workspace), or whose data is stale ([`max_age_for`]),
+//! gets a warning on stderr (and in `--json`), and a never-synced type
+//! makes the exit code 8.
 //!
 //! Exit codes: 0 answered from complete data; 1 an error (unknown
 //! repository or user, store error); 2 usage error; 7 the store file is
