@@ -341,9 +341,9 @@ impl<'a> Groups<'a> {
         if !self.members.contains_key(group) {
             let members = self
                 .store
-                .grants_on(self.connector, group)?
+                .grants_on_with_slug(self.connector, group, "member")?
                 .into_iter()
-                .filter(|g| g.slug == "member" && g.grant.principal_type == ResourceType::User)
+                .filter(|g| g.grant.principal_type == ResourceType::User)
                 .map(|g| (g.grant.principal_id, g.grant.unknown_principal))
                 .collect();
             self.members.insert(group.to_owned(), members);
@@ -415,8 +415,8 @@ pub fn who_can(store: &Store, connector: &str, repository: &str) -> Result<Vec<A
         )?;
     }
     if let Some(ws) = &repo.parent_id {
-        for g in store.grants_on(connector, ws)? {
-            if g.slug == "owner" && g.grant.principal_type == ResourceType::User {
+        for g in store.grants_on_with_slug(connector, ws, "owner")? {
+            if g.grant.principal_type == ResourceType::User {
                 paths.add(
                     &g.grant.principal_id,
                     "workspace owner".into(),
@@ -426,26 +426,19 @@ pub fn who_can(store: &Store, connector: &str, repository: &str) -> Result<Vec<A
             }
         }
     }
-    // Few users: look each up; many: one pass over all accounts.
-    let all_users: HashMap<String, Resource> = if paths.by_key.len() > 64 {
-        store
-            .resources(connector, Some(ResourceType::User))?
-            .into_iter()
-            .map(|r| (r.id.clone(), r))
-            .collect()
-    } else {
-        HashMap::new()
-    };
+    // The users, in one lookup by id.
+    let ids: Vec<&str> = paths.by_key.keys().map(String::as_str).collect();
+    let users: HashMap<String, Resource> = store
+        .resources_by_ids(connector, &ids)?
+        .into_iter()
+        .filter(|r| r.resource_type == ResourceType::User)
+        .map(|r| (r.id.clone(), r))
+        .collect();
     let mut out = Vec::with_capacity(paths.by_key.len());
     for (user_id, (set, unknown)) in paths.by_key {
-        let found = match all_users.get(&user_id) {
-            Some(r) => Some(r.clone()),
-            None if all_users.is_empty() => store.resource(connector, &user_id)?,
-            None => None,
-        };
-        let user = match found {
-            Some(r) if r.resource_type == ResourceType::User => user_ref(&r),
-            _ => unknown_user(&user_id),
+        let user = match users.get(&user_id) {
+            Some(r) => user_ref(r),
+            None => unknown_user(&user_id),
         };
         let (permission, via) = rank(set);
         out.push(AccessEntry {
@@ -505,8 +498,29 @@ pub fn access_of(store: &Store, connector: &str, user: &str) -> Result<UserAcces
         }
     }
 
-    let projects_all = store.resources(connector, Some(ResourceType::Project))?;
-    let repos_all = store.resources(connector, Some(ResourceType::Repository))?;
+    // Only the projects and repositories the answer names: those granted
+    // explicitly, those of granted projects, those of owned workspaces.
+    let owned_ids: Vec<&str> = owned.iter().map(String::as_str).collect();
+    let granted = |t: ResourceType| -> Vec<&str> {
+        let mut ids: Vec<&str> = explicit
+            .iter()
+            .filter(|(g, _)| g.resource_type == t && permission_of(g).is_some())
+            .map(|(g, _)| g.resource_id.as_str())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    };
+    let (granted_projects, granted_repos) = (granted(ResourceType::Project), granted(ResourceType::Repository));
+    let mut projects_all = store.resources_by_ids(connector, &granted_projects)?;
+    projects_all.extend(store.resources_in_workspaces(connector, ResourceType::Project, &owned_ids)?);
+    let mut repos_all = store.resources_by_ids(connector, &granted_repos)?;
+    repos_all.extend(store.repositories_of_projects(connector, &granted_projects)?);
+    repos_all.extend(store.resources_in_workspaces(connector, ResourceType::Repository, &owned_ids)?);
+    for all in [&mut projects_all, &mut repos_all] {
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all.dedup_by(|a, b| a.id == b.id);
+    }
     let mut repos_by_project: HashMap<String, Vec<&Resource>> = HashMap::new();
     for r in &repos_all {
         if let Some(p) = r.profile.repository().filter(|p| !p.project_id.is_empty()) {

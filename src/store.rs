@@ -78,7 +78,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -274,6 +274,10 @@ pub struct RunOptions {
     /// kind and scope (newer than the last successful one): its checkpoints
     /// move to the new run.
     pub resume: bool,
+    /// The interval the run is repeated at (the operator's per-type
+    /// interval), so readers can tell stale data by it. Recorded when the
+    /// file's `runs` table has an `interval_ms` column ([`Store::records_intervals`]).
+    pub interval: Option<Duration>,
 }
 
 /// A started run and what it resumed.
@@ -297,6 +301,27 @@ pub struct Freshness {
     pub committed_at: Option<i64>,
     /// The newest run, finished or not.
     pub last_run: Option<SyncRun>,
+    /// The interval the current data's run was repeated at (the operator's
+    /// per-type interval), if recorded; `None` for `sync` runs.
+    #[serde(default)]
+    pub interval_ms: Option<u64>,
+    /// Per workspace, when its data was read, if that differs between
+    /// workspaces (runs scoped to some workspaces replaced only theirs);
+    /// empty when one run read them all. `data_as_of` is then the oldest.
+    #[serde(default)]
+    pub workspaces: Vec<WorkspaceFreshness>,
+}
+
+/// When one workspace's data of one kind was read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceFreshness {
+    /// Workspace resource id (uuid).
+    pub workspace_id: String,
+    /// Its slug, when the workspaces type is synced.
+    pub slug: Option<String>,
+    /// Unix epoch milliseconds; `None`: not in this kind's data (never
+    /// synced for this workspace, or older than the kept run history).
+    pub data_as_of: Option<i64>,
 }
 
 /// Grants that differ between two generations.
@@ -333,6 +358,10 @@ struct Inner {
     writer: Option<Mutex<Connection>>,
     readers: Mutex<Vec<Connection>>,
     keep: AtomicUsize,
+    /// The file has [`READ_INDEXES`]: lookups may rely on them.
+    indexed: AtomicBool,
+    /// `runs` has an `interval_ms` column (see [`Store::records_intervals`]).
+    intervals: AtomicBool,
 }
 
 impl Drop for Inner {
@@ -513,6 +542,148 @@ CREATE TABLE checkpoints (
 ) WITHOUT ROWID;
 "#;
 
+/// Indexes for the readers' lookups (`access who-can`, `access-of`, the
+/// data API): resources by name, by project and by workspace, grants by
+/// resource and entitlement slug. Not part of a schema version: the writer
+/// creates any missing one when it opens a file (once, on an older file),
+/// and readers use them only when present ([`Store::indexed`]), so a file
+/// written by an older binary still reads, only slower.
+const READ_INDEXES: &[(&str, &str)] = &[
+    (
+        "resources_by_full_name",
+        "CREATE INDEX IF NOT EXISTS resources_by_full_name ON resources (lower(json_extract(profile, '$.full_name')))",
+    ),
+    (
+        "resources_by_nickname",
+        "CREATE INDEX IF NOT EXISTS resources_by_nickname ON resources (lower(json_extract(profile, '$.nickname')))",
+    ),
+    (
+        "resources_by_account_id",
+        "CREATE INDEX IF NOT EXISTS resources_by_account_id ON resources (lower(json_extract(profile, '$.account_id')))",
+    ),
+    (
+        "resources_by_email",
+        "CREATE INDEX IF NOT EXISTS resources_by_email ON resources (lower(json_extract(profile, '$.email')))",
+    ),
+    (
+        "resources_by_project",
+        "CREATE INDEX IF NOT EXISTS resources_by_project ON resources (json_extract(profile, '$.project_id'))",
+    ),
+    (
+        "resources_by_parent",
+        "CREATE INDEX IF NOT EXISTS resources_by_parent ON resources (parent_id, generation)",
+    ),
+    (
+        // `grants_by_principal` leads with the generation, and SQLite then
+        // prefers scanning the whole generation by its primary key.
+        "grants_of_principal",
+        "CREATE INDEX IF NOT EXISTS grants_of_principal ON grants (principal_id, generation)",
+    ),
+    (
+        "grants_by_resource_slug",
+        "CREATE INDEX IF NOT EXISTS grants_by_resource_slug ON grants (resource_id, slug, generation)",
+    ),
+];
+
+/// Creates the missing [`READ_INDEXES`] (the writer, at open).
+fn create_read_indexes(conn: &Connection) -> rusqlite::Result<()> {
+    for (_, sql) in READ_INDEXES {
+        conn.execute_batch(sql)?;
+    }
+    Ok(())
+}
+
+/// Whether the file has every [`READ_INDEXES`] entry.
+fn has_read_indexes(conn: &Connection) -> rusqlite::Result<bool> {
+    let mut stmt = conn.prepare("SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = ?1")?;
+    for (name, _) in READ_INDEXES {
+        if stmt.query_row(params![name], |r| r.get::<_, i64>(0))? == 0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Whether `runs` has the `interval_ms` column (schema v3 adds it; a reader
+/// of an older file finds none and judges staleness by its default).
+fn has_interval_column(conn: &Connection) -> rusqlite::Result<bool> {
+    let mut stmt = conn.prepare("SELECT count(*) FROM pragma_table_info('runs') WHERE name = 'interval_ms'")?;
+    Ok(stmt.query_row([], |r| r.get::<_, i64>(0))? > 0)
+}
+
+/// Per workspace, when the current data of `(connector, kind)` committed
+/// by `run` was read: a run scoped to some workspaces replaced only theirs
+/// and kept the rest from the data before it, so each workspace's data is
+/// as old as the newest successful run that covered it. Walks back the
+/// successful runs until one covered every workspace. Empty when `run`
+/// itself covered every workspace (the data is of one age).
+fn workspace_freshness(
+    c: &Connection,
+    connector: &str,
+    kind: SyncKind,
+    run: RunId,
+) -> Result<Vec<WorkspaceFreshness>, StoreError> {
+    let mut stmt = c.prepare_cached(
+        "SELECT workspaces, coalesce(data_from, started_at) FROM runs
+         WHERE connector = ?1 AND kind = ?2 AND status = 'ok' AND id <= ?3 ORDER BY id DESC",
+    )?;
+    let mut rows = stmt.query(params![connector, kind.as_str(), run])?;
+    let mut scoped: Vec<(String, i64)> = Vec::new();
+    let mut rest: Option<i64> = None;
+    let mut first = true;
+    while let Some(row) = rows.next()? {
+        let (scope, from): (Option<String>, i64) = (row.get(0)?, row.get(1)?);
+        match parse_workspaces(scope.as_deref())? {
+            None if first => return Ok(Vec::new()),
+            None => {
+                rest = Some(from);
+                break;
+            }
+            Some(ids) => {
+                for id in ids {
+                    if !scoped.iter().any(|(known, _)| *known == id) {
+                        scoped.push((id, from));
+                    }
+                }
+            }
+        }
+        first = false;
+    }
+    let mut slugs: HashMap<String, String> = HashMap::new();
+    let mut stmt = c.prepare_cached(
+        "SELECT r.id, json_extract(r.profile, '$.slug') FROM current c JOIN resources r ON r.generation = c.generation
+         WHERE c.connector = ?1 AND c.kind = 'workspaces'",
+    )?;
+    for row in stmt.query_map(params![connector], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+    })? {
+        let (id, slug) = row?;
+        slugs.insert(id, slug.unwrap_or_default());
+    }
+    let mut out: Vec<WorkspaceFreshness> = scoped
+        .into_iter()
+        .map(|(id, from)| WorkspaceFreshness {
+            slug: slugs.get(&id).cloned(),
+            workspace_id: id,
+            data_as_of: Some(from),
+        })
+        .collect();
+    for (id, slug) in slugs {
+        if !out.iter().any(|w| w.workspace_id == id) {
+            out.push(WorkspaceFreshness {
+                workspace_id: id,
+                slug: Some(slug),
+                data_as_of: rest,
+            });
+        }
+    }
+    if out.windows(2).all(|w| w[0].data_as_of == w[1].data_as_of) && out.iter().all(|w| w.data_as_of.is_some()) {
+        return Ok(Vec::new());
+    }
+    out.sort_by(|a, b| (&a.slug, &a.workspace_id).cmp(&(&b.slug, &b.workspace_id)));
+    Ok(out)
+}
+
 /// Schema steps: `MIGRATIONS[i]` takes version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, intent::SCHEMA_V3];
 
@@ -666,7 +837,11 @@ impl Store {
         conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
         // 32 MiB of page cache for the writer, so a big batch's indexes stay in memory.
         conn.pragma_update(None, "cache_size", -32_000)?;
+        create_read_indexes(&conn).map_err(|e| classify(path, e))?;
+        let intervals = has_interval_column(&conn).map_err(|e| classify(path, e))?;
         let store = Store::new(Some(path.to_owned()), Some(conn));
+        store.inner.indexed.store(true, Ordering::Relaxed);
+        store.inner.intervals.store(intervals, Ordering::Relaxed);
         let closed = store.close_dead_runs()?;
         if closed > 0 {
             tracing::info!(path = %path.display(), closed, "runs of a stopped process closed as interrupted");
@@ -713,7 +888,11 @@ impl Store {
                 supported: SCHEMA_VERSION,
             });
         }
+        let indexed = has_read_indexes(&conn).map_err(|e| classify(path, e))?;
+        let intervals = has_interval_column(&conn).map_err(|e| classify(path, e))?;
         let store = Store::new(Some(path.to_owned()), None);
+        store.inner.indexed.store(indexed, Ordering::Relaxed);
+        store.inner.intervals.store(intervals, Ordering::Relaxed);
         lock(&store.inner.readers).push(conn);
         Ok(store)
     }
@@ -723,7 +902,12 @@ impl Store {
         let mut conn = Connection::open_in_memory()?;
         configure(&conn)?;
         migrate(&mut conn, Path::new(":memory:"))?;
-        Ok(Store::new(None, Some(conn)))
+        create_read_indexes(&conn)?;
+        let intervals = has_interval_column(&conn)?;
+        let store = Store::new(None, Some(conn));
+        store.inner.indexed.store(true, Ordering::Relaxed);
+        store.inner.intervals.store(intervals, Ordering::Relaxed);
+        Ok(store)
     }
 
     fn new(path: Option<PathBuf>, writer: Option<Connection>) -> Store {
@@ -733,6 +917,8 @@ impl Store {
                 writer: writer.map(Mutex::new),
                 readers: Mutex::new(Vec::new()),
                 keep: AtomicUsize::new(DEFAULT_HISTORY),
+                indexed: AtomicBool::new(false),
+                intervals: AtomicBool::new(false),
             }),
         }
     }
@@ -827,6 +1013,10 @@ impl Store {
                 ],
             )?;
             let id = tx.last_insert_rowid();
+            if let Some(interval) = options.interval.filter(|_| self.records_intervals()) {
+                let ms = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
+                tx.execute("UPDATE runs SET interval_ms = ?2 WHERE id = ?1", params![id, ms])?;
+            }
             let mut checkpoints = HashMap::new();
             if let Some((old, _)) = previous {
                 tx.execute("UPDATE checkpoints SET run_id = ?2 WHERE run_id = ?1", params![old, id])?;
@@ -965,14 +1155,17 @@ impl Store {
         })
     }
 
-    /// Per kind: when its current data was read, and its newest run.
+    /// Per kind: when its current data was read (per workspace where runs
+    /// scoped to some workspaces made it differ), the interval it was synced
+    /// at, and its newest run.
     pub fn freshness(&self, connector: &str) -> Result<Vec<Freshness>, StoreError> {
+        let intervals = self.records_intervals();
         self.read(|c| {
             let mut out = Vec::with_capacity(SyncKind::ALL.len());
             for kind in SyncKind::ALL {
                 let current = c
                     .prepare_cached(
-                        "SELECT g.committed_at, r.data_from, r.started_at FROM current c
+                        "SELECT g.committed_at, r.data_from, r.started_at, r.id FROM current c
                          JOIN generations g ON g.id = c.generation LEFT JOIN runs r ON r.id = g.run_id
                          WHERE c.connector = ?1 AND c.kind = ?2",
                     )?
@@ -981,6 +1174,7 @@ impl Store {
                             r.get::<_, i64>(0)?,
                             r.get::<_, Option<i64>>(1)?,
                             r.get::<_, Option<i64>>(2)?,
+                            r.get::<_, Option<i64>>(3)?,
                         ))
                     })
                     .optional()?;
@@ -992,15 +1186,38 @@ impl Store {
                     .optional()?
                     .map(RawRun::into_run)
                     .transpose()?;
+                let run_id = current.and_then(|(_, _, _, id)| id);
+                let workspaces = match run_id {
+                    Some(run) => workspace_freshness(c, connector, kind, run)?,
+                    None => Vec::new(),
+                };
+                let interval_ms = match (run_id, intervals) {
+                    (Some(run), true) => c
+                        .query_row("SELECT interval_ms FROM runs WHERE id = ?1", params![run], |r| {
+                            r.get::<_, Option<i64>>(0)
+                        })?
+                        .map(to_u64),
+                    _ => None,
+                };
+                let run_as_of = current.map(|(committed, from, started, _)| from.or(started).unwrap_or(committed));
+                let oldest = workspaces.iter().filter_map(|w| w.data_as_of).min();
                 out.push(Freshness {
                     kind,
-                    data_as_of: current.map(|(committed, from, started)| from.or(started).unwrap_or(committed)),
-                    committed_at: current.map(|(committed, _, _)| committed),
+                    data_as_of: oldest.or(run_as_of),
+                    committed_at: current.map(|(committed, ..)| committed),
                     last_run,
+                    interval_ms,
+                    workspaces,
                 });
             }
             Ok(out)
         })
+    }
+
+    /// Whether runs record their interval (the file's `runs` table has an
+    /// `interval_ms` column).
+    pub fn records_intervals(&self) -> bool {
+        self.inner.intervals.load(Ordering::Relaxed)
     }
 
     /// The current generation of `(connector, kind)`, if any run committed.
@@ -1098,16 +1315,100 @@ impl Store {
         value: &str,
     ) -> Result<Vec<Resource>, StoreError> {
         let resource_type = field.resource_type();
-        let json_path = format!("$.{}", field.json_key());
+        // `+r.generation` keeps SQLite from scanning the generation by its
+        // primary key when the name index can find the few rows at once.
+        let join = if self.indexed() {
+            "+r.generation"
+        } else {
+            "r.generation"
+        };
+        let sql = format!(
+            "SELECT c.kind, r.id, r.display_name, r.parent_id, r.profile
+             FROM current c JOIN resources r ON {join} = c.generation
+             WHERE c.connector = ?1 AND c.kind = ?2 AND lower(json_extract(r.profile, '$.{}')) = lower(?3)
+             ORDER BY r.id",
+            field.json_key()
+        );
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt.query_map(params![connector, kind_of(resource_type).as_str(), value], resource_row)?;
+            collect_resources(rows)
+        })
+    }
+
+    /// Whether the file has the readers' lookup indexes (always, once a
+    /// writer of this version opened it).
+    pub fn indexed(&self) -> bool {
+        self.inner.indexed.load(Ordering::Relaxed)
+    }
+
+    /// Current resources of `connector` with these ids (any kind), sorted by id.
+    pub fn resources_by_ids(&self, connector: &str, ids: &[&str]) -> Result<Vec<Resource>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = serde_json::Value::from(ids.to_vec()).to_string();
         self.read(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT c.kind, r.id, r.display_name, r.parent_id, r.profile
                  FROM current c JOIN resources r ON r.generation = c.generation
-                 WHERE c.connector = ?1 AND c.kind = ?2 AND lower(json_extract(r.profile, ?3)) = lower(?4)
+                 WHERE c.connector = ?1 AND r.id IN (SELECT value FROM json_each(?2)) ORDER BY r.id",
+            )?;
+            let rows = stmt.query_map(params![connector, ids], resource_row)?;
+            collect_resources(rows)
+        })
+    }
+
+    /// Current resources of one type whose parent is one of `workspaces`
+    /// (projects and repositories of the workspaces a user owns), sorted by id.
+    pub fn resources_in_workspaces(
+        &self,
+        connector: &str,
+        resource_type: ResourceType,
+        workspaces: &[&str],
+    ) -> Result<Vec<Resource>, StoreError> {
+        if workspaces.is_empty() {
+            return Ok(Vec::new());
+        }
+        let workspaces = serde_json::Value::from(workspaces.to_vec()).to_string();
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT c.kind, r.id, r.display_name, r.parent_id, r.profile
+                 FROM current c JOIN resources r ON r.generation = c.generation
+                 WHERE c.connector = ?1 AND c.kind = ?2 AND r.parent_id IN (SELECT value FROM json_each(?3))
                  ORDER BY r.id",
             )?;
             let rows = stmt.query_map(
-                params![connector, kind_of(resource_type).as_str(), json_path, value],
+                params![connector, kind_of(resource_type).as_str(), workspaces],
+                resource_row,
+            )?;
+            collect_resources(rows)
+        })
+    }
+
+    /// Current repositories of `connector` in one of `projects` (project
+    /// resource ids), sorted by id.
+    pub fn repositories_of_projects(&self, connector: &str, projects: &[&str]) -> Result<Vec<Resource>, StoreError> {
+        if projects.is_empty() {
+            return Ok(Vec::new());
+        }
+        let projects = serde_json::Value::from(projects.to_vec()).to_string();
+        let join = if self.indexed() {
+            "+r.generation"
+        } else {
+            "r.generation"
+        };
+        let sql = format!(
+            "SELECT c.kind, r.id, r.display_name, r.parent_id, r.profile
+             FROM current c JOIN resources r ON {join} = c.generation
+             WHERE c.connector = ?1 AND c.kind = ?2
+               AND json_extract(r.profile, '$.project_id') IN (SELECT value FROM json_each(?3))
+             ORDER BY r.id"
+        );
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt.query_map(
+                params![connector, SyncKind::Repositories.as_str(), projects],
                 resource_row,
             )?;
             collect_resources(rows)
@@ -1130,6 +1431,23 @@ impl Store {
                 "{HELD_SELECT} WHERE c.connector = ?1 AND g.resource_id = ?2 ORDER BY g.id"
             ))?;
             let rows = stmt.query_map(params![connector, resource_id], held_row)?;
+            collect_held(rows)
+        })
+    }
+
+    /// Current grants of one entitlement slug on one resource (the owners
+    /// of a workspace, the members of a group), sorted by id.
+    pub fn grants_on_with_slug(
+        &self,
+        connector: &str,
+        resource_id: &str,
+        slug: &str,
+    ) -> Result<Vec<HeldGrant>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "{HELD_SELECT} WHERE c.connector = ?1 AND g.resource_id = ?2 AND g.slug = ?3 ORDER BY g.id"
+            ))?;
+            let rows = stmt.query_map(params![connector, resource_id, slug], held_row)?;
             collect_held(rows)
         })
     }

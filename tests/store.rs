@@ -1093,6 +1093,7 @@ fn scoped_commits_replace_only_their_workspaces() {
             &RunOptions {
                 workspaces: Some(vec![WS.into()]),
                 resume: false,
+                ..RunOptions::default()
             },
         )
         .unwrap();
@@ -1112,4 +1113,169 @@ fn scoped_commits_replace_only_their_workspaces() {
     assert!(diff.removed.iter().all(|g| g.id.contains(WS) && !g.id.contains(other)));
     let runs = store.runs("default", 1).unwrap();
     assert_eq!(runs[0].workspaces, Some(vec![WS.to_owned()]));
+}
+
+// ---- issue 14: per-workspace "data as of", staleness by the sync interval ---
+
+/// The acme workspace plus globex, as the workspaces type syncs them.
+fn two_workspaces() -> SyncBatch {
+    let ws = |id: &str, slug: &str| Resource {
+        resource_type: ResourceType::Workspace,
+        id: id.into(),
+        display_name: slug.into(),
+        parent_id: None,
+        profile: Profile::Workspace(WorkspaceProfile {
+            slug: slug.into(),
+            name: slug.into(),
+        }),
+    };
+    SyncBatch {
+        resources: vec![ws(WS, "acme"), ws("{ws-globex}", "globex")],
+        ..Default::default()
+    }
+}
+
+/// Repositories of acme and globex.
+fn repos_of_both() -> SyncBatch {
+    let mut both = repo_batch("a", 2);
+    let mut globex = repo_batch("g", 1);
+    for r in &mut globex.resources {
+        r.id = r.id.replace(WS, "{ws-globex}");
+        r.parent_id = Some("{ws-globex}".into());
+        if let Profile::Repository(p) = &mut r.profile {
+            p.full_name = p.full_name.replace("acme/", "globex/");
+        }
+    }
+    for e in &mut globex.entitlements {
+        e.id = e.id.replace(WS, "{ws-globex}");
+        e.resource_id = e.resource_id.replace(WS, "{ws-globex}");
+    }
+    for g in &mut globex.grants {
+        g.id = g.id.replace(WS, "{ws-globex}");
+        g.entitlement_id = g.entitlement_id.replace(WS, "{ws-globex}");
+    }
+    both.resources.extend(globex.resources);
+    both.entitlements.extend(globex.entitlements);
+    both.grants.extend(globex.grants);
+    both
+}
+
+#[test]
+fn after_a_run_scoped_to_one_workspace_readers_report_data_as_of_per_workspace() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("scoped.db");
+    let store = Store::open(&path).unwrap();
+    sync(&store, "default", SyncKind::Workspaces, &two_workspaces());
+    sync(&store, "default", SyncKind::Repositories, &repos_of_both());
+    std::thread::sleep(Duration::from_millis(1300));
+    let run = store
+        .start_run_with(
+            "default",
+            SyncKind::Repositories,
+            &RunOptions {
+                workspaces: Some(vec![WS.into()]),
+                ..RunOptions::default()
+            },
+        )
+        .unwrap();
+    store.commit_run(run.id, &repo_batch("a", 2), 1).unwrap();
+
+    let fresh = store.freshness("default").unwrap();
+    let repos = fresh.iter().find(|f| f.kind == SyncKind::Repositories).unwrap();
+    let by_slug = |slug: &str| {
+        repos
+            .workspaces
+            .iter()
+            .find(|w| w.slug.as_deref() == Some(slug))
+            .and_then(|w| w.data_as_of)
+            .unwrap()
+    };
+    assert!(by_slug("acme") >= by_slug("globex") + 1300, "{repos:?}");
+    assert_eq!(
+        repos.data_as_of,
+        Some(by_slug("globex")),
+        "the type is as old as its oldest workspace"
+    );
+    let workspaces = fresh.iter().find(|f| f.kind == SyncKind::Workspaces).unwrap();
+    assert!(
+        workspaces.workspaces.is_empty(),
+        "one run read every workspace: one age"
+    );
+    drop(store);
+    let db = path.to_str().unwrap();
+
+    let out = cli(&["--db", db, "resources", "--type", "repository"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("repositories (acme 20") && text.contains(", globex 20"),
+        "{text}"
+    );
+
+    // Staleness goes by the oldest workspace, not by the newest run.
+    let out = cli(&[
+        "--db",
+        db,
+        "--max-age",
+        "1s",
+        "--json",
+        "resources",
+        "--type",
+        "repository",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("repositories data is") && err.contains("per workspace: acme"),
+        "{err}"
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let repos = &doc["data"]["types"][0];
+    assert_eq!(repos["stale"], true, "{repos}");
+    let slugs: Vec<&str> = repos["workspaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["slug"].as_str().unwrap())
+        .collect();
+    assert_eq!(slugs, ["acme", "globex"]);
+}
+
+#[test]
+fn staleness_is_judged_by_the_interval_the_data_was_synced_at() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("interval.db");
+    // Schema v3 records each run's interval (`runs.interval_ms`).
+    let store = Store::open(&path).unwrap();
+    assert!(store.records_intervals());
+    let run = store
+        .start_run_with(
+            "default",
+            SyncKind::Repositories,
+            &RunOptions {
+                interval: Some(Duration::from_secs(1)),
+                ..RunOptions::default()
+            },
+        )
+        .unwrap();
+    store.commit_run(run.id, &repo_batch("a", 2), 1).unwrap();
+    let repos = store
+        .freshness("default")
+        .unwrap()
+        .into_iter()
+        .find(|f| f.kind == SyncKind::Repositories)
+        .unwrap();
+    assert_eq!(repos.interval_ms, Some(1000));
+    drop(store);
+    let db = path.to_str().unwrap();
+    let args = ["--db", db, "resources", "--type", "repository"];
+    let out = cli(&args);
+    assert!(out.stderr.is_empty(), "fresh: {}", String::from_utf8_lossy(&out.stderr));
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = cli(&args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("older than its sync interval 1s allows"), "{err}");
+
+    // Without a recorded interval (`sync` runs), the 24h default applies.
+    let plain = filled_db(dir.path());
+    let out = cli(&["--db", plain.to_str().unwrap(), "resources"]);
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -1060,3 +1060,46 @@ fn a_sync_killed_mid_run_resumes_to_the_same_data_for_about_the_same_requests() 
         clean_store.batch("default", SyncKind::Repositories).unwrap()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outages_beyond_the_tolerance_at_several_points_of_a_run_resume_to_the_same_data() {
+    let sim = start(slow_org()).await;
+    let proxy = proxy::Proxy::start(sim.base_url()).await;
+    // Right at the start (the listing), mid-way, and late in the 120 repositories.
+    for units in [0, 60, 90] {
+        let engine = engine_via(&proxy.url, &sim, Duration::from_secs(2));
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        let scope = engine.connect().await.unwrap();
+        let run = {
+            let (engine, store, scope) = (engine.clone(), Arc::clone(&store), scope.clone());
+            tokio::spawn(
+                async move { run_into_store_with_cost(&engine, &store, "c", SyncKind::Repositories, &scope).await },
+            )
+        };
+        wait_for_units(&engine, SyncKind::Repositories, units).await;
+        proxy.outage(true);
+        let failed = run.await.unwrap();
+        proxy.outage(false);
+        let err = failed
+            .result
+            .expect_err("an outage longer than the tolerance fails the run");
+        assert_eq!(err.class(), FailureClass::Unavailable, "at {units} units: {err}");
+        let report = run_into_store(&engine, &store, "c", SyncKind::Repositories, &scope)
+            .await
+            .unwrap();
+        if units > 0 {
+            assert_eq!(
+                report.resumed_from,
+                Some(store.runs("c", 2).unwrap()[1].id),
+                "at {units} units"
+            );
+            assert!(report.resumed_units >= units, "at {units} units: {report:?}");
+        }
+        assert_eq!(
+            actual(&store, "c", SyncKind::Repositories),
+            expected(&sim.organisation(), SyncKind::Repositories),
+            "at {units} units"
+        );
+    }
+    sim.shutdown().await;
+}

@@ -14,9 +14,11 @@
 //! to run next to an operator that is syncing into the same file.
 //!
 //! Honest about its data: every answer says per resource type when its data
-//! was read ("data as of"); a type the answer needs that was never synced,
-//! or whose data is older than `--max-age`, gets a warning on stderr (and
-//! in `--json`), and a never-synced type makes the exit code 8.
+//! was read ("data as of"), per workspace when scoped runs left workspaces
+//! of different ages; a type the answer needs that was never synced (or
+//! never for some workspace), or whose data is stale ([`max_age_for`]),
+//! gets a warning on stderr (and in `--json`), and a never-synced type
+//! makes the exit code 8.
 //!
 //! Exit codes: 0 answered from complete data; 1 an error (unknown
 //! repository or user, store error); 2 usage error; 7 the store file is
@@ -34,6 +36,7 @@ use super::{AccessEntry, AccessPath, NameIndex, ResourceAccess, ReviewRow, UserA
 use crate::model::{ResourceType, SyncKind};
 use crate::store::{Freshness, GrantDiff, Store, StoreError, SyncRun, format_timestamp};
 use crate::sync::cli::{DEFAULT_DB, EXIT_BAD_STORE, parse_duration};
+use crate::sync::progress_view::human;
 
 /// Exit code of an answer from incomplete data (a needed type never synced).
 pub const EXIT_INCOMPLETE: u8 = 8;
@@ -52,9 +55,11 @@ pub struct AccessArgs {
     /// Print CSV (`resources`, `grants`).
     #[arg(long, global = true)]
     pub csv: bool,
-    /// Data older than this gets a warning (the sync interval you expect): `1h`, `24h`.
-    #[arg(long, default_value = "24h", value_parser = parse_duration, global = true)]
-    pub max_age: Duration,
+    /// Data older than this gets a warning: `1h`, `24h`. Default: per type,
+    /// the interval its data was synced at (an operator's per-type interval)
+    /// plus twice the time its run took, else 24h (`sync` runs).
+    #[arg(long, value_parser = parse_duration, global = true)]
+    pub max_age: Option<Duration>,
     #[command(subcommand)]
     pub query: AccessQuery,
 }
@@ -156,17 +161,63 @@ fn needed_kinds(query: &AccessQuery) -> Vec<SyncKind> {
     }
 }
 
+/// The age past which `sync` data (no recorded interval) gets a warning.
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// How old one type's data may be before it is stale: `--max-age` when
+/// given; else the interval it was synced at, plus a tenth of it for
+/// timers, plus twice the time its run took (the next run starts one
+/// interval after the last one ended, and its data lands when it
+/// finishes); else [`DEFAULT_MAX_AGE`].
+pub fn max_age_for(f: &Freshness, flag: Option<Duration>) -> Duration {
+    if let Some(max_age) = flag {
+        return max_age;
+    }
+    match (f.interval_ms, f.committed_at, f.data_as_of) {
+        (Some(interval), committed, from) => {
+            let run = match (committed, from) {
+                (Some(committed), Some(from)) => Duration::from_millis(u64::try_from(committed - from).unwrap_or(0)),
+                _ => Duration::ZERO,
+            };
+            let interval = Duration::from_millis(interval);
+            interval + interval / 10 + run * 2
+        }
+        _ => DEFAULT_MAX_AGE,
+    }
+}
+
 /// What an answer's data is worth: per needed type, when it was read, and
 /// the warnings that go with it.
 struct DataReport {
     types: Vec<Freshness>,
     warnings: Vec<String>,
     incomplete: bool,
-    max_age: Duration,
+    max_age: Option<Duration>,
+}
+
+fn age_of(now: i64, at: i64) -> Duration {
+    Duration::from_millis(u64::try_from(now - at).unwrap_or(0))
+}
+
+/// `acme 2026-12-01T10:00:00.000Z, globex never synced`.
+fn workspaces_text(f: &Freshness) -> String {
+    f.workspaces
+        .iter()
+        .map(|w| {
+            format!(
+                "{} {}",
+                w.slug.as_deref().unwrap_or(&w.workspace_id),
+                w.data_as_of.map_or_else(|| "never synced".to_owned(), format_timestamp)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl DataReport {
-    fn new(store: &Store, connector: &str, needed: &[SyncKind], max_age: Duration) -> Result<Self, StoreError> {
+    // One warning per way data can fall short (never synced, per workspace,
+    // stale, last run failed), in the order a reader should see them.
+    fn new(store: &Store, connector: &str, needed: &[SyncKind], max_age: Option<Duration>) -> Result<Self, StoreError> {
         let now = jiff::Timestamp::now().as_millisecond();
         let types: Vec<Freshness> = store
             .freshness(connector)?
@@ -176,47 +227,72 @@ impl DataReport {
         let mut warnings = Vec::new();
         let mut incomplete = false;
         for f in &types {
-            match f.data_as_of {
-                None => {
-                    incomplete = true;
-                    let why = match &f.last_run {
-                        Some(run) => format!(
-                            "its last run {} ({})",
-                            run.status,
-                            run.error.as_deref().unwrap_or("no error recorded")
-                        ),
-                        None => "no run yet".to_owned(),
-                    };
-                    warnings.push(format!(
-                        "{} were never synced for connector {connector:?} ({why}): the answer may be missing access",
-                        f.kind
-                    ));
-                }
-                Some(at) => {
-                    let age = Duration::from_millis(u64::try_from(now - at).unwrap_or(0));
-                    if age > max_age {
-                        warnings.push(format!(
-                            "{} data is {} old (as of {}), older than --max-age {}",
-                            f.kind,
-                            crate::sync::progress_view::human(age),
-                            format_timestamp(at),
-                            crate::sync::progress_view::human(max_age)
-                        ));
-                    }
-                    if let Some(run) = f
-                        .last_run
-                        .as_ref()
-                        .filter(|r| r.status.as_str() != "ok" && r.status.as_str() != "running")
-                    {
-                        warnings.push(format!(
-                            "the last {} run {}: {}; showing the data as of {}",
-                            f.kind,
-                            run.status,
-                            run.error.as_deref().unwrap_or("no error recorded"),
-                            format_timestamp(at)
-                        ));
-                    }
-                }
+            let Some(at) = f.data_as_of else {
+                incomplete = true;
+                let why = match &f.last_run {
+                    Some(run) => format!(
+                        "its last run {} ({})",
+                        run.status,
+                        run.error.as_deref().unwrap_or("no error recorded")
+                    ),
+                    None => "no run yet".to_owned(),
+                };
+                warnings.push(format!(
+                    "{} were never synced for connector {connector:?} ({why}): the answer may be missing access",
+                    f.kind
+                ));
+                continue;
+            };
+            let missing: Vec<&str> = f
+                .workspaces
+                .iter()
+                .filter(|w| w.data_as_of.is_none())
+                .map(|w| w.slug.as_deref().unwrap_or(&w.workspace_id))
+                .collect();
+            if !missing.is_empty() {
+                incomplete = true;
+                warnings.push(format!(
+                    "{} were never synced for workspace(s) {}: the answer may be missing access there",
+                    f.kind,
+                    missing.join(", ")
+                ));
+            }
+            let allowed = max_age_for(f, max_age);
+            let age = age_of(now, at);
+            if age > allowed {
+                let rule = match (max_age, f.interval_ms) {
+                    (Some(_), _) => format!("--max-age {}", human(allowed)),
+                    (None, Some(interval)) => format!(
+                        "its sync interval {} allows {}",
+                        human(Duration::from_millis(interval)),
+                        human(allowed)
+                    ),
+                    (None, None) => format!("the default --max-age {}", human(allowed)),
+                };
+                let per_workspace = if f.workspaces.is_empty() {
+                    String::new()
+                } else {
+                    format!("; per workspace: {}", workspaces_text(f))
+                };
+                warnings.push(format!(
+                    "{} data is {} old (as of {}), older than {rule}{per_workspace}",
+                    f.kind,
+                    human(age),
+                    format_timestamp(at),
+                ));
+            }
+            if let Some(run) = f
+                .last_run
+                .as_ref()
+                .filter(|r| r.status.as_str() != "ok" && r.status.as_str() != "running")
+            {
+                warnings.push(format!(
+                    "the last {} run {}: {}; showing the data as of {}",
+                    f.kind,
+                    run.status,
+                    run.error.as_deref().unwrap_or("no error recorded"),
+                    format_timestamp(at)
+                ));
             }
         }
         Ok(DataReport {
@@ -234,12 +310,10 @@ impl DataReport {
         let parts: Vec<String> = self
             .types
             .iter()
-            .map(|f| {
-                format!(
-                    "{} {}",
-                    f.kind,
-                    f.data_as_of.map_or_else(|| "never synced".to_owned(), format_timestamp)
-                )
+            .map(|f| match (f.data_as_of, f.workspaces.is_empty()) {
+                (None, _) => format!("{} never synced", f.kind),
+                (Some(at), true) => format!("{} {}", f.kind, format_timestamp(at)),
+                (Some(_), false) => format!("{} ({})", f.kind, workspaces_text(f)),
             })
             .collect();
         format!("Data as of: {}\n", parts.join(", "))
@@ -251,14 +325,27 @@ impl DataReport {
             .types
             .iter()
             .map(|f| {
-                let age = f
-                    .data_as_of
-                    .map(|at| Duration::from_millis(u64::try_from(now - at).unwrap_or(0)));
+                let allowed = max_age_for(f, self.max_age);
+                let workspaces: Vec<_> = f
+                    .workspaces
+                    .iter()
+                    .map(|w| {
+                        json!({
+                            "id": w.workspace_id,
+                            "slug": w.slug,
+                            "data_as_of": w.data_as_of.map(format_timestamp),
+                            "never_synced": w.data_as_of.is_none(),
+                        })
+                    })
+                    .collect();
                 json!({
                     "type": f.kind,
                     "data_as_of": f.data_as_of.map(format_timestamp),
                     "never_synced": f.data_as_of.is_none(),
-                    "stale": age.is_some_and(|a| a > self.max_age),
+                    "stale": f.data_as_of.is_some_and(|at| age_of(now, at) > allowed),
+                    "max_age_seconds": allowed.as_secs(),
+                    "interval_seconds": f.interval_ms.map(|ms| ms / 1000),
+                    "workspaces": workspaces,
                     "last_run_status": f.last_run.as_ref().map(|r| r.status),
                     "last_error": f.last_run.as_ref().and_then(|r| r.error.clone()),
                 })

@@ -34,7 +34,7 @@ use super::conductorone::reconcile_session;
 use super::loops::{ConfigureError, ConnectorRuntime, EngineSettings, Manager, loop_statuses, runtime_key};
 use super::rotation::{RotationView, reconcile_rotation};
 use super::secret::{SecretRead, read_opted_in};
-use super::status::{self, C1Health, Health, Observation};
+use super::status::{self, C1Health, Health, Observation, ProgressObservation};
 use crate::bitbucket::{DEFAULT_API_URL, Limits};
 use crate::crd::{
     BitbucketConnector, BitbucketConnectorStatus, CONNECTOR_FINALIZER, ConditionStatus, EventReason,
@@ -365,6 +365,7 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
             fingerprint: None,
             handled_reconcile_at: None,
             conductor_one: C1Health::Unobserved,
+            progress: ProgressObservation::idle(),
         });
         ctx.scaffold.write_status(&obj, &pending).await?;
     }
@@ -391,6 +392,10 @@ async fn apply(obj: Arc<BitbucketConnector>, ctx: &Context) -> Result<Action, Re
         fingerprint: pass.fingerprint,
         handled_reconcile_at: if newly_requested { requested } else { None },
         conductor_one: pass.conductor_one,
+        progress: ctx
+            .manager
+            .runtime(&key)
+            .map_or_else(ProgressObservation::idle, |runtime| runtime.progress()),
     });
     pass.rotation.apply_status(&mut new_status, obj.metadata.generation);
     if let Some(switch) = &pass.provisioning {

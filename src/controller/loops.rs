@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::conductorone::Sessions;
-use super::status::LoopStatus;
+use super::status::{LoopStatus, ProgressObservation};
 use crate::bitbucket::{Client, ClientConfig, Limits};
 use crate::crd::BitbucketConnector;
 use crate::egress::{EgressError, EgressPolicy};
@@ -30,7 +30,7 @@ use crate::metrics::Metrics;
 use crate::model::SyncKind;
 use crate::settings::{ConnectorSettings, SecretValues};
 use crate::store::{RunStatus, Store};
-use crate::sync::{SyncEngine, SyncError, discover_and_run_into_store};
+use crate::sync::{ProgressSnapshot, SyncEngine, SyncError, discover_and_run_into_store};
 
 /// What the engine is built from; a change to `api_url` builds a new client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,7 +77,13 @@ pub struct Manager {
     sessions: Sessions,
     /// GetCredentials answers of the credential rotation.
     rotation_cache: super::rotation::DescribeCache,
+    /// While a run is in progress its connector is reconciled this often,
+    /// so `status.progress` moves (see [`Manager::set_progress_period`]).
+    progress_period: Mutex<Duration>,
 }
+
+/// How often a running sync refreshes `status.progress` by default.
+pub const DEFAULT_PROGRESS_PERIOD: Duration = Duration::from_secs(30);
 
 impl Manager {
     pub fn new(store: Arc<Store>, metrics: Arc<Metrics>, egress: Arc<EgressPolicy>) -> Arc<Self> {
@@ -89,7 +95,19 @@ impl Manager {
             triggers: Mutex::default(),
             sessions: Sessions::default(),
             rotation_cache: Default::default(),
+            progress_period: Mutex::new(DEFAULT_PROGRESS_PERIOD),
         })
+    }
+
+    /// How often `status.progress` is refreshed while a run is in progress
+    /// (default 30 s; at least 100 ms). Also the least time between two
+    /// progress-only status writes.
+    pub fn set_progress_period(&self, period: Duration) {
+        *lock(&self.progress_period) = period.max(Duration::from_millis(100));
+    }
+
+    pub fn progress_period(&self) -> Duration {
+        *lock(&self.progress_period)
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -178,15 +196,19 @@ impl Manager {
                 };
                 *lock(&runtime.secret_values) = values;
                 let mut guard = runtime.engine.write().unwrap_or_else(|e| e.into_inner());
+                // Runs in flight keep reporting on the same board.
+                let board = guard.1.progress().clone();
                 if guard.0.api_url != engine.api_url {
                     let client = self.build_client(&engine, settings)?;
-                    *guard = (engine.clone(), SyncEngine::new(client, engine.workspaces.clone()));
+                    let rebuilt = SyncEngine::new(client, engine.workspaces.clone()).with_progress_board(board);
+                    *guard = (engine.clone(), rebuilt);
                 } else {
                     let client = guard.1.client().clone();
                     client.set_credentials(settings.credentials.clone());
                     if guard.0 != engine {
                         client.set_limits(engine.limits);
-                        *guard = (engine.clone(), SyncEngine::new(client, engine.workspaces.clone()));
+                        let rebuilt = SyncEngine::new(client, engine.workspaces.clone()).with_progress_board(board);
+                        *guard = (engine.clone(), rebuilt);
                     }
                 }
                 drop(guard);
@@ -430,6 +452,26 @@ impl ConnectorRuntime {
         statuses
     }
 
+    /// The runs in progress and the budget wait, for `status.progress`.
+    pub fn progress(&self) -> ProgressObservation {
+        let running = lock(&self.running).clone();
+        let engine = self.engine();
+        let board = engine.progress();
+        ProgressObservation {
+            now: Timestamp::now(),
+            min_interval: self
+                .manager
+                .upgrade()
+                .map_or(DEFAULT_PROGRESS_PERIOD, |m| m.progress_period()),
+            // The loop resets a type's counters when its run starts.
+            running: running
+                .into_iter()
+                .map(|kind| board.of(kind).unwrap_or_else(|| ProgressSnapshot::starting(kind)))
+                .collect(),
+            budget_wait: engine.client().budget_wait(),
+        }
+    }
+
     /// Asks for a reconcile of this connector.
     pub(crate) fn notify(&self) {
         if let Some(manager) = self.manager.upgrade() {
@@ -528,13 +570,18 @@ async fn run_loop(
             }
         }
 
+        let engine = runtime.engine().with_interval(Some(period));
+        // Fresh counters before the run shows as running: never the last run's.
+        engine.progress().start(kind);
         lock(&runtime.running).insert(kind);
         runtime.notify();
-        let engine = runtime.engine();
         let clock = Instant::now();
-        let outcome = discover_and_run_into_store(&engine, &store, &runtime.key, kind)
-            .await
-            .map(|_| ());
+        let outcome = with_progress_ticks(
+            &runtime,
+            discover_and_run_into_store(&engine, &store, &runtime.key, kind),
+        )
+        .await
+        .map(|_| ());
         if let Some(metrics) = &metrics {
             metrics.record_sync(kind, outcome.is_ok(), clock.elapsed().as_secs_f64());
         }
@@ -557,6 +604,24 @@ async fn run_loop(
         last_end_instant = Some(Instant::now());
         lock(&runtime.running).remove(&kind);
         runtime.notify();
+    }
+}
+
+/// Awaits `run`, asking for a reconcile of the connector every progress
+/// period meanwhile, so its status shows how far the run got.
+async fn with_progress_ticks<T>(runtime: &ConnectorRuntime, run: impl std::future::Future<Output = T>) -> T {
+    let period = runtime
+        .manager
+        .upgrade()
+        .map_or(DEFAULT_PROGRESS_PERIOD, |m| m.progress_period());
+    let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(run);
+    loop {
+        tokio::select! {
+            out = &mut run => return out,
+            _ = ticks.tick() => runtime.notify(),
+        }
     }
 }
 

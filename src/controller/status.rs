@@ -15,6 +15,13 @@
 //! `state` is the one word for people: `Suspended`, `Error`, `Syncing` (a loop
 //! runs), `Connected` (Ready), or `Pending`.
 //!
+//! `progress` shows each running type's done/total, ETA and budget wait
+//! while runs are in progress and is removed when none is. Its figures are
+//! refreshed only when the set of running types changes or
+//! [`ProgressObservation::min_interval`] (30 s) has passed, so with the
+//! status writer's compare-before-write a long sync costs at most a couple
+//! of writes a minute.
+//!
 //! Each [`Health`] gives a `Verdict` (state, conditions, kstatus) in its own
 //! small function; [`compute`] merges it into the previous status.
 
@@ -27,9 +34,11 @@ use crate::conductorone::{ConnectionReason, SessionStatus};
 use crate::crd::{
     BitbucketConnectorSpec, BitbucketConnectorStatus, ConditionStatus, ConductorOneStatus, ConductorOneTask,
     ConductorOneTaskCounts, ConductorOneUpload, ConnectorState, CredentialStatus, Reason, ResourceStatuses,
-    ResourceSyncStatus, condition_type as ct, new_condition, remove_condition, set_condition,
+    ResourceSyncStatus, SyncProgress, TypeProgress, condition_type as ct, new_condition, remove_condition,
+    set_condition,
 };
 use crate::model::SyncKind;
+use crate::sync::ProgressSnapshot;
 
 /// Where the connector stands, as the reconciler found it.
 #[derive(Debug, Clone, PartialEq)]
@@ -106,6 +115,33 @@ pub struct Observation<'a> {
     /// The Flux `reconcile.fluxcd.io/requestedAt` value handled in this pass.
     pub handled_reconcile_at: Option<String>,
     pub conductor_one: C1Health,
+    /// The sync runs in progress, for `status.progress`.
+    pub progress: ProgressObservation,
+}
+
+/// The runs in progress as the reconciler found them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProgressObservation {
+    pub now: Timestamp,
+    /// Figures of types that keep running are refreshed at most this often
+    /// (a type starting or ending shows at once): bounded status writes.
+    pub min_interval: std::time::Duration,
+    /// One snapshot per type whose run is in progress.
+    pub running: Vec<ProgressSnapshot>,
+    /// Requests wait this long for the hourly budget.
+    pub budget_wait: Option<std::time::Duration>,
+}
+
+impl ProgressObservation {
+    /// No run in progress: `status.progress` is cleared.
+    pub fn idle() -> Self {
+        ProgressObservation {
+            now: Timestamp::now(),
+            min_interval: std::time::Duration::ZERO,
+            running: Vec::new(),
+            budget_wait: None,
+        }
+    }
 }
 
 /// The conditions and state one [`Health`] gives, before kstatus and resources.
@@ -197,7 +233,91 @@ pub fn compute(obs: &Observation<'_>) -> BitbucketConnectorStatus {
         conductor_one,
         // The rotation's part is written by `super::rotation` after this.
         credential_rotation: previous.credential_rotation.clone(),
+        progress: progress(&obs.progress, previous.progress.as_ref()),
     }
+}
+
+/// `status.progress`: absent while nothing runs; otherwise fresh figures
+/// when the set of running types changed or `min_interval` has passed since
+/// the last ones, else the previous figures unchanged (so the status writer,
+/// which compares with its last write, writes nothing).
+fn progress(obs: &ProgressObservation, previous: Option<&SyncProgress>) -> Option<SyncProgress> {
+    if obs.running.is_empty() {
+        return None;
+    }
+    let fresh = sync_progress(obs);
+    if let Some(previous) = previous {
+        let updated = previous.last_update_time.as_ref().map(|t| t.0);
+        let recent = updated.is_some_and(|at| {
+            obs.now.duration_since(at) < jiff::SignedDuration::try_from(obs.min_interval).unwrap_or_default()
+        });
+        if recent && previous.kinds() == fresh.kinds() {
+            return Some(previous.clone());
+        }
+    }
+    Some(fresh)
+}
+
+fn sync_progress(obs: &ProgressObservation) -> SyncProgress {
+    let now = obs.now.round(jiff::Unit::Second).unwrap_or(obs.now);
+    let at = |d: std::time::Duration| {
+        let d = jiff::SignedDuration::try_from(d).unwrap_or_default();
+        now.checked_add(d)
+            .ok()
+            .and_then(|t| t.round(jiff::Unit::Second).ok())
+            .map(Time)
+    };
+    let waiting = obs.budget_wait.filter(|w| *w >= std::time::Duration::from_secs(1));
+    let mut out = SyncProgress {
+        last_update_time: Some(Time(now)),
+        ..SyncProgress::default()
+    };
+    for p in &obs.running {
+        let phase = match (waiting, p.total) {
+            (Some(_), _) => "WaitingForBudget",
+            (None, 0) => "Starting",
+            (None, _) => "Syncing",
+        };
+        *out.get_mut(p.kind) = Some(TypeProgress {
+            phase: phase.to_owned(),
+            done: i64::try_from(p.done).unwrap_or(i64::MAX),
+            total: i64::try_from(p.total).unwrap_or(i64::MAX),
+            resumed: i64::try_from(p.resumed).unwrap_or(i64::MAX),
+            estimated_completion_time: p.eta.and_then(at),
+            waiting_for_budget_until: waiting.and_then(at),
+        });
+    }
+    out.summary = progress_summary(&obs.running, waiting.is_some());
+    out
+}
+
+/// `repositories 1200/5000 (24%), +2 more, waiting for budget`: the type
+/// with the most work left decides when the sync ends, so it leads.
+fn progress_summary(running: &[ProgressSnapshot], waiting: bool) -> String {
+    let Some(lead) = running
+        .iter()
+        .max_by_key(|p| (p.total.saturating_sub(p.done), p.total, std::cmp::Reverse(p.kind)))
+    else {
+        return String::new();
+    };
+    let mut summary = if lead.total == 0 {
+        format!("{} starting", lead.kind)
+    } else {
+        format!(
+            "{} {}/{} ({}%)",
+            lead.kind,
+            lead.done,
+            lead.total,
+            lead.done.saturating_mul(100) / lead.total
+        )
+    };
+    if running.len() > 1 {
+        summary.push_str(&format!(", +{} more", running.len() - 1));
+    }
+    if waiting {
+        summary.push_str(", waiting for budget");
+    }
+    summary
 }
 
 /// Sets or removes `ConductorOneConnected` and gives `status.conductorOne`.
@@ -536,6 +656,7 @@ mod tests {
             fingerprint: None,
             handled_reconcile_at: None,
             conductor_one: C1Health::NotConfigured,
+            progress: ProgressObservation::idle(),
         }
     }
 
@@ -729,5 +850,104 @@ mod tests {
             Some("abc123def456")
         );
         assert_eq!(s.last_handled_reconcile_at.as_deref(), Some("2026-11-29T00:00:00Z"));
+    }
+
+    fn snapshot(kind: SyncKind, done: u64, total: u64, eta_s: Option<u64>) -> ProgressSnapshot {
+        ProgressSnapshot {
+            kind,
+            done,
+            total,
+            resumed: 0,
+            finished: false,
+            elapsed: std::time::Duration::from_secs(10),
+            eta: eta_s.map(std::time::Duration::from_secs),
+        }
+    }
+
+    fn running(at: i64, snapshots: Vec<ProgressSnapshot>) -> ProgressObservation {
+        ProgressObservation {
+            now: Timestamp::from_second(at).unwrap(),
+            min_interval: std::time::Duration::from_secs(30),
+            running: snapshots,
+            budget_wait: None,
+        }
+    }
+
+    #[test]
+    fn progress_shows_each_running_type_and_the_type_with_most_work_left_leads_the_column() {
+        let spec = spec();
+        let mut o = obs(&spec, connected(), BTreeMap::new());
+        o.progress = running(
+            1_000,
+            vec![
+                snapshot(SyncKind::Groups, 1, 2, None),
+                snapshot(SyncKind::Repositories, 1200, 5000, Some(600)),
+            ],
+        );
+        let s = compute(&o);
+        let p = s.progress.as_ref().expect("progress while runs are in progress");
+        assert_eq!(p.summary, "repositories 1200/5000 (24%), +1 more");
+        let repos = p.repositories.as_ref().unwrap();
+        assert_eq!((repos.phase.as_str(), repos.done, repos.total), ("Syncing", 1200, 5000));
+        assert_eq!(
+            repos.estimated_completion_time,
+            Some(Time(Timestamp::from_second(1_600).unwrap()))
+        );
+        assert!(p.groups.is_some() && p.accounts.is_none());
+
+        o.progress.budget_wait = Some(std::time::Duration::from_secs(90));
+        o.progress.running = vec![snapshot(SyncKind::Projects, 0, 0, None)];
+        let s = compute(&o);
+        let p = s.progress.unwrap();
+        assert_eq!(p.summary, "projects starting, waiting for budget");
+        let projects = p.projects.unwrap();
+        assert_eq!(projects.phase, "WaitingForBudget");
+        assert_eq!(
+            projects.waiting_for_budget_until,
+            Some(Time(Timestamp::from_second(1_090).unwrap()))
+        );
+    }
+
+    #[test]
+    fn progress_figures_refresh_at_most_every_interval_and_clear_when_runs_end() {
+        let spec = spec();
+        let mut o = obs(&spec, connected(), BTreeMap::new());
+        o.progress = running(1_000, vec![snapshot(SyncKind::Repositories, 10, 100, Some(90))]);
+        let first = compute(&o);
+
+        // 20 s later, more done: the figures stay, so nothing is written.
+        o.previous = Some(&first);
+        o.progress = running(1_020, vec![snapshot(SyncKind::Repositories, 40, 100, Some(30))]);
+        let second = compute(&o);
+        assert_eq!(second, first, "no status change inside the interval");
+
+        // A type starting shows at once.
+        o.progress.running.push(snapshot(SyncKind::Groups, 0, 0, None));
+        let third = compute(&o);
+        assert_eq!(
+            third.progress.as_ref().unwrap().kinds(),
+            [SyncKind::Groups, SyncKind::Repositories]
+        );
+        assert_eq!(third.progress.as_ref().unwrap().repositories.as_ref().unwrap().done, 40);
+
+        // Past the interval: fresh figures.
+        o.previous = Some(&third);
+        o.progress = running(
+            1_051,
+            vec![
+                snapshot(SyncKind::Repositories, 70, 100, Some(10)),
+                snapshot(SyncKind::Groups, 2, 2, None),
+            ],
+        );
+        let fourth = compute(&o);
+        assert_eq!(
+            fourth.progress.as_ref().unwrap().repositories.as_ref().unwrap().done,
+            70
+        );
+
+        // Nothing runs: progress is cleared.
+        o.previous = Some(&fourth);
+        o.progress = ProgressObservation::idle();
+        assert_eq!(compute(&o).progress, None);
     }
 }

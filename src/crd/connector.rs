@@ -60,6 +60,12 @@ fn default_max_in_flight() -> u32 {
         json_path = ".status.lastSyncTime",
         description = "End of the last successful sync"
     ),
+    printcolumn(
+        name = "Progress",
+        type_ = "string",
+        json_path = ".status.progress.summary",
+        description = "The sync run with the most work left: type done/total (percent), and how many more run"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -509,6 +515,9 @@ pub struct BitbucketConnectorStatus {
     /// The ConductorOne credential rotation (only with spec.credentialRotation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_rotation: Option<CredentialRotationStatus>,
+    /// Live progress of the sync runs in progress; absent while none runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<SyncProgress>,
 }
 
 /// What the ConductorOne session did last. Never holds a secret.
@@ -653,6 +662,93 @@ pub struct CredentialStatus {
     /// When the operator last saw the credentials change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_changed: Option<Time>,
+}
+
+/// Progress of the sync runs in progress. Figures are refreshed at most
+/// every 30 seconds (a type starting or ending shows at once), so a long sync
+/// does not turn into a stream of status writes.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncProgress {
+    /// One line for `kubectl get` (the Progress column): the running type
+    /// with the most work left, as `repositories 1200/5000 (24%)`, then
+    /// `+N more` when other types run too and `waiting for budget` while the
+    /// hourly request budget is spent.
+    pub summary: String,
+    /// When these figures were taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_update_time: Option<Time>,
+    /// User accounts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accounts: Option<TypeProgress>,
+    /// Workspaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspaces: Option<TypeProgress>,
+    /// User groups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<TypeProgress>,
+    /// Projects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projects: Option<TypeProgress>,
+    /// Repositories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repositories: Option<TypeProgress>,
+}
+
+impl SyncProgress {
+    /// The progress slot of one resource type.
+    pub fn get_mut(&mut self, t: SyncKind) -> &mut Option<TypeProgress> {
+        match t {
+            SyncKind::Accounts => &mut self.accounts,
+            SyncKind::Workspaces => &mut self.workspaces,
+            SyncKind::Groups => &mut self.groups,
+            SyncKind::Projects => &mut self.projects,
+            SyncKind::Repositories => &mut self.repositories,
+        }
+    }
+
+    /// The progress of one resource type, if it runs.
+    pub fn get(&self, t: SyncKind) -> Option<&TypeProgress> {
+        match t {
+            SyncKind::Accounts => self.accounts.as_ref(),
+            SyncKind::Workspaces => self.workspaces.as_ref(),
+            SyncKind::Groups => self.groups.as_ref(),
+            SyncKind::Projects => self.projects.as_ref(),
+            SyncKind::Repositories => self.repositories.as_ref(),
+        }
+    }
+
+    /// The types with a run in progress, in type order.
+    pub fn kinds(&self) -> Vec<SyncKind> {
+        SyncKind::ALL.into_iter().filter(|k| self.get(*k).is_some()).collect()
+    }
+}
+
+/// Progress of one resource type's run.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TypeProgress {
+    /// Starting (finding its work: workspaces, listings), Syncing, or
+    /// WaitingForBudget (the hourly request budget is spent).
+    pub phase: String,
+    /// Units of work done: per workspace for accounts, workspaces and
+    /// groups; per project or repository (its permissions) for the others.
+    pub done: i64,
+    /// Units known so far; grows while listings are read.
+    pub total: i64,
+    /// Units taken over from an interrupted run instead of read again.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub resumed: i64,
+    /// When the run should end, at the pace of the units done so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_completion_time: Option<Time>,
+    /// Requests wait for the hourly budget until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for_budget_until: Option<Time>,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 impl BitbucketConnectorSpec {

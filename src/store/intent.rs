@@ -61,6 +61,8 @@ CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+-- The sync interval a run was started with: readers judge staleness by it.
+ALTER TABLE runs ADD COLUMN interval_ms INTEGER;
 "#;
 
 /// The Bitbucket write an intent announces.

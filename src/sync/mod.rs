@@ -64,6 +64,9 @@ pub struct SyncEngine {
     scope_only: bool,
     /// Live progress of every type this engine (and its scoped clones) syncs.
     progress: ProgressBoard,
+    /// The interval runs are repeated at, recorded with each run (readers
+    /// judge staleness by it); `None` for one-off `sync` runs.
+    interval: Option<std::time::Duration>,
 }
 
 impl SyncEngine {
@@ -75,6 +78,7 @@ impl SyncEngine {
             concurrency,
             scope_only: false,
             progress: ProgressBoard::default(),
+            interval: None,
         }
     }
 
@@ -85,6 +89,21 @@ impl SyncEngine {
     /// connector's workspace list shrinks).
     pub fn replacing_only_scope(mut self, yes: bool) -> Self {
         self.scope_only = yes;
+        self
+    }
+
+    /// Runs of this engine are repeated every `interval` (the operator's
+    /// per-type interval): recorded with each run for readers.
+    pub fn with_interval(mut self, interval: Option<std::time::Duration>) -> Self {
+        self.interval = interval;
+        self
+    }
+
+    /// Reports progress on `board` instead of a board of its own, so that
+    /// whoever watches it (the operator's status) keeps seeing runs across a
+    /// rebuilt engine.
+    pub fn with_progress_board(mut self, board: ProgressBoard) -> Self {
+        self.progress = board;
         self
     }
 
@@ -170,18 +189,20 @@ impl SyncEngine {
             checkpoints,
             progress: &progress,
         };
-        let mut batch = match kind {
-            SyncKind::Accounts => syncers::accounts(&ctx).await?,
-            SyncKind::Workspaces => syncers::workspaces(&ctx).await?,
-            SyncKind::Groups => syncers::groups(&ctx).await?,
-            SyncKind::Projects => syncers::projects(&ctx).await?,
-            SyncKind::Repositories => syncers::repositories(&ctx).await?,
+        let result = match kind {
+            SyncKind::Accounts => syncers::accounts(&ctx).await,
+            SyncKind::Workspaces => syncers::workspaces(&ctx).await,
+            SyncKind::Groups => syncers::groups(&ctx).await,
+            SyncKind::Projects => syncers::projects(&ctx).await,
+            SyncKind::Repositories => syncers::repositories(&ctx).await,
         };
+        // Finished either way: a failed type must not show as still running.
+        progress.finish();
+        let mut batch = result?;
         batch.resources.sort_by(|a, b| a.id.cmp(&b.id));
         batch.entitlements.sort_by(|a, b| a.id.cmp(&b.id));
         batch.grants.sort_by(|a, b| a.id.cmp(&b.id));
         batch.grants.dedup_by(|a, b| a.id == b.id);
-        progress.finish();
         Ok(batch)
     }
 

@@ -46,6 +46,21 @@ pub struct ProgressSnapshot {
     pub eta: Option<Duration>,
 }
 
+impl ProgressSnapshot {
+    /// A run that has not started its work yet: nothing known, nothing done.
+    pub fn starting(kind: SyncKind) -> Self {
+        ProgressSnapshot {
+            kind,
+            done: 0,
+            total: 0,
+            resumed: 0,
+            finished: false,
+            elapsed: Duration::ZERO,
+            eta: None,
+        }
+    }
+}
+
 impl ProgressBoard {
     /// The counters of `kind`, reset for a new run.
     pub fn start(&self, kind: SyncKind) -> Arc<KindProgress> {

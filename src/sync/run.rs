@@ -111,6 +111,7 @@ async fn run(
             _ => None,
         },
         resume: true,
+        interval: engine.interval,
     };
     let started = match blocking(store, {
         let connector = connector.to_owned();
