@@ -496,3 +496,29 @@ async fn the_cli_exits_9_when_conductorone_refuses_the_caller() {
     );
     assert_eq!(fake.active_credentials(), vec![fake.initial_credential_id()]);
 }
+
+#[tokio::test]
+async fn the_cli_refuses_an_unreadable_ca_bundle_before_calling_conductorone() {
+    let fake = FakeC1::start(FakeOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-ca.pem");
+    let output = tokio::task::spawn_blocking({
+        let mut cmd = bin(&fake, dir.path());
+        cmd.env("BATON_C1_CA_FILE", &missing);
+        move || cmd.output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot read") && stderr.contains("no-such-ca.pem"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&fake.client_secret), "no secret in the error");
+    assert!(
+        fake.recorded().rest_calls.is_empty(),
+        "nothing was asked of ConductorOne"
+    );
+    assert_eq!(fake.active_credentials(), vec![fake.initial_credential_id()]);
+}

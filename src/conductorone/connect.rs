@@ -113,15 +113,9 @@ pub async fn run(args: ConnectArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(7));
         }
     };
-    let extra_ca_pem = match &args.c1_ca_file {
-        Some(path) => match std::fs::read(path) {
-            Ok(pem) => Some(pem),
-            Err(err) => {
-                eprintln!("error: cannot read {}: {err}", path.display());
-                return Ok(ExitCode::from(2));
-            }
-        },
-        None => None,
+    let extra_ca_pem = match read_extra_ca(args.c1_ca_file.as_deref()) {
+        Ok(pem) => pem,
+        Err(code) => return Ok(code),
     };
     let workspaces = if args.workspaces.is_empty() {
         settings.workspaces.clone()
@@ -196,6 +190,16 @@ pub async fn run(args: ConnectArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(2))
         }
     }
+}
+
+/// The `--c1-ca-file` bundle, read once for the CLI commands that talk to
+/// ConductorOne; an unreadable file is a usage error (exit 2), said on stderr.
+pub(super) fn read_extra_ca(path: Option<&std::path::Path>) -> Result<Option<Vec<u8>>, ExitCode> {
+    let Some(path) = path else { return Ok(None) };
+    std::fs::read(path).map(Some).map_err(|err| {
+        eprintln!("error: cannot read {}: {err}", path.display());
+        ExitCode::from(2)
+    })
 }
 
 fn session_host(args: &ConnectArgs, client_id: &str) -> String {

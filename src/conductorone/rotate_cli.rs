@@ -117,15 +117,9 @@ pub async fn run(args: RotateArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(7));
         }
     };
-    let extra_ca_pem = match &args.c1_ca_file {
-        Some(path) => match std::fs::read(path) {
-            Ok(pem) => Some(pem),
-            Err(err) => {
-                eprintln!("error: cannot read {}: {err}", path.display());
-                return Ok(ExitCode::from(2));
-            }
-        },
-        None => None,
+    let extra_ca_pem = match super::connect::read_extra_ca(args.c1_ca_file.as_deref()) {
+        Ok(pem) => pem,
+        Err(code) => return Ok(code),
     };
     let caller = match (args.api_key_client_id, args.api_key_client_secret) {
         (Some(id), Some(secret)) => Caller::ApiKey(Pair::new(id.trim(), secret.trim())),
