@@ -251,7 +251,7 @@ fn progress(obs: &ProgressObservation, previous: Option<&SyncProgress>) -> Optio
         let recent = updated.is_some_and(|at| {
             obs.now.duration_since(at) < jiff::SignedDuration::try_from(obs.min_interval).unwrap_or_default()
         });
-        if recent && previous.kinds() == fresh.kinds() {
+        if recent && previous.types.kinds() == fresh.types.kinds() {
             return Some(previous.clone());
         }
     }
@@ -278,7 +278,7 @@ fn sync_progress(obs: &ProgressObservation) -> SyncProgress {
             (None, 0) => "Starting",
             (None, _) => "Syncing",
         };
-        *out.get_mut(p.kind) = Some(TypeProgress {
+        *out.types.get_mut(p.kind) = Some(TypeProgress {
             phase: phase.to_owned(),
             done: i64::try_from(p.done).unwrap_or(i64::MAX),
             total: i64::try_from(p.total).unwrap_or(i64::MAX),
@@ -543,7 +543,11 @@ fn resources(mut resources: ResourceStatuses, loops: &BTreeMap<SyncKind, LoopSta
             None
         };
     }
-    if is_empty(&resources) { None } else { Some(resources) }
+    if resources.kinds().is_empty() {
+        None
+    } else {
+        Some(resources)
+    }
 }
 
 fn resource_status(l: &LoopStatus) -> ResourceSyncStatus {
@@ -556,10 +560,6 @@ fn resource_status(l: &LoopStatus) -> ResourceSyncStatus {
         last_error: l.last_error.clone(),
         last_success: l.last_success.map(Time),
     }
-}
-
-fn is_empty(r: &ResourceStatuses) -> bool {
-    SyncKind::ALL.iter().all(|k| r.get(*k).is_none())
 }
 
 fn condition_order(type_: &str) -> usize {
@@ -887,20 +887,20 @@ mod tests {
         let s = compute(&o);
         let p = s.progress.as_ref().expect("progress while runs are in progress");
         assert_eq!(p.summary, "repositories 1200/5000 (24%), +1 more");
-        let repos = p.repositories.as_ref().unwrap();
+        let repos = p.types.repositories.as_ref().unwrap();
         assert_eq!((repos.phase.as_str(), repos.done, repos.total), ("Syncing", 1200, 5000));
         assert_eq!(
             repos.estimated_completion_time,
             Some(Time(Timestamp::from_second(1_600).unwrap()))
         );
-        assert!(p.groups.is_some() && p.accounts.is_none());
+        assert!(p.types.groups.is_some() && p.types.accounts.is_none());
 
         o.progress.budget_wait = Some(std::time::Duration::from_secs(90));
         o.progress.running = vec![snapshot(SyncKind::Projects, 0, 0, None)];
         let s = compute(&o);
         let p = s.progress.unwrap();
         assert_eq!(p.summary, "projects starting, waiting for budget");
-        let projects = p.projects.unwrap();
+        let projects = p.types.projects.unwrap();
         assert_eq!(projects.phase, "WaitingForBudget");
         assert_eq!(
             projects.waiting_for_budget_until,
@@ -925,10 +925,21 @@ mod tests {
         o.progress.running.push(snapshot(SyncKind::Groups, 0, 0, None));
         let third = compute(&o);
         assert_eq!(
-            third.progress.as_ref().unwrap().kinds(),
+            third.progress.as_ref().unwrap().types.kinds(),
             [SyncKind::Groups, SyncKind::Repositories]
         );
-        assert_eq!(third.progress.as_ref().unwrap().repositories.as_ref().unwrap().done, 40);
+        assert_eq!(
+            third
+                .progress
+                .as_ref()
+                .unwrap()
+                .types
+                .repositories
+                .as_ref()
+                .unwrap()
+                .done,
+            40
+        );
 
         // Past the interval: fresh figures.
         o.previous = Some(&third);
@@ -941,7 +952,15 @@ mod tests {
         );
         let fourth = compute(&o);
         assert_eq!(
-            fourth.progress.as_ref().unwrap().repositories.as_ref().unwrap().done,
+            fourth
+                .progress
+                .as_ref()
+                .unwrap()
+                .types
+                .repositories
+                .as_ref()
+                .unwrap()
+                .done,
             70
         );
 

@@ -580,30 +580,43 @@ pub struct ConductorOneTaskCounts {
     pub failed: i64,
 }
 
-/// Sync status of each resource type.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+/// One optional entry per resource type: the shape `status.resources` and
+/// `status.progress` share, indexed by [`SyncKind`].
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct ResourceStatuses {
+pub struct PerKind<T> {
     /// User accounts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub accounts: Option<ResourceSyncStatus>,
+    pub accounts: Option<T>,
     /// Workspaces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub workspaces: Option<ResourceSyncStatus>,
+    pub workspaces: Option<T>,
     /// User groups.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub groups: Option<ResourceSyncStatus>,
+    pub groups: Option<T>,
     /// Projects.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub projects: Option<ResourceSyncStatus>,
+    pub projects: Option<T>,
     /// Repositories.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub repositories: Option<ResourceSyncStatus>,
+    pub repositories: Option<T>,
 }
 
-impl ResourceStatuses {
-    /// The status slot of one resource type.
-    pub fn get_mut(&mut self, t: SyncKind) -> &mut Option<ResourceSyncStatus> {
+impl<T> Default for PerKind<T> {
+    fn default() -> Self {
+        PerKind {
+            accounts: None,
+            workspaces: None,
+            groups: None,
+            projects: None,
+            repositories: None,
+        }
+    }
+}
+
+impl<T> PerKind<T> {
+    /// The slot of one resource type.
+    pub fn get_mut(&mut self, t: SyncKind) -> &mut Option<T> {
         match t {
             SyncKind::Accounts => &mut self.accounts,
             SyncKind::Workspaces => &mut self.workspaces,
@@ -612,8 +625,9 @@ impl ResourceStatuses {
             SyncKind::Repositories => &mut self.repositories,
         }
     }
-    /// The status of one resource type.
-    pub fn get(&self, t: SyncKind) -> Option<&ResourceSyncStatus> {
+
+    /// The entry of one resource type, if any.
+    pub fn get(&self, t: SyncKind) -> Option<&T> {
         match t {
             SyncKind::Accounts => self.accounts.as_ref(),
             SyncKind::Workspaces => self.workspaces.as_ref(),
@@ -622,7 +636,15 @@ impl ResourceStatuses {
             SyncKind::Repositories => self.repositories.as_ref(),
         }
     }
+
+    /// The types with an entry, in type order.
+    pub fn kinds(&self) -> Vec<SyncKind> {
+        SyncKind::ALL.into_iter().filter(|k| self.get(*k).is_some()).collect()
+    }
 }
+
+/// Sync status of each resource type.
+pub type ResourceStatuses = PerKind<ResourceSyncStatus>;
 
 /// Sync status of one resource type.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
@@ -678,50 +700,9 @@ pub struct SyncProgress {
     /// When these figures were taken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_update_time: Option<Time>,
-    /// User accounts.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub accounts: Option<TypeProgress>,
-    /// Workspaces.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub workspaces: Option<TypeProgress>,
-    /// User groups.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub groups: Option<TypeProgress>,
-    /// Projects.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub projects: Option<TypeProgress>,
-    /// Repositories.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub repositories: Option<TypeProgress>,
-}
-
-impl SyncProgress {
-    /// The progress slot of one resource type.
-    pub fn get_mut(&mut self, t: SyncKind) -> &mut Option<TypeProgress> {
-        match t {
-            SyncKind::Accounts => &mut self.accounts,
-            SyncKind::Workspaces => &mut self.workspaces,
-            SyncKind::Groups => &mut self.groups,
-            SyncKind::Projects => &mut self.projects,
-            SyncKind::Repositories => &mut self.repositories,
-        }
-    }
-
-    /// The progress of one resource type, if it runs.
-    pub fn get(&self, t: SyncKind) -> Option<&TypeProgress> {
-        match t {
-            SyncKind::Accounts => self.accounts.as_ref(),
-            SyncKind::Workspaces => self.workspaces.as_ref(),
-            SyncKind::Groups => self.groups.as_ref(),
-            SyncKind::Projects => self.projects.as_ref(),
-            SyncKind::Repositories => self.repositories.as_ref(),
-        }
-    }
-
-    /// The types with a run in progress, in type order.
-    pub fn kinds(&self) -> Vec<SyncKind> {
-        SyncKind::ALL.into_iter().filter(|k| self.get(*k).is_some()).collect()
-    }
+    /// Progress per running type.
+    #[serde(flatten)]
+    pub types: PerKind<TypeProgress>,
 }
 
 /// Progress of one resource type's run.
