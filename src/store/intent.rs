@@ -376,8 +376,8 @@ mod tests {
         let path = dir.path().join("v2.db");
         {
             let conn = rusqlite::Connection::open(&path).unwrap();
-            conn.execute_batch(super::super::MIGRATIONS[0]).unwrap();
-            conn.execute_batch(super::super::MIGRATIONS[1]).unwrap();
+            conn.execute_batch(super::super::schema::MIGRATIONS[0]).unwrap();
+            conn.execute_batch(super::super::schema::MIGRATIONS[1]).unwrap();
             conn.pragma_update(None, "application_id", super::super::APPLICATION_ID)
                 .unwrap();
             conn.pragma_update(None, "user_version", 2).unwrap();
