@@ -14,73 +14,31 @@ use std::time::Duration;
 
 use bitbucket_operator::bitbucket::{Client, ClientConfig, Credentials};
 use bitbucket_operator::controller::{Operator, wait_for};
-use bitbucket_operator::egress::{EgressArgs, EgressPolicy};
 use bitbucket_operator::metrics::Metrics;
-use bitbucket_operator::provision::{
-    AccessRequest, GrantMode, Permission, PrincipalRef, Provisioner, TargetRef, parse_level,
-};
+use bitbucket_operator::provision::{AccessRequest, Permission, PrincipalRef, Provisioner, TargetRef};
 use bitbucket_operator::simulator::{Organisation, SimConfig, Simulator, SimulatorHandle};
 use bitbucket_operator::store::Store;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use support::fake_kube::FakeKube;
+use support::grant_env::{
+    API, CONNECTOR, GRANT, bitbucket_client, events_about, explicit_level, fake_api_with_connector, in_secs, set_level,
+    start_simulator, wait_connector_ready,
+};
+use support::running_operator::{RunningOperator, allow_only};
+use support::status::condition;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
-const API: &str = "connectors.dev/v1alpha1";
-const GRANT: &str = "BitbucketAccessGrant";
-const CONNECTOR: &str = "BitbucketConnector";
 const NS: &str = "default";
 const WAIT: Duration = Duration::from_secs(30);
 
 // ---- fixtures -----------------------------------------------------------------
 
-/// A running operator; dropping the sender stops it.
-struct Running {
-    stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
-    metrics: Arc<Metrics>,
-}
-
-impl Running {
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("operator stops")
-            .unwrap();
-    }
-}
-
 /// The operator, allowed to send credentials to `api_url` only (the
 /// simulator on loopback must be listed, as an administrator would).
-fn start_operator(fake: &FakeKube, store: &Arc<Store>, api_url: &str) -> Running {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let metrics = Arc::new(Metrics::default());
-    let operator = Operator::new(
-        fake.client(),
-        Arc::clone(store),
-        Arc::clone(&metrics),
-        vec![],
-        allow(api_url),
-    );
-    let (stop, rx) = watch::channel(false);
-    let task = tokio::spawn(async move { operator.run_controllers(wait_for(rx)).await });
-    Running { stop, task, metrics }
-}
-
-/// An allow-list of exactly `api_url`.
-fn allow(api_url: &str) -> EgressPolicy {
-    EgressArgs {
-        allowed_api_urls: vec![api_url.to_owned()],
-        ..EgressArgs::default()
-    }
-    .policy()
-    .expect("a valid allow-list")
+fn start_operator(fake: &FakeKube, store: &Arc<Store>, api_url: &str) -> RunningOperator {
+    RunningOperator::spawn(support::grant_env::operator(fake, Arc::clone(store), api_url), WAIT)
 }
 
 /// Names in workspace 0: a plain member, a user of no workspace 0 membership,
@@ -120,58 +78,22 @@ struct Env {
 }
 
 /// Fake API + simulator (its own seed, so its own rate-limit budget) + a
-/// Secret and a connector; with `operator`, the operator runs and the
-/// connector is Ready.
-async fn env(seed: u64, provisioning: bool) -> (Env, Running) {
-    let sim = Simulator::start(
-        SimConfig {
-            seed,
-            ..SimConfig::default()
-        },
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-    )
-    .await
-    .unwrap();
-    let fake = FakeKube::start().await;
-    let creds = sim.credentials().clone();
-    let secrets: Api<Secret> = Api::namespaced(fake.client(), NS);
-    let secret: Secret = serde_json::from_value(json!({
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": "bitbucket-credentials", "namespace": NS,
-                     "labels": {"connectors.dev/bitbucket-credentials": "true"}},
-        "stringData": {
-            "BATON_USERNAME": creds.email,
-            "BATON_APP_PASSWORD": creds.api_token,
-            "BATON_PROVISIONING": if provisioning { "true" } else { "false" },
-        },
-    }))
-    .unwrap();
-    secrets.create(&PostParams::default(), &secret).await.unwrap();
-    fake.put(json!({
-        "apiVersion": API,
-        "kind": CONNECTOR,
-        "metadata": {"name": "bb", "namespace": NS},
-        "spec": {
-            "secretRef": {"name": "bitbucket-credentials"},
-            "apiUrl": sim.base_url(),
-            "rateLimit": {"requestsPerHour": 100000, "maxInFlight": 8},
-            // These tests are about the grant lifecycle: a policy that allows
-            // every level, without an end (tests/grant_policy.rs tests the rules).
-            "provisioning": {
-                "requireDuration": false,
-                "allowedPermissions": ["member", "read", "write", "create-repo", "admin"],
-            },
-        },
-    }));
+/// Secret and a connector; the operator runs and the connector is Ready.
+async fn env(seed: u64, provisioning: bool) -> (Env, RunningOperator) {
+    let sim = start_simulator(seed).await;
+    // These tests are about the grant lifecycle: a policy that allows
+    // every level, without an end (tests/grant_policy.rs tests the rules).
+    let spec = json!({"provisioning": {
+        "requireDuration": false,
+        "allowedPermissions": ["member", "read", "write", "create-repo", "admin"],
+    }});
+    let switch = if provisioning { "true" } else { "false" };
+    let fake = fake_api_with_connector(&sim, NS, Some(switch), spec).await;
     let store = Arc::new(Store::open_in_memory().unwrap());
     let running = start_operator(&fake, &store, &sim.base_url());
-    fake.wait_for(API, CONNECTOR, Some(NS), "bb", Duration::from_secs(60), |c| {
-        condition(c, "Ready").is_some_and(|r| r["status"] == "True")
-    })
-    .await;
+    wait_connector_ready(&fake, NS, "bb", Duration::from_secs(60)).await;
     let n = names(&sim.organisation());
-    let bitbucket = client(&sim);
+    let bitbucket = bitbucket_client(&sim);
     (
         Env {
             fake,
@@ -182,25 +104,6 @@ async fn env(seed: u64, provisioning: bool) -> (Env, Running) {
         },
         running,
     )
-}
-
-fn client(sim: &SimulatorHandle) -> Client {
-    let creds = sim.credentials();
-    Client::new(
-        ClientConfig::new(&sim.base_url()).unwrap(),
-        Credentials::ApiToken {
-            username: creds.email.clone(),
-            token: creds.api_token.clone(),
-        },
-    )
-    .unwrap()
-}
-
-fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
-    obj["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
 }
 
 fn grant_json(name: &str, user: &str, repo: &str, ws: &str, permission: &str, extra: Value) -> Value {
@@ -257,13 +160,7 @@ impl Env {
 
     /// Ground truth: a user's (by UUID) explicit level on the repository.
     fn truth_of(&self, uuid: &str) -> Option<String> {
-        let org = self.sim.organisation();
-        let ws = org.workspaces.iter().find(|w| w.slug == self.n.ws).unwrap();
-        let repo = ws.repositories.iter().find(|r| r.slug == self.n.repo).unwrap();
-        repo.user_permissions
-            .iter()
-            .find(|p| p.principal == uuid)
-            .map(|p| p.permission.clone())
+        explicit_level(&self.sim, &self.n.ws, &self.n.repo, uuid)
     }
 
     /// Sets the user's explicit level on the repository (`None`: removes it),
@@ -274,26 +171,7 @@ impl Env {
 
     /// Sets a user's (by UUID) explicit level on the repository.
     async fn set_level_of(&self, uuid: &str, level: Option<&str>) {
-        let provisioner = Provisioner::new(self.bitbucket.clone(), true);
-        let request = |permission| {
-            AccessRequest::new(
-                self.n.ws.clone(),
-                PrincipalRef::User(uuid.to_owned()),
-                TargetRef::Repository(self.n.repo.clone()),
-                permission,
-            )
-        };
-        match level.map(|l| parse_level(l).unwrap().unwrap()) {
-            Some(permission) => {
-                provisioner.grant(&request(permission), GrantMode::Exact).await.unwrap();
-            }
-            None => {
-                let held = provisioner.inspect(&request(Permission::Read)).await.unwrap().level;
-                if let Some(held) = held {
-                    provisioner.revoke(&request(held)).await.unwrap();
-                }
-            }
-        }
+        set_level(&self.bitbucket, &self.n.ws, uuid, &self.n.repo, level).await;
         assert_eq!(self.truth_of(uuid).as_deref(), level);
     }
 
@@ -318,42 +196,17 @@ impl Env {
 
     /// Events (reason, note) about one grant.
     fn events_of(&self, name: &str) -> Vec<(String, String)> {
-        self.fake
-            .events()
+        events_about(&self.fake, GRANT, name)
             .into_iter()
-            .filter(|e| e["regarding"]["name"] == name && e["regarding"]["kind"] == GRANT)
-            .map(|e| {
-                (
-                    e["reason"].as_str().unwrap_or_default().to_owned(),
-                    e["note"].as_str().unwrap_or_default().to_owned(),
-                )
-            })
+            .map(|(_, reason, note)| (reason, note))
             .collect()
     }
 
     async fn wait_event(&self, name: &str, reason: &str) -> String {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Some((_, note)) = self.events_of(name).into_iter().find(|(r, _)| r == reason) {
-                return note;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no {reason} event for {name}; events: {:?}",
-                self.events_of(name)
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        support::grant_env::wait_event(&self.fake, GRANT, name, reason, WAIT)
+            .await
+            .1
     }
-}
-
-fn in_secs(secs: i64) -> String {
-    jiff::Timestamp::now()
-        .checked_add(jiff::SignedDuration::from_secs(secs))
-        .unwrap()
-        .round(jiff::Unit::Second)
-        .unwrap()
-        .to_string()
 }
 
 // ---- tests -----------------------------------------------------------------------
@@ -425,7 +278,7 @@ async fn grant_lands_in_bitbucket_and_deletion_restores_the_previous_level() {
     let note = e.wait_event("jdoe-write", "Revoked").await;
     assert!(note.contains("restored the previous level read"), "{note}");
     // Grant reconciles are timed and counted under their own label.
-    let metrics = op.metrics.encode();
+    let metrics = op.operator.metrics.encode();
     for series in [
         "bitbucket_operator_reconciles_total{controller=\"grant\",result=\"ok\"}",
         "bitbucket_operator_reconcile_duration_seconds_count{controller=\"grant\"}",
@@ -940,7 +793,7 @@ async fn real_cluster_grant_lifecycle() {
         store,
         Arc::new(Metrics::default()),
         vec![ns.clone()],
-        allow(&api_url),
+        allow_only(&api_url),
     );
     let (stop, rx) = watch::channel(false);
     let task = tokio::spawn(async move { operator.run_controllers(wait_for(rx)).await });

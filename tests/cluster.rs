@@ -20,63 +20,23 @@
 pub mod support;
 
 use std::net::SocketAddr;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bitbucket_operator::controller::{Operator, wait_for};
+use bitbucket_operator::controller::Operator;
 use bitbucket_operator::crd::{BitbucketConnector, find_condition};
-use bitbucket_operator::egress::EgressArgs;
 use bitbucket_operator::metrics::Metrics;
 use bitbucket_operator::model::SyncKind;
 use bitbucket_operator::simulator::{SimConfig, Simulator};
 use bitbucket_operator::store::Store;
-use futures::FutureExt;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
+use k8s_openapi::api::core::v1::Secret;
+use kube::Client;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
+use support::cluster::{on_real_cluster, poll, wait_deleted};
+use support::running_operator::{RunningOperator, allow_only};
 
 const MANAGER: &str = "bitbucket-operator-e2e";
-
-async fn poll<T>(what: &str, timeout: Duration, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-async fn apply_crds(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in bitbucket_operator::crd::crds() {
-        let name = crd.name_any();
-        crds.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&crd))
-            .await
-            .expect("apply CRD");
-        poll(
-            &format!("CRD {name} established"),
-            Duration::from_secs(60),
-            async || {
-                let crd = crds.get(&name).await.ok()?;
-                let established = crd
-                    .status?
-                    .conditions?
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True");
-                established.then_some(())
-            },
-        )
-        .await;
-    }
-}
 
 /// The Secret as a server-side apply configuration of `data`. Not `stringData`: that field is
 /// write-only, the API server merges it into `data` and never stores it, so the applier owns
@@ -114,30 +74,7 @@ async fn connector_lifecycle_on_the_fake_api_server() {
 #[tokio::test]
 #[ignore = "needs a Kubernetes cluster in KUBECONFIG"]
 async fn connector_lifecycle_on_a_real_cluster() {
-    let client = Client::try_default().await.expect("a cluster in KUBECONFIG");
-    apply_crds(&client).await;
-
-    let namespace = format!("bbo-e2e-{}", std::process::id());
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": namespace}})).unwrap(),
-        )
-        .await
-        .expect("create namespace");
-
-    // The namespace is deleted even when a step fails.
-    let outcome = AssertUnwindSafe(lifecycle(client, namespace.clone()))
-        .catch_unwind()
-        .await;
-    namespaces
-        .delete(&namespace, &DeleteParams::default())
-        .await
-        .expect("delete namespace");
-    if let Err(failure) = outcome {
-        std::panic::resume_unwind(failure);
-    }
+    on_real_cluster(MANAGER, "bbo-e2e", lifecycle).await;
 }
 
 /// Create, sync, rotate the credentials of, and delete a connector in `namespace`.
@@ -146,24 +83,15 @@ async fn lifecycle(client: Client, namespace: String) {
         .await
         .unwrap();
     let store = Arc::new(Store::open_in_memory().unwrap());
-    let operator = Arc::new(Operator::new(
+    let operator = Operator::new(
         client.clone(),
         Arc::clone(&store),
         Arc::new(Metrics::default()),
         vec![namespace.clone()],
         // The simulator listens on loopback: allowed as an administrator would.
-        EgressArgs {
-            allowed_api_urls: vec![sim.base_url()],
-            ..EgressArgs::default()
-        }
-        .policy()
-        .unwrap(),
-    ));
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let controllers = tokio::spawn({
-        let operator = Arc::clone(&operator);
-        async move { operator.run_controllers(wait_for(stopped)).await }
-    });
+        allow_only(&sim.base_url()),
+    );
+    let running = RunningOperator::spawn(operator, Duration::from_secs(60));
 
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
     let connectors: Api<BitbucketConnector> = Api::namespaced(client.clone(), &namespace);
@@ -236,18 +164,10 @@ async fn lifecycle(client: Client, namespace: String) {
         .delete("acme", &DeleteParams::default())
         .await
         .expect("delete connector");
-    poll("connector gone", Duration::from_secs(60), async || {
-        connectors
-            .get_opt("acme")
-            .await
-            .ok()
-            .and_then(|o| o.is_none().then_some(()))
-    })
-    .await;
+    wait_deleted(&connectors, "acme", Duration::from_secs(60)).await;
     assert!(!store.connectors().unwrap().contains(&key), "data removed");
-    assert!(operator.manager.runtime(&key).is_none(), "loops stopped");
+    assert!(running.operator.manager.runtime(&key).is_none(), "loops stopped");
 
-    let _ = stop.send(true);
-    controllers.await.unwrap();
+    running.stop().await;
     sim.shutdown().await;
 }

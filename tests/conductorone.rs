@@ -2,8 +2,7 @@
 //! service-mode loop against a fake ConductorOne (tests/support/fake_c1.rs)
 //! and the Bitbucket simulator.
 
-#[path = "support/fake_c1.rs"]
-mod fake_c1;
+pub mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -24,8 +23,9 @@ use bitbucket_operator::simulator::{Organisation, SimConfig, Simulator, Simulato
 use bitbucket_operator::store::Store;
 use bitbucket_operator::sync::cli::demo_config;
 use bitbucket_operator::sync::{SyncEngine, run_into_store};
-use fake_c1::{FakeC1, FakeOptions, sync_full_task};
 use prost::Message;
+use support::fake_c1;
+use support::fake_c1::{FakeC1, FakeOptions, sync_full_task};
 use tokio_util::sync::CancellationToken;
 
 const CONNECTOR: &str = "c1-test";

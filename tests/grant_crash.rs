@@ -13,31 +13,28 @@
 
 pub mod support;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bitbucket_operator::bitbucket::{Client, ClientConfig, Credentials};
+use bitbucket_operator::bitbucket::Client;
+use bitbucket_operator::controller::Operator;
 use bitbucket_operator::controller::grant::{FaultPoint, Faults};
-use bitbucket_operator::controller::{Operator, wait_for};
-use bitbucket_operator::egress::{EgressArgs, EgressPolicy};
 use bitbucket_operator::metrics::Metrics;
-use bitbucket_operator::provision::{
-    AccessRequest, ChangeOperation, Fence, GrantMode, Permission, PrincipalRef, Provisioner, TargetRef, parse_level,
-};
-use bitbucket_operator::simulator::{SimConfig, Simulator, SimulatorHandle};
+use bitbucket_operator::provision::{ChangeOperation, Fence};
+use bitbucket_operator::simulator::SimulatorHandle;
 use bitbucket_operator::store::{AuditEntry, Store};
-use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 use support::fake_kube::FakeKube;
+use support::grant_env::{
+    API, GRANT, bitbucket_client, explicit_level, fake_api_with_connector, in_secs, plain_members, set_level,
+    start_simulator, wait_connector_ready,
+};
+use support::running_operator::{RunningOperator, allow_only};
+use support::status::condition;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
-const API: &str = "connectors.dev/v1alpha1";
-const GRANT: &str = "BitbucketAccessGrant";
-const CONNECTOR: &str = "BitbucketConnector";
 const NS: &str = "default";
 const WAIT: Duration = Duration::from_secs(45);
 const REQUESTER: &str = "alice@example.com";
@@ -56,96 +53,32 @@ struct Env {
     bitbucket: Client,
 }
 
-/// A running operator over the store file; stopping it drops its store.
-struct Running {
-    stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
-}
-
-impl Running {
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("operator stops")
-            .unwrap();
-    }
-}
-
-fn allow(api_url: &str) -> EgressPolicy {
-    EgressArgs {
-        allowed_api_urls: vec![api_url.to_owned()],
-        ..EgressArgs::default()
-    }
-    .policy()
-    .expect("a valid allow-list")
+/// The policy of every connector here: the Secret's BATON_PROVISIONING=true
+/// switches it on; admin is opt-in.
+fn provisioning_spec() -> Value {
+    json!({"provisioning": {"allowedPermissions": ["read", "write", "admin"]}})
 }
 
 fn connector_json(name: &str, api_url: &str) -> Value {
-    json!({
-        "apiVersion": API,
-        "kind": CONNECTOR,
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "secretRef": {"name": "bitbucket-credentials"},
-            "apiUrl": api_url,
-            "rateLimit": {"requestsPerHour": 100000, "maxInFlight": 8},
-            // The Secret's BATON_PROVISIONING=true switches it on; admin is opt-in.
-            "provisioning": {"allowedPermissions": ["read", "write", "admin"]},
-        },
-    })
+    support::grant_env::connector(name, NS, api_url, provisioning_spec())
 }
 
 /// Simulator (own seed), fake API, an opted-in Secret with provisioning on
 /// and the connector `bb`; the store is a file in a temporary directory.
 async fn env(seed: u64) -> Env {
-    let sim = Simulator::start(
-        SimConfig {
-            seed,
-            ..SimConfig::default()
-        },
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-    )
-    .await
-    .unwrap();
-    let fake = FakeKube::start().await;
-    let creds = sim.credentials().clone();
-    let secret: Secret = serde_json::from_value(json!({
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": "bitbucket-credentials", "namespace": NS,
-                     "labels": {"connectors.dev/bitbucket-credentials": "true"}},
-        "stringData": {
-            "BATON_USERNAME": creds.email,
-            "BATON_APP_PASSWORD": creds.api_token,
-            "BATON_PROVISIONING": "true",
-        },
-    }))
-    .unwrap();
-    Api::<Secret>::namespaced(fake.client(), NS)
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
-    fake.put(connector_json("bb", &sim.base_url()));
+    let sim = start_simulator(seed).await;
+    let fake = fake_api_with_connector(&sim, NS, Some("true"), provisioning_spec()).await;
     let org = sim.organisation();
     let ws = &org.workspaces[0];
-    let plain = ws.members.iter().find(|m| !m.owner).unwrap();
-    let user = org.users.iter().find(|u| u.uuid == plain.user_uuid).unwrap();
+    let (user_nick, user_uuid) = plain_members(&org, 0).swap_remove(0);
     let dir = tempfile::tempdir().unwrap();
-    let bitbucket = Client::new(
-        ClientConfig::new(&sim.base_url()).unwrap(),
-        Credentials::ApiToken {
-            username: creds.email.clone(),
-            token: creds.api_token.clone(),
-        },
-    )
-    .unwrap();
+    let bitbucket = bitbucket_client(&sim);
     Env {
         db: dir.path().join("store.db"),
         _dir: dir,
         ws: ws.slug.clone(),
-        user_uuid: user.uuid.clone(),
-        user_nick: user.nickname.clone(),
+        user_uuid,
+        user_nick,
         repo: ws.repositories[0].slug.clone(),
         fake,
         sim,
@@ -153,49 +86,18 @@ async fn env(seed: u64) -> Env {
     }
 }
 
-fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
-    obj["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-}
-
-fn in_secs(secs: i64) -> String {
-    jiff::Timestamp::now()
-        .checked_add(jiff::SignedDuration::from_secs(secs))
-        .unwrap()
-        .round(jiff::Unit::Second)
-        .unwrap()
-        .to_string()
-}
-
 impl Env {
     /// Starts an operator over the store file (`fence`: writes only while it holds).
-    async fn start(&self, faults: Faults, fence: Option<Fence>) -> Running {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
+    async fn start(&self, faults: Faults, fence: Option<Fence>) -> RunningOperator {
         let store = Arc::new(Store::open(&self.db).unwrap());
-        let mut operator = Operator::new(
-            self.fake.client(),
-            store,
-            Arc::new(Metrics::default()),
-            vec![],
-            allow(&self.sim.base_url()),
-        )
-        .with_grant_faults(faults);
+        let mut operator =
+            support::grant_env::operator(&self.fake, store, &self.sim.base_url()).with_grant_faults(faults);
         if let Some(fence) = fence {
             operator = operator.with_fence(fence);
         }
-        let (stop, rx) = watch::channel(false);
-        let task = tokio::spawn(async move { operator.run_controllers(wait_for(rx)).await });
-        self.fake
-            .wait_for(API, CONNECTOR, Some(NS), "bb", WAIT, |c| {
-                condition(c, "Ready").is_some_and(|r| r["status"] == "True")
-            })
-            .await;
-        Running { stop, task }
+        let running = RunningOperator::spawn(operator, WAIT);
+        wait_connector_ready(&self.fake, NS, "bb", WAIT).await;
+        running
     }
 
     async fn create(&self, name: &str, connector: &str, permission: &str, expires_in: i64) {
@@ -230,37 +132,12 @@ impl Env {
 
     /// Ground truth: the user's explicit level on the repository.
     fn truth(&self) -> Option<String> {
-        let org = self.sim.organisation();
-        let ws = org.workspaces.iter().find(|w| w.slug == self.ws).unwrap();
-        let repo = ws.repositories.iter().find(|r| r.slug == self.repo).unwrap();
-        repo.user_permissions
-            .iter()
-            .find(|p| p.principal == self.user_uuid)
-            .map(|p| p.permission.clone())
+        explicit_level(&self.sim, &self.ws, &self.repo, &self.user_uuid)
     }
 
     /// Sets the user's explicit level outside the operator (`None`: removes it).
     async fn set_level(&self, level: Option<&str>) {
-        let provisioner = Provisioner::new(self.bitbucket.clone(), true);
-        let request = |permission| {
-            AccessRequest::new(
-                self.ws.clone(),
-                PrincipalRef::User(self.user_uuid.clone()),
-                TargetRef::Repository(self.repo.clone()),
-                permission,
-            )
-        };
-        match level.map(|l| parse_level(l).unwrap().unwrap()) {
-            Some(permission) => {
-                provisioner.grant(&request(permission), GrantMode::Exact).await.unwrap();
-            }
-            None => {
-                let held = provisioner.inspect(&request(Permission::Read)).await.unwrap().level;
-                if let Some(held) = held {
-                    provisioner.revoke(&request(held)).await.unwrap();
-                }
-            }
-        }
+        set_level(&self.bitbucket, &self.ws, &self.user_uuid, &self.repo, level).await;
         assert_eq!(self.truth().as_deref(), level);
     }
 
@@ -464,11 +341,7 @@ async fn overlapping_grants_of_two_connectors_on_one_credential_restore_the_leve
     e.fake.put(connector_json("bb2", &e.sim.base_url()));
     e.set_level(Some("read")).await;
     let op = e.start(Faults::default(), None).await;
-    e.fake
-        .wait_for(API, CONNECTOR, Some(NS), "bb2", WAIT, |c| {
-            condition(c, "Ready").is_some_and(|r| r["status"] == "True")
-        })
-        .await;
+    wait_connector_ready(&e.fake, NS, "bb2", WAIT).await;
     e.create("through-bb", "bb", "write", 6).await;
     let a = e.wait_state("through-bb", "Granted").await;
     assert_eq!(a["status"]["previousPermission"], "read");
@@ -652,10 +525,7 @@ async fn a_real_lease_taken_over_mid_reconcile_stops_the_write() {
     use bitbucket_operator::controller::Lease;
     use std::sync::Mutex;
     use std::sync::mpsc;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+    support::running_operator::trace_to_test_output();
     let e = env(270).await;
     e.set_level(Some("read")).await;
     // Mid-grant (intent recorded, write next) another replica takes the
@@ -678,7 +548,7 @@ async fn a_real_lease_taken_over_mid_reconcile_stops_the_write() {
             store,
             Arc::new(Metrics::default()),
             vec![],
-            allow(&e.sim.base_url()),
+            allow_only(&e.sim.base_url()),
         )
         .with_grant_faults(faults.clone()),
     );
@@ -693,11 +563,7 @@ async fn a_real_lease_taken_over_mid_reconcile_stops_the_write() {
         let operator = Arc::clone(&operator);
         async move { operator.run_with_leader_election(&lease, stopped).await.unwrap() }
     });
-    e.fake
-        .wait_for(API, CONNECTOR, Some(NS), "bb", WAIT, |c| {
-            condition(c, "Ready").is_some_and(|r| r["status"] == "True")
-        })
-        .await;
+    wait_connector_ready(&e.fake, NS, "bb", WAIT).await;
     e.create("taken-over", "bb", "write", 600).await;
     let deadline = Instant::now() + WAIT;
     while steal_rx.try_recv().is_err() {

@@ -10,67 +10,28 @@
 
 pub mod support;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bitbucket_operator::bitbucket::{Client, ClientConfig, Credentials};
-use bitbucket_operator::controller::{Operator, wait_for};
-use bitbucket_operator::egress::{EgressArgs, EgressPolicy};
-use bitbucket_operator::metrics::Metrics;
-use bitbucket_operator::provision::{AccessRequest, GrantMode, PrincipalRef, Provisioner, TargetRef, parse_level};
-use bitbucket_operator::simulator::{SimConfig, Simulator, SimulatorHandle};
+use bitbucket_operator::simulator::SimulatorHandle;
 use bitbucket_operator::store::Store;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use support::fake_kube::FakeKube;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use support::grant_env::{
+    API, CONNECTOR, GRANT, bitbucket_client, events_about, explicit_level, fake_api_with_connector, in_secs,
+    plain_members, set_level, start_simulator, wait_connector_ready,
+};
+use support::running_operator::RunningOperator;
+use support::status::condition;
 
-const API: &str = "connectors.dev/v1alpha1";
-const GRANT: &str = "BitbucketAccessGrant";
-const CONNECTOR: &str = "BitbucketConnector";
 /// The connector's namespace.
 const NS: &str = "bitbucket";
 const WAIT: Duration = Duration::from_secs(30);
 
-struct Running {
-    stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
-}
-
-impl Running {
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("operator stops")
-            .unwrap();
-    }
-}
-
-fn start_operator(fake: &FakeKube, store: &Arc<Store>, api_url: &str) -> Running {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let egress: EgressPolicy = EgressArgs {
-        allowed_api_urls: vec![api_url.to_owned()],
-        ..EgressArgs::default()
-    }
-    .policy()
-    .unwrap();
-    let operator = Operator::new(
-        fake.client(),
-        Arc::clone(store),
-        Arc::new(Metrics::default()),
-        vec![],
-        egress,
-    );
-    let (stop, rx) = watch::channel(false);
-    let task = tokio::spawn(async move { operator.run_controllers(wait_for(rx)).await });
-    Running { stop, task }
+fn start_operator(fake: &FakeKube, store: &Arc<Store>, api_url: &str) -> RunningOperator {
+    RunningOperator::spawn(support::grant_env::operator(fake, Arc::clone(store), api_url), WAIT)
 }
 
 struct Env {
@@ -91,63 +52,17 @@ struct Env {
 /// and the connector `bb` in `bitbucket` with `policy` as
 /// `spec.provisioning`, workspace 0 only; the operator runs and the
 /// connector is Ready.
-async fn env(seed: u64, secret_switch: Option<&str>, policy: Value) -> (Env, Running) {
-    let sim = Simulator::start(
-        SimConfig {
-            seed,
-            ..SimConfig::default()
-        },
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-    )
-    .await
-    .unwrap();
+async fn env(seed: u64, secret_switch: Option<&str>, policy: Value) -> (Env, RunningOperator) {
+    let sim = start_simulator(seed).await;
     let org = sim.organisation();
     let w0 = &org.workspaces[0];
-    let users: Vec<(String, String)> = w0
-        .members
-        .iter()
-        .filter(|m| !m.owner)
-        .take(3)
-        .map(|m| {
-            let u = org.users.iter().find(|u| u.uuid == m.user_uuid).unwrap();
-            (u.nickname.clone(), u.uuid.clone())
-        })
-        .collect();
+    let users: Vec<(String, String)> = plain_members(&org, 0).into_iter().take(3).collect();
     assert_eq!(users.len(), 3, "three plain members");
-    let fake = FakeKube::start().await;
-    let creds = sim.credentials().clone();
-    let mut data = json!({"BATON_USERNAME": creds.email, "BATON_APP_PASSWORD": creds.api_token});
-    if let Some(switch) = secret_switch {
-        data["BATON_PROVISIONING"] = json!(switch);
-    }
-    let secret: Secret = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "bitbucket-credentials", "namespace": NS,
-                     "labels": {"connectors.dev/bitbucket-credentials": "true"}},
-        "stringData": data,
-    }))
-    .unwrap();
-    Api::<Secret>::namespaced(fake.client(), NS)
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
-    fake.put(json!({
-        "apiVersion": API, "kind": CONNECTOR,
-        "metadata": {"name": "bb", "namespace": NS},
-        "spec": {
-            "secretRef": {"name": "bitbucket-credentials"},
-            "apiUrl": sim.base_url(),
-            "workspaces": [w0.slug],
-            "rateLimit": {"requestsPerHour": 100000, "maxInFlight": 8},
-            "provisioning": policy,
-        },
-    }));
+    let spec = json!({"workspaces": [w0.slug], "provisioning": policy});
+    let fake = fake_api_with_connector(&sim, NS, secret_switch, spec).await;
     let store = Arc::new(Store::open_in_memory().unwrap());
     let running = start_operator(&fake, &store, &sim.base_url());
-    fake.wait_for(API, CONNECTOR, Some(NS), "bb", Duration::from_secs(60), |c| {
-        condition(c, "Ready").is_some_and(|r| r["status"] == "True")
-    })
-    .await;
+    wait_connector_ready(&fake, NS, "bb", Duration::from_secs(60)).await;
     let env = Env {
         ws: w0.slug.clone(),
         other_ws: org.workspaces[1].slug.clone(),
@@ -159,22 +74,6 @@ async fn env(seed: u64, secret_switch: Option<&str>, policy: Value) -> (Env, Run
         store,
     };
     (env, running)
-}
-
-fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
-    obj["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-}
-
-fn in_secs(secs: i64) -> String {
-    jiff::Timestamp::now()
-        .checked_add(jiff::SignedDuration::from_secs(secs))
-        .unwrap()
-        .round(jiff::Unit::Second)
-        .unwrap()
-        .to_string()
 }
 
 impl Env {
@@ -226,64 +125,21 @@ impl Env {
 
     /// Ground truth: a user's explicit level on a repository of workspace 0.
     fn level(&self, uuid: &str, repo: &str) -> Option<String> {
-        let org = self.sim.organisation();
-        let ws = org.workspaces.iter().find(|w| w.slug == self.ws).unwrap();
-        let r = ws.repositories.iter().find(|r| r.slug == repo).unwrap();
-        r.user_permissions
-            .iter()
-            .find(|p| p.principal == uuid)
-            .map(|p| p.permission.clone())
+        explicit_level(&self.sim, &self.ws, repo, uuid)
     }
 
     /// Sets a user's explicit level on a repository, outside the operator.
     async fn set_level(&self, uuid: &str, repo: &str, level: &str) {
-        let creds = self.sim.credentials();
-        let client = Client::new(
-            ClientConfig::new(&self.sim.base_url()).unwrap(),
-            Credentials::ApiToken {
-                username: creds.email.clone(),
-                token: creds.api_token.clone(),
-            },
-        )
-        .unwrap();
-        let request = AccessRequest::new(
-            self.ws.clone(),
-            PrincipalRef::User(uuid.to_owned()),
-            TargetRef::Repository(repo.to_owned()),
-            parse_level(level).unwrap().unwrap(),
-        );
-        Provisioner::new(client, true)
-            .grant(&request, GrantMode::Exact)
-            .await
-            .unwrap();
+        set_level(&bitbucket_client(&self.sim), &self.ws, uuid, repo, Some(level)).await;
         assert_eq!(self.level(uuid, repo).as_deref(), Some(level));
     }
 
     fn events_of(&self, kind: &str, name: &str) -> Vec<(String, String, String)> {
-        self.fake
-            .events()
-            .into_iter()
-            .filter(|e| e["regarding"]["name"] == name && e["regarding"]["kind"] == kind)
-            .map(|e| {
-                let s = |v: &Value| v.as_str().unwrap_or_default().to_owned();
-                (s(&e["type"]), s(&e["reason"]), s(&e["note"]))
-            })
-            .collect()
+        events_about(&self.fake, kind, name)
     }
 
     async fn wait_event(&self, kind: &str, name: &str, reason: &str) -> (String, String) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Some((t, _, note)) = self.events_of(kind, name).into_iter().find(|(_, r, _)| r == reason) {
-                return (t, note);
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no {reason} event for {name}: {:?}",
-                self.events_of(kind, name)
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        support::grant_env::wait_event(&self.fake, kind, name, reason, WAIT).await
     }
 
     /// Waits for `Denied` with `reason`, and checks Stalled and the Warning Event.

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bitbucket_operator::controller::{Operator, wait_for};
-use bitbucket_operator::egress::{EgressArgs, EgressPolicy};
 use bitbucket_operator::metrics::Metrics;
 use bitbucket_operator::model::SyncKind;
 use bitbucket_operator::simulator::{SimConfig, Simulator, SimulatorHandle};
@@ -17,6 +16,8 @@ use bitbucket_operator::store::Store;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use support::fake_kube::FakeKube;
+use support::running_operator::allow_only;
+use support::status::condition;
 use tokio::sync::watch;
 
 const API: &str = "connectors.dev/v1alpha1";
@@ -117,17 +118,6 @@ impl Harness {
     }
 }
 
-/// An allow-list of exactly `api_url` (the simulator on loopback must be
-/// listed, as an administrator would).
-fn allow(api_url: &str) -> EgressPolicy {
-    EgressArgs {
-        allowed_api_urls: vec![api_url.to_owned()],
-        ..EgressArgs::default()
-    }
-    .policy()
-    .expect("a valid allow-list")
-}
-
 fn start_operator(
     kube: &FakeKube,
     store: &Arc<Store>,
@@ -138,7 +128,7 @@ fn start_operator(
         Arc::clone(store),
         Arc::new(Metrics::default()),
         vec![],
-        allow(api_url),
+        allow_only(api_url),
     ));
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn({
@@ -146,13 +136,6 @@ fn start_operator(
         async move { operator.run_controllers(wait_for(stopped)).await }
     });
     (operator, stop, task)
-}
-
-fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
-    obj["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
 }
 
 fn is(obj: &Value, type_: &str, status: &str) -> bool {
@@ -653,7 +636,7 @@ async fn only_the_lease_holder_syncs_and_a_successor_takes_over_on_shutdown() {
             Arc::new(Store::open_in_memory().unwrap()),
             Arc::new(Metrics::default()),
             vec![],
-            allow(&h.sim.base_url()),
+            allow_only(&h.sim.base_url()),
         ));
         let lease = Lease {
             name: "bitbucket-operator".into(),

@@ -5,84 +5,14 @@
 
 pub mod support;
 
-#[path = "support/fake_c1.rs"]
-mod fake_c1;
-
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use bitbucket_operator::controller::{Operator, wait_for};
-use bitbucket_operator::egress::EgressArgs;
-use bitbucket_operator::metrics::Metrics;
-use bitbucket_operator::simulator::{SimConfig, Simulator, SimulatorHandle};
-use bitbucket_operator::store::Store;
-use fake_c1::{FakeC1, FakeOptions, sync_full_task};
 use serde_json::{Value, json};
-use support::fake_kube::FakeKube;
-use tokio::sync::watch;
-
-const API: &str = "connectors.dev/v1alpha1";
-const KIND: &str = "BitbucketConnector";
-const NS: &str = "identity";
-const WAIT: Duration = Duration::from_secs(30);
-const OPT_IN_LABEL: &str = "connectors.dev/bitbucket-credentials";
-
-struct Harness {
-    kube: FakeKube,
-    sim: SimulatorHandle,
-    c1: FakeC1,
-    operator: Arc<Operator>,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
+use support::c1_operator::{API, Harness, KIND, NS, OPT_IN_LABEL, WAIT};
+use support::fake_c1::sync_full_task;
+use support::status::condition;
 
 impl Harness {
-    /// `allow_c1`: whether the administrator lists the fake tenant's host.
-    async fn start(allow_c1: bool) -> Harness {
-        let kube = FakeKube::start().await;
-        let sim = Simulator::start(SimConfig::default(), SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .unwrap();
-        let c1 = FakeC1::start(FakeOptions::default()).await;
-        let mut egress = EgressArgs {
-            allowed_api_urls: vec![sim.base_url()],
-            ..EgressArgs::default()
-        };
-        if allow_c1 {
-            egress.allowed_conductorone_urls = vec![format!("https://{}", c1.api_host())];
-        }
-        let operator = Arc::new(Operator::new(
-            kube.client(),
-            Arc::new(Store::open_in_memory().unwrap()),
-            Arc::new(Metrics::default()),
-            vec![],
-            egress.policy().expect("a valid allow-list"),
-        ));
-        let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn({
-            let operator = Arc::clone(&operator);
-            async move { operator.run_controllers(wait_for(stopped)).await }
-        });
-        Harness {
-            kube,
-            sim,
-            c1,
-            operator,
-            stop,
-            task,
-        }
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("controllers stop on shutdown")
-            .unwrap();
-        self.sim.shutdown().await;
-    }
-
     /// An opted-in Secret with the simulator's Bitbucket credential and this client secret.
     fn secret(&self, client_secret: &str) {
         let c = self.sim.credentials();
@@ -108,17 +38,6 @@ impl Harness {
             },
         }));
     }
-
-    async fn wait(&self, name: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        self.kube.wait_for(API, KIND, Some(NS), name, WAIT, pred).await
-    }
-}
-
-fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
-    obj["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
 }
 
 fn c1_condition(obj: &Value) -> (String, String) {

@@ -4,8 +4,7 @@
 //! step, a new pair that cannot authenticate, refusals of the caller, failed
 //! revokes, and the `rotate-credentials` command.
 
-#[path = "support/fake_c1.rs"]
-mod fake_c1;
+pub mod support;
 
 use std::process::Command;
 use std::sync::Arc;
@@ -19,7 +18,7 @@ use bitbucket_operator::conductorone::rotation::{
 use bitbucket_operator::conductorone::rotation_file::FileStore;
 use bitbucket_operator::conductorone::rpc::C1Client;
 use bitbucket_operator::conductorone::{C1Endpoint, ClientCredentials};
-use fake_c1::{CredentialKind, FakeC1, FakeOptions, RestCall};
+use support::fake_c1::{CredentialKind, FakeC1, FakeOptions, RestCall};
 
 fn endpoint(fake: &FakeC1) -> C1Endpoint {
     C1Endpoint {

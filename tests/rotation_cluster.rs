@@ -14,68 +14,27 @@
 
 pub mod support;
 
-#[path = "support/fake_c1.rs"]
-mod fake_c1;
-
 use std::net::SocketAddr;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use bitbucket_operator::controller::{Operator, wait_for};
+use bitbucket_operator::controller::Operator;
 use bitbucket_operator::crd::{BitbucketConnector, find_condition};
 use bitbucket_operator::egress::EgressArgs;
 use bitbucket_operator::metrics::Metrics;
 use bitbucket_operator::simulator::{SimConfig, Simulator};
 use bitbucket_operator::store::Store;
-use fake_c1::{FakeC1, FakeOptions};
-use futures::FutureExt;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
+use support::cluster::{on_real_cluster, poll, wait_deleted};
+use support::fake_c1::{FakeC1, FakeOptions};
+use support::running_operator::RunningOperator;
 
 /// The field manager of "the GitOps tool" that applies the user's Secret.
 const GITOPS: &str = "kustomize-controller";
-
-async fn poll<T>(what: &str, timeout: Duration, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
-async fn apply_crds(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in bitbucket_operator::crd::crds() {
-        let name = crd.name_any();
-        crds.patch(&name, &PatchParams::apply(GITOPS).force(), &Patch::Apply(&crd))
-            .await
-            .expect("apply CRD");
-        poll(
-            &format!("CRD {name} established"),
-            Duration::from_secs(60),
-            async || {
-                let crd = crds.get(&name).await.ok()?;
-                crd.status?
-                    .conditions?
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True")
-                    .then_some(())
-            },
-        )
-        .await;
-    }
-}
 
 fn rotated(c: &BitbucketConnector) -> bool {
     c.status.as_ref().is_some_and(|s| {
@@ -93,28 +52,7 @@ async fn rotation_on_the_fake_api_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a Kubernetes cluster in KUBECONFIG"]
 async fn rotation_on_a_real_cluster() {
-    let client = Client::try_default().await.expect("a cluster in KUBECONFIG");
-    apply_crds(&client).await;
-    let namespace = format!("bbo-rotation-{}", std::process::id());
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": namespace}})).unwrap(),
-        )
-        .await
-        .expect("create namespace");
-    // The namespace is deleted even when a step fails.
-    let outcome = AssertUnwindSafe(rotation(client, namespace.clone()))
-        .catch_unwind()
-        .await;
-    namespaces
-        .delete(&namespace, &DeleteParams::default())
-        .await
-        .expect("delete namespace");
-    if let Err(failure) = outcome {
-        std::panic::resume_unwind(failure);
-    }
+    on_real_cluster(GITOPS, "bbo-rotation", rotation).await;
 }
 
 /// A GitOps-applied Secret, a connector asking for a rotation, and the checks
@@ -125,7 +63,7 @@ async fn rotation(client: Client, namespace: String) {
         .await
         .unwrap();
     let c1 = FakeC1::start(FakeOptions::default()).await;
-    let operator = Arc::new(Operator::new(
+    let operator = Operator::new(
         client.clone(),
         Arc::new(Store::open_in_memory().unwrap()),
         Arc::new(Metrics::default()),
@@ -136,12 +74,8 @@ async fn rotation(client: Client, namespace: String) {
         }
         .policy()
         .unwrap(),
-    ));
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let controllers = tokio::spawn({
-        let operator = Arc::clone(&operator);
-        async move { operator.run_controllers(wait_for(stopped)).await }
-    });
+    );
+    let running = RunningOperator::spawn(operator, Duration::from_secs(60));
 
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
     let connectors: Api<BitbucketConnector> = Api::namespaced(client.clone(), &namespace);
@@ -212,15 +146,7 @@ async fn rotation(client: Client, namespace: String) {
         .delete("acme", &DeleteParams::default())
         .await
         .expect("delete connector");
-    poll("connector gone", Duration::from_secs(60), async || {
-        connectors
-            .get_opt("acme")
-            .await
-            .ok()
-            .and_then(|o| o.is_none().then_some(()))
-    })
-    .await;
-    let _ = stop.send(true);
-    controllers.await.unwrap();
+    wait_deleted(&connectors, "acme", Duration::from_secs(60)).await;
+    running.stop().await;
     sim.shutdown().await;
 }

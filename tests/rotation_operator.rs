@@ -6,10 +6,6 @@
 
 pub mod support;
 
-#[path = "support/fake_c1.rs"]
-mod fake_c1;
-
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,75 +16,16 @@ use bitbucket_operator::conductorone::rotation::{
 };
 use bitbucket_operator::conductorone::{C1Endpoint, ClientCredentials};
 use bitbucket_operator::controller::rotation::SecretStore;
-use bitbucket_operator::controller::{Operator, wait_for};
 use bitbucket_operator::crd::BitbucketConnector;
-use bitbucket_operator::egress::EgressArgs;
-use bitbucket_operator::metrics::Metrics;
-use bitbucket_operator::simulator::{SimConfig, Simulator, SimulatorHandle};
-use bitbucket_operator::store::Store;
-use fake_c1::{CredentialKind, FakeC1, FakeOptions, hello_task};
 use serde_json::{Value, json};
-use support::fake_kube::FakeKube;
-use tokio::sync::watch;
+use support::c1_operator::{API, Harness, KIND, NS, OPT_IN_LABEL, WAIT};
+use support::fake_c1;
+use support::fake_c1::{CredentialKind, FakeC1, hello_task};
+use support::status::condition;
 
-const API: &str = "connectors.dev/v1alpha1";
-const KIND: &str = "BitbucketConnector";
-const NS: &str = "identity";
-const WAIT: Duration = Duration::from_secs(30);
-const OPT_IN_LABEL: &str = "connectors.dev/bitbucket-credentials";
 const ROTATE: &str = "connectors.dev/rotate-requested-at";
 
-struct Harness {
-    kube: FakeKube,
-    sim: SimulatorHandle,
-    c1: FakeC1,
-    operator: Arc<Operator>,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
 impl Harness {
-    async fn start() -> Harness {
-        let kube = FakeKube::start().await;
-        let sim = Simulator::start(SimConfig::default(), SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .unwrap();
-        let c1 = FakeC1::start(FakeOptions::default()).await;
-        let egress = EgressArgs {
-            allowed_api_urls: vec![sim.base_url()],
-            allowed_conductorone_urls: vec![format!("https://{}", c1.api_host())],
-        };
-        let operator = Arc::new(Operator::new(
-            kube.client(),
-            Arc::new(Store::open_in_memory().unwrap()),
-            Arc::new(Metrics::default()),
-            vec![],
-            egress.policy().expect("a valid allow-list"),
-        ));
-        let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn({
-            let operator = Arc::clone(&operator);
-            async move { operator.run_controllers(wait_for(stopped)).await }
-        });
-        Harness {
-            kube,
-            sim,
-            c1,
-            operator,
-            stop,
-            task,
-        }
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("controllers stop on shutdown")
-            .unwrap();
-        self.sim.shutdown().await;
-    }
-
     /// The user's Secret, as a GitOps tool would have applied it.
     fn user_secret(&self) {
         let c = self.sim.credentials();
@@ -137,10 +74,6 @@ impl Harness {
         self.kube.put(obj);
     }
 
-    async fn wait(&self, name: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        self.kube.wait_for(API, KIND, Some(NS), name, WAIT, pred).await
-    }
-
     fn secret_data(&self, name: &str) -> Option<std::collections::BTreeMap<String, String>> {
         let secret = self.kube.get("v1", "Secret", Some(NS), name)?;
         Some(
@@ -156,13 +89,6 @@ impl Harness {
                 .collect(),
         )
     }
-}
-
-fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
-    obj["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
 }
 
 fn is(obj: &Value, type_: &str, status: &str, reason: &str) -> bool {
@@ -186,7 +112,7 @@ async fn works(fake: &FakeC1, pair: &Pair) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_annotation_rotates_into_the_operator_secret_and_the_user_secret_is_untouched() {
-    let h = Harness::start().await;
+    let h = Harness::start(true).await;
     h.user_secret();
     let before = h.kube.get("v1", "Secret", Some(NS), "bb").unwrap();
     h.connector("acme", h.rotation(json!({})), false);
@@ -267,7 +193,7 @@ async fn the_annotation_rotates_into_the_operator_secret_and_the_user_secret_is_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_own_credential_says_not_authorized_then_an_api_key_rotates() {
-    let h = Harness::start().await;
+    let h = Harness::start(true).await;
     h.c1.set_refusals(true, false);
     h.user_secret();
     h.connector("acme", h.rotation(json!({})), false);
@@ -316,7 +242,7 @@ async fn a_refused_own_credential_says_not_authorized_then_an_api_key_rotates() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_credential_close_to_expiry_is_rotated_before_it_expires() {
-    let h = Harness::start().await;
+    let h = Harness::start(true).await;
     // The clock: the credential in use expires in an hour; rotate 72h before expiry.
     let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1);
     h.c1.set_expiry(&h.c1.initial_credential_id(), Some(expires));
@@ -352,7 +278,7 @@ async fn a_credential_close_to_expiry_is_rotated_before_it_expires() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_rotation_in_the_secret_is_finished_by_the_operator() {
-    let h = Harness::start().await;
+    let h = Harness::start(true).await;
     h.user_secret();
     // Suspended: the operator does nothing while "the previous process" works.
     h.connector("acme", h.rotation(json!({})), true);
@@ -406,7 +332,7 @@ async fn an_interrupted_rotation_in_the_secret_is_finished_by_the_operator() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secret_of_the_target_name_not_owned_by_the_operator_is_left_alone() {
-    let h = Harness::start().await;
+    let h = Harness::start(true).await;
     h.user_secret();
     h.kube.put(json!({
         "apiVersion": "v1", "kind": "Secret",

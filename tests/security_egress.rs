@@ -15,6 +15,7 @@ use bitbucket_operator::metrics::Metrics;
 use bitbucket_operator::store::Store;
 use serde_json::{Value, json};
 use support::fake_kube::FakeKube;
+use support::status::condition;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
@@ -101,13 +102,6 @@ fn start(kube: &FakeKube, egress: EgressPolicy) -> (watch::Sender<bool>, tokio::
 async fn stop(stop: watch::Sender<bool>, task: tokio::task::JoinHandle<()>) {
     let _ = stop.send(true);
     tokio::time::timeout(WAIT, task).await.expect("stops").unwrap();
-}
-
-fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
-    obj["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
 }
 
 fn reason(obj: &Value, type_: &str) -> String {

@@ -21,8 +21,6 @@
 //!   authenticate ([`FakeC1::issue_broken_pairs`]), and say which
 //!   credentials are active ([`FakeC1::active_credentials`]).
 
-#![allow(dead_code)]
-
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
