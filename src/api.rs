@@ -32,9 +32,8 @@
 //!
 //! The last page has none of them. A script follows `X-Continue` (or the
 //! RFC 8288 `next` link) and drops the header line of every page but the
-//! first; a spreadsheet user asks for
-//! `?limit=5000` and gets the whole review in one file up to that size. A
-//! sync between pages expires the token (410), as for the JSON listings,
+//! first; a spreadsheet user asks for `?limit=5000` and gets the whole
+//! review in one file up to that size. A sync between pages expires the token (410), as for the JSON listings,
 //! so concatenated pages are always one consistent export. Fields are
 //! quoted so a spreadsheet never evaluates one as a formula.
 //!
@@ -470,7 +469,10 @@ where
     F: FnOnce(&Store, &str) -> Result<Vec<T>, ApiError> + Send + 'static,
 {
     let (items, snapshot) = read(state, headers, ns, name, move |store, c| {
-        Ok((f(store, c)?, listing_snapshot(store, c, what)?))
+        // Generations first: a sync committing in between then expires the
+        // token instead of binding newer generations to older items.
+        let snapshot = listing_snapshot(store, c, what)?;
+        Ok((f(store, c)?, snapshot))
     })
     .await?;
     paging::page(items, query, snapshot).map_err(page_error)
@@ -680,10 +682,8 @@ async fn access_of(
 ) -> Result<Response, ApiError> {
     let what = format!("access-of?user={}", query.user);
     let (mut access, snapshot) = read(state, headers, ns, name, move |store, c| {
-        Ok((
-            access::access_of(store, c, &query.user)?,
-            listing_snapshot(store, c, what)?,
-        ))
+        let snapshot = listing_snapshot(store, c, what)?;
+        Ok((access::access_of(store, c, &query.user)?, snapshot))
     })
     .await?;
     let page = paging::page(std::mem::take(&mut access.repositories), &paged, snapshot).map_err(page_error)?;
