@@ -681,6 +681,35 @@ pub struct ReviewRow {
     pub unknown_principal: bool,
 }
 
+/// The CSV columns of a [`ReviewRow`], in [`ReviewRow::cells`] order: the
+/// CLI's `access grants --csv` and the data API's `grants.csv` share them.
+pub const REVIEW_COLUMNS: [&str; 8] = [
+    "resource_type",
+    "resource_id",
+    "resource_name",
+    "entitlement",
+    "principal_type",
+    "principal_id",
+    "principal_name",
+    "unknown_principal",
+];
+
+impl ReviewRow {
+    /// The row as text, one cell per [`REVIEW_COLUMNS`] entry.
+    pub fn cells(&self) -> [String; 8] {
+        [
+            self.resource_type.to_string(),
+            self.resource_id.clone(),
+            self.resource_name.clone(),
+            self.entitlement.clone(),
+            self.principal_type.to_string(),
+            self.principal_id.clone(),
+            self.principal_name.clone(),
+            self.unknown_principal.to_string(),
+        ]
+    }
+}
+
 /// Every current grant of `connector` with resource and principal names,
 /// sorted by resource type, resource name, entitlement and principal name.
 pub fn review_rows(store: &Store, connector: &str) -> Result<Vec<ReviewRow>, StoreError> {

@@ -5,16 +5,37 @@
 //! ```text
 //! GET /api/v1/namespaces/{ns}/connectors/{name}/resources[?type=repository]   (paged)
 //! GET /api/v1/namespaces/{ns}/connectors/{name}/grants                        (paged)
-//! GET /api/v1/namespaces/{ns}/connectors/{name}/grants.csv      (CSV, for access reviews)
+//! GET /api/v1/namespaces/{ns}/connectors/{name}/grants.csv   (paged CSV, for access reviews)
 //! GET /api/v1/namespaces/{ns}/connectors/{name}/who-can?repository=ws/slug    (paged)
-//! GET /api/v1/namespaces/{ns}/connectors/{name}/access-of?user=nickname
+//! GET /api/v1/namespaces/{ns}/connectors/{name}/access-of?user=nickname (repositories paged)
 //! GET /api/v1/namespaces/{ns}/connectors/{name}/runs
 //! GET /api/v1/namespaces/{ns}/connectors/{name}/audit[?since=24h|RFC3339]   (the grant audit log)
 //! ```
 //!
 //! Paged listings take `limit` and `continue` and answer
 //! `{"items": [...], "metadata": {"continue": "...", "remainingItemCount": n}}`
-//! (see [`paging`]).
+//! (see [`paging`]). `access-of` answers the user's access with the same
+//! `metadata`; its `repositories` (about 2,500 for a workspace owner) are
+//! the paged list, the rest comes whole on every page.
+//!
+//! `grants.csv` is the CLI's `access grants --csv` (the same rows from
+//! [`access::review_rows`], the same columns and order), paged the same way
+//! because a CSV body has nowhere to put metadata: every page starts with
+//! the header row, so each page opens on its own in a spreadsheet, and while
+//! more rows follow the response carries
+//!
+//! ```text
+//! X-Continue: <token>                  (pass back as ?continue=<token>)
+//! X-Remaining-Item-Count: <rows after this page>
+//! Link: </api/v1/…/grants.csv?limit=N&continue=<token>>; rel="next"
+//! ```
+//!
+//! The last page has none of them. A script follows `X-Continue` (or the
+//! RFC 8288 `next` link) and drops the header line of every page but the
+//! first; a spreadsheet user asks for `?limit=5000` and gets the whole
+//! review in one file up to that size. A sync between pages expires the token (410), as for the JSON listings,
+//! so concatenated pages are always one consistent export. Fields are
+//! quoted so a spreadsheet never evaluates one as a formula.
 //!
 //! Every request needs `Authorization: Bearer <Kubernetes token>` issued for
 //! the data API's audience (`bitbucket-operator` by default:
@@ -46,7 +67,6 @@
 mod cache;
 pub mod paging;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -69,11 +89,12 @@ use tokio::sync::Semaphore;
 
 use crate::access::{self, AccessError};
 use crate::crd::GROUP;
+use crate::http::conn::ConnectionLimits;
 use crate::http::tls::TlsFiles;
 use crate::model::{ResourceType, SyncKind};
 use crate::store::Store;
 use cache::TtlCache;
-use paging::{PageError, PageQuery};
+use paging::{PageError, PageQuery, Paged};
 
 /// The audience callers' tokens must be issued for, unless configured.
 pub const DEFAULT_AUDIENCE: &str = "bitbucket-operator";
@@ -101,6 +122,11 @@ pub struct DataApiArgs {
     /// Authorization decisions remembered (each cache), oldest dropped first.
     #[arg(long = "data-api-cache-entries", env = "DATA_API_CACHE_ENTRIES", default_value_t = DataApiSettings::default().cache_entries)]
     pub cache_entries: usize,
+    /// A connection must send a request's headers within this (from accept,
+    /// or from the previous response: also the keep-alive idle limit), or
+    /// it is closed. Applies to the port serving the data API.
+    #[arg(long = "data-api-header-read-timeout", env = "DATA_API_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = crate::sync::cli::parse_duration)]
+    pub header_read_timeout: Duration,
 }
 
 impl DataApiArgs {
@@ -109,6 +135,10 @@ impl DataApiArgs {
             audience: self.audience.clone(),
             cache_entries: self.cache_entries,
             max_concurrent: self.max_concurrent,
+            connections: ConnectionLimits {
+                header_read_timeout: self.header_read_timeout,
+                ..ConnectionLimits::default()
+            },
             ..DataApiSettings::default()
         }
     }
@@ -134,6 +164,8 @@ pub struct DataApiSettings {
     pub cache_entries: usize,
     /// Requests in progress at once.
     pub max_concurrent: usize,
+    /// How long a connection may take to send a request, or idle.
+    pub connections: ConnectionLimits,
 }
 
 impl Default for DataApiSettings {
@@ -143,6 +175,7 @@ impl Default for DataApiSettings {
             cache_ttl: Duration::from_secs(10),
             cache_entries: 4096,
             max_concurrent: 32,
+            connections: ConnectionLimits::default(),
         }
     }
 }
@@ -420,13 +453,36 @@ where
     .map_err(internal)?
 }
 
-/// Authorizes, reads a whole listing, and answers one page of it, with a
+/// Authorizes, reads a whole listing, and cuts one page out of it, with a
 /// `continue` token bound to the listing (`what`) and the store's current
 /// generations of the connector.
-async fn read_page<T, F>(
+async fn read_listing<T, F>(
     state: ApiState,
     headers: HeaderMap,
     (ns, name): (String, String),
+    what: String,
+    query: &PageQuery,
+    f: F,
+) -> Result<Paged<T>, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&Store, &str) -> Result<Vec<T>, ApiError> + Send + 'static,
+{
+    let (items, snapshot) = read(state, headers, ns, name, move |store, c| {
+        // Generations first: a sync committing in between then expires the
+        // token instead of binding newer generations to older items.
+        let snapshot = listing_snapshot(store, c, what)?;
+        Ok((f(store, c)?, snapshot))
+    })
+    .await?;
+    paging::page(items, query, snapshot).map_err(page_error)
+}
+
+/// [`read_listing`], answered as `{"items": [...], "metadata": {...}}`.
+async fn read_page<T, F>(
+    state: ApiState,
+    headers: HeaderMap,
+    path: (String, String),
     what: String,
     query: PageQuery,
     f: F,
@@ -435,29 +491,43 @@ where
     T: Serialize + Send + 'static,
     F: FnOnce(&Store, &str) -> Result<Vec<T>, ApiError> + Send + 'static,
 {
-    let (items, snapshot) = read(state, headers, ns, name, move |store, c| {
-        let mut parts = vec![what];
-        for kind in SyncKind::ALL {
-            let generation = store.current_generation(c, kind).map_err(internal)?;
-            parts.push(format!("{kind:?}={generation:?}"));
-        }
-        let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
-        Ok((f(store, c)?, paging::snapshot(&parts)))
-    })
-    .await?;
-    let page = paging::page(items, &query, snapshot).map_err(|e| match e {
+    let page = read_listing(state, headers, path, what, &query, f).await?;
+    let metadata = list_metadata(&page);
+    Ok(axum::Json(json!({ "items": page.items, "metadata": metadata })).into_response())
+}
+
+/// What a continue token is bound to: the listing with its filters, and the
+/// connector's current generation of every sync kind, so a sync in between
+/// pages expires the token.
+fn listing_snapshot(store: &Store, connector: &str, what: String) -> Result<[u8; 8], ApiError> {
+    let mut parts = vec![what];
+    for kind in SyncKind::ALL {
+        let generation = store.current_generation(connector, kind).map_err(internal)?;
+        parts.push(format!("{kind:?}={generation:?}"));
+    }
+    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+    Ok(paging::snapshot(&parts))
+}
+
+fn page_error(err: PageError) -> ApiError {
+    match err {
         PageError::Invalid(message) => ApiError(StatusCode::BAD_REQUEST, message),
         PageError::Expired => ApiError(
             StatusCode::GONE,
             "the continue token has expired: the data changed since the first page; list again without it".into(),
         ),
-    })?;
+    }
+}
+
+/// Kubernetes list metadata: `continue` and `remainingItemCount` while more
+/// pages follow, empty on the last.
+fn list_metadata<T>(page: &Paged<T>) -> serde_json::Map<String, serde_json::Value> {
     let mut metadata = serde_json::Map::new();
-    if let Some(token) = page.continue_token {
+    if let Some(token) = &page.continue_token {
         metadata.insert("continue".into(), json!(token));
         metadata.insert("remainingItemCount".into(), json!(page.remaining));
     }
-    Ok(axum::Json(json!({ "items": page.items, "metadata": metadata })).into_response())
+    metadata
 }
 
 fn internal(err: impl std::fmt::Display) -> ApiError {
@@ -505,54 +575,60 @@ async fn grants(
     .await
 }
 
+/// The access-review CSV, paged like the JSON listings (see the module
+/// doc): every page starts with the header row, so each page opens on its
+/// own in a spreadsheet, and the next page's token travels in headers.
 async fn grants_csv(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Path((ns, name)): Path<(String, String)>,
+    Query(paged): Query<PageQuery>,
 ) -> Result<Response, ApiError> {
-    let csv = read(state, headers, ns, name, |store, c| {
-        access_review_csv(store, c).map_err(internal)
+    let path = (ns.clone(), name.clone());
+    let page = read_listing(state, headers, path, "grants.csv".into(), &paged, |store, c| {
+        access::review_rows(store, c).map_err(internal)
     })
     .await?;
-    Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], csv).into_response())
+    let mut csv = csv_line(&access::REVIEW_COLUMNS);
+    for row in &page.items {
+        csv.push_str(&csv_line(&row.cells()));
+    }
+    let mut response = ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], csv).into_response();
+    if let Some(token) = &page.continue_token {
+        let limit = paged.limit.map(|l| format!("limit={l}&")).unwrap_or_default();
+        let next =
+            format!("</api/v1/namespaces/{ns}/connectors/{name}/grants.csv?{limit}continue={token}>; rel=\"next\"");
+        let response_headers = response.headers_mut();
+        for (name, value) in [
+            (CONTINUE_HEADER, token.clone()),
+            (REMAINING_HEADER, page.remaining.to_string()),
+            (header::LINK.as_str(), next),
+        ] {
+            // The token is URL-safe base64 and the names are checked: always
+            // a valid header value.
+            if let Ok(value) = header::HeaderValue::from_str(&value) {
+                response_headers.insert(name, value);
+            }
+        }
+    }
+    Ok(response)
 }
 
-/// One row per grant with names resolved, for people reviewing access.
-fn access_review_csv(store: &Store, connector: &str) -> Result<String, crate::store::StoreError> {
-    let mut names = HashMap::new();
-    let mut entitlements = HashMap::new();
-    let mut grants = Vec::new();
-    for kind in SyncKind::ALL {
-        let batch = store.batch(connector, kind)?;
-        for r in batch.resources {
-            names.insert(r.id.clone(), r.display_name.clone());
-        }
-        for e in batch.entitlements {
-            entitlements.insert(e.id.clone(), e);
-        }
-        grants.extend(batch.grants);
-    }
-    let mut out = String::from(
-        "resource_type,resource_id,resource_name,entitlement,principal_type,principal_id,principal_name,unknown_principal\n",
-    );
-    for g in grants {
-        let Some(e) = entitlements.get(&g.entitlement_id) else {
-            continue;
-        };
-        let row = [
-            e.resource_type.as_str(),
-            &e.resource_id,
-            names.get(&e.resource_id).map(String::as_str).unwrap_or_default(),
-            &e.slug,
-            g.principal_type.as_str(),
-            &g.principal_id,
-            names.get(&g.principal_id).map(String::as_str).unwrap_or_default(),
-            if g.unknown_principal { "true" } else { "false" },
-        ];
-        out.push_str(&row.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(","));
-        out.push('\n');
-    }
-    Ok(out)
+/// Response header of a paged CSV with the `continue` token of the next
+/// page (absent on the last page).
+pub const CONTINUE_HEADER: &str = "x-continue";
+/// Response header of a paged CSV with the rows after this page.
+pub const REMAINING_HEADER: &str = "x-remaining-item-count";
+
+/// One CSV record (with its line end) of `fields`, each [`csv_field`]-quoted.
+fn csv_line<S: AsRef<str>>(fields: &[S]) -> String {
+    let mut line = fields
+        .iter()
+        .map(|f| csv_field(f.as_ref()))
+        .collect::<Vec<_>>()
+        .join(",");
+    line.push('\n');
+    line
 }
 
 /// RFC 4180 quoting; a leading `=`, `+`, `-`, `@`, tab or carriage return is
@@ -594,17 +670,28 @@ struct UserQuery {
     user: String,
 }
 
+/// A user's access; `repositories` (thousands for a workspace owner) is
+/// paged with `limit`/`continue` and `metadata` as in the listings, while
+/// the user, workspaces, groups and projects come whole on every page.
 async fn access_of(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Path((ns, name)): Path<(String, String)>,
     Query(query): Query<UserQuery>,
+    Query(paged): Query<PageQuery>,
 ) -> Result<Response, ApiError> {
-    let access = read(state, headers, ns, name, move |store, c| {
-        Ok(access::access_of(store, c, &query.user)?)
+    let what = format!("access-of?user={}", query.user);
+    let (mut access, snapshot) = read(state, headers, ns, name, move |store, c| {
+        let snapshot = listing_snapshot(store, c, what)?;
+        Ok((access::access_of(store, c, &query.user)?, snapshot))
     })
     .await?;
-    Ok(axum::Json(access).into_response())
+    let page = paging::page(std::mem::take(&mut access.repositories), &paged, snapshot).map_err(page_error)?;
+    let metadata = list_metadata(&page);
+    access.repositories = page.items;
+    let mut body = serde_json::to_value(access).map_err(internal)?;
+    body["metadata"] = serde_json::Value::Object(metadata);
+    Ok(axum::Json(body).into_response())
 }
 
 async fn runs(
@@ -749,6 +836,11 @@ mod tests {
             "/k",
         ]);
         assert_eq!(cli.api.settings().audience, "aud");
+        let timed = Cli::parse_from(["x", "--data-api-header-read-timeout", "3s"]);
+        assert_eq!(
+            timed.api.settings().connections.header_read_timeout,
+            Duration::from_secs(3)
+        );
         assert_eq!(cli.api.tls().unwrap().key, PathBuf::from("/k"));
         assert!(
             Cli::try_parse_from(["x", "--data-api-tls-cert", "/c"]).is_err(),
@@ -764,5 +856,10 @@ mod tests {
         assert_eq!(csv_field("=cmd()"), "'=cmd()");
         assert_eq!(csv_field("-1,2"), "\"'-1,2\"");
         assert_eq!(csv_field("\tx"), "'\tx");
+        assert_eq!(csv_line(&["a", "=b", "c,d"]), "a,'=b,\"c,d\"\n");
+        assert_eq!(
+            csv_line(&access::REVIEW_COLUMNS),
+            format!("{}\n", access::REVIEW_COLUMNS.join(","))
+        );
     }
 }

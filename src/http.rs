@@ -2,8 +2,11 @@
 //! answers), `/readyz` (the watch caches have synced, whether or not this
 //! replica leads), `/metrics` (Prometheus text format), and the
 //! authenticated read-only data API under `/api/v1` ([`crate::api`]), which
-//! can instead be served alone over TLS ([`serve_data_api`]).
+//! can instead be served alone over TLS ([`serve_data_api`]). Both are
+//! served by [`conn::serve_connections`], which closes connections that do
+//! not deliver a request's headers in time (slowloris) or idle too long.
 
+pub mod conn;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -18,6 +21,7 @@ use axum::routing::get;
 
 use crate::api::ApiState;
 use crate::metrics::Metrics;
+use conn::ConnectionLimits;
 
 #[derive(Clone)]
 pub struct HttpState {
@@ -58,17 +62,20 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
     )
 }
 
-/// Serves until `shutdown` resolves.
+/// Serves until `shutdown` resolves, each connection bounded in time
+/// ([`conn::ConnectionLimits`]: the data API's when it is served here).
 pub async fn serve(
     addr: SocketAddr,
     state: HttpState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let limits = state
+        .api
+        .as_ref()
+        .map_or_else(ConnectionLimits::default, |api| api.decisions.settings().connections);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "HTTP endpoints listening");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    conn::serve_connections(listener, router(state), limits, shutdown).await;
     Ok(())
 }
 
@@ -82,17 +89,18 @@ pub async fn serve_data_api(
     tls: Option<tls::TlsFiles>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let limits = api.decisions.settings().connections;
     let app = crate::api::router(api);
     match tls {
         Some(files) => {
             let listener = tls::TlsListener::bind(addr, files).await?;
             tracing::info!(addr = %axum::serve::Listener::local_addr(&listener)?, "data API listening (TLS)");
-            axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+            conn::serve_connections(listener, app, limits, shutdown).await;
         }
         None => {
             let listener = tokio::net::TcpListener::bind(addr).await?;
             tracing::info!(addr = %listener.local_addr()?, "data API listening (plain HTTP)");
-            axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+            conn::serve_connections(listener, app, limits, shutdown).await;
         }
     }
     Ok(())

@@ -497,7 +497,7 @@ fn answer(store: &Store, args: &AccessArgs, report: &DataReport) -> anyhow::Resu
             if args.json {
                 serde_json::to_string_pretty(&with_data(json!({"connector": connector, "items": rows}), report))?
             } else if args.csv {
-                csv(REVIEW_HEADER, &review_cells(&rows))
+                csv(&super::REVIEW_COLUMNS, &review_cells(&rows))
             } else {
                 let cells: Vec<Vec<String>> = review_cells(&rows).into_iter().map(|r| r[..7].to_vec()).collect();
                 format!(
@@ -618,32 +618,8 @@ fn entitlement_resource(entitlement_id: &str) -> &str {
     rest.rsplit_once(':').map_or(rest, |(r, _)| r)
 }
 
-const REVIEW_HEADER: &[&str] = &[
-    "resource_type",
-    "resource_id",
-    "resource_name",
-    "entitlement",
-    "principal_type",
-    "principal_id",
-    "principal_name",
-    "unknown_principal",
-];
-
 fn review_cells(rows: &[ReviewRow]) -> Vec<Vec<String>> {
-    rows.iter()
-        .map(|r| {
-            vec![
-                r.resource_type.to_string(),
-                r.resource_id.clone(),
-                r.resource_name.clone(),
-                r.entitlement.clone(),
-                r.principal_type.to_string(),
-                r.principal_id.clone(),
-                r.principal_name.clone(),
-                r.unknown_principal.to_string(),
-            ]
-        })
-        .collect()
+    rows.iter().map(|r| r.cells().to_vec()).collect()
 }
 
 /// RFC 4180 CSV; a cell starting with `=`, `+`, `-`, `@`, tab or CR gets a

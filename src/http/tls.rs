@@ -1,6 +1,7 @@
-//! TLS for the data API: a listener for `axum::serve` that terminates TLS
-//! with a certificate and key from PEM files (a Kubernetes TLS Secret, e.g.
-//! one cert-manager keeps renewed), reloaded when the files change.
+//! TLS for the data API: a listener for [`super::conn::serve_connections`]
+//! that terminates TLS with a certificate and key from PEM files (a
+//! Kubernetes TLS Secret, e.g. one cert-manager keeps renewed), reloaded
+//! when the files change.
 //!
 //! Handshakes run in their own tasks, at most [`MAX_HANDSHAKES`] at once and
 //! each within [`HANDSHAKE_TIMEOUT`], so a client that never finishes its
@@ -39,7 +40,7 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
-/// A TLS listener for [`axum::serve`].
+/// A TLS listener (an `axum::serve::Listener`) for [`super::conn::serve_connections`].
 pub struct TlsListener {
     accepted: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
     local: SocketAddr,
