@@ -229,3 +229,76 @@ async fn a_standby_is_ready_on_one_connector_watch_per_namespace() {
     let _ = stop.send(true);
     tokio::time::timeout(WAIT, task).await.expect("standby stops").unwrap();
 }
+
+/// What a grant controller is fed: changes of connectors of every watched
+/// namespace, their deletions included (kube-runtime's subscriptions alone
+/// do not carry deletions), and nothing from an unwatched namespace.
+#[tokio::test]
+async fn every_consumer_sees_changes_and_deletions_of_every_watched_namespace() {
+    use bitbucket_operator::controller::watches::ConnectorWatches;
+    use futures::StreamExt;
+
+    let fake = FakeKube::start().await;
+    let connector = |namespace: &str, name: &str| {
+        json!({
+            "apiVersion": API, "kind": CONNECTOR,
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"secretRef": {"name": "creds"}},
+        })
+    };
+    fake.put(connector("a", "early"));
+    let mut watches = ConnectorWatches::new(&fake.client(), &["a".to_owned(), "b".to_owned()]);
+    // The scope's store only: its subscription is dropped, unread.
+    let reader = watches.feed(Some("b")).expect("a scope per watched namespace").reader;
+    assert!(
+        watches.feed(None).is_none(),
+        "no cluster-wide scope when namespaces are named"
+    );
+    let mut first = watches.all_changes().boxed();
+    let mut second = watches.all_changes().boxed();
+    let ready = Arc::new(AtomicBool::new(false));
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(watches.run(Arc::clone(&ready), wait_for(stopped)));
+    // What existed before the watches started is announced once they list.
+    assert_eq!(next(&mut first).await, "a/early");
+    assert_eq!(next(&mut second).await, "a/early");
+    wait_until(&ready, "ready once both namespaces have listed").await;
+
+    fake.put(connector("elsewhere", "ignored"));
+    fake.put(connector("b", "late"));
+    for stream in [&mut first, &mut second] {
+        assert_eq!(next(stream).await, "b/late", "unwatched namespaces never show up");
+    }
+    assert_eq!(
+        reader
+            .state()
+            .iter()
+            .map(|c| c.metadata.name.clone())
+            .collect::<Vec<_>>(),
+        [Some("late".to_owned())],
+        "the scope's store holds its own namespace only"
+    );
+
+    fake.delete(API, CONNECTOR, Some("b"), "late");
+    for stream in [&mut first, &mut second] {
+        assert_eq!(next(stream).await, "b/late", "every consumer hears of the deletion");
+    }
+    let _ = stop.send(true);
+    tokio::time::timeout(WAIT, task).await.expect("watches stop").unwrap();
+}
+
+/// `namespace/name` of the next connector `stream` delivers.
+async fn next(
+    stream: &mut futures::stream::BoxStream<'static, Arc<bitbucket_operator::crd::BitbucketConnector>>,
+) -> String {
+    use futures::StreamExt;
+    let connector = tokio::time::timeout(WAIT, stream.next())
+        .await
+        .expect("a change arrives")
+        .expect("the stream goes on");
+    format!(
+        "{}/{}",
+        connector.metadata.namespace.as_deref().unwrap_or_default(),
+        connector.metadata.name.as_deref().unwrap_or_default()
+    )
+}
