@@ -27,7 +27,9 @@
 //!
 //! Nothing is dropped: a subscription applies backpressure to its watch
 //! instead of losing an event (the channel waits for its slowest reader,
-//! `buffer` events deep), and the store's relist re-announces every object.
+//! [`SUBSCRIBER_BUFFER`] events deep; both controllers drain their triggers
+//! continuously, even while a reconcile runs), and a relist re-announces
+//! every object.
 //! Deletions are the one thing kube-runtime's subscriptions do not carry
 //! (they only announce objects still in the store), so this module forwards
 //! each `Delete` event of the scope's watch to the grant controllers itself,
