@@ -27,7 +27,7 @@
 //!
 //! Nothing is dropped: a subscription applies backpressure to its watch
 //! instead of losing an event (the channel waits for its slowest reader,
-//! [`SUBSCRIBER_BUFFER`] events deep; both controllers drain their triggers
+//! `SUBSCRIBER_BUFFER` events deep; both controllers drain their triggers
 //! continuously, even while a reconcile runs), and a relist re-announces
 //! every object.
 //! Deletions are the one thing kube-runtime's subscriptions do not carry
