@@ -24,7 +24,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{self, finalizer};
-use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::utils::Predicate;
 use kube::runtime::{Controller, WatchStreamExt, predicates, watcher};
 use tokio::sync::mpsc;
@@ -35,6 +35,7 @@ use super::loops::{ConfigureError, ConnectorRuntime, EngineSettings, Manager, lo
 use super::rotation::{RotationView, reconcile_rotation};
 use super::secret::{SecretRead, read_opted_in};
 use super::status::{self, C1Health, Health, Observation, ProgressObservation};
+use super::watches::ScopeFeed;
 use crate::bitbucket::{DEFAULT_API_URL, Limits};
 use crate::crd::{
     BitbucketConnector, BitbucketConnectorStatus, CONNECTOR_FINALIZER, ConditionStatus, EventReason,
@@ -128,34 +129,38 @@ impl From<&SyncError> for Reason {
 }
 
 /// Runs the connector controller for one namespace scope (`None`: all)
-/// until `shutdown`. Sync loops ask for reconciles through the trigger
+/// until `shutdown`, on that scope's shared connector watch (`feed`, see
+/// [`super::watches`]). Sync loops ask for reconciles through the trigger
 /// channel registered with the manager.
 pub async fn controller(
     ctx: Arc<Context>,
     namespace: Option<String>,
+    feed: ScopeFeed,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.scaffold.client.clone();
-    let (connectors, secrets): (Api<BitbucketConnector>, Api<PartialObjectMeta<Secret>>) = match &namespace {
-        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client, ns)),
-        None => (Api::all(client.clone()), Api::all(client)),
+    let secrets: Api<PartialObjectMeta<Secret>> = match &namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
     };
     let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<ObjectRef<BitbucketConnector>>();
     ctx.manager.register_trigger(namespace, trigger_tx);
-    let (reader, writer) = reflector::store();
+    let ScopeFeed { reader, changes } = feed;
     // Generation (spec, deletion), annotation (Flux) and finalizer changes
-    // only: status writes do not come back as reconciles.
-    let connector_changes = watcher(connectors, watcher::Config::default().any_semantic())
-        .default_backoff()
-        .reflect(writer)
-        .applied_objects()
+    // only: status writes do not come back as reconciles. (The predicate
+    // filter works on owned objects: the shared ones are copied in and out.)
+    let connector_changes = changes
+        .map(|connector| Ok((*connector).clone()))
         .predicate_filter(
             (predicates::generation as fn(&BitbucketConnector) -> Option<u64>)
                 .combine(predicates::annotations as fn(&BitbucketConnector) -> Option<u64>)
                 // The finalizer helper waits for its own write to come back.
                 .combine(predicates::finalizers as fn(&BitbucketConnector) -> Option<u64>),
             Default::default(),
-        );
+        )
+        .filter_map(|changed: Result<BitbucketConnector, watcher::Error>| {
+            std::future::ready(changed.ok().map(Arc::new))
+        });
     let mapper_reader = reader.clone();
     // Metadata only, and only Secrets that opted in: Secret data never sits
     // in this cache. Labelling a Secret arrives as an add, unlabelling as a
@@ -163,7 +168,7 @@ pub async fn controller(
     let secret_changes = watcher(secrets, watcher::Config::default().labels(&opt_in_selector()))
         .default_backoff()
         .touched_objects();
-    Controller::for_stream(connector_changes, reader)
+    Controller::for_shared_stream(connector_changes, reader)
         .watches_stream(secret_changes, move |secret| {
             let namespace = secret.namespace();
             let name = secret.name_any();

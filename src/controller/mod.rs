@@ -10,7 +10,8 @@
 //! mapped to the connectors that reference them), and [`grant`] reconciles
 //! `BitbucketAccessGrant`s (pure decisions, pure status, I/O apart). Both
 //! watch on generation, annotation or finalizer changes only, so their own
-//! status writes never trigger a reconcile.
+//! status writes never trigger a reconcile. Connectors are watched once per
+//! scope and shared by both controllers and readiness ([`watches`]).
 //!
 //! With `--leader-election`, a `Lease` (kube-lease-manager) decides which
 //! replica runs the controllers and loops; the other replicas serve probes and
@@ -28,6 +29,7 @@ pub mod loops;
 pub mod rotation;
 pub mod secret;
 pub mod status;
+pub mod watches;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -36,16 +38,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use kube::Client;
-use kube::api::Api;
-use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::watch;
 
 use crate::api::{AccessGate, ApiState, DataApiArgs};
-use crate::crd::BitbucketConnector;
 use crate::egress::{EgressArgs, EgressPolicy};
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
@@ -53,6 +52,7 @@ use crate::provision::Fence;
 use crate::store::Store;
 use connector::Context;
 use loops::Manager;
+use watches::ConnectorWatches;
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -141,13 +141,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let _ = shutdown_tx.send(true);
     });
     let operator = Operator::new(client, store, metrics, args.watch_namespaces.clone(), egress);
-    let ready = Arc::new(AtomicBool::new(false));
-    let http = serve_endpoints(&args, &operator, Arc::clone(&ready), &shutdown_rx);
-    tokio::spawn(track_readiness(
-        operator.client.clone(),
-        args.watch_namespaces.clone(),
-        ready,
-    ));
+    let http = serve_endpoints(&args, &operator, &shutdown_rx);
 
     if args.leader_election {
         let namespace = args
@@ -183,7 +177,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 fn serve_endpoints(
     args: &RunArgs,
     operator: &Operator,
-    ready: Arc<AtomicBool>,
     shutdown_rx: &watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
     let api = ApiState {
@@ -206,7 +199,7 @@ fn serve_endpoints(
         args.http_addr,
         HttpState {
             metrics: Arc::clone(&operator.metrics),
-            ready,
+            ready: Arc::clone(&operator.ready),
             api: plain_api,
         },
         wait_for(shutdown_rx.clone()),
@@ -220,6 +213,9 @@ pub struct Operator {
     pub metrics: Arc<Metrics>,
     /// True while the controllers run (this replica leads).
     pub leading: Arc<AtomicBool>,
+    /// True once the connector watches have listed every watched namespace
+    /// (leading or standby): `/readyz`.
+    pub ready: Arc<AtomicBool>,
     namespaces: Vec<String>,
     /// Bitbucket writes without leader election (tests may fence them).
     fence: Fence,
@@ -238,11 +234,16 @@ impl Operator {
         egress: EgressPolicy,
     ) -> Self {
         let manager = Manager::new(store, Arc::clone(&metrics), Arc::new(egress));
+        // A namespace named twice is still one scope (one watch, one controller).
+        let mut namespaces = namespaces;
+        let mut seen = std::collections::HashSet::new();
+        namespaces.retain(|ns| seen.insert(ns.clone()));
         Operator {
             client,
             manager,
             metrics,
             leading: Arc::new(AtomicBool::new(false)),
+            ready: Arc::new(AtomicBool::new(false)),
             namespaces,
             fence: Fence::unfenced(),
             grant_faults: grant::Faults::default(),
@@ -314,17 +315,33 @@ impl Operator {
             .with_faults(self.grant_faults.clone())
             .watching(self.namespaces.clone()),
         );
+        // One connector watch per scope, shared by all (module `watches`):
+        // every subscription is taken before the watches start.
+        let mut watches = ConnectorWatches::new(&self.client, &self.namespaces);
         // One connector and one grant controller per scope.
         let controllers: Vec<_> = scopes
             .iter()
-            .cloned()
-            .map(|namespace| connector::controller(Arc::clone(&ctx), namespace, shutdown.clone()))
+            .filter_map(|namespace| {
+                let feed = watches.feed(namespace.as_deref())?;
+                Some(connector::controller(
+                    Arc::clone(&ctx),
+                    namespace.clone(),
+                    feed,
+                    shutdown.clone(),
+                ))
+            })
             .collect();
-        let grant_controllers = scopes
+        let grant_controllers: Vec<_> = scopes
             .into_iter()
-            .map(|namespace| grant::controller(Arc::clone(&grant_ctx), namespace, shutdown.clone()));
+            .map(|namespace| {
+                let connector_changes = watches.all_changes();
+                grant::controller(Arc::clone(&grant_ctx), namespace, connector_changes, shutdown.clone())
+            })
+            .collect();
+        let watching = watches.run(Arc::clone(&self.ready), shutdown.clone());
         self.leading.store(true, Ordering::Relaxed);
-        futures::future::join(
+        futures::future::join3(
+            watching,
             futures::future::join_all(controllers),
             futures::future::join_all(grant_controllers),
         )
@@ -353,14 +370,26 @@ impl Operator {
             .context("setting up leader election")?;
         let (mut leader, lease_task) = manager.watch().await;
         tracing::info!(lease = lease_name, namespace, identity, "waiting for leadership");
+        // A standby watches connectors for readiness only; the leader's
+        // controllers run their own watches (module `watches`).
+        let mut standby = Some(self.standby_watches());
         while !*shutdown.borrow() {
+            let standing_by = async {
+                match standby.as_mut() {
+                    Some(watching) => watching.await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 changed = leader.changed() => { if changed.is_err() { break; } }
                 _ = shutdown.changed() => { break; }
+                _ = standing_by => {}
             }
             if !*leader.borrow_and_update() {
                 continue;
             }
+            // Stops the standby watches: the term runs its own.
+            drop(standby.take());
             tracing::info!(identity, "became leader: starting controllers");
             let (stop_tx, stop_rx) = watch::channel(false);
             let mut lost = leader.clone();
@@ -380,7 +409,9 @@ impl Operator {
                     controllers.await;
                 }
             }
+            standby = Some(self.standby_watches());
         }
+        drop(standby);
         // Dropping the receiver makes the lease task release the Lease.
         drop(leader);
         match lease_task.await {
@@ -392,6 +423,16 @@ impl Operator {
     }
 }
 
+impl Operator {
+    /// The connector watches of a replica that does not lead: no controller
+    /// consumes them, they only report readiness. Run until dropped.
+    fn standby_watches(&self) -> BoxFuture<'static, ()> {
+        ConnectorWatches::new(&self.client, &self.namespaces)
+            .run(Arc::clone(&self.ready), std::future::pending())
+            .boxed()
+    }
+}
+
 /// The leader-election Lease and this replica's identity in it.
 #[derive(Debug, Clone)]
 pub struct Lease {
@@ -399,33 +440,6 @@ pub struct Lease {
     pub namespace: String,
     pub identity: String,
     pub duration_seconds: u64,
-}
-
-/// Sets `ready` once the connector watch has listed every watched namespace.
-pub async fn track_readiness(client: Client, namespaces: Vec<String>, ready: Arc<AtomicBool>) {
-    let scopes: Vec<Api<PartialObjectMeta<BitbucketConnector>>> = if namespaces.is_empty() {
-        vec![Api::all(client)]
-    } else {
-        namespaces
-            .iter()
-            .map(|ns| Api::namespaced(client.clone(), ns))
-            .collect()
-    };
-    let total = scopes.len();
-    let mut streams = futures::stream::select_all(
-        scopes
-            .into_iter()
-            .map(|api| watcher(api, watcher::Config::default()).default_backoff().boxed()),
-    );
-    let mut synced = 0;
-    while let Some(event) = streams.next().await {
-        if let Ok(watcher::Event::InitDone) = event {
-            synced += 1;
-            if synced >= total {
-                ready.store(true, Ordering::Relaxed);
-            }
-        }
-    }
 }
 
 /// Resolves when the flag turns true (or its sender is gone).

@@ -261,11 +261,6 @@ impl GrantContext {
         self.apis()
     }
 
-    /// Connectors in every watched namespace.
-    fn connector_apis(&self) -> Vec<kube::Api<crate::crd::BitbucketConnector>> {
-        self.apis()
-    }
-
     /// Bitbucket writes only while `fence` holds.
     pub fn with_fence(mut self, fence: Fence) -> Self {
         self.fence = fence;

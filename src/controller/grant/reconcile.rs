@@ -28,8 +28,8 @@ use super::policy::Violation;
 use super::status::{self, GrantRecord, Outcome};
 use super::{GrantContext, GrantError};
 use crate::crd::{
-    AppliedAccess, BitbucketAccessGrant, BitbucketAccessGrantStatus, EventReason, GRANT_FINALIZER, GrantState, Reason,
-    condition_type as ct, find_condition,
+    AppliedAccess, BitbucketAccessGrant, BitbucketAccessGrantStatus, BitbucketConnector, EventReason, GRANT_FINALIZER,
+    GrantState, Reason, condition_type as ct, find_condition,
 };
 use crate::provision::{AccessRequest, GrantMode, Permission, ProvisionError};
 use crate::store::AuditAction;
@@ -67,10 +67,14 @@ impl Blocker {
 
 // ---- wiring -------------------------------------------------------------------
 
-/// Runs the grant controller for one namespace scope (`None`: all) until `shutdown`.
+/// Runs the grant controller for one namespace scope (`None`: all) until
+/// `shutdown`. `connector_changes`: every connector change of every watched
+/// namespace (a grant may use a connector of another one), from the shared
+/// connector watches ([`crate::controller::watches`]).
 pub async fn controller(
     ctx: Arc<GrantContext>,
     namespace: Option<String>,
+    connector_changes: impl futures::Stream<Item = Arc<BitbucketConnector>> + Send + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.scaffold.client.clone();
@@ -78,13 +82,6 @@ pub async fn controller(
         Some(ns) => Api::namespaced(client, ns),
         None => Api::all(client),
     };
-    // A grant may use a connector of another watched namespace: watch them all.
-    let connector_changes = futures::stream::select_all(ctx.connector_apis().into_iter().map(|api| {
-        watcher(api, watcher::Config::default())
-            .default_backoff()
-            .touched_objects()
-            .boxed()
-    }));
     let (reader, writer) = reflector::store();
     // Generation (spec, deletion) and finalizer changes only (the finalizer
     // helper waits for its own patch to come back): status writes do not
@@ -100,9 +97,9 @@ pub async fn controller(
         );
     let mapper_reader = reader.clone();
     Controller::for_stream(grant_changes, reader)
-        // Any connector change (a status write included: becoming connected)
-        // re-triggers the grants that reference it.
-        .watches_stream(connector_changes, move |connector| {
+        // Any connector change (a status write included: becoming connected),
+        // or its deletion, re-triggers the grants that reference it.
+        .watches_shared_stream(connector_changes, move |connector| {
             let namespace = connector.namespace().unwrap_or_default();
             let name = connector.name_any();
             mapper_reader
