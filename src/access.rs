@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{ProfileField, Resource, ResourceType};
-use crate::store::{HeldGrant, Store, StoreError};
+use crate::store::{HeldGrant, RepositoryName, Store, StoreError};
 
 pub use crate::model::Permission;
 
@@ -300,20 +300,27 @@ fn unknown_user(id: &str) -> UserRef {
 /// Paths collected per key (user id or resource id).
 #[derive(Default)]
 struct Paths {
-    by_key: BTreeMap<String, (HashSet<AccessPath>, bool)>,
+    // A key has a handful of paths: a list beats a set per key (a workspace
+    // owner's answer has thousands of keys).
+    by_key: BTreeMap<String, (Vec<AccessPath>, bool)>,
 }
 
 impl Paths {
     fn add(&mut self, key: &str, via: String, permission: Permission, unknown: bool) {
-        let entry = self.by_key.entry(key.to_owned()).or_default();
-        entry.0.insert(AccessPath { via, permission });
+        let entry = match self.by_key.get_mut(key) {
+            Some(entry) => entry,
+            None => self.by_key.entry(key.to_owned()).or_default(),
+        };
+        let path = AccessPath { via, permission };
+        if !entry.0.contains(&path) {
+            entry.0.push(path);
+        }
         entry.1 |= unknown;
     }
 }
 
 /// Sorts paths highest first, then by name; returns the effective permission.
-fn rank(paths: HashSet<AccessPath>) -> (Permission, Vec<AccessPath>) {
-    let mut via: Vec<AccessPath> = paths.into_iter().collect();
+fn rank(mut via: Vec<AccessPath>) -> (Permission, Vec<AccessPath>) {
     via.sort_by(|a, b| b.permission.cmp(&a.permission).then_with(|| a.via.cmp(&b.via)));
     (via[0].permission, via)
 }
@@ -516,15 +523,14 @@ pub fn access_of(store: &Store, connector: &str, user: &str) -> Result<UserAcces
     projects_all.extend(store.resources_in_workspaces(connector, ResourceType::Project, &owned_ids)?);
     let mut repos_all = store.resources_by_ids(connector, &granted_repos)?;
     repos_all.extend(store.repositories_of_projects(connector, &granted_projects)?);
-    repos_all.extend(store.resources_in_workspaces(connector, ResourceType::Repository, &owned_ids)?);
     for all in [&mut projects_all, &mut repos_all] {
         all.sort_by(|a, b| a.id.cmp(&b.id));
         all.dedup_by(|a, b| a.id == b.id);
     }
-    let mut repos_by_project: HashMap<String, Vec<&Resource>> = HashMap::new();
+    let mut repos_by_project: HashMap<&str, Vec<&Resource>> = HashMap::new();
     for r in &repos_all {
         if let Some(p) = r.profile.repository().filter(|p| !p.project_id.is_empty()) {
-            repos_by_project.entry(p.project_id.clone()).or_default().push(r);
+            repos_by_project.entry(p.project_id.as_str()).or_default().push(r);
         }
     }
     let project_index: HashMap<&str, &Resource> = projects_all.iter().map(|p| (p.id.as_str(), p)).collect();
@@ -554,7 +560,7 @@ pub fn access_of(store: &Store, connector: &str, user: &str) -> Result<UserAcces
                     Some(s) => format!("project {key} via group {s}"),
                     None => format!("project {key}"),
                 };
-                for r in repos_by_project.get(&g.resource_id).into_iter().flatten() {
+                for r in repos_by_project.get(g.resource_id.as_str()).into_iter().flatten() {
                     repos.add(&r.id, via.clone(), p.on_repository(), false);
                 }
             }
@@ -574,12 +580,6 @@ pub fn access_of(store: &Store, connector: &str, user: &str) -> Result<UserAcces
         .filter(|p| p.parent_id.as_ref().is_some_and(|ws| owned.contains(ws)))
     {
         projects.add(&p.id, "workspace owner".into(), Permission::Admin, false);
-    }
-    for r in repos_all
-        .iter()
-        .filter(|r| r.parent_id.as_ref().is_some_and(|ws| owned.contains(ws)))
-    {
-        repos.add(&r.id, "workspace owner".into(), Permission::Admin, false);
     }
 
     let ws_resources = store.resources(connector, Some(ResourceType::Workspace))?;
@@ -643,7 +643,7 @@ pub fn access_of(store: &Store, connector: &str, user: &str) -> Result<UserAcces
                 }
             })
             .collect();
-        out.sort_by(|a, b| b.permission.cmp(&a.permission).then_with(|| a.name.cmp(&b.name)));
+        sort_resource_access(&mut out);
         out
     };
     let project_name = |p: &Resource| {
@@ -664,8 +664,56 @@ pub fn access_of(store: &Store, connector: &str, user: &str) -> Result<UserAcces
         workspaces,
         groups: group_list,
         projects: finish(projects, &project_index, &project_name),
-        repositories: finish(repos, &repo_index, &repo_name),
+        repositories: with_owned_repositories(
+            finish(repos, &repo_index, &repo_name),
+            store.repository_names_in_workspaces(connector, &owned_ids)?,
+        ),
     })
+}
+
+/// Highest permission first, then by name (then id, so the order is total).
+fn sort_resource_access(out: &mut [ResourceAccess]) {
+    out.sort_by(|a, b| {
+        b.permission
+            .cmp(&a.permission)
+            .then_with(|| a.name.cmp(&b.name))
+            .then_with(|| a.id.cmp(&b.id))
+    });
+}
+
+/// Adds the `workspace owner` path (admin) to every repository of the
+/// workspaces the user owns. An owner reaches thousands of repositories, so
+/// they are read by name only and joined here, instead of one full resource
+/// and one path set each through the general path.
+fn with_owned_repositories(mut out: Vec<ResourceAccess>, owned: Vec<RepositoryName>) -> Vec<ResourceAccess> {
+    if owned.is_empty() {
+        return out;
+    }
+    let owner = AccessPath {
+        via: "workspace owner".into(),
+        permission: Permission::Admin,
+    };
+    let explicit: HashMap<String, usize> = out.iter().enumerate().map(|(i, r)| (r.id.clone(), i)).collect();
+    for repo in owned {
+        match explicit.get(&repo.id) {
+            Some(&i) => {
+                let mut via = std::mem::take(&mut out[i].via);
+                if !via.contains(&owner) {
+                    via.push(owner.clone());
+                }
+                (out[i].permission, out[i].via) = rank(via);
+            }
+            None => out.push(ResourceAccess {
+                id: repo.id,
+                name: repo.full_name,
+                display_name: repo.display_name,
+                permission: Permission::Admin,
+                via: vec![owner.clone()],
+            }),
+        }
+    }
+    sort_resource_access(&mut out);
+    out
 }
 
 /// One grant with names, for access reviews (CSV, tables).
@@ -812,7 +860,7 @@ mod tests {
 
     #[test]
     fn rank_takes_the_highest_path_and_lists_all() {
-        let set: HashSet<AccessPath> = [
+        let set: Vec<AccessPath> = [
             ("direct", Permission::Read),
             ("group devs", Permission::Admin),
             ("project P", Permission::Write),
@@ -827,6 +875,50 @@ mod tests {
         assert_eq!(best, Permission::Admin);
         let names: Vec<_> = via.iter().map(|p| p.via.as_str()).collect();
         assert_eq!(names, ["group devs", "project P", "direct"]);
+    }
+
+    #[test]
+    fn an_owner_keeps_explicit_paths_beside_ownership_and_reaches_every_owned_repository() {
+        let access = |id: &str, permission: Permission, via: &str| ResourceAccess {
+            id: id.into(),
+            name: format!("acme/{id}"),
+            display_name: id.into(),
+            permission,
+            via: vec![AccessPath {
+                via: via.into(),
+                permission,
+            }],
+        };
+        let explicit = vec![
+            access("x", Permission::Write, "direct"),
+            access("y", Permission::Read, "group devs"),
+        ];
+        let owned = ["z", "x"]
+            .map(|id| RepositoryName {
+                id: id.into(),
+                full_name: format!("acme/{id}"),
+                display_name: id.into(),
+            })
+            .to_vec();
+        let out = with_owned_repositories(explicit, owned);
+        let summary: Vec<(&str, Permission, Vec<&str>)> = out
+            .iter()
+            .map(|r| {
+                (
+                    r.name.as_str(),
+                    r.permission,
+                    r.via.iter().map(|p| p.via.as_str()).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("acme/x", Permission::Admin, vec!["workspace owner", "direct"]),
+                ("acme/z", Permission::Admin, vec!["workspace owner"]),
+                ("acme/y", Permission::Read, vec!["group devs"]),
+            ]
+        );
     }
 
     #[test]

@@ -346,9 +346,20 @@ impl Profile {
         })
     }
 
-    /// Like [`Profile::from_value`] from JSON text.
+    /// Like [`Profile::from_value`] from JSON text, read straight into the
+    /// typed profile (every store read goes through here; a detour through
+    /// `serde_json::Value` cost as much as the SQL).
     pub fn from_json(t: ResourceType, text: &str) -> Result<Profile, serde_json::Error> {
-        Profile::from_value(t, serde_json::from_str(text)?)
+        fn read<T: serde::de::DeserializeOwned + Default>(text: &str) -> Result<T, serde_json::Error> {
+            Ok(serde_json::from_str::<Option<T>>(text)?.unwrap_or_default())
+        }
+        Ok(match t {
+            ResourceType::User => Profile::User(read(text)?),
+            ResourceType::Workspace => Profile::Workspace(read(text)?),
+            ResourceType::UserGroup => Profile::Group(read(text)?),
+            ResourceType::Project => Profile::Project(read(text)?),
+            ResourceType::Repository => Profile::Repository(read(text)?),
+        })
     }
 
     /// The resource type this profile describes.
@@ -568,6 +579,16 @@ mod tests {
         let old = Profile::from_json(ResourceType::Project, r#"{"key":"K","extra":1}"#).unwrap();
         assert_eq!(old.project().unwrap().key, "K");
         assert_eq!(old.resource_type(), ResourceType::Project);
+        // JSON text reads exactly as the same value does, null included.
+        let text = serde_json::to_string(&repo).unwrap();
+        assert_eq!(Profile::from_json(ResourceType::Repository, &text).unwrap(), repo);
+        let empty = Profile::from_json(ResourceType::UserGroup, "null").unwrap();
+        assert_eq!(
+            empty,
+            Profile::from_value(ResourceType::UserGroup, serde_json::Value::Null).unwrap()
+        );
+        assert!(Profile::from_json(ResourceType::User, "[1]").is_err());
+        assert!(Profile::from_json(ResourceType::User, r#"{"status":7}"#).is_err());
     }
 
     #[test]

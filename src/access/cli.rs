@@ -386,6 +386,17 @@ fn with_data(mut doc: serde_json::Value, report: &DataReport) -> serde_json::Val
     doc
 }
 
+/// A JSON answer serialized straight from its typed value: a workspace
+/// owner's `access-of` lists thousands of repositories, and building a
+/// `serde_json::Value` of it first doubled the time to answer.
+#[derive(serde::Serialize)]
+struct DirectAnswer<'a, T: serde::Serialize> {
+    connector: &'a str,
+    #[serde(flatten)]
+    answer: &'a T,
+    data: serde_json::Value,
+}
+
 // One arm per subcommand, each a few lines of query and formatting.
 fn answer(store: &Store, args: &AccessArgs, report: &DataReport) -> anyhow::Result<String> {
     let connector = args.connector.as_str();
@@ -422,9 +433,11 @@ fn answer(store: &Store, args: &AccessArgs, report: &DataReport) -> anyhow::Resu
         AccessQuery::AccessOf { user } => {
             let access = super::access_of(store, connector, user)?;
             if args.json {
-                let mut doc = serde_json::to_value(&access)?;
-                doc["connector"] = json!(connector);
-                serde_json::to_string_pretty(&with_data(doc, report))?
+                serde_json::to_string_pretty(&DirectAnswer {
+                    connector,
+                    answer: &access,
+                    data: report.json(),
+                })?
             } else {
                 access_of_text(&access, connector, &report.text())
             }
