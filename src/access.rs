@@ -673,7 +673,7 @@ pub fn access_of(store: &Store, connector: &str, user: &str) -> Result<UserAcces
 
 /// Highest permission first, then by name (then id, so the order is total).
 fn sort_resource_access(out: &mut [ResourceAccess]) {
-    out.sort_by(|a, b| {
+    out.sort_unstable_by(|a, b| {
         b.permission
             .cmp(&a.permission)
             .then_with(|| a.name.cmp(&b.name))

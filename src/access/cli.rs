@@ -371,8 +371,10 @@ pub fn run(args: AccessArgs) -> anyhow::Result<ExitCode> {
     for warning in &report.warnings {
         eprintln!("warning: {warning}");
     }
-    let out = answer(&store, &args, &report)?;
-    print_stdout(&format!("{}\n", out.trim_end()))?;
+    let mut out = answer(&store, &args, &report)?;
+    out.truncate(out.trim_end().len());
+    out.push('\n');
+    print_stdout(&out)?;
     Ok(if report.incomplete {
         ExitCode::from(EXIT_INCOMPLETE)
     } else {
@@ -433,11 +435,19 @@ fn answer(store: &Store, args: &AccessArgs, report: &DataReport) -> anyhow::Resu
         AccessQuery::AccessOf { user } => {
             let access = super::access_of(store, connector, user)?;
             if args.json {
-                serde_json::to_string_pretty(&DirectAnswer {
-                    connector,
-                    answer: &access,
-                    data: report.json(),
-                })?
+                // Sized up front: an owner's answer runs to megabytes, and
+                // growing the buffer by doubling copied it over and over.
+                let entries = access.projects.len() + access.repositories.len();
+                let mut json = Vec::with_capacity(4096 + 512 * entries);
+                serde_json::to_writer_pretty(
+                    &mut json,
+                    &DirectAnswer {
+                        connector,
+                        answer: &access,
+                        data: report.json(),
+                    },
+                )?;
+                String::from_utf8(json)?
             } else {
                 access_of_text(&access, connector, &report.text())
             }
