@@ -705,8 +705,8 @@ fn with_owned_repositories(mut out: Vec<ResourceAccess>, owned: Vec<RepositoryNa
             }
             None => out.push(ResourceAccess {
                 id: repo.id,
+                display_name: repo.full_name.clone(),
                 name: repo.full_name,
-                display_name: repo.display_name,
                 permission: Permission::Admin,
                 via: vec![owner.clone()],
             }),
@@ -897,7 +897,6 @@ mod tests {
             .map(|id| RepositoryName {
                 id: id.into(),
                 full_name: format!("acme/{id}"),
-                display_name: id.into(),
             })
             .to_vec();
         let out = with_owned_repositories(explicit, owned);

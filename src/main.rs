@@ -46,8 +46,7 @@ enum Command {
     RotateCredentials(conductorone::rotate_cli::RotateArgs),
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     // One-shot commands keep stderr for their own progress lines; services
     // log at info.
@@ -63,16 +62,16 @@ async fn main() -> ExitCode {
     };
     telemetry::init(cli.log_format, default_level);
     let result = match cli.command {
-        Command::Run(args) => controller::run(args).await,
-        Command::Sync(args) => sync::cli::run(args).await,
-        Command::Simulate(args) => simulator::cli::run(args).await,
+        // Reading a store file and printing CRDs need no runtime: starting
+        // one (worker threads, cgroup probes) was a tenth of an `access`
+        // answer's time.
         Command::Access(args) => access::cli::run(args),
         Command::Crd(args) => crd::cli::run(args),
-        Command::Grant(args) => provision::cli::grant(args).await,
-        Command::Revoke(args) => provision::cli::revoke(args).await,
-        Command::Export(args) => conductorone::cli::run(args).await,
-        Command::Connect(args) => conductorone::connect::run(args).await,
-        Command::RotateCredentials(args) => conductorone::rotate_cli::run(args).await,
+        command => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| runtime.block_on(run_async(command))),
     };
     match result {
         Ok(code) => code,
@@ -80,5 +79,22 @@ async fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The commands that talk to a network or a cluster (`access` and `crd`
+/// work here too; `main` runs them without a runtime).
+async fn run_async(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run(args) => controller::run(args).await,
+        Command::Sync(args) => sync::cli::run(args).await,
+        Command::Simulate(args) => simulator::cli::run(args).await,
+        Command::Grant(args) => provision::cli::grant(args).await,
+        Command::Revoke(args) => provision::cli::revoke(args).await,
+        Command::Export(args) => conductorone::cli::run(args).await,
+        Command::Connect(args) => conductorone::connect::run(args).await,
+        Command::RotateCredentials(args) => conductorone::rotate_cli::run(args).await,
+        Command::Access(args) => access::cli::run(args),
+        Command::Crd(args) => crd::cli::run(args),
     }
 }

@@ -273,6 +273,8 @@ async fn user_profiles_carry_what_access_reviews_show() {
         let profile = repo.profile.repository().expect("a repository profile");
         let full_name = &profile.full_name;
         assert!(full_name.contains('/'), "{full_name}");
+        // A workspace owner's `access-of` reads the name from this column.
+        assert_eq!(&repo.display_name, full_name);
         let project = profile.project_id.as_str();
         assert!(
             store.resource("c", project).unwrap().is_some(),

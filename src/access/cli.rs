@@ -148,6 +148,22 @@ pub fn print_stdout(text: &str) -> std::io::Result<()> {
     }
 }
 
+/// Writes `value` as pretty JSON and a newline to stdout while it is
+/// serialized, through a buffer of a pipe's size: a reader starts on the
+/// first 64 KiB instead of waiting for the whole document, and no copy of
+/// it is ever held. A closed pipe ends quietly, as in [`print_stdout`].
+fn print_json_stdout(value: &impl serde::Serialize) -> std::io::Result<()> {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
+    let written = serde_json::to_writer_pretty(&mut out, value)
+        .map_err(std::io::Error::from)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush());
+    match written {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
 /// The types an answer depends on.
 fn needed_kinds(query: &AccessQuery) -> Vec<SyncKind> {
     match query {
@@ -371,10 +387,18 @@ pub fn run(args: AccessArgs) -> anyhow::Result<ExitCode> {
     for warning in &report.warnings {
         eprintln!("warning: {warning}");
     }
-    let mut out = answer(&store, &args, &report)?;
-    out.truncate(out.trim_end().len());
-    out.push('\n');
-    print_stdout(&out)?;
+    match answer(&store, &args, &report)? {
+        Answer::Text(mut out) => {
+            out.truncate(out.trim_end().len());
+            out.push('\n');
+            print_stdout(&out)?;
+        }
+        Answer::AccessOfJson(access) => print_json_stdout(&DirectAnswer {
+            connector: &args.connector,
+            answer: &access,
+            data: report.json(),
+        })?,
+    }
     Ok(if report.incomplete {
         ExitCode::from(EXIT_INCOMPLETE)
     } else {
@@ -386,6 +410,15 @@ pub fn run(args: AccessArgs) -> anyhow::Result<ExitCode> {
 fn with_data(mut doc: serde_json::Value, report: &DataReport) -> serde_json::Value {
     doc["data"] = report.json();
     doc
+}
+
+/// What a query prints.
+enum Answer {
+    /// A table, CSV, or a JSON document of modest size.
+    Text(String),
+    /// `access-of --json`, streamed to stdout as it is serialized (see
+    /// [`print_json_stdout`]): a workspace owner's answer runs to megabytes.
+    AccessOfJson(UserAccess),
 }
 
 /// A JSON answer serialized straight from its typed value: a workspace
@@ -400,9 +433,9 @@ struct DirectAnswer<'a, T: serde::Serialize> {
 }
 
 // One arm per subcommand, each a few lines of query and formatting.
-fn answer(store: &Store, args: &AccessArgs, report: &DataReport) -> anyhow::Result<String> {
+fn answer(store: &Store, args: &AccessArgs, report: &DataReport) -> anyhow::Result<Answer> {
     let connector = args.connector.as_str();
-    Ok(match &args.query {
+    let text = match &args.query {
         AccessQuery::WhoCan { repository } => {
             let repo = super::find_repository(store, connector, repository)?;
             let entries = super::who_can(store, connector, &repo.id)?;
@@ -435,22 +468,9 @@ fn answer(store: &Store, args: &AccessArgs, report: &DataReport) -> anyhow::Resu
         AccessQuery::AccessOf { user } => {
             let access = super::access_of(store, connector, user)?;
             if args.json {
-                // Sized up front: an owner's answer runs to megabytes, and
-                // growing the buffer by doubling copied it over and over.
-                let entries = access.projects.len() + access.repositories.len();
-                let mut json = Vec::with_capacity(4096 + 512 * entries);
-                serde_json::to_writer_pretty(
-                    &mut json,
-                    &DirectAnswer {
-                        connector,
-                        answer: &access,
-                        data: report.json(),
-                    },
-                )?;
-                String::from_utf8(json)?
-            } else {
-                access_of_text(&access, connector, &report.text())
+                return Ok(Answer::AccessOfJson(access));
             }
+            access_of_text(&access, connector, &report.text())
         }
         AccessQuery::Changes { kind } => {
             let kinds = kind.map_or_else(|| SyncKind::ALL.to_vec(), |k| vec![k]);
@@ -550,7 +570,8 @@ fn answer(store: &Store, args: &AccessArgs, report: &DataReport) -> anyhow::Resu
                 runs_table(&runs)
             }
         }
-    })
+    };
+    Ok(Answer::Text(text))
 }
 
 const AUDIT_HEADER: &[&str] = &[
