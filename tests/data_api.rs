@@ -5,122 +5,19 @@
 pub mod support;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::routing::get;
 use bitbucket_operator::access;
-use bitbucket_operator::api::{AccessGate, ApiState, CONTINUE_HEADER, DataApiSettings, REMAINING_HEADER, router};
-use bitbucket_operator::bitbucket::{Client, ClientConfig, Credentials};
-use bitbucket_operator::http::conn::{ConnectionLimits, serve_connections};
+use bitbucket_operator::api::{CONTINUE_HEADER, REMAINING_HEADER};
+use bitbucket_operator::http::conn::{ConnectionLimits, ConnectionMetrics, serve_connections};
 use bitbucket_operator::http::tls::{TlsFiles, TlsListener};
-use bitbucket_operator::model::{ResourceType, SyncKind};
-use bitbucket_operator::simulator::{SimConfig, Simulator, SimulatorHandle};
-use bitbucket_operator::store::Store;
-use bitbucket_operator::sync::{SyncEngine, run_into_store};
+use bitbucket_operator::model::ResourceType;
 use serde_json::Value;
-use support::fake_kube::{AccessRule, FakeKube};
+use support::data_api::{CONNECTOR, NS, TOKEN, start_with_limits as start};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
-
-const NS: &str = "team-a";
-const CONNECTOR: &str = "acme";
-const TOKEN: &str = "reviewer-token";
-
-/// A connector synced from the simulator into a store file (so the CLI can
-/// read it too), a reviewer allowed to read it, and the data API on
-/// loopback behind [`serve_connections`].
-struct Api {
-    /// Kept alive for the reviews.
-    _kube: FakeKube,
-    /// Kept alive for the syncs.
-    _sim: SimulatorHandle,
-    _dir: tempfile::TempDir,
-    db: std::path::PathBuf,
-    store: Arc<Store>,
-    engine: SyncEngine,
-    base: String,
-    stop: Option<oneshot::Sender<()>>,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
-}
-
-async fn start(limits: ConnectionLimits) -> Api {
-    let kube = FakeKube::start().await;
-    let sim = Simulator::start(SimConfig::default(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("store.db");
-    let store = Arc::new(Store::open(&db).unwrap());
-    let creds = sim.credentials();
-    let client = Client::new(
-        ClientConfig::new(&sim.base_url()).unwrap(),
-        Credentials::ApiToken {
-            username: creds.email.clone(),
-            token: creds.api_token.clone(),
-        },
-    )
-    .unwrap();
-    let engine = SyncEngine::new(client, Vec::new());
-    sync(&engine, &store).await;
-    kube.add_token(TOKEN, "alice", &["auditors"]);
-    kube.allow(AccessRule {
-        user: "alice".into(),
-        verb: "get".into(),
-        group: "connectors.dev".into(),
-        resource: "bitbucketconnectors".into(),
-        subresource: "data".into(),
-        namespace: NS.into(),
-    });
-    let state = ApiState {
-        kube: kube.client(),
-        store: Arc::clone(&store),
-        leading: Arc::new(AtomicBool::new(true)),
-        decisions: Arc::new(AccessGate::new(DataApiSettings {
-            connections: limits,
-            ..DataApiSettings::default()
-        })),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(serve_connections(listener, router(state), limits, async move {
-        let _ = stopped.await;
-    }));
-    Api {
-        _kube: kube,
-        _sim: sim,
-        _dir: dir,
-        db,
-        store,
-        engine,
-        base,
-        stop: Some(stop),
-        server,
-    }
-}
-
-async fn sync(engine: &SyncEngine, store: &Arc<Store>) {
-    let scope = engine.connect().await.unwrap();
-    for kind in SyncKind::ALL {
-        run_into_store(engine, store, &format!("{NS}/{CONNECTOR}"), kind, &scope)
-            .await
-            .unwrap();
-    }
-}
-
-impl Api {
-    fn url(&self, rest: &str) -> String {
-        format!("{}/api/v1/namespaces/{NS}/connectors/{CONNECTOR}/{rest}", self.base)
-    }
-}
 
 /// `access grants --csv` of the same store file, as a reviewer runs it.
 fn cli_csv(db: &std::path::Path) -> String {
@@ -234,7 +131,7 @@ async fn an_expired_or_foreign_continue_token_on_the_csv_is_refused() {
     assert_eq!(get(api.url("grants.csv?limit=0")).await.0, 400);
 
     // A sync in between expires it, with the listings' message.
-    sync(&api.engine, &api.store).await;
+    api.sync().await;
     let (status, body) = get(api.url(&format!("grants.csv?limit=5&continue={token}"))).await;
     assert_eq!(status, 410, "{body}");
     let body: Value = serde_json::from_str(&body).unwrap();
@@ -367,7 +264,13 @@ async fn the_tls_listener_closes_a_connection_that_stalls_after_the_handshake() 
         header_read_timeout: timeout,
         ..ConnectionLimits::default()
     };
-    let server = tokio::spawn(serve_connections(listener, app, limits, std::future::pending()));
+    let server = tokio::spawn(serve_connections(
+        listener,
+        app,
+        limits,
+        ConnectionMetrics::default(),
+        std::future::pending(),
+    ));
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(generated.cert.der().clone()).unwrap();
@@ -423,10 +326,17 @@ async fn shutdown_finishes_requests_in_flight_closes_idle_connections_and_is_bou
             // Long: an idle connection must not wait for it at shutdown.
             header_read_timeout: Duration::from_secs(60),
             shutdown_grace: grace,
+            ..ConnectionLimits::default()
         };
-        let server = tokio::spawn(serve_connections(listener, app, limits, async move {
-            let _ = stopped.await;
-        }));
+        let server = tokio::spawn(serve_connections(
+            listener,
+            app,
+            limits,
+            ConnectionMetrics::default(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         (addr, stop, server)
     };
 

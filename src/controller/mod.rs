@@ -189,8 +189,9 @@ fn serve_endpoints(
     let plain_api = if tls.is_some() { None } else { Some(api.clone()) };
     if let Some(files) = tls {
         let (addr, shutdown) = (args.data_api.addr, wait_for(shutdown_rx.clone()));
+        let connections = operator.metrics.connection_metrics("data_api");
         tokio::spawn(async move {
-            if let Err(err) = http::serve_data_api(addr, api, Some(files), shutdown).await {
+            if let Err(err) = http::serve_data_api(addr, api, Some(files), connections, shutdown).await {
                 tracing::error!(error = %format!("{err:#}"), "data API listener failed");
             }
         });
