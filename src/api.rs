@@ -911,7 +911,8 @@ mod tests {
             ["--data-api-write-timeout", "0s"],
             ["--data-api-write-timeout", "soon"],
         ] {
-            let err = Cli::try_parse_from(["x", bad[0], bad[1]]).unwrap_err();
+            let arg = format!("{}={}", bad[0], bad[1]);
+            let err = Cli::try_parse_from(["x", arg.as_str()]).unwrap_err();
             assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{bad:?}");
             assert!(err.to_string().contains(bad[0]), "{bad:?}: {err}");
         }

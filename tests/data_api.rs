@@ -1,10 +1,12 @@
 //! The data API as its users meet it: the access-review CSV paged to the
 //! same rows the CLI exports, `access-of` paged, and the serving layer's
-//! connection limits (slowloris, idle keep-alive) and graceful shutdown.
+//! connection limits (slowloris, idle keep-alive, the cap on open
+//! connections, clients that stop reading) and graceful shutdown.
 
 pub mod support;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -13,6 +15,8 @@ use bitbucket_operator::access;
 use bitbucket_operator::api::{CONTINUE_HEADER, REMAINING_HEADER};
 use bitbucket_operator::http::conn::{ConnectionLimits, ConnectionMetrics, serve_connections};
 use bitbucket_operator::http::tls::{TlsFiles, TlsListener};
+use bitbucket_operator::http::{self, HttpState};
+use bitbucket_operator::metrics::Metrics;
 use bitbucket_operator::model::ResourceType;
 use serde_json::Value;
 use support::data_api::{CONNECTOR, NS, TOKEN, start_with_limits as start};
@@ -397,4 +401,159 @@ async fn the_data_api_stops_gracefully() {
         .expect("the server stops; the client's pooled keep-alive connection does not hold it")
         .unwrap();
     assert!(http.get(api.url("runs")).bearer_auth(TOKEN).send().await.is_err());
+}
+
+/// A raw `GET` of `rest` under the connector's API path, as the reviewer;
+/// `close` asks the server to close the connection after answering.
+fn raw_get(rest: &str, close: bool) -> String {
+    let connection = if close { "connection: close\r\n" } else { "" };
+    format!(
+        "GET /api/v1/namespaces/{NS}/connectors/{CONNECTOR}/{rest} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN}\r\n{connection}\r\n"
+    )
+}
+
+/// Polls `done` every 10 ms until it holds; panics with `what` after 10 s.
+async fn eventually(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_wait_in_the_backlog_while_the_probes_answer() {
+    let api = start(ConnectionLimits {
+        max_connections: 2,
+        // Long: the idle connections must hold their slots for the test.
+        header_read_timeout: Duration::from_secs(60),
+        ..ConnectionLimits::default()
+    })
+    .await;
+    let addr = api.base.strip_prefix("http://").unwrap().to_owned();
+    // The probe listener, as the operator runs it when the data API has a
+    // port of its own: its own limits.
+    let metrics = Arc::new(Metrics::default());
+    let probes = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let probe_addr = probes.local_addr().unwrap();
+    let probe_router = http::router(HttpState {
+        metrics: Arc::clone(&metrics),
+        ready: Arc::new(AtomicBool::new(true)),
+        api: None,
+    });
+    let probe_server = tokio::spawn(serve_connections(
+        probes,
+        probe_router,
+        ConnectionLimits::default(),
+        metrics.connection_metrics("http"),
+        std::future::pending(),
+    ));
+
+    // The flood: as many idle connections as the cap.
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    eventually("both idle connections are accepted", || api.connections.open.get() == 2).await;
+
+    // One more: the kernel completes its handshake, but it is not served.
+    let mut waiting = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    waiting.write_all(raw_get("runs", true).as_bytes()).await.unwrap();
+    let mut first = [0u8; 1];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), waiting.read(&mut first))
+            .await
+            .is_err(),
+        "a connection beyond the cap is not served"
+    );
+    assert_eq!(api.connections.open.get(), 2);
+    assert!(api.connections.deferred.get() >= 1);
+
+    // Meanwhile the probes and metrics answer on their own listener.
+    for (path, expected) in [("healthz", "ok"), ("readyz", "ready")] {
+        let probe = reqwest::get(format!("http://{probe_addr}/{path}")).await.unwrap();
+        assert_eq!(probe.status(), 200, "{path}");
+        assert_eq!(probe.text().await.unwrap(), expected);
+    }
+    let exposition = reqwest::get(format!("http://{probe_addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        exposition.contains("bitbucket_operator_http_connections{listener=\"http\"}"),
+        "{exposition}"
+    );
+
+    // One of the flood closes: the waiting connection is served at once.
+    drop(idle.pop());
+    let (received, _) = read_until_closed(&mut waiting, Duration::from_secs(5)).await;
+    assert!(
+        received.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&received)
+    );
+    probe_server.abort();
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_after_the_write_timeout_and_others_are_served() {
+    let write_timeout = Duration::from_millis(300);
+    let api = start(ConnectionLimits {
+        write_timeout,
+        // Long: only the write timeout may end the stalled connection.
+        header_read_timeout: Duration::from_secs(60),
+        ..ConnectionLimits::default()
+    })
+    .await;
+    let addr: std::net::SocketAddr = api.base.strip_prefix("http://").unwrap().parse().unwrap();
+    // No pooled connections: each closes after its response.
+    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let export = http
+        .get(api.url("grants.csv?limit=5000"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .len();
+    eventually("the first client's connection closes", || {
+        api.connections.open.get() == 0
+    })
+    .await;
+
+    // Enough pipelined exports that their answers overflow both sockets'
+    // buffers (the client's kept small), and a client that never reads.
+    let requests = (8 << 20) / export + 1;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(addr).await.unwrap();
+    let sent = Instant::now();
+    stalled
+        .write_all(raw_get("grants.csv?limit=5000", false).repeat(requests).as_bytes())
+        .await
+        .unwrap();
+
+    // Another client is served meanwhile.
+    let runs = http.get(api.url("runs")).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(runs.status(), 200);
+    drop(runs);
+
+    // The server gives up on the stalled connection and frees its slot...
+    eventually("the stalled connection is closed", || api.connections.open.get() == 0).await;
+    let held = sent.elapsed();
+    assert!(held >= write_timeout, "closed before the write timeout: {held:?}");
+
+    // ...and the client, reading at last, finds the end far short of all
+    // the answers it asked for.
+    let (received, _) = read_until_closed(&mut stalled, Duration::from_secs(5)).await;
+    assert!(
+        received.len() < requests * export,
+        "{} of {} bytes",
+        received.len(),
+        requests * export
+    );
 }
