@@ -125,7 +125,7 @@ pub struct DataApiArgs {
     /// A connection must send a request's headers within this (from accept,
     /// or from the previous response: also the keep-alive idle limit), or
     /// it is closed. Applies to the port serving the data API.
-    #[arg(long = "data-api-header-read-timeout", env = "DATA_API_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = crate::sync::cli::parse_duration)]
+    #[arg(long = "data-api-header-read-timeout", env = "DATA_API_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
     pub header_read_timeout: Duration,
     /// Connections the port serving the data API keeps open at once
     /// (1..=65536); further clients wait in the listen backlog until one
@@ -142,8 +142,8 @@ pub struct DataApiArgs {
 /// or memory gives out first.
 pub const MAX_CONNECTIONS_CEILING: u64 = 65536;
 
-/// A duration above zero: a zero write timeout would close every
-/// connection on its first write.
+/// A duration above zero: a zero timeout would close every connection at
+/// once.
 fn positive_duration(text: &str) -> Result<Duration, String> {
     let duration = crate::sync::cli::parse_duration(text)?;
     if duration.is_zero() {
@@ -909,6 +909,7 @@ mod tests {
             ["--data-api-max-connections", "-1"],
             ["--data-api-max-connections", "many"],
             ["--data-api-write-timeout", "0s"],
+            ["--data-api-header-read-timeout", "0"],
             ["--data-api-write-timeout", "soon"],
         ] {
             let arg = format!("{}={}", bad[0], bad[1]);

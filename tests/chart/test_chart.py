@@ -1120,3 +1120,46 @@ def test_readme_documents_every_value():
 
     missing = [k for k in keys(defaults) if f"`{k}`" not in readme]
     assert missing == [], f"README values table misses {missing}"
+
+
+# ---------------------------------------------------------------- data API connection limits
+
+
+def test_data_api_connection_limits_reach_the_container():
+    env = {e["name"]: e.get("value") for e in container(render())["env"]}
+    assert env["DATA_API_HEADER_READ_TIMEOUT"] == "10s"
+    assert env["DATA_API_MAX_CONNECTIONS"] == "512"
+    assert env["DATA_API_WRITE_TIMEOUT"] == "30s"
+    limits = {"headerReadTimeout": "1m30s", "maxConnections": 65536, "writeTimeout": "45"}
+    env = {e["name"]: e.get("value") for e in container(render({"dataApi": limits}))["env"]}
+    assert env["DATA_API_HEADER_READ_TIMEOUT"] == "1m30s"
+    assert env["DATA_API_MAX_CONNECTIONS"] == "65536"
+    assert env["DATA_API_WRITE_TIMEOUT"] == "45"
+    # The same limits apply with the data API on its own TLS port.
+    tls = container(render({"dataApi": {**limits, "tls": {"secretName": "api-tls"}}}))
+    assert {"name": "DATA_API_MAX_CONNECTIONS", "value": "65536"} in tls["env"]
+
+
+@pytest.mark.parametrize("bad", [
+    {"maxConnections": 0},
+    {"maxConnections": 65537},
+    {"maxConnections": "512"},
+    {"maxConnections": 1.5},
+    {"headerReadTimeout": "10 s"},
+    {"headerReadTimeout": "0s"},
+    {"headerReadTimeout": "500ms"},
+    {"writeTimeout": "0"},
+    {"writeTimeout": 30},
+    {"writeTimeout": "1d"},
+    {"writeTimeout": ""},
+], ids=lambda v: json.dumps(v))
+def test_values_schema_refuses_bad_data_api_limits(bad):
+    chart = chartlib.load_chart()
+    # Their neighbours within range pass: the refusal is the range, not the key.
+    for good in ({"maxConnections": 1}, {"maxConnections": 65536}, {"headerReadTimeout": "1s"},
+                 {"headerReadTimeout": "10"}, {"writeTimeout": "1h30m"}, {"writeTimeout": "01s"}):
+        chart.validate_schema({"dataApi": good})
+    with pytest.raises(helm.HelmError):
+        chart.validate_schema({"dataApi": bad})
+    with pytest.raises(helm.HelmError):
+        render({"dataApi": bad})
