@@ -738,7 +738,6 @@ fn the_plain_manifest_args_are_accepted_by_run() {
 async fn the_data_api_needs_a_reviewed_token_and_rbac_on_the_data_subresource() {
     use bitbucket_operator::api::ApiState;
     use bitbucket_operator::http::{HttpState, router};
-    use support::fake_kube::AccessRule;
 
     let h = Harness::start().await;
     h.good_secret("bb");
@@ -747,14 +746,7 @@ async fn the_data_api_needs_a_reviewed_token_and_rbac_on_the_data_subresource() 
 
     h.kube.add_token("reviewer-token", "alice", &["auditors"]);
     h.kube.add_token("other-token", "mallory", &[]);
-    h.kube.allow(AccessRule {
-        user: "alice".into(),
-        verb: "get".into(),
-        group: "connectors.dev".into(),
-        resource: "bitbucketconnectors".into(),
-        subresource: "data".into(),
-        namespace: NS.into(),
-    });
+    h.kube.allow_data_reads("alice", NS);
     let state = HttpState {
         metrics: Arc::clone(&h.operator.metrics),
         ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),

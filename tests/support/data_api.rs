@@ -17,7 +17,7 @@ use bitbucket_operator::store::Store;
 use bitbucket_operator::sync::{SyncEngine, run_into_store};
 use tokio::sync::oneshot;
 
-use super::fake_kube::{AccessRule, FakeKube};
+use super::fake_kube::FakeKube;
 
 /// The namespace of the connector every data-API test reads.
 pub const NS: &str = "team-a";
@@ -73,14 +73,7 @@ pub async fn start(settings: DataApiSettings) -> DataApi {
     let engine = SyncEngine::new(client, Vec::new());
     sync(&engine, &store).await;
     kube.add_token(TOKEN, "alice", &["auditors"]);
-    kube.allow(AccessRule {
-        user: "alice".into(),
-        verb: "get".into(),
-        group: "connectors.dev".into(),
-        resource: "bitbucketconnectors".into(),
-        subresource: "data".into(),
-        namespace: NS.into(),
-    });
+    kube.allow_data_reads("alice", NS);
     let limits = settings.connections;
     let gate = Arc::new(AccessGate::new(settings));
     let state = ApiState {
