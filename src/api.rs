@@ -62,7 +62,10 @@
 //! Bounded: decisions are cached (positive and negative, per token hash,
 //! size-capped, single-flight), so a flood of junk tokens costs at most one
 //! TokenReview per distinct token per TTL; requests in progress are capped
-//! (429 beyond); responses are paged. TLS: [`crate::http::serve_data_api`].
+//! (429 beyond); responses are paged; connections are capped in number and
+//! bounded in time (`--data-api-max-connections`, `--data-api-write-timeout`,
+//! `--data-api-header-read-timeout`; [`crate::http::conn`]). TLS:
+//! [`crate::http::serve_data_api`].
 
 mod cache;
 pub mod paging;
