@@ -73,13 +73,35 @@ pub async fn serve(
     state: HttpState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_as("http", addr, state, shutdown).await
+}
+
+/// Serves the probes and metrics alone (`state.api` is ignored) on their
+/// own listener, with its own connection limit (the defaults): a flood on
+/// the port serving the data API cannot take its slots. Counted as
+/// listener `probes`.
+pub async fn serve_probes(
+    addr: SocketAddr,
+    state: HttpState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    serve_as("probes", addr, HttpState { api: None, ..state }, shutdown).await
+}
+
+/// [`serve`] with the listener's metrics label.
+async fn serve_as(
+    listener_label: &'static str,
+    addr: SocketAddr,
+    state: HttpState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let limits = state
         .api
         .as_ref()
         .map_or_else(ConnectionLimits::default, |api| api.decisions.settings().connections);
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(addr = %listener.local_addr()?, "HTTP endpoints listening");
-    let metrics = state.metrics.connection_metrics("http");
+    tracing::info!(addr = %listener.local_addr()?, listener = listener_label, "HTTP endpoints listening");
+    let metrics = state.metrics.connection_metrics(listener_label);
     conn::serve_connections(listener, router(state), limits, metrics, shutdown).await;
     Ok(())
 }

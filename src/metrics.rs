@@ -57,7 +57,8 @@ pub struct ObjectLabels {
     pub resource_type: &'static str,
 }
 
-/// Which HTTP listener a connection series belongs to (`http`, `data_api`).
+/// Which HTTP listener a connection series belongs to (`http`, `probes`,
+/// `data_api`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
     pub listener: &'static str,

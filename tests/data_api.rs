@@ -436,23 +436,26 @@ async fn connections_beyond_the_cap_wait_in_the_backlog_while_the_probes_answer(
     })
     .await;
     let addr = api.base.strip_prefix("http://").unwrap().to_owned();
-    // The probe listener, as the operator runs it when the data API has a
-    // port of its own: its own limits.
-    let metrics = Arc::new(Metrics::default());
-    let probes = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let probe_addr = probes.local_addr().unwrap();
-    let probe_router = http::router(HttpState {
-        metrics: Arc::clone(&metrics),
-        ready: Arc::new(AtomicBool::new(true)),
-        api: None,
-    });
-    let probe_server = tokio::spawn(serve_connections(
-        probes,
-        probe_router,
-        ConnectionLimits::default(),
-        metrics.connection_metrics("http"),
+    // The probe listener (`run --probe-addr`, as the chart runs it), on a
+    // free port: its own limits, whatever the data API's.
+    let probe_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let probe_server = tokio::spawn(http::serve_probes(
+        probe_addr,
+        HttpState {
+            metrics: Arc::new(Metrics::default()),
+            ready: Arc::new(AtomicBool::new(true)),
+            // Ignored: the probe listener never serves the data API.
+            api: Some(api.state()),
+        },
         std::future::pending(),
     ));
+
+    while tokio::net::TcpStream::connect(probe_addr).await.is_err() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
     // The flood: as many idle connections as the cap.
     let mut idle = Vec::new();
@@ -478,13 +481,23 @@ async fn connections_beyond_the_cap_wait_in_the_backlog_while_the_probes_answer(
     for (path, expected) in [
         ("healthz", "ok"),
         ("readyz", "ready"),
-        ("metrics", "bitbucket_operator_http_connections{listener=\"http\"}"),
+        ("metrics", "bitbucket_operator_http_connections{listener=\"probes\"}"),
     ] {
         let probe = reqwest::get(format!("http://{probe_addr}/{path}")).await.unwrap();
         assert_eq!(probe.status(), 200, "{path}");
         let body = probe.text().await.unwrap();
         assert!(body.contains(expected), "{path}: {body}");
     }
+
+    let data = reqwest::Client::new()
+        .get(format!(
+            "http://{probe_addr}/api/v1/namespaces/{NS}/connectors/{CONNECTOR}/runs"
+        ))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(data.status(), 404, "the probe listener serves no data");
 
     // One of the flood closes: the waiting connection is served at once.
     drop(idle.pop());

@@ -26,8 +26,10 @@
 //! its own slots. So when the data API has its own (TLS) listener, a flood
 //! there cannot take the probe/metrics listener's slots, and the kubelet's
 //! probes are still answered. When the data API shares the plain port with
-//! the probes (no certificate), they share that port's one limit too: give
-//! the data API a certificate to keep a flood away from the probes.
+//! the probes (no certificate), they share that port's one limit too, so
+//! the kubelet's probes go to a probes-only listener of their own
+//! (`run --probe-addr`, which the chart sets) that no data API client can
+//! reach.
 
 use std::future::Future;
 use std::sync::Arc;
