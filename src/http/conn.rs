@@ -21,6 +21,9 @@
 //! no memory here, until a connection ends. Queueing rather than refusing
 //! (accept-then-close) keeps a burst of legitimate clients working (they are
 //! served late, not failed) and gives a flood nothing to make us do.
+//! Behind [`super::tls::TlsListener`] the TLS layer's own bounded stages
+//! (handshakes in progress, and a short queue of finished ones) also hold
+//! connections ahead of this cap; they are bounded too.
 //!
 //! The limit belongs to the listener, never to the process: every call has
 //! its own slots. So when the data API has its own (TLS) listener, a flood
