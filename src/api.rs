@@ -62,7 +62,10 @@
 //! Bounded: decisions are cached (positive and negative, per token hash,
 //! size-capped, single-flight), so a flood of junk tokens costs at most one
 //! TokenReview per distinct token per TTL; requests in progress are capped
-//! (429 beyond); responses are paged. TLS: [`crate::http::serve_data_api`].
+//! (429 beyond); responses are paged; connections are capped in number and
+//! bounded in time (`--data-api-max-connections`, `--data-api-write-timeout`,
+//! `--data-api-header-read-timeout`; [`crate::http::conn`]). TLS:
+//! [`crate::http::serve_data_api`].
 
 mod cache;
 pub mod paging;
@@ -89,7 +92,7 @@ use tokio::sync::Semaphore;
 
 use crate::access::{self, AccessError};
 use crate::crd::GROUP;
-use crate::http::conn::ConnectionLimits;
+use crate::http::conn::{ConnectionLimits, DEFAULT_MAX_CONNECTIONS};
 use crate::http::tls::TlsFiles;
 use crate::model::{ResourceType, SyncKind};
 use crate::store::Store;
@@ -125,8 +128,31 @@ pub struct DataApiArgs {
     /// A connection must send a request's headers within this (from accept,
     /// or from the previous response: also the keep-alive idle limit), or
     /// it is closed. Applies to the port serving the data API.
-    #[arg(long = "data-api-header-read-timeout", env = "DATA_API_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = crate::sync::cli::parse_duration)]
+    #[arg(long = "data-api-header-read-timeout", env = "DATA_API_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
     pub header_read_timeout: Duration,
+    /// Connections the port serving the data API keeps open at once
+    /// (1..=65536); further clients wait in the listen backlog until one
+    /// closes. A probe-only port has its own limit.
+    #[arg(long = "data-api-max-connections", env = "DATA_API_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_CONNECTIONS_CEILING))]
+    pub max_connections: usize,
+    /// A response write that the client's socket takes no byte of for this
+    /// long (a client reading slowly or not at all) closes the connection.
+    #[arg(long = "data-api-write-timeout", env = "DATA_API_WRITE_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
+    pub write_timeout: Duration,
+}
+
+/// Highest `--data-api-max-connections`: beyond it a file-descriptor limit
+/// or memory gives out first.
+pub const MAX_CONNECTIONS_CEILING: u64 = 65536;
+
+/// A duration above zero: a zero timeout would close every connection at
+/// once.
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    let duration = crate::sync::cli::parse_duration(text)?;
+    if duration.is_zero() {
+        return Err("must be longer than zero".into());
+    }
+    Ok(duration)
 }
 
 impl DataApiArgs {
@@ -137,6 +163,8 @@ impl DataApiArgs {
             max_concurrent: self.max_concurrent,
             connections: ConnectionLimits {
                 header_read_timeout: self.header_read_timeout,
+                write_timeout: self.write_timeout,
+                max_connections: self.max_connections,
                 ..ConnectionLimits::default()
             },
             ..DataApiSettings::default()
@@ -164,7 +192,8 @@ pub struct DataApiSettings {
     pub cache_entries: usize,
     /// Requests in progress at once.
     pub max_concurrent: usize,
-    /// How long a connection may take to send a request, or idle.
+    /// How long a connection may take to send a request, idle or stall a
+    /// response, and how many the port keeps open.
     pub connections: ConnectionLimits,
 }
 
@@ -846,6 +875,51 @@ mod tests {
             Cli::try_parse_from(["x", "--data-api-tls-cert", "/c"]).is_err(),
             "a cert needs its key"
         );
+    }
+
+    #[test]
+    fn connection_limits_parse_with_defaults_and_ranges() {
+        use clap::Parser;
+        #[derive(Parser, Debug)]
+        struct Cli {
+            #[command(flatten)]
+            api: DataApiArgs,
+        }
+        let defaults = Cli::parse_from(["x"]).api.settings().connections;
+        assert_eq!(defaults.max_connections, 512);
+        assert_eq!(defaults.write_timeout, Duration::from_secs(30));
+        assert_eq!(defaults.header_read_timeout, Duration::from_secs(10));
+
+        let set = Cli::parse_from([
+            "x",
+            "--data-api-max-connections",
+            "65536",
+            "--data-api-write-timeout",
+            "2m",
+        ])
+        .api
+        .settings()
+        .connections;
+        assert_eq!(set.max_connections, 65536);
+        assert_eq!(set.write_timeout, Duration::from_secs(120));
+        let one = Cli::parse_from(["x", "--data-api-max-connections", "1"]);
+        assert_eq!(one.api.settings().connections.max_connections, 1);
+
+        // Out of range or malformed: a usage error naming the flag.
+        for bad in [
+            ["--data-api-max-connections", "0"],
+            ["--data-api-max-connections", "65537"],
+            ["--data-api-max-connections", "-1"],
+            ["--data-api-max-connections", "many"],
+            ["--data-api-write-timeout", "0s"],
+            ["--data-api-header-read-timeout", "0"],
+            ["--data-api-write-timeout", "soon"],
+        ] {
+            let arg = format!("{}={}", bad[0], bad[1]);
+            let err = Cli::try_parse_from(["x", arg.as_str()]).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{bad:?}");
+            assert!(err.to_string().contains(bad[0]), "{bad:?}: {err}");
+        }
     }
 
     #[test]

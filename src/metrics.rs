@@ -57,6 +57,13 @@ pub struct ObjectLabels {
     pub resource_type: &'static str,
 }
 
+/// Which HTTP listener a connection series belongs to (`http`, `probes`,
+/// `data_api`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectorLabels {
     pub namespace: String,
@@ -78,6 +85,10 @@ pub struct Metrics {
     pub grant_expiry_lateness: Histogram,
     /// ConductorOne sessions' tasks, uploads and token refreshes.
     pub c1: crate::conductorone::C1Metrics,
+    /// HTTP connections open, by listener.
+    pub http_connections: Family<ListenerLabels, Gauge>,
+    /// Times a listener stopped accepting with every connection slot taken.
+    pub http_connections_deferred: Family<ListenerLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -137,8 +148,22 @@ impl Default for Metrics {
             grant_expiry_lateness.clone(),
         );
         let c1 = crate::conductorone::C1Metrics::register(&mut registry);
+        let http_connections = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "http_connections",
+            "HTTP connections open, by listener",
+            http_connections.clone(),
+        );
+        let http_connections_deferred = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "http_connections_deferred",
+            "Times a listener stopped accepting because all its connection slots were taken (clients wait in the backlog)",
+            http_connections_deferred.clone(),
+        );
         Metrics {
             c1,
+            http_connections,
+            http_connections_deferred,
             registry,
             reconciles,
             reconcile_errors,
@@ -225,6 +250,16 @@ impl Metrics {
     /// Seconds from `expires_at` to `ended_at`, zero when not late.
     pub fn expiry_lateness(expires_at: jiff::Timestamp, ended_at: jiff::Timestamp) -> Duration {
         Duration::try_from(ended_at.duration_since(expires_at)).unwrap_or(Duration::ZERO)
+    }
+
+    /// The connection figures of one HTTP listener, for
+    /// [`crate::http::conn::serve_connections`].
+    pub fn connection_metrics(&self, listener: &'static str) -> crate::http::conn::ConnectionMetrics {
+        let labels = ListenerLabels { listener };
+        crate::http::conn::ConnectionMetrics {
+            open: self.http_connections.get_or_create(&labels).clone(),
+            deferred: self.http_connections_deferred.get_or_create(&labels).clone(),
+        }
     }
 
     /// Drops the series of a deleted connector.

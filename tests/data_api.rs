@@ -1,6 +1,7 @@
 //! The data API as its users meet it: the access-review CSV paged to the
 //! same rows the CLI exports, `access-of` paged, and the serving layer's
-//! connection limits (slowloris, idle keep-alive) and graceful shutdown.
+//! connection limits (slowloris, idle keep-alive, the cap on open
+//! connections, clients that stop reading) and graceful shutdown.
 
 pub mod support;
 
@@ -10,117 +11,18 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::routing::get;
+use axum::serve::Listener;
 use bitbucket_operator::access;
-use bitbucket_operator::api::{AccessGate, ApiState, CONTINUE_HEADER, DataApiSettings, REMAINING_HEADER, router};
-use bitbucket_operator::bitbucket::{Client, ClientConfig, Credentials};
-use bitbucket_operator::http::conn::{ConnectionLimits, serve_connections};
+use bitbucket_operator::api::{CONTINUE_HEADER, REMAINING_HEADER};
+use bitbucket_operator::http::conn::{ConnectionLimits, ConnectionMetrics, serve_connections};
 use bitbucket_operator::http::tls::{TlsFiles, TlsListener};
-use bitbucket_operator::model::{ResourceType, SyncKind};
-use bitbucket_operator::simulator::{SimConfig, Simulator, SimulatorHandle};
-use bitbucket_operator::store::Store;
-use bitbucket_operator::sync::{SyncEngine, run_into_store};
+use bitbucket_operator::http::{self, HttpState};
+use bitbucket_operator::metrics::Metrics;
+use bitbucket_operator::model::ResourceType;
 use serde_json::Value;
-use support::fake_kube::{AccessRule, FakeKube};
+use support::data_api::{CONNECTOR, NS, TOKEN, start_with_limits as start};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
-
-const NS: &str = "team-a";
-const CONNECTOR: &str = "acme";
-const TOKEN: &str = "reviewer-token";
-
-/// A connector synced from the simulator into a store file (so the CLI can
-/// read it too), a reviewer allowed to read it, and the data API on
-/// loopback behind [`serve_connections`].
-struct Api {
-    /// Kept alive for the reviews.
-    _kube: FakeKube,
-    /// Kept alive for the syncs.
-    _sim: SimulatorHandle,
-    _dir: tempfile::TempDir,
-    db: std::path::PathBuf,
-    store: Arc<Store>,
-    engine: SyncEngine,
-    base: String,
-    stop: Option<oneshot::Sender<()>>,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
-}
-
-async fn start(limits: ConnectionLimits) -> Api {
-    let kube = FakeKube::start().await;
-    let sim = Simulator::start(SimConfig::default(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("store.db");
-    let store = Arc::new(Store::open(&db).unwrap());
-    let creds = sim.credentials();
-    let client = Client::new(
-        ClientConfig::new(&sim.base_url()).unwrap(),
-        Credentials::ApiToken {
-            username: creds.email.clone(),
-            token: creds.api_token.clone(),
-        },
-    )
-    .unwrap();
-    let engine = SyncEngine::new(client, Vec::new());
-    sync(&engine, &store).await;
-    kube.add_token(TOKEN, "alice", &["auditors"]);
-    kube.allow(AccessRule {
-        user: "alice".into(),
-        verb: "get".into(),
-        group: "connectors.dev".into(),
-        resource: "bitbucketconnectors".into(),
-        subresource: "data".into(),
-        namespace: NS.into(),
-    });
-    let state = ApiState {
-        kube: kube.client(),
-        store: Arc::clone(&store),
-        leading: Arc::new(AtomicBool::new(true)),
-        decisions: Arc::new(AccessGate::new(DataApiSettings {
-            connections: limits,
-            ..DataApiSettings::default()
-        })),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(serve_connections(listener, router(state), limits, async move {
-        let _ = stopped.await;
-    }));
-    Api {
-        _kube: kube,
-        _sim: sim,
-        _dir: dir,
-        db,
-        store,
-        engine,
-        base,
-        stop: Some(stop),
-        server,
-    }
-}
-
-async fn sync(engine: &SyncEngine, store: &Arc<Store>) {
-    let scope = engine.connect().await.unwrap();
-    for kind in SyncKind::ALL {
-        run_into_store(engine, store, &format!("{NS}/{CONNECTOR}"), kind, &scope)
-            .await
-            .unwrap();
-    }
-}
-
-impl Api {
-    fn url(&self, rest: &str) -> String {
-        format!("{}/api/v1/namespaces/{NS}/connectors/{CONNECTOR}/{rest}", self.base)
-    }
-}
 
 /// `access grants --csv` of the same store file, as a reviewer runs it.
 fn cli_csv(db: &std::path::Path) -> String {
@@ -234,7 +136,7 @@ async fn an_expired_or_foreign_continue_token_on_the_csv_is_refused() {
     assert_eq!(get(api.url("grants.csv?limit=0")).await.0, 400);
 
     // A sync in between expires it, with the listings' message.
-    sync(&api.engine, &api.store).await;
+    api.sync().await;
     let (status, body) = get(api.url(&format!("grants.csv?limit=5&continue={token}"))).await;
     assert_eq!(status, 410, "{body}");
     let body: Value = serde_json::from_str(&body).unwrap();
@@ -306,6 +208,22 @@ async fn read_until_closed(stream: &mut (impl AsyncReadExt + Unpin), within: Dur
     (received, Instant::now())
 }
 
+/// [`serve_connections`] in a task, its figures uncounted.
+fn spawn_serving<L: Listener>(
+    listener: L,
+    app: Router,
+    limits: ConnectionLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(serve_connections(
+        listener,
+        app,
+        limits,
+        ConnectionMetrics::default(),
+        shutdown,
+    ))
+}
+
 #[tokio::test]
 async fn a_connection_that_never_finishes_its_request_is_closed_and_others_are_served() {
     let timeout = Duration::from_millis(400);
@@ -367,7 +285,7 @@ async fn the_tls_listener_closes_a_connection_that_stalls_after_the_handshake() 
         header_read_timeout: timeout,
         ..ConnectionLimits::default()
     };
-    let server = tokio::spawn(serve_connections(listener, app, limits, std::future::pending()));
+    let server = spawn_serving(listener, app, limits, std::future::pending());
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(generated.cert.der().clone()).unwrap();
@@ -423,10 +341,11 @@ async fn shutdown_finishes_requests_in_flight_closes_idle_connections_and_is_bou
             // Long: an idle connection must not wait for it at shutdown.
             header_read_timeout: Duration::from_secs(60),
             shutdown_grace: grace,
+            ..ConnectionLimits::default()
         };
-        let server = tokio::spawn(serve_connections(listener, app, limits, async move {
+        let server = spawn_serving(listener, app, limits, async move {
             let _ = stopped.await;
-        }));
+        });
         (addr, stop, server)
     };
 
@@ -487,4 +406,167 @@ async fn the_data_api_stops_gracefully() {
         .expect("the server stops; the client's pooled keep-alive connection does not hold it")
         .unwrap();
     assert!(http.get(api.url("runs")).bearer_auth(TOKEN).send().await.is_err());
+}
+
+/// A raw `GET` of `rest` under the connector's API path, as the reviewer;
+/// `close` asks the server to close the connection after answering.
+fn raw_get(rest: &str, close: bool) -> String {
+    let connection = if close { "connection: close\r\n" } else { "" };
+    format!(
+        "GET /api/v1/namespaces/{NS}/connectors/{CONNECTOR}/{rest} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN}\r\n{connection}\r\n"
+    )
+}
+
+/// Polls `done` every 10 ms until it holds; panics with `what` after 10 s.
+async fn eventually(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_wait_in_the_backlog_while_the_probes_answer() {
+    let api = start(ConnectionLimits {
+        max_connections: 2,
+        // Long: the idle connections must hold their slots for the test.
+        header_read_timeout: Duration::from_secs(60),
+        ..ConnectionLimits::default()
+    })
+    .await;
+    let addr = api.base.strip_prefix("http://").unwrap().to_owned();
+    // The probe listener (`run --probe-addr`, as the chart runs it), on a
+    // free port: its own limits, whatever the data API's.
+    let probe_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let probe_server = tokio::spawn(http::serve_probes(
+        probe_addr,
+        HttpState {
+            metrics: Arc::new(Metrics::default()),
+            ready: Arc::new(AtomicBool::new(true)),
+            // Ignored: the probe listener never serves the data API.
+            api: Some(api.state()),
+        },
+        std::future::pending(),
+    ));
+
+    while tokio::net::TcpStream::connect(probe_addr).await.is_err() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // The flood: as many idle connections as the cap.
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    eventually("both idle connections are accepted", || api.connections.open.get() == 2).await;
+
+    // One more: the kernel completes its handshake, but it is not served.
+    let mut waiting = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    waiting.write_all(raw_get("runs", true).as_bytes()).await.unwrap();
+    let mut first = [0u8; 1];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), waiting.read(&mut first))
+            .await
+            .is_err(),
+        "a connection beyond the cap is not served"
+    );
+    assert_eq!(api.connections.open.get(), 2);
+    assert!(api.connections.deferred.get() >= 1);
+
+    // Meanwhile the probes and metrics answer on their own listener.
+    for (path, expected) in [
+        ("healthz", "ok"),
+        ("readyz", "ready"),
+        ("metrics", "bitbucket_operator_http_connections{listener=\"probes\"}"),
+    ] {
+        let probe = reqwest::get(format!("http://{probe_addr}/{path}")).await.unwrap();
+        assert_eq!(probe.status(), 200, "{path}");
+        let body = probe.text().await.unwrap();
+        assert!(body.contains(expected), "{path}: {body}");
+    }
+
+    let data = reqwest::Client::new()
+        .get(format!(
+            "http://{probe_addr}/api/v1/namespaces/{NS}/connectors/{CONNECTOR}/runs"
+        ))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(data.status(), 404, "the probe listener serves no data");
+
+    // One of the flood closes: the waiting connection is served at once.
+    drop(idle.pop());
+    let (received, _) = read_until_closed(&mut waiting, Duration::from_secs(5)).await;
+    assert!(
+        received.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&received)
+    );
+    probe_server.abort();
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_after_the_write_timeout_and_others_are_served() {
+    let write_timeout = Duration::from_millis(300);
+    let api = start(ConnectionLimits {
+        write_timeout,
+        // Long: only the write timeout may end the stalled connection.
+        header_read_timeout: Duration::from_secs(60),
+        ..ConnectionLimits::default()
+    })
+    .await;
+    let addr: std::net::SocketAddr = api.base.strip_prefix("http://").unwrap().parse().unwrap();
+    // No pooled connections: each closes after its response.
+    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let export = http
+        .get(api.url("grants.csv?limit=5000"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .len();
+    eventually("the first client's connection closes", || {
+        api.connections.open.get() == 0
+    })
+    .await;
+
+    // Enough pipelined exports that their answers overflow both sockets'
+    // buffers (the client's kept small), and a client that never reads.
+    let requests = (8 << 20) / export + 1;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(addr).await.unwrap();
+    let sent = Instant::now();
+    stalled
+        .write_all(raw_get("grants.csv?limit=5000", false).repeat(requests).as_bytes())
+        .await
+        .unwrap();
+
+    // Another client is served meanwhile.
+    let runs = http.get(api.url("runs")).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(runs.status(), 200);
+    drop(runs);
+
+    // The server gives up on the stalled connection and frees its slot...
+    eventually("the stalled connection is closed", || api.connections.open.get() == 0).await;
+    let held = sent.elapsed();
+    assert!(held >= write_timeout, "closed before the write timeout: {held:?}");
+
+    // ...and the client, reading at last, finds the end far short of all
+    // the answers it asked for.
+    let (received, _) = read_until_closed(&mut stalled, Duration::from_secs(5)).await;
+    assert!(
+        received.len() < requests * export,
+        "{} of {} bytes",
+        received.len(),
+        requests * export
+    );
 }

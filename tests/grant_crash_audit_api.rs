@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicBool;
 use bitbucket_operator::api::{AccessGate, ApiState, DataApiSettings, router};
 use bitbucket_operator::store::{AuditAction, AuditEntry, Store};
 use serde_json::Value;
-use support::fake_kube::{AccessRule, FakeKube};
+use support::fake_kube::FakeKube;
 
 const NS: &str = "team-a";
 
@@ -66,14 +66,7 @@ async fn the_audit_endpoint_is_gated_and_filters_by_connector_and_time() {
         ))
         .unwrap();
     kube.add_token("reviewer-token", "alice", &["auditors"]);
-    kube.allow(AccessRule {
-        user: "alice".into(),
-        verb: "get".into(),
-        group: "connectors.dev".into(),
-        resource: "bitbucketconnectors".into(),
-        subresource: "data".into(),
-        namespace: NS.into(),
-    });
+    kube.allow_data_reads("alice", NS);
     kube.add_token("stranger-token", "mallory", &[]);
     let state = ApiState {
         kube: kube.client(),

@@ -708,6 +708,20 @@ fn the_plain_manifest_args_are_accepted_by_run() {
         .map(|a| a.as_str().unwrap().to_owned())
         .collect();
     assert_eq!(args[0], "run");
+    // The literal env values too (the data API's connection limits).
+    let env: Vec<(String, String)> = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"].as_str().is_some_and(|n| n.starts_with("DATA_API_")))
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_owned(),
+                e["value"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(env.len(), 3, "{env:?}");
     // The chart's optional data API flags (audience, TLS) parse too.
     let data_api = [
         "--data-api-audience",
@@ -723,6 +737,7 @@ fn the_plain_manifest_args_are_accepted_by_run() {
     for args in [args, with_data_api] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_bitbucket-operator"))
             .args(&args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("KUBECONFIG", "/nonexistent/kubeconfig")
             .env_remove("KUBERNETES_SERVICE_HOST")
             .env("POD_NAMESPACE", "bitbucket-operator")
@@ -738,7 +753,6 @@ fn the_plain_manifest_args_are_accepted_by_run() {
 async fn the_data_api_needs_a_reviewed_token_and_rbac_on_the_data_subresource() {
     use bitbucket_operator::api::ApiState;
     use bitbucket_operator::http::{HttpState, router};
-    use support::fake_kube::AccessRule;
 
     let h = Harness::start().await;
     h.good_secret("bb");
@@ -747,14 +761,7 @@ async fn the_data_api_needs_a_reviewed_token_and_rbac_on_the_data_subresource() 
 
     h.kube.add_token("reviewer-token", "alice", &["auditors"]);
     h.kube.add_token("other-token", "mallory", &[]);
-    h.kube.allow(AccessRule {
-        user: "alice".into(),
-        verb: "get".into(),
-        group: "connectors.dev".into(),
-        resource: "bitbucketconnectors".into(),
-        subresource: "data".into(),
-        namespace: NS.into(),
-    });
+    h.kube.allow_data_reads("alice", NS);
     let state = HttpState {
         metrics: Arc::clone(&h.operator.metrics),
         ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
@@ -903,16 +910,21 @@ async fn the_run_binary_serves_probes_syncs_and_stops_cleanly_on_sigterm() {
         ),
     )
     .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (port, probe_port) = (free_port(), free_port());
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_bitbucket-operator"))
         .args([
             "run",
             "--http-addr",
             &format!("127.0.0.1:{port}"),
+            "--probe-addr",
+            &format!("127.0.0.1:{probe_port}"),
             "--leader-election=true",
             "--lease-name",
             "bbo",
@@ -936,6 +948,16 @@ async fn the_run_binary_serves_probes_syncs_and_stops_cleanly_on_sigterm() {
     let base = format!("http://127.0.0.1:{port}");
     assert_eq!(http.get(format!("{base}/healthz")).send().await.unwrap().status(), 200);
     assert_eq!(http.get(format!("{base}/readyz")).send().await.unwrap().status(), 200);
+    // The probes also answer on their own listener, which serves no data.
+    let probes = format!("http://127.0.0.1:{probe_port}");
+    for (path, status) in [
+        ("healthz".to_owned(), 200),
+        ("readyz".to_owned(), 200),
+        (format!("api/v1/namespaces/{NS}/connectors/acme/runs"), 404),
+    ] {
+        let answer = http.get(format!("{probes}/{path}")).send().await.unwrap();
+        assert_eq!(answer.status(), status, "{path}");
+    }
     let metrics = http
         .get(format!("{base}/metrics"))
         .send()

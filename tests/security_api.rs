@@ -4,97 +4,13 @@
 
 pub mod support;
 
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use bitbucket_operator::api::{AccessGate, ApiState, DataApiSettings, router};
-use bitbucket_operator::bitbucket::{Client, ClientConfig, Credentials};
+use bitbucket_operator::api::{DataApiSettings, router};
 use bitbucket_operator::http::tls::{TlsFiles, TlsListener};
-use bitbucket_operator::model::SyncKind;
-use bitbucket_operator::simulator::{SimConfig, Simulator, SimulatorHandle};
-use bitbucket_operator::store::Store;
-use bitbucket_operator::sync::{SyncEngine, run_into_store};
 use serde_json::Value;
-use support::fake_kube::{AccessRule, FakeKube};
-
-const NS: &str = "team-a";
-const CONNECTOR: &str = "acme";
-
-struct Api {
-    kube: FakeKube,
-    /// Kept alive for the syncs.
-    _sim: SimulatorHandle,
-    store: Arc<Store>,
-    engine: SyncEngine,
-    gate: Arc<AccessGate>,
-    base: String,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
-}
-
-/// A synced connector, a reviewer allowed to read it, and the data API on
-/// plain loopback HTTP.
-async fn start(settings: DataApiSettings) -> Api {
-    let kube = FakeKube::start().await;
-    let sim = Simulator::start(SimConfig::default(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let store = Arc::new(Store::open_in_memory().unwrap());
-    let creds = sim.credentials();
-    let client = Client::new(
-        ClientConfig::new(&sim.base_url()).unwrap(),
-        Credentials::ApiToken {
-            username: creds.email.clone(),
-            token: creds.api_token.clone(),
-        },
-    )
-    .unwrap();
-    let engine = SyncEngine::new(client, Vec::new());
-    sync(&engine, &store).await;
-    kube.add_token("reviewer-token", "alice", &["auditors"]);
-    kube.allow(AccessRule {
-        user: "alice".into(),
-        verb: "get".into(),
-        group: "connectors.dev".into(),
-        resource: "bitbucketconnectors".into(),
-        subresource: "data".into(),
-        namespace: NS.into(),
-    });
-    let gate = Arc::new(AccessGate::new(settings));
-    let state = ApiState {
-        kube: kube.client(),
-        store: Arc::clone(&store),
-        leading: Arc::new(AtomicBool::new(true)),
-        decisions: Arc::clone(&gate),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let server = tokio::spawn(async move { axum::serve(listener, router(state)).await.unwrap() });
-    Api {
-        kube,
-        _sim: sim,
-        store,
-        engine,
-        gate,
-        base,
-        server,
-    }
-}
-
-async fn sync(engine: &SyncEngine, store: &Arc<Store>) {
-    let scope = engine.connect().await.unwrap();
-    for kind in SyncKind::ALL {
-        run_into_store(engine, store, &format!("{NS}/{CONNECTOR}"), kind, &scope)
-            .await
-            .unwrap();
-    }
-}
+use support::data_api::{CONNECTOR, NS, start};
+use support::fake_kube::FakeKube;
 
 fn token_reviews(kube: &FakeKube) -> Vec<Value> {
     kube.requests()
@@ -240,7 +156,7 @@ async fn listings_are_paged_with_limit_and_continue() {
     let token = body["metadata"]["continue"].as_str().unwrap().to_owned();
     let (status, _) = get(&http, &format!("{unbounded}?continue={token}"), "reviewer-token").await;
     assert_eq!(status, 410);
-    sync(&api.engine, &api.store).await;
+    api.sync().await;
     let (status, body) = get(&http, &format!("{first}&continue={token}"), "reviewer-token").await;
     assert_eq!(status, 410, "{body}");
 }
@@ -258,12 +174,7 @@ async fn the_data_api_serves_tls_with_a_given_certificate() {
     std::fs::write(&files.cert, &cert_pem).unwrap();
     std::fs::write(&files.key, generated.signing_key.serialize_pem()).unwrap();
 
-    let state = ApiState {
-        kube: api.kube.client(),
-        store: Arc::clone(&api.store),
-        leading: Arc::new(AtomicBool::new(true)),
-        decisions: Arc::new(AccessGate::default()),
-    };
+    let state = api.state();
     let listener = TlsListener::bind("127.0.0.1:0".parse().unwrap(), files.clone())
         .await
         .unwrap();
@@ -320,12 +231,7 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
         generated.cert.pem()
     };
     let first = issue();
-    let state = ApiState {
-        kube: api.kube.client(),
-        store: Arc::clone(&api.store),
-        leading: Arc::new(AtomicBool::new(true)),
-        decisions: Arc::new(AccessGate::default()),
-    };
+    let state = api.state();
     let listener = TlsListener::bind_reloading_every(
         "127.0.0.1:0".parse().unwrap(),
         files.clone(),

@@ -59,6 +59,12 @@ pub struct RunArgs {
     /// Address of the HTTP endpoints (/healthz, /readyz, /metrics).
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: SocketAddr,
+    /// Also serve /healthz, /readyz and /metrics alone here, a listener with
+    /// its own connection limit: a connection flood on the port serving the
+    /// data API then never starves the kubelet's probes (the chart points
+    /// them here).
+    #[arg(long, env = "PROBE_ADDR")]
+    pub probe_addr: Option<SocketAddr>,
     /// SQLite store file; its directory is created when missing. Default:
     /// `/var/lib/bitbucket-operator/store.db` in a pod (the chart's volume),
     /// `bitbucket-operator-store.db` in the working directory elsewhere (a
@@ -173,7 +179,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
 /// Starts the probe/metrics listener and the data API (on the plain port, or
 /// with a certificate on its own TLS listener, leaving the plain port to
-/// probes and metrics).
+/// probes and metrics), and with `--probe-addr` a probes-only listener.
 fn serve_endpoints(
     args: &RunArgs,
     operator: &Operator,
@@ -189,19 +195,29 @@ fn serve_endpoints(
     let plain_api = if tls.is_some() { None } else { Some(api.clone()) };
     if let Some(files) = tls {
         let (addr, shutdown) = (args.data_api.addr, wait_for(shutdown_rx.clone()));
+        let connections = operator.metrics.connection_metrics("data_api");
         tokio::spawn(async move {
-            if let Err(err) = http::serve_data_api(addr, api, Some(files), shutdown).await {
+            if let Err(err) = http::serve_data_api(addr, api, Some(files), connections, shutdown).await {
                 tracing::error!(error = %format!("{err:#}"), "data API listener failed");
+            }
+        });
+    }
+    let state = |api| HttpState {
+        metrics: Arc::clone(&operator.metrics),
+        ready: Arc::clone(&operator.ready),
+        api,
+    };
+    if let Some(addr) = args.probe_addr {
+        let (probes, shutdown) = (state(None), wait_for(shutdown_rx.clone()));
+        tokio::spawn(async move {
+            if let Err(err) = http::serve_probes(addr, probes, shutdown).await {
+                tracing::error!(error = %format!("{err:#}"), "probe listener failed");
             }
         });
     }
     tokio::spawn(http::serve(
         args.http_addr,
-        HttpState {
-            metrics: Arc::clone(&operator.metrics),
-            ready: Arc::clone(&operator.ready),
-            api: plain_api,
-        },
+        state(plain_api),
         wait_for(shutdown_rx.clone()),
     ))
 }

@@ -207,7 +207,8 @@ def test_chart_connector_outside_watched_namespaces_is_refused():
 def test_deployment_args_and_downward_api():
     c = container(render())
     assert c["args"] == [
-        "run", "--http-addr", "0.0.0.0:8080", "--db", "/var/lib/bitbucket-operator/store.db",
+        "run", "--http-addr", "0.0.0.0:8080", "--probe-addr", "0.0.0.0:8081",
+        "--db", "/var/lib/bitbucket-operator/store.db",
         "--leader-election=true", "--lease-name", "bitbucket-connector-operator",
         "--log-format", "json", "--watch-namespaces", NS,
     ]
@@ -272,9 +273,11 @@ def test_security_context_is_hardened(values):
 
 def test_probes_ports_and_resources():
     c = container(render())
-    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
-    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    # The probes have a listener of their own (its own connection limit).
+    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"},
+                          {"name": "probes", "containerPort": 8081, "protocol": "TCP"}]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "probes"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "probes"}
     assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
     assert c["resources"]["limits"]["memory"]
 
@@ -508,7 +511,7 @@ def test_service_networkpolicy_and_pdb():
     np = one(objs, "NetworkPolicy")
     assert np["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
     assert set(np["spec"]["policyTypes"]) == {"Ingress", "Egress"}
-    assert np["spec"]["ingress"][0]["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    assert np["spec"]["ingress"][0]["ports"] == [{"port": 8080, "protocol": "TCP"}, {"port": 8081, "protocol": "TCP"}]
     assert np["spec"]["ingress"][0]["from"] == FULL["networkPolicy"]["ingressFrom"]
     egress_ports = {(p["port"], p["protocol"]) for r in np["spec"]["egress"] for p in r["ports"]}
     assert {(53, "UDP"), (53, "TCP"), (443, "TCP"), (6443, "TCP")} <= egress_ports
@@ -1120,3 +1123,47 @@ def test_readme_documents_every_value():
 
     missing = [k for k in keys(defaults) if f"`{k}`" not in readme]
     assert missing == [], f"README values table misses {missing}"
+
+
+# ---------------------------------------------------------------- data API connection limits
+
+
+def test_data_api_connection_limits_reach_the_container():
+    env = {e["name"]: e.get("value") for e in container(render())["env"]}
+    assert env["DATA_API_HEADER_READ_TIMEOUT"] == "10s"
+    assert env["DATA_API_MAX_CONNECTIONS"] == "512"
+    assert env["DATA_API_WRITE_TIMEOUT"] == "30s"
+    limits = {"headerReadTimeout": "1m30s", "maxConnections": 65536, "writeTimeout": "45"}
+    env = {e["name"]: e.get("value") for e in container(render({"dataApi": limits}))["env"]}
+    assert env["DATA_API_HEADER_READ_TIMEOUT"] == "1m30s"
+    assert env["DATA_API_MAX_CONNECTIONS"] == "65536"
+    assert env["DATA_API_WRITE_TIMEOUT"] == "45"
+    # The same limits apply with the data API on its own TLS port.
+    tls = container(render({"dataApi": {**limits, "tls": {"secretName": "api-tls"}}}))
+    assert {"name": "DATA_API_MAX_CONNECTIONS", "value": "65536"} in tls["env"]
+
+
+@pytest.mark.parametrize("bad", [
+    {"maxConnections": 0},
+    {"maxConnections": 65537},
+    {"maxConnections": "512"},
+    {"maxConnections": 1.5},
+    {"headerReadTimeout": "10 s"},
+    {"headerReadTimeout": "0s"},
+    {"headerReadTimeout": "500ms"},
+    {"writeTimeout": "0"},
+    {"writeTimeout": 30},
+    {"writeTimeout": "1d"},
+    {"writeTimeout": ""},
+    {"tls": {"port": 8081}},
+], ids=lambda v: json.dumps(v))
+def test_values_schema_refuses_bad_data_api_limits(bad):
+    chart = chartlib.load_chart()
+    # Their neighbours within range pass: the refusal is the range, not the key.
+    for good in ({"maxConnections": 1}, {"maxConnections": 65536}, {"headerReadTimeout": "1s"},
+                 {"headerReadTimeout": "10"}, {"writeTimeout": "1h30m"}, {"writeTimeout": "01s"}):
+        chart.validate_schema({"dataApi": good})
+    with pytest.raises(helm.HelmError):
+        chart.validate_schema({"dataApi": bad})
+    with pytest.raises(helm.HelmError):
+        render({"dataApi": bad})

@@ -89,7 +89,7 @@ def test_network_policy_is_on_by_default_with_dns_https_and_api_server_only():
     ports = {(p["port"], p["protocol"]) for rule in egress for p in rule["ports"]}
     assert ports == {(53, "UDP"), (53, "TCP"), (443, "TCP"), (6443, "TCP")}
     assert all("to" not in rule for rule in egress), "no extra destinations by default"
-    assert np["spec"]["ingress"][0]["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    assert np["spec"]["ingress"][0]["ports"] == [{"port": 8080, "protocol": "TCP"}, {"port": 8081, "protocol": "TCP"}]
 
     (np,) = by_kind(render({"networkPolicy": {"apiServerCIDRs": ["10.0.0.1/32"]}}), "NetworkPolicy")
     api_rule = [r for r in np["spec"]["egress"] if {"port": 6443, "protocol": "TCP"} in r["ports"]]

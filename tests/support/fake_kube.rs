@@ -692,6 +692,19 @@ impl FakeKube {
         self.shared.lock().rbac.push(rule);
     }
 
+    /// Allows `user` to read the data API in `namespace`: `get` on
+    /// `bitbucketconnectors/data`, the rule an auditor is bound to.
+    pub fn allow_data_reads(&self, user: &str, namespace: &str) {
+        self.allow(AccessRule {
+            user: user.into(),
+            verb: "get".into(),
+            group: "connectors.dev".into(),
+            resource: "bitbucketconnectors".into(),
+            subresource: "data".into(),
+            namespace: namespace.into(),
+        });
+    }
+
     /// Wait until the object exists and satisfies `pred`; panics with the last seen object on timeout.
     pub async fn wait_for<F: Fn(&Value) -> bool>(
         &self,

@@ -8,6 +8,8 @@
 #[cfg(feature = "simulator")]
 pub mod c1_operator;
 pub mod cluster;
+#[cfg(feature = "simulator")]
+pub mod data_api;
 pub mod fake_c1;
 pub mod fake_kube;
 #[cfg(feature = "simulator")]
