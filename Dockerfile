@@ -38,6 +38,6 @@ COPY --from=builder --chown=65532:65532 /store /var/lib/bitbucket-operator
 ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
 USER 65532:65532
 WORKDIR /
-EXPOSE 8080
+EXPOSE 8080 8081
 ENTRYPOINT ["/usr/local/bin/bitbucket-operator"]
 CMD ["run"]

@@ -126,6 +126,7 @@ def test_config_runs_the_binary_as_nonroot_with_run_as_default(image):
     assert cfg["Entrypoint"] == [BINARY]
     assert cfg["Cmd"] == ["run"]
     assert "8080/tcp" in cfg["ExposedPorts"]
+    assert "8081/tcp" in cfg["ExposedPorts"]
     assert image.config["os"] == "linux" and image.config["architecture"] == "amd64"
 
 
