@@ -633,11 +633,11 @@ impl Store {
     }
 
     /// Id and full name of the current repositories in one of `workspaces`,
-    /// sorted by id: what a workspace owner's `access-of` lists for each of
-    /// thousands of repositories, read without their profiles. The sync
-    /// stores a repository's full name as its display name
-    /// (`sync::syncers`), so the name comes from that column: parsing each
-    /// profile's JSON for it tripled the query's time.
+    /// in no particular order: what a workspace owner's `access-of` lists
+    /// for each of thousands of repositories. The sync stores a repository's
+    /// full name as its display name (`sync::syncers`), so both come from
+    /// the `resources_names_by_parent` index alone, without reading the
+    /// rows and parsing their profiles (a third of the time to answer).
     pub fn repository_names_in_workspaces(
         &self,
         connector: &str,
@@ -647,13 +647,20 @@ impl Store {
             return Ok(Vec::new());
         }
         let workspaces = serde_json::Value::from(workspaces.to_vec()).to_string();
+        // Without statistics (no ANALYZE) SQLite would rather scan the
+        // generation by its primary key: name the index when it is there.
+        let indexed_by = if self.indexed() {
+            "INDEXED BY resources_names_by_parent"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "SELECT r.id, r.display_name
+             FROM current c JOIN resources r {indexed_by} ON r.generation = c.generation
+             WHERE c.connector = ?1 AND c.kind = ?2 AND r.parent_id IN (SELECT value FROM json_each(?3))"
+        );
         self.read(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT r.id, r.display_name
-                 FROM current c JOIN resources r ON r.generation = c.generation
-                 WHERE c.connector = ?1 AND c.kind = ?2 AND r.parent_id IN (SELECT value FROM json_each(?3))
-                 ORDER BY r.id",
-            )?;
+            let mut stmt = c.prepare_cached(&sql)?;
             let rows = stmt.query_map(params![connector, SyncKind::Repositories.as_str(), workspaces], |r| {
                 Ok(RepositoryName {
                     id: r.get(0)?,

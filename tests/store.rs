@@ -157,7 +157,8 @@ fn org() -> Org {
     let repo = |puuid: &str, key: &str, ruuid: &str, slug: &str| Resource {
         resource_type: Repository,
         id: repository_id(WS, puuid, key, ruuid),
-        display_name: slug.into(),
+        // As the sync stores it: the full name.
+        display_name: format!("acme/{slug}"),
         parent_id: Some(WS.into()),
         profile: Profile::Repository(RepositoryProfile {
             slug: slug.into(),
@@ -234,7 +235,7 @@ fn repo_batch(tag: &str, n: usize) -> SyncBatch {
         b.resources.push(Resource {
             resource_type: ResourceType::Repository,
             id: id.clone(),
-            display_name: format!("r{i}"),
+            display_name: format!("acme/r{i}"),
             parent_id: Some(WS.into()),
             profile: Profile::Repository(RepositoryProfile {
                 full_name: format!("acme/r{i}"),
@@ -758,7 +759,10 @@ fn access_of_lists_workspaces_groups_projects_and_repositories() {
             .iter()
             .all(|r| r.permission == Admin && r.via[0].via == "workspace owner")
     );
-    assert_eq!(alice.repositories.len(), 2);
+    assert_eq!(
+        alice.repositories.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+        vec!["acme/api", "acme/web"]
+    );
     assert_eq!(alice.projects.len(), 2);
 
     // create-repo stays create-repo on the project, write on its repositories.
@@ -1038,6 +1042,95 @@ fn cli_lists_resources_grants_and_runs_and_suggests_names() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("did you mean acme/api?"));
     let out = cli(&["--db", db, "access-of", "bobb"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("did you mean bob?"));
+}
+
+/// A store file whose workspace owner (alice) reaches `n` more repositories.
+fn owner_db(dir: &Path, n: usize) -> std::path::PathBuf {
+    let path = dir.join("store.db");
+    let store = Store::open(&path).unwrap();
+    for (kind, mut batch) in org().batches {
+        if kind == SyncKind::Repositories {
+            let more = repo_batch("more", n);
+            batch.resources.extend(more.resources);
+            batch.entitlements.extend(more.entitlements);
+            batch.grants.extend(more.grants);
+        }
+        sync(&store, "default", kind, &batch);
+    }
+    path
+}
+
+#[test]
+fn an_owners_access_of_is_the_same_with_or_without_the_read_indexes() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = owner_db(dir.path(), 40);
+    let indexed = Store::open_read_only(&db).unwrap();
+    assert!(indexed.indexed());
+    let with = access::access_of(&indexed, "default", "alice").unwrap();
+    assert_eq!(with.repositories.len(), 42);
+    assert!(
+        with.repositories
+            .iter()
+            .all(|r| r.name.starts_with("acme/") && r.display_name == r.name)
+    );
+    drop(indexed);
+
+    // A file an older binary wrote lacks the covering index: readers fall
+    // back to the rows, and the next writer creates it and drops the one it replaces.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch(
+        "DROP INDEX resources_names_by_parent;
+         CREATE INDEX resources_by_parent ON resources (parent_id, generation);",
+    )
+    .unwrap();
+    drop(conn);
+    let plain = Store::open_read_only(&db).unwrap();
+    assert!(!plain.indexed());
+    assert_eq!(access::access_of(&plain, "default", "alice").unwrap(), with);
+    drop(plain);
+    drop(Store::open(&db).unwrap());
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let index = |name: &str| -> i64 {
+        conn.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = ?1",
+            [name],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        (index("resources_names_by_parent"), index("resources_by_parent")),
+        (1, 0)
+    );
+    assert!(Store::open_read_only(&db).unwrap().indexed());
+}
+
+#[test]
+fn a_closed_pipe_ends_a_streamed_access_of_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    // Far more than a pipe holds, so the reader goes away mid-stream.
+    let db = owner_db(dir.path(), 3000);
+    for _ in 0..5 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bitbucket-operator"))
+            .args(["access", "--db", db.to_str().unwrap(), "--json", "access-of", "alice"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut first = [0u8; 1];
+        std::io::Read::read_exact(&mut stdout, &mut first).unwrap();
+        drop(stdout);
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    // Read whole, it is one JSON document with every repository.
+    let out = cli(&["--db", db.to_str().unwrap(), "--json", "access-of", "alice"]);
+    assert_eq!(out.status.code(), Some(0));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["repositories"].as_array().unwrap().len(), 3002);
+    assert!(out.stdout.ends_with(b"}\n"));
 }
 
 #[test]

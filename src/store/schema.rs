@@ -154,8 +154,11 @@ pub(super) const READ_INDEXES: &[(&str, &str)] = &[
         "CREATE INDEX IF NOT EXISTS resources_by_project ON resources (json_extract(profile, '$.project_id'))",
     ),
     (
-        "resources_by_parent",
-        "CREATE INDEX IF NOT EXISTS resources_by_parent ON resources (parent_id, generation)",
+        // Covers a workspace owner's `access-of` (id and name of every
+        // repository in a workspace, [`Store::repository_names_in_workspaces`](super::Store::repository_names_in_workspaces))
+        // without reading the rows and their profiles.
+        "resources_names_by_parent",
+        "CREATE INDEX IF NOT EXISTS resources_names_by_parent ON resources (parent_id, generation, display_name)",
     ),
     (
         // `grants_by_principal` leads with the generation, and SQLite then
@@ -169,10 +172,18 @@ pub(super) const READ_INDEXES: &[(&str, &str)] = &[
     ),
 ];
 
-/// Creates the missing [`READ_INDEXES`] (the writer, at open).
+/// Read indexes an older binary created that a [`READ_INDEXES`] entry now
+/// covers: dropped so the writer does not keep them up to date for nothing.
+const RETIRED_READ_INDEXES: &[&str] = &["resources_by_parent"];
+
+/// Creates the missing [`READ_INDEXES`] and drops the retired ones (the
+/// writer, at open).
 pub(super) fn create_read_indexes(conn: &Connection) -> rusqlite::Result<()> {
     for (_, sql) in READ_INDEXES {
         conn.execute_batch(sql)?;
+    }
+    for name in RETIRED_READ_INDEXES {
+        conn.execute_batch(&format!("DROP INDEX IF EXISTS {name}"))?;
     }
     Ok(())
 }
