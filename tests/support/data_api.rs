@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use bitbucket_operator::api::{AccessGate, ApiState, DataApiSettings, router};
-use bitbucket_operator::bitbucket::{Client, ClientConfig, Credentials};
 use bitbucket_operator::http::conn::{ConnectionLimits, ConnectionMetrics, serve_connections};
 use bitbucket_operator::model::SyncKind;
 use bitbucket_operator::simulator::{SimConfig, Simulator, SimulatorHandle};
@@ -18,6 +17,7 @@ use bitbucket_operator::sync::{SyncEngine, run_into_store};
 use tokio::sync::oneshot;
 
 use super::fake_kube::FakeKube;
+use super::grant_env::bitbucket_client;
 
 /// The namespace of the connector every data-API test reads.
 pub const NS: &str = "team-a";
@@ -61,16 +61,7 @@ pub async fn start(settings: DataApiSettings) -> DataApi {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("store.db");
     let store = Arc::new(Store::open(&db).unwrap());
-    let creds = sim.credentials();
-    let client = Client::new(
-        ClientConfig::new(&sim.base_url()).unwrap(),
-        Credentials::ApiToken {
-            username: creds.email.clone(),
-            token: creds.api_token.clone(),
-        },
-    )
-    .unwrap();
-    let engine = SyncEngine::new(client, Vec::new());
+    let engine = SyncEngine::new(bitbucket_client(&sim), Vec::new());
     sync(&engine, &store).await;
     kube.add_token(TOKEN, "alice", &["auditors"]);
     kube.allow_data_reads("alice", NS);
